@@ -1,0 +1,411 @@
+//! Loading weft's eBPF object: checking and reusing its pinned maps, loading every program
+//! through the verifier, and attaching them to the node.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io,
+    os::unix::fs::DirBuilderExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapError, MapInfo, MapType},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
+        tc::{SchedClassifierLinkId, qdisc_add_clsact},
+    },
+    util::KernelVersion,
+};
+use weft_common::{
+    drop_reason::DROP_REASON_COUNT,
+    maps::{
+        CONFIG_MAP, CONNTRACK_MAP, CtKey, CtValue, DEFAULT_SOCK_NAT_ENTRIES, DROPS_MAP,
+        DatapathConfig, ENDPOINTS_MAP, EndpointKey, EndpointValue, PINNED_MAPS, SERVICE_NAMES_MAP,
+        SERVICES_MAP, SOCK_NAT_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue,
+    },
+};
+
+/// weft's eBPF object, built by this crate's build script from `dataplane-ebpf/`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft-dataplane"));
+
+/// TC ingress of the pod bridge: service DNAT.
+pub const FROM_PODS: &str = "tc_from_pods";
+/// TC egress of each bridge port: reverse NAT.
+pub const TO_POD: &str = "tc_to_pod";
+/// cgroup socket hooks for the node's own sockets.
+pub const SOCKET_HOOKS: [&str; 4] = [
+    "sock_connect4",
+    "sock_sendmsg4",
+    "sock_recvmsg4",
+    "sock_getpeername4",
+];
+
+/// Map capacities the operator chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLimits {
+    pub max_services: u32,
+    pub max_endpoints: u32,
+    pub ct_entries: u32,
+}
+
+impl Default for MapLimits {
+    fn default() -> Self {
+        use weft_common::maps::{DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES};
+        Self {
+            max_services: DEFAULT_MAX_SERVICES,
+            max_endpoints: DEFAULT_MAX_ENDPOINTS,
+            ct_entries: DEFAULT_CT_ENTRIES,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("cannot create pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs { path: PathBuf },
+    #[error("cannot replace the incompatible pinned map {path}")]
+    StalePin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object failed (is this kernel 5.10 or later, with BTF?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("the kernel rejected program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching {program} to {target} failed")]
+    Attach {
+        program: &'static str,
+        target: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name} is missing or unusable")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot open cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What a map must look like for this build; a pin that differs is from another weft version.
+struct Layout {
+    name: &'static str,
+    map_type: MapType,
+    key_size: usize,
+    value_size: usize,
+    max_entries: u32,
+}
+
+fn layouts(limits: MapLimits) -> [Layout; PINNED_MAPS.len()] {
+    [
+        Layout {
+            name: SERVICES_MAP,
+            map_type: MapType::Hash,
+            key_size: size_of::<ServiceKey>(),
+            value_size: size_of::<ServiceValue>(),
+            max_entries: limits.max_services,
+        },
+        Layout {
+            name: ENDPOINTS_MAP,
+            map_type: MapType::Hash,
+            key_size: size_of::<EndpointKey>(),
+            value_size: size_of::<EndpointValue>(),
+            max_entries: limits.max_endpoints,
+        },
+        Layout {
+            name: SERVICE_NAMES_MAP,
+            map_type: MapType::Hash,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<ServiceName>(),
+            max_entries: limits.max_services,
+        },
+        Layout {
+            name: CONNTRACK_MAP,
+            map_type: MapType::LruHash,
+            key_size: size_of::<CtKey>(),
+            value_size: size_of::<CtValue>(),
+            max_entries: limits.ct_entries,
+        },
+        Layout {
+            name: SOCK_NAT_MAP,
+            map_type: MapType::LruHash,
+            key_size: size_of::<SockNatKey>(),
+            value_size: size_of::<SockNatValue>(),
+            max_entries: DEFAULT_SOCK_NAT_ENTRIES,
+        },
+        Layout {
+            name: DROPS_MAP,
+            map_type: MapType::PerCpuArray,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<u64>(),
+            max_entries: DROP_REASON_COUNT,
+        },
+        Layout {
+            name: CONFIG_MAP,
+            map_type: MapType::Array,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<DatapathConfig>(),
+            max_entries: 1,
+        },
+    ]
+}
+
+/// Why a pinned map cannot be reused, or `None` when it matches.
+fn pin_mismatch(info: &MapInfo, want: &Layout) -> Option<String> {
+    let map_type = info.map_type().ok();
+    if map_type != Some(want.map_type) {
+        return Some(format!("type {map_type:?}, want {:?}", want.map_type));
+    }
+    let (key, value) = (info.key_size() as usize, info.value_size() as usize);
+    if key != want.key_size || value != want.value_size {
+        return Some(format!(
+            "key/value size {key}/{value}, want {}/{}",
+            want.key_size, want.value_size
+        ));
+    }
+    (info.max_entries() != want.max_entries)
+        .then(|| format!("{} entries, want {}", info.max_entries(), want.max_entries))
+}
+
+/// Creates `pin_dir` (root-only) and removes pins whose layout does not match this build, so
+/// aya reuses only compatible maps and creates the rest afresh.
+fn prepare_pins(pin_dir: &Path, limits: MapLimits) -> Result<(), DataplaneError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(pin_dir)
+        .map_err(|source| DataplaneError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+    let on_bpffs = nix::sys::statfs::statfs(pin_dir)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+    if !on_bpffs {
+        return Err(DataplaneError::NotBpffs {
+            path: pin_dir.to_owned(),
+        });
+    }
+    for layout in layouts(limits) {
+        let path = pin_dir.join(layout.name);
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
+        if let Some(why) = pin_mismatch(&info, &layout) {
+            tracing::warn!(
+                map = layout.name,
+                %why,
+                "pinned map does not match this weft build; recreating it empty \
+                 (connections it tracked start over)"
+            );
+            fs::remove_file(&path).map_err(|source| DataplaneError::StalePin { path, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether TC programs attach through tcx links (Linux 6.6+) rather than netlink clsact filters.
+fn has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// The loaded dataplane and its attachments; dropping it detaches every program.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    port_links: HashMap<u32, SchedClassifierLinkId>,
+}
+
+impl Dataplane {
+    /// Loads the object and runs every program through the verifier. With a `pin_dir`, maps are
+    /// pinned there and reused from there (after a layout check); without one (tests), maps are
+    /// private to this process.
+    pub fn load(pin_dir: Option<&Path>, limits: MapLimits) -> Result<Self, DataplaneError> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(SERVICES_MAP, limits.max_services)
+            .map_max_entries(SERVICE_NAMES_MAP, limits.max_services)
+            .map_max_entries(ENDPOINTS_MAP, limits.max_endpoints)
+            .map_max_entries(CONNTRACK_MAP, limits.ct_entries);
+        if let Some(dir) = pin_dir {
+            prepare_pins(dir, limits)?;
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
+        for name in [FROM_PODS, TO_POD] {
+            let program: &mut SchedClassifier = program(&mut ebpf, name)?;
+            program.load().map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        for name in SOCKET_HOOKS {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            program.load().map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(Self {
+            ebpf,
+            port_links: HashMap::new(),
+        })
+    }
+
+    /// The loaded object, for taking maps and running programs (tests, tools).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Writes the node-wide datapath settings.
+    pub fn set_config(&mut self, config: &DatapathConfig) -> Result<(), DataplaneError> {
+        let map = |source| DataplaneError::Map {
+            name: CONFIG_MAP,
+            source,
+        };
+        let mut array: Array<_, DatapathConfig> = Array::try_from(
+            self.ebpf
+                .map_mut(CONFIG_MAP)
+                .ok_or(map(MapError::ElementNotFound))?,
+        )
+        .map_err(map)?;
+        array.set(0, config, 0).map_err(map)
+    }
+
+    /// Attaches service DNAT to the ingress of the pod bridge.
+    pub fn attach_pod_bridge(&mut self, bridge: &str) -> Result<(), DataplaneError> {
+        self.attach_tc(FROM_PODS, bridge, TcAttachType::Ingress).map(drop)
+    }
+
+    /// Attaches reverse NAT to the egress of one bridge port (a pod's host-side veth).
+    pub fn attach_pod_port(&mut self, port: &str, ifindex: u32) -> Result<(), DataplaneError> {
+        if self.port_links.contains_key(&ifindex) {
+            return Ok(());
+        }
+        let link = self.attach_tc(TO_POD, port, TcAttachType::Egress)?;
+        self.port_links.insert(ifindex, link);
+        Ok(())
+    }
+
+    /// Forgets a port that left the bridge or disappeared.
+    pub fn detach_pod_port(&mut self, ifindex: u32) {
+        if let Some(link) = self.port_links.remove(&ifindex)
+            && let Ok(program) = program::<SchedClassifier>(&mut self.ebpf, TO_POD)
+        {
+            // A vanished device took its attachment with it; closing the link is all that is left.
+            let _ = program.detach(link);
+        }
+    }
+
+    /// How many bridge ports have reverse NAT attached.
+    #[must_use]
+    pub fn attached_ports(&self) -> usize {
+        self.port_links.len()
+    }
+
+    /// Attaches the socket hooks to a cgroup v2 directory (the root, to cover the whole node),
+    /// beside any other programs there.
+    pub fn attach_socket_hooks(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        let dir = fs::File::open(cgroup).map_err(|source| DataplaneError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for name in SOCKET_HOOKS {
+            let program: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            program
+                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .map_err(|source| DataplaneError::Attach {
+                    program: name,
+                    target: cgroup.display().to_string(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        attach_type: TcAttachType,
+    ) -> Result<SchedClassifierLinkId, DataplaneError> {
+        if !has_tcx() {
+            // Netlink attachment needs the clsact qdisc; it may already be there.
+            let _ = qdisc_add_clsact(interface);
+        }
+        let program: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        program
+            .attach(interface, attach_type)
+            .map_err(|source| DataplaneError::Attach {
+                program: name,
+                target: interface.to_owned(),
+                source,
+            })
+    }
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DataplaneError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Where the cgroup v2 hierarchy is mounted (the socket hooks attach to its root).
+#[must_use]
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (fields, rest) = line.split_once(" - ")?;
+        let fs_type = rest.split_whitespace().next()?;
+        let mount_point = fields.split_whitespace().nth(4)?;
+        (fs_type == "cgroup2").then(|| PathBuf::from(mount_point))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_object_has_every_pinned_map_with_btf() {
+        let object = aya_obj::Object::parse(OBJECT).expect("the embedded object parses");
+        for name in PINNED_MAPS {
+            assert!(object.maps.contains_key(name), "map {name} is in the object");
+        }
+        assert!(object.btf.is_some(), "the object carries BTF, so bpftool prints field names");
+        for name in [FROM_PODS, TO_POD].into_iter().chain(SOCKET_HOOKS) {
+            assert!(object.programs.contains_key(name), "program {name} is in the object");
+        }
+    }
+
+    #[test]
+    fn layouts_match_the_object_defaults() {
+        let object = aya_obj::Object::parse(OBJECT).unwrap();
+        for layout in layouts(MapLimits::default()) {
+            let map = &object.maps[layout.name];
+            assert_eq!(map.key_size() as usize, layout.key_size, "{}", layout.name);
+            assert_eq!(map.value_size() as usize, layout.value_size, "{}", layout.name);
+            assert_eq!(map.map_type(), layout.map_type as u32, "{}", layout.name);
+            assert_eq!(map.max_entries(), layout.max_entries, "{}", layout.name);
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! `weft inspect`: the pinned maps in human terms (or JSON), without a running agent.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf};
+
+use anyhow::Context as _;
+use aya::maps::PerCpuArray;
+use clap::ValueEnum;
+use serde::Serialize;
+use weft::{
+    conntrack::{Conntrack, monotonic_now_ns},
+    maps::{AyaServiceMaps, DatapathMaps as _, decode_name, open_pinned},
+    objects::protocol_name,
+};
+use weft_common::{
+    conntrack::{flags, state_name},
+    drop_reason::DropReason,
+    maps::{DROPS_MAP, ct_direction},
+};
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// What to show.
+    #[arg(value_enum)]
+    table: Table,
+    /// The agent's pin directory.
+    #[arg(long, env = "WEFT_PIN_DIR", default_value = "/sys/fs/bpf/weft")]
+    pin_dir: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Table {
+    /// Service frontends and how many endpoints each has.
+    Services,
+    /// Every endpoint slot of every service port.
+    Backends,
+    /// Tracked connections.
+    Conntrack,
+    /// Packets dropped, by reason.
+    Drops,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Serialize)]
+struct ServiceRow {
+    service: String,
+    frontend: String,
+    protocol: &'static str,
+    endpoints: u32,
+}
+
+#[derive(Serialize)]
+struct BackendRow {
+    service: String,
+    slot: u32,
+    endpoint: String,
+}
+
+#[derive(Serialize)]
+struct ConnectionRow {
+    protocol: &'static str,
+    client: String,
+    frontend: String,
+    endpoint: String,
+    state: &'static str,
+    idle_seconds: u64,
+    masquerade: bool,
+}
+
+#[derive(Serialize)]
+struct DropRow {
+    reason: &'static str,
+    packets: u64,
+}
+
+fn address(addr: [u8; 4], port: u16) -> String {
+    format!("{}:{port}", Ipv4Addr::from(addr))
+}
+
+pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
+    let pin_dir = &args.pin_dir;
+    let context = || format!("reading the maps pinned in {} (is `weft agent` using that --pin-dir?)", pin_dir.display());
+    let json = args.output == Format::Json;
+    let output = match args.table {
+        Table::Services | Table::Backends => {
+            let dump = AyaServiceMaps::open_pinned(pin_dir).with_context(context)?.dump()?;
+            let names: BTreeMap<u32, String> =
+                dump.names.iter().map(|(id, name)| (*id, decode_name(name).to_string())).collect();
+            let name = |id: u32| names.get(&id).cloned().unwrap_or_else(|| format!("<id {id}>"));
+            if matches!(args.table, Table::Services) {
+                let mut rows: Vec<ServiceRow> = dump
+                    .frontends
+                    .iter()
+                    .map(|(key, value)| ServiceRow {
+                        service: name(value.id),
+                        frontend: address(key.addr, key.port),
+                        protocol: protocol_name(key.proto),
+                        endpoints: value.count,
+                    })
+                    .collect();
+                rows.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
+                render(json, &rows, &["SERVICE", "FRONTEND", "PROTO", "ENDPOINTS"], |r| {
+                    vec![r.service.clone(), r.frontend.clone(), r.protocol.into(), r.endpoints.to_string()]
+                })?
+            } else {
+                let mut rows: Vec<BackendRow> = dump
+                    .endpoints
+                    .iter()
+                    .map(|(key, value)| BackendRow {
+                        service: name(key.service_id),
+                        slot: key.slot,
+                        endpoint: address(value.addr, value.port),
+                    })
+                    .collect();
+                rows.sort_by(|a, b| (&a.service, a.slot).cmp(&(&b.service, b.slot)));
+                render(json, &rows, &["SERVICE", "SLOT", "ENDPOINT"], |r| {
+                    vec![r.service.clone(), r.slot.to_string(), r.endpoint.clone()]
+                })?
+            }
+        }
+        Table::Conntrack => {
+            let entries = Conntrack::open_pinned(pin_dir).with_context(context)?.entries()?;
+            let now = monotonic_now_ns();
+            let mut rows: Vec<ConnectionRow> = entries
+                .iter()
+                .filter(|(key, _)| key.direction == ct_direction::FORWARD)
+                .map(|(key, value)| ConnectionRow {
+                    protocol: protocol_name(key.proto),
+                    client: address(key.src_addr, key.src_port),
+                    frontend: address(key.dst_addr, key.dst_port),
+                    endpoint: address(value.nat_addr, value.nat_port),
+                    state: state_name(key.proto, value.flags),
+                    idle_seconds: now.saturating_sub(value.last_seen_ns) / 1_000_000_000,
+                    masquerade: value.flags & flags::MASQUERADE != 0,
+                })
+                .collect();
+            rows.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
+            render(
+                json,
+                &rows,
+                &["PROTO", "CLIENT", "FRONTEND", "ENDPOINT", "STATE", "IDLE", "MASQ"],
+                |r| {
+                    vec![
+                        r.protocol.into(),
+                        r.client.clone(),
+                        r.frontend.clone(),
+                        r.endpoint.clone(),
+                        r.state.into(),
+                        format!("{}s", r.idle_seconds),
+                        if r.masquerade { "yes" } else { "no" }.into(),
+                    ]
+                },
+            )?
+        }
+        Table::Drops => {
+            let drops: PerCpuArray<_, u64> =
+                PerCpuArray::try_from(open_pinned(pin_dir, DROPS_MAP).with_context(context)?)?;
+            let rows = DropReason::ALL
+                .iter()
+                .map(|reason| {
+                    let packets = drops.get(&(*reason as u32), 0)?.iter().sum();
+                    Ok(DropRow { reason: reason.name(), packets })
+                })
+                .collect::<Result<Vec<_>, aya::maps::MapError>>()?;
+            render(json, &rows, &["REASON", "PACKETS"], |r| vec![r.reason.into(), r.packets.to_string()])?
+        }
+    };
+    print!("{output}");
+    Ok(())
+}
+
+/// Rows as JSON, or as an aligned table with a header.
+fn render<T: Serialize>(
+    json: bool,
+    rows: &[T],
+    header: &[&str],
+    cells: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<String> {
+    if json {
+        return Ok(serde_json::to_string_pretty(rows)? + "\n");
+    }
+    let lines: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| (*h).to_owned()).collect())
+        .chain(rows.iter().map(cells))
+        .collect();
+    let mut widths = vec![0; header.len()];
+    for line in &lines {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for line in &lines {
+        let mut text = String::new();
+        for (cell, width) in line.iter().zip(&widths) {
+            write!(text, "{cell:<width$}  ")?;
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    }
+    Ok(out)
+}

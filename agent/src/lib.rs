@@ -1,0 +1,20 @@
+//! weft's agent, as a library: the building blocks the `weft` binary wires together, and that
+//! the test tiers drive directly (the fixture tests fill maps through [`reconcile`] exactly as
+//! the agent does).
+//!
+//! Data flows one way: sources ([`manifests`]) update the pure [`model`] through a
+//! [`source::ModelHandle`]; the [`reconcile::Reconciler`] alone writes the service maps
+//! ([`maps`]); [`dataplane`] loads and attaches the eBPF programs.
+#![deny(unsafe_code)]
+
+pub mod conntrack;
+pub mod dataplane;
+pub mod manifests;
+pub mod maps;
+pub mod model;
+pub mod netdev;
+pub mod nft;
+pub mod objects;
+pub mod reconcile;
+pub mod source;
+pub mod sys;

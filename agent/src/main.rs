@@ -1,0 +1,47 @@
+//! `weft`: an eBPF dataplane for Kubernetes that replaces kube-proxy and flannel's vxlan
+//! backend. `weft agent` runs it on a node; `weft inspect` shows what it holds.
+
+mod agent;
+mod inspect;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "weft", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the dataplane on this node: load and attach the eBPF programs, keep the maps in step
+    /// with the services.
+    Agent(agent::AgentArgs),
+    /// Print what the dataplane holds, read from its pinned maps.
+    Inspect(inspect::InspectArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let Cli { log_format, command } = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    match command {
+        Command::Agent(args) => tokio::runtime::Runtime::new()?.block_on(agent::run(args)),
+        Command::Inspect(args) => inspect::run(&args),
+    }
+}

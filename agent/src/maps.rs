@@ -1,0 +1,234 @@
+//! The agent's side of the service maps: one trait the reconciler writes through, implemented
+//! over aya's maps (here) and over plain collections in tests.
+
+use std::{io, path::Path};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use weft_common::maps::{
+    ENDPOINTS_MAP, EndpointKey, EndpointValue, NAME_LEN, NAMESPACE_LEN, PORT_NAME_LEN,
+    SERVICE_NAMES_MAP, SERVICES_MAP, ServiceKey, ServiceName, ServiceValue,
+};
+
+use crate::{model::ServicePortName, objects::ObjectRef};
+
+/// A failed map update or delete.
+#[derive(Debug, thiserror::Error)]
+pub enum MapWriteError {
+    #[error("map {map} is full; raise {flag}")]
+    Full {
+        map: &'static str,
+        flag: &'static str,
+    },
+    #[error("{op} on map {map} failed")]
+    Syscall {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// A failed read of a whole map.
+#[derive(Debug, thiserror::Error)]
+#[error("reading map {map} failed")]
+pub struct MapReadError {
+    pub map: &'static str,
+    #[source]
+    pub source: MapError,
+}
+
+/// Everything in the service maps, as read back (on restart, or by `weft inspect`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceMapsDump {
+    pub frontends: Vec<(ServiceKey, ServiceValue)>,
+    pub endpoints: Vec<(EndpointKey, EndpointValue)>,
+    pub names: Vec<(u32, ServiceName)>,
+}
+
+/// Writes to the service maps. Each call is one idempotent map operation; deleting an absent
+/// key succeeds.
+pub trait DatapathMaps {
+    fn set_endpoint(&mut self, key: EndpointKey, value: EndpointValue) -> Result<(), MapWriteError>;
+    fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), MapWriteError>;
+    fn set_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapWriteError>;
+    fn remove_frontend(&mut self, key: ServiceKey) -> Result<(), MapWriteError>;
+    fn set_name(&mut self, id: u32, name: ServiceName) -> Result<(), MapWriteError>;
+    fn remove_name(&mut self, id: u32) -> Result<(), MapWriteError>;
+    fn dump(&self) -> Result<ServiceMapsDump, MapReadError>;
+}
+
+/// The service maps of a loaded or pinned dataplane.
+pub struct AyaServiceMaps {
+    frontends: HashMap<MapData, ServiceKey, ServiceValue>,
+    endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
+    names: HashMap<MapData, u32, ServiceName>,
+}
+
+impl AyaServiceMaps {
+    /// Takes the maps out of a loaded object.
+    pub fn take_from(ebpf: &mut aya::Ebpf) -> Result<Self, MapError> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name).ok_or_else(|| MapError::InvalidName {
+                name: name.to_owned(),
+            })
+        };
+        Ok(Self {
+            frontends: HashMap::try_from(take(SERVICES_MAP)?)?,
+            endpoints: HashMap::try_from(take(ENDPOINTS_MAP)?)?,
+            names: HashMap::try_from(take(SERVICE_NAMES_MAP)?)?,
+        })
+    }
+
+    /// Opens the maps an agent pinned under `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapError> {
+        Ok(Self {
+            frontends: HashMap::try_from(open_pinned(pin_dir, SERVICES_MAP)?)?,
+            endpoints: HashMap::try_from(open_pinned(pin_dir, ENDPOINTS_MAP)?)?,
+            names: HashMap::try_from(open_pinned(pin_dir, SERVICE_NAMES_MAP)?)?,
+        })
+    }
+}
+
+/// Opens one pinned map.
+pub fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map, MapError> {
+    Map::from_map_data(MapData::from_pin(pin_dir.join(name))?)
+}
+
+/// The errno of a failed map syscall, if that is what failed.
+pub(crate) fn errno(error: &MapError) -> Option<i32> {
+    match error {
+        MapError::SyscallError(e) => e.io_error.raw_os_error(),
+        MapError::IoError(e) => e.raw_os_error(),
+        _ => None,
+    }
+}
+
+fn write_result(
+    result: Result<(), MapError>,
+    map: &'static str,
+    op: &'static str,
+    flag: &'static str,
+) -> Result<(), MapWriteError> {
+    match result {
+        Ok(()) => Ok(()),
+        // A hash map at max_entries refuses new keys with E2BIG.
+        Err(e) if errno(&e) == Some(libc::E2BIG) => Err(MapWriteError::Full { map, flag }),
+        Err(e) if op == "delete" && errno(&e) == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(MapWriteError::Syscall { map, op, source }),
+    }
+}
+
+fn read_all<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, MapReadError> {
+    map.iter()
+        .collect::<Result<_, _>>()
+        .map_err(|source| MapReadError { map: name, source })
+}
+
+impl DatapathMaps for AyaServiceMaps {
+    fn set_endpoint(&mut self, key: EndpointKey, value: EndpointValue) -> Result<(), MapWriteError> {
+        write_result(self.endpoints.insert(key, value, 0), ENDPOINTS_MAP, "update", "--max-endpoints")
+    }
+
+    fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), MapWriteError> {
+        write_result(self.endpoints.remove(&key), ENDPOINTS_MAP, "delete", "--max-endpoints")
+    }
+
+    fn set_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapWriteError> {
+        write_result(self.frontends.insert(key, value, 0), SERVICES_MAP, "update", "--max-services")
+    }
+
+    fn remove_frontend(&mut self, key: ServiceKey) -> Result<(), MapWriteError> {
+        write_result(self.frontends.remove(&key), SERVICES_MAP, "delete", "--max-services")
+    }
+
+    fn set_name(&mut self, id: u32, name: ServiceName) -> Result<(), MapWriteError> {
+        write_result(self.names.insert(id, name, 0), SERVICE_NAMES_MAP, "update", "--max-services")
+    }
+
+    fn remove_name(&mut self, id: u32) -> Result<(), MapWriteError> {
+        write_result(self.names.remove(&id), SERVICE_NAMES_MAP, "delete", "--max-services")
+    }
+
+    fn dump(&self) -> Result<ServiceMapsDump, MapReadError> {
+        Ok(ServiceMapsDump {
+            frontends: read_all(&self.frontends, SERVICES_MAP)?,
+            endpoints: read_all(&self.endpoints, ENDPOINTS_MAP)?,
+            names: read_all(&self.names, SERVICE_NAMES_MAP)?,
+        })
+    }
+}
+
+fn pack<const N: usize>(text: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    // Kubernetes names are ASCII and within these lengths; anything longer is cut, not refused,
+    // because the name is only for display.
+    let len = text.len().min(N);
+    out[..len].copy_from_slice(&text.as_bytes()[..len]);
+    out
+}
+
+fn unpack(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// The map form of a service port name.
+#[must_use]
+pub fn encode_name(name: &ServicePortName) -> ServiceName {
+    ServiceName {
+        namespace: pack::<NAMESPACE_LEN>(&name.service.namespace),
+        name: pack::<NAME_LEN>(&name.service.name),
+        port_name: pack::<PORT_NAME_LEN>(&name.port),
+    }
+}
+
+/// A service port name read back from the map.
+#[must_use]
+pub fn decode_name(name: &ServiceName) -> ServicePortName {
+    ServicePortName {
+        service: ObjectRef {
+            namespace: unpack(&name.namespace),
+            name: unpack(&name.name),
+        },
+        port: unpack(&name.port_name),
+    }
+}
+
+/// Whether an I/O error means "no such pinned map".
+#[must_use]
+pub fn is_not_found(error: &MapError) -> bool {
+    errno(error) == Some(libc::ENOENT)
+        || matches!(error, MapError::SyscallError(e) if e.io_error.kind() == io::ErrorKind::NotFound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_the_map_form() {
+        let name = ServicePortName {
+            service: ObjectRef {
+                namespace: "kube-system".into(),
+                name: "kube-dns".into(),
+            },
+            port: "dns-tcp".into(),
+        };
+        assert_eq!(decode_name(&encode_name(&name)), name);
+    }
+
+    #[test]
+    fn overlong_names_are_cut_not_refused() {
+        let name = ServicePortName {
+            service: ObjectRef {
+                namespace: "n".repeat(100),
+                name: "s".into(),
+            },
+            port: String::new(),
+        };
+        assert_eq!(decode_name(&encode_name(&name)).service.namespace.len(), NAMESPACE_LEN);
+    }
+}

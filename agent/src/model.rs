@@ -1,0 +1,333 @@
+//! The pure in-memory model: the services and endpoint slices every source has reported, and
+//! the dataplane state they call for. No I/O; sources write it, the reconciler reads it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
+
+use weft_common::{
+    ip_proto,
+    maps::{EndpointValue, ServiceKey},
+};
+
+use crate::objects::{ObjectRef, ServiceSpec, SliceEndpoint, SliceSpec, protocol_name};
+
+/// A service port, the unit that owns one endpoint list (kube-proxy's `ServicePortName`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub service: ObjectRef,
+    /// Port name; empty for an unnamed port.
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.service, self.port)
+    }
+}
+
+/// What the dataplane must do for one service port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredPort {
+    /// Addresses, ports and protocols clients reach it on.
+    pub frontends: BTreeSet<ServiceKey>,
+    /// Endpoints new connections are spread over.
+    pub endpoints: BTreeSet<EndpointValue>,
+}
+
+/// The whole desired dataplane state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub ports: BTreeMap<ServicePortName, DesiredPort>,
+    /// Problems the model resolved on its own (e.g. two services claiming one frontend), for logs.
+    pub notes: Vec<String>,
+}
+
+/// Services and slices by name, as the sources last reported them.
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    services: BTreeMap<ObjectRef, ServiceSpec>,
+    slices: BTreeMap<ObjectRef, SliceSpec>,
+}
+
+impl Model {
+    /// Records a service; returns whether anything changed.
+    pub fn set_service(&mut self, name: ObjectRef, spec: ServiceSpec) -> bool {
+        self.services.insert(name, spec.clone()).as_ref() != Some(&spec)
+    }
+
+    /// Forgets a service; returns whether it was known.
+    pub fn remove_service(&mut self, name: &ObjectRef) -> bool {
+        self.services.remove(name).is_some()
+    }
+
+    /// Records an EndpointSlice (by its own name); returns whether anything changed.
+    pub fn set_slice(&mut self, name: ObjectRef, spec: SliceSpec) -> bool {
+        self.slices.insert(name, spec.clone()).as_ref() != Some(&spec)
+    }
+
+    /// Forgets an EndpointSlice; returns whether it was known.
+    pub fn remove_slice(&mut self, name: &ObjectRef) -> bool {
+        self.slices.remove(name).is_some()
+    }
+
+    /// The dataplane state the current objects call for.
+    #[must_use]
+    pub fn desired(&self) -> Desired {
+        let mut slices_by_service: BTreeMap<&ObjectRef, Vec<&SliceSpec>> = BTreeMap::new();
+        for slice in self.slices.values() {
+            slices_by_service.entry(&slice.service).or_default().push(slice);
+        }
+        let mut desired = Desired::default();
+        let mut claimed: BTreeMap<ServiceKey, ServicePortName> = BTreeMap::new();
+        for (service, spec) in &self.services {
+            let slices = slices_by_service.get(service).map_or(&[][..], Vec::as_slice);
+            for port in &spec.ports {
+                if !matches!(port.protocol, ip_proto::TCP | ip_proto::UDP) {
+                    // SCTP needs a CRC32c rewrite the datapath does not do yet.
+                    continue;
+                }
+                let name = ServicePortName {
+                    service: service.clone(),
+                    port: port.name.clone(),
+                };
+                let frontend = ServiceKey {
+                    addr: spec.cluster_ip.octets(),
+                    port: port.port,
+                    proto: port.protocol,
+                    _pad: 0,
+                };
+                if let Some(owner) = claimed.get(&frontend) {
+                    desired.notes.push(format!(
+                        "{name}: {}:{}/{} is already served by {owner}; ignoring it here",
+                        spec.cluster_ip,
+                        port.port,
+                        protocol_name(port.protocol)
+                    ));
+                    continue;
+                }
+                claimed.insert(frontend, name.clone());
+                let endpoints = select_endpoints(slices, &port.name, port.protocol);
+                let entry = desired.ports.entry(name).or_default();
+                entry.frontends.insert(frontend);
+                entry.endpoints = endpoints;
+            }
+        }
+        desired
+    }
+}
+
+/// The endpoints of one service port, chosen as kube-proxy's `CategorizeEndpoints` does: the
+/// ready ones; if none is ready, the ones still serving while terminating (so connections
+/// keep landing somewhere during a rolling update).
+fn select_endpoints(slices: &[&SliceSpec], port_name: &str, protocol: u8) -> BTreeSet<EndpointValue> {
+    let mut candidates: BTreeMap<EndpointValue, SliceEndpoint> = BTreeMap::new();
+    for slice in slices {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port_name && p.protocol == protocol)
+        else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let value = EndpointValue {
+                addr: endpoint.addr.octets(),
+                port: port.port,
+                _pad: 0,
+            };
+            // The same endpoint in two slices (a slice being replaced) counts once, with the
+            // best conditions either slice gives it.
+            candidates
+                .entry(value)
+                .and_modify(|seen| {
+                    seen.ready |= endpoint.ready;
+                    seen.serving |= endpoint.serving;
+                    seen.terminating &= endpoint.terminating;
+                })
+                .or_insert(*endpoint);
+        }
+    }
+    let ready: BTreeSet<_> = candidates
+        .iter()
+        .filter(|(_, e)| e.ready)
+        .map(|(value, _)| *value)
+        .collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    candidates
+        .iter()
+        .filter(|(_, e)| e.serving && e.terminating)
+        .map(|(value, _)| *value)
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::objects::{ServicePort, SlicePort};
+
+    pub(crate) fn object(namespace: &str, name: &str) -> ObjectRef {
+        ObjectRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    pub(crate) fn nginx_service() -> ServiceSpec {
+        ServiceSpec {
+            cluster_ip: Ipv4Addr::new(10, 254, 40, 119),
+            ports: vec![ServicePort {
+                name: String::new(),
+                port: 4432,
+                protocol: ip_proto::TCP,
+            }],
+        }
+    }
+
+    pub(crate) fn endpoint(last: u8, ready: bool) -> SliceEndpoint {
+        SliceEndpoint {
+            addr: Ipv4Addr::new(172, 30, 20, last),
+            ready,
+            serving: ready,
+            terminating: false,
+        }
+    }
+
+    pub(crate) fn nginx_slice(endpoints: Vec<SliceEndpoint>) -> SliceSpec {
+        SliceSpec {
+            service: object("default", "nginx"),
+            ports: vec![SlicePort {
+                name: String::new(),
+                port: 80,
+                protocol: ip_proto::TCP,
+            }],
+            endpoints,
+        }
+    }
+
+    fn value(last: u8, port: u16) -> EndpointValue {
+        EndpointValue {
+            addr: [172, 30, 20, last],
+            port,
+            _pad: 0,
+        }
+    }
+
+    fn nginx_port() -> ServicePortName {
+        ServicePortName {
+            service: object("default", "nginx"),
+            port: String::new(),
+        }
+    }
+
+    #[test]
+    fn seed_service_maps_its_frontend_to_its_ready_endpoints() {
+        let mut model = Model::default();
+        assert!(model.set_service(object("default", "nginx"), nginx_service()));
+        assert!(model.set_slice(
+            object("default", "nginx-1"),
+            nginx_slice(vec![endpoint(6, true), endpoint(7, true), endpoint(8, true), endpoint(9, false)]),
+        ));
+        let desired = model.desired();
+        let port = &desired.ports[&nginx_port()];
+        assert_eq!(
+            port.frontends.iter().copied().collect::<Vec<_>>(),
+            vec![ServiceKey { addr: [10, 254, 40, 119], port: 4432, proto: 6, _pad: 0 }]
+        );
+        assert_eq!(
+            port.endpoints.iter().copied().collect::<Vec<_>>(),
+            vec![value(6, 80), value(7, 80), value(8, 80)]
+        );
+        assert!(desired.notes.is_empty());
+    }
+
+    #[test]
+    fn setting_the_same_object_twice_is_no_change() {
+        let mut model = Model::default();
+        assert!(model.set_service(object("default", "nginx"), nginx_service()));
+        assert!(!model.set_service(object("default", "nginx"), nginx_service()));
+        assert!(model.remove_service(&object("default", "nginx")));
+        assert!(!model.remove_service(&object("default", "nginx")));
+    }
+
+    #[test]
+    fn service_without_slices_has_no_endpoints() {
+        let mut model = Model::default();
+        model.set_service(object("default", "nginx"), nginx_service());
+        assert!(model.desired().ports[&nginx_port()].endpoints.is_empty());
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready() {
+        let mut model = Model::default();
+        model.set_service(object("default", "nginx"), nginx_service());
+        let terminating = SliceEndpoint {
+            ready: false,
+            serving: true,
+            terminating: true,
+            ..endpoint(7, false)
+        };
+        model.set_slice(
+            object("default", "nginx-1"),
+            nginx_slice(vec![endpoint(6, true), terminating]),
+        );
+        let chosen = |m: &Model| m.desired().ports[&nginx_port()].endpoints.clone();
+        assert_eq!(chosen(&model).into_iter().collect::<Vec<_>>(), vec![value(6, 80)]);
+        model.set_slice(object("default", "nginx-1"), nginx_slice(vec![endpoint(6, false), terminating]));
+        assert_eq!(chosen(&model).into_iter().collect::<Vec<_>>(), vec![value(7, 80)]);
+    }
+
+    #[test]
+    fn slices_merge_and_match_ports_by_name_and_protocol() {
+        let mut model = Model::default();
+        let service = ServiceSpec {
+            cluster_ip: Ipv4Addr::new(10, 254, 0, 10),
+            ports: vec![
+                ServicePort { name: "dns".into(), port: 53, protocol: ip_proto::UDP },
+                ServicePort { name: "dns-tcp".into(), port: 53, protocol: ip_proto::TCP },
+            ],
+        };
+        model.set_service(object("kube-system", "dns"), service);
+        let slice = |last: u8| SliceSpec {
+            service: object("kube-system", "dns"),
+            ports: vec![
+                SlicePort { name: "dns".into(), port: 5353, protocol: ip_proto::UDP },
+                SlicePort { name: "dns-tcp".into(), port: 5354, protocol: ip_proto::TCP },
+            ],
+            endpoints: vec![endpoint(last, true)],
+        };
+        model.set_slice(object("kube-system", "dns-a"), slice(2));
+        model.set_slice(object("kube-system", "dns-b"), slice(3));
+        let desired = model.desired();
+        let udp = &desired.ports[&ServicePortName { service: object("kube-system", "dns"), port: "dns".into() }];
+        assert_eq!(udp.endpoints.iter().copied().collect::<Vec<_>>(), vec![value(2, 5353), value(3, 5353)]);
+        let tcp = &desired.ports[&ServicePortName { service: object("kube-system", "dns"), port: "dns-tcp".into() }];
+        assert_eq!(tcp.endpoints.iter().copied().collect::<Vec<_>>(), vec![value(2, 5354), value(3, 5354)]);
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_is_served_once_and_noted() {
+        let mut model = Model::default();
+        model.set_service(object("a", "first"), nginx_service());
+        model.set_service(object("b", "second"), nginx_service());
+        let desired = model.desired();
+        assert_eq!(desired.ports.len(), 1);
+        assert!(desired.ports.keys().all(|p| p.service == object("a", "first")));
+        assert_eq!(desired.notes.len(), 1, "{:?}", desired.notes);
+        assert!(desired.notes[0].contains("already served by a/first"));
+    }
+
+    #[test]
+    fn sctp_ports_are_not_served() {
+        let mut model = Model::default();
+        let mut service = nginx_service();
+        service.ports[0].protocol = ip_proto::SCTP;
+        model.set_service(object("default", "nginx"), service);
+        assert!(model.desired().ports.is_empty());
+    }
+}

@@ -1,0 +1,401 @@
+//! Kubernetes `Service` and `EndpointSlice` objects, checked and reduced to what the dataplane
+//! needs. Every source (manifest files today, the API server later) converts through here, so
+//! they all accept, ignore and reject the same objects.
+//!
+//! What is ignored follows kube-proxy: headless services, `ExternalName` services, services
+//! labelled `service.kubernetes.io/service-proxy-name` or `service.kubernetes.io/headless`, and
+//! EndpointSlices that are not IPv4 or belong to no service.
+
+use std::{fmt, net::Ipv4Addr};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use weft_common::ip_proto;
+
+/// Namespace and name of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One port a service exposes on its ClusterIP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Port name; empty for the single unnamed port a service may have.
+    pub name: String,
+    pub port: u16,
+    /// IANA protocol number.
+    pub protocol: u8,
+}
+
+/// A service as the dataplane sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+}
+
+/// A port of an EndpointSlice: the service port `name` maps to `port` on every endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: u8,
+}
+
+/// One endpoint of an EndpointSlice with its conditions (unset conditions already defaulted as
+/// the API defines them: ready when unset, serving as ready, not terminating).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub addr: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// An EndpointSlice as the dataplane sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceSpec {
+    /// The service it belongs to (label `kubernetes.io/service-name`).
+    pub service: ObjectRef,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// The outcome of checking an object that is valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Checked<T> {
+    /// The dataplane serves it.
+    Serve(T),
+    /// Valid, but not the dataplane's business; the reason is for logs.
+    Ignore(&'static str),
+}
+
+/// Why an object was rejected. The messages name the offending field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ObjectError {
+    #[error("metadata.name is missing")]
+    MissingName,
+    #[error("spec is missing")]
+    MissingSpec,
+    #[error("spec.clusterIP {0:?} is not an IP address")]
+    InvalidClusterIp(String),
+    #[error("spec.ports[{index}].port {port} is not in 1-65535")]
+    InvalidPort { index: usize, port: i32 },
+    #[error("spec.ports[{index}].protocol {protocol:?} is not TCP, UDP or SCTP")]
+    InvalidProtocol { index: usize, protocol: String },
+    #[error("spec.ports[{index}] repeats port {port}/{protocol}")]
+    DuplicatePort { index: usize, port: u16, protocol: String },
+    #[error("spec.ports[{index}] repeats the port name {name:?}")]
+    DuplicatePortName { index: usize, name: String },
+    #[error("spec.ports[{index}] has no name, but a service with several ports must name them all")]
+    UnnamedPort { index: usize },
+    #[error("ports[{index}].port {port} is not in 1-65535")]
+    InvalidSlicePort { index: usize, port: i32 },
+    #[error("ports[{index}].protocol {protocol:?} is not TCP, UDP or SCTP")]
+    InvalidSliceProtocol { index: usize, protocol: String },
+    #[error("endpoints[{index}] has no addresses")]
+    MissingAddress { index: usize },
+    #[error("endpoints[{index}].addresses[0] {address:?} is not an IPv4 address")]
+    InvalidAddress { index: usize, address: String },
+}
+
+const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The protocol number of a Kubernetes protocol name (`TCP` when unset, as the API defaults it).
+fn protocol_number(protocol: Option<&str>) -> Option<u8> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Some(ip_proto::TCP),
+        "UDP" => Some(ip_proto::UDP),
+        "SCTP" => Some(ip_proto::SCTP),
+        _ => None,
+    }
+}
+
+/// The Kubernetes name of a protocol number.
+#[must_use]
+pub fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        ip_proto::TCP => "TCP",
+        ip_proto::UDP => "UDP",
+        ip_proto::SCTP => "SCTP",
+        _ => "?",
+    }
+}
+
+/// The namespace and name of an object (`default` when the namespace is unset, as `kubectl`
+/// assumes).
+pub fn object_ref(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<ObjectRef, ObjectError> {
+    let name = meta.name.clone().ok_or(ObjectError::MissingName)?;
+    let namespace = meta
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    Ok(ObjectRef { namespace, name })
+}
+
+/// Checks a Service.
+pub fn check_service(service: &Service) -> Result<Checked<ServiceSpec>, ObjectError> {
+    if let Some(labels) = &service.metadata.labels {
+        if labels.contains_key(SERVICE_PROXY_NAME_LABEL) {
+            return Ok(Checked::Ignore("served by another proxy (service-proxy-name label)"));
+        }
+        if labels.contains_key(HEADLESS_LABEL) {
+            return Ok(Checked::Ignore("headless (label)"));
+        }
+    }
+    let spec = service.spec.as_ref().ok_or(ObjectError::MissingSpec)?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(Checked::Ignore("type ExternalName"));
+    }
+    let cluster_ip = match spec.cluster_ip.as_deref() {
+        None | Some("") => return Ok(Checked::Ignore("no ClusterIP allocated")),
+        Some("None") => return Ok(Checked::Ignore("headless")),
+        Some(ip) => match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => ip,
+            Ok(std::net::IpAddr::V6(_)) => return Ok(Checked::Ignore("IPv6 ClusterIP (weft serves IPv4)")),
+            Err(_) => return Err(ObjectError::InvalidClusterIp(ip.to_owned())),
+        },
+    };
+    let declared = spec.ports.as_deref().unwrap_or_default();
+    let mut ports: Vec<ServicePort> = Vec::with_capacity(declared.len());
+    for (index, port) in declared.iter().enumerate() {
+        let number = u16::try_from(port.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or(ObjectError::InvalidPort { index, port: port.port })?;
+        let protocol = protocol_number(port.protocol.as_deref()).ok_or_else(|| {
+            ObjectError::InvalidProtocol {
+                index,
+                protocol: port.protocol.clone().unwrap_or_default(),
+            }
+        })?;
+        let name = port.name.clone().unwrap_or_default();
+        if name.is_empty() && declared.len() > 1 {
+            return Err(ObjectError::UnnamedPort { index });
+        }
+        if ports.iter().any(|p| p.port == number && p.protocol == protocol) {
+            return Err(ObjectError::DuplicatePort {
+                index,
+                port: number,
+                protocol: protocol_name(protocol).to_owned(),
+            });
+        }
+        if ports.iter().any(|p| p.name == name) {
+            return Err(ObjectError::DuplicatePortName { index, name });
+        }
+        ports.push(ServicePort {
+            name,
+            port: number,
+            protocol,
+        });
+    }
+    Ok(Checked::Serve(ServiceSpec { cluster_ip, ports }))
+}
+
+/// Checks an EndpointSlice.
+pub fn check_endpoint_slice(slice: &EndpointSlice) -> Result<Checked<SliceSpec>, ObjectError> {
+    if slice.address_type != "IPv4" {
+        return Ok(Checked::Ignore("not an IPv4 EndpointSlice"));
+    }
+    let Some(service_name) = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+    else {
+        return Ok(Checked::Ignore("no kubernetes.io/service-name label"));
+    };
+    let slice_ref = object_ref(&slice.metadata)?;
+    let service = ObjectRef {
+        namespace: slice_ref.namespace,
+        name: service_name.clone(),
+    };
+    let mut ports = Vec::new();
+    for (index, port) in slice.ports.as_deref().unwrap_or_default().iter().enumerate() {
+        // A port without a number means "all ports" for selector-less slices; kube-proxy skips it.
+        let Some(number) = port.port else { continue };
+        let number = u16::try_from(number)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or(ObjectError::InvalidSlicePort { index, port: number })?;
+        let protocol = protocol_number(port.protocol.as_deref()).ok_or_else(|| {
+            ObjectError::InvalidSliceProtocol {
+                index,
+                protocol: port.protocol.clone().unwrap_or_default(),
+            }
+        })?;
+        ports.push(SlicePort {
+            name: port.name.clone().unwrap_or_default(),
+            port: number,
+            protocol,
+        });
+    }
+    let mut endpoints = Vec::new();
+    for (index, endpoint) in slice.endpoints.as_deref().unwrap_or_default().iter().enumerate() {
+        let address = endpoint
+            .addresses
+            .first()
+            .ok_or(ObjectError::MissingAddress { index })?;
+        let addr = address.parse().map_err(|_| ObjectError::InvalidAddress {
+            index,
+            address: address.clone(),
+        })?;
+        let conditions = endpoint.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        endpoints.push(SliceEndpoint {
+            addr,
+            ready,
+            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        });
+    }
+    Ok(Checked::Serve(SliceSpec {
+        service,
+        ports,
+        endpoints,
+    }))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+    use super::*;
+
+    pub(crate) fn service(json: serde_json::Value) -> Service {
+        serde_json::from_value(json).expect("test Service parses")
+    }
+
+    pub(crate) fn slice(json: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(json).expect("test EndpointSlice parses")
+    }
+
+    fn nginx() -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "nginx", "namespace": "default"},
+            "spec": {"clusterIP": "10.254.40.119",
+                     "ports": [{"port": 4432, "targetPort": 80, "protocol": "TCP"}]}
+        })
+    }
+
+    #[test]
+    fn seed_service_is_served() {
+        let checked = check_service(&service(nginx())).unwrap();
+        assert_eq!(
+            checked,
+            Checked::Serve(ServiceSpec {
+                cluster_ip: Ipv4Addr::new(10, 254, 40, 119),
+                ports: vec![ServicePort { name: String::new(), port: 4432, protocol: 6 }],
+            })
+        );
+    }
+
+    #[test]
+    fn services_kube_proxy_ignores_are_ignored() {
+        let mut headless = nginx();
+        headless["spec"]["clusterIP"] = "None".into();
+        let mut external = nginx();
+        external["spec"]["type"] = "ExternalName".into();
+        let mut other_proxy = nginx();
+        other_proxy["metadata"]["labels"] =
+            serde_json::json!({"service.kubernetes.io/service-proxy-name": "other"});
+        let mut headless_label = nginx();
+        headless_label["metadata"]["labels"] =
+            serde_json::json!({"service.kubernetes.io/headless": ""});
+        for json in [headless, external, other_proxy, headless_label] {
+            assert!(matches!(check_service(&service(json)), Ok(Checked::Ignore(_))));
+        }
+    }
+
+    #[test]
+    fn invalid_services_name_the_field() {
+        let mut bad_ip = nginx();
+        bad_ip["spec"]["clusterIP"] = "10.254.40".into();
+        assert_eq!(
+            check_service(&service(bad_ip)).unwrap_err().to_string(),
+            "spec.clusterIP \"10.254.40\" is not an IP address"
+        );
+        let mut bad_port = nginx();
+        bad_port["spec"]["ports"][0]["port"] = 70000.into();
+        assert_eq!(
+            check_service(&service(bad_port)).unwrap_err(),
+            ObjectError::InvalidPort { index: 0, port: 70000 }
+        );
+        let mut bad_protocol = nginx();
+        bad_protocol["spec"]["ports"][0]["protocol"] = "ICMP".into();
+        assert!(matches!(
+            check_service(&service(bad_protocol)),
+            Err(ObjectError::InvalidProtocol { index: 0, .. })
+        ));
+        let mut duplicate = nginx();
+        duplicate["spec"]["ports"] = serde_json::json!([
+            {"name": "a", "port": 80}, {"name": "b", "port": 80, "protocol": "TCP"}]);
+        assert!(matches!(
+            check_service(&service(duplicate)),
+            Err(ObjectError::DuplicatePort { index: 1, port: 80, .. })
+        ));
+        let mut unnamed = nginx();
+        unnamed["spec"]["ports"] = serde_json::json!([{"name": "a", "port": 80}, {"port": 81}]);
+        assert_eq!(
+            check_service(&service(unnamed)).unwrap_err(),
+            ObjectError::UnnamedPort { index: 1 }
+        );
+    }
+
+    #[test]
+    fn endpoint_conditions_default_as_the_api_says() {
+        let checked = check_endpoint_slice(&slice(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "nginx-abc", "namespace": "web",
+                         "labels": {"kubernetes.io/service-name": "nginx"}},
+            "addressType": "IPv4",
+            "ports": [{"port": 80}, {"name": "all"}],
+            "endpoints": [
+                {"addresses": ["172.30.20.6"]},
+                {"addresses": ["172.30.20.7"], "conditions": {"ready": false}},
+                {"addresses": ["172.30.20.8"],
+                 "conditions": {"ready": false, "serving": true, "terminating": true}}
+            ]
+        })))
+        .unwrap();
+        let Checked::Serve(spec) = checked else { panic!("slice ignored") };
+        assert_eq!(spec.service, ObjectRef { namespace: "web".into(), name: "nginx".into() });
+        assert_eq!(spec.ports, vec![SlicePort { name: String::new(), port: 80, protocol: 6 }]);
+        let conditions: Vec<_> =
+            spec.endpoints.iter().map(|e| (e.ready, e.serving, e.terminating)).collect();
+        assert_eq!(
+            conditions,
+            vec![(true, true, false), (false, false, false), (false, true, true)]
+        );
+    }
+
+    #[test]
+    fn slices_without_a_service_or_ipv4_are_ignored_and_bad_addresses_rejected() {
+        let base = serde_json::json!({
+            "metadata": {"name": "s", "labels": {"kubernetes.io/service-name": "x"}},
+            "addressType": "IPv4", "endpoints": [{"addresses": ["172.30.20.300"]}]
+        });
+        assert_eq!(
+            check_endpoint_slice(&slice(base.clone())).unwrap_err(),
+            ObjectError::InvalidAddress { index: 0, address: "172.30.20.300".into() }
+        );
+        let mut v6 = base.clone();
+        v6["addressType"] = "IPv6".into();
+        assert!(matches!(check_endpoint_slice(&slice(v6)), Ok(Checked::Ignore(_))));
+        let mut orphan = base;
+        orphan["metadata"]["labels"] = serde_json::json!({});
+        assert!(matches!(check_endpoint_slice(&slice(orphan)), Ok(Checked::Ignore(_))));
+    }
+}

@@ -1,0 +1,602 @@
+//! The reconciler: the only writer of the service maps. It diffs the desired state against what
+//! it has applied and writes the difference in an order that never lets the datapath see a
+//! half-written service:
+//! - new endpoint slots before the frontend count that exposes them,
+//! - frontend counts lowered before the slots beyond them are deleted,
+//! - a removed service's frontends before its slots, its slots before its name.
+//!
+//! Applied state is a mirror of the maps, updated only after each write succeeds, so a failed
+//! write (a full map) leaves a consistent dataplane and is retried on the next pass.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use weft_common::maps::{EndpointKey, EndpointValue, ServiceKey, ServiceValue};
+
+use crate::{
+    maps::{DatapathMaps, MapReadError, MapWriteError, decode_name, encode_name},
+    model::{Desired, DesiredPort, ServicePortName},
+    objects::ObjectRef,
+};
+
+/// What the maps hold for one service port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct AppliedPort {
+    id: u32,
+    /// Slot `i` of the port's endpoint list; `None` where the map has no entry.
+    slots: Vec<Option<EndpointValue>>,
+    /// Each frontend with the endpoint count written in it.
+    frontends: BTreeMap<ServiceKey, u32>,
+}
+
+/// What one reconcile pass did.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub added: Vec<ServicePortName>,
+    pub updated: Vec<ServicePortName>,
+    pub removed: Vec<ServicePortName>,
+    /// Service ports left as they were (or not programmed at all) because a write failed.
+    pub failed: Vec<(ServicePortName, MapWriteError)>,
+}
+
+impl Report {
+    /// Whether the pass changed nothing and nothing failed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty() && self.failed.is_empty()
+    }
+}
+
+/// Service port ids: never 0, reused after release.
+#[derive(Debug, Default)]
+struct Ids {
+    next: u32,
+    free: Vec<u32>,
+}
+
+impl Ids {
+    fn from_used(used: &BTreeSet<u32>) -> Self {
+        let last = used.last().copied().unwrap_or(0);
+        Self {
+            next: last + 1,
+            free: (1..last).filter(|id| !used.contains(id)).rev().collect(),
+        }
+    }
+
+    fn take(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            let id = self.next.max(1);
+            self.next = id + 1;
+            id
+        })
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.push(id);
+    }
+}
+
+/// The single writer of the service maps.
+pub struct Reconciler<M> {
+    maps: M,
+    applied: BTreeMap<ServicePortName, AppliedPort>,
+    ids: Ids,
+}
+
+impl<M: DatapathMaps> Reconciler<M> {
+    /// Starts from whatever the maps already hold (pinned by an earlier agent), so a restart
+    /// rewrites only what changed and established connections keep their endpoints.
+    pub fn adopt(maps: M) -> Result<Self, MapReadError> {
+        let dump = maps.dump()?;
+        let mut by_id: BTreeMap<u32, AppliedPort> = BTreeMap::new();
+        for (key, value) in &dump.frontends {
+            let port = by_id.entry(value.id).or_default();
+            port.frontends.insert(*key, value.count);
+        }
+        for (key, value) in &dump.endpoints {
+            let port = by_id.entry(key.service_id).or_default();
+            let slot = key.slot as usize;
+            if port.slots.len() <= slot {
+                port.slots.resize(slot + 1, None);
+            }
+            port.slots[slot] = Some(*value);
+        }
+        let mut names: BTreeMap<u32, ServicePortName> =
+            dump.names.iter().map(|(id, name)| (*id, decode_name(name))).collect();
+        for id in by_id.keys() {
+            names.entry(*id).or_insert_with(|| stray_name(*id, "no name"));
+        }
+        let mut applied = BTreeMap::new();
+        for (id, mut name) in names {
+            if applied.contains_key(&name) {
+                name = stray_name(id, "duplicate name");
+            }
+            let port = AppliedPort {
+                id,
+                ..by_id.remove(&id).unwrap_or_default()
+            };
+            applied.insert(name, port);
+        }
+        let used = applied.values().map(|p| p.id).collect();
+        Ok(Self {
+            maps,
+            applied,
+            ids: Ids::from_used(&used),
+        })
+    }
+
+    /// The maps, for reads.
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// How many service ports are programmed.
+    #[must_use]
+    pub fn programmed(&self) -> usize {
+        self.applied.len()
+    }
+
+    /// Brings the maps to `desired`.
+    pub fn reconcile(&mut self, desired: &Desired) -> Report {
+        let mut report = Report::default();
+        // Removals first: they free map space the additions may need.
+        let gone: Vec<ServicePortName> = self
+            .applied
+            .keys()
+            .filter(|name| !desired.ports.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            match self.remove_port(&name) {
+                Ok(()) => report.removed.push(name),
+                Err(error) => report.failed.push((name, error)),
+            }
+        }
+        for (name, want) in &desired.ports {
+            let outcome = match self.applied.get(name) {
+                None => self.add_port(name, want).map(|()| report.added.push(name.clone())),
+                Some(have) if !matches(have, want) => {
+                    self.update_port(name, want).map(|()| report.updated.push(name.clone()))
+                }
+                Some(_) => Ok(()),
+            };
+            if let Err(error) = outcome {
+                report.failed.push((name.clone(), error));
+            }
+        }
+        report
+    }
+
+    fn add_port(&mut self, name: &ServicePortName, want: &DesiredPort) -> Result<(), MapWriteError> {
+        let id = self.ids.take();
+        self.maps.set_name(id, encode_name(name)).inspect_err(|_| self.ids.release(id))?;
+        self.applied.insert(
+            name.clone(),
+            AppliedPort {
+                id,
+                ..AppliedPort::default()
+            },
+        );
+        self.update_port(name, want).inspect_err(|_| {
+            // Take back what was written, frontends first, so nothing half-built stays visible.
+            // If that fails too, the port stays applied and the next pass retries it.
+            let _ = self.remove_port(name);
+        })
+    }
+
+    fn update_port(&mut self, name: &ServicePortName, want: &DesiredPort) -> Result<(), MapWriteError> {
+        let Self { maps, applied, .. } = self;
+        let port = applied.get_mut(name).expect("update_port is called for applied ports");
+        let id = port.id;
+        for frontend in port.frontends.keys().copied().collect::<Vec<_>>() {
+            if !want.frontends.contains(&frontend) {
+                maps.remove_frontend(frontend)?;
+                port.frontends.remove(&frontend);
+            }
+        }
+        let layout = plan_layout(&port.slots, &want.endpoints);
+        for (slot, endpoint) in layout.iter().enumerate() {
+            if port.slots.get(slot).copied().flatten() != Some(*endpoint) {
+                maps.set_endpoint(endpoint_key(id, slot), *endpoint)?;
+                if slot < port.slots.len() {
+                    port.slots[slot] = Some(*endpoint);
+                } else {
+                    port.slots.push(Some(*endpoint));
+                }
+            }
+        }
+        let count = u32::try_from(layout.len()).expect("slot counts fit the map's u32 index");
+        for frontend in &want.frontends {
+            if port.frontends.get(frontend) != Some(&count) {
+                maps.set_frontend(*frontend, ServiceValue { id, count })?;
+                port.frontends.insert(*frontend, count);
+            }
+        }
+        while port.slots.len() > layout.len() {
+            maps.remove_endpoint(endpoint_key(id, port.slots.len() - 1))?;
+            port.slots.pop();
+        }
+        Ok(())
+    }
+
+    fn remove_port(&mut self, name: &ServicePortName) -> Result<(), MapWriteError> {
+        let Self { maps, applied, ids } = self;
+        let port = applied.get_mut(name).expect("remove_port is called for applied ports");
+        while let Some((&frontend, _)) = port.frontends.first_key_value() {
+            maps.remove_frontend(frontend)?;
+            port.frontends.remove(&frontend);
+        }
+        while !port.slots.is_empty() {
+            maps.remove_endpoint(endpoint_key(port.id, port.slots.len() - 1))?;
+            port.slots.pop();
+        }
+        maps.remove_name(port.id)?;
+        ids.release(port.id);
+        applied.remove(name);
+        Ok(())
+    }
+}
+
+/// A name for map entries found without a usable name; no desired port can have it, so the
+/// first reconcile removes them.
+fn stray_name(id: u32, why: &str) -> ServicePortName {
+    ServicePortName {
+        service: ObjectRef {
+            namespace: String::new(),
+            name: format!("<stray id {id}: {why}>"),
+        },
+        port: String::new(),
+    }
+}
+
+fn endpoint_key(service_id: u32, slot: usize) -> EndpointKey {
+    EndpointKey {
+        service_id,
+        slot: u32::try_from(slot).expect("slot counts fit the map's u32 index"),
+    }
+}
+
+/// Whether the applied port already is the desired one.
+fn matches(have: &AppliedPort, want: &DesiredPort) -> bool {
+    let count = have.slots.len() as u32;
+    have.slots.iter().all(Option::is_some)
+        && have.slots.len() == want.endpoints.len()
+        && have.slots.iter().flatten().all(|e| want.endpoints.contains(e))
+        && have.frontends.len() == want.frontends.len()
+        && have
+            .frontends
+            .iter()
+            .all(|(key, written)| want.frontends.contains(key) && *written == count)
+}
+
+/// The slot layout for `desired` that rewrites the fewest slots of `current`: endpoints that
+/// stay keep their slot, new ones fill the holes the departed left, and what is left over is
+/// compacted from the end, so slots stay dense from 0.
+fn plan_layout(current: &[Option<EndpointValue>], desired: &BTreeSet<EndpointValue>) -> Vec<EndpointValue> {
+    let mut seen = BTreeSet::new();
+    let mut layout: Vec<Option<EndpointValue>> = current
+        .iter()
+        .map(|slot| slot.filter(|e| desired.contains(e) && seen.insert(*e)))
+        .collect();
+    let mut added = desired.iter().filter(|e| !seen.contains(*e)).copied();
+    for slot in layout.iter_mut().filter(|slot| slot.is_none()) {
+        match added.next() {
+            Some(endpoint) => *slot = Some(endpoint),
+            None => break,
+        }
+    }
+    layout.extend(added.map(Some));
+    let mut slot = 0;
+    while slot < layout.len() {
+        if layout[slot].is_some() {
+            slot += 1;
+        } else {
+            // Fill the hole with the last entry (or drop it, when it is the last).
+            layout.swap_remove(slot);
+        }
+    }
+    layout.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+
+    use weft_common::maps::ServiceName;
+
+    use super::*;
+    use crate::maps::ServiceMapsDump;
+
+    /// One map operation, as the fake records it.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub(crate) enum Op {
+        SetEndpoint(u32, u32),
+        RemoveEndpoint(u32, u32),
+        SetFrontend(u16, u32),
+        RemoveFrontend(u16),
+        SetName(u32),
+        RemoveName(u32),
+    }
+
+    /// The service maps as plain collections, with a capacity like the real ones.
+    #[derive(Default)]
+    pub(crate) struct FakeMaps {
+        pub(crate) frontends: BTreeMap<ServiceKey, ServiceValue>,
+        pub(crate) endpoints: BTreeMap<EndpointKey, EndpointValue>,
+        pub(crate) names: BTreeMap<u32, ServiceName>,
+        pub(crate) max_endpoints: Option<usize>,
+        pub(crate) ops: Vec<Op>,
+    }
+
+    impl DatapathMaps for FakeMaps {
+        fn set_endpoint(&mut self, key: EndpointKey, value: EndpointValue) -> Result<(), MapWriteError> {
+            if self.max_endpoints.is_some_and(|max| {
+                self.endpoints.len() >= max && !self.endpoints.contains_key(&key)
+            }) {
+                return Err(MapWriteError::Full { map: "fake", flag: "--max-endpoints" });
+            }
+            self.ops.push(Op::SetEndpoint(key.service_id, key.slot));
+            self.endpoints.insert(key, value);
+            Ok(())
+        }
+
+        fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), MapWriteError> {
+            self.ops.push(Op::RemoveEndpoint(key.service_id, key.slot));
+            self.endpoints.remove(&key);
+            Ok(())
+        }
+
+        fn set_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapWriteError> {
+            // The invariant the datapath relies on: every slot below count exists.
+            for slot in 0..value.count {
+                assert!(
+                    self.endpoints.contains_key(&EndpointKey { service_id: value.id, slot }),
+                    "frontend {key:?} exposes missing slot {slot}"
+                );
+            }
+            self.ops.push(Op::SetFrontend(key.port, value.count));
+            self.frontends.insert(key, value);
+            Ok(())
+        }
+
+        fn remove_frontend(&mut self, key: ServiceKey) -> Result<(), MapWriteError> {
+            self.ops.push(Op::RemoveFrontend(key.port));
+            self.frontends.remove(&key);
+            Ok(())
+        }
+
+        fn set_name(&mut self, id: u32, name: ServiceName) -> Result<(), MapWriteError> {
+            self.ops.push(Op::SetName(id));
+            self.names.insert(id, name);
+            Ok(())
+        }
+
+        fn remove_name(&mut self, id: u32) -> Result<(), MapWriteError> {
+            self.ops.push(Op::RemoveName(id));
+            self.names.remove(&id);
+            Ok(())
+        }
+
+        fn dump(&self) -> Result<ServiceMapsDump, MapReadError> {
+            Ok(ServiceMapsDump {
+                frontends: self.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
+                endpoints: self.endpoints.iter().map(|(k, v)| (*k, *v)).collect(),
+                names: self.names.iter().map(|(k, v)| (*k, *v)).collect(),
+            })
+        }
+    }
+
+    impl FakeMaps {
+        /// Checks the invariant after a pass: frontends expose exactly the slots that exist.
+        fn assert_consistent(&self) {
+            for (key, value) in &self.frontends {
+                let slots = self.endpoints.keys().filter(|k| k.service_id == value.id).count();
+                assert_eq!(slots as u32, value.count, "frontend {key:?}");
+                assert!(self.names.contains_key(&value.id));
+            }
+        }
+
+        /// The endpoints a frontend spreads connections over.
+        fn endpoints_of(&self, port: u16) -> BTreeSet<u8> {
+            let (_, value) = self.frontends.iter().find(|(k, _)| k.port == port).expect("frontend exists");
+            (0..value.count)
+                .map(|slot| self.endpoints[&EndpointKey { service_id: value.id, slot }].addr[3])
+                .collect()
+        }
+    }
+
+    fn endpoint(last: u8) -> EndpointValue {
+        EndpointValue { addr: [172, 30, 20, last], port: 80, _pad: 0 }
+    }
+
+    fn frontend(port: u16) -> ServiceKey {
+        ServiceKey { addr: [10, 254, 40, 119], port, proto: 6, _pad: 0 }
+    }
+
+    fn port_name(name: &str) -> ServicePortName {
+        ServicePortName {
+            service: ObjectRef { namespace: "default".into(), name: name.into() },
+            port: String::new(),
+        }
+    }
+
+    fn desired(ports: &[(&str, u16, &[u8])]) -> Desired {
+        Desired {
+            ports: ports
+                .iter()
+                .map(|(name, port, endpoints)| {
+                    (
+                        port_name(name),
+                        DesiredPort {
+                            frontends: [frontend(*port)].into(),
+                            endpoints: endpoints.iter().map(|last| endpoint(*last)).collect(),
+                        },
+                    )
+                })
+                .collect(),
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_new_service_writes_name_then_slots_then_frontend() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let report = reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
+        assert_eq!(report.added, vec![port_name("nginx")]);
+        assert_eq!(
+            reconciler.maps.ops,
+            vec![
+                Op::SetName(1),
+                Op::SetEndpoint(1, 0),
+                Op::SetEndpoint(1, 1),
+                Op::SetEndpoint(1, 2),
+                Op::SetFrontend(4432, 3)
+            ]
+        );
+        reconciler.maps.assert_consistent();
+        assert_eq!(reconciler.maps.endpoints_of(4432), [6, 7, 8].into());
+    }
+
+    #[test]
+    fn an_unchanged_pass_writes_nothing() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let state = desired(&[("nginx", 4432, &[6, 7, 8])]);
+        reconciler.reconcile(&state);
+        reconciler.maps.ops.clear();
+        assert!(reconciler.reconcile(&state).is_empty());
+        assert!(reconciler.maps.ops.is_empty());
+    }
+
+    #[test]
+    fn shrinking_lowers_the_count_before_deleting_slots() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
+        reconciler.maps.ops.clear();
+        let report = reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 8])]));
+        assert_eq!(report.updated, vec![port_name("nginx")]);
+        // .7 sat in slot 1: .8 moves there from the end, then the count drops, then slot 2 goes.
+        assert_eq!(
+            reconciler.maps.ops,
+            vec![Op::SetEndpoint(1, 1), Op::SetFrontend(4432, 2), Op::RemoveEndpoint(1, 2)]
+        );
+        reconciler.maps.assert_consistent();
+        assert_eq!(reconciler.maps.endpoints_of(4432), [6, 8].into());
+    }
+
+    #[test]
+    fn replacing_an_endpoint_rewrites_only_its_slot() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
+        reconciler.maps.ops.clear();
+        reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 8, 9])]));
+        assert_eq!(reconciler.maps.ops, vec![Op::SetEndpoint(1, 1)]);
+        assert_eq!(reconciler.maps.endpoints_of(4432), [6, 8, 9].into());
+    }
+
+    #[test]
+    fn growing_writes_slots_before_raising_the_count() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        reconciler.reconcile(&desired(&[("nginx", 4432, &[6])]));
+        reconciler.maps.ops.clear();
+        reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
+        assert_eq!(
+            reconciler.maps.ops,
+            vec![Op::SetEndpoint(1, 1), Op::SetEndpoint(1, 2), Op::SetFrontend(4432, 3)]
+        );
+    }
+
+    #[test]
+    fn removal_goes_frontends_slots_name_and_frees_the_id() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7])]));
+        reconciler.maps.ops.clear();
+        let report = reconciler.reconcile(&desired(&[]));
+        assert_eq!(report.removed, vec![port_name("nginx")]);
+        assert_eq!(
+            reconciler.maps.ops,
+            vec![
+                Op::RemoveFrontend(4432),
+                Op::RemoveEndpoint(1, 1),
+                Op::RemoveEndpoint(1, 0),
+                Op::RemoveName(1)
+            ]
+        );
+        assert!(reconciler.maps.frontends.is_empty() && reconciler.maps.endpoints.is_empty());
+        reconciler.reconcile(&desired(&[("other", 80, &[9])]));
+        assert_eq!(reconciler.maps.frontends[&frontend(80)].id, 1, "id 1 is reused");
+    }
+
+    #[test]
+    fn no_endpoints_still_programs_the_frontend_with_count_zero() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        reconciler.reconcile(&desired(&[("nginx", 4432, &[])]));
+        assert_eq!(reconciler.maps.frontends[&frontend(4432)].count, 0);
+    }
+
+    #[test]
+    fn a_full_map_fails_one_service_and_keeps_the_others() {
+        let maps = FakeMaps { max_endpoints: Some(4), ..FakeMaps::default() };
+        let mut reconciler = Reconciler::adopt(maps).unwrap();
+        let report = reconciler.reconcile(&desired(&[("a", 1, &[1, 2]), ("b", 2, &[3, 4, 5]), ("c", 3, &[6])]));
+        assert_eq!(report.added, vec![port_name("a"), port_name("c")]);
+        assert_eq!(report.failed.len(), 1);
+        assert_eq!(report.failed[0].0, port_name("b"));
+        assert!(matches!(report.failed[0].1, MapWriteError::Full { .. }));
+        reconciler.maps.assert_consistent();
+        assert!(!reconciler.maps.frontends.contains_key(&frontend(2)), "b is not half there");
+        assert_eq!(reconciler.maps.endpoints_of(1), [1, 2].into());
+        assert_eq!(reconciler.maps.endpoints_of(3), [6].into());
+        // Once space frees up, the next pass programs it.
+        let report = reconciler.reconcile(&desired(&[("b", 2, &[3, 4, 5]), ("c", 3, &[6])]));
+        assert_eq!(report.added, vec![port_name("b")]);
+        assert_eq!(reconciler.maps.endpoints_of(2), [3, 4, 5].into());
+    }
+
+    #[test]
+    fn a_restarted_agent_adopts_the_maps_and_rewrites_nothing() {
+        let mut first = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let state = desired(&[("a", 1, &[1, 2]), ("b", 2, &[3])]);
+        first.reconcile(&state);
+        let mut maps = first.maps;
+        maps.ops.clear();
+        let mut second = Reconciler::adopt(maps).unwrap();
+        assert!(second.reconcile(&state).is_empty());
+        assert!(second.maps.ops.is_empty());
+        // New ids do not collide with adopted ones.
+        second.reconcile(&desired(&[("a", 1, &[1, 2]), ("b", 2, &[3]), ("c", 3, &[4])]));
+        assert_eq!(second.maps.frontends[&frontend(3)].id, 3);
+    }
+
+    #[test]
+    fn adopting_removes_entries_without_names_and_fills_slot_gaps() {
+        let mut maps = FakeMaps::default();
+        // id 7: a frontend and one slot, but no name (an agent killed mid-removal).
+        maps.frontends.insert(frontend(9), ServiceValue { id: 7, count: 1 });
+        maps.endpoints.insert(EndpointKey { service_id: 7, slot: 0 }, endpoint(1));
+        // id 2: named, slot 1 missing (killed mid-write).
+        maps.names.insert(2, encode_name(&port_name("a")));
+        maps.endpoints.insert(EndpointKey { service_id: 2, slot: 0 }, endpoint(1));
+        maps.endpoints.insert(EndpointKey { service_id: 2, slot: 2 }, endpoint(3));
+        maps.frontends.insert(frontend(1), ServiceValue { id: 2, count: 1 });
+        let mut reconciler = Reconciler::adopt(maps).unwrap();
+        let report = reconciler.reconcile(&desired(&[("a", 1, &[1, 2, 3])]));
+        assert_eq!(report.updated, vec![port_name("a")]);
+        assert_eq!(report.removed.len(), 1);
+        reconciler.maps.assert_consistent();
+        assert_eq!(reconciler.maps.endpoints_of(1), [1, 2, 3].into());
+        assert!(!reconciler.maps.frontends.contains_key(&frontend(9)));
+    }
+
+    #[test]
+    fn layout_keeps_stayers_fills_holes_and_compacts() {
+        let e = |last: u8| Some(endpoint(last));
+        let want = |lasts: &[u8]| lasts.iter().map(|l| endpoint(*l)).collect::<BTreeSet<_>>();
+        let lasts = |layout: Vec<EndpointValue>| layout.iter().map(|e| e.addr[3]).collect::<Vec<_>>();
+        assert_eq!(lasts(plan_layout(&[e(1), e(2), e(3)], &want(&[1, 3, 4]))), vec![1, 4, 3]);
+        assert_eq!(lasts(plan_layout(&[e(1), e(2), e(3)], &want(&[1, 3]))), vec![1, 3]);
+        assert_eq!(lasts(plan_layout(&[e(1), e(2), e(3)], &want(&[3]))), vec![3]);
+        assert_eq!(lasts(plan_layout(&[e(1), None, e(3)], &want(&[1, 3]))), vec![1, 3]);
+        assert_eq!(lasts(plan_layout(&[e(2), e(2)], &want(&[2]))), vec![2]);
+        assert_eq!(lasts(plan_layout(&[], &want(&[5, 6]))), vec![5, 6]);
+        assert!(plan_layout(&[e(1)], &want(&[])).is_empty());
+    }
+}

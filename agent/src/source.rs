@@ -1,0 +1,36 @@
+//! What every source shares: the model behind a lock, and the signal that wakes the reconciler.
+//! Sources only update the model; they never touch a map.
+
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+use crate::model::{Desired, Model};
+
+/// The model, shared by the sources (writers) and the reconciler (reader).
+#[derive(Default)]
+pub struct ModelHandle {
+    model: Mutex<Model>,
+    changed: Notify,
+}
+
+impl ModelHandle {
+    /// Runs `change` on the model; wakes the reconciler when it reports a change. Bursts of
+    /// changes coalesce into one wake-up.
+    pub fn update(&self, change: impl FnOnce(&mut Model) -> bool) {
+        let changed = change(&mut self.model.lock().expect("model lock is never poisoned"));
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// The state the model currently calls for.
+    pub fn desired(&self) -> Desired {
+        self.model.lock().expect("model lock is never poisoned").desired()
+    }
+
+    /// Waits until the model changes (returns at once if it changed since the last wait).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}

@@ -1,0 +1,196 @@
+//! Connection tracking rules shared by the datapath (per packet) and the agent (garbage
+//! collection, `weft inspect conntrack`).
+//!
+//! A translated connection is two entries in [`crate::maps::CONNTRACK_MAP`]:
+//! - FORWARD, keyed by the client's tuple towards the frontend. It is authoritative: it holds the
+//!   endpoint, the state bits below and the last time the connection was seen.
+//! - REPLY, keyed by the endpoint's tuple back to the client. It holds the frontend to restore in
+//!   replies. Its `flags` only record that the first reply was propagated to FORWARD, and its
+//!   `last_seen_ns` when the reply side last refreshed FORWARD.
+//!
+//! Timeouts follow what kube-proxy configures netfilter with: TCP established 24 h, half-closed
+//! (CLOSE_WAIT) 1 h, UDP 30 s before a reply and 120 s after one.
+
+use crate::{ip_proto, packet::tcp_flags};
+
+/// State bits of a FORWARD entry.
+pub mod flags {
+    /// Forward packets get [`crate::MASQUERADE_MARK`] (off-cluster client or hairpin).
+    pub const MASQUERADE: u8 = 0x01;
+    /// The endpoint has answered.
+    pub const SEEN_REPLY: u8 = 0x02;
+    /// The client sent FIN.
+    pub const FIN_FORWARD: u8 = 0x04;
+    /// The endpoint sent FIN.
+    pub const FIN_REPLY: u8 = 0x08;
+    /// Either side sent RST.
+    pub const RST: u8 = 0x10;
+}
+
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// TCP before the endpoint answers (SYN sent).
+pub const TCP_SYN_TIMEOUT_NS: u64 = 60 * SECOND_NS;
+/// TCP once both sides have spoken (kube-proxy's `tcpEstablishedTimeout`).
+pub const TCP_ESTABLISHED_TIMEOUT_NS: u64 = 24 * 3600 * SECOND_NS;
+/// TCP after one side sent FIN (kube-proxy's `tcpCloseWaitTimeout`).
+pub const TCP_HALF_CLOSED_TIMEOUT_NS: u64 = 3600 * SECOND_NS;
+/// TCP after both FINs or an RST (netfilter keeps TIME_WAIT for 120 s; a new SYN reopens sooner).
+pub const TCP_CLOSED_TIMEOUT_NS: u64 = 10 * SECOND_NS;
+/// UDP before a reply (netfilter's `udp_timeout`).
+pub const UDP_TIMEOUT_NS: u64 = 30 * SECOND_NS;
+/// UDP after a reply (netfilter's `udp_timeout_stream`).
+pub const UDP_REPLIED_TIMEOUT_NS: u64 = 120 * SECOND_NS;
+/// Minimum interval between writes of `last_seen_ns`, so busy flows do not write per packet.
+pub const REFRESH_INTERVAL_NS: u64 = SECOND_NS;
+
+/// Whether a TCP connection is fully closed (both FINs, or an RST).
+#[inline(always)]
+#[must_use]
+pub const fn tcp_closed(state: u8) -> bool {
+    state & flags::RST != 0 || state & (flags::FIN_FORWARD | flags::FIN_REPLY) == (flags::FIN_FORWARD | flags::FIN_REPLY)
+}
+
+/// How long a FORWARD entry in `state` lives without traffic.
+#[inline(always)]
+#[must_use]
+pub const fn lifetime_ns(proto: u8, state: u8) -> u64 {
+    let replied = state & flags::SEEN_REPLY != 0;
+    if proto == ip_proto::TCP {
+        if tcp_closed(state) {
+            TCP_CLOSED_TIMEOUT_NS
+        } else if state & (flags::FIN_FORWARD | flags::FIN_REPLY) != 0 {
+            TCP_HALF_CLOSED_TIMEOUT_NS
+        } else if replied {
+            TCP_ESTABLISHED_TIMEOUT_NS
+        } else {
+            TCP_SYN_TIMEOUT_NS
+        }
+    } else if replied {
+        UDP_REPLIED_TIMEOUT_NS
+    } else {
+        UDP_TIMEOUT_NS
+    }
+}
+
+/// Whether a FORWARD entry last seen at `last_seen_ns` has expired at `now_ns`.
+#[inline(always)]
+#[must_use]
+pub const fn is_expired(proto: u8, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    now_ns.saturating_sub(last_seen_ns) > lifetime_ns(proto, state)
+}
+
+/// The FORWARD state after a packet with `tcp` flags (0 for UDP) in the given direction.
+#[inline(always)]
+#[must_use]
+pub const fn next_state(state: u8, proto: u8, tcp: u8, reply: bool) -> u8 {
+    let mut next = state;
+    if reply {
+        next |= flags::SEEN_REPLY;
+    }
+    if proto == ip_proto::TCP {
+        if tcp & tcp_flags::RST != 0 {
+            next |= flags::RST;
+        }
+        if tcp & tcp_flags::FIN != 0 {
+            next |= if reply { flags::FIN_REPLY } else { flags::FIN_FORWARD };
+        }
+    }
+    next
+}
+
+/// Whether a client packet starts a new connection over a FORWARD entry that still exists: a
+/// bare SYN on a closed TCP connection (the client reused its port).
+#[inline(always)]
+#[must_use]
+pub const fn reopens(state: u8, proto: u8, tcp: u8) -> bool {
+    proto == ip_proto::TCP
+        && tcp & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+        && tcp_closed(state)
+}
+
+/// The netfilter-style name of a FORWARD state, for `weft inspect conntrack`.
+#[must_use]
+pub const fn state_name(proto: u8, state: u8) -> &'static str {
+    let replied = state & flags::SEEN_REPLY != 0;
+    if proto == ip_proto::TCP {
+        if tcp_closed(state) {
+            "CLOSED"
+        } else if state & (flags::FIN_FORWARD | flags::FIN_REPLY) != 0 {
+            "CLOSE_WAIT"
+        } else if replied {
+            "ESTABLISHED"
+        } else {
+            "SYN_SENT"
+        }
+    } else if replied {
+        "REPLIED"
+    } else {
+        "UNREPLIED"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::tcp_flags::{ACK, FIN, RST, SYN};
+
+    const TCP: u8 = ip_proto::TCP;
+    const UDP: u8 = ip_proto::UDP;
+
+    #[test]
+    fn tcp_walks_through_its_states() {
+        let mut s = next_state(0, TCP, SYN, false);
+        assert_eq!(state_name(TCP, s), "SYN_SENT");
+        assert_eq!(lifetime_ns(TCP, s), TCP_SYN_TIMEOUT_NS);
+        s = next_state(s, TCP, SYN | ACK, true);
+        assert_eq!(state_name(TCP, s), "ESTABLISHED");
+        assert_eq!(lifetime_ns(TCP, s), TCP_ESTABLISHED_TIMEOUT_NS);
+        s = next_state(s, TCP, FIN | ACK, false);
+        assert_eq!(state_name(TCP, s), "CLOSE_WAIT");
+        assert_eq!(lifetime_ns(TCP, s), TCP_HALF_CLOSED_TIMEOUT_NS);
+        s = next_state(s, TCP, FIN | ACK, true);
+        assert_eq!(state_name(TCP, s), "CLOSED");
+        assert_eq!(lifetime_ns(TCP, s), TCP_CLOSED_TIMEOUT_NS);
+    }
+
+    #[test]
+    fn rst_from_either_side_closes() {
+        let established = flags::SEEN_REPLY;
+        assert!(tcp_closed(next_state(established, TCP, RST, true)));
+        assert!(tcp_closed(next_state(established, TCP, RST | ACK, false)));
+    }
+
+    #[test]
+    fn udp_ignores_tcp_flags_and_lives_longer_once_replied() {
+        let s = next_state(0, UDP, FIN | RST, false);
+        assert_eq!(s, 0);
+        assert_eq!(lifetime_ns(UDP, s), UDP_TIMEOUT_NS);
+        let s = next_state(s, UDP, 0, true);
+        assert_eq!(lifetime_ns(UDP, s), UDP_REPLIED_TIMEOUT_NS);
+    }
+
+    #[test]
+    fn masquerade_bit_survives_transitions() {
+        let s = next_state(flags::MASQUERADE, TCP, FIN, true);
+        assert_ne!(s & flags::MASQUERADE, 0);
+    }
+
+    #[test]
+    fn expiry_is_strictly_after_the_lifetime() {
+        let t = 5 * SECOND_NS;
+        assert!(!is_expired(UDP, 0, t, t + UDP_TIMEOUT_NS));
+        assert!(is_expired(UDP, 0, t, t + UDP_TIMEOUT_NS + 1));
+        // A clock read before the entry's own timestamp (another CPU) is not expiry.
+        assert!(!is_expired(UDP, 0, t, t - 1));
+    }
+
+    #[test]
+    fn only_a_bare_syn_on_a_closed_connection_reopens() {
+        let closed = flags::SEEN_REPLY | flags::FIN_FORWARD | flags::FIN_REPLY;
+        assert!(reopens(closed, TCP, SYN));
+        assert!(!reopens(closed, TCP, SYN | ACK));
+        assert!(!reopens(flags::SEEN_REPLY, TCP, SYN));
+        assert!(!reopens(closed, UDP, SYN));
+    }
+}

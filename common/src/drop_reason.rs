@@ -1,0 +1,66 @@
+//! Why the datapath dropped a packet: the index of the per-CPU drop counter map.
+
+/// A drop reason. The discriminant is the counter's index in [`crate::maps::DROPS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// An IPv4 frame whose header is truncated or invalid (version, IHL, total length).
+    MalformedIpv4 = 0,
+    /// A packet for a service frontend whose TCP/UDP header is truncated.
+    MalformedL4 = 1,
+    /// The first fragment of a fragmented datagram for a service frontend: the fragments that
+    /// follow carry no ports, so the datagram cannot be translated as a whole.
+    FragmentedService = 2,
+    /// A new connection to a service that has no ready endpoints.
+    NoEndpoints = 3,
+    /// The chosen endpoint slot vanished between reading the service and the slot (a concurrent
+    /// shrink); the client retransmits and lands on a live slot.
+    EndpointSlotMissing = 4,
+    /// The conntrack map refused a new entry.
+    ConntrackInsertFailed = 5,
+    /// A kernel helper failed to rewrite an address, port or checksum.
+    NatRewriteFailed = 6,
+}
+
+/// Number of drop reasons, the size of the drop counter map.
+pub const DROP_REASON_COUNT: u32 = 7;
+
+impl DropReason {
+    /// Every reason, in counter-index order.
+    pub const ALL: [Self; DROP_REASON_COUNT as usize] = [
+        Self::MalformedIpv4,
+        Self::MalformedL4,
+        Self::FragmentedService,
+        Self::NoEndpoints,
+        Self::EndpointSlotMissing,
+        Self::ConntrackInsertFailed,
+        Self::NatRewriteFailed,
+    ];
+
+    /// Stable snake_case name, used by `weft inspect drops` and metric labels.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::MalformedIpv4 => "malformed_ipv4",
+            Self::MalformedL4 => "malformed_l4",
+            Self::FragmentedService => "fragmented_service",
+            Self::NoEndpoints => "no_endpoints",
+            Self::EndpointSlotMissing => "endpoint_slot_missing",
+            Self::ConntrackInsertFailed => "conntrack_insert_failed",
+            Self::NatRewriteFailed => "nat_rewrite_failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DROP_REASON_COUNT, DropReason};
+
+    #[test]
+    fn discriminants_index_all_in_order() {
+        for (index, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index, "{reason:?}");
+        }
+        assert_eq!(DropReason::ALL.len(), DROP_REASON_COUNT as usize);
+    }
+}

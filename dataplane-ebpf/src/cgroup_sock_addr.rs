@@ -1,0 +1,169 @@
+//! Services for the node's own sockets: cgroup `connect4`, `sendmsg4`, `recvmsg4` and
+//! `getpeername4` on the cgroup v2 root.
+//!
+//! A socket of the node's network namespace that connects or sends to a frontend is pointed at an
+//! endpoint before the kernel routes anything, so no packet is ever translated (kube-proxy does
+//! this with its OUTPUT chain). `recvmsg4` and `getpeername4` show the frontend again, so
+//! applications see the address they used. Sockets of other namespaces (pods) are left to TC.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_ANY,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use weft_common::{
+    drop_reason::DropReason,
+    maps::{SockNatKey, SockNatValue, ct_direction},
+};
+
+use crate::{
+    lb,
+    maps::{SOCK_NAT, config, count_drop},
+};
+
+/// Return values of cgroup socket address programs.
+const ALLOW: i32 = 1;
+/// Fails the call with EPERM.
+const REJECT: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // Unconnected UDP: every datagram a socket sends to one frontend goes to one endpoint, as
+    // netfilter's conntrack would keep it.
+    translate(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn in_node_netns(ctx: &SockAddrContext) -> bool {
+    let node = config().host_netns_cookie;
+    // SAFETY: a helper call on this program's own context.
+    node == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == node
+}
+
+/// The socket address in the context: (address, port in host order, protocol).
+#[inline(always)]
+fn user_addr(ctx: &SockAddrContext) -> ([u8; 4], u16, u8) {
+    // SAFETY: reading fields of the context the kernel handed this program.
+    unsafe {
+        let sa = ctx.sock_addr;
+        (
+            (*sa).user_ip4.to_ne_bytes(),
+            u16::from_be((*sa).user_port as u16),
+            (*sa).protocol as u8,
+        )
+    }
+}
+
+#[inline(always)]
+fn set_user_addr(ctx: &SockAddrContext, addr: [u8; 4], port: u16) {
+    // SAFETY: writing the two fields these hooks may rewrite.
+    unsafe {
+        let sa = ctx.sock_addr;
+        (*sa).user_ip4 = u32::from_ne_bytes(addr);
+        (*sa).user_port = u32::from(port.to_be());
+    }
+}
+
+#[inline(always)]
+fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
+    if !in_node_netns(ctx) {
+        return ALLOW;
+    }
+    let (addr, port, proto) = user_addr(ctx);
+    let Some(service) = lb::frontend(addr, port, proto) else {
+        return ALLOW;
+    };
+    // SAFETY: a helper call on this program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let forward_key = SockNatKey {
+        cookie,
+        addr,
+        port,
+        proto,
+        direction: ct_direction::FORWARD,
+    };
+    let previous = if sticky {
+        // SAFETY: the pointer comes from a successful lookup; the value is copied out at once.
+        SOCK_NAT.get_ptr(forward_key).map(|value| unsafe { *value })
+    } else {
+        None
+    };
+    let endpoint = match previous {
+        Some(value) => (value.addr, value.port),
+        None => match lb::pick_endpoint(&service) {
+            Ok(endpoint) => (endpoint.addr, endpoint.port),
+            Err(reason) => {
+                count_drop(reason);
+                return REJECT;
+            }
+        },
+    };
+    let reply_key = SockNatKey {
+        cookie,
+        addr: endpoint.0,
+        port: endpoint.1,
+        proto,
+        direction: ct_direction::REPLY,
+    };
+    let frontend = SockNatValue {
+        addr,
+        port,
+        _pad: 0,
+    };
+    let mut recorded = SOCK_NAT.insert(reply_key, frontend, u64::from(BPF_ANY));
+    if sticky && previous.is_none() {
+        let chosen = SockNatValue {
+            addr: endpoint.0,
+            port: endpoint.1,
+            _pad: 0,
+        };
+        recorded = recorded.and_then(|()| SOCK_NAT.insert(forward_key, chosen, u64::from(BPF_ANY)));
+    }
+    if recorded.is_err() {
+        count_drop(DropReason::ConntrackInsertFailed);
+        return REJECT;
+    }
+    set_user_addr(ctx, endpoint.0, endpoint.1);
+    ALLOW
+}
+
+#[inline(always)]
+fn restore(ctx: &SockAddrContext) {
+    if !in_node_netns(ctx) {
+        return;
+    }
+    let (addr, port, proto) = user_addr(ctx);
+    // SAFETY: a helper call on this program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockNatKey {
+        cookie,
+        addr,
+        port,
+        proto,
+        direction: ct_direction::REPLY,
+    };
+    if let Some(frontend) = SOCK_NAT.get_ptr(key) {
+        // SAFETY: the pointer comes from a successful lookup; the value is copied out at once.
+        let frontend = unsafe { *frontend };
+        set_user_addr(ctx, frontend.addr, frontend.port);
+    }
+}

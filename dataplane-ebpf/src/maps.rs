@@ -1,0 +1,70 @@
+//! Every map the programs use. Layouts and names are defined in `weft_common::maps`; the sizes
+//! here are defaults the agent overrides at load time (`--max-services`, `--max-endpoints`,
+//! `--ct-entries`). All maps are pinned by the agent, so their contents survive its restarts.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use weft_common::{
+    drop_reason::{DROP_REASON_COUNT, DropReason},
+    maps::{
+        CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES,
+        DEFAULT_SOCK_NAT_ENTRIES, DatapathConfig, EndpointKey, EndpointValue, ServiceKey,
+        ServiceName, ServiceValue, SockNatKey, SockNatValue,
+    },
+};
+
+/// Service frontends. Written by the agent (after the frontend's endpoint slots); read per new
+/// connection. When full, the agent reports the services that did not fit.
+#[btf_map(name = "weft_svc_v1")]
+pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_MAX_SERVICES as usize }> =
+    HashMap::new();
+
+/// Endpoint slots of each service port. Written by the agent; read per new connection.
+#[btf_map(name = "weft_ep_v1")]
+pub(crate) static ENDPOINTS: HashMap<EndpointKey, EndpointValue, { DEFAULT_MAX_ENDPOINTS as usize }> =
+    HashMap::new();
+
+/// Service port names for `weft inspect`. Written by the agent; never read by the programs, but
+/// declared here so it carries BTF and is pinned beside the maps it describes.
+#[btf_map(name = "weft_svcname_v1")]
+pub(crate) static SERVICE_NAMES: HashMap<u32, ServiceName, { DEFAULT_MAX_SERVICES as usize }> =
+    HashMap::new();
+
+/// Connection tracking (see `weft_common::conntrack`). Written by the datapath; expired entries
+/// are removed by the agent. LRU: under pressure the least recently used entries go first.
+#[btf_map(name = "weft_ct4_v1")]
+pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_CT_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Translations of the node's own sockets. Written by the socket hooks; socket cookies are never
+/// reused, so LRU eviction is the only cleanup needed.
+#[btf_map(name = "weft_socknat_v1")]
+pub(crate) static SOCK_NAT: LruHashMap<SockNatKey, SockNatValue, { DEFAULT_SOCK_NAT_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Drop counters, one per `DropReason`, per CPU.
+#[btf_map(name = "weft_drops_v1")]
+pub(crate) static DROPS: PerCpuArray<u64, { DROP_REASON_COUNT as usize }> = PerCpuArray::new();
+
+/// Node-wide settings, written by the agent before it attaches the programs.
+#[btf_map(name = "weft_config_v1")]
+pub(crate) static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+/// Counts a drop. Per-CPU, so a plain increment is exact.
+#[inline(always)]
+pub(crate) fn count_drop(reason: DropReason) {
+    if let Some(counter) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: the pointer is this CPU's slot of a per-CPU array; nothing else writes it
+        // while this program runs (programs are not preempted on one CPU).
+        unsafe { *counter += 1 };
+    }
+}
+
+/// The node's settings; all-zero (nothing masqueraded for being off-cluster) before the agent
+/// has written them.
+#[inline(always)]
+pub(crate) fn config() -> DatapathConfig {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
