@@ -119,11 +119,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut failed = log_pass(&reconciler.reconcile(&model.desired()), &[]);
 
     nft::install()?;
-    dataplane.attach_pod_bridge(&bridge)?;
     let mut ports = PortWatch::subscribe(bridge_link.index)?;
     for link in netdev::links(&netlink).await? {
         if link.controller == Some(bridge_link.index) {
-            attach_port(&mut dataplane, &link.name, link.index);
+            attach_port(&mut dataplane, &netlink, &link).await;
         }
     }
     let cgroup = cgroup
@@ -173,7 +172,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             event = ports.next() => match event {
-                Some(PortEvent::Joined(link)) => attach_port(&mut dataplane, &link.name, link.index),
+                Some(PortEvent::Joined(link)) => attach_port(&mut dataplane, &netlink, &link).await,
                 Some(PortEvent::Left(index)) => dataplane.detach_pod_port(index),
                 None => anyhow::bail!("the netlink link notifications stopped"),
             },
@@ -187,11 +186,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn attach_port(dataplane: &mut Dataplane, name: &str, index: u32) {
-    match dataplane.attach_pod_port(name, index) {
-        Ok(()) => tracing::debug!(port = name, "reverse NAT attached"),
+async fn attach_port(dataplane: &mut Dataplane, netlink: &rtnetlink::Handle, port: &netdev::Link) {
+    if dataplane.has_pod_port(port.index) {
+        return;
+    }
+    if let Err(e) = netdev::set_hairpin(netlink, port).await {
+        warn!(port = port.name, "a pod on this port cannot reach itself through a service: {e:#}");
+    }
+    match dataplane.attach_pod_port(&port.name, port.index) {
+        Ok(()) => tracing::debug!(port = port.name, "service translation attached"),
         // The port may already be gone again (a pod that failed to start).
-        Err(e) => warn!(port = name, "cannot attach reverse NAT: {e:#}"),
+        Err(e) => warn!(port = port.name, "cannot attach service translation: {e:#}"),
     }
 }
 

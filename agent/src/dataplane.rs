@@ -30,9 +30,9 @@ use weft_common::{
 /// weft's eBPF object, built by this crate's build script from `dataplane-ebpf/`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft-dataplane"));
 
-/// TC ingress of the pod bridge: service DNAT.
+/// TC ingress of each pod's bridge port: service DNAT.
 pub const FROM_PODS: &str = "tc_from_pods";
-/// TC egress of each bridge port: reverse NAT.
+/// TC egress of each pod's bridge port: reverse NAT.
 pub const TO_POD: &str = "tc_to_pod";
 /// cgroup socket hooks for the node's own sockets.
 pub const SOCKET_HOOKS: [&str; 4] = [
@@ -232,7 +232,8 @@ fn has_tcx() -> bool {
 /// The loaded dataplane and its attachments; dropping it detaches every program.
 pub struct Dataplane {
     ebpf: Ebpf,
-    port_links: HashMap<u32, SchedClassifierLinkId>,
+    /// Per bridge port (by ifindex): the ingress and egress attachments.
+    port_links: HashMap<u32, [SchedClassifierLinkId; 2]>,
 }
 
 impl Dataplane {
@@ -287,39 +288,59 @@ impl Dataplane {
         array.set(0, config, 0).map_err(map)
     }
 
-    /// Attaches service DNAT to the ingress of the pod bridge.
-    pub fn attach_pod_bridge(&mut self, bridge: &str) -> Result<(), DataplaneError> {
-        self.attach_tc(FROM_PODS, bridge, TcAttachType::Ingress).map(drop)
-    }
-
-    /// Attaches reverse NAT to the egress of one bridge port (a pod's host-side veth).
+    /// Attaches service translation to one bridge port (a pod's host-side veth): DNAT on its
+    /// ingress (frames from the pod), reverse NAT on its egress (frames to the pod).
+    ///
+    /// The port, not the bridge device, because its ingress runs before the bridge and before
+    /// `br_netfilter`, so netfilter's conntrack (and the masquerade rule) sees the translated
+    /// tuple; and because replies between two pods of one node are switched by the bridge and
+    /// never reach the bridge device.
     pub fn attach_pod_port(&mut self, port: &str, ifindex: u32) -> Result<(), DataplaneError> {
-        if self.port_links.contains_key(&ifindex) {
+        if self.has_pod_port(ifindex) {
             return Ok(());
         }
-        let link = self.attach_tc(TO_POD, port, TcAttachType::Egress)?;
-        self.port_links.insert(ifindex, link);
+        let ingress = self.attach_tc(FROM_PODS, port, TcAttachType::Ingress)?;
+        let egress = match self.attach_tc(TO_POD, port, TcAttachType::Egress) {
+            Ok(link) => link,
+            Err(e) => {
+                // Never leave a port with only one direction translated.
+                self.detach(FROM_PODS, ingress);
+                return Err(e);
+            }
+        };
+        self.port_links.insert(ifindex, [ingress, egress]);
         Ok(())
+    }
+
+    /// Whether the port with `ifindex` has the service programs attached.
+    #[must_use]
+    pub fn has_pod_port(&self, ifindex: u32) -> bool {
+        self.port_links.contains_key(&ifindex)
     }
 
     /// Forgets a port that left the bridge or disappeared.
     pub fn detach_pod_port(&mut self, ifindex: u32) {
-        if let Some(link) = self.port_links.remove(&ifindex)
-            && let Ok(program) = program::<SchedClassifier>(&mut self.ebpf, TO_POD)
-        {
+        if let Some([ingress, egress]) = self.port_links.remove(&ifindex) {
+            self.detach(FROM_PODS, ingress);
+            self.detach(TO_POD, egress);
+        }
+    }
+
+    fn detach(&mut self, name: &'static str, link: SchedClassifierLinkId) {
+        if let Ok(program) = program::<SchedClassifier>(&mut self.ebpf, name) {
             // A vanished device took its attachment with it; closing the link is all that is left.
             let _ = program.detach(link);
         }
     }
 
-    /// How many bridge ports have reverse NAT attached.
+    /// How many bridge ports have the service programs attached.
     #[must_use]
     pub fn attached_ports(&self) -> usize {
         self.port_links.len()
     }
 
     /// Attaches the socket hooks to a cgroup v2 directory (the root, to cover the whole node),
-    /// beside any other programs there.
+    /// beside any other programs there (other agents' included, when nodes share a host).
     pub fn attach_socket_hooks(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
         let dir = fs::File::open(cgroup).map_err(|source| DataplaneError::Cgroup {
             path: cgroup.to_owned(),
@@ -327,8 +348,10 @@ impl Dataplane {
         })?;
         for name in SOCKET_HOOKS {
             let program: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            // On 5.7+ aya attaches through a bpf_link, which always coexists with other programs
+            // and rejects any mode flag, so "Single" (no flag) is the mode that shares the cgroup.
             program
-                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .attach(&dir, CgroupAttachMode::Single)
                 .map_err(|source| DataplaneError::Attach {
                     program: name,
                     target: cgroup.display().to_string(),

@@ -6,7 +6,7 @@ use std::{io, net::IpAddr};
 use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
 use ipnet::Ipv4Net;
 use rtnetlink::{
-    Handle, LinkBridge, LinkUnspec, MulticastGroup, new_connection, new_multicast_connection,
+    Handle, LinkBridge, LinkBridgePort, LinkUnspec, MulticastGroup, new_connection, new_multicast_connection,
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
         RouteNetlinkMessage,
@@ -125,6 +125,20 @@ pub async fn ensure_bridge(handle: &Handle, name: &str, subnet: Ipv4Net) -> Resu
         .await
         .map_err(netlink(format!("bring up {name}")))?;
     Ok((bridge, created))
+}
+
+/// Lets a bridge port send frames back out the way they came (`hairpin_mode`), as flannel's CNI
+/// configuration (`hairpinMode: true`) and kubelet's `--hairpin-mode=hairpin-veth` do. With
+/// `br_netfilter`, the reply of a pod that reached itself through its own service is switched
+/// straight back to the port it arrived on once its masquerade is undone, and without hairpin
+/// mode the bridge drops it.
+pub async fn set_hairpin(handle: &Handle, port: &Link) -> Result<(), NetdevError> {
+    handle
+        .link()
+        .set_port(LinkBridgePort::new(port.index).hairpin(true).build())
+        .execute()
+        .await
+        .map_err(netlink(format!("set hairpin mode on {}", port.name)))
 }
 
 /// Lets the node route pod traffic (what the CNI bridge plugin or Docker normally switch on).

@@ -2,8 +2,8 @@
 //!
 //! | hook | program | job |
 //! |---|---|---|
-//! | TC ingress of the pod bridge | [`tc_from_pods`] | service DNAT, conntrack, masquerade mark |
-//! | TC egress of every bridge port | [`tc_to_pod`] | reverse NAT of replies to local pods |
+//! | TC ingress of every pod's bridge port | [`tc_from_pods`] | service DNAT, conntrack, masquerade mark |
+//! | TC egress of every pod's bridge port | [`tc_to_pod`] | reverse NAT of replies to local pods |
 //! | cgroup `connect4` / `sendmsg4` / `recvmsg4` / `getpeername4` | [`cgroup_sock_addr`] | services for the node's own sockets |
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![cfg_attr(

@@ -1,9 +1,13 @@
-//! TC ingress of the pod bridge: every packet local pods send to be routed by the node.
+//! TC ingress of every pod's bridge port: every frame a local pod sends.
 //!
 //! A packet for a service frontend is translated to one of the service's endpoints (DNAT), its
 //! connection is tracked so every later packet goes to the same endpoint, and it gets the
 //! masquerade mark when its client is off-cluster or is the endpoint itself. Everything else
 //! goes on unchanged. Replies are restored by `tc_to_pod` on the client's side.
+//!
+//! The hook is the port's ingress because it runs before the bridge: with `br_netfilter` (as on
+//! every kubeadm node) netfilter's conntrack sees frames at the bridge already, and it must see
+//! the translated tuple, or the masquerade it applies cannot be undone for the replies.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},

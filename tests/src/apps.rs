@@ -1,0 +1,207 @@
+//! The workloads test pods run: a tiny HTTP server and a UDP server that answer with the address
+//! they serve on and the client address they see, and clients for both. Servers and clients run
+//! on threads of this process inside the pod's namespace.
+
+use std::{
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use crate::netns::Netns;
+
+/// How long a client waits for a connection or an answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A server's answer: who served, and whom it saw as the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub server: Ipv4Addr,
+    pub client_seen: SocketAddrV4,
+}
+
+impl Answer {
+    fn encode(server: SocketAddr, client: SocketAddr) -> String {
+        format!("{} {client}\n", server.ip())
+    }
+
+    fn decode(text: &str) -> io::Result<Self> {
+        let invalid = || io::Error::new(io::ErrorKind::InvalidData, format!("unexpected answer {text:?}"));
+        let (server, client) = text.trim().split_once(' ').ok_or_else(invalid)?;
+        Ok(Self {
+            server: server.parse().map_err(|_| invalid())?,
+            client_seen: client.parse().map_err(|_| invalid())?,
+        })
+    }
+}
+
+/// A server thread; it stops when dropped.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn spawn_server(ns: &Netns, serve: impl FnOnce(&AtomicBool) + Send + 'static) -> Server {
+    let stop = Arc::new(AtomicBool::new(false));
+    let path = ns.path();
+    let flag = Arc::clone(&stop);
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let thread = thread::spawn(move || {
+        let file = std::fs::File::open(path).expect("pod namespace exists");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering the pod namespace");
+        let _ = bound_tx.send(());
+        serve(&flag);
+    });
+    bound_rx.recv().expect("server thread started");
+    Server {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// Serves HTTP/1.1 with keep-alive on `port`: every request gets [`Answer`] as its body.
+pub fn serve_http(ns: &Netns, port: u16) -> Server {
+    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))).expect("binding the HTTP server");
+    listener.set_nonblocking(true).expect("non-blocking listener");
+    spawn_server(ns, move |stop| {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    thread::spawn(move || {
+                        let _ = answer_http(stream);
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
+                Err(_) => thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    })
+}
+
+fn answer_http(stream: TcpStream) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = Answer::encode(stream.local_addr()?, stream.peer_addr()?);
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    loop {
+        // Read one request: lines up to the blank one.
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        write!(
+            writer,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+    }
+}
+
+/// Answers every datagram on `port` with [`Answer`].
+pub fn serve_udp(ns: &Netns, port: u16) -> Server {
+    let socket = ns.run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))).expect("binding the UDP server");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .expect("UDP read timeout");
+    spawn_server(ns, move |stop| {
+        let mut buf = [0u8; 1500];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                // The local address of an unconnected socket is 0.0.0.0; ask the routing table
+                // which of ours the client reached, by connecting a throwaway socket back.
+                let server = UdpSocket::bind("0.0.0.0:0")
+                    .and_then(|probe| probe.connect(from).and_then(|()| probe.local_addr()));
+                if let Ok(server) = server {
+                    let _ = socket.send_to(Answer::encode(server, from).as_bytes(), from);
+                }
+            }
+        }
+    })
+}
+
+/// An HTTP connection that can carry several requests.
+pub struct HttpConnection {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl HttpConnection {
+    /// Connects from inside the calling thread's namespace.
+    pub fn open(target: SocketAddrV4) -> io::Result<Self> {
+        let stream = TcpStream::connect_timeout(&target.into(), CLIENT_TIMEOUT)?;
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// The peer the kernel's socket is connected to (the service address, for a client of one).
+    pub fn peer(&self) -> io::Result<SocketAddr> {
+        self.writer.peer_addr()
+    }
+
+    /// The local address of the connection.
+    pub fn local(&self) -> io::Result<SocketAddr> {
+        self.writer.local_addr()
+    }
+
+    /// One request and its answer.
+    pub fn request(&mut self) -> io::Result<Answer> {
+        self.writer.write_all(b"GET / HTTP/1.1\r\nHost: weft-test\r\n\r\n")?;
+        let mut length = None;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(value) = line.strip_prefix("Content-Length: ") {
+                length = value.trim().parse::<usize>().ok();
+            }
+        }
+        let mut body = vec![0; length.ok_or(io::ErrorKind::InvalidData)?];
+        self.reader.read_exact(&mut body)?;
+        Answer::decode(&String::from_utf8_lossy(&body))
+    }
+}
+
+/// One request on a new connection, from inside the calling thread's namespace.
+pub fn http_get(target: SocketAddrV4) -> io::Result<Answer> {
+    HttpConnection::open(target)?.request()
+}
+
+/// One datagram and its answer, from inside the calling thread's namespace; also returns the
+/// address the answer came from.
+pub fn udp_request(target: SocketAddrV4) -> io::Result<(Answer, SocketAddr)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    socket.send_to(b"who?", target)?;
+    let mut buf = [0u8; 256];
+    let (len, from) = socket.recv_from(&mut buf)?;
+    Ok((Answer::decode(&String::from_utf8_lossy(&buf[..len]))?, from))
+}

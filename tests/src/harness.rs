@@ -1,0 +1,150 @@
+//! `BPF_PROG_TEST_RUN` harness: the real eBPF object, loaded (not attached) with private maps
+//! that are filled exactly as the agent fills them, from manifests through the model and the
+//! reconciler.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use aya::{
+    maps::PerCpuArray,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use ipnet::Ipv4Net;
+use weft::{
+    conntrack::Conntrack,
+    dataplane::{Dataplane, MapLimits},
+    manifests::{Scan, apply, parse_into},
+    maps::AyaServiceMaps,
+    model::Model,
+    reconcile::Reconciler,
+};
+use weft_common::{
+    drop_reason::DropReason,
+    maps::{CtKey, CtValue, DROPS_MAP, DatapathConfig},
+};
+
+/// `TC_ACT_UNSPEC`: the packet goes on (to the next program or the stack).
+pub const VERDICT_PASS: u32 = u32::MAX;
+/// `TC_ACT_SHOT`: dropped.
+pub const VERDICT_DROP: u32 = 2;
+
+/// Size of `struct __sk_buff`, the context a TC program's test run takes and returns.
+const SKB_CONTEXT_LEN: usize = 192;
+/// Offset of `mark` in `struct __sk_buff`.
+const SKB_MARK: usize = 8;
+
+/// What one program run did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub verdict: u32,
+    pub output: Vec<u8>,
+    pub mark: u32,
+    /// The kernel's average time per repetition.
+    pub duration: Duration,
+}
+
+/// A loaded dataplane with its service maps behind the agent's reconciler.
+pub struct Datapath {
+    dataplane: Dataplane,
+    reconciler: Reconciler<AyaServiceMaps>,
+    conntrack: Conntrack,
+    model: Model,
+    scan: Scan,
+}
+
+impl Datapath {
+    /// Loads the object and programs `manifests` (YAML, as in a manifest file).
+    pub fn new(manifests: &str, cluster_cidr: Option<Ipv4Net>) -> Self {
+        Self::with_limits(manifests, cluster_cidr, MapLimits::default())
+    }
+
+    /// As [`Datapath::new`], with chosen map sizes.
+    pub fn with_limits(manifests: &str, cluster_cidr: Option<Ipv4Net>, limits: MapLimits) -> Self {
+        crate::netns::require_root();
+        let mut dataplane = Dataplane::load(None, limits).expect("the kernel accepts every program");
+        let cidr = cluster_cidr.unwrap_or_default();
+        dataplane
+            .set_config(&DatapathConfig {
+                cluster_cidr_addr: cidr.network().octets(),
+                cluster_cidr_prefix_len: cidr.prefix_len(),
+                ..DatapathConfig::default()
+            })
+            .expect("writing the datapath config");
+        let maps = AyaServiceMaps::take_from(dataplane.ebpf_mut()).expect("service maps");
+        let conntrack = Conntrack::take_from(dataplane.ebpf_mut()).expect("conntrack map");
+        let mut datapath = Self {
+            dataplane,
+            reconciler: Reconciler::adopt(maps).expect("empty maps adopt"),
+            conntrack,
+            model: Model::default(),
+            scan: Scan::default(),
+        };
+        datapath.set_manifests(manifests);
+        datapath
+    }
+
+    /// Replaces the manifests and reconciles, as the agent does when a file changes.
+    pub fn set_manifests(&mut self, manifests: &str) {
+        let mut scan = Scan::default();
+        parse_into(manifests, "fixture.yaml", &mut scan);
+        assert!(scan.problems.is_empty(), "fixture manifests are valid: {:?}", scan.problems);
+        apply(&mut self.model, &self.scan, &scan);
+        self.scan = scan;
+        let report = self.reconciler.reconcile(&self.model.desired());
+        assert!(report.failed.is_empty(), "fixture services fit: {:?}", report.failed);
+    }
+
+    /// Runs `program` once on `frame` with `mark` in the skb.
+    pub fn run(&mut self, program: &str, frame: &[u8], mark: u32) -> Run {
+        self.run_repeated(program, frame, mark, 1)
+    }
+
+    /// Runs `program` `repeat` times on `frame` (the kernel reports the average duration).
+    pub fn run_repeated(&mut self, name: &str, frame: &[u8], mark: u32, repeat: u32) -> Run {
+        let program: &mut SchedClassifier = self
+            .dataplane
+            .ebpf_mut()
+            .program_mut(name)
+            .expect("program exists")
+            .try_into()
+            .expect("a TC program");
+        let mut context = [0u8; SKB_CONTEXT_LEN];
+        context[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut context_out = [0u8; SKB_CONTEXT_LEN];
+        let mut output = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut output),
+                ctx_in: Some(&context),
+                ctx_out: Some(&mut context_out),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {frame:02x?}: {e}"));
+        output.truncate(result.data_size_out as usize);
+        Run {
+            verdict: result.return_value,
+            output,
+            mark: u32::from_ne_bytes(context_out[SKB_MARK..SKB_MARK + 4].try_into().expect("4 bytes")),
+            duration: result.duration,
+        }
+    }
+
+    /// Drop counters summed over CPUs, non-zero ones only.
+    pub fn drops(&mut self) -> BTreeMap<DropReason, u64> {
+        let map = self.dataplane.ebpf_mut().map(DROPS_MAP).expect("drop counters");
+        let drops: PerCpuArray<_, u64> = PerCpuArray::try_from(map).expect("a per-CPU array");
+        DropReason::ALL
+            .iter()
+            .filter_map(|reason| {
+                let total: u64 = drops.get(&(*reason as u32), 0).expect("counter").iter().sum();
+                (total > 0).then_some((*reason, total))
+            })
+            .collect()
+    }
+
+    /// Every conntrack entry.
+    pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
+        self.conntrack.entries().expect("reading conntrack")
+    }
+}

@@ -1,0 +1,111 @@
+//! Network namespaces for test nodes and pods: unique names, commands run inside them, code
+//! run inside them on a thread, and removal on drop (also when a test fails).
+
+use std::{
+    fs::File,
+    io,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
+    thread,
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// Panics with instructions unless the process runs as root (namespaces, BPF, nftables).
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces, BPF programs, nftables): run `cargo xtask test`"
+    );
+}
+
+/// A name no other test of any concurrent run uses: `{prefix}{pid}x{counter}`.
+#[must_use]
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs a command; an error carries the command line and its stderr.
+pub fn run(program: &str, args: &[&str]) -> io::Result<String> {
+    let output = Command::new(program).args(args).output()?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(io::Error::other(format!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates the namespace with its loopback up.
+    pub fn create(name: &str) -> io::Result<Self> {
+        run("ip", &["netns", "add", name])?;
+        let ns = Self { name: name.to_owned() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace's file, for `setns` and `nsenter --net=`.
+    #[must_use]
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> io::Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs any command inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> io::Result<String> {
+        let mut full = vec!["netns", "exec", self.name.as_str(), program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Moves the calling thread into the namespace. Sockets it creates afterwards belong there.
+    pub fn enter(&self) -> io::Result<()> {
+        let file = File::open(self.path())?;
+        setns(file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+    }
+
+    /// Runs `f` on a thread inside the namespace and returns its result.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    self.enter().expect("entering the test namespace");
+                    f()
+                })
+                .join()
+                .expect("the thread inside the namespace panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Interfaces inside go with it; a failure leaves a name the next run does not reuse.
+        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The seed scenario on a node made of network namespaces, with a real `weft agent`: the nginx
+//! Service (10.254.40.119:4432 -> :80 on 172.30.20.6/.7/.8) served to a client pod, to the node
+//! itself, to a backend hairpinning through its own service, over TCP and UDP, while services and
+//! endpoints change.
+//!
+//! A TCP client only completes its handshake when replies come from the address it connected
+//! to, and a UDP client reports where each answer came from, so every successful exchange below
+//! proves the reverse NAT as well as the forward one.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    thread,
+    time::{Duration, Instant},
+};
+
+use weft_tests::{
+    apps::{Answer, HttpConnection, Server, http_get, serve_http, serve_udp, udp_request},
+    cluster::{Agent, AgentOptions, Node, Pod},
+    netns::require_root,
+    seed::{self, BACKENDS, TARGET_PORT, cluster_cidr, endpoint_slice, nginx_manifest, pod_subnet, service},
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 20, 9);
+const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 10);
+const DNS_PORT: u16 = 53;
+const DNS_TARGET_PORT: u16 = 5353;
+
+/// The seed node: three backends serving HTTP on :80 and UDP on :5353, an agent serving the
+/// nginx Service, and a client pod created after the agent (so its port is picked up live).
+/// Fields drop top to bottom: the agent stops before the namespaces go.
+struct SeedNode {
+    agent: Agent,
+    client: Pod,
+    _servers: Vec<Server>,
+    backends: Vec<Pod>,
+    node: Node,
+}
+
+fn dns_manifest(endpoints: &[Ipv4Addr]) -> String {
+    format!(
+        "{}---\n{}",
+        service("dns", DNS_VIP, DNS_PORT, "UDP", DNS_TARGET_PORT),
+        endpoint_slice("dns", "UDP", DNS_TARGET_PORT, endpoints)
+    )
+}
+
+fn seed_node(extra_manifests: &[(&str, &str)]) -> SeedNode {
+    seed_node_with(extra_manifests, true)
+}
+
+/// The seed node, with the bridge's netfilter hooks (`br_netfilter`, as kubeadm nodes have it)
+/// on or off.
+fn seed_node_with(extra_manifests: &[(&str, &str)], bridge_netfilter: bool) -> SeedNode {
+    require_root();
+    let node = Node::new("wsvc", pod_subnet());
+    node.set_bridge_netfilter(bridge_netfilter);
+    let backends: Vec<Pod> = BACKENDS.iter().map(|ip| node.add_pod(*ip)).collect();
+    let mut servers = Vec::new();
+    for pod in &backends {
+        servers.push(serve_http(&pod.ns, TARGET_PORT));
+        servers.push(serve_udp(&pod.ns, DNS_TARGET_PORT));
+    }
+    let nginx = nginx_manifest(&BACKENDS);
+    let mut manifests = vec![("nginx.yaml", nginx.as_str())];
+    manifests.extend_from_slice(extra_manifests);
+    let options = AgentOptions {
+        cluster_cidr: Some(cluster_cidr()),
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start(&node, &manifests, &options);
+    let client = node.add_pod(CLIENT);
+    // The agent attaches reverse NAT to the client's port when it sees it join the bridge.
+    wait_until("the client pod reaches the VIP", || client.ns.run(|| http_get(seed::frontend()).is_ok()));
+    SeedNode {
+        agent,
+        client,
+        _servers: servers,
+        backends,
+        node,
+    }
+}
+
+/// Polls `check` every 50 ms for up to 10 s.
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn count_servers(answers: &[Answer]) -> BTreeMap<Ipv4Addr, usize> {
+    let mut counts = BTreeMap::new();
+    for answer in answers {
+        *counts.entry(answer.server).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn seed_scenario_spreads_300_connections_over_the_three_backends() {
+    let seed = seed_node(&[]);
+    let answers: Vec<Answer> = seed.client.ns.run(|| {
+        (0..300)
+            .map(|i| http_get(seed::frontend()).unwrap_or_else(|e| panic!("connection {i} to the VIP: {e}")))
+            .collect()
+    });
+    let counts = count_servers(&answers);
+    assert_eq!(counts.keys().copied().collect::<Vec<_>>(), BACKENDS.to_vec(), "{counts:?}");
+    // Each count is binomial(300, 1/3): 100 +- 8.2; 60..140 is beyond 4.8 sigma.
+    for (backend, count) in &counts {
+        assert!((60..=140).contains(count), "{backend} answered {count} of 300: {counts:?}");
+    }
+    // No masquerade for an in-cluster client: backends see the pod's own address.
+    assert!(answers.iter().all(|a| *a.client_seen.ip() == CLIENT), "source preserved");
+    let table = seed.agent.inspect("services");
+    assert!(table.contains("default/nginx") && table.contains("10.254.40.119:4432"), "{table}");
+}
+
+#[test]
+fn a_long_lived_connection_keeps_its_backend_while_another_service_comes_and_goes() {
+    let seed = seed_node(&[]);
+    let other = SocketAddrV4::new(Ipv4Addr::new(10, 254, 50, 1), 8080);
+    let other_manifest = format!(
+        "{}---\n{}",
+        service("other", *other.ip(), other.port(), "TCP", TARGET_PORT),
+        endpoint_slice("other", "TCP", TARGET_PORT, &BACKENDS[..2])
+    );
+    seed.client.ns.run(|| {
+        let mut long_lived = HttpConnection::open(seed::frontend()).expect("connecting to the VIP");
+        let backend = long_lived.request().expect("first request").server;
+        seed.agent.write_manifest("other.yaml", &other_manifest);
+        wait_until("the new service answers", || http_get(other).is_ok());
+        assert_eq!(long_lived.request().expect("request after the add").server, backend);
+        seed.agent.remove_manifest("other.yaml");
+        wait_until("the service is gone", || !seed.agent.inspect("services").contains("default/other"));
+        assert_eq!(long_lived.request().expect("request after the removal").server, backend);
+        assert_eq!(long_lived.peer().expect("peer").to_string(), seed::frontend().to_string());
+    });
+}
+
+#[test]
+fn a_udp_service_works_both_ways() {
+    let dns = dns_manifest(&BACKENDS[..2]);
+    let seed = seed_node(&[("dns.yaml", &dns)]);
+    let vip = SocketAddrV4::new(DNS_VIP, DNS_PORT);
+    let answers: Vec<Answer> = seed.client.ns.run(|| {
+        (0..40)
+            .map(|i| {
+                let (answer, from) = udp_request(vip).unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+                assert_eq!(from.to_string(), vip.to_string(), "the answer comes from the VIP");
+                answer
+            })
+            .collect()
+    });
+    let counts = count_servers(&answers);
+    assert_eq!(counts.keys().copied().collect::<Vec<_>>(), BACKENDS[..2].to_vec(), "{counts:?}");
+    assert!(answers.iter().all(|a| *a.client_seen.ip() == CLIENT), "source preserved");
+}
+
+/// Hairpin through the solo service (10.254.60.1:80 -> .6 only), with the bridge's netfilter
+/// hooks on or off: the reply takes a different path through the node in each case.
+fn hairpin(bridge_netfilter: bool) {
+    let solo = SocketAddrV4::new(Ipv4Addr::new(10, 254, 60, 1), 80);
+    let manifest = format!(
+        "{}---\n{}",
+        service("solo", *solo.ip(), solo.port(), "TCP", TARGET_PORT),
+        endpoint_slice("solo", "TCP", TARGET_PORT, &BACKENDS[..1])
+    );
+    let seed = seed_node_with(&[("solo.yaml", &manifest)], bridge_netfilter);
+    let backend = &seed.backends[0];
+    let answer = backend.ns.run(|| http_get(solo)).expect("the backend reaches itself via the VIP");
+    assert_eq!(answer.server, backend.addr);
+    // Masqueraded to the node's bridge address, or the backend would drop its own address as a
+    // martian source.
+    assert_eq!(*answer.client_seen.ip(), seed.node.gateway(), "hairpin traffic is masqueraded");
+    let conntrack = seed.agent.inspect("conntrack");
+    assert!(conntrack.lines().any(|l| l.contains("10.254.60.1:80") && l.ends_with("yes")), "{conntrack}");
+}
+
+#[test]
+fn hairpin_a_backend_reaches_itself_through_its_service_with_br_netfilter() {
+    hairpin(true);
+}
+
+#[test]
+fn hairpin_a_backend_reaches_itself_through_its_service_without_br_netfilter() {
+    hairpin(false);
+}
+
+#[test]
+fn the_node_itself_reaches_the_vip() {
+    let dns = dns_manifest(&BACKENDS);
+    let seed = seed_node(&[("dns.yaml", &dns)]);
+    let answers: Vec<Answer> = seed.node.ns.run(|| {
+        (0..30)
+            .map(|i| {
+                let mut connection = HttpConnection::open(seed::frontend())
+                    .unwrap_or_else(|e| panic!("node connection {i}: {e}"));
+                // getpeername shows the service the application asked for, not the backend.
+                assert_eq!(connection.peer().unwrap().to_string(), seed::frontend().to_string());
+                connection.request().expect("request from the node")
+            })
+            .collect()
+    });
+    let counts = count_servers(&answers);
+    assert!(counts.keys().all(|server| BACKENDS.contains(server)), "{counts:?}");
+    assert!(counts.len() > 1, "30 connections from the node all went to one backend: {counts:?}");
+    let (answer, from) = seed
+        .node
+        .ns
+        .run(|| udp_request(SocketAddrV4::new(DNS_VIP, DNS_PORT)))
+        .expect("a datagram from the node");
+    assert_eq!(from.to_string(), format!("{DNS_VIP}:{DNS_PORT}"), "recvfrom shows the VIP");
+    assert!(BACKENDS.contains(&answer.server));
+}
+
+#[test]
+fn removing_a_backend_stops_new_connections_to_it_within_a_second() {
+    let seed = seed_node(&[]);
+    let removed = BACKENDS[2];
+    seed.agent.write_manifest("nginx.yaml", &nginx_manifest(&BACKENDS[..2]));
+    thread::sleep(Duration::from_secs(1));
+    let answers: Vec<Answer> = seed
+        .client
+        .ns
+        .run(|| (0..90).map(|_| http_get(seed::frontend()).expect("request")).collect());
+    let counts = count_servers(&answers);
+    assert!(!counts.contains_key(&removed), "new connections still reach {removed}: {counts:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
+}
+
+#[test]
+fn a_clean_exit_removes_the_nft_table_and_keeps_the_pinned_maps() {
+    let mut seed = seed_node(&[]);
+    let rules = seed.node.ns.exec("nft", &["list", "table", "ip", "weft"]).expect("the weft table exists");
+    assert!(rules.contains("masquerade fully-random"), "{rules}");
+    let status = seed.agent.stop();
+    assert!(status.success(), "SIGTERM is a clean exit: {status}\n{}", seed.agent.log());
+    assert!(
+        seed.node.ns.exec("nft", &["list", "table", "ip", "weft"]).is_err(),
+        "the table is gone after a clean exit"
+    );
+    // The maps outlive the agent: a restart adopts them, and inspect still reads them.
+    let table = seed.agent.inspect("backends");
+    assert_eq!(table.lines().filter(|l| l.starts_with("default/nginx")).count(), 3, "{table}");
+}
