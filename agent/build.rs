@@ -23,7 +23,9 @@ fn main() -> anyhow::Result<()> {
     let root = root
         .canonicalize()
         .with_context(|| format!("finding the eBPF crate at {}", root.display()))?;
-    let root = root.to_str().context("the eBPF crate's path is not UTF-8")?;
+    let root = root
+        .to_str()
+        .context("the eBPF crate's path is not UTF-8")?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "weft-dataplane-ebpf",
@@ -32,5 +34,7 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Custom(&toolchain),
     )
-    .context("building the eBPF programs; run `cargo xtask setup` (as root) to install the toolchain")
+    .context(
+        "building the eBPF programs; run `cargo xtask setup` (as root) to install the toolchain",
+    )
 }

@@ -91,15 +91,23 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     netdev::enable_ip_forwarding()?;
 
-    let mut dataplane = Dataplane::load(Some(&pin_dir), limits)
-        .with_context(|| format!("loading the dataplane with maps pinned in {}", pin_dir.display()))?;
+    let mut dataplane = Dataplane::load(Some(&pin_dir), limits).with_context(|| {
+        format!(
+            "loading the dataplane with maps pinned in {}",
+            pin_dir.display()
+        )
+    })?;
     let host_netns_cookie = sys::netns_cookie().unwrap_or_else(|e| {
-        warn!("cannot read this network namespace's cookie ({e}; needs Linux 5.14); \
-               the socket hooks will translate sockets of every namespace");
+        warn!(
+            "cannot read this network namespace's cookie ({e}; needs Linux 5.14); \
+               the socket hooks will translate sockets of every namespace"
+        );
         0
     });
     if cluster_cidr.is_none() {
-        warn!("--cluster-cidr is not set: service traffic from outside the cluster is not masqueraded");
+        warn!(
+            "--cluster-cidr is not set: service traffic from outside the cluster is not masqueraded"
+        );
     }
     let cidr = cluster_cidr.unwrap_or(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0)?);
     dataplane.set_config(&DatapathConfig {
@@ -115,7 +123,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // manifest, so a restart never drops a service it still has.
     let model = Arc::new(ModelHandle::default());
     let loaded = manifests::load(&manifest_dir, &model)?;
-    let mut reconciler = Reconciler::adopt(service_maps).context("reading the pinned service maps")?;
+    let mut reconciler =
+        Reconciler::adopt(service_maps).context("reading the pinned service maps")?;
     let mut failed = log_pass(&reconciler.reconcile(&model.desired()), &[]);
 
     nft::install()?;
@@ -191,7 +200,10 @@ async fn attach_port(dataplane: &mut Dataplane, netlink: &rtnetlink::Handle, por
         return;
     }
     if let Err(e) = netdev::set_hairpin(netlink, port).await {
-        warn!(port = port.name, "a pod on this port cannot reach itself through a service: {e:#}");
+        warn!(
+            port = port.name,
+            "a pod on this port cannot reach itself through a service: {e:#}"
+        );
     }
     match dataplane.attach_pod_port(&port.name, port.index) {
         Ok(()) => tracing::debug!(port = port.name, "service translation attached"),

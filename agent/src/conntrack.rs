@@ -49,7 +49,9 @@ pub fn garbage(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<CtKey> {
         .filter(|(key, _)| key.direction == ct_direction::FORWARD)
         .copied()
         .collect();
-    let live = |key: &CtKey, value: &CtValue| !is_expired(key.proto, value.flags, value.last_seen_ns, now_ns);
+    let live = |key: &CtKey, value: &CtValue| {
+        !is_expired(key.proto, value.flags, value.last_seen_ns, now_ns)
+    };
     entries
         .iter()
         .filter(|(key, value)| match key.direction {
@@ -73,9 +75,11 @@ pub struct Conntrack {
 impl Conntrack {
     /// Takes the map out of a loaded object.
     pub fn take_from(ebpf: &mut aya::Ebpf) -> Result<Self, MapError> {
-        let map = ebpf.take_map(CONNTRACK_MAP).ok_or_else(|| MapError::InvalidName {
-            name: CONNTRACK_MAP.to_owned(),
-        })?;
+        let map = ebpf
+            .take_map(CONNTRACK_MAP)
+            .ok_or_else(|| MapError::InvalidName {
+                name: CONNTRACK_MAP.to_owned(),
+            })?;
         Ok(Self {
             map: BpfHashMap::try_from(map)?,
         })
@@ -95,7 +99,12 @@ impl Conntrack {
             match item {
                 Ok(entry) => entries.push(entry),
                 Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(MapReadError { map: CONNTRACK_MAP, source }),
+                Err(source) => {
+                    return Err(MapReadError {
+                        map: CONNTRACK_MAP,
+                        source,
+                    });
+                }
             }
         }
         Ok(entries)
@@ -110,7 +119,12 @@ impl Conntrack {
                 Ok(()) => removed += 1,
                 // Evicted or reused meanwhile; either way it is not ours to report.
                 Err(e) if errno(&e) == Some(libc::ENOENT) => {}
-                Err(source) => return Err(MapReadError { map: CONNTRACK_MAP, source }),
+                Err(source) => {
+                    return Err(MapReadError {
+                        map: CONNTRACK_MAP,
+                        source,
+                    });
+                }
             }
         }
         Ok(removed)
@@ -136,7 +150,13 @@ mod tests {
 
     const NOW: u64 = 1_000 * 1_000_000_000_000;
 
-    fn connection(client_port: u16, backend: u8, proto: u8, state: u8, last_seen: u64) -> [(CtKey, CtValue); 2] {
+    fn connection(
+        client_port: u16,
+        backend: u8,
+        proto: u8,
+        state: u8,
+        last_seen: u64,
+    ) -> [(CtKey, CtValue); 2] {
         let forward_key = CtKey {
             src_addr: [172, 30, 20, 9],
             dst_addr: [10, 254, 40, 119],
@@ -160,7 +180,10 @@ mod tests {
             _pad: 0,
             last_seen_ns: last_seen,
         };
-        [(forward_key, forward), (reply_key_of(&forward_key, &forward), reply)]
+        [
+            (forward_key, forward),
+            (reply_key_of(&forward_key, &forward), reply),
+        ]
     }
 
     #[test]
@@ -172,7 +195,13 @@ mod tests {
 
     #[test]
     fn live_connections_stay() {
-        let entries = connection(40000, 6, ip_proto::TCP, flags::SEEN_REPLY, NOW - TCP_ESTABLISHED_TIMEOUT_NS);
+        let entries = connection(
+            40000,
+            6,
+            ip_proto::TCP,
+            flags::SEEN_REPLY,
+            NOW - TCP_ESTABLISHED_TIMEOUT_NS,
+        );
         assert!(garbage(&entries, NOW).is_empty());
     }
 

@@ -3,8 +3,7 @@
 
 use std::{
     collections::HashMap,
-    fs,
-    io,
+    fs, io,
     os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
 };
@@ -23,7 +22,8 @@ use weft_common::{
     maps::{
         CONFIG_MAP, CONNTRACK_MAP, CtKey, CtValue, DEFAULT_SOCK_NAT_ENTRIES, DROPS_MAP,
         DatapathConfig, ENDPOINTS_MAP, EndpointKey, EndpointValue, PINNED_MAPS, SERVICE_NAMES_MAP,
-        SERVICES_MAP, SOCK_NAT_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue,
+        SERVICES_MAP, SOCK_NAT_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey,
+        SockNatValue,
     },
 };
 
@@ -256,11 +256,15 @@ impl Dataplane {
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
         for name in [FROM_PODS, TO_POD] {
             let program: &mut SchedClassifier = program(&mut ebpf, name)?;
-            program.load().map_err(|source| DataplaneError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
         }
         for name in SOCKET_HOOKS {
             let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            program.load().map_err(|source| DataplaneError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
         }
         Ok(Self {
             ebpf,
@@ -412,11 +416,20 @@ mod tests {
     fn the_object_has_every_pinned_map_with_btf() {
         let object = aya_obj::Object::parse(OBJECT).expect("the embedded object parses");
         for name in PINNED_MAPS {
-            assert!(object.maps.contains_key(name), "map {name} is in the object");
+            assert!(
+                object.maps.contains_key(name),
+                "map {name} is in the object"
+            );
         }
-        assert!(object.btf.is_some(), "the object carries BTF, so bpftool prints field names");
+        assert!(
+            object.btf.is_some(),
+            "the object carries BTF, so bpftool prints field names"
+        );
         for name in [FROM_PODS, TO_POD].into_iter().chain(SOCKET_HOOKS) {
-            assert!(object.programs.contains_key(name), "program {name} is in the object");
+            assert!(
+                object.programs.contains_key(name),
+                "program {name} is in the object"
+            );
         }
     }
 
@@ -426,7 +439,12 @@ mod tests {
         for layout in layouts(MapLimits::default()) {
             let map = &object.maps[layout.name];
             assert_eq!(map.key_size() as usize, layout.key_size, "{}", layout.name);
-            assert_eq!(map.value_size() as usize, layout.value_size, "{}", layout.name);
+            assert_eq!(
+                map.value_size() as usize,
+                layout.value_size,
+                "{}",
+                layout.name
+            );
             assert_eq!(map.map_type(), layout.map_type as u32, "{}", layout.name);
             assert_eq!(map.max_entries(), layout.max_entries, "{}", layout.name);
         }

@@ -86,14 +86,29 @@ fn address(addr: [u8; 4], port: u16) -> String {
 
 pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let pin_dir = &args.pin_dir;
-    let context = || format!("reading the maps pinned in {} (is `weft agent` using that --pin-dir?)", pin_dir.display());
+    let context = || {
+        format!(
+            "reading the maps pinned in {} (is `weft agent` using that --pin-dir?)",
+            pin_dir.display()
+        )
+    };
     let json = args.output == Format::Json;
     let output = match args.table {
         Table::Services | Table::Backends => {
-            let dump = AyaServiceMaps::open_pinned(pin_dir).with_context(context)?.dump()?;
-            let names: BTreeMap<u32, String> =
-                dump.names.iter().map(|(id, name)| (*id, decode_name(name).to_string())).collect();
-            let name = |id: u32| names.get(&id).cloned().unwrap_or_else(|| format!("<id {id}>"));
+            let dump = AyaServiceMaps::open_pinned(pin_dir)
+                .with_context(context)?
+                .dump()?;
+            let names: BTreeMap<u32, String> = dump
+                .names
+                .iter()
+                .map(|(id, name)| (*id, decode_name(name).to_string()))
+                .collect();
+            let name = |id: u32| {
+                names
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("<id {id}>"))
+            };
             if matches!(args.table, Table::Services) {
                 let mut rows: Vec<ServiceRow> = dump
                     .frontends
@@ -106,9 +121,19 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
                     })
                     .collect();
                 rows.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
-                render(json, &rows, &["SERVICE", "FRONTEND", "PROTO", "ENDPOINTS"], |r| {
-                    vec![r.service.clone(), r.frontend.clone(), r.protocol.into(), r.endpoints.to_string()]
-                })?
+                render(
+                    json,
+                    &rows,
+                    &["SERVICE", "FRONTEND", "PROTO", "ENDPOINTS"],
+                    |r| {
+                        vec![
+                            r.service.clone(),
+                            r.frontend.clone(),
+                            r.protocol.into(),
+                            r.endpoints.to_string(),
+                        ]
+                    },
+                )?
             } else {
                 let mut rows: Vec<BackendRow> = dump
                     .endpoints
@@ -126,7 +151,9 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             }
         }
         Table::Conntrack => {
-            let entries = Conntrack::open_pinned(pin_dir).with_context(context)?.entries()?;
+            let entries = Conntrack::open_pinned(pin_dir)
+                .with_context(context)?
+                .entries()?;
             let now = monotonic_now_ns();
             let mut rows: Vec<ConnectionRow> = entries
                 .iter()
@@ -145,7 +172,9 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             render(
                 json,
                 &rows,
-                &["PROTO", "CLIENT", "FRONTEND", "ENDPOINT", "STATE", "IDLE", "MASQ"],
+                &[
+                    "PROTO", "CLIENT", "FRONTEND", "ENDPOINT", "STATE", "IDLE", "MASQ",
+                ],
                 |r| {
                     vec![
                         r.protocol.into(),
@@ -166,10 +195,15 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
                 .iter()
                 .map(|reason| {
                     let packets = drops.get(&(*reason as u32), 0)?.iter().sum();
-                    Ok(DropRow { reason: reason.name(), packets })
+                    Ok(DropRow {
+                        reason: reason.name(),
+                        packets,
+                    })
                 })
                 .collect::<Result<Vec<_>, aya::maps::MapError>>()?;
-            render(json, &rows, &["REASON", "PACKETS"], |r| vec![r.reason.into(), r.packets.to_string()])?
+            render(json, &rows, &["REASON", "PACKETS"], |r| {
+                vec![r.reason.into(), r.packets.to_string()]
+            })?
         }
     };
     print!("{output}");

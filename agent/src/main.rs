@@ -33,9 +33,14 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Cli { log_format, command } = Cli::parse();
+    let Cli {
+        log_format,
+        command,
+    } = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),

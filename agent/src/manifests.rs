@@ -109,7 +109,10 @@ pub fn parse_into(text: &str, file: &str, scan: &mut Scan) {
             Ok(serde_json::Value::Null) => {}
             Ok(value) => add_document(value, file, scan),
             Err(e) => {
-                scan.problems.push(format!("{file}: document {}: not YAML or JSON: {e}", index + 1));
+                scan.problems.push(format!(
+                    "{file}: document {}: not YAML or JSON: {e}",
+                    index + 1
+                ));
                 // The YAML stream cannot be resumed after a syntax error.
                 break;
             }
@@ -118,8 +121,14 @@ pub fn parse_into(text: &str, file: &str, scan: &mut Scan) {
 }
 
 fn add_document(value: serde_json::Value, file: &str, scan: &mut Scan) {
-    let api_version = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default();
-    let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or_default();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    let kind = value
+        .get("kind")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
     let name = value
         .pointer("/metadata/name")
         .and_then(|v| v.as_str())
@@ -143,10 +152,12 @@ fn add_document(value: serde_json::Value, file: &str, scan: &mut Scan) {
             Ok(service) => add_service(&service, &described, scan),
             Err(e) => scan.problems.push(format!("{described}: {e}")),
         },
-        ("discovery.k8s.io/v1", "EndpointSlice") => match serde_json::from_value::<EndpointSlice>(value) {
-            Ok(slice) => add_slice(&slice, &described, scan),
-            Err(e) => scan.problems.push(format!("{described}: {e}")),
-        },
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            match serde_json::from_value::<EndpointSlice>(value) {
+                Ok(slice) => add_slice(&slice, &described, scan),
+                Err(e) => scan.problems.push(format!("{described}: {e}")),
+            }
+        }
         // Deployments and the like may share a file with the objects weft reads.
         _ => {}
     }
@@ -154,18 +165,31 @@ fn add_document(value: serde_json::Value, file: &str, scan: &mut Scan) {
 
 fn insert(scan: &mut Scan, key: ObjectKey, object: Object, described: &str) {
     if scan.objects.insert(key, object).is_some() {
-        scan.problems.push(format!("{described}: defined twice; the last definition wins"));
+        scan.problems.push(format!(
+            "{described}: defined twice; the last definition wins"
+        ));
     }
 }
 
 fn add_service(service: &Service, described: &str, scan: &mut Scan) {
-    let checked = object_ref(&service.metadata).and_then(|name| Ok((name, check_service(service)?)));
+    let checked =
+        object_ref(&service.metadata).and_then(|name| Ok((name, check_service(service)?)));
     match checked {
         Ok((name, Checked::Serve(spec))) => {
-            if spec.ports.iter().any(|p| p.protocol == weft_common::ip_proto::SCTP) {
-                scan.notes.push(format!("{described}: SCTP ports are not served yet"));
+            if spec
+                .ports
+                .iter()
+                .any(|p| p.protocol == weft_common::ip_proto::SCTP)
+            {
+                scan.notes
+                    .push(format!("{described}: SCTP ports are not served yet"));
             }
-            insert(scan, ObjectKey::Service(name), Object::Service(spec), described);
+            insert(
+                scan,
+                ObjectKey::Service(name),
+                Object::Service(spec),
+                described,
+            );
         }
         Ok((_, Checked::Ignore(why))) => scan.notes.push(format!("{described}: ignored: {why}")),
         Err(e) => scan.problems.push(format!("{described}: {e}")),
@@ -173,10 +197,16 @@ fn add_service(service: &Service, described: &str, scan: &mut Scan) {
 }
 
 fn add_slice(slice: &EndpointSlice, described: &str, scan: &mut Scan) {
-    let checked = object_ref(&slice.metadata).and_then(|name| Ok((name, check_endpoint_slice(slice)?)));
+    let checked =
+        object_ref(&slice.metadata).and_then(|name| Ok((name, check_endpoint_slice(slice)?)));
     match checked {
         Ok((name, Checked::Serve(spec))) => {
-            insert(scan, ObjectKey::EndpointSlice(name), Object::EndpointSlice(spec), described);
+            insert(
+                scan,
+                ObjectKey::EndpointSlice(name),
+                Object::EndpointSlice(spec),
+                described,
+            );
         }
         Ok((_, Checked::Ignore(why))) => scan.notes.push(format!("{described}: ignored: {why}")),
         Err(e) => scan.problems.push(format!("{described}: {e}")),
@@ -186,7 +216,11 @@ fn add_slice(slice: &EndpointSlice, described: &str, scan: &mut Scan) {
 /// Applies the difference between two scans to the model; returns whether it changed.
 pub fn apply(model: &mut Model, previous: &Scan, next: &Scan) -> bool {
     let mut changed = false;
-    for key in previous.objects.keys().filter(|k| !next.objects.contains_key(*k)) {
+    for key in previous
+        .objects
+        .keys()
+        .filter(|k| !next.objects.contains_key(*k))
+    {
         changed |= match key {
             ObjectKey::Service(name) => model.remove_service(name),
             ObjectKey::EndpointSlice(name) => model.remove_slice(name),
@@ -197,7 +231,9 @@ pub fn apply(model: &mut Model, previous: &Scan, next: &Scan) -> bool {
             continue;
         }
         changed |= match (key, object) {
-            (ObjectKey::Service(name), Object::Service(spec)) => model.set_service(name.clone(), spec.clone()),
+            (ObjectKey::Service(name), Object::Service(spec)) => {
+                model.set_service(name.clone(), spec.clone())
+            }
             (ObjectKey::EndpointSlice(name), Object::EndpointSlice(spec)) => {
                 model.set_slice(name.clone(), spec.clone())
             }
@@ -235,16 +271,26 @@ pub fn load(dir: &Path, model: &ModelHandle) -> Result<Scan, ManifestError> {
 
 /// Re-reads `dir` into the model whenever it changes, starting from the `loaded` scan, until the
 /// watch fails.
-pub async fn watch(dir: PathBuf, loaded: Scan, model: Arc<ModelHandle>) -> Result<(), ManifestError> {
+pub async fn watch(
+    dir: PathBuf,
+    loaded: Scan,
+    model: Arc<ModelHandle>,
+) -> Result<(), ManifestError> {
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event| {
         // The receiver only goes away when this task ends.
         let _ = events_tx.send(event);
     })
-    .map_err(|source| ManifestError::Watch { path: dir.clone(), source })?;
+    .map_err(|source| ManifestError::Watch {
+        path: dir.clone(),
+        source,
+    })?;
     watcher
         .watch(&dir, notify::RecursiveMode::NonRecursive)
-        .map_err(|source| ManifestError::Watch { path: dir.clone(), source })?;
+        .map_err(|source| ManifestError::Watch {
+            path: dir.clone(),
+            source,
+        })?;
     let mut previous = loaded;
     loop {
         // Wait for a change, then for the burst of events it comes with to settle.
@@ -309,7 +355,17 @@ endpoints:
         assert_eq!(scan.objects.len(), 2);
         let mut model = Model::default();
         assert!(apply(&mut model, &Scan::default(), &scan));
-        assert_eq!(model.desired().ports.values().next().unwrap().endpoints.len(), 3);
+        assert_eq!(
+            model
+                .desired()
+                .ports
+                .values()
+                .next()
+                .unwrap()
+                .endpoints
+                .len(),
+            3
+        );
     }
 
     #[test]
@@ -332,7 +388,11 @@ endpoints:
     fn a_type_error_is_reported_with_the_object_name() {
         let scan = scan("apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 3}\n");
         assert!(scan.objects.is_empty());
-        assert!(scan.problems[0].starts_with("seed.yaml: Service default/x: "), "{:?}", scan.problems);
+        assert!(
+            scan.problems[0].starts_with("seed.yaml: Service default/x: "),
+            "{:?}",
+            scan.problems
+        );
     }
 
     #[test]
@@ -347,7 +407,8 @@ endpoints:
 
     #[test]
     fn headless_services_are_noted_not_served() {
-        let scan = scan("apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None}\n");
+        let scan =
+            scan("apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None}\n");
         assert!(scan.objects.is_empty() && scan.problems.is_empty());
         assert_eq!(scan.notes.len(), 1);
     }

@@ -48,7 +48,8 @@ pub struct ServiceMapsDump {
 /// Writes to the service maps. Each call is one idempotent map operation; deleting an absent
 /// key succeeds.
 pub trait DatapathMaps {
-    fn set_endpoint(&mut self, key: EndpointKey, value: EndpointValue) -> Result<(), MapWriteError>;
+    fn set_endpoint(&mut self, key: EndpointKey, value: EndpointValue)
+    -> Result<(), MapWriteError>;
     fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), MapWriteError>;
     fn set_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapWriteError>;
     fn remove_frontend(&mut self, key: ServiceKey) -> Result<(), MapWriteError>;
@@ -128,28 +129,62 @@ fn read_all<K: aya::Pod, V: aya::Pod>(
 }
 
 impl DatapathMaps for AyaServiceMaps {
-    fn set_endpoint(&mut self, key: EndpointKey, value: EndpointValue) -> Result<(), MapWriteError> {
-        write_result(self.endpoints.insert(key, value, 0), ENDPOINTS_MAP, "update", "--max-endpoints")
+    fn set_endpoint(
+        &mut self,
+        key: EndpointKey,
+        value: EndpointValue,
+    ) -> Result<(), MapWriteError> {
+        write_result(
+            self.endpoints.insert(key, value, 0),
+            ENDPOINTS_MAP,
+            "update",
+            "--max-endpoints",
+        )
     }
 
     fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), MapWriteError> {
-        write_result(self.endpoints.remove(&key), ENDPOINTS_MAP, "delete", "--max-endpoints")
+        write_result(
+            self.endpoints.remove(&key),
+            ENDPOINTS_MAP,
+            "delete",
+            "--max-endpoints",
+        )
     }
 
     fn set_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapWriteError> {
-        write_result(self.frontends.insert(key, value, 0), SERVICES_MAP, "update", "--max-services")
+        write_result(
+            self.frontends.insert(key, value, 0),
+            SERVICES_MAP,
+            "update",
+            "--max-services",
+        )
     }
 
     fn remove_frontend(&mut self, key: ServiceKey) -> Result<(), MapWriteError> {
-        write_result(self.frontends.remove(&key), SERVICES_MAP, "delete", "--max-services")
+        write_result(
+            self.frontends.remove(&key),
+            SERVICES_MAP,
+            "delete",
+            "--max-services",
+        )
     }
 
     fn set_name(&mut self, id: u32, name: ServiceName) -> Result<(), MapWriteError> {
-        write_result(self.names.insert(id, name, 0), SERVICE_NAMES_MAP, "update", "--max-services")
+        write_result(
+            self.names.insert(id, name, 0),
+            SERVICE_NAMES_MAP,
+            "update",
+            "--max-services",
+        )
     }
 
     fn remove_name(&mut self, id: u32) -> Result<(), MapWriteError> {
-        write_result(self.names.remove(&id), SERVICE_NAMES_MAP, "delete", "--max-services")
+        write_result(
+            self.names.remove(&id),
+            SERVICE_NAMES_MAP,
+            "delete",
+            "--max-services",
+        )
     }
 
     fn dump(&self) -> Result<ServiceMapsDump, MapReadError> {
@@ -229,6 +264,9 @@ mod tests {
             },
             port: String::new(),
         };
-        assert_eq!(decode_name(&encode_name(&name)).service.namespace.len(), NAMESPACE_LEN);
+        assert_eq!(
+            decode_name(&encode_name(&name)).service.namespace.len(),
+            NAMESPACE_LEN
+        );
     }
 }

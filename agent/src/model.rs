@@ -81,12 +81,17 @@ impl Model {
     pub fn desired(&self) -> Desired {
         let mut slices_by_service: BTreeMap<&ObjectRef, Vec<&SliceSpec>> = BTreeMap::new();
         for slice in self.slices.values() {
-            slices_by_service.entry(&slice.service).or_default().push(slice);
+            slices_by_service
+                .entry(&slice.service)
+                .or_default()
+                .push(slice);
         }
         let mut desired = Desired::default();
         let mut claimed: BTreeMap<ServiceKey, ServicePortName> = BTreeMap::new();
         for (service, spec) in &self.services {
-            let slices = slices_by_service.get(service).map_or(&[][..], Vec::as_slice);
+            let slices = slices_by_service
+                .get(service)
+                .map_or(&[][..], Vec::as_slice);
             for port in &spec.ports {
                 if !matches!(port.protocol, ip_proto::TCP | ip_proto::UDP) {
                     // SCTP needs a CRC32c rewrite the datapath does not do yet.
@@ -125,7 +130,11 @@ impl Model {
 /// The endpoints of one service port, chosen as kube-proxy's `CategorizeEndpoints` does: the
 /// ready ones; if none is ready, the ones still serving while terminating (so connections
 /// keep landing somewhere during a rolling update).
-fn select_endpoints(slices: &[&SliceSpec], port_name: &str, protocol: u8) -> BTreeSet<EndpointValue> {
+fn select_endpoints(
+    slices: &[&SliceSpec],
+    port_name: &str,
+    protocol: u8,
+) -> BTreeSet<EndpointValue> {
     let mut candidates: BTreeMap<EndpointValue, SliceEndpoint> = BTreeMap::new();
     for slice in slices {
         let Some(port) = slice
@@ -235,13 +244,23 @@ pub(crate) mod tests {
         assert!(model.set_service(object("default", "nginx"), nginx_service()));
         assert!(model.set_slice(
             object("default", "nginx-1"),
-            nginx_slice(vec![endpoint(6, true), endpoint(7, true), endpoint(8, true), endpoint(9, false)]),
+            nginx_slice(vec![
+                endpoint(6, true),
+                endpoint(7, true),
+                endpoint(8, true),
+                endpoint(9, false)
+            ]),
         ));
         let desired = model.desired();
         let port = &desired.ports[&nginx_port()];
         assert_eq!(
             port.frontends.iter().copied().collect::<Vec<_>>(),
-            vec![ServiceKey { addr: [10, 254, 40, 119], port: 4432, proto: 6, _pad: 0 }]
+            vec![ServiceKey {
+                addr: [10, 254, 40, 119],
+                port: 4432,
+                proto: 6,
+                _pad: 0
+            }]
         );
         assert_eq!(
             port.endpoints.iter().copied().collect::<Vec<_>>(),
@@ -281,9 +300,18 @@ pub(crate) mod tests {
             nginx_slice(vec![endpoint(6, true), terminating]),
         );
         let chosen = |m: &Model| m.desired().ports[&nginx_port()].endpoints.clone();
-        assert_eq!(chosen(&model).into_iter().collect::<Vec<_>>(), vec![value(6, 80)]);
-        model.set_slice(object("default", "nginx-1"), nginx_slice(vec![endpoint(6, false), terminating]));
-        assert_eq!(chosen(&model).into_iter().collect::<Vec<_>>(), vec![value(7, 80)]);
+        assert_eq!(
+            chosen(&model).into_iter().collect::<Vec<_>>(),
+            vec![value(6, 80)]
+        );
+        model.set_slice(
+            object("default", "nginx-1"),
+            nginx_slice(vec![endpoint(6, false), terminating]),
+        );
+        assert_eq!(
+            chosen(&model).into_iter().collect::<Vec<_>>(),
+            vec![value(7, 80)]
+        );
     }
 
     #[test]
@@ -292,26 +320,54 @@ pub(crate) mod tests {
         let service = ServiceSpec {
             cluster_ip: Ipv4Addr::new(10, 254, 0, 10),
             ports: vec![
-                ServicePort { name: "dns".into(), port: 53, protocol: ip_proto::UDP },
-                ServicePort { name: "dns-tcp".into(), port: 53, protocol: ip_proto::TCP },
+                ServicePort {
+                    name: "dns".into(),
+                    port: 53,
+                    protocol: ip_proto::UDP,
+                },
+                ServicePort {
+                    name: "dns-tcp".into(),
+                    port: 53,
+                    protocol: ip_proto::TCP,
+                },
             ],
         };
         model.set_service(object("kube-system", "dns"), service);
         let slice = |last: u8| SliceSpec {
             service: object("kube-system", "dns"),
             ports: vec![
-                SlicePort { name: "dns".into(), port: 5353, protocol: ip_proto::UDP },
-                SlicePort { name: "dns-tcp".into(), port: 5354, protocol: ip_proto::TCP },
+                SlicePort {
+                    name: "dns".into(),
+                    port: 5353,
+                    protocol: ip_proto::UDP,
+                },
+                SlicePort {
+                    name: "dns-tcp".into(),
+                    port: 5354,
+                    protocol: ip_proto::TCP,
+                },
             ],
             endpoints: vec![endpoint(last, true)],
         };
         model.set_slice(object("kube-system", "dns-a"), slice(2));
         model.set_slice(object("kube-system", "dns-b"), slice(3));
         let desired = model.desired();
-        let udp = &desired.ports[&ServicePortName { service: object("kube-system", "dns"), port: "dns".into() }];
-        assert_eq!(udp.endpoints.iter().copied().collect::<Vec<_>>(), vec![value(2, 5353), value(3, 5353)]);
-        let tcp = &desired.ports[&ServicePortName { service: object("kube-system", "dns"), port: "dns-tcp".into() }];
-        assert_eq!(tcp.endpoints.iter().copied().collect::<Vec<_>>(), vec![value(2, 5354), value(3, 5354)]);
+        let udp = &desired.ports[&ServicePortName {
+            service: object("kube-system", "dns"),
+            port: "dns".into(),
+        }];
+        assert_eq!(
+            udp.endpoints.iter().copied().collect::<Vec<_>>(),
+            vec![value(2, 5353), value(3, 5353)]
+        );
+        let tcp = &desired.ports[&ServicePortName {
+            service: object("kube-system", "dns"),
+            port: "dns-tcp".into(),
+        }];
+        assert_eq!(
+            tcp.endpoints.iter().copied().collect::<Vec<_>>(),
+            vec![value(2, 5354), value(3, 5354)]
+        );
     }
 
     #[test]
@@ -321,7 +377,12 @@ pub(crate) mod tests {
         model.set_service(object("b", "second"), nginx_service());
         let desired = model.desired();
         assert_eq!(desired.ports.len(), 1);
-        assert!(desired.ports.keys().all(|p| p.service == object("a", "first")));
+        assert!(
+            desired
+                .ports
+                .keys()
+                .all(|p| p.service == object("a", "first"))
+        );
         assert_eq!(desired.notes.len(), 1, "{:?}", desired.notes);
         assert!(desired.notes[0].contains("already served by a/first"));
     }

@@ -6,7 +6,8 @@ use std::{io, net::IpAddr};
 use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
 use ipnet::Ipv4Net;
 use rtnetlink::{
-    Handle, LinkBridge, LinkBridgePort, LinkUnspec, MulticastGroup, new_connection, new_multicast_connection,
+    Handle, LinkBridge, LinkBridgePort, LinkUnspec, MulticastGroup, new_connection,
+    new_multicast_connection,
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
         RouteNetlinkMessage,
@@ -94,7 +95,11 @@ pub async fn links(handle: &Handle) -> Result<Vec<Link>, NetdevError> {
 
 /// Returns the pod bridge, creating it with the subnet's first address when it is missing (a
 /// bridge the CNI plugin already made is left as it is), and brings it up.
-pub async fn ensure_bridge(handle: &Handle, name: &str, subnet: Ipv4Net) -> Result<(Link, bool), NetdevError> {
+pub async fn ensure_bridge(
+    handle: &Handle,
+    name: &str,
+    subnet: Ipv4Net,
+) -> Result<(Link, bool), NetdevError> {
     let created = if link_by_name(handle, name).await?.is_none() {
         handle
             .link()
@@ -178,7 +183,9 @@ impl PortWatch {
             };
             match message {
                 RouteNetlinkMessage::NewLink(link) => {
-                    let Some(link) = Link::from_message(&link) else { continue };
+                    let Some(link) = Link::from_message(&link) else {
+                        continue;
+                    };
                     // A link that left the bridge is reported as a NewLink without it.
                     return Some(if link.controller == Some(self.bridge) {
                         PortEvent::Joined(link)
@@ -186,7 +193,9 @@ impl PortWatch {
                         PortEvent::Left(link.index)
                     });
                 }
-                RouteNetlinkMessage::DelLink(link) => return Some(PortEvent::Left(link.header.index)),
+                RouteNetlinkMessage::DelLink(link) => {
+                    return Some(PortEvent::Left(link.header.index));
+                }
                 _ => {}
             }
         }

@@ -91,7 +91,11 @@ pub enum ObjectError {
     #[error("spec.ports[{index}].protocol {protocol:?} is not TCP, UDP or SCTP")]
     InvalidProtocol { index: usize, protocol: String },
     #[error("spec.ports[{index}] repeats port {port}/{protocol}")]
-    DuplicatePort { index: usize, port: u16, protocol: String },
+    DuplicatePort {
+        index: usize,
+        port: u16,
+        protocol: String,
+    },
     #[error("spec.ports[{index}] repeats the port name {name:?}")]
     DuplicatePortName { index: usize, name: String },
     #[error("spec.ports[{index}] has no name, but a service with several ports must name them all")]
@@ -148,7 +152,9 @@ pub fn object_ref(
 pub fn check_service(service: &Service) -> Result<Checked<ServiceSpec>, ObjectError> {
     if let Some(labels) = &service.metadata.labels {
         if labels.contains_key(SERVICE_PROXY_NAME_LABEL) {
-            return Ok(Checked::Ignore("served by another proxy (service-proxy-name label)"));
+            return Ok(Checked::Ignore(
+                "served by another proxy (service-proxy-name label)",
+            ));
         }
         if labels.contains_key(HEADLESS_LABEL) {
             return Ok(Checked::Ignore("headless (label)"));
@@ -163,17 +169,23 @@ pub fn check_service(service: &Service) -> Result<Checked<ServiceSpec>, ObjectEr
         Some("None") => return Ok(Checked::Ignore("headless")),
         Some(ip) => match ip.parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V4(ip)) => ip,
-            Ok(std::net::IpAddr::V6(_)) => return Ok(Checked::Ignore("IPv6 ClusterIP (weft serves IPv4)")),
+            Ok(std::net::IpAddr::V6(_)) => {
+                return Ok(Checked::Ignore("IPv6 ClusterIP (weft serves IPv4)"));
+            }
             Err(_) => return Err(ObjectError::InvalidClusterIp(ip.to_owned())),
         },
     };
     let declared = spec.ports.as_deref().unwrap_or_default();
     let mut ports: Vec<ServicePort> = Vec::with_capacity(declared.len());
     for (index, port) in declared.iter().enumerate() {
-        let number = u16::try_from(port.port)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or(ObjectError::InvalidPort { index, port: port.port })?;
+        let number =
+            u16::try_from(port.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or(ObjectError::InvalidPort {
+                    index,
+                    port: port.port,
+                })?;
         let protocol = protocol_number(port.protocol.as_deref()).ok_or_else(|| {
             ObjectError::InvalidProtocol {
                 index,
@@ -184,7 +196,10 @@ pub fn check_service(service: &Service) -> Result<Checked<ServiceSpec>, ObjectEr
         if name.is_empty() && declared.len() > 1 {
             return Err(ObjectError::UnnamedPort { index });
         }
-        if ports.iter().any(|p| p.port == number && p.protocol == protocol) {
+        if ports
+            .iter()
+            .any(|p| p.port == number && p.protocol == protocol)
+        {
             return Err(ObjectError::DuplicatePort {
                 index,
                 port: number,
@@ -222,13 +237,21 @@ pub fn check_endpoint_slice(slice: &EndpointSlice) -> Result<Checked<SliceSpec>,
         name: service_name.clone(),
     };
     let mut ports = Vec::new();
-    for (index, port) in slice.ports.as_deref().unwrap_or_default().iter().enumerate() {
+    for (index, port) in slice
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         // A port without a number means "all ports" for selector-less slices; kube-proxy skips it.
         let Some(number) = port.port else { continue };
-        let number = u16::try_from(number)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or(ObjectError::InvalidSlicePort { index, port: number })?;
+        let number = u16::try_from(number).ok().filter(|p| *p != 0).ok_or(
+            ObjectError::InvalidSlicePort {
+                index,
+                port: number,
+            },
+        )?;
         let protocol = protocol_number(port.protocol.as_deref()).ok_or_else(|| {
             ObjectError::InvalidSliceProtocol {
                 index,
@@ -242,7 +265,13 @@ pub fn check_endpoint_slice(slice: &EndpointSlice) -> Result<Checked<SliceSpec>,
         });
     }
     let mut endpoints = Vec::new();
-    for (index, endpoint) in slice.endpoints.as_deref().unwrap_or_default().iter().enumerate() {
+    for (index, endpoint) in slice
+        .endpoints
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         let address = endpoint
             .addresses
             .first()
@@ -297,7 +326,11 @@ pub(crate) mod tests {
             checked,
             Checked::Serve(ServiceSpec {
                 cluster_ip: Ipv4Addr::new(10, 254, 40, 119),
-                ports: vec![ServicePort { name: String::new(), port: 4432, protocol: 6 }],
+                ports: vec![ServicePort {
+                    name: String::new(),
+                    port: 4432,
+                    protocol: 6
+                }],
             })
         );
     }
@@ -315,7 +348,10 @@ pub(crate) mod tests {
         headless_label["metadata"]["labels"] =
             serde_json::json!({"service.kubernetes.io/headless": ""});
         for json in [headless, external, other_proxy, headless_label] {
-            assert!(matches!(check_service(&service(json)), Ok(Checked::Ignore(_))));
+            assert!(matches!(
+                check_service(&service(json)),
+                Ok(Checked::Ignore(_))
+            ));
         }
     }
 
@@ -331,7 +367,10 @@ pub(crate) mod tests {
         bad_port["spec"]["ports"][0]["port"] = 70000.into();
         assert_eq!(
             check_service(&service(bad_port)).unwrap_err(),
-            ObjectError::InvalidPort { index: 0, port: 70000 }
+            ObjectError::InvalidPort {
+                index: 0,
+                port: 70000
+            }
         );
         let mut bad_protocol = nginx();
         bad_protocol["spec"]["ports"][0]["protocol"] = "ICMP".into();
@@ -344,7 +383,11 @@ pub(crate) mod tests {
             {"name": "a", "port": 80}, {"name": "b", "port": 80, "protocol": "TCP"}]);
         assert!(matches!(
             check_service(&service(duplicate)),
-            Err(ObjectError::DuplicatePort { index: 1, port: 80, .. })
+            Err(ObjectError::DuplicatePort {
+                index: 1,
+                port: 80,
+                ..
+            })
         ));
         let mut unnamed = nginx();
         unnamed["spec"]["ports"] = serde_json::json!([{"name": "a", "port": 80}, {"port": 81}]);
@@ -370,14 +413,36 @@ pub(crate) mod tests {
             ]
         })))
         .unwrap();
-        let Checked::Serve(spec) = checked else { panic!("slice ignored") };
-        assert_eq!(spec.service, ObjectRef { namespace: "web".into(), name: "nginx".into() });
-        assert_eq!(spec.ports, vec![SlicePort { name: String::new(), port: 80, protocol: 6 }]);
-        let conditions: Vec<_> =
-            spec.endpoints.iter().map(|e| (e.ready, e.serving, e.terminating)).collect();
+        let Checked::Serve(spec) = checked else {
+            panic!("slice ignored")
+        };
+        assert_eq!(
+            spec.service,
+            ObjectRef {
+                namespace: "web".into(),
+                name: "nginx".into()
+            }
+        );
+        assert_eq!(
+            spec.ports,
+            vec![SlicePort {
+                name: String::new(),
+                port: 80,
+                protocol: 6
+            }]
+        );
+        let conditions: Vec<_> = spec
+            .endpoints
+            .iter()
+            .map(|e| (e.ready, e.serving, e.terminating))
+            .collect();
         assert_eq!(
             conditions,
-            vec![(true, true, false), (false, false, false), (false, true, true)]
+            vec![
+                (true, true, false),
+                (false, false, false),
+                (false, true, true)
+            ]
         );
     }
 
@@ -389,13 +454,22 @@ pub(crate) mod tests {
         });
         assert_eq!(
             check_endpoint_slice(&slice(base.clone())).unwrap_err(),
-            ObjectError::InvalidAddress { index: 0, address: "172.30.20.300".into() }
+            ObjectError::InvalidAddress {
+                index: 0,
+                address: "172.30.20.300".into()
+            }
         );
         let mut v6 = base.clone();
         v6["addressType"] = "IPv6".into();
-        assert!(matches!(check_endpoint_slice(&slice(v6)), Ok(Checked::Ignore(_))));
+        assert!(matches!(
+            check_endpoint_slice(&slice(v6)),
+            Ok(Checked::Ignore(_))
+        ));
         let mut orphan = base;
         orphan["metadata"]["labels"] = serde_json::json!({});
-        assert!(matches!(check_endpoint_slice(&slice(orphan)), Ok(Checked::Ignore(_))));
+        assert!(matches!(
+            check_endpoint_slice(&slice(orphan)),
+            Ok(Checked::Ignore(_))
+        ));
     }
 }

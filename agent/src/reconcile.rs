@@ -42,7 +42,10 @@ impl Report {
     /// Whether the pass changed nothing and nothing failed.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty() && self.failed.is_empty()
+        self.added.is_empty()
+            && self.updated.is_empty()
+            && self.removed.is_empty()
+            && self.failed.is_empty()
     }
 }
 
@@ -100,10 +103,15 @@ impl<M: DatapathMaps> Reconciler<M> {
             }
             port.slots[slot] = Some(*value);
         }
-        let mut names: BTreeMap<u32, ServicePortName> =
-            dump.names.iter().map(|(id, name)| (*id, decode_name(name))).collect();
+        let mut names: BTreeMap<u32, ServicePortName> = dump
+            .names
+            .iter()
+            .map(|(id, name)| (*id, decode_name(name)))
+            .collect();
         for id in by_id.keys() {
-            names.entry(*id).or_insert_with(|| stray_name(*id, "no name"));
+            names
+                .entry(*id)
+                .or_insert_with(|| stray_name(*id, "no name"));
         }
         let mut applied = BTreeMap::new();
         for (id, mut name) in names {
@@ -153,10 +161,12 @@ impl<M: DatapathMaps> Reconciler<M> {
         }
         for (name, want) in &desired.ports {
             let outcome = match self.applied.get(name) {
-                None => self.add_port(name, want).map(|()| report.added.push(name.clone())),
-                Some(have) if !matches(have, want) => {
-                    self.update_port(name, want).map(|()| report.updated.push(name.clone()))
-                }
+                None => self
+                    .add_port(name, want)
+                    .map(|()| report.added.push(name.clone())),
+                Some(have) if !matches(have, want) => self
+                    .update_port(name, want)
+                    .map(|()| report.updated.push(name.clone())),
                 Some(_) => Ok(()),
             };
             if let Err(error) = outcome {
@@ -166,9 +176,15 @@ impl<M: DatapathMaps> Reconciler<M> {
         report
     }
 
-    fn add_port(&mut self, name: &ServicePortName, want: &DesiredPort) -> Result<(), MapWriteError> {
+    fn add_port(
+        &mut self,
+        name: &ServicePortName,
+        want: &DesiredPort,
+    ) -> Result<(), MapWriteError> {
         let id = self.ids.take();
-        self.maps.set_name(id, encode_name(name)).inspect_err(|_| self.ids.release(id))?;
+        self.maps
+            .set_name(id, encode_name(name))
+            .inspect_err(|_| self.ids.release(id))?;
         self.applied.insert(
             name.clone(),
             AppliedPort {
@@ -183,9 +199,15 @@ impl<M: DatapathMaps> Reconciler<M> {
         })
     }
 
-    fn update_port(&mut self, name: &ServicePortName, want: &DesiredPort) -> Result<(), MapWriteError> {
+    fn update_port(
+        &mut self,
+        name: &ServicePortName,
+        want: &DesiredPort,
+    ) -> Result<(), MapWriteError> {
         let Self { maps, applied, .. } = self;
-        let port = applied.get_mut(name).expect("update_port is called for applied ports");
+        let port = applied
+            .get_mut(name)
+            .expect("update_port is called for applied ports");
         let id = port.id;
         for frontend in port.frontends.keys().copied().collect::<Vec<_>>() {
             if !want.frontends.contains(&frontend) {
@@ -220,7 +242,9 @@ impl<M: DatapathMaps> Reconciler<M> {
 
     fn remove_port(&mut self, name: &ServicePortName) -> Result<(), MapWriteError> {
         let Self { maps, applied, ids } = self;
-        let port = applied.get_mut(name).expect("remove_port is called for applied ports");
+        let port = applied
+            .get_mut(name)
+            .expect("remove_port is called for applied ports");
         while let Some((&frontend, _)) = port.frontends.first_key_value() {
             maps.remove_frontend(frontend)?;
             port.frontends.remove(&frontend);
@@ -260,7 +284,11 @@ fn matches(have: &AppliedPort, want: &DesiredPort) -> bool {
     let count = have.slots.len() as u32;
     have.slots.iter().all(Option::is_some)
         && have.slots.len() == want.endpoints.len()
-        && have.slots.iter().flatten().all(|e| want.endpoints.contains(e))
+        && have
+            .slots
+            .iter()
+            .flatten()
+            .all(|e| want.endpoints.contains(e))
         && have.frontends.len() == want.frontends.len()
         && have
             .frontends
@@ -271,7 +299,10 @@ fn matches(have: &AppliedPort, want: &DesiredPort) -> bool {
 /// The slot layout for `desired` that rewrites the fewest slots of `current`: endpoints that
 /// stay keep their slot, new ones fill the holes the departed left, and what is left over is
 /// compacted from the end, so slots stay dense from 0.
-fn plan_layout(current: &[Option<EndpointValue>], desired: &BTreeSet<EndpointValue>) -> Vec<EndpointValue> {
+fn plan_layout(
+    current: &[Option<EndpointValue>],
+    desired: &BTreeSet<EndpointValue>,
+) -> Vec<EndpointValue> {
     let mut seen = BTreeSet::new();
     let mut layout: Vec<Option<EndpointValue>> = current
         .iter()
@@ -328,11 +359,18 @@ pub(crate) mod tests {
     }
 
     impl DatapathMaps for FakeMaps {
-        fn set_endpoint(&mut self, key: EndpointKey, value: EndpointValue) -> Result<(), MapWriteError> {
+        fn set_endpoint(
+            &mut self,
+            key: EndpointKey,
+            value: EndpointValue,
+        ) -> Result<(), MapWriteError> {
             if self.max_endpoints.is_some_and(|max| {
                 self.endpoints.len() >= max && !self.endpoints.contains_key(&key)
             }) {
-                return Err(MapWriteError::Full { map: "fake", flag: "--max-endpoints" });
+                return Err(MapWriteError::Full {
+                    map: "fake",
+                    flag: "--max-endpoints",
+                });
             }
             self.ops.push(Op::SetEndpoint(key.service_id, key.slot));
             self.endpoints.insert(key, value);
@@ -345,11 +383,18 @@ pub(crate) mod tests {
             Ok(())
         }
 
-        fn set_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapWriteError> {
+        fn set_frontend(
+            &mut self,
+            key: ServiceKey,
+            value: ServiceValue,
+        ) -> Result<(), MapWriteError> {
             // The invariant the datapath relies on: every slot below count exists.
             for slot in 0..value.count {
                 assert!(
-                    self.endpoints.contains_key(&EndpointKey { service_id: value.id, slot }),
+                    self.endpoints.contains_key(&EndpointKey {
+                        service_id: value.id,
+                        slot
+                    }),
                     "frontend {key:?} exposes missing slot {slot}"
                 );
             }
@@ -389,7 +434,11 @@ pub(crate) mod tests {
         /// Checks the invariant after a pass: frontends expose exactly the slots that exist.
         fn assert_consistent(&self) {
             for (key, value) in &self.frontends {
-                let slots = self.endpoints.keys().filter(|k| k.service_id == value.id).count();
+                let slots = self
+                    .endpoints
+                    .keys()
+                    .filter(|k| k.service_id == value.id)
+                    .count();
                 assert_eq!(slots as u32, value.count, "frontend {key:?}");
                 assert!(self.names.contains_key(&value.id));
             }
@@ -397,24 +446,46 @@ pub(crate) mod tests {
 
         /// The endpoints a frontend spreads connections over.
         fn endpoints_of(&self, port: u16) -> BTreeSet<u8> {
-            let (_, value) = self.frontends.iter().find(|(k, _)| k.port == port).expect("frontend exists");
+            let (_, value) = self
+                .frontends
+                .iter()
+                .find(|(k, _)| k.port == port)
+                .expect("frontend exists");
             (0..value.count)
-                .map(|slot| self.endpoints[&EndpointKey { service_id: value.id, slot }].addr[3])
+                .map(|slot| {
+                    self.endpoints[&EndpointKey {
+                        service_id: value.id,
+                        slot,
+                    }]
+                        .addr[3]
+                })
                 .collect()
         }
     }
 
     fn endpoint(last: u8) -> EndpointValue {
-        EndpointValue { addr: [172, 30, 20, last], port: 80, _pad: 0 }
+        EndpointValue {
+            addr: [172, 30, 20, last],
+            port: 80,
+            _pad: 0,
+        }
     }
 
     fn frontend(port: u16) -> ServiceKey {
-        ServiceKey { addr: [10, 254, 40, 119], port, proto: 6, _pad: 0 }
+        ServiceKey {
+            addr: [10, 254, 40, 119],
+            port,
+            proto: 6,
+            _pad: 0,
+        }
     }
 
     fn port_name(name: &str) -> ServicePortName {
         ServicePortName {
-            service: ObjectRef { namespace: "default".into(), name: name.into() },
+            service: ObjectRef {
+                namespace: "default".into(),
+                name: name.into(),
+            },
             port: String::new(),
         }
     }
@@ -476,7 +547,11 @@ pub(crate) mod tests {
         // .7 sat in slot 1: .8 moves there from the end, then the count drops, then slot 2 goes.
         assert_eq!(
             reconciler.maps.ops,
-            vec![Op::SetEndpoint(1, 1), Op::SetFrontend(4432, 2), Op::RemoveEndpoint(1, 2)]
+            vec![
+                Op::SetEndpoint(1, 1),
+                Op::SetFrontend(4432, 2),
+                Op::RemoveEndpoint(1, 2)
+            ]
         );
         reconciler.maps.assert_consistent();
         assert_eq!(reconciler.maps.endpoints_of(4432), [6, 8].into());
@@ -500,7 +575,11 @@ pub(crate) mod tests {
         reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
         assert_eq!(
             reconciler.maps.ops,
-            vec![Op::SetEndpoint(1, 1), Op::SetEndpoint(1, 2), Op::SetFrontend(4432, 3)]
+            vec![
+                Op::SetEndpoint(1, 1),
+                Op::SetEndpoint(1, 2),
+                Op::SetFrontend(4432, 3)
+            ]
         );
     }
 
@@ -522,7 +601,11 @@ pub(crate) mod tests {
         );
         assert!(reconciler.maps.frontends.is_empty() && reconciler.maps.endpoints.is_empty());
         reconciler.reconcile(&desired(&[("other", 80, &[9])]));
-        assert_eq!(reconciler.maps.frontends[&frontend(80)].id, 1, "id 1 is reused");
+        assert_eq!(
+            reconciler.maps.frontends[&frontend(80)].id,
+            1,
+            "id 1 is reused"
+        );
     }
 
     #[test]
@@ -534,15 +617,25 @@ pub(crate) mod tests {
 
     #[test]
     fn a_full_map_fails_one_service_and_keeps_the_others() {
-        let maps = FakeMaps { max_endpoints: Some(4), ..FakeMaps::default() };
+        let maps = FakeMaps {
+            max_endpoints: Some(4),
+            ..FakeMaps::default()
+        };
         let mut reconciler = Reconciler::adopt(maps).unwrap();
-        let report = reconciler.reconcile(&desired(&[("a", 1, &[1, 2]), ("b", 2, &[3, 4, 5]), ("c", 3, &[6])]));
+        let report = reconciler.reconcile(&desired(&[
+            ("a", 1, &[1, 2]),
+            ("b", 2, &[3, 4, 5]),
+            ("c", 3, &[6]),
+        ]));
         assert_eq!(report.added, vec![port_name("a"), port_name("c")]);
         assert_eq!(report.failed.len(), 1);
         assert_eq!(report.failed[0].0, port_name("b"));
         assert!(matches!(report.failed[0].1, MapWriteError::Full { .. }));
         reconciler.maps.assert_consistent();
-        assert!(!reconciler.maps.frontends.contains_key(&frontend(2)), "b is not half there");
+        assert!(
+            !reconciler.maps.frontends.contains_key(&frontend(2)),
+            "b is not half there"
+        );
         assert_eq!(reconciler.maps.endpoints_of(1), [1, 2].into());
         assert_eq!(reconciler.maps.endpoints_of(3), [6].into());
         // Once space frees up, the next pass programs it.
@@ -562,7 +655,11 @@ pub(crate) mod tests {
         assert!(second.reconcile(&state).is_empty());
         assert!(second.maps.ops.is_empty());
         // New ids do not collide with adopted ones.
-        second.reconcile(&desired(&[("a", 1, &[1, 2]), ("b", 2, &[3]), ("c", 3, &[4])]));
+        second.reconcile(&desired(&[
+            ("a", 1, &[1, 2]),
+            ("b", 2, &[3]),
+            ("c", 3, &[4]),
+        ]));
         assert_eq!(second.maps.frontends[&frontend(3)].id, 3);
     }
 
@@ -570,13 +667,33 @@ pub(crate) mod tests {
     fn adopting_removes_entries_without_names_and_fills_slot_gaps() {
         let mut maps = FakeMaps::default();
         // id 7: a frontend and one slot, but no name (an agent killed mid-removal).
-        maps.frontends.insert(frontend(9), ServiceValue { id: 7, count: 1 });
-        maps.endpoints.insert(EndpointKey { service_id: 7, slot: 0 }, endpoint(1));
+        maps.frontends
+            .insert(frontend(9), ServiceValue { id: 7, count: 1 });
+        maps.endpoints.insert(
+            EndpointKey {
+                service_id: 7,
+                slot: 0,
+            },
+            endpoint(1),
+        );
         // id 2: named, slot 1 missing (killed mid-write).
         maps.names.insert(2, encode_name(&port_name("a")));
-        maps.endpoints.insert(EndpointKey { service_id: 2, slot: 0 }, endpoint(1));
-        maps.endpoints.insert(EndpointKey { service_id: 2, slot: 2 }, endpoint(3));
-        maps.frontends.insert(frontend(1), ServiceValue { id: 2, count: 1 });
+        maps.endpoints.insert(
+            EndpointKey {
+                service_id: 2,
+                slot: 0,
+            },
+            endpoint(1),
+        );
+        maps.endpoints.insert(
+            EndpointKey {
+                service_id: 2,
+                slot: 2,
+            },
+            endpoint(3),
+        );
+        maps.frontends
+            .insert(frontend(1), ServiceValue { id: 2, count: 1 });
         let mut reconciler = Reconciler::adopt(maps).unwrap();
         let report = reconciler.reconcile(&desired(&[("a", 1, &[1, 2, 3])]));
         assert_eq!(report.updated, vec![port_name("a")]);
@@ -590,11 +707,24 @@ pub(crate) mod tests {
     fn layout_keeps_stayers_fills_holes_and_compacts() {
         let e = |last: u8| Some(endpoint(last));
         let want = |lasts: &[u8]| lasts.iter().map(|l| endpoint(*l)).collect::<BTreeSet<_>>();
-        let lasts = |layout: Vec<EndpointValue>| layout.iter().map(|e| e.addr[3]).collect::<Vec<_>>();
-        assert_eq!(lasts(plan_layout(&[e(1), e(2), e(3)], &want(&[1, 3, 4]))), vec![1, 4, 3]);
-        assert_eq!(lasts(plan_layout(&[e(1), e(2), e(3)], &want(&[1, 3]))), vec![1, 3]);
-        assert_eq!(lasts(plan_layout(&[e(1), e(2), e(3)], &want(&[3]))), vec![3]);
-        assert_eq!(lasts(plan_layout(&[e(1), None, e(3)], &want(&[1, 3]))), vec![1, 3]);
+        let lasts =
+            |layout: Vec<EndpointValue>| layout.iter().map(|e| e.addr[3]).collect::<Vec<_>>();
+        assert_eq!(
+            lasts(plan_layout(&[e(1), e(2), e(3)], &want(&[1, 3, 4]))),
+            vec![1, 4, 3]
+        );
+        assert_eq!(
+            lasts(plan_layout(&[e(1), e(2), e(3)], &want(&[1, 3]))),
+            vec![1, 3]
+        );
+        assert_eq!(
+            lasts(plan_layout(&[e(1), e(2), e(3)], &want(&[3]))),
+            vec![3]
+        );
+        assert_eq!(
+            lasts(plan_layout(&[e(1), None, e(3)], &want(&[1, 3]))),
+            vec![1, 3]
+        );
         assert_eq!(lasts(plan_layout(&[e(2), e(2)], &want(&[2]))), vec![2]);
         assert_eq!(lasts(plan_layout(&[], &want(&[5, 6]))), vec![5, 6]);
         assert!(plan_layout(&[e(1)], &want(&[])).is_empty());

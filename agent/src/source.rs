@@ -26,7 +26,10 @@ impl ModelHandle {
 
     /// The state the model currently calls for.
     pub fn desired(&self) -> Desired {
-        self.model.lock().expect("model lock is never poisoned").desired()
+        self.model
+            .lock()
+            .expect("model lock is never poisoned")
+            .desired()
     }
 
     /// Waits until the model changes (returns at once if it changed since the last wait).

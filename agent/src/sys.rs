@@ -1,12 +1,11 @@
 //! The raw system calls the agent needs that no safe wrapper offers. All of the agent's
 //! `unsafe` lives here.
-#![expect(unsafe_code, reason = "getsockopt(SO_NETNS_COOKIE) has no safe wrapper in nix or std")]
+#![expect(
+    unsafe_code,
+    reason = "getsockopt(SO_NETNS_COOKIE) has no safe wrapper in nix or std"
+)]
 
-use std::{
-    io,
-    net::UdpSocket,
-    os::fd::AsRawFd as _,
-};
+use std::{io, net::UdpSocket, os::fd::AsRawFd as _};
 
 /// The cookie of the calling thread's network namespace (what `bpf_get_netns_cookie()` returns
 /// for sockets in it). Needs Linux 5.14 or later.

@@ -48,7 +48,9 @@ pub const REFRESH_INTERVAL_NS: u64 = SECOND_NS;
 #[inline(always)]
 #[must_use]
 pub const fn tcp_closed(state: u8) -> bool {
-    state & flags::RST != 0 || state & (flags::FIN_FORWARD | flags::FIN_REPLY) == (flags::FIN_FORWARD | flags::FIN_REPLY)
+    state & flags::RST != 0
+        || state & (flags::FIN_FORWARD | flags::FIN_REPLY)
+            == (flags::FIN_FORWARD | flags::FIN_REPLY)
 }
 
 /// How long a FORWARD entry in `state` lives without traffic.
@@ -93,7 +95,11 @@ pub const fn next_state(state: u8, proto: u8, tcp: u8, reply: bool) -> u8 {
             next |= flags::RST;
         }
         if tcp & tcp_flags::FIN != 0 {
-            next |= if reply { flags::FIN_REPLY } else { flags::FIN_FORWARD };
+            next |= if reply {
+                flags::FIN_REPLY
+            } else {
+                flags::FIN_FORWARD
+            };
         }
     }
     next

@@ -206,7 +206,11 @@ impl DatapathConfig {
         if len == 0 {
             return true;
         }
-        let mask = if len >= 32 { u32::MAX } else { !(u32::MAX >> len) };
+        let mask = if len >= 32 {
+            u32::MAX
+        } else {
+            !(u32::MAX >> len)
+        };
         u32::from_be_bytes(addr) & mask == u32::from_be_bytes(self.cluster_cidr_addr) & mask
     }
 }

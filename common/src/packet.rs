@@ -235,7 +235,11 @@ mod tests {
         assert_eq!(ip.fragment, Fragment::Whole);
         assert_eq!(
             parse_transport(&f[..54], &ip),
-            Transport::Ports(Ports { src_port: 40000, dst_port: 4432, tcp_flags: 0x02 })
+            Transport::Ports(Ports {
+                src_port: 40000,
+                dst_port: 4432,
+                tcp_flags: 0x02
+            })
         );
     }
 
@@ -246,7 +250,11 @@ mod tests {
         assert_eq!(ip.l4_offset, 14 + 28);
         assert_eq!(
             parse_transport(&f[..50], &ip),
-            Transport::Ports(Ports { src_port: 40000, dst_port: 4432, tcp_flags: 0 })
+            Transport::Ports(Ports {
+                src_port: 40000,
+                dst_port: 4432,
+                tcp_flags: 0
+            })
         );
     }
 

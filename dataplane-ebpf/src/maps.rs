@@ -23,8 +23,11 @@ pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_MAX_SERV
 
 /// Endpoint slots of each service port. Written by the agent; read per new connection.
 #[btf_map(name = "weft_ep_v1")]
-pub(crate) static ENDPOINTS: HashMap<EndpointKey, EndpointValue, { DEFAULT_MAX_ENDPOINTS as usize }> =
-    HashMap::new();
+pub(crate) static ENDPOINTS: HashMap<
+    EndpointKey,
+    EndpointValue,
+    { DEFAULT_MAX_ENDPOINTS as usize },
+> = HashMap::new();
 
 /// Service port names for `weft inspect`. Written by the agent; never read by the programs, but
 /// declared here so it carries BTF and is pinned beside the maps it describes.
@@ -41,8 +44,11 @@ pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_CT_ENTRIES as 
 /// Translations of the node's own sockets. Written by the socket hooks; socket cookies are never
 /// reused, so LRU eviction is the only cleanup needed.
 #[btf_map(name = "weft_socknat_v1")]
-pub(crate) static SOCK_NAT: LruHashMap<SockNatKey, SockNatValue, { DEFAULT_SOCK_NAT_ENTRIES as usize }> =
-    LruHashMap::new();
+pub(crate) static SOCK_NAT: LruHashMap<
+    SockNatKey,
+    SockNatValue,
+    { DEFAULT_SOCK_NAT_ENTRIES as usize },
+> = LruHashMap::new();
 
 /// Drop counters, one per `DropReason`, per CPU.
 #[btf_map(name = "weft_drops_v1")]

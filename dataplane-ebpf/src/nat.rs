@@ -36,14 +36,23 @@ pub(crate) fn rewrite(
     };
     let (checksum, udp) = l4_checksum_offset(ip.proto).ok_or(DropReason::NatRewriteFailed)?;
     let checksum_offset = ip.l4_offset + checksum;
-    let mangled_0 = if udp { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    let mangled_0 = if udp {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
     let failed = |_| DropReason::NatRewriteFailed;
     if old.0 != new.0 {
         // The helpers take the values exactly as they sit in the packet (network order).
         let from = u64::from(u32::from_ne_bytes(old.0));
         let to = u64::from(u32::from_ne_bytes(new.0));
-        ctx.l4_csum_replace(checksum_offset, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4)
-            .map_err(failed)?;
+        ctx.l4_csum_replace(
+            checksum_offset,
+            from,
+            to,
+            u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4,
+        )
+        .map_err(failed)?;
         ctx.l3_csum_replace(ETH_HLEN + ipv4::CHECKSUM, from, to, 4)
             .map_err(failed)?;
         ctx.store(addr_offset, &new.0, 0).map_err(failed)?;

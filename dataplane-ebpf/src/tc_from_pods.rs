@@ -35,7 +35,7 @@ pub fn tc_from_pods(ctx: TcContext) -> i32 {
         Ok(()) => TC_ACT_UNSPEC,
         Err(reason) => {
             count_drop(reason);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }

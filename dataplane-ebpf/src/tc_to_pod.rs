@@ -30,7 +30,7 @@ pub fn tc_to_pod(ctx: TcContext) -> i32 {
         Ok(()) => TC_ACT_UNSPEC,
         Err(reason) => {
             count_drop(reason);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }

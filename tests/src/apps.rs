@@ -31,7 +31,12 @@ impl Answer {
     }
 
     fn decode(text: &str) -> io::Result<Self> {
-        let invalid = || io::Error::new(io::ErrorKind::InvalidData, format!("unexpected answer {text:?}"));
+        let invalid = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected answer {text:?}"),
+            )
+        };
         let (server, client) = text.trim().split_once(' ').ok_or_else(invalid)?;
         Ok(Self {
             server: server.parse().map_err(|_| invalid())?,
@@ -62,7 +67,8 @@ fn spawn_server(ns: &Netns, serve: impl FnOnce(&AtomicBool) + Send + 'static) ->
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     let thread = thread::spawn(move || {
         let file = std::fs::File::open(path).expect("pod namespace exists");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering the pod namespace");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("entering the pod namespace");
         let _ = bound_tx.send(());
         serve(&flag);
     });
@@ -73,23 +79,30 @@ fn spawn_server(ns: &Netns, serve: impl FnOnce(&AtomicBool) + Send + 'static) ->
     }
 }
 
-/// Serves HTTP/1.1 with keep-alive on `port`: every request gets [`Answer`] as its body.
+/// Serves HTTP/1.1 with keep-alive on `port` in `ns`: every request gets [`Answer`] as its body.
 pub fn serve_http(ns: &Netns, port: u16) -> Server {
-    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))).expect("binding the HTTP server");
-    listener.set_nonblocking(true).expect("non-blocking listener");
-    spawn_server(ns, move |stop| {
-        while !stop.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    thread::spawn(move || {
-                        let _ = answer_http(stream);
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
-                Err(_) => thread::sleep(Duration::from_millis(2)),
+    let listener = ns.run(|| bind_http(port)).expect("binding the HTTP server");
+    spawn_server(ns, move |stop| http_loop(&listener, stop))
+}
+
+fn bind_http(port: u16) -> io::Result<TcpListener> {
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+fn http_loop(listener: &TcpListener, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                thread::spawn(move || {
+                    let _ = answer_http(stream);
+                });
             }
+            // Nothing to accept yet (or a client that gave up): look again shortly.
+            Err(_) => thread::sleep(Duration::from_millis(2)),
         }
-    })
+    }
 }
 
 fn answer_http(stream: TcpStream) -> io::Result<()> {
@@ -118,26 +131,44 @@ fn answer_http(stream: TcpStream) -> io::Result<()> {
     }
 }
 
-/// Answers every datagram on `port` with [`Answer`].
+/// Answers every datagram on `port` in `ns` with [`Answer`].
 pub fn serve_udp(ns: &Netns, port: u16) -> Server {
-    let socket = ns.run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))).expect("binding the UDP server");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(20)))
-        .expect("UDP read timeout");
-    spawn_server(ns, move |stop| {
-        let mut buf = [0u8; 1500];
-        while !stop.load(Ordering::Relaxed) {
-            if let Ok((_, from)) = socket.recv_from(&mut buf) {
-                // The local address of an unconnected socket is 0.0.0.0; ask the routing table
-                // which of ours the client reached, by connecting a throwaway socket back.
-                let server = UdpSocket::bind("0.0.0.0:0")
-                    .and_then(|probe| probe.connect(from).and_then(|()| probe.local_addr()));
-                if let Ok(server) = server {
-                    let _ = socket.send_to(Answer::encode(server, from).as_bytes(), from);
-                }
+    let socket = ns.run(|| bind_udp(port)).expect("binding the UDP server");
+    spawn_server(ns, move |stop| udp_loop(&socket, stop))
+}
+
+fn bind_udp(port: u16) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+    socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+    Ok(socket)
+}
+
+fn udp_loop(socket: &UdpSocket, stop: &AtomicBool) {
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, from)) = socket.recv_from(&mut buf) {
+            // The local address of an unconnected socket is 0.0.0.0; ask the routing table which
+            // of ours the client reached, by connecting a throwaway socket back.
+            let server = UdpSocket::bind("0.0.0.0:0")
+                .and_then(|probe| probe.connect(from).and_then(|()| probe.local_addr()));
+            if let Ok(server) = server {
+                let _ = socket.send_to(Answer::encode(server, from).as_bytes(), from);
             }
         }
-    })
+    }
+}
+
+/// Serves HTTP and UDP in the calling process's namespace until the process ends: the pod
+/// workload as a process of its own (the demo's `--keep` leaves it running).
+pub fn serve_forever(http_port: u16, udp_port: u16) -> io::Result<()> {
+    let listener = bind_http(http_port)?;
+    let socket = bind_udp(udp_port)?;
+    let never = AtomicBool::new(false);
+    thread::scope(|scope| {
+        scope.spawn(|| udp_loop(&socket, &never));
+        http_loop(&listener, &never);
+    });
+    Ok(())
 }
 
 /// An HTTP connection that can carry several requests.
@@ -169,7 +200,8 @@ impl HttpConnection {
 
     /// One request and its answer.
     pub fn request(&mut self) -> io::Result<Answer> {
-        self.writer.write_all(b"GET / HTTP/1.1\r\nHost: weft-test\r\n\r\n")?;
+        self.writer
+            .write_all(b"GET / HTTP/1.1\r\nHost: weft-test\r\n\r\n")?;
         let mut length = None;
         let mut line = String::new();
         loop {

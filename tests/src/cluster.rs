@@ -4,13 +4,12 @@
 
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::Mutex,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ipnet::Ipv4Net;
@@ -19,7 +18,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::netns::{Netns, run, unique};
+use crate::netns::{Netns, run};
 
 /// The bridge name weft uses by default, as flannel's CNI does.
 pub const BRIDGE: &str = "cni0";
@@ -32,13 +31,21 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node whose pods live in `subnet`; the bridge gets the subnet's first address.
-    pub fn new(tag: &str, subnet: Ipv4Net) -> Self {
-        let ns = Netns::create(&unique(tag)).expect("creating the node namespace");
-        let gateway = format!("{}/{}", subnet.hosts().next().expect("subnet has hosts"), subnet.prefix_len());
-        ns.ip(&["link", "add", "name", BRIDGE, "type", "bridge"]).expect("creating the bridge");
-        ns.ip(&["addr", "add", &gateway, "dev", BRIDGE]).expect("addressing the bridge");
-        ns.ip(&["link", "set", BRIDGE, "up"]).expect("bringing up the bridge");
+    /// A node (namespace `name`) whose pods live in `subnet`; the bridge gets the subnet's first
+    /// address.
+    pub fn new(name: &str, subnet: Ipv4Net) -> Self {
+        let ns = Netns::create(name).expect("creating the node namespace");
+        let gateway = format!(
+            "{}/{}",
+            subnet.hosts().next().expect("subnet has hosts"),
+            subnet.prefix_len()
+        );
+        ns.ip(&["link", "add", "name", BRIDGE, "type", "bridge"])
+            .expect("creating the bridge");
+        ns.ip(&["addr", "add", &gateway, "dev", BRIDGE])
+            .expect("addressing the bridge");
+        ns.ip(&["link", "set", BRIDGE, "up"])
+            .expect("bringing up the bridge");
         Self {
             ns,
             subnet,
@@ -73,16 +80,40 @@ impl Node {
             *pods += 1;
             *pods
         };
-        let ns = Netns::create(&format!("{}p{index}", self.ns.name())).expect("creating the pod namespace");
+        let ns = Netns::create(&format!("{}p{index}", self.ns.name()))
+            .expect("creating the pod namespace");
         let host_side = format!("veth{index}");
         self.ns
-            .ip(&["link", "add", "name", &host_side, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])
+            .ip(&[
+                "link",
+                "add",
+                "name",
+                &host_side,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])
             .expect("creating the pod's veth pair");
-        self.ns.ip(&["link", "set", &host_side, "master", BRIDGE, "up"]).expect("enslaving the veth");
+        self.ns
+            .ip(&["link", "set", &host_side, "master", BRIDGE, "up"])
+            .expect("enslaving the veth");
         let cidr = format!("{addr}/{}", self.subnet.prefix_len());
-        ns.ip(&["addr", "add", &cidr, "dev", "eth0"]).expect("addressing the pod");
-        ns.ip(&["link", "set", "eth0", "up"]).expect("bringing up the pod's eth0");
-        ns.ip(&["route", "add", "default", "via", &self.gateway().to_string()]).expect("routing the pod");
+        ns.ip(&["addr", "add", &cidr, "dev", "eth0"])
+            .expect("addressing the pod");
+        ns.ip(&["link", "set", "eth0", "up"])
+            .expect("bringing up the pod's eth0");
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.gateway().to_string(),
+        ])
+        .expect("routing the pod");
         Pod { ns, addr }
     }
 }
@@ -97,26 +128,32 @@ pub struct Pod {
 #[derive(Clone, Debug, Default)]
 pub struct AgentOptions {
     pub cluster_cidr: Option<Ipv4Net>,
+    /// A directory for the manifests (`manifests/`) and the agent's log (`agent.log`); a
+    /// temporary one when unset.
+    pub state_dir: Option<PathBuf>,
     /// Extra command-line arguments.
     pub extra_args: Vec<String>,
 }
 
-/// The `weft` binary this test run was built with: `WEFT_BIN`, or `target/<profile>/weft` beside
-/// the test executable.
+/// The `weft` binary of this build: `WEFT_BIN`, or `weft` in the directory of the running
+/// executable (a binary of this workspace) or its parent (a test, under `deps/`).
 #[must_use]
 pub fn weft_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("WEFT_BIN") {
         return PathBuf::from(path);
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let binary = profile_dir.join("weft");
-    assert!(
-        binary.exists(),
-        "{} is missing: build it first (`cargo build -p weft`; `cargo xtask test` does)",
-        binary.display()
-    );
-    binary
+    let exe = std::env::current_exe().expect("executable path");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("weft"))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "no weft binary beside {}: build it first (`cargo build -p weft`; `cargo xtask test` does)",
+                exe.display()
+            )
+        })
 }
 
 /// A running `weft agent` in a node's namespace, with its own pin directory and manifest
@@ -124,18 +161,31 @@ pub fn weft_binary() -> PathBuf {
 pub struct Agent {
     child: Child,
     pin_dir: PathBuf,
-    manifests: tempfile::TempDir,
-    logs: Arc<Mutex<Vec<String>>>,
+    manifests: PathBuf,
+    log_file: PathBuf,
+    _temporary: Option<tempfile::TempDir>,
 }
 
 impl Agent {
     /// Starts an agent on `node` serving `manifests` (file name, content) and waits until it
     /// reports ready.
     pub fn start(node: &Node, manifests: &[(&str, &str)], options: &AgentOptions) -> Self {
-        let manifest_dir = tempfile::tempdir().expect("manifest directory");
+        let temporary = match options.state_dir {
+            Some(_) => None,
+            None => Some(tempfile::tempdir().expect("agent state directory")),
+        };
+        let state_dir = match (&options.state_dir, &temporary) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(temp)) => temp.path().to_owned(),
+            (None, None) => unreachable!("a temporary directory is made when none is given"),
+        };
+        let manifest_dir = state_dir.join("manifests");
+        fs::create_dir_all(&manifest_dir).expect("manifest directory");
         for (file, text) in manifests {
-            fs::write(manifest_dir.path().join(file), text).expect("writing a manifest");
+            fs::write(manifest_dir.join(file), text).expect("writing a manifest");
         }
+        let log_file = state_dir.join("agent.log");
+        let log = fs::File::create(&log_file).expect("agent log file");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(format!("weft-{}", node.ns.name()));
         let mut args: Vec<String> = vec![
             format!("--net={}", node.ns.path().display()),
@@ -143,7 +193,7 @@ impl Agent {
             "--log-format=json".into(),
             "agent".into(),
             format!("--pin-dir={}", pin_dir.display()),
-            format!("--manifests={}", manifest_dir.path().display()),
+            format!("--manifests={}", manifest_dir.display()),
             format!("--pod-subnet={}", node.subnet),
         ];
         if let Some(cidr) = options.cluster_cidr {
@@ -151,44 +201,47 @@ impl Agent {
         }
         args.extend(options.extra_args.iter().cloned());
         // nsenter, unlike `ip netns exec`, keeps the host's /sys, where bpffs is mounted.
-        let mut child = Command::new("nsenter")
+        let child = Command::new("nsenter")
             .args(&args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("starting weft agent");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let sink = Arc::clone(&logs);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let ready = serde_json::from_str::<serde_json::Value>(&line)
-                    .is_ok_and(|v| v.pointer("/fields/message").and_then(|m| m.as_str()) == Some("ready"));
-                sink.lock().expect("log sink").push(line);
-                if ready {
-                    let _ = ready_tx.send(());
-                }
-            }
-        });
         let mut agent = Self {
             child,
             pin_dir,
             manifests: manifest_dir,
-            logs,
+            log_file,
+            _temporary: temporary,
         };
-        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-            let status = agent.child.try_wait().ok().flatten();
-            panic!("weft agent did not become ready (exit status {status:?}); its log:\n{}", agent.log());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agent.is_ready() {
+            let exited = agent.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                panic!(
+                    "weft agent did not become ready (exit status {exited:?}); its log:\n{}",
+                    agent.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
         }
         agent
+    }
+
+    /// Whether the agent logged that it is ready.
+    fn is_ready(&self) -> bool {
+        self.log().lines().any(|line| {
+            serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| {
+                v.pointer("/fields/message").and_then(|m| m.as_str()) == Some("ready")
+            })
+        })
     }
 
     /// Everything the agent logged so far.
     #[must_use]
     pub fn log(&self) -> String {
-        self.logs.lock().expect("log sink").join("\n")
+        fs::read_to_string(&self.log_file).unwrap_or_default()
     }
 
     #[must_use]
@@ -198,25 +251,35 @@ impl Agent {
 
     /// Writes (or replaces) a manifest file atomically, as a ConfigMap update would.
     pub fn write_manifest(&self, file: &str, text: &str) {
-        let staged = self.manifests.path().join(format!(".{file}.tmp"));
+        let staged = self.manifests.join(format!(".{file}.tmp"));
         fs::write(&staged, text).expect("staging a manifest");
-        fs::rename(&staged, self.manifests.path().join(file)).expect("replacing a manifest");
+        fs::rename(&staged, self.manifests.join(file)).expect("replacing a manifest");
     }
 
     /// Deletes a manifest file.
     pub fn remove_manifest(&self, file: &str) {
-        fs::remove_file(self.manifests.path().join(file)).expect("removing a manifest");
+        fs::remove_file(self.manifests.join(file)).expect("removing a manifest");
     }
 
     /// `weft inspect <table>` against this agent's pins.
     #[must_use]
     pub fn inspect(&self, table: &str) -> String {
         let pin_dir = format!("--pin-dir={}", self.pin_dir.display());
-        run(&weft_binary().display().to_string(), &["inspect", table, &pin_dir]).expect("weft inspect")
+        run(
+            &weft_binary().display().to_string(),
+            &["inspect", table, &pin_dir],
+        )
+        .expect("weft inspect")
     }
 }
 
 impl Agent {
+    /// The agent's process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the agent with SIGTERM (SIGKILL after 5 s) and returns how it exited. Its pins stay
     /// until the agent is dropped.
     pub fn stop(&mut self) -> ExitStatus {

@@ -60,7 +60,8 @@ impl Datapath {
     /// As [`Datapath::new`], with chosen map sizes.
     pub fn with_limits(manifests: &str, cluster_cidr: Option<Ipv4Net>, limits: MapLimits) -> Self {
         crate::netns::require_root();
-        let mut dataplane = Dataplane::load(None, limits).expect("the kernel accepts every program");
+        let mut dataplane =
+            Dataplane::load(None, limits).expect("the kernel accepts every program");
         let cidr = cluster_cidr.unwrap_or_default();
         dataplane
             .set_config(&DatapathConfig {
@@ -86,11 +87,19 @@ impl Datapath {
     pub fn set_manifests(&mut self, manifests: &str) {
         let mut scan = Scan::default();
         parse_into(manifests, "fixture.yaml", &mut scan);
-        assert!(scan.problems.is_empty(), "fixture manifests are valid: {:?}", scan.problems);
+        assert!(
+            scan.problems.is_empty(),
+            "fixture manifests are valid: {:?}",
+            scan.problems
+        );
         apply(&mut self.model, &self.scan, &scan);
         self.scan = scan;
         let report = self.reconciler.reconcile(&self.model.desired());
-        assert!(report.failed.is_empty(), "fixture services fit: {:?}", report.failed);
+        assert!(
+            report.failed.is_empty(),
+            "fixture services fit: {:?}",
+            report.failed
+        );
     }
 
     /// Runs `program` once on `frame` with `mark` in the skb.
@@ -125,19 +134,31 @@ impl Datapath {
         Run {
             verdict: result.return_value,
             output,
-            mark: u32::from_ne_bytes(context_out[SKB_MARK..SKB_MARK + 4].try_into().expect("4 bytes")),
+            mark: u32::from_ne_bytes(
+                context_out[SKB_MARK..SKB_MARK + 4]
+                    .try_into()
+                    .expect("4 bytes"),
+            ),
             duration: result.duration,
         }
     }
 
     /// Drop counters summed over CPUs, non-zero ones only.
     pub fn drops(&mut self) -> BTreeMap<DropReason, u64> {
-        let map = self.dataplane.ebpf_mut().map(DROPS_MAP).expect("drop counters");
+        let map = self
+            .dataplane
+            .ebpf_mut()
+            .map(DROPS_MAP)
+            .expect("drop counters");
         let drops: PerCpuArray<_, u64> = PerCpuArray::try_from(map).expect("a per-CPU array");
         DropReason::ALL
             .iter()
             .filter_map(|reason| {
-                let total: u64 = drops.get(&(*reason as u32), 0).expect("counter").iter().sum();
+                let total: u64 = drops
+                    .get(&(*reason as u32), 0)
+                    .expect("counter")
+                    .iter()
+                    .sum();
                 (total > 0).then_some((*reason, total))
             })
             .collect()

@@ -24,7 +24,11 @@ pub fn require_root() {
 #[must_use]
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command; an error carries the command line and its stderr.
@@ -51,7 +55,9 @@ impl Netns {
     /// Creates the namespace with its loopback up.
     pub fn create(name: &str) -> io::Result<Self> {
         run("ip", &["netns", "add", name])?;
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -65,6 +71,11 @@ impl Netns {
     #[must_use]
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Leaves the namespace in place when this value goes away (the demo's `--keep`).
+    pub fn keep(self) {
+        std::mem::forget(self);
     }
 
     /// Runs `ip -n <ns> <args>`.

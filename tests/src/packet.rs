@@ -110,7 +110,14 @@ impl Packet {
         match self.proto {
             TCP => {
                 l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
-                l4.extend_from_slice(&(if self.tcp_flags & ACK != 0 { 2000u32 } else { 0 }).to_be_bytes());
+                l4.extend_from_slice(
+                    &(if self.tcp_flags & ACK != 0 {
+                        2000u32
+                    } else {
+                        0
+                    })
+                    .to_be_bytes(),
+                );
                 l4.extend_from_slice(&[5 << 4, self.tcp_flags]);
                 l4.extend_from_slice(&64240u16.to_be_bytes()); // window
                 l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
@@ -123,7 +130,12 @@ impl Packet {
         l4.extend_from_slice(&self.payload);
         let checksum_at = if self.proto == TCP { 16 } else { 6 };
         if !(self.proto == UDP && self.udp_without_checksum) {
-            let mut sum = checksum(&pseudo_header(*self.src.ip(), *self.dst.ip(), self.proto, &l4));
+            let mut sum = checksum(&pseudo_header(
+                *self.src.ip(),
+                *self.dst.ip(),
+                self.proto,
+                &l4,
+            ));
             if self.proto == UDP && sum == 0 {
                 sum = 0xffff;
             }
@@ -172,7 +184,11 @@ pub fn parse(frame: &[u8]) -> Parsed {
     let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let l4 = &ip[header_len..total_len];
-    let (checksum_at, data_at) = if proto == TCP { (16, usize::from(l4[12] >> 4) * 4) } else { (6, 8) };
+    let (checksum_at, data_at) = if proto == TCP {
+        (16, usize::from(l4[12] >> 4) * 4)
+    } else {
+        (6, 8)
+    };
     let l4_checksum = u16::from_be_bytes([l4[checksum_at], l4[checksum_at + 1]]);
     let l4_checksum_ok = (proto == UDP && l4_checksum == 0)
         || checksum(&pseudo_header(src_ip, dst_ip, proto, l4)) == 0;
@@ -218,6 +234,9 @@ mod tests {
     #[test]
     fn rfc1071_example() {
         // RFC 1071 section 3: the sum of these words is 0xddf2, so the checksum is 0x220d.
-        assert_eq!(checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0x220d);
+        assert_eq!(
+            checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            0x220d
+        );
     }
 }

@@ -17,8 +17,11 @@ use std::{
 use weft_tests::{
     apps::{Answer, HttpConnection, Server, http_get, serve_http, serve_udp, udp_request},
     cluster::{Agent, AgentOptions, Node, Pod},
-    netns::require_root,
-    seed::{self, BACKENDS, TARGET_PORT, cluster_cidr, endpoint_slice, nginx_manifest, pod_subnet, service},
+    netns::{require_root, unique},
+    seed::{
+        self, BACKENDS, TARGET_PORT, cluster_cidr, endpoint_slice, nginx_manifest, pod_subnet,
+        service,
+    },
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 20, 9);
@@ -53,7 +56,7 @@ fn seed_node(extra_manifests: &[(&str, &str)]) -> SeedNode {
 /// on or off.
 fn seed_node_with(extra_manifests: &[(&str, &str)], bridge_netfilter: bool) -> SeedNode {
     require_root();
-    let node = Node::new("wsvc", pod_subnet());
+    let node = Node::new(&unique("wsvc"), pod_subnet());
     node.set_bridge_netfilter(bridge_netfilter);
     let backends: Vec<Pod> = BACKENDS.iter().map(|ip| node.add_pod(*ip)).collect();
     let mut servers = Vec::new();
@@ -71,7 +74,9 @@ fn seed_node_with(extra_manifests: &[(&str, &str)], bridge_netfilter: bool) -> S
     let agent = Agent::start(&node, &manifests, &options);
     let client = node.add_pod(CLIENT);
     // The agent attaches reverse NAT to the client's port when it sees it join the bridge.
-    wait_until("the client pod reaches the VIP", || client.ns.run(|| http_get(seed::frontend()).is_ok()));
+    wait_until("the client pod reaches the VIP", || {
+        client.ns.run(|| http_get(seed::frontend()).is_ok())
+    });
     SeedNode {
         agent,
         client,
@@ -103,19 +108,35 @@ fn seed_scenario_spreads_300_connections_over_the_three_backends() {
     let seed = seed_node(&[]);
     let answers: Vec<Answer> = seed.client.ns.run(|| {
         (0..300)
-            .map(|i| http_get(seed::frontend()).unwrap_or_else(|e| panic!("connection {i} to the VIP: {e}")))
+            .map(|i| {
+                http_get(seed::frontend())
+                    .unwrap_or_else(|e| panic!("connection {i} to the VIP: {e}"))
+            })
             .collect()
     });
     let counts = count_servers(&answers);
-    assert_eq!(counts.keys().copied().collect::<Vec<_>>(), BACKENDS.to_vec(), "{counts:?}");
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>(),
+        BACKENDS.to_vec(),
+        "{counts:?}"
+    );
     // Each count is binomial(300, 1/3): 100 +- 8.2; 60..140 is beyond 4.8 sigma.
     for (backend, count) in &counts {
-        assert!((60..=140).contains(count), "{backend} answered {count} of 300: {counts:?}");
+        assert!(
+            (60..=140).contains(count),
+            "{backend} answered {count} of 300: {counts:?}"
+        );
     }
     // No masquerade for an in-cluster client: backends see the pod's own address.
-    assert!(answers.iter().all(|a| *a.client_seen.ip() == CLIENT), "source preserved");
+    assert!(
+        answers.iter().all(|a| *a.client_seen.ip() == CLIENT),
+        "source preserved"
+    );
     let table = seed.agent.inspect("services");
-    assert!(table.contains("default/nginx") && table.contains("10.254.40.119:4432"), "{table}");
+    assert!(
+        table.contains("default/nginx") && table.contains("10.254.40.119:4432"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -132,11 +153,25 @@ fn a_long_lived_connection_keeps_its_backend_while_another_service_comes_and_goe
         let backend = long_lived.request().expect("first request").server;
         seed.agent.write_manifest("other.yaml", &other_manifest);
         wait_until("the new service answers", || http_get(other).is_ok());
-        assert_eq!(long_lived.request().expect("request after the add").server, backend);
+        assert_eq!(
+            long_lived.request().expect("request after the add").server,
+            backend
+        );
         seed.agent.remove_manifest("other.yaml");
-        wait_until("the service is gone", || !seed.agent.inspect("services").contains("default/other"));
-        assert_eq!(long_lived.request().expect("request after the removal").server, backend);
-        assert_eq!(long_lived.peer().expect("peer").to_string(), seed::frontend().to_string());
+        wait_until("the service is gone", || {
+            !seed.agent.inspect("services").contains("default/other")
+        });
+        assert_eq!(
+            long_lived
+                .request()
+                .expect("request after the removal")
+                .server,
+            backend
+        );
+        assert_eq!(
+            long_lived.peer().expect("peer").to_string(),
+            seed::frontend().to_string()
+        );
     });
 }
 
@@ -148,15 +183,27 @@ fn a_udp_service_works_both_ways() {
     let answers: Vec<Answer> = seed.client.ns.run(|| {
         (0..40)
             .map(|i| {
-                let (answer, from) = udp_request(vip).unwrap_or_else(|e| panic!("datagram {i}: {e}"));
-                assert_eq!(from.to_string(), vip.to_string(), "the answer comes from the VIP");
+                let (answer, from) =
+                    udp_request(vip).unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+                assert_eq!(
+                    from.to_string(),
+                    vip.to_string(),
+                    "the answer comes from the VIP"
+                );
                 answer
             })
             .collect()
     });
     let counts = count_servers(&answers);
-    assert_eq!(counts.keys().copied().collect::<Vec<_>>(), BACKENDS[..2].to_vec(), "{counts:?}");
-    assert!(answers.iter().all(|a| *a.client_seen.ip() == CLIENT), "source preserved");
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>(),
+        BACKENDS[..2].to_vec(),
+        "{counts:?}"
+    );
+    assert!(
+        answers.iter().all(|a| *a.client_seen.ip() == CLIENT),
+        "source preserved"
+    );
 }
 
 /// Hairpin through the solo service (10.254.60.1:80 -> .6 only), with the bridge's netfilter
@@ -170,13 +217,25 @@ fn hairpin(bridge_netfilter: bool) {
     );
     let seed = seed_node_with(&[("solo.yaml", &manifest)], bridge_netfilter);
     let backend = &seed.backends[0];
-    let answer = backend.ns.run(|| http_get(solo)).expect("the backend reaches itself via the VIP");
+    let answer = backend
+        .ns
+        .run(|| http_get(solo))
+        .expect("the backend reaches itself via the VIP");
     assert_eq!(answer.server, backend.addr);
     // Masqueraded to the node's bridge address, or the backend would drop its own address as a
     // martian source.
-    assert_eq!(*answer.client_seen.ip(), seed.node.gateway(), "hairpin traffic is masqueraded");
+    assert_eq!(
+        *answer.client_seen.ip(),
+        seed.node.gateway(),
+        "hairpin traffic is masqueraded"
+    );
     let conntrack = seed.agent.inspect("conntrack");
-    assert!(conntrack.lines().any(|l| l.contains("10.254.60.1:80") && l.ends_with("yes")), "{conntrack}");
+    assert!(
+        conntrack
+            .lines()
+            .any(|l| l.contains("10.254.60.1:80") && l.ends_with("yes")),
+        "{conntrack}"
+    );
 }
 
 #[test]
@@ -199,20 +258,33 @@ fn the_node_itself_reaches_the_vip() {
                 let mut connection = HttpConnection::open(seed::frontend())
                     .unwrap_or_else(|e| panic!("node connection {i}: {e}"));
                 // getpeername shows the service the application asked for, not the backend.
-                assert_eq!(connection.peer().unwrap().to_string(), seed::frontend().to_string());
+                assert_eq!(
+                    connection.peer().unwrap().to_string(),
+                    seed::frontend().to_string()
+                );
                 connection.request().expect("request from the node")
             })
             .collect()
     });
     let counts = count_servers(&answers);
-    assert!(counts.keys().all(|server| BACKENDS.contains(server)), "{counts:?}");
-    assert!(counts.len() > 1, "30 connections from the node all went to one backend: {counts:?}");
+    assert!(
+        counts.keys().all(|server| BACKENDS.contains(server)),
+        "{counts:?}"
+    );
+    assert!(
+        counts.len() > 1,
+        "30 connections from the node all went to one backend: {counts:?}"
+    );
     let (answer, from) = seed
         .node
         .ns
         .run(|| udp_request(SocketAddrV4::new(DNS_VIP, DNS_PORT)))
         .expect("a datagram from the node");
-    assert_eq!(from.to_string(), format!("{DNS_VIP}:{DNS_PORT}"), "recvfrom shows the VIP");
+    assert_eq!(
+        from.to_string(),
+        format!("{DNS_VIP}:{DNS_PORT}"),
+        "recvfrom shows the VIP"
+    );
     assert!(BACKENDS.contains(&answer.server));
 }
 
@@ -220,29 +292,52 @@ fn the_node_itself_reaches_the_vip() {
 fn removing_a_backend_stops_new_connections_to_it_within_a_second() {
     let seed = seed_node(&[]);
     let removed = BACKENDS[2];
-    seed.agent.write_manifest("nginx.yaml", &nginx_manifest(&BACKENDS[..2]));
+    seed.agent
+        .write_manifest("nginx.yaml", &nginx_manifest(&BACKENDS[..2]));
     thread::sleep(Duration::from_secs(1));
-    let answers: Vec<Answer> = seed
-        .client
-        .ns
-        .run(|| (0..90).map(|_| http_get(seed::frontend()).expect("request")).collect());
+    let answers: Vec<Answer> = seed.client.ns.run(|| {
+        (0..90)
+            .map(|_| http_get(seed::frontend()).expect("request"))
+            .collect()
+    });
     let counts = count_servers(&answers);
-    assert!(!counts.contains_key(&removed), "new connections still reach {removed}: {counts:?}");
+    assert!(
+        !counts.contains_key(&removed),
+        "new connections still reach {removed}: {counts:?}"
+    );
     assert_eq!(counts.len(), 2, "{counts:?}");
 }
 
 #[test]
 fn a_clean_exit_removes_the_nft_table_and_keeps_the_pinned_maps() {
     let mut seed = seed_node(&[]);
-    let rules = seed.node.ns.exec("nft", &["list", "table", "ip", "weft"]).expect("the weft table exists");
+    let rules = seed
+        .node
+        .ns
+        .exec("nft", &["list", "table", "ip", "weft"])
+        .expect("the weft table exists");
     assert!(rules.contains("masquerade fully-random"), "{rules}");
     let status = seed.agent.stop();
-    assert!(status.success(), "SIGTERM is a clean exit: {status}\n{}", seed.agent.log());
     assert!(
-        seed.node.ns.exec("nft", &["list", "table", "ip", "weft"]).is_err(),
+        status.success(),
+        "SIGTERM is a clean exit: {status}\n{}",
+        seed.agent.log()
+    );
+    assert!(
+        seed.node
+            .ns
+            .exec("nft", &["list", "table", "ip", "weft"])
+            .is_err(),
         "the table is gone after a clean exit"
     );
     // The maps outlive the agent: a restart adopts them, and inspect still reads them.
     let table = seed.agent.inspect("backends");
-    assert_eq!(table.lines().filter(|l| l.starts_with("default/nginx")).count(), 3, "{table}");
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.starts_with("default/nginx"))
+            .count(),
+        3,
+        "{table}"
+    );
 }

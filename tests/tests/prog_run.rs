@@ -12,7 +12,9 @@ use weft_common::{MASQUERADE_MARK, drop_reason::DropReason, maps::ct_direction};
 use weft_tests::{
     harness::{Datapath, VERDICT_DROP, VERDICT_PASS},
     packet::{ACK, FIN, PSH, SYN, parse, tcp, udp},
-    seed::{self, BACKENDS, TARGET_PORT, VIP, cluster_cidr, endpoint_slice, nginx_manifest, service},
+    seed::{
+        self, BACKENDS, TARGET_PORT, VIP, cluster_cidr, endpoint_slice, nginx_manifest, service,
+    },
 };
 
 fn client() -> SocketAddrV4 {
@@ -20,7 +22,10 @@ fn client() -> SocketAddrV4 {
 }
 
 fn backend_addrs() -> Vec<SocketAddrV4> {
-    BACKENDS.iter().map(|ip| SocketAddrV4::new(*ip, TARGET_PORT)).collect()
+    BACKENDS
+        .iter()
+        .map(|ip| SocketAddrV4::new(*ip, TARGET_PORT))
+        .collect()
 }
 
 /// A UDP service beside the seed's nginx: 10.254.0.10:53 -> :5353 on .6 and .7.
@@ -72,13 +77,21 @@ fn fixtures() -> Vec<Fixture> {
             "TCP SYN to the VIP is DNATed to a backend",
             FROM_PODS,
             syn.build(),
-            Expect::Dnat { to: backend_addrs(), mark: 0 },
+            Expect::Dnat {
+                to: backend_addrs(),
+                mark: 0,
+            },
         ),
         fixture(
             "TCP data with a payload to the VIP is DNATed",
             FROM_PODS,
-            tcp(client(), vip, ACK | PSH).payload(b"GET / HTTP/1.1\r\n\r\n").build(),
-            Expect::Dnat { to: backend_addrs(), mark: 0 },
+            tcp(client(), vip, ACK | PSH)
+                .payload(b"GET / HTTP/1.1\r\n\r\n")
+                .build(),
+            Expect::Dnat {
+                to: backend_addrs(),
+                mark: 0,
+            },
         ),
         fixture(
             "a reply nobody asked for passes unchanged",
@@ -101,14 +114,27 @@ fn fixtures() -> Vec<Fixture> {
         fixture(
             "pod-to-pod traffic passes unchanged",
             FROM_PODS,
-            tcp(client(), SocketAddrV4::new(Ipv4Addr::new(172, 30, 44, 2), 80), SYN).build(),
+            tcp(
+                client(),
+                SocketAddrV4::new(Ipv4Addr::new(172, 30, 44, 2), 80),
+                SYN,
+            )
+            .build(),
             Expect::Unchanged,
         ),
         fixture(
             "a client outside --cluster-cidr gets the masquerade mark",
             FROM_PODS,
-            tcp(SocketAddrV4::new(Ipv4Addr::new(10, 167, 226, 38), 51000), vip, SYN).build(),
-            Expect::Dnat { to: backend_addrs(), mark: MASQUERADE_MARK },
+            tcp(
+                SocketAddrV4::new(Ipv4Addr::new(10, 167, 226, 38), 51000),
+                vip,
+                SYN,
+            )
+            .build(),
+            Expect::Dnat {
+                to: backend_addrs(),
+                mark: MASQUERADE_MARK,
+            },
         ),
         Fixture {
             manifests: nginx_manifest(&BACKENDS[..1]),
@@ -116,7 +142,10 @@ fn fixtures() -> Vec<Fixture> {
                 "hairpin: a backend reaching itself gets the masquerade mark",
                 FROM_PODS,
                 tcp(SocketAddrV4::new(BACKENDS[0], 41000), vip, SYN).build(),
-                Expect::Dnat { to: backend_addrs()[..1].to_vec(), mark: MASQUERADE_MARK },
+                Expect::Dnat {
+                    to: backend_addrs()[..1].to_vec(),
+                    mark: MASQUERADE_MARK,
+                },
             )
         },
         Fixture {
@@ -124,8 +153,16 @@ fn fixtures() -> Vec<Fixture> {
             ..fixture(
                 "marks already on the packet are kept beside the masquerade bit",
                 FROM_PODS,
-                tcp(SocketAddrV4::new(Ipv4Addr::new(10, 167, 226, 38), 51001), vip, SYN).build(),
-                Expect::Dnat { to: backend_addrs(), mark: MASQUERADE_MARK | 0x1 },
+                tcp(
+                    SocketAddrV4::new(Ipv4Addr::new(10, 167, 226, 38), 51001),
+                    vip,
+                    SYN,
+                )
+                .build(),
+                Expect::Dnat {
+                    to: backend_addrs(),
+                    mark: MASQUERADE_MARK | 0x1,
+                },
             )
         },
         Fixture {
@@ -142,9 +179,17 @@ fn fixtures() -> Vec<Fixture> {
             ..fixture(
                 "UDP to a UDP service is DNATed with a valid checksum",
                 FROM_PODS,
-                udp(client(), SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 10), 53), b"query").build(),
+                udp(
+                    client(),
+                    SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 10), 53),
+                    b"query",
+                )
+                .build(),
                 Expect::Dnat {
-                    to: vec![SocketAddrV4::new(BACKENDS[0], 5353), SocketAddrV4::new(BACKENDS[1], 5353)],
+                    to: vec![
+                        SocketAddrV4::new(BACKENDS[0], 5353),
+                        SocketAddrV4::new(BACKENDS[1], 5353),
+                    ],
                     mark: 0,
                 },
             )
@@ -154,11 +199,18 @@ fn fixtures() -> Vec<Fixture> {
             ..fixture(
                 "UDP without a checksum keeps checksum 0",
                 FROM_PODS,
-                udp(client(), SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 10), 53), b"query")
-                    .without_udp_checksum()
-                    .build(),
+                udp(
+                    client(),
+                    SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 10), 53),
+                    b"query",
+                )
+                .without_udp_checksum()
+                .build(),
                 Expect::Dnat {
-                    to: vec![SocketAddrV4::new(BACKENDS[0], 5353), SocketAddrV4::new(BACKENDS[1], 5353)],
+                    to: vec![
+                        SocketAddrV4::new(BACKENDS[0], 5353),
+                        SocketAddrV4::new(BACKENDS[1], 5353),
+                    ],
                     mark: 0,
                 },
             )
@@ -166,8 +218,13 @@ fn fixtures() -> Vec<Fixture> {
         fixture(
             "IP options move the TCP header and DNAT still finds it",
             FROM_PODS,
-            tcp(client(), vip, SYN).options(&[0x94, 0x04, 0, 0, 1, 1, 1, 0]).build(),
-            Expect::Dnat { to: backend_addrs(), mark: 0 },
+            tcp(client(), vip, SYN)
+                .options(&[0x94, 0x04, 0, 0, 1, 1, 1, 0])
+                .build(),
+            Expect::Dnat {
+                to: backend_addrs(),
+                mark: 0,
+            },
         ),
         fixture(
             "the first fragment of a datagram for a service is dropped, counted",
@@ -185,7 +242,10 @@ fn fixtures() -> Vec<Fixture> {
             // (BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than 20 header bytes.)
             "an IPv4 header whose options are cut off is dropped, counted",
             FROM_PODS,
-            tcp(client(), vip, SYN).options(&[1, 1, 1, 1, 1, 1, 1, 0]).build()[..14 + 24].to_vec(),
+            tcp(client(), vip, SYN)
+                .options(&[1, 1, 1, 1, 1, 1, 1, 0])
+                .build()[..14 + 24]
+                .to_vec(),
             Expect::Drop(DropReason::MalformedIpv4),
         ),
         fixture(
@@ -204,17 +264,27 @@ fn fixtures() -> Vec<Fixture> {
             syn.build()[..14 + 20 + 10].to_vec(),
             Expect::Drop(DropReason::MalformedL4),
         ),
-        fixture("an ARP frame passes unchanged", FROM_PODS, {
-            let mut arp = vec![0xff; 6];
-            arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
-            arp.extend_from_slice(&[0; 28]);
-            arp
-        }, Expect::Unchanged),
-        fixture("an IPv6 frame passes unchanged", FROM_PODS, {
-            let mut frame = vec![0x33, 0x33, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 1, 0x86, 0xdd];
-            frame.extend_from_slice(&[0x60; 40]);
-            frame
-        }, Expect::Unchanged),
+        fixture(
+            "an ARP frame passes unchanged",
+            FROM_PODS,
+            {
+                let mut arp = vec![0xff; 6];
+                arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
+                arp.extend_from_slice(&[0; 28]);
+                arp
+            },
+            Expect::Unchanged,
+        ),
+        fixture(
+            "an IPv6 frame passes unchanged",
+            FROM_PODS,
+            {
+                let mut frame = vec![0x33, 0x33, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 1, 0x86, 0xdd];
+                frame.extend_from_slice(&[0x60; 40]);
+                frame
+            },
+            Expect::Unchanged,
+        ),
         fixture(
             "a frame shorter than an Ethernet header passes unchanged",
             TO_POD,
@@ -226,16 +296,29 @@ fn fixtures() -> Vec<Fixture> {
 
 /// Asserts that `output` is `input` with only the addresses and ports rewritten (to
 /// `expected_src`, `expected_dst`) and valid checksums.
-fn assert_rewritten(name: &str, input: &[u8], output: &[u8], expected_src: SocketAddrV4, expected_dst: SocketAddrV4) {
+fn assert_rewritten(
+    name: &str,
+    input: &[u8],
+    output: &[u8],
+    expected_src: SocketAddrV4,
+    expected_dst: SocketAddrV4,
+) {
     let (before, after) = (parse(input), parse(output));
     assert_eq!(output.len(), input.len(), "{name}: length");
-    assert_eq!((after.src, after.dst), (expected_src, expected_dst), "{name}: addresses");
+    assert_eq!(
+        (after.src, after.dst),
+        (expected_src, expected_dst),
+        "{name}: addresses"
+    );
     assert_eq!(after.proto, before.proto, "{name}: protocol");
     assert_eq!(after.payload, before.payload, "{name}: payload");
     assert!(after.ip_checksum_ok, "{name}: IPv4 checksum");
     assert!(after.l4_checksum_ok, "{name}: transport checksum");
     if before.l4_checksum == 0 {
-        assert_eq!(after.l4_checksum, 0, "{name}: UDP checksum 0 means none and stays 0");
+        assert_eq!(
+            after.l4_checksum, 0,
+            "{name}: UDP checksum 0 means none and stays 0"
+        );
     }
     assert_eq!(output[..14], input[..14], "{name}: Ethernet header");
 }
@@ -243,7 +326,14 @@ fn assert_rewritten(name: &str, input: &[u8], output: &[u8], expected_src: Socke
 #[test]
 fn service_fixture_table() {
     for fixture in fixtures() {
-        let Fixture { name, manifests, program, input, mark_in, expect } = fixture;
+        let Fixture {
+            name,
+            manifests,
+            program,
+            input,
+            mark_in,
+            expect,
+        } = fixture;
         let mut datapath = Datapath::new(&manifests, Some(cluster_cidr()));
         let run = datapath.run(program, &input, mark_in);
         match expect {
@@ -256,14 +346,21 @@ fn service_fixture_table() {
             Expect::Dnat { to, mark } => {
                 assert_eq!(run.verdict, VERDICT_PASS, "{name}: verdict");
                 let dst = parse(&run.output).dst;
-                assert!(to.contains(&dst), "{name}: DNAT to {dst}, expected one of {to:?}");
+                assert!(
+                    to.contains(&dst),
+                    "{name}: DNAT to {dst}, expected one of {to:?}"
+                );
                 assert_rewritten(name, &input, &run.output, parse(&input).src, dst);
                 assert_eq!(run.mark, mark, "{name}: mark");
                 assert!(datapath.drops().is_empty(), "{name}: no drops");
             }
             Expect::Drop(reason) => {
                 assert_eq!(run.verdict, VERDICT_DROP, "{name}: verdict");
-                assert_eq!(datapath.drops(), BTreeMap::from([(reason, 1)]), "{name}: drop counters");
+                assert_eq!(
+                    datapath.drops(),
+                    BTreeMap::from([(reason, 1)]),
+                    "{name}: drop counters"
+                );
             }
         }
     }
@@ -273,7 +370,12 @@ fn service_fixture_table() {
 fn a_reply_from_the_chosen_backend_is_reverse_natted_and_others_are_not() {
     let mut datapath = Datapath::new(&nginx_manifest(&BACKENDS), Some(cluster_cidr()));
     let vip = seed::frontend();
-    let used = parse(&datapath.run(FROM_PODS, &tcp(client(), vip, SYN).build(), 0).output).dst;
+    let used = parse(
+        &datapath
+            .run(FROM_PODS, &tcp(client(), vip, SYN).build(), 0)
+            .output,
+    )
+    .dst;
     for backend in backend_addrs() {
         let reply = tcp(backend, client(), SYN | ACK).payload(b"hello").build();
         let run = datapath.run(TO_POD, &reply, 0);
@@ -281,15 +383,31 @@ fn a_reply_from_the_chosen_backend_is_reverse_natted_and_others_are_not() {
         if backend == used {
             assert_rewritten("reply", &reply, &run.output, vip, client());
         } else {
-            assert_eq!(run.output, reply, "a reply from {backend}, which the connection does not use");
+            assert_eq!(
+                run.output, reply,
+                "a reply from {backend}, which the connection does not use"
+            );
         }
     }
     // A UDP reply (with checksum 0) is restored too and keeps checksum 0.
     let mut datapath = Datapath::new(&with_dns(), Some(cluster_cidr()));
     let dns = SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 10), 53);
-    let used = parse(&datapath.run(FROM_PODS, &udp(client(), dns, b"q").build(), 0).output).dst;
-    let reply = udp(used, client(), b"answer").without_udp_checksum().build();
-    assert_rewritten("UDP reply", &reply, &datapath.run(TO_POD, &reply, 0).output, dns, client());
+    let used = parse(
+        &datapath
+            .run(FROM_PODS, &udp(client(), dns, b"q").build(), 0)
+            .output,
+    )
+    .dst;
+    let reply = udp(used, client(), b"answer")
+        .without_udp_checksum()
+        .build();
+    assert_rewritten(
+        "UDP reply",
+        &reply,
+        &datapath.run(TO_POD, &reply, 0).output,
+        dns,
+        client(),
+    );
     assert!(datapath.drops().is_empty());
 }
 
@@ -297,7 +415,12 @@ fn a_reply_from_the_chosen_backend_is_reverse_natted_and_others_are_not() {
 fn every_packet_of_a_connection_goes_to_its_backend() {
     let mut datapath = Datapath::new(&nginx_manifest(&BACKENDS), Some(cluster_cidr()));
     let vip = seed::frontend();
-    let first = parse(&datapath.run(FROM_PODS, &tcp(client(), vip, SYN).build(), 0).output).dst;
+    let first = parse(
+        &datapath
+            .run(FROM_PODS, &tcp(client(), vip, SYN).build(), 0)
+            .output,
+    )
+    .dst;
     for flags in [ACK, ACK | PSH, ACK | PSH, ACK, FIN | ACK] {
         let frame = tcp(client(), vip, flags).payload(b"data").build();
         assert_eq!(parse(&datapath.run(FROM_PODS, &frame, 0).output).dst, first);
@@ -305,13 +428,34 @@ fn every_packet_of_a_connection_goes_to_its_backend() {
     // Both directions are tracked, and the state followed the client's FIN.
     let entries = datapath.conntrack();
     assert_eq!(entries.len(), 2);
-    let (forward_key, forward) = entries.iter().find(|(k, _)| k.direction == ct_direction::FORWARD).unwrap();
-    assert_eq!(SocketAddrV4::new(forward.nat_addr.into(), forward.nat_port), first);
-    assert_eq!((forward_key.src_port, forward_key.dst_port), (client().port(), vip.port()));
-    assert_eq!(weft_common::conntrack::state_name(6, forward.flags), "CLOSE_WAIT");
-    let (reply_key, reply) = entries.iter().find(|(k, _)| k.direction == ct_direction::REPLY).unwrap();
-    assert_eq!(SocketAddrV4::new(reply_key.src_addr.into(), reply_key.src_port), first);
-    assert_eq!(SocketAddrV4::new(reply.nat_addr.into(), reply.nat_port), vip);
+    let (forward_key, forward) = entries
+        .iter()
+        .find(|(k, _)| k.direction == ct_direction::FORWARD)
+        .unwrap();
+    assert_eq!(
+        SocketAddrV4::new(forward.nat_addr.into(), forward.nat_port),
+        first
+    );
+    assert_eq!(
+        (forward_key.src_port, forward_key.dst_port),
+        (client().port(), vip.port())
+    );
+    assert_eq!(
+        weft_common::conntrack::state_name(6, forward.flags),
+        "CLOSE_WAIT"
+    );
+    let (reply_key, reply) = entries
+        .iter()
+        .find(|(k, _)| k.direction == ct_direction::REPLY)
+        .unwrap();
+    assert_eq!(
+        SocketAddrV4::new(reply_key.src_addr.into(), reply_key.src_port),
+        first
+    );
+    assert_eq!(
+        SocketAddrV4::new(reply.nat_addr.into(), reply.nat_port),
+        vip
+    );
 }
 
 #[test]
@@ -323,10 +467,16 @@ fn new_connections_spread_evenly_over_the_backends() {
         let run = datapath.run(FROM_PODS, &tcp(src, seed::frontend(), SYN).build(), 0);
         *counts.entry(parse(&run.output).dst).or_default() += 1;
     }
-    assert_eq!(counts.keys().copied().collect::<BTreeSet<_>>(), backend_addrs().into_iter().collect());
+    assert_eq!(
+        counts.keys().copied().collect::<BTreeSet<_>>(),
+        backend_addrs().into_iter().collect()
+    );
     // Each share is binomial(3000, 1/3): 1000 +- 26 (1 sigma); 850..1150 is beyond 5.8 sigma.
     for (backend, count) in &counts {
-        assert!((850..=1150).contains(count), "{backend} got {count} of 3000: {counts:?}");
+        assert!(
+            (850..=1150).contains(count),
+            "{backend} got {count} of 3000: {counts:?}"
+        );
     }
 }
 
@@ -337,17 +487,36 @@ fn an_endpoint_update_changes_new_connections_only() {
     // Open connections until one lands on .8, then take .8 out of the service.
     let established = (0..200u16)
         .map(|i| SocketAddrV4::new(*client().ip(), 20000 + i))
-        .find(|src| parse(&datapath.run(FROM_PODS, &tcp(*src, vip, SYN).build(), 0).output).dst == backend_addrs()[2])
+        .find(|src| {
+            parse(
+                &datapath
+                    .run(FROM_PODS, &tcp(*src, vip, SYN).build(), 0)
+                    .output,
+            )
+            .dst == backend_addrs()[2]
+        })
         .expect("some connection lands on .8");
     datapath.set_manifests(&nginx_manifest(&BACKENDS[..2]));
     // The established connection keeps its backend, as with kube-proxy's conntrack.
     let data = tcp(established, vip, ACK).payload(b"more").build();
-    assert_eq!(parse(&datapath.run(FROM_PODS, &data, 0).output).dst, backend_addrs()[2]);
+    assert_eq!(
+        parse(&datapath.run(FROM_PODS, &data, 0).output).dst,
+        backend_addrs()[2]
+    );
     // New connections never reach it.
     for i in 0..300u16 {
         let src = SocketAddrV4::new(*client().ip(), 30000 + i);
-        let dst = parse(&datapath.run(FROM_PODS, &tcp(src, vip, SYN).build(), 0).output).dst;
-        assert_ne!(dst, backend_addrs()[2], "new connection {i} went to the removed backend");
+        let dst = parse(
+            &datapath
+                .run(FROM_PODS, &tcp(src, vip, SYN).build(), 0)
+                .output,
+        )
+        .dst;
+        assert_ne!(
+            dst,
+            backend_addrs()[2],
+            "new connection {i} went to the removed backend"
+        );
     }
 }
 
@@ -356,15 +525,37 @@ fn a_closed_connection_reopened_with_a_syn_picks_again() {
     let mut datapath = Datapath::new(&nginx_manifest(&BACKENDS[..1]), Some(cluster_cidr()));
     let vip = seed::frontend();
     datapath.run(FROM_PODS, &tcp(client(), vip, SYN).build(), 0);
-    datapath.run(TO_POD, &tcp(backend_addrs()[0], client(), SYN | ACK).build(), 0);
+    datapath.run(
+        TO_POD,
+        &tcp(backend_addrs()[0], client(), SYN | ACK).build(),
+        0,
+    );
     datapath.run(FROM_PODS, &tcp(client(), vip, FIN | ACK).build(), 0);
-    datapath.run(TO_POD, &tcp(backend_addrs()[0], client(), FIN | ACK).build(), 0);
+    datapath.run(
+        TO_POD,
+        &tcp(backend_addrs()[0], client(), FIN | ACK).build(),
+        0,
+    );
     let closed = datapath.conntrack();
-    let forward = closed.iter().find(|(k, _)| k.direction == ct_direction::FORWARD).unwrap().1;
-    assert_eq!(weft_common::conntrack::state_name(6, forward.flags), "CLOSED");
+    let forward = closed
+        .iter()
+        .find(|(k, _)| k.direction == ct_direction::FORWARD)
+        .unwrap()
+        .1;
+    assert_eq!(
+        weft_common::conntrack::state_name(6, forward.flags),
+        "CLOSED"
+    );
     // Same client port again: a new connection, tracked from scratch.
     datapath.run(FROM_PODS, &tcp(client(), vip, SYN).build(), 0);
     let reopened = datapath.conntrack();
-    let forward = reopened.iter().find(|(k, _)| k.direction == ct_direction::FORWARD).unwrap().1;
-    assert_eq!(weft_common::conntrack::state_name(6, forward.flags), "SYN_SENT");
+    let forward = reopened
+        .iter()
+        .find(|(k, _)| k.direction == ct_direction::FORWARD)
+        .unwrap()
+        .1;
+    assert_eq!(
+        weft_common::conntrack::state_name(6, forward.flags),
+        "SYN_SENT"
+    );
 }

@@ -1,1 +1,156 @@
-fn main() {}
+//! `cargo xtask`: weft's project commands. Each one first runs `setup`, so on a fresh machine
+//! the two commands README starts with do everything.
+//!
+//! - `cargo xtask setup`: install the toolchain and tools (idempotent).
+//! - `cargo xtask test`: formatting, lints (host and eBPF), and every test tier.
+//! - `cargo xtask demo [--keep | --clean]`: the seed's example on a node made of network
+//!   namespaces.
+
+mod setup;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "weft's build, test and demo commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing weft needs (Debian packages, bpf-linker, bpffs).
+    Setup,
+    /// Check formatting and lints, then run every test (unit, BPF_PROG_TEST_RUN, namespaces).
+    Test,
+    /// Build a node out of network namespaces and serve the seed's nginx Service on it.
+    Demo {
+        /// Leave the demo running and print how to clean it up.
+        #[arg(long)]
+        keep: bool,
+        /// Remove a demo left running with --keep.
+        #[arg(long, conflicts_with = "keep")]
+        clean: bool,
+    },
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Runs a command, echoing it, and fails if it fails.
+pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
+    println!("$ {}", describe(command));
+    let status = command
+        .status()
+        .with_context(|| format!("starting {}", describe(command)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", describe(command));
+    }
+    Ok(())
+}
+
+/// Runs a command quietly and returns its trimmed stdout, or an error if it fails.
+pub(crate) fn capture(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(program).args(args).output()?;
+    if !output.status.success() {
+        bail!("{program} {} failed", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|part| part.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `cargo` in the workspace root, as the one that runs xtask.
+fn cargo() -> Command {
+    let mut command = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(root());
+    command
+}
+
+fn test() -> anyhow::Result<()> {
+    setup::setup()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The eBPF programs only exist for the BPF target; lint them with the toolchain that builds them.
+    run(Command::new("rustup")
+        .current_dir(root())
+        .args([
+            "run",
+            "/usr",
+            "cargo",
+            "clippy",
+            "-p",
+            "weft-dataplane-ebpf",
+            "--release",
+        ])
+        .args([
+            "--target",
+            "bpfel-unknown-none",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf"))?;
+    // The namespace tests start the `weft` binary, which `cargo test` alone does not build.
+    run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
+    run(cargo()
+        .args(["test", "--workspace", "--locked"])
+        .env("WEFT_BIN", root().join("target/debug/weft")))
+}
+
+fn demo(keep: bool, clean: bool) -> anyhow::Result<()> {
+    setup::setup()?;
+    run(cargo().args([
+        "build",
+        "-p",
+        "weft",
+        "-p",
+        "weft-tests",
+        "--bins",
+        "--locked",
+    ]))?;
+    let mut demo = Command::new(root().join("target/debug/weft-demo"));
+    demo.env("WEFT_BIN", root().join("target/debug/weft"));
+    if keep {
+        demo.arg("--keep");
+    }
+    if clean {
+        demo.arg("--clean");
+    }
+    run(&mut demo)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::Test => test(),
+        Task::Demo { keep, clean } => demo(keep, clean),
+    }
+}
