@@ -125,7 +125,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let loaded = manifests::load(&manifest_dir, &model)?;
     let mut reconciler =
         Reconciler::adopt(service_maps).context("reading the pinned service maps")?;
-    let mut failed = log_pass(&reconciler.reconcile(&model.desired()), &[]);
+    let desired = model.desired();
+    for note in &desired.notes {
+        warn!("{note}");
+    }
+    let mut failed = log_pass(&reconciler.reconcile(&desired), &[]);
 
     nft::install()?;
     let mut ports = PortWatch::subscribe(bridge_link.index)?;
@@ -152,7 +156,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             error!("manifest source stopped: {e}; the last known services keep working");
         }
     });
-    tokio::spawn(async move {
+    let mut reconciling = tokio::spawn(async move {
+        let mut notes = Vec::new();
         loop {
             if failed.is_empty() {
                 model.changed().await;
@@ -161,10 +166,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let _ = tokio::time::timeout(RETRY, model.changed()).await;
             }
             tokio::time::sleep(COALESCE).await;
-            failed = log_pass(&reconciler.reconcile(&model.desired()), &failed);
+            let desired = model.desired();
+            if desired.notes != notes {
+                for note in &desired.notes {
+                    warn!("{note}");
+                }
+                notes.clone_from(&desired.notes);
+            }
+            failed = log_pass(&reconciler.reconcile(&desired), &failed);
         }
     });
-    tokio::spawn(async move {
+    let mut collecting = tokio::spawn(async move {
         let mut ticks = tokio::time::interval(CONNTRACK_GC);
         loop {
             ticks.tick().await;
@@ -185,6 +197,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 Some(PortEvent::Left(index)) => dataplane.detach_pod_port(index),
                 None => anyhow::bail!("the netlink link notifications stopped"),
             },
+            // These loops never return; one that does has panicked.
+            ended = &mut reconciling => anyhow::bail!("the reconciler stopped: {ended:?}"),
+            ended = &mut collecting => anyhow::bail!("conntrack collection stopped: {ended:?}"),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }

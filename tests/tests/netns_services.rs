@@ -341,3 +341,29 @@ fn a_clean_exit_removes_the_nft_table_and_keeps_the_pinned_maps() {
         "{table}"
     );
 }
+
+#[test]
+fn a_failing_test_still_removes_its_namespaces_and_pins() {
+    require_root();
+    let name = unique("wfail");
+    let pin_dir = std::sync::Mutex::new(None);
+    let outcome = std::panic::catch_unwind(|| {
+        let node = Node::new(&name, pod_subnet());
+        let _pod = node.add_pod(BACKENDS[0]);
+        let agent = Agent::start(
+            &node,
+            &[("nginx.yaml", &nginx_manifest(&BACKENDS))],
+            &AgentOptions::default(),
+        );
+        *pin_dir.lock().unwrap() = Some(agent.pin_dir().to_owned());
+        panic!("a test failing halfway");
+    });
+    assert!(outcome.is_err());
+    let namespaces = weft_tests::netns::run("ip", &["netns", "list"]).expect("ip netns list");
+    assert!(
+        !namespaces.contains(&name),
+        "namespaces left behind:\n{namespaces}"
+    );
+    let pin_dir = pin_dir.into_inner().unwrap().expect("the agent started");
+    assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
+}
