@@ -1,25 +1,40 @@
 //! `weft agent`: wires the sources, the reconciler and the dataplane together on one node.
 
-use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tracing::{error, info, warn};
 use weft::{
-    conntrack::{Conntrack, monotonic_now_ns},
+    conntrack::{Conntrack, lost_udp_endpoints},
     dataplane::{Dataplane, MapLimits, cgroup2_mount},
-    manifests,
-    maps::{AyaServiceMaps, MapWriteError},
+    flannel::{self, NetworkConfig, subnet_env},
+    manifests::{self, ManifestWatch},
+    maps::{AyaMaps, MapWriteError},
     model::ServicePortName,
-    netdev::{self, PortEvent, PortWatch},
-    nft,
+    netdev::{self, PortEvent, PortWatch, Uplink},
+    nft::{self, PodMasquerade},
     reconcile::{Reconciler, Report},
     source::ModelHandle,
+    subnets::{self, OwnLease, SubnetSettings},
     sys,
 };
-use weft_common::maps::{
-    DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES, DatapathConfig,
+use weft_common::{
+    maps::{
+        DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES, DatapathConfig,
+        OverlayConfig,
+    },
+    vxlan,
 };
 
 #[derive(clap::Args)]
@@ -31,15 +46,17 @@ pub struct AgentArgs {
     /// Directory of Service and discovery.k8s.io/v1 EndpointSlice manifests (YAML or JSON),
     /// re-read whenever a file in it changes.
     #[arg(long, env = "WEFT_MANIFESTS")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
     /// The bridge local pods are attached to.
     #[arg(long, env = "WEFT_BRIDGE", default_value = "cni0")]
     bridge: String,
-    /// This node's pod subnet; a bridge weft creates gets its first address.
+    /// This node's pod subnet, for a node without etcd (no overlay); with etcd, the lease decides
+    /// it. A bridge weft creates gets its first address.
     #[arg(long, env = "WEFT_POD_SUBNET")]
-    pod_subnet: Ipv4Net,
-    /// The cluster's pod network. Service traffic from sources outside it is masqueraded;
-    /// without it, only hairpin traffic is (as kube-proxy without --cluster-cidr).
+    pod_subnet: Option<Ipv4Net>,
+    /// The cluster's pod network. Service traffic from sources outside it is masqueraded. With
+    /// etcd it defaults to the flannel Network; without either, only hairpin traffic is
+    /// masqueraded (as kube-proxy without --cluster-cidr).
     #[arg(long, env = "WEFT_CLUSTER_CIDR")]
     cluster_cidr: Option<Ipv4Net>,
     /// cgroup v2 directory whose sockets get service translation (default: the cgroup v2 root,
@@ -55,6 +72,29 @@ pub struct AgentArgs {
     /// Capacity of the conntrack table (two entries per connection).
     #[arg(long, env = "WEFT_CT_ENTRIES", default_value_t = DEFAULT_CT_ENTRIES)]
     ct_entries: u32,
+    /// etcd endpoints (comma-separated URLs) holding flannel's network config and subnet leases;
+    /// turns on the overlay.
+    #[arg(long, env = "WEFT_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// The etcd key prefix of flannel's config and leases.
+    #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = flannel::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// The uplink the overlay runs over (default: the interface of the default route).
+    #[arg(long, env = "WEFT_IFACE")]
+    iface: Option<String>,
+    /// This node's address on the underlay (default: the uplink's first IPv4 address).
+    #[arg(long, env = "WEFT_PUBLIC_IP")]
+    public_ip: Option<Ipv4Addr>,
+    /// Where to write flannel's subnet.env for the CNI plugin.
+    #[arg(
+        long,
+        env = "WEFT_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
+    subnet_file: PathBuf,
+    /// Masquerade pod traffic leaving the pod network, as flannel's --ip-masq does.
+    #[arg(long, env = "WEFT_IP_MASQ")]
+    ip_masq: bool,
 }
 
 /// How long the reconciler waits after a change for more to arrive, so bursts cost one pass.
@@ -64,105 +104,301 @@ const RETRY: Duration = Duration::from_secs(5);
 /// How often expired connections are collected.
 const CONNTRACK_GC: Duration = Duration::from_secs(30);
 
-pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let AgentArgs {
-        pin_dir,
-        manifests: manifest_dir,
-        bridge,
-        pod_subnet,
-        cluster_cidr,
-        cgroup,
-        max_services,
-        max_endpoints,
-        ct_entries,
-    } = args;
-    let limits = MapLimits {
-        max_services,
-        max_endpoints,
-        ct_entries,
-    };
+/// The overlay of an etcd-backed node: its uplink, the network config and its own lease.
+struct Overlay {
+    uplink: Uplink,
+    public_ip: Ipv4Addr,
+    config: NetworkConfig,
+    own: OwnLease,
+    client: etcd_client::Client,
+    prefix: String,
+    /// MTU of pod interfaces: the uplink's, less the VXLAN overhead (or Backend.MTU).
+    mtu: u32,
+}
 
+/// Joins the overlay: finds the uplink, reads flannel's config from etcd (waiting while etcd is
+/// unreachable or the config is missing) and takes this node's lease.
+async fn join_overlay(netlink: &rtnetlink::Handle, args: &AgentArgs) -> anyhow::Result<Overlay> {
+    let uplink = netdev::uplink(netlink, args.iface.as_deref()).await?;
+    let public_ip = args
+        .public_ip
+        .or(uplink.address)
+        .ok_or_else(|| netdev::NetdevError::NoAddress(uplink.name.clone()))?;
+    let mut client = subnets::connect(&args.etcd_endpoints).await;
+    let config = subnets::wait_for_config(&mut client, &args.etcd_prefix).await;
+    let settings = SubnetSettings {
+        endpoints: args.etcd_endpoints.clone(),
+        prefix: args.etcd_prefix.clone(),
+        public_ip,
+    };
+    let own = loop {
+        match subnets::acquire(&mut client, &settings, &config).await {
+            Ok(own) => break own,
+            Err(e) if e.is_transient() => {
+                warn!("taking a subnet lease failed ({e:#}); retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e).context("taking a subnet lease"),
+        }
+    };
+    let mtu = config
+        .mtu
+        .unwrap_or(uplink.mtu.saturating_sub(vxlan::OVERHEAD));
+    info!(
+        subnet = %own.subnet,
+        public_ip = %public_ip,
+        vtep_mac = %own.lease.vtep_mac,
+        uplink = uplink.name,
+        "holding the subnet lease"
+    );
+    Ok(Overlay {
+        uplink,
+        public_ip,
+        config,
+        own,
+        client,
+        prefix: args.etcd_prefix.clone(),
+        mtu,
+    })
+}
+
+/// Writes `subnet.env` atomically, as flannel does, for the CNI plugin.
+fn write_subnet_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let staged = path.with_extension("tmp");
+    fs::write(&staged, contents).with_context(|| format!("writing {}", staged.display()))?;
+    fs::rename(&staged, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// How often the bridge's ports are listed again (netlink notifications can be lost).
+const PORT_RESYNC: Duration = Duration::from_secs(30);
+
+/// What the agent changed on the node that outlives its process unless it is undone on the
+/// way out: the overlay route (the nftables table undoes itself, see [`nft::Table`]).
+#[derive(Default)]
+struct Undo {
+    overlay_route: Option<(Ipv4Net, Uplink)>,
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    // Signals first: a SIGTERM while starting must still end in a clean exit.
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let netlink = netdev::connect()?;
-    let (bridge_link, created) = netdev::ensure_bridge(&netlink, &bridge, pod_subnet)
-        .await
-        .with_context(|| format!("preparing the pod bridge {bridge}"))?;
+    let mut undo = Undo::default();
+    let outcome = tokio::select! {
+        outcome = serve(&args, &netlink, &mut undo) => outcome,
+        _ = terminate.recv() => Ok(()),
+        _ = interrupt.recv() => Ok(()),
+    };
+    info!(
+        "stopping: detaching programs, removing the overlay route and the nftables table; pinned maps stay"
+    );
+    if let Some((network, uplink)) = undo.overlay_route
+        && let Err(e) = netdev::unroute_network(&netlink, network, &uplink).await
+    {
+        warn!("removing the overlay route: {e:#}");
+    }
+    outcome
+}
+
+/// Sets the node up and serves until a task fails (the caller stops it on a signal). Everything
+/// it holds (programs, the nftables table) is released when it returns or is dropped.
+async fn serve(
+    args: &AgentArgs,
+    netlink: &rtnetlink::Handle,
+    undo: &mut Undo,
+) -> anyhow::Result<()> {
+    let mut overlay = if args.etcd_endpoints.is_empty() {
+        None
+    } else {
+        Some(join_overlay(netlink, args).await?)
+    };
+    let pod_subnet = match (&overlay, args.pod_subnet) {
+        (Some(overlay), Some(given)) if given != overlay.own.subnet => {
+            bail!(
+                "--pod-subnet {given} differs from this node's lease {}; drop the flag",
+                overlay.own.subnet
+            )
+        }
+        (Some(overlay), _) => overlay.own.subnet,
+        (None, Some(given)) => given,
+        (None, None) => {
+            bail!("pass --pod-subnet (one node) or --etcd-endpoints (flannel-compatible overlay)")
+        }
+    };
+    let gateway = pod_subnet.hosts().next().unwrap_or(pod_subnet.network());
+    if let Some(overlay) = &overlay {
+        write_subnet_file(
+            &args.subnet_file,
+            &subnet_env(&overlay.config, &pod_subnet, overlay.mtu, args.ip_masq),
+        )?;
+    }
+
+    let (bridge_link, created) = netdev::ensure_bridge(
+        netlink,
+        &args.bridge,
+        pod_subnet,
+        overlay.as_ref().map(|o| o.mtu),
+    )
+    .await
+    .with_context(|| format!("preparing the pod bridge {}", args.bridge))?;
     if created {
-        info!(%bridge, %pod_subnet, "created the pod bridge");
+        info!(bridge = args.bridge, %pod_subnet, "created the pod bridge");
     }
     netdev::enable_ip_forwarding()?;
 
-    let mut dataplane = Dataplane::load(Some(&pin_dir), limits).with_context(|| {
+    let limits = MapLimits {
+        max_services: args.max_services,
+        max_endpoints: args.max_endpoints,
+        ct_entries: args.ct_entries,
+    };
+    let mut dataplane = Dataplane::load(Some(&args.pin_dir), limits).with_context(|| {
         format!(
             "loading the dataplane with maps pinned in {}",
-            pin_dir.display()
+            args.pin_dir.display()
         )
     })?;
     let host_netns_cookie = sys::netns_cookie().unwrap_or_else(|e| {
         warn!(
             "cannot read this network namespace's cookie ({e}; needs Linux 5.14); \
-               the socket hooks will translate sockets of every namespace"
+             the socket hooks will translate sockets of every namespace"
         );
         0
     });
+    let cluster_cidr = args
+        .cluster_cidr
+        .or(overlay.as_ref().map(|o| o.config.network));
     if cluster_cidr.is_none() {
         warn!(
             "--cluster-cidr is not set: service traffic from outside the cluster is not masqueraded"
         );
     }
-    let cidr = cluster_cidr.unwrap_or(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0)?);
+    let cidr = cluster_cidr.unwrap_or_default();
     dataplane.set_config(&DatapathConfig {
         cluster_cidr_addr: cidr.network().octets(),
         cluster_cidr_prefix_len: cidr.prefix_len(),
         _pad: [0; 3],
         host_netns_cookie,
     })?;
-    let service_maps = AyaServiceMaps::take_from(dataplane.ebpf_mut())?;
+    if let Some(overlay) = &overlay {
+        dataplane.set_overlay(&OverlayConfig {
+            public_ip: overlay.public_ip.octets(),
+            network_addr: overlay.config.network.network().octets(),
+            network_prefix_len: overlay.config.network.prefix_len(),
+            _pad: 0,
+            port: overlay.config.port,
+            vni: overlay.config.vni,
+            vtep_mac: overlay.own.lease.vtep_mac.0,
+            uplink_mac: overlay.uplink.mac,
+        })?;
+    }
+    let maps = AyaMaps::take_from(dataplane.ebpf_mut())?;
     let mut conntrack = Conntrack::take_from(dataplane.ebpf_mut())?;
 
-    // Services are in the maps before any program is attached, and the first pass sees every
-    // manifest, so a restart never drops a service it still has.
+    // Every source is read once before the first pass, so a restart never drops a service or
+    // a route only because its source was not read yet, and services are in the maps before
+    // any program is attached.
     let model = Arc::new(ModelHandle::default());
-    let loaded = manifests::load(&manifest_dir, &model)?;
-    let mut reconciler =
-        Reconciler::adopt(service_maps).context("reading the pinned service maps")?;
+    let manifest_watch = args
+        .manifests
+        .as_deref()
+        .map(|dir| ManifestWatch::start(dir, &model))
+        .transpose()?;
+    let lease_revision = match &mut overlay {
+        Some(overlay) => Some(
+            subnets::load(
+                &mut overlay.client,
+                &overlay.prefix,
+                &overlay.own.subnet,
+                overlay.config.vni,
+                &model,
+            )
+            .await
+            .context("listing the other nodes' leases")?,
+        ),
+        None => None,
+    };
+    let mut reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
     let desired = model.desired();
     for note in &desired.notes {
         warn!("{note}");
     }
     let mut failed = log_pass(&reconciler.reconcile(&desired), &[]);
 
-    nft::install()?;
-    let mut ports = PortWatch::subscribe(bridge_link.index)?;
-    for link in netdev::links(&netlink).await? {
-        if link.controller == Some(bridge_link.index) {
-            attach_port(&mut dataplane, &netlink, &link).await;
-        }
+    let pod_masquerade = args
+        .ip_masq
+        .then(|| {
+            overlay.as_ref().map(|o| PodMasquerade {
+                network: o.config.network,
+                subnet: pod_subnet,
+            })
+        })
+        .flatten();
+    let _table = nft::Table::install(pod_masquerade)?;
+    if let Some(overlay) = &overlay {
+        undo.overlay_route = Some((overlay.config.network, overlay.uplink.clone()));
+        netdev::route_network(
+            netlink,
+            overlay.config.network,
+            &overlay.uplink,
+            gateway,
+            overlay.own.lease.vtep_mac.0,
+            overlay.mtu,
+        )
+        .await?;
+        let driver = dataplane.attach_uplink(&overlay.uplink.name)?;
+        info!(
+            uplink = overlay.uplink.name,
+            xdp_driver_mode = driver,
+            "overlay attached"
+        );
     }
-    let cgroup = cgroup
+    let mut ports = PortWatch::subscribe(bridge_link.index)?;
+    resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?;
+    let cgroup = args
+        .cgroup
+        .clone()
         .or_else(cgroup2_mount)
         .context("no cgroup v2 hierarchy is mounted; mount one or pass --cgroup")?;
     dataplane.attach_socket_hooks(&cgroup)?;
     info!(
         service_ports = reconciler.programmed(),
-        %bridge,
+        bridge = args.bridge,
+        %pod_subnet,
         ports = dataplane.attached_ports(),
         cgroup = %cgroup.display(),
         "ready"
     );
 
-    let watch_model = Arc::clone(&model);
-    tokio::spawn(async move {
-        if let Err(e) = manifests::watch(manifest_dir, loaded, watch_model).await {
-            error!("manifest source stopped: {e}; the last known services keep working");
-        }
-    });
+    if let Some(watch) = manifest_watch {
+        tokio::spawn(manifests::follow(watch, Arc::clone(&model)));
+    }
+    if let (Some(overlay), Some(revision)) = (overlay, lease_revision) {
+        tokio::spawn(subnets::watch(
+            overlay.client.clone(),
+            overlay.prefix.clone(),
+            overlay.own.subnet,
+            overlay.config.vni,
+            revision,
+            Arc::clone(&model),
+        ));
+        tokio::spawn(subnets::keep_lease(
+            overlay.client,
+            overlay.prefix,
+            overlay.own,
+        ));
+    }
+    let (udp_endpoints, mut udp_changes) = watch::channel(Arc::new(desired.udp_endpoints()));
     let mut reconciling = tokio::spawn(async move {
         let mut notes = Vec::new();
         loop {
             if failed.is_empty() {
                 model.changed().await;
             } else {
-                // Retry failed service ports even when nothing changed: space may have freed up.
+                // Retry failed entries even when nothing changed: space may have freed up.
                 let _ = tokio::time::timeout(RETRY, model.changed()).await;
             }
             tokio::time::sleep(COALESCE).await;
@@ -174,39 +410,105 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 notes.clone_from(&desired.notes);
             }
             failed = log_pass(&reconciler.reconcile(&desired), &failed);
+            let udp = desired.udp_endpoints();
+            udp_endpoints.send_if_modified(|current| {
+                let changed = **current != udp;
+                if changed {
+                    *current = Arc::new(udp);
+                }
+                changed
+            });
         }
     });
     let mut collecting = tokio::spawn(async move {
         let mut ticks = tokio::time::interval(CONNTRACK_GC);
+        let mut known = Arc::clone(&udp_changes.borrow());
         loop {
-            ticks.tick().await;
-            match conntrack.collect_garbage(monotonic_now_ns()) {
-                Ok(0) => {}
-                Ok(removed) => tracing::debug!(removed, "collected expired connections"),
-                Err(e) => warn!("conntrack collection failed: {e}"),
-            }
+            let purge = tokio::select! {
+                _ = ticks.tick() => None,
+                Ok(()) = udp_changes.changed() => {
+                    let next = Arc::clone(&udp_changes.borrow_and_update());
+                    let lost = lost_udp_endpoints(&known, &next);
+                    known = Arc::clone(&next);
+                    lost.then_some(next)
+                }
+            };
+            // A sweep makes a syscall per entry; it runs beside the async workers, not on one.
+            conntrack = tokio::task::spawn_blocking(move || {
+                match purge {
+                    None => match conntrack.collect_garbage() {
+                        Ok(0) => {}
+                        Ok(removed) => tracing::debug!(removed, "collected expired connections"),
+                        Err(e) => warn!("conntrack collection failed: {e}"),
+                    },
+                    Some(valid) => match conntrack.purge_udp(&valid) {
+                        Ok(removed) => info!(
+                            removed,
+                            "purged UDP flows of endpoints that left their service"
+                        ),
+                        Err(e) => warn!("purging stale UDP flows failed: {e}"),
+                    },
+                }
+                conntrack
+            })
+            .await
+            .expect("conntrack work does not panic");
         }
     });
 
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut resync = tokio::time::interval(PORT_RESYNC);
+    resync.tick().await;
     loop {
         tokio::select! {
             event = ports.next() => match event {
-                Some(PortEvent::Joined(link)) => attach_port(&mut dataplane, &netlink, &link).await,
+                Some(PortEvent::Joined(link)) => attach_port(&mut dataplane, netlink, &link).await,
                 Some(PortEvent::Left(index)) => dataplane.detach_pod_port(index),
-                None => anyhow::bail!("the netlink link notifications stopped"),
+                Some(PortEvent::Resync) => {
+                    warn!("link notifications were lost; listing the bridge's ports again");
+                    resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?;
+                }
+                None => bail!("the netlink link notifications stopped"),
             },
+            _ = resync.tick() => resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?,
             // These loops never return; one that does has panicked.
-            ended = &mut reconciling => anyhow::bail!("the reconciler stopped: {ended:?}"),
-            ended = &mut collecting => anyhow::bail!("conntrack collection stopped: {ended:?}"),
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            ended = &mut reconciling => bail!("the reconciler stopped: {ended:?}"),
+            ended = &mut collecting => bail!("conntrack collection stopped: {ended:?}"),
         }
     }
-    info!("stopping: detaching programs and removing the masquerade table; pinned maps stay");
-    nft::remove()?;
-    drop(dataplane);
+}
+
+/// Brings the attached ports in line with the bridge's ports: attaches to the ones missed
+/// (lost notifications, failed attaches) and forgets the ones gone. Follows the bridge if it was
+/// made again.
+async fn resync_ports(
+    dataplane: &mut Dataplane,
+    netlink: &rtnetlink::Handle,
+    bridge: &str,
+    ports: &mut PortWatch,
+) -> anyhow::Result<()> {
+    let Some(bridge_link) = netdev::link_by_name(netlink, bridge).await? else {
+        warn!(
+            bridge,
+            "the pod bridge is gone; pods on it are unreachable until it is back"
+        );
+        return Ok(());
+    };
+    ports.set_bridge(bridge_link.index);
+    let links = netdev::links(netlink).await?;
+    let current: Vec<&netdev::Link> = links
+        .iter()
+        .filter(|link| link.controller == Some(bridge_link.index))
+        .collect();
+    for link in &current {
+        attach_port(dataplane, netlink, link).await;
+    }
+    let gone: Vec<u32> = dataplane
+        .pod_ports()
+        .filter(|index| !current.iter().any(|link| link.index == *index))
+        .collect();
+    for index in gone {
+        dataplane.detach_pod_port(index);
+    }
     Ok(())
 }
 
@@ -227,26 +529,38 @@ async fn attach_port(dataplane: &mut Dataplane, netlink: &rtnetlink::Handle, por
     }
 }
 
-/// Logs one line per pass that changed something, and each failure once; returns the failed
-/// service ports.
-fn log_pass(report: &Report, failed_before: &[ServicePortName]) -> Vec<ServicePortName> {
-    if !report.added.is_empty() || !report.updated.is_empty() || !report.removed.is_empty() {
+/// Logs one line per pass that changed something, and each failure once; returns what failed.
+fn log_pass(report: &Report, failed_before: &[String]) -> Vec<String> {
+    if !report.is_empty() {
         info!(
             added = report.added.len(),
             updated = report.updated.len(),
             removed = report.removed.len(),
-            failed = report.failed.len(),
-            "reconciled service maps"
+            overlay = report.overlay_changes,
+            failed = report.failed.len() + report.overlay_failed.len(),
+            "reconciled the maps"
         );
     }
-    for (name, e) in &report.failed {
-        if !failed_before.contains(name) {
+    let failures = report
+        .failed
+        .iter()
+        .map(|(name, e): &(ServicePortName, MapWriteError)| (name.to_string(), e))
+        .chain(
+            report
+                .overlay_failed
+                .iter()
+                .map(|(name, e)| (name.clone(), e)),
+        );
+    let mut failed = Vec::new();
+    for (name, e) in failures {
+        if !failed_before.contains(&name) {
             let hint = match e {
                 MapWriteError::Full { .. } => "; it is retried when space frees up",
                 MapWriteError::Syscall { .. } => "",
             };
-            error!(service = %name, "not programmed: {e}{hint}");
+            error!(entry = name, "not programmed: {e}{hint}");
         }
+        failed.push(name);
     }
-    report.failed.iter().map(|(name, _)| name.clone()).collect()
+    failed
 }

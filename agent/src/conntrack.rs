@@ -1,16 +1,29 @@
-//! The agent's view of the conntrack map: reading it for `weft inspect`, and collecting the
-//! entries of connections that expired. The datapath already treats expired entries as absent;
-//! collection only gives their space back before LRU eviction would.
+//! The agent's view of the connection maps: reading conntrack for `weft inspect`, collecting
+//! the entries of connections that expired (the datapath already treats them as absent;
+//! collection gives their space back before LRU eviction would), and purging UDP flows whose
+//! endpoint left its service, so their clients move to a live endpoint (kube-proxy's
+//! stale-UDP-conntrack clean-up, including the node's own sockets).
+//!
+//! A sweep reads the map entry by entry while the datapath keeps writing, so every deletion
+//! re-reads its entry first and leaves it when it changed since the read, and REPLY entries
+//! created after the sweep began are never taken for orphans.
 
 use std::{collections::HashMap, path::Path};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use weft_common::{
     conntrack::is_expired,
-    maps::{CONNTRACK_MAP, CtKey, CtValue, ct_direction},
+    ip_proto,
+    maps::{
+        CONNTRACK_MAP, CtKey, CtValue, EndpointValue, SOCK_NAT_MAP, ServiceKey, SockNatKey,
+        SockNatValue, ct_direction,
+    },
 };
 
-use crate::maps::{MapReadError, errno, open_pinned};
+use crate::{
+    maps::{MapReadError, errno, open_pinned},
+    model::UdpEndpoints,
+};
 
 /// The FORWARD key a REPLY entry belongs to.
 #[must_use]
@@ -40,10 +53,14 @@ pub fn reply_key_of(forward_key: &CtKey, forward: &CtValue) -> CtKey {
     }
 }
 
+/// How long a REPLY entry may exist without its FORWARD before it counts as an orphan: the
+/// datapath writes the two one after the other, and a sweep may read them on either side.
+pub const ORPHAN_GRACE_NS: u64 = 2_000_000_000;
+
 /// The entries to delete at `now_ns`: expired connections (both entries), and REPLY entries
-/// whose connection is gone or now leads elsewhere (its tuple was reused).
+/// older than `sweep_start_ns` less the grace whose connection is gone or now leads elsewhere.
 #[must_use]
-pub fn garbage(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<CtKey> {
+pub fn garbage(entries: &[(CtKey, CtValue)], now_ns: u64, sweep_start_ns: u64) -> Vec<CtKey> {
     let forwards: HashMap<CtKey, CtValue> = entries
         .iter()
         .filter(|(key, _)| key.direction == ct_direction::FORWARD)
@@ -52,83 +69,188 @@ pub fn garbage(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<CtKey> {
     let live = |key: &CtKey, value: &CtValue| {
         !is_expired(key.proto, value.flags, value.last_seen_ns, now_ns)
     };
+    let settled = sweep_start_ns.saturating_sub(ORPHAN_GRACE_NS);
     entries
         .iter()
         .filter(|(key, value)| match key.direction {
             ct_direction::FORWARD => !live(key, value),
             _ => {
                 let forward_key = forward_key_of(key, value);
-                !forwards.get(&forward_key).is_some_and(|forward| {
-                    live(&forward_key, forward) && reply_key_of(&forward_key, forward) == *key
-                })
+                value.last_seen_ns < settled
+                    && !forwards.get(&forward_key).is_some_and(|forward| {
+                        live(&forward_key, forward) && reply_key_of(&forward_key, forward) == *key
+                    })
             }
         })
         .map(|(key, _)| *key)
         .collect()
 }
 
-/// The conntrack map of a loaded or pinned dataplane.
+/// Whether going from `before` to `after` took an endpoint away from a UDP frontend (or took
+/// the frontend away), so flows may be left pointing at it.
+#[must_use]
+pub fn lost_udp_endpoints(before: &UdpEndpoints, after: &UdpEndpoints) -> bool {
+    before.iter().any(|(frontend, endpoints)| {
+        after
+            .get(frontend)
+            .is_none_or(|now| endpoints.iter().any(|endpoint| !now.contains(endpoint)))
+    })
+}
+
+fn leads_to_valid(
+    valid: &UdpEndpoints,
+    frontend_addr: [u8; 4],
+    frontend_port: u16,
+    endpoint_addr: [u8; 4],
+    endpoint_port: u16,
+) -> bool {
+    let frontend = ServiceKey {
+        addr: frontend_addr,
+        port: frontend_port,
+        proto: ip_proto::UDP,
+        _pad: 0,
+    };
+    let endpoint = EndpointValue {
+        addr: endpoint_addr,
+        port: endpoint_port,
+        _pad: 0,
+    };
+    valid
+        .get(&frontend)
+        .is_some_and(|endpoints| endpoints.contains(&endpoint))
+}
+
+/// UDP connections whose endpoint is no longer one of their frontend's (both entries).
+#[must_use]
+pub fn stale_udp_connections(entries: &[(CtKey, CtValue)], valid: &UdpEndpoints) -> Vec<CtKey> {
+    entries
+        .iter()
+        .filter(|(key, value)| {
+            key.direction == ct_direction::FORWARD
+                && key.proto == ip_proto::UDP
+                && !leads_to_valid(
+                    valid,
+                    key.dst_addr,
+                    key.dst_port,
+                    value.nat_addr,
+                    value.nat_port,
+                )
+        })
+        .flat_map(|(key, value)| [*key, reply_key_of(key, value)])
+        .collect()
+}
+
+/// The node's UDP sockets whose sticky endpoint is no longer one of their frontend's.
+#[must_use]
+pub fn stale_udp_sockets(
+    entries: &[(SockNatKey, SockNatValue)],
+    valid: &UdpEndpoints,
+) -> Vec<SockNatKey> {
+    entries
+        .iter()
+        .filter(|(key, value)| {
+            key.direction == ct_direction::FORWARD
+                && key.proto == ip_proto::UDP
+                && !leads_to_valid(valid, key.addr, key.port, value.addr, value.port)
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
+/// The connection maps of a loaded or pinned dataplane.
 pub struct Conntrack {
     map: BpfHashMap<MapData, CtKey, CtValue>,
+    sockets: BpfHashMap<MapData, SockNatKey, SockNatValue>,
 }
 
 impl Conntrack {
-    /// Takes the map out of a loaded object.
+    /// Takes the maps out of a loaded object.
     pub fn take_from(ebpf: &mut aya::Ebpf) -> Result<Self, MapError> {
-        let map = ebpf
-            .take_map(CONNTRACK_MAP)
-            .ok_or_else(|| MapError::InvalidName {
-                name: CONNTRACK_MAP.to_owned(),
-            })?;
+        let mut take = |name: &str| {
+            ebpf.take_map(name).ok_or_else(|| MapError::InvalidName {
+                name: name.to_owned(),
+            })
+        };
         Ok(Self {
-            map: BpfHashMap::try_from(map)?,
+            map: BpfHashMap::try_from(take(CONNTRACK_MAP)?)?,
+            sockets: BpfHashMap::try_from(take(SOCK_NAT_MAP)?)?,
         })
     }
 
-    /// Opens the map an agent pinned under `pin_dir`.
+    /// Opens the maps an agent pinned under `pin_dir`.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapError> {
         Ok(Self {
             map: BpfHashMap::try_from(open_pinned(pin_dir, CONNTRACK_MAP)?)?,
+            sockets: BpfHashMap::try_from(open_pinned(pin_dir, SOCK_NAT_MAP)?)?,
         })
     }
 
-    /// Every entry. Entries that vanish while being read (evicted, collected) are skipped.
+    /// Every conntrack entry. Entries that vanish while being read are skipped.
     pub fn entries(&self) -> Result<Vec<(CtKey, CtValue)>, MapReadError> {
-        let mut entries = Vec::new();
-        for item in self.map.iter() {
-            match item {
-                Ok(entry) => entries.push(entry),
-                Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(MapReadError {
-                        map: CONNTRACK_MAP,
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(entries)
+        read_tolerantly(&self.map, CONNTRACK_MAP)
     }
 
-    /// Deletes the garbage at `now_ns`; returns how many entries went.
-    pub fn collect_garbage(&mut self, now_ns: u64) -> Result<usize, MapReadError> {
-        let garbage = garbage(&self.entries()?, now_ns);
-        let mut removed = 0;
-        for key in &garbage {
-            match self.map.remove(key) {
-                Ok(()) => removed += 1,
-                // Evicted or reused meanwhile; either way it is not ours to report.
-                Err(e) if errno(&e) == Some(libc::ENOENT) => {}
-                Err(source) => {
-                    return Err(MapReadError {
-                        map: CONNTRACK_MAP,
-                        source,
-                    });
-                }
-            }
-        }
+    /// Deletes what has expired by now; returns how many entries went.
+    pub fn collect_garbage(&mut self) -> Result<usize, MapReadError> {
+        let sweep_start = monotonic_now_ns();
+        let entries = self.entries()?;
+        let garbage = garbage(&entries, monotonic_now_ns(), sweep_start);
+        remove_unchanged(&mut self.map, &entries, &garbage, CONNTRACK_MAP)
+    }
+
+    /// Deletes UDP flows (conntrack and the node's sockets) whose endpoint is not in `valid`;
+    /// returns how many entries went.
+    pub fn purge_udp(&mut self, valid: &UdpEndpoints) -> Result<usize, MapReadError> {
+        let entries = self.entries()?;
+        let stale = stale_udp_connections(&entries, valid);
+        let mut removed = remove_unchanged(&mut self.map, &entries, &stale, CONNTRACK_MAP)?;
+        let sockets = read_tolerantly(&self.sockets, SOCK_NAT_MAP)?;
+        let stale = stale_udp_sockets(&sockets, valid);
+        removed += remove_unchanged(&mut self.sockets, &sockets, &stale, SOCK_NAT_MAP)?;
         Ok(removed)
     }
+}
+
+fn read_tolerantly<K: aya::Pod, V: aya::Pod>(
+    map: &BpfHashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, MapReadError> {
+    let mut entries = Vec::new();
+    for item in map.iter() {
+        match item {
+            Ok(entry) => entries.push(entry),
+            Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(MapReadError { map: name, source }),
+        }
+    }
+    Ok(entries)
+}
+
+/// Deletes each key of `doomed` whose value is still what `snapshot` read, so an entry the
+/// datapath refreshed or recreated since is left alone.
+fn remove_unchanged<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod + PartialEq>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    snapshot: &[(K, V)],
+    doomed: &[K],
+    name: &'static str,
+) -> Result<usize, MapReadError> {
+    let read: HashMap<K, V> = snapshot.iter().copied().collect();
+    let mut removed = 0;
+    for key in doomed {
+        let Ok(current) = map.get(key, 0) else {
+            continue;
+        };
+        if read.get(key) != Some(&current) {
+            continue;
+        }
+        match map.remove(key) {
+            Ok(()) => removed += 1,
+            // Evicted meanwhile; either way it is gone.
+            Err(e) if errno(&e) == Some(libc::ENOENT) => {}
+            Err(source) => return Err(MapReadError { map: name, source }),
+        }
+    }
+    Ok(removed)
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
@@ -141,10 +263,7 @@ pub fn monotonic_now_ns() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use weft_common::{
-        conntrack::{TCP_ESTABLISHED_TIMEOUT_NS, UDP_TIMEOUT_NS, flags},
-        ip_proto,
-    };
+    use weft_common::conntrack::{TCP_ESTABLISHED_TIMEOUT_NS, UDP_TIMEOUT_NS, flags};
 
     use super::*;
 
@@ -202,14 +321,14 @@ mod tests {
             flags::SEEN_REPLY,
             NOW - TCP_ESTABLISHED_TIMEOUT_NS,
         );
-        assert!(garbage(&entries, NOW).is_empty());
+        assert!(garbage(&entries, NOW, NOW).is_empty());
     }
 
     #[test]
     fn expired_connections_go_with_both_entries() {
         let entries = connection(40000, 6, ip_proto::UDP, 0, NOW - UDP_TIMEOUT_NS - 1);
         let mut expected: Vec<_> = entries.iter().map(|(k, _)| *k).collect();
-        let mut found = garbage(&entries, NOW);
+        let mut found = garbage(&entries, NOW, NOW);
         expected.sort();
         found.sort();
         assert_eq!(found, expected);
@@ -217,13 +336,14 @@ mod tests {
 
     #[test]
     fn orphaned_and_superseded_replies_go() {
-        let [_, orphan] = connection(40000, 6, ip_proto::TCP, 0, NOW);
+        let old = NOW - 3 * ORPHAN_GRACE_NS;
+        let [_, orphan] = connection(40000, 6, ip_proto::TCP, 0, old);
         // The client port was reused: FORWARD now leads to .7, the old REPLY from .6 is stale.
-        let [old_forward, stale_reply] = connection(40001, 6, ip_proto::TCP, 0, NOW);
+        let [old_forward, stale_reply] = connection(40001, 6, ip_proto::TCP, 0, old);
         let [mut new_forward, new_reply] = connection(40001, 7, ip_proto::TCP, 0, NOW);
         new_forward.0 = old_forward.0;
         let entries = [orphan, stale_reply, new_forward, new_reply];
-        let mut found = garbage(&entries, NOW);
+        let mut found = garbage(&entries, NOW, NOW);
         found.sort();
         let mut expected = vec![orphan.0, stale_reply.0];
         expected.sort();

@@ -12,8 +12,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapError, MapInfo, MapType},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
         tc::{SchedClassifierLinkId, qdisc_add_clsact},
+        xdp::XdpMode,
     },
     util::KernelVersion,
 };
@@ -21,9 +22,10 @@ use weft_common::{
     drop_reason::DROP_REASON_COUNT,
     maps::{
         CONFIG_MAP, CONNTRACK_MAP, CtKey, CtValue, DEFAULT_SOCK_NAT_ENTRIES, DROPS_MAP,
-        DatapathConfig, ENDPOINTS_MAP, EndpointKey, EndpointValue, PINNED_MAPS, SERVICE_NAMES_MAP,
-        SERVICES_MAP, SOCK_NAT_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey,
-        SockNatValue,
+        DatapathConfig, ENDPOINTS_MAP, EndpointKey, EndpointValue, MAX_NODES, OVERLAY_MAP,
+        OverlayConfig, PINNED_MAPS, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SOCK_NAT_MAP,
+        SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue, VTEPS_MAP,
+        Vtep,
     },
 };
 
@@ -34,6 +36,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const FROM_PODS: &str = "tc_from_pods";
 /// TC egress of each pod's bridge port: reverse NAT.
 pub const TO_POD: &str = "tc_to_pod";
+/// TC egress of the uplink: VXLAN encapsulation.
+pub const TO_UPLINK: &str = "tc_to_uplink";
+/// XDP on the uplink: VXLAN decapsulation.
+pub const FROM_UPLINK: &str = "xdp_uplink";
 /// cgroup socket hooks for the node's own sockets.
 pub const SOCKET_HOOKS: [&str; 4] = [
     "sock_connect4",
@@ -108,6 +114,9 @@ pub enum DataplaneError {
     },
 }
 
+/// The maps that are recreated together when any of them is stale.
+const SERVICE_UNIT: [&str; 3] = [SERVICES_MAP, ENDPOINTS_MAP, SERVICE_NAMES_MAP];
+
 /// What a map must look like for this build; a pin that differs is from another weft version.
 struct Layout {
     name: &'static str,
@@ -168,6 +177,28 @@ fn layouts(limits: MapLimits) -> [Layout; PINNED_MAPS.len()] {
             value_size: size_of::<DatapathConfig>(),
             max_entries: 1,
         },
+        Layout {
+            name: SUBNETS_MAP,
+            map_type: MapType::LpmTrie,
+            // The trie's key is the prefix length (u32) followed by the address.
+            key_size: size_of::<u32>() + 4,
+            value_size: size_of::<RemoteNode>(),
+            max_entries: MAX_NODES,
+        },
+        Layout {
+            name: VTEPS_MAP,
+            map_type: MapType::Hash,
+            key_size: 4,
+            value_size: size_of::<Vtep>(),
+            max_entries: MAX_NODES,
+        },
+        Layout {
+            name: OVERLAY_MAP,
+            map_type: MapType::Array,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<OverlayConfig>(),
+            max_entries: 1,
+        },
     ]
 }
 
@@ -206,19 +237,39 @@ fn prepare_pins(pin_dir: &Path, limits: MapLimits) -> Result<(), DataplaneError>
             path: pin_dir.to_owned(),
         });
     }
-    for layout in layouts(limits) {
-        let path = pin_dir.join(layout.name);
-        let Ok(info) = MapInfo::from_pin(&path) else {
-            continue;
-        };
-        if let Some(why) = pin_mismatch(&info, &layout) {
-            tracing::warn!(
-                map = layout.name,
-                %why,
-                "pinned map does not match this weft build; recreating it empty \
-                 (connections it tracked start over)"
-            );
-            fs::remove_file(&path).map_err(|source| DataplaneError::StalePin { path, source })?;
+    let stale: Vec<(&'static str, String)> = layouts(limits)
+        .iter()
+        .filter_map(|layout| {
+            let info = MapInfo::from_pin(pin_dir.join(layout.name)).ok()?;
+            pin_mismatch(&info, layout).map(|why| (layout.name, why))
+        })
+        .collect();
+    // The service maps describe one thing together (frontend counts index the slot map): if
+    // one is stale, all three are recreated, never a frontend over an empty slot map.
+    let services_stale = stale.iter().any(|(name, _)| SERVICE_UNIT.contains(name));
+    let recreate = stale
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(SERVICE_UNIT.iter().copied().filter(|_| services_stale))
+        .collect::<std::collections::BTreeSet<_>>();
+    for name in recreate {
+        let why = stale
+            .iter()
+            .find(|(stale_name, _)| *stale_name == name)
+            .map_or("recreated with the other service maps", |(_, why)| {
+                why.as_str()
+            });
+        tracing::warn!(
+            map = name,
+            %why,
+            "pinned map does not match this weft build; recreating it empty \
+             (what it held is rebuilt from the sources; connections it tracked start over)"
+        );
+        let path = pin_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::StalePin { path, source }),
         }
     }
     Ok(())
@@ -279,17 +330,56 @@ impl Dataplane {
 
     /// Writes the node-wide datapath settings.
     pub fn set_config(&mut self, config: &DatapathConfig) -> Result<(), DataplaneError> {
-        let map = |source| DataplaneError::Map {
-            name: CONFIG_MAP,
-            source,
-        };
-        let mut array: Array<_, DatapathConfig> = Array::try_from(
+        self.set_single(CONFIG_MAP, config)
+    }
+
+    /// Writes this node's overlay settings (before [`Dataplane::attach_uplink`]).
+    pub fn set_overlay(&mut self, config: &OverlayConfig) -> Result<(), DataplaneError> {
+        self.set_single(OVERLAY_MAP, config)
+    }
+
+    fn set_single<T: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<(), DataplaneError> {
+        let map = |source| DataplaneError::Map { name, source };
+        let mut array: Array<_, T> = Array::try_from(
             self.ebpf
-                .map_mut(CONFIG_MAP)
+                .map_mut(name)
                 .ok_or(map(MapError::ElementNotFound))?,
         )
         .map_err(map)?;
-        array.set(0, config, 0).map_err(map)
+        array.set(0, value, 0).map_err(map)
+    }
+
+    /// Attaches the overlay to the uplink: decapsulation in XDP (driver mode, or generic mode
+    /// where the driver has none, which is slower and says so), encapsulation on TC egress.
+    /// Returns whether XDP runs in driver mode.
+    pub fn attach_uplink(&mut self, uplink: &str) -> Result<bool, DataplaneError> {
+        let decap: &mut Xdp = program(&mut self.ebpf, FROM_UPLINK)?;
+        let attach = |decap: &mut Xdp, flags| {
+            decap
+                .attach(uplink, flags)
+                .map_err(|source| DataplaneError::Attach {
+                    program: FROM_UPLINK,
+                    target: uplink.to_owned(),
+                    source,
+                })
+        };
+        let driver = match attach(decap, XdpMode::Driver) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(
+                    uplink,
+                    "XDP driver mode unavailable ({e}); using generic mode"
+                );
+                attach(decap, XdpMode::Skb)?;
+                false
+            }
+        };
+        self.attach_tc(TO_UPLINK, uplink, TcAttachType::Egress)?;
+        Ok(driver)
     }
 
     /// Attaches service translation to one bridge port (a pod's host-side veth): DNAT on its
@@ -335,6 +425,11 @@ impl Dataplane {
             // A vanished device took its attachment with it; closing the link is all that is left.
             let _ = program.detach(link);
         }
+    }
+
+    /// The bridge ports (ifindexes) that have the service programs attached.
+    pub fn pod_ports(&self) -> impl Iterator<Item = u32> + '_ {
+        self.port_links.keys().copied()
     }
 
     /// How many bridge ports have the service programs attached.
@@ -425,7 +520,10 @@ mod tests {
             object.btf.is_some(),
             "the object carries BTF, so bpftool prints field names"
         );
-        for name in [FROM_PODS, TO_POD].into_iter().chain(SOCKET_HOOKS) {
+        for name in [FROM_PODS, TO_POD, TO_UPLINK, FROM_UPLINK]
+            .into_iter()
+            .chain(SOCKET_HOOKS)
+        {
             assert!(
                 object.programs.contains_key(name),
                 "program {name} is in the object"

@@ -8,7 +8,8 @@ use clap::ValueEnum;
 use serde::Serialize;
 use weft::{
     conntrack::{Conntrack, monotonic_now_ns},
-    maps::{AyaServiceMaps, DatapathMaps as _, decode_name, open_pinned},
+    flannel::Mac,
+    maps::{AyaMaps, DatapathMaps as _, decode_name, open_pinned},
     objects::protocol_name,
 };
 use weft_common::{
@@ -38,6 +39,8 @@ enum Table {
     Backends,
     /// Tracked connections.
     Conntrack,
+    /// Remote pod subnets (the other nodes' leases) and where they are reached.
+    Subnets,
     /// Packets dropped, by reason.
     Drops,
 }
@@ -75,6 +78,15 @@ struct ConnectionRow {
 }
 
 #[derive(Serialize)]
+struct SubnetRow {
+    subnet: String,
+    node: String,
+    vtep_mac: String,
+    /// Whether VXLAN from the node is accepted.
+    member: bool,
+}
+
+#[derive(Serialize)]
 struct DropRow {
     reason: &'static str,
     packets: u64,
@@ -95,7 +107,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let json = args.output == Format::Json;
     let output = match args.table {
         Table::Services | Table::Backends => {
-            let dump = AyaServiceMaps::open_pinned(pin_dir)
+            let dump = AyaMaps::open_pinned(pin_dir)
                 .with_context(context)?
                 .dump()?;
             let names: BTreeMap<u32, String> = dump
@@ -184,6 +196,36 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
                         r.state.into(),
                         format!("{}s", r.idle_seconds),
                         if r.masquerade { "yes" } else { "no" }.into(),
+                    ]
+                },
+            )?
+        }
+        Table::Subnets => {
+            let dump = AyaMaps::open_pinned(pin_dir)
+                .with_context(context)?
+                .dump()?;
+            let members: std::collections::BTreeSet<Ipv4Addr> =
+                dump.vteps.iter().map(|(ip, _)| *ip).collect();
+            let rows: Vec<SubnetRow> = dump
+                .subnets
+                .iter()
+                .map(|(subnet, node)| SubnetRow {
+                    subnet: subnet.to_string(),
+                    node: Ipv4Addr::from(node.public_ip).to_string(),
+                    vtep_mac: Mac(node.vtep_mac).to_string(),
+                    member: members.contains(&Ipv4Addr::from(node.public_ip)),
+                })
+                .collect();
+            render(
+                json,
+                &rows,
+                &["SUBNET", "NODE", "VTEP MAC", "MEMBER"],
+                |r| {
+                    vec![
+                        r.subnet.clone(),
+                        r.node.clone(),
+                        r.vtep_mac.clone(),
+                        if r.member { "yes" } else { "no" }.into(),
                     ]
                 },
             )?

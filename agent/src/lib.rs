@@ -2,13 +2,14 @@
 //! the test tiers drive directly (the fixture tests fill maps through [`reconcile`] exactly as
 //! the agent does).
 //!
-//! Data flows one way: sources ([`manifests`]) update the pure [`model`] through a
+//! Data flows one way: sources ([`manifests`], [`subnets`]) update the pure [`model`] through a
 //! [`source::ModelHandle`]; the [`reconcile::Reconciler`] alone writes the service maps
 //! ([`maps`]); [`dataplane`] loads and attaches the eBPF programs.
 #![deny(unsafe_code)]
 
 pub mod conntrack;
 pub mod dataplane;
+pub mod flannel;
 pub mod manifests;
 pub mod maps;
 pub mod model;
@@ -17,4 +18,5 @@ pub mod nft;
 pub mod objects;
 pub mod reconcile;
 pub mod source;
+pub mod subnets;
 pub mod sys;

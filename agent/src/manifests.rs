@@ -260,184 +260,90 @@ fn report(previous: &Scan, next: &Scan) {
 /// How long to wait for more file events before re-reading (editors write in several steps).
 const SETTLE: Duration = Duration::from_millis(50);
 
-/// Reads `dir` into the model once; the agent does this before its first reconcile, so a
-/// restart never removes services only because they were not read yet.
-pub fn load(dir: &Path, model: &ModelHandle) -> Result<Scan, ManifestError> {
-    let scan = scan_dir(dir)?;
-    report(&Scan::default(), &scan);
-    model.update(|m| apply(m, &Scan::default(), &scan));
-    Ok(scan)
-}
-
-/// Re-reads `dir` into the model whenever it changes, starting from the `loaded` scan, until the
-/// watch fails.
-pub async fn watch(
+/// A watched manifest directory. The watch is registered before the first read, so no change
+/// can fall between the two.
+pub struct ManifestWatch {
     dir: PathBuf,
-    loaded: Scan,
-    model: Arc<ModelHandle>,
-) -> Result<(), ManifestError> {
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event| {
-        // The receiver only goes away when this task ends.
-        let _ = events_tx.send(event);
-    })
-    .map_err(|source| ManifestError::Watch {
-        path: dir.clone(),
-        source,
-    })?;
-    watcher
-        .watch(&dir, notify::RecursiveMode::NonRecursive)
-        .map_err(|source| ManifestError::Watch {
-            path: dir.clone(),
+    // Dropping the watcher ends the events.
+    _watcher: notify::RecommendedWatcher,
+    events: tokio::sync::mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    /// What the model last got from this directory.
+    applied: Scan,
+}
+
+impl ManifestWatch {
+    /// Watches `dir` and reads it into the model; the agent does this before its first
+    /// reconcile, so a restart never removes services only because they were not read yet.
+    pub fn start(dir: &Path, model: &ModelHandle) -> Result<Self, ManifestError> {
+        Self::resume(dir, model, Scan::default())
+    }
+
+    /// Watches `dir` again after an interruption, applying what changed since `applied`.
+    fn resume(dir: &Path, model: &ModelHandle, applied: Scan) -> Result<Self, ManifestError> {
+        let watch_error = |source| ManifestError::Watch {
+            path: dir.to_owned(),
             source,
-        })?;
-    let mut previous = loaded;
-    loop {
-        // Wait for a change, then for the burst of events it comes with to settle.
-        match events.recv().await {
-            None => return Ok(()),
-            Some(Err(source)) => return Err(ManifestError::Watch { path: dir, source }),
-            Some(Ok(_)) => {}
-        }
-        while let Ok(Some(_)) = tokio::time::timeout(SETTLE, events.recv()).await {}
-        match scan_dir(&dir) {
-            Ok(next) => {
-                report(&previous, &next);
-                model.update(|m| apply(m, &previous, &next));
-                previous = next;
+        };
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |event| {
+            // The receiver only goes away with this watch.
+            let _ = events_tx.send(event);
+        })
+        .map_err(watch_error)?;
+        watcher
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .map_err(watch_error)?;
+        let scan = scan_dir(dir)?;
+        report(&applied, &scan);
+        model.update(|m| apply(m, &applied, &scan));
+        Ok(Self {
+            dir: dir.to_owned(),
+            _watcher: watcher,
+            events,
+            applied: scan,
+        })
+    }
+
+    /// Re-reads the directory into the model whenever it changes, until the watch fails.
+    async fn follow(&mut self, model: &ModelHandle) -> Result<(), ManifestError> {
+        loop {
+            // Wait for a change, then for the burst of events it comes with to settle.
+            match self.events.recv().await {
+                None => return Ok(()),
+                Some(Err(source)) => {
+                    return Err(ManifestError::Watch {
+                        path: self.dir.clone(),
+                        source,
+                    });
+                }
+                Some(Ok(_)) => {}
             }
-            // The last known services keep working until the directory is readable again.
-            Err(e) => tracing::error!("{e}; keeping the last known services"),
+            while let Ok(Some(_)) = tokio::time::timeout(SETTLE, self.events.recv()).await {}
+            let next = scan_dir(&self.dir)?;
+            report(&self.applied, &next);
+            model.update(|m| apply(m, &self.applied, &next));
+            self.applied = next;
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SEED: &str = r"
-apiVersion: v1
-kind: Service
-metadata: {name: nginx, namespace: default}
-spec:
-  clusterIP: 10.254.40.119
-  ports: [{port: 4432, targetPort: 80, protocol: TCP}]
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: nginx}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: nginx-abc
-  namespace: default
-  labels: {kubernetes.io/service-name: nginx}
-addressType: IPv4
-ports: [{port: 80, protocol: TCP}]
-endpoints:
-- addresses: [172.30.20.6]
-- addresses: [172.30.20.7]
-- addresses: [172.30.20.8]
-";
-
-    fn scan(text: &str) -> Scan {
-        let mut scan = Scan::default();
-        parse_into(text, "seed.yaml", &mut scan);
-        scan
-    }
-
-    #[test]
-    fn the_seed_manifest_yields_its_service_and_slice() {
-        let scan = scan(SEED);
-        assert!(scan.problems.is_empty(), "{:?}", scan.problems);
-        assert_eq!(scan.objects.len(), 2);
-        let mut model = Model::default();
-        assert!(apply(&mut model, &Scan::default(), &scan));
-        assert_eq!(
-            model
-                .desired()
-                .ports
-                .values()
-                .next()
-                .unwrap()
-                .endpoints
-                .len(),
-            3
-        );
-    }
-
-    #[test]
-    fn an_invalid_object_is_named_and_skipped_and_the_rest_kept() {
-        let text = format!(
-            "{SEED}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: broken, namespace: web}}\n\
-             spec: {{clusterIP: 10.254.0.300, ports: [{{port: 80}}]}}\n"
-        );
-        let scan = scan(&text);
-        assert_eq!(scan.objects.len(), 2);
-        assert_eq!(scan.problems.len(), 1);
-        assert!(
-            scan.problems[0].starts_with("seed.yaml: Service web/broken: spec.clusterIP"),
-            "{}",
-            scan.problems[0]
-        );
-    }
-
-    #[test]
-    fn a_type_error_is_reported_with_the_object_name() {
-        let scan = scan("apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 3}\n");
-        assert!(scan.objects.is_empty());
-        assert!(
-            scan.problems[0].starts_with("seed.yaml: Service default/x: "),
-            "{:?}",
-            scan.problems
-        );
-    }
-
-    #[test]
-    fn json_and_lists_are_read() {
-        let json = r#"{"apiVersion":"v1","kind":"List","items":[
-            {"apiVersion":"v1","kind":"Service","metadata":{"name":"a"},
-             "spec":{"clusterIP":"10.254.0.1","ports":[{"port":53,"protocol":"UDP"}]}}]}"#;
-        let scan = scan(json);
-        assert!(scan.problems.is_empty(), "{:?}", scan.problems);
-        assert_eq!(scan.objects.len(), 1);
-    }
-
-    #[test]
-    fn headless_services_are_noted_not_served() {
-        let scan =
-            scan("apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None}\n");
-        assert!(scan.objects.is_empty() && scan.problems.is_empty());
-        assert_eq!(scan.notes.len(), 1);
-    }
-
-    #[test]
-    fn broken_yaml_is_a_problem_not_a_crash() {
-        let scan = scan("apiVersion: v1\nkind: [unclosed\n");
-        assert!(scan.objects.is_empty());
-        assert_eq!(scan.problems.len(), 1);
-    }
-
-    #[test]
-    fn removing_a_file_removes_its_objects() {
-        let full = scan(SEED);
-        let mut model = Model::default();
-        apply(&mut model, &Scan::default(), &full);
-        assert!(apply(&mut model, &full, &Scan::default()));
-        assert!(model.desired().ports.is_empty());
-        assert!(!apply(&mut model, &Scan::default(), &Scan::default()));
-    }
-
-    #[test]
-    fn scanning_a_directory_skips_hidden_and_foreign_files() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("seed.yaml"), SEED).unwrap();
-        fs::write(dir.path().join(".hidden.yaml"), "not: [valid").unwrap();
-        fs::write(dir.path().join("README.md"), "# not a manifest").unwrap();
-        let scan = scan_dir(dir.path()).unwrap();
-        assert!(scan.problems.is_empty(), "{:?}", scan.problems);
-        assert_eq!(scan.objects.len(), 2);
+/// Follows the directory for as long as the agent runs. When the watch breaks (the directory
+/// vanished, an inotify error), the last known services keep working while it is re-created
+/// and re-read every second.
+pub async fn follow(mut watch: ManifestWatch, model: Arc<ModelHandle>) {
+    loop {
+        if let Err(e) = watch.follow(&model).await {
+            tracing::error!("manifest source interrupted: {e}; keeping the last known services");
+        }
+        watch = loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match ManifestWatch::resume(&watch.dir, &model, watch.applied.clone()) {
+                Ok(resumed) => {
+                    tracing::info!(dir = %watch.dir.display(), "manifest source back");
+                    break resumed;
+                }
+                Err(e) => tracing::debug!("manifest source still unavailable: {e}"),
+            }
+        };
     }
 }

@@ -1,12 +1,17 @@
-//! The agent's side of the service maps: one trait the reconciler writes through, implemented
-//! over aya's maps (here) and over plain collections in tests.
+//! The agent's side of the maps it writes (services and overlay): one trait the reconciler
+//! writes through, implemented over aya's maps (here) and over plain collections in tests.
 
-use std::{io, path::Path};
+use std::{io, net::Ipv4Addr, path::Path};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{
+    HashMap, Map, MapData, MapError,
+    lpm_trie::{Key, LpmTrie},
+};
+use ipnet::Ipv4Net;
 use weft_common::maps::{
-    ENDPOINTS_MAP, EndpointKey, EndpointValue, NAME_LEN, NAMESPACE_LEN, PORT_NAME_LEN,
-    SERVICE_NAMES_MAP, SERVICES_MAP, ServiceKey, ServiceName, ServiceValue,
+    ENDPOINTS_MAP, EndpointKey, EndpointValue, NAME_LEN, NAMESPACE_LEN, PORT_NAME_LEN, RemoteNode,
+    SERVICE_NAMES_MAP, SERVICES_MAP, SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, VTEPS_MAP,
+    Vtep,
 };
 
 use crate::{model::ServicePortName, objects::ObjectRef};
@@ -14,10 +19,10 @@ use crate::{model::ServicePortName, objects::ObjectRef};
 /// A failed map update or delete.
 #[derive(Debug, thiserror::Error)]
 pub enum MapWriteError {
-    #[error("map {map} is full; raise {flag}")]
+    #[error("map {map} is full; {hint}")]
     Full {
         map: &'static str,
-        flag: &'static str,
+        hint: &'static str,
     },
     #[error("{op} on map {map} failed")]
     Syscall {
@@ -37,16 +42,18 @@ pub struct MapReadError {
     pub source: MapError,
 }
 
-/// Everything in the service maps, as read back (on restart, or by `weft inspect`).
+/// Everything in the agent-written maps, as read back (on restart, or by `weft inspect`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ServiceMapsDump {
+pub struct MapsDump {
     pub frontends: Vec<(ServiceKey, ServiceValue)>,
     pub endpoints: Vec<(EndpointKey, EndpointValue)>,
     pub names: Vec<(u32, ServiceName)>,
+    pub subnets: Vec<(Ipv4Net, RemoteNode)>,
+    pub vteps: Vec<(Ipv4Addr, Vtep)>,
 }
 
-/// Writes to the service maps. Each call is one idempotent map operation; deleting an absent
-/// key succeeds.
+/// Writes to the agent-written maps. Each call is one idempotent map operation; deleting an
+/// absent key succeeds.
 pub trait DatapathMaps {
     fn set_endpoint(&mut self, key: EndpointKey, value: EndpointValue)
     -> Result<(), MapWriteError>;
@@ -55,40 +62,53 @@ pub trait DatapathMaps {
     fn remove_frontend(&mut self, key: ServiceKey) -> Result<(), MapWriteError>;
     fn set_name(&mut self, id: u32, name: ServiceName) -> Result<(), MapWriteError>;
     fn remove_name(&mut self, id: u32) -> Result<(), MapWriteError>;
-    fn dump(&self) -> Result<ServiceMapsDump, MapReadError>;
+    fn set_subnet(&mut self, subnet: Ipv4Net, node: RemoteNode) -> Result<(), MapWriteError>;
+    fn remove_subnet(&mut self, subnet: Ipv4Net) -> Result<(), MapWriteError>;
+    fn set_vtep(&mut self, public_ip: Ipv4Addr, vtep: Vtep) -> Result<(), MapWriteError>;
+    fn remove_vtep(&mut self, public_ip: Ipv4Addr) -> Result<(), MapWriteError>;
+    fn dump(&self) -> Result<MapsDump, MapReadError>;
 }
 
-/// The service maps of a loaded or pinned dataplane.
-pub struct AyaServiceMaps {
+/// The agent-written maps of a loaded or pinned dataplane.
+pub struct AyaMaps {
     frontends: HashMap<MapData, ServiceKey, ServiceValue>,
     endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
     names: HashMap<MapData, u32, ServiceName>,
+    subnets: LpmTrie<MapData, [u8; 4], RemoteNode>,
+    vteps: HashMap<MapData, [u8; 4], Vtep>,
 }
 
-impl AyaServiceMaps {
+impl AyaMaps {
     /// Takes the maps out of a loaded object.
     pub fn take_from(ebpf: &mut aya::Ebpf) -> Result<Self, MapError> {
-        let mut take = |name: &str| {
+        Self::from_source(|name| {
             ebpf.take_map(name).ok_or_else(|| MapError::InvalidName {
                 name: name.to_owned(),
             })
-        };
-        Ok(Self {
-            frontends: HashMap::try_from(take(SERVICES_MAP)?)?,
-            endpoints: HashMap::try_from(take(ENDPOINTS_MAP)?)?,
-            names: HashMap::try_from(take(SERVICE_NAMES_MAP)?)?,
         })
     }
 
     /// Opens the maps an agent pinned under `pin_dir`.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapError> {
+        Self::from_source(|name| open_pinned(pin_dir, name))
+    }
+
+    fn from_source(mut map: impl FnMut(&str) -> Result<Map, MapError>) -> Result<Self, MapError> {
         Ok(Self {
-            frontends: HashMap::try_from(open_pinned(pin_dir, SERVICES_MAP)?)?,
-            endpoints: HashMap::try_from(open_pinned(pin_dir, ENDPOINTS_MAP)?)?,
-            names: HashMap::try_from(open_pinned(pin_dir, SERVICE_NAMES_MAP)?)?,
+            frontends: HashMap::try_from(map(SERVICES_MAP)?)?,
+            endpoints: HashMap::try_from(map(ENDPOINTS_MAP)?)?,
+            names: HashMap::try_from(map(SERVICE_NAMES_MAP)?)?,
+            subnets: LpmTrie::try_from(map(SUBNETS_MAP)?)?,
+            vteps: HashMap::try_from(map(VTEPS_MAP)?)?,
         })
     }
 }
+
+fn subnet_key(subnet: Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(subnet.prefix_len()), subnet.network().octets())
+}
+
+const NODES_HINT: &str = "weft serves up to 16384 nodes";
 
 /// Opens one pinned map.
 pub fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map, MapError> {
@@ -108,27 +128,28 @@ fn write_result(
     result: Result<(), MapError>,
     map: &'static str,
     op: &'static str,
-    flag: &'static str,
+    hint: &'static str,
 ) -> Result<(), MapWriteError> {
     match result {
         Ok(()) => Ok(()),
         // A hash map at max_entries refuses new keys with E2BIG.
-        Err(e) if errno(&e) == Some(libc::E2BIG) => Err(MapWriteError::Full { map, flag }),
+        Err(e) if errno(&e) == Some(libc::E2BIG) => Err(MapWriteError::Full { map, hint }),
         Err(e) if op == "delete" && errno(&e) == Some(libc::ENOENT) => Ok(()),
         Err(source) => Err(MapWriteError::Syscall { map, op, source }),
     }
 }
 
-fn read_all<K: aya::Pod, V: aya::Pod>(
-    map: &HashMap<MapData, K, V>,
+/// Every entry a map iteration yields, or the first error.
+fn read_all<T>(
+    entries: impl Iterator<Item = Result<T, MapError>>,
     name: &'static str,
-) -> Result<Vec<(K, V)>, MapReadError> {
-    map.iter()
+) -> Result<Vec<T>, MapReadError> {
+    entries
         .collect::<Result<_, _>>()
         .map_err(|source| MapReadError { map: name, source })
 }
 
-impl DatapathMaps for AyaServiceMaps {
+impl DatapathMaps for AyaMaps {
     fn set_endpoint(
         &mut self,
         key: EndpointKey,
@@ -138,7 +159,7 @@ impl DatapathMaps for AyaServiceMaps {
             self.endpoints.insert(key, value, 0),
             ENDPOINTS_MAP,
             "update",
-            "--max-endpoints",
+            "raise --max-endpoints",
         )
     }
 
@@ -147,7 +168,7 @@ impl DatapathMaps for AyaServiceMaps {
             self.endpoints.remove(&key),
             ENDPOINTS_MAP,
             "delete",
-            "--max-endpoints",
+            "raise --max-endpoints",
         )
     }
 
@@ -156,7 +177,7 @@ impl DatapathMaps for AyaServiceMaps {
             self.frontends.insert(key, value, 0),
             SERVICES_MAP,
             "update",
-            "--max-services",
+            "raise --max-services",
         )
     }
 
@@ -165,7 +186,7 @@ impl DatapathMaps for AyaServiceMaps {
             self.frontends.remove(&key),
             SERVICES_MAP,
             "delete",
-            "--max-services",
+            "raise --max-services",
         )
     }
 
@@ -174,7 +195,7 @@ impl DatapathMaps for AyaServiceMaps {
             self.names.insert(id, name, 0),
             SERVICE_NAMES_MAP,
             "update",
-            "--max-services",
+            "raise --max-services",
         )
     }
 
@@ -183,15 +204,63 @@ impl DatapathMaps for AyaServiceMaps {
             self.names.remove(&id),
             SERVICE_NAMES_MAP,
             "delete",
-            "--max-services",
+            "raise --max-services",
         )
     }
 
-    fn dump(&self) -> Result<ServiceMapsDump, MapReadError> {
-        Ok(ServiceMapsDump {
-            frontends: read_all(&self.frontends, SERVICES_MAP)?,
-            endpoints: read_all(&self.endpoints, ENDPOINTS_MAP)?,
-            names: read_all(&self.names, SERVICE_NAMES_MAP)?,
+    fn set_subnet(&mut self, subnet: Ipv4Net, node: RemoteNode) -> Result<(), MapWriteError> {
+        write_result(
+            self.subnets.insert(&subnet_key(subnet), node, 0),
+            SUBNETS_MAP,
+            "update",
+            NODES_HINT,
+        )
+    }
+
+    fn remove_subnet(&mut self, subnet: Ipv4Net) -> Result<(), MapWriteError> {
+        write_result(
+            self.subnets.remove(&subnet_key(subnet)),
+            SUBNETS_MAP,
+            "delete",
+            NODES_HINT,
+        )
+    }
+
+    fn set_vtep(&mut self, public_ip: Ipv4Addr, vtep: Vtep) -> Result<(), MapWriteError> {
+        write_result(
+            self.vteps.insert(public_ip.octets(), vtep, 0),
+            VTEPS_MAP,
+            "update",
+            NODES_HINT,
+        )
+    }
+
+    fn remove_vtep(&mut self, public_ip: Ipv4Addr) -> Result<(), MapWriteError> {
+        write_result(
+            self.vteps.remove(&public_ip.octets()),
+            VTEPS_MAP,
+            "delete",
+            NODES_HINT,
+        )
+    }
+
+    fn dump(&self) -> Result<MapsDump, MapReadError> {
+        let subnets = read_all(self.subnets.iter(), SUBNETS_MAP)?
+            .into_iter()
+            .filter_map(|(key, node)| {
+                let len = u8::try_from(key.prefix_len()).ok()?;
+                Some((Ipv4Net::new(Ipv4Addr::from(key.data()), len).ok()?, node))
+            })
+            .collect();
+        Ok(MapsDump {
+            frontends: read_all(self.frontends.iter(), SERVICES_MAP)?,
+            endpoints: read_all(self.endpoints.iter(), ENDPOINTS_MAP)?,
+            names: read_all(self.names.iter(), SERVICE_NAMES_MAP)?,
+            subnets,
+            vteps: read_all(self.vteps.iter(), VTEPS_MAP)?
+                .into_iter()
+                .map(|(ip, vtep)| (Ipv4Addr::from(ip), vtep))
+                .collect(),
         })
     }
 }

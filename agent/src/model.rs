@@ -4,11 +4,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    net::Ipv4Addr,
 };
 
+use ipnet::Ipv4Net;
 use weft_common::{
     ip_proto,
-    maps::{EndpointValue, ServiceKey},
+    maps::{EndpointValue, RemoteNode, ServiceKey, Vtep},
 };
 
 use crate::objects::{ObjectRef, ServiceSpec, SliceEndpoint, SliceSpec, protocol_name};
@@ -40,19 +42,50 @@ pub struct DesiredPort {
     pub endpoints: BTreeSet<EndpointValue>,
 }
 
+/// Another node's lease, as the overlay needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeLease {
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: [u8; 6],
+}
+
 /// The whole desired dataplane state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub ports: BTreeMap<ServicePortName, DesiredPort>,
+    /// Remote pod subnets and the node to encapsulate to.
+    pub subnets: BTreeMap<Ipv4Net, RemoteNode>,
+    /// Nodes whose VXLAN this node accepts, by PublicIP.
+    pub vteps: BTreeMap<Ipv4Addr, Vtep>,
     /// Problems the model resolved on its own (e.g. two services claiming one frontend), for logs.
     pub notes: Vec<String>,
 }
 
-/// Services and slices by name, as the sources last reported them.
+/// The endpoints each UDP frontend may lead to.
+pub type UdpEndpoints = BTreeMap<ServiceKey, BTreeSet<EndpointValue>>;
+
+impl Desired {
+    /// Each UDP frontend with the endpoints it leads to (for purging flows whose endpoint left).
+    #[must_use]
+    pub fn udp_endpoints(&self) -> UdpEndpoints {
+        self.ports
+            .values()
+            .flat_map(|port| {
+                port.frontends
+                    .iter()
+                    .filter(|frontend| frontend.proto == ip_proto::UDP)
+                    .map(|frontend| (*frontend, port.endpoints.clone()))
+            })
+            .collect()
+    }
+}
+
+/// Services, slices and other nodes' leases, as the sources last reported them.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     services: BTreeMap<ObjectRef, ServiceSpec>,
     slices: BTreeMap<ObjectRef, SliceSpec>,
+    leases: BTreeMap<Ipv4Net, NodeLease>,
 }
 
 impl Model {
@@ -76,6 +109,23 @@ impl Model {
         self.slices.remove(name).is_some()
     }
 
+    /// Records another node's lease; returns whether anything changed.
+    pub fn set_lease(&mut self, subnet: Ipv4Net, lease: NodeLease) -> bool {
+        self.leases.insert(subnet, lease) != Some(lease)
+    }
+
+    /// Forgets a lease; returns whether it was known.
+    pub fn remove_lease(&mut self, subnet: &Ipv4Net) -> bool {
+        self.leases.remove(subnet).is_some()
+    }
+
+    /// Replaces every lease (after a full re-list); returns whether anything changed.
+    pub fn replace_leases(&mut self, leases: BTreeMap<Ipv4Net, NodeLease>) -> bool {
+        let changed = self.leases != leases;
+        self.leases = leases;
+        changed
+    }
+
     /// The dataplane state the current objects call for.
     #[must_use]
     pub fn desired(&self) -> Desired {
@@ -87,6 +137,26 @@ impl Model {
                 .push(slice);
         }
         let mut desired = Desired::default();
+        for (subnet, lease) in &self.leases {
+            desired.subnets.insert(
+                *subnet,
+                RemoteNode {
+                    public_ip: lease.public_ip.octets(),
+                    vtep_mac: lease.vtep_mac,
+                    _pad: [0; 2],
+                },
+            );
+            // A node has one lease; should two name one PublicIP (an address that moved), either
+            // subnet identifies the member.
+            desired.vteps.insert(
+                lease.public_ip,
+                Vtep {
+                    subnet_addr: subnet.network().octets(),
+                    subnet_prefix_len: subnet.prefix_len(),
+                    _pad: [0; 3],
+                },
+            );
+        }
         let mut claimed: BTreeMap<ServiceKey, ServicePortName> = BTreeMap::new();
         for (service, spec) in &self.services {
             let slices = slices_by_service
@@ -385,6 +455,27 @@ pub(crate) mod tests {
         );
         assert_eq!(desired.notes.len(), 1, "{:?}", desired.notes);
         assert!(desired.notes[0].contains("already served by a/first"));
+    }
+
+    #[test]
+    fn leases_become_remote_subnets_and_members() {
+        let mut model = Model::default();
+        let subnet: Ipv4Net = "172.30.44.0/24".parse().unwrap();
+        let lease = NodeLease {
+            public_ip: Ipv4Addr::new(192, 168, 50, 2),
+            vtep_mac: [2, 0, 0, 0, 0, 2],
+        };
+        assert!(model.set_lease(subnet, lease));
+        assert!(!model.set_lease(subnet, lease));
+        let desired = model.desired();
+        assert_eq!(desired.subnets[&subnet].public_ip, [192, 168, 50, 2]);
+        assert_eq!(desired.subnets[&subnet].vtep_mac, [2, 0, 0, 0, 0, 2]);
+        assert_eq!(
+            desired.vteps[&Ipv4Addr::new(192, 168, 50, 2)].subnet_prefix_len,
+            24
+        );
+        assert!(model.replace_leases(BTreeMap::new()));
+        assert!(model.desired().subnets.is_empty() && model.desired().vteps.is_empty());
     }
 
     #[test]

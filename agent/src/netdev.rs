@@ -1,17 +1,24 @@
-//! The node's links: the pod bridge (created when missing, as the CNI bridge plugin would) and
-//! a feed of its ports appearing and leaving, so reverse NAT follows the pods.
+//! The node's links and routes: the pod bridge (created when missing, as the CNI bridge plugin
+//! would), a feed of its ports appearing and leaving, so service translation follows the pods,
+//! the uplink, and the one route that sends the pod Network into the overlay.
 
-use std::{io, net::IpAddr};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
 use ipnet::Ipv4Net;
 use rtnetlink::{
-    Handle, LinkBridge, LinkBridgePort, LinkUnspec, MulticastGroup, new_connection,
-    new_multicast_connection,
+    Handle, LinkBridge, LinkBridgePort, LinkUnspec, MulticastGroup, RouteMessageBuilder,
+    new_connection, new_multicast_connection,
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
         RouteNetlinkMessage,
+        address::AddressAttribute,
         link::{LinkAttribute, LinkMessage},
+        neighbour::NeighbourState,
+        route::{RouteAttribute, RouteMessage, RouteMetric},
     },
     sys::SocketAddr,
 };
@@ -28,6 +35,12 @@ pub enum NetdevError {
     },
     #[error("cannot enable IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)")]
     Forwarding(#[source] io::Error),
+    #[error("no interface {0}; pass the uplink with --iface")]
+    NoSuchLink(String),
+    #[error("no default route to pick the uplink from; pass it with --iface")]
+    NoDefaultRoute,
+    #[error("{0} has no IPv4 address to use as this node's PublicIP; pass --public-ip")]
+    NoAddress(String),
 }
 
 /// A link in the node's network namespace.
@@ -93,17 +106,23 @@ pub async fn links(handle: &Handle) -> Result<Vec<Link>, NetdevError> {
     Ok(messages.iter().filter_map(Link::from_message).collect())
 }
 
-/// Returns the pod bridge, creating it with the subnet's first address when it is missing (a
-/// bridge the CNI plugin already made is left as it is), and brings it up.
+/// Returns the pod bridge, creating it with the subnet's first address (and `mtu`, when given)
+/// when it is missing (a bridge the CNI plugin already made is left as it is), and brings it
+/// up.
 pub async fn ensure_bridge(
     handle: &Handle,
     name: &str,
     subnet: Ipv4Net,
+    mtu: Option<u32>,
 ) -> Result<(Link, bool), NetdevError> {
     let created = if link_by_name(handle, name).await?.is_none() {
+        let mut bridge = LinkBridge::new(name);
+        if let Some(mtu) = mtu {
+            bridge = bridge.mtu(mtu);
+        }
         handle
             .link()
-            .add(LinkBridge::new(name).build())
+            .add(bridge.build())
             .execute()
             .await
             .map_err(netlink(format!("create bridge {name}")))?;
@@ -132,6 +151,187 @@ pub async fn ensure_bridge(
     Ok((bridge, created))
 }
 
+/// The interface the overlay runs over, and what the overlay needs to know of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Uplink {
+    pub index: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    /// Its first IPv4 address (flannel's default PublicIP).
+    pub address: Option<Ipv4Addr>,
+}
+
+/// The uplink called `name`, or the interface of the default route when `name` is `None`
+/// (flannel's choice when `--iface` is not given).
+pub async fn uplink(handle: &Handle, name: Option<&str>) -> Result<Uplink, NetdevError> {
+    let message = match name {
+        Some(name) => {
+            let mut links = handle.link().get().match_name(name.to_owned()).execute();
+            match links.try_next().await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Err(NetdevError::NoSuchLink(name.to_owned())),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                    return Err(NetdevError::NoSuchLink(name.to_owned()));
+                }
+                Err(e) => return Err(netlink(format!("look up {name}"))(e)),
+            }
+        }
+        None => {
+            let index = default_route_interface(handle).await?;
+            let mut links = handle.link().get().match_index(index).execute();
+            links
+                .try_next()
+                .await
+                .map_err(netlink("look up the default route's interface"))?
+                .ok_or(NetdevError::NoDefaultRoute)?
+        }
+    };
+    let link = Link::from_message(&message).ok_or(NetdevError::NoDefaultRoute)?;
+    let mut mac = [0u8; 6];
+    let mut mtu = 1500;
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::Address(bytes) if bytes.len() == 6 => mac.copy_from_slice(bytes),
+            LinkAttribute::Mtu(value) => mtu = *value,
+            _ => {}
+        }
+    }
+    let addresses: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(link.index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(netlink(format!("list addresses of {}", link.name)))?;
+    let address =
+        addresses
+            .iter()
+            .flat_map(|a| &a.attributes)
+            .find_map(|attribute| match attribute {
+                AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+    Ok(Uplink {
+        index: link.index,
+        name: link.name,
+        mac,
+        mtu,
+        address,
+    })
+}
+
+async fn default_route_interface(handle: &Handle) -> Result<u32, NetdevError> {
+    let routes: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(netlink("list routes"))?;
+    routes
+        .iter()
+        .filter(|route| route.header.destination_prefix_length == 0)
+        .find_map(|route| {
+            route
+                .attributes
+                .iter()
+                .find_map(|attribute| match attribute {
+                    RouteAttribute::Oif(index) => Some(*index),
+                    _ => None,
+                })
+        })
+        .ok_or(NetdevError::NoDefaultRoute)
+}
+
+/// The route that sends the whole pod `network` out of the uplink, where `tc_to_uplink`
+/// encapsulates it: `<network> via <network address> dev <uplink> onlink src <gateway> mtu
+/// <mtu>`, with a permanent neighbour entry for that next hop. One route and one neighbour for
+/// any number of nodes: which node a packet goes to is the datapath's LPM lookup, not a route.
+/// `src` makes the node's own traffic to pods leave from its pod gateway address, as flannel's
+/// `flannel.1` address does; `mtu` leaves room for the encapsulation.
+pub async fn route_network(
+    handle: &Handle,
+    network: Ipv4Net,
+    uplink: &Uplink,
+    gateway: Ipv4Addr,
+    next_hop_mac: [u8; 6],
+    mtu: u32,
+) -> Result<(), NetdevError> {
+    let next_hop = network.network();
+    handle
+        .neighbours()
+        .add(uplink.index, IpAddr::V4(next_hop))
+        .link_layer_address(&next_hop_mac)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(netlink(format!(
+            "add the overlay next hop {next_hop} on {}",
+            uplink.name
+        )))?;
+    let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(network.network(), network.prefix_len())
+        .gateway(next_hop)
+        .output_interface(uplink.index)
+        .pref_source(gateway)
+        .onlink()
+        .build();
+    route
+        .attributes
+        .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+    handle
+        .route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(netlink(format!("route {network} into the overlay")))
+}
+
+/// Removes what [`route_network`] added; what is already gone is no error.
+pub async fn unroute_network(
+    handle: &Handle,
+    network: Ipv4Net,
+    uplink: &Uplink,
+) -> Result<(), NetdevError> {
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(network.network(), network.prefix_len())
+        .output_interface(uplink.index)
+        .build();
+    match handle.route().del(route).execute().await {
+        Ok(()) => {}
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
+        Err(e) => return Err(netlink(format!("remove the route to {network}"))(e)),
+    }
+    let mut neighbours = handle.neighbours().get().execute();
+    while let Some(neighbour) = neighbours
+        .try_next()
+        .await
+        .map_err(netlink("list neighbours"))?
+    {
+        let next_hop = neighbour.attributes.iter().any(|attribute| {
+            matches!(attribute, rtnetlink::packet_route::neighbour::NeighbourAttribute::Destination(
+                rtnetlink::packet_route::neighbour::NeighbourAddress::Inet(ip)) if *ip == network.network())
+        });
+        if next_hop && neighbour.header.ifindex == uplink.index {
+            handle
+                .neighbours()
+                .del(neighbour)
+                .execute()
+                .await
+                .map_err(netlink(format!(
+                    "remove the overlay next hop on {}",
+                    uplink.name
+                )))?;
+        }
+    }
+    Ok(())
+}
+
 /// Lets a bridge port send frames back out the way they came (`hairpin_mode`), as flannel's CNI
 /// configuration (`hairpinMode: true`) and kubelet's `--hairpin-mode=hairpin-veth` do. With
 /// `br_netfilter`, the reply of a pod that reached itself through its own service is switched
@@ -156,6 +356,8 @@ pub fn enable_ip_forwarding() -> Result<(), NetdevError> {
 pub enum PortEvent {
     Joined(Link),
     Left(u32),
+    /// Notifications were lost (the socket overran): list the ports again.
+    Resync,
 }
 
 /// Link notifications, turned into port events for one bridge.
@@ -174,12 +376,19 @@ impl PortWatch {
         Ok(Self { bridge, messages })
     }
 
+    /// Follows another bridge (the old one was deleted and made again).
+    pub fn set_bridge(&mut self, bridge: u32) {
+        self.bridge = bridge;
+    }
+
     /// The next change; `None` when the netlink socket closed.
     pub async fn next(&mut self) -> Option<PortEvent> {
         loop {
             let (message, _) = self.messages.next().await?;
-            let NetlinkPayload::InnerMessage(message) = message.payload else {
-                continue;
+            let message = match message.payload {
+                NetlinkPayload::InnerMessage(message) => message,
+                NetlinkPayload::Overrun(_) => return Some(PortEvent::Resync),
+                _ => continue,
             };
             match message {
                 RouteNetlinkMessage::NewLink(link) => {

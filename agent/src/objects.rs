@@ -49,8 +49,8 @@ pub struct SlicePort {
     pub protocol: u8,
 }
 
-/// One endpoint of an EndpointSlice with its conditions (unset conditions already defaulted as
-/// the API defines them: ready when unset, serving as ready, not terminating).
+/// One endpoint of an EndpointSlice with its conditions, with unset conditions defaulted as
+/// kube-proxy reads them: ready and serving when unset, not terminating.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SliceEndpoint {
     pub addr: Ipv4Addr,
@@ -285,7 +285,7 @@ pub fn check_endpoint_slice(slice: &EndpointSlice) -> Result<Checked<SliceSpec>,
         endpoints.push(SliceEndpoint {
             addr,
             ready,
-            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         });
     }
@@ -398,7 +398,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn endpoint_conditions_default_as_the_api_says() {
+    fn endpoint_conditions_default_as_kube_proxy_reads_them() {
         let checked = check_endpoint_slice(&slice(serde_json::json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "nginx-abc", "namespace": "web",
@@ -440,7 +440,7 @@ pub(crate) mod tests {
             conditions,
             vec![
                 (true, true, false),
-                (false, false, false),
+                (false, true, false),
                 (false, true, true)
             ]
         );

@@ -3,14 +3,20 @@
 //! half-written service:
 //! - new endpoint slots before the frontend count that exposes them,
 //! - frontend counts lowered before the slots beyond them are deleted,
-//! - a removed service's frontends before its slots, its slots before its name.
+//! - a removed service's frontends before its slots, its slots before its name;
+//! - an overlay member before the remote subnets that send to it, and removed after them, so
+//!   this node never encapsulates to a node whose replies it would refuse.
 //!
 //! Applied state is a mirror of the maps, updated only after each write succeeds, so a failed
 //! write (a full map) leaves a consistent dataplane and is retried on the next pass.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
-use weft_common::maps::{EndpointKey, EndpointValue, ServiceKey, ServiceValue};
+use ipnet::Ipv4Net;
+use weft_common::maps::{EndpointKey, EndpointValue, RemoteNode, ServiceKey, ServiceValue, Vtep};
 
 use crate::{
     maps::{DatapathMaps, MapReadError, MapWriteError, decode_name, encode_name},
@@ -36,6 +42,10 @@ pub struct Report {
     pub removed: Vec<ServicePortName>,
     /// Service ports left as they were (or not programmed at all) because a write failed.
     pub failed: Vec<(ServicePortName, MapWriteError)>,
+    /// Remote subnets and overlay members written or removed.
+    pub overlay_changes: usize,
+    /// Overlay entries (a subnet or a member, by name) whose write failed.
+    pub overlay_failed: Vec<(String, MapWriteError)>,
 }
 
 impl Report {
@@ -46,14 +56,18 @@ impl Report {
             && self.updated.is_empty()
             && self.removed.is_empty()
             && self.failed.is_empty()
+            && self.overlay_changes == 0
+            && self.overlay_failed.is_empty()
     }
 }
 
-/// Service port ids: never 0, reused after release.
+/// Service port ids: never 0, reused after release, but never within the pass that released
+/// them, so a packet that read a removed service's id cannot find another service's slots.
 #[derive(Debug, Default)]
 struct Ids {
     next: u32,
     free: Vec<u32>,
+    cooling: Vec<u32>,
 }
 
 impl Ids {
@@ -62,6 +76,7 @@ impl Ids {
         Self {
             next: last + 1,
             free: (1..last).filter(|id| !used.contains(id)).rev().collect(),
+            cooling: Vec::new(),
         }
     }
 
@@ -74,7 +89,12 @@ impl Ids {
     }
 
     fn release(&mut self, id: u32) {
-        self.free.push(id);
+        self.cooling.push(id);
+    }
+
+    /// Makes the ids released in earlier passes reusable.
+    fn thaw(&mut self) {
+        self.free.append(&mut self.cooling);
     }
 }
 
@@ -82,7 +102,11 @@ impl Ids {
 pub struct Reconciler<M> {
     maps: M,
     applied: BTreeMap<ServicePortName, AppliedPort>,
+    /// Which service port each frontend in the map belongs to.
+    owners: BTreeMap<ServiceKey, ServicePortName>,
     ids: Ids,
+    subnets: BTreeMap<Ipv4Net, RemoteNode>,
+    vteps: BTreeMap<Ipv4Addr, Vtep>,
 }
 
 impl<M: DatapathMaps> Reconciler<M> {
@@ -125,10 +149,17 @@ impl<M: DatapathMaps> Reconciler<M> {
             applied.insert(name, port);
         }
         let used = applied.values().map(|p| p.id).collect();
+        let owners = applied
+            .iter()
+            .flat_map(|(name, port)| port.frontends.keys().map(move |key| (*key, name.clone())))
+            .collect();
         Ok(Self {
             maps,
             applied,
+            owners,
             ids: Ids::from_used(&used),
+            subnets: dump.subnets.into_iter().collect(),
+            vteps: dump.vteps.into_iter().collect(),
         })
     }
 
@@ -146,7 +177,10 @@ impl<M: DatapathMaps> Reconciler<M> {
     /// Brings the maps to `desired`.
     pub fn reconcile(&mut self, desired: &Desired) -> Report {
         let mut report = Report::default();
-        // Removals first: they free map space the additions may need.
+        self.ids.thaw();
+        self.repair_counts(&mut report);
+        self.release_frontends(desired, &mut report);
+        // Removed ports next: they free map space the additions may need.
         let gone: Vec<ServicePortName> = self
             .applied
             .keys()
@@ -173,7 +207,92 @@ impl<M: DatapathMaps> Reconciler<M> {
                 report.failed.push((name.clone(), error));
             }
         }
+        self.reconcile_overlay(desired, &mut report);
         report
+    }
+
+    /// Lowers any frontend count that exposes slots the map lacks (pins of an agent killed
+    /// mid-write, or a slot map recreated under its frontends), so the invariant holds before
+    /// anything else is attempted, whatever fails later.
+    fn repair_counts(&mut self, report: &mut Report) {
+        let Self { maps, applied, .. } = self;
+        for (name, port) in applied.iter_mut() {
+            let present = port.slots.iter().take_while(|slot| slot.is_some()).count() as u32;
+            let id = port.id;
+            for (key, count) in &mut port.frontends {
+                if *count > present {
+                    match maps.set_frontend(*key, ServiceValue { id, count: present }) {
+                        Ok(()) => *count = present,
+                        Err(error) => report.failed.push((name.clone(), error)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes every frontend the desired state gives to no port or to another port, before any
+    /// port writes: a frontend moving between ports is then never removed after its new owner
+    /// wrote it.
+    fn release_frontends(&mut self, desired: &Desired, report: &mut Report) {
+        let wanted: BTreeMap<ServiceKey, &ServicePortName> = desired
+            .ports
+            .iter()
+            .flat_map(|(name, port)| port.frontends.iter().map(move |key| (*key, name)))
+            .collect();
+        let releasing: Vec<(ServiceKey, ServicePortName)> = self
+            .owners
+            .iter()
+            .filter(|(key, owner)| wanted.get(*key) != Some(owner))
+            .map(|(key, owner)| (*key, owner.clone()))
+            .collect();
+        for (key, owner) in releasing {
+            match self.maps.remove_frontend(key) {
+                Ok(()) => {
+                    self.owners.remove(&key);
+                    if let Some(port) = self.applied.get_mut(&owner) {
+                        port.frontends.remove(&key);
+                    }
+                }
+                Err(error) => report.failed.push((owner, error)),
+            }
+        }
+    }
+
+    fn reconcile_overlay(&mut self, desired: &Desired, report: &mut Report) {
+        let Self {
+            maps,
+            subnets,
+            vteps,
+            ..
+        } = self;
+        let mut record = |name: String, outcome: Result<(), MapWriteError>| match outcome {
+            Ok(()) => report.overlay_changes += 1,
+            Err(error) => report.overlay_failed.push((name, error)),
+        };
+        for (ip, vtep) in changed(vteps, &desired.vteps) {
+            let outcome = maps.set_vtep(ip, vtep).map(|()| {
+                vteps.insert(ip, vtep);
+            });
+            record(format!("member {ip}"), outcome);
+        }
+        for (subnet, node) in changed(subnets, &desired.subnets) {
+            let outcome = maps.set_subnet(subnet, node).map(|()| {
+                subnets.insert(subnet, node);
+            });
+            record(format!("subnet {subnet}"), outcome);
+        }
+        for subnet in gone(subnets, &desired.subnets) {
+            let outcome = maps.remove_subnet(subnet).map(|()| {
+                subnets.remove(&subnet);
+            });
+            record(format!("subnet {subnet}"), outcome);
+        }
+        for ip in gone(vteps, &desired.vteps) {
+            let outcome = maps.remove_vtep(ip).map(|()| {
+                vteps.remove(&ip);
+            });
+            record(format!("member {ip}"), outcome);
+        }
     }
 
     fn add_port(
@@ -204,17 +323,16 @@ impl<M: DatapathMaps> Reconciler<M> {
         name: &ServicePortName,
         want: &DesiredPort,
     ) -> Result<(), MapWriteError> {
-        let Self { maps, applied, .. } = self;
+        let Self {
+            maps,
+            applied,
+            owners,
+            ..
+        } = self;
         let port = applied
             .get_mut(name)
             .expect("update_port is called for applied ports");
         let id = port.id;
-        for frontend in port.frontends.keys().copied().collect::<Vec<_>>() {
-            if !want.frontends.contains(&frontend) {
-                maps.remove_frontend(frontend)?;
-                port.frontends.remove(&frontend);
-            }
-        }
         let layout = plan_layout(&port.slots, &want.endpoints);
         for (slot, endpoint) in layout.iter().enumerate() {
             if port.slots.get(slot).copied().flatten() != Some(*endpoint) {
@@ -227,27 +345,46 @@ impl<M: DatapathMaps> Reconciler<M> {
             }
         }
         let count = u32::try_from(layout.len()).expect("slot counts fit the map's u32 index");
+        let mut taken_over = Vec::new();
         for frontend in &want.frontends {
             if port.frontends.get(frontend) != Some(&count) {
                 maps.set_frontend(*frontend, ServiceValue { id, count })?;
                 port.frontends.insert(*frontend, count);
+                // A frontend whose release failed belonged to another port until this write.
+                if let Some(previous) = owners.insert(*frontend, name.clone())
+                    && previous != *name
+                {
+                    taken_over.push((previous, *frontend));
+                }
             }
         }
         while port.slots.len() > layout.len() {
             maps.remove_endpoint(endpoint_key(id, port.slots.len() - 1))?;
             port.slots.pop();
         }
+        for (previous, frontend) in taken_over {
+            if let Some(port) = applied.get_mut(&previous) {
+                port.frontends.remove(&frontend);
+            }
+        }
         Ok(())
     }
 
     fn remove_port(&mut self, name: &ServicePortName) -> Result<(), MapWriteError> {
-        let Self { maps, applied, ids } = self;
+        let Self {
+            maps,
+            applied,
+            ids,
+            owners,
+            ..
+        } = self;
         let port = applied
             .get_mut(name)
             .expect("remove_port is called for applied ports");
         while let Some((&frontend, _)) = port.frontends.first_key_value() {
             maps.remove_frontend(frontend)?;
             port.frontends.remove(&frontend);
+            owners.remove(&frontend);
         }
         while !port.slots.is_empty() {
             maps.remove_endpoint(endpoint_key(port.id, port.slots.len() - 1))?;
@@ -258,6 +395,25 @@ impl<M: DatapathMaps> Reconciler<M> {
         applied.remove(name);
         Ok(())
     }
+}
+
+/// Entries of `want` that `have` lacks or holds differently.
+fn changed<K: Ord + Copy, V: PartialEq + Copy>(
+    have: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+) -> Vec<(K, V)> {
+    want.iter()
+        .filter(|(key, value)| have.get(key) != Some(value))
+        .map(|(key, value)| (*key, *value))
+        .collect()
+}
+
+/// Keys of `have` that `want` no longer has.
+fn gone<K: Ord + Copy, V>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Vec<K> {
+    have.keys()
+        .filter(|key| !want.contains_key(key))
+        .copied()
+        .collect()
 }
 
 /// A name for map entries found without a usable name; no desired port can have it, so the
@@ -279,16 +435,14 @@ fn endpoint_key(service_id: u32, slot: usize) -> EndpointKey {
     }
 }
 
-/// Whether the applied port already is the desired one.
+/// Whether the applied port already is the desired one: every slot filled, holding exactly
+/// the desired endpoints once each, and every desired frontend (and no other) exposing them all.
 fn matches(have: &AppliedPort, want: &DesiredPort) -> bool {
     let count = have.slots.len() as u32;
+    let endpoints: BTreeSet<EndpointValue> = have.slots.iter().flatten().copied().collect();
     have.slots.iter().all(Option::is_some)
         && have.slots.len() == want.endpoints.len()
-        && have
-            .slots
-            .iter()
-            .flatten()
-            .all(|e| want.endpoints.contains(e))
+        && endpoints == want.endpoints
         && have.frontends.len() == want.frontends.len()
         && have
             .frontends
@@ -335,7 +489,7 @@ pub(crate) mod tests {
     use weft_common::maps::ServiceName;
 
     use super::*;
-    use crate::maps::ServiceMapsDump;
+    use crate::maps::MapsDump;
 
     /// One map operation, as the fake records it.
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -346,6 +500,10 @@ pub(crate) mod tests {
         RemoveFrontend(u16),
         SetName(u32),
         RemoveName(u32),
+        SetSubnet(Ipv4Net),
+        RemoveSubnet(Ipv4Net),
+        SetVtep(Ipv4Addr),
+        RemoveVtep(Ipv4Addr),
     }
 
     /// The service maps as plain collections, with a capacity like the real ones.
@@ -354,6 +512,8 @@ pub(crate) mod tests {
         pub(crate) frontends: BTreeMap<ServiceKey, ServiceValue>,
         pub(crate) endpoints: BTreeMap<EndpointKey, EndpointValue>,
         pub(crate) names: BTreeMap<u32, ServiceName>,
+        pub(crate) subnets: BTreeMap<Ipv4Net, RemoteNode>,
+        pub(crate) vteps: BTreeMap<Ipv4Addr, Vtep>,
         pub(crate) max_endpoints: Option<usize>,
         pub(crate) ops: Vec<Op>,
     }
@@ -369,7 +529,7 @@ pub(crate) mod tests {
             }) {
                 return Err(MapWriteError::Full {
                     map: "fake",
-                    flag: "--max-endpoints",
+                    hint: "raise --max-endpoints",
                 });
             }
             self.ops.push(Op::SetEndpoint(key.service_id, key.slot));
@@ -421,25 +581,55 @@ pub(crate) mod tests {
             Ok(())
         }
 
-        fn dump(&self) -> Result<ServiceMapsDump, MapReadError> {
-            Ok(ServiceMapsDump {
+        fn set_subnet(&mut self, subnet: Ipv4Net, node: RemoteNode) -> Result<(), MapWriteError> {
+            self.ops.push(Op::SetSubnet(subnet));
+            self.subnets.insert(subnet, node);
+            Ok(())
+        }
+
+        fn remove_subnet(&mut self, subnet: Ipv4Net) -> Result<(), MapWriteError> {
+            self.ops.push(Op::RemoveSubnet(subnet));
+            self.subnets.remove(&subnet);
+            Ok(())
+        }
+
+        fn set_vtep(&mut self, public_ip: Ipv4Addr, vtep: Vtep) -> Result<(), MapWriteError> {
+            self.ops.push(Op::SetVtep(public_ip));
+            self.vteps.insert(public_ip, vtep);
+            Ok(())
+        }
+
+        fn remove_vtep(&mut self, public_ip: Ipv4Addr) -> Result<(), MapWriteError> {
+            self.ops.push(Op::RemoveVtep(public_ip));
+            self.vteps.remove(&public_ip);
+            Ok(())
+        }
+
+        fn dump(&self) -> Result<MapsDump, MapReadError> {
+            Ok(MapsDump {
                 frontends: self.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
                 endpoints: self.endpoints.iter().map(|(k, v)| (*k, *v)).collect(),
                 names: self.names.iter().map(|(k, v)| (*k, *v)).collect(),
+                subnets: self.subnets.iter().map(|(k, v)| (*k, *v)).collect(),
+                vteps: self.vteps.iter().map(|(k, v)| (*k, *v)).collect(),
             })
         }
     }
 
     impl FakeMaps {
-        /// Checks the invariant after a pass: frontends expose exactly the slots that exist.
+        /// Checks the invariant the datapath relies on after a pass: every slot below a
+        /// frontend's count exists, and every frontend's service port has a name.
         fn assert_consistent(&self) {
             for (key, value) in &self.frontends {
-                let slots = self
-                    .endpoints
-                    .keys()
-                    .filter(|k| k.service_id == value.id)
-                    .count();
-                assert_eq!(slots as u32, value.count, "frontend {key:?}");
+                for slot in 0..value.count {
+                    assert!(
+                        self.endpoints.contains_key(&EndpointKey {
+                            service_id: value.id,
+                            slot
+                        }),
+                        "frontend {key:?} exposes missing slot {slot}"
+                    );
+                }
                 assert!(self.names.contains_key(&value.id));
             }
         }
@@ -504,8 +694,188 @@ pub(crate) mod tests {
                     )
                 })
                 .collect(),
-            notes: Vec::new(),
+            ..Desired::default()
         }
+    }
+
+    fn overlay(nodes: &[(&str, u8)]) -> Desired {
+        let mut desired = Desired::default();
+        for (subnet, last) in nodes {
+            let public_ip = Ipv4Addr::new(192, 168, 50, *last);
+            let subnet: Ipv4Net = subnet.parse().unwrap();
+            desired.subnets.insert(
+                subnet,
+                RemoteNode {
+                    public_ip: public_ip.octets(),
+                    vtep_mac: [2, 0, 0, 0, 0, *last],
+                    _pad: [0; 2],
+                },
+            );
+            desired.vteps.insert(
+                public_ip,
+                Vtep {
+                    subnet_addr: subnet.network().octets(),
+                    subnet_prefix_len: 24,
+                    _pad: [0; 3],
+                },
+            );
+        }
+        desired
+    }
+
+    fn two_ports(first: (&str, u16), second: (&str, u16)) -> Desired {
+        let mut desired = Desired::default();
+        for (port, number, last) in [(first.0, first.1, 6), (second.0, second.1, 7)] {
+            desired.ports.insert(
+                ServicePortName {
+                    service: ObjectRef {
+                        namespace: "default".into(),
+                        name: "svc".into(),
+                    },
+                    port: port.into(),
+                },
+                DesiredPort {
+                    frontends: [frontend(number)].into(),
+                    endpoints: [endpoint(last)].into(),
+                },
+            );
+        }
+        desired
+    }
+
+    #[test]
+    fn a_frontend_moving_to_another_port_of_the_service_stays_programmed() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let mut first = Desired::default();
+        first.ports.insert(
+            ServicePortName {
+                service: ObjectRef {
+                    namespace: "default".into(),
+                    name: "svc".into(),
+                },
+                port: "web".into(),
+            },
+            DesiredPort {
+                frontends: [frontend(80)].into(),
+                endpoints: [endpoint(6)].into(),
+            },
+        );
+        reconciler.reconcile(&first);
+        // "http" (sorted before "web") takes port 80; "web" moves to 8080.
+        let next = two_ports(("http", 80), ("web", 8080));
+        reconciler.reconcile(&next);
+        reconciler.maps.assert_consistent();
+        assert_eq!(
+            reconciler.maps.endpoints_of(80),
+            [6].into(),
+            "80 now leads to http's endpoint"
+        );
+        assert_eq!(reconciler.maps.endpoints_of(8080), [7].into());
+        assert!(reconciler.reconcile(&next).is_empty(), "and stays that way");
+    }
+
+    #[test]
+    fn duplicated_slots_left_by_a_killed_agent_do_not_hide_a_missing_endpoint() {
+        let mut maps = FakeMaps::default();
+        maps.names.insert(1, encode_name(&port_name("nginx")));
+        for (slot, last) in [(0u32, 6u8), (1, 7), (2, 7)] {
+            maps.endpoints.insert(
+                EndpointKey {
+                    service_id: 1,
+                    slot,
+                },
+                endpoint(last),
+            );
+        }
+        maps.frontends
+            .insert(frontend(4432), ServiceValue { id: 1, count: 3 });
+        let mut reconciler = Reconciler::adopt(maps).unwrap();
+        reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
+        assert_eq!(reconciler.maps.endpoints_of(4432), [6, 7, 8].into());
+    }
+
+    #[test]
+    fn an_adopted_count_beyond_the_slots_is_lowered_even_when_the_map_is_full() {
+        let mut maps = FakeMaps {
+            max_endpoints: Some(2),
+            ..FakeMaps::default()
+        };
+        maps.names.insert(1, encode_name(&port_name("nginx")));
+        // The slot map was recreated empty under a frontend that still says 3.
+        maps.frontends
+            .insert(frontend(4432), ServiceValue { id: 1, count: 3 });
+        let mut reconciler = Reconciler::adopt(maps).unwrap();
+        let report = reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
+        assert_eq!(
+            report.failed.len(),
+            1,
+            "three endpoints do not fit two slots"
+        );
+        reconciler.maps.assert_consistent();
+    }
+
+    #[test]
+    fn an_id_freed_in_a_pass_is_not_reused_in_the_same_pass() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        reconciler.reconcile(&desired(&[("a", 1, &[1])]));
+        reconciler.reconcile(&desired(&[("b", 2, &[2])]));
+        assert_eq!(
+            reconciler.maps.frontends[&frontend(2)].id,
+            2,
+            "id 1 was released in this pass"
+        );
+        reconciler.reconcile(&desired(&[("b", 2, &[2]), ("c", 3, &[3])]));
+        assert_eq!(
+            reconciler.maps.frontends[&frontend(3)].id,
+            1,
+            "and is reused in the next"
+        );
+    }
+
+    #[test]
+    fn members_come_before_their_subnets_and_go_after_them() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let report = reconciler.reconcile(&overlay(&[("172.30.44.0/24", 2)]));
+        assert_eq!(report.overlay_changes, 2);
+        let ip = Ipv4Addr::new(192, 168, 50, 2);
+        let subnet: Ipv4Net = "172.30.44.0/24".parse().unwrap();
+        assert_eq!(
+            reconciler.maps.ops,
+            vec![Op::SetVtep(ip), Op::SetSubnet(subnet)]
+        );
+        reconciler.maps.ops.clear();
+        assert!(
+            reconciler
+                .reconcile(&overlay(&[("172.30.44.0/24", 2)]))
+                .is_empty()
+        );
+        reconciler.reconcile(&overlay(&[]));
+        assert_eq!(
+            reconciler.maps.ops,
+            vec![Op::RemoveSubnet(subnet), Op::RemoveVtep(ip)]
+        );
+        assert!(reconciler.maps.subnets.is_empty() && reconciler.maps.vteps.is_empty());
+    }
+
+    #[test]
+    fn a_lease_that_moves_to_another_node_is_rewritten_in_place() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        reconciler.reconcile(&overlay(&[("172.30.44.0/24", 2)]));
+        reconciler.maps.ops.clear();
+        reconciler.reconcile(&overlay(&[("172.30.44.0/24", 3)]));
+        let subnet: Ipv4Net = "172.30.44.0/24".parse().unwrap();
+        assert_eq!(
+            reconciler.maps.ops,
+            vec![
+                Op::SetVtep(Ipv4Addr::new(192, 168, 50, 3)),
+                Op::SetSubnet(subnet),
+                Op::RemoveVtep(Ipv4Addr::new(192, 168, 50, 2))
+            ]
+        );
+        assert_eq!(
+            reconciler.maps.subnets[&subnet].public_ip,
+            [192, 168, 50, 3]
+        );
     }
 
     #[test]

@@ -15,13 +15,14 @@ pub struct ModelHandle {
 }
 
 impl ModelHandle {
-    /// Runs `change` on the model; wakes the reconciler when it reports a change. Bursts of
-    /// changes coalesce into one wake-up.
-    pub fn update(&self, change: impl FnOnce(&mut Model) -> bool) {
+    /// Runs `change` on the model; wakes the reconciler when it reports a change (and returns
+    /// whether it did). Bursts of changes coalesce into one wake-up.
+    pub fn update(&self, change: impl FnOnce(&mut Model) -> bool) -> bool {
         let changed = change(&mut self.model.lock().expect("model lock is never poisoned"));
         if changed {
             self.changed.notify_one();
         }
+        changed
     }
 
     /// The state the model currently calls for.

@@ -5,8 +5,8 @@
 //! - FORWARD, keyed by the client's tuple towards the frontend. It is authoritative: it holds the
 //!   endpoint, the state bits below and the last time the connection was seen.
 //! - REPLY, keyed by the endpoint's tuple back to the client. It holds the frontend to restore in
-//!   replies. Its `flags` only record that the first reply was propagated to FORWARD, and its
-//!   `last_seen_ns` when the reply side last refreshed FORWARD.
+//!   replies, and is used only while its FORWARD entry is live and still leads back to it;
+//!   otherwise it is stale and the datapath removes it.
 //!
 //! Timeouts follow what kube-proxy configures netfilter with: TCP established 24 h, half-closed
 //! (CLOSE_WAIT) 1 h, UDP 30 s before a reply and 120 s after one.

@@ -8,8 +8,9 @@ pub enum DropReason {
     MalformedIpv4 = 0,
     /// A packet for a service frontend whose TCP/UDP header is truncated.
     MalformedL4 = 1,
-    /// The first fragment of a fragmented datagram for a service frontend: the fragments that
-    /// follow carry no ports, so the datagram cannot be translated as a whole.
+    /// The first fragment of a fragmented datagram to a service frontend, or of a reply of a
+    /// translated connection: the fragments that follow carry no ports, so the datagram cannot
+    /// be translated as a whole.
     FragmentedService = 2,
     /// A new connection to a service that has no ready endpoints.
     NoEndpoints = 3,
@@ -20,10 +21,20 @@ pub enum DropReason {
     ConntrackInsertFailed = 5,
     /// A kernel helper failed to rewrite an address, port or checksum.
     NatRewriteFailed = 6,
+    /// A packet for the cluster's pod Network whose subnet no node holds a lease for.
+    NoLeaseForDestination = 7,
+    /// Encapsulation failed (no room, or a helper refused the rewrite).
+    EncapFailed = 8,
+    /// No route to the remote node's PublicIP.
+    NoRouteToNode = 9,
+    /// VXLAN for this node from an address that holds no lease (flannel accepts it; weft does not).
+    VxlanUnknownSource = 10,
+    /// VXLAN for this node whose headers are cut short or whose inner frame is not IPv4.
+    VxlanMalformed = 11,
 }
 
 /// Number of drop reasons, the size of the drop counter map.
-pub const DROP_REASON_COUNT: u32 = 7;
+pub const DROP_REASON_COUNT: u32 = 12;
 
 impl DropReason {
     /// Every reason, in counter-index order.
@@ -35,6 +46,11 @@ impl DropReason {
         Self::EndpointSlotMissing,
         Self::ConntrackInsertFailed,
         Self::NatRewriteFailed,
+        Self::NoLeaseForDestination,
+        Self::EncapFailed,
+        Self::NoRouteToNode,
+        Self::VxlanUnknownSource,
+        Self::VxlanMalformed,
     ];
 
     /// Stable snake_case name, used by `weft inspect drops` and metric labels.
@@ -48,6 +64,11 @@ impl DropReason {
             Self::EndpointSlotMissing => "endpoint_slot_missing",
             Self::ConntrackInsertFailed => "conntrack_insert_failed",
             Self::NatRewriteFailed => "nat_rewrite_failed",
+            Self::NoLeaseForDestination => "no_lease_for_destination",
+            Self::EncapFailed => "encap_failed",
+            Self::NoRouteToNode => "no_route_to_node",
+            Self::VxlanUnknownSource => "vxlan_unknown_source",
+            Self::VxlanMalformed => "vxlan_malformed",
         }
     }
 }

@@ -2,14 +2,16 @@
 //!
 //! Everything stored in a BPF map is defined in [`maps`]: `#[repr(C)]`, explicit padding, byte
 //! order stated per field, sizes asserted at compile time. The pure modules ([`packet`],
-//! [`conntrack`]) hold logic the datapath runs per packet and that host unit tests must reach, so
+//! [`conntrack`], [`csum`], [`vxlan`]) hold logic the datapath runs per packet and that host unit tests must reach, so
 //! they are `no_std`, allocation-free and generic over how packet bytes are read.
 #![no_std]
 
 pub mod conntrack;
+pub mod csum;
 pub mod drop_reason;
 pub mod maps;
 pub mod packet;
+pub mod vxlan;
 
 /// The mark bit kube-proxy uses to ask for masquerade (`KUBE-MARK-MASQ`, `0x4000/0x4000`).
 ///

@@ -25,8 +25,15 @@ pub const DROPS_MAP: &str = "weft_drops_v1";
 /// Name of the one-entry datapath configuration array: `0` -> [`DatapathConfig`].
 pub const CONFIG_MAP: &str = "weft_config_v1";
 
+/// Name of the remote pod subnets, an LPM trie: IPv4 prefix (network order) -> [`RemoteNode`].
+pub const SUBNETS_MAP: &str = "weft_subnets_v1";
+/// Name of the overlay members: a node's PublicIP (network order) -> [`Vtep`].
+pub const VTEPS_MAP: &str = "weft_vteps_v1";
+/// Name of the one-entry overlay configuration array: `0` -> [`OverlayConfig`].
+pub const OVERLAY_MAP: &str = "weft_overlay_v1";
+
 /// Every map weft pins, so the agent can check each pin's layout before reusing it.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 10] = [
     SERVICES_MAP,
     ENDPOINTS_MAP,
     SERVICE_NAMES_MAP,
@@ -34,6 +41,9 @@ pub const PINNED_MAPS: [&str; 7] = [
     SOCK_NAT_MAP,
     DROPS_MAP,
     CONFIG_MAP,
+    SUBNETS_MAP,
+    VTEPS_MAP,
+    OVERLAY_MAP,
 ];
 
 /// Default capacity of [`SERVICES_MAP`] (frontends: one per service IP, port and protocol).
@@ -44,6 +54,8 @@ pub const DEFAULT_MAX_ENDPOINTS: u32 = 262_144;
 pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
 /// Default capacity of [`SOCK_NAT_MAP`].
 pub const DEFAULT_SOCK_NAT_ENTRIES: u32 = 65_536;
+/// Capacity of [`SUBNETS_MAP`] and [`VTEPS_MAP`]: nodes in one cluster.
+pub const MAX_NODES: u32 = 16_384;
 
 /// A service frontend: the address, port and protocol clients connect to (a ClusterIP port).
 #[repr(C)]
@@ -145,13 +157,12 @@ pub struct CtValue {
     pub nat_addr: [u8; 4],
     /// FORWARD: the endpoint port. REPLY: the frontend port. Host order.
     pub nat_port: u16,
-    /// FORWARD: [`crate::conntrack::flags`] bits. REPLY: `SEEN_REPLY` once the first reply was
-    /// propagated to FORWARD.
+    /// FORWARD: [`crate::conntrack::flags`] bits. REPLY: 0.
     pub flags: u8,
     pub _pad: u8,
-    /// FORWARD: `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when a packet of the connection was last
-    /// seen, refreshed at most once per [`crate::conntrack::REFRESH_INTERVAL_NS`]. REPLY: when the
-    /// reply side last refreshed FORWARD.
+    /// FORWARD: `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when a packet of the connection (either
+    /// way) was last seen, refreshed at most once per [`crate::conntrack::REFRESH_INTERVAL_NS`].
+    /// REPLY: when it was created.
     pub last_seen_ns: u64,
 }
 
@@ -215,6 +226,71 @@ impl DatapathConfig {
     }
 }
 
+/// Where a remote pod subnet lives: the node to encapsulate to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RemoteNode {
+    /// The node's PublicIP (outer destination), network order.
+    pub public_ip: [u8; 4],
+    /// The node's VtepMAC (inner destination MAC), as in its lease.
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// An overlay member: a node whose VXLAN the uplink accepts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Vtep {
+    /// The pod subnet its lease holds, network order (for `weft inspect subnets`).
+    pub subnet_addr: [u8; 4],
+    pub subnet_prefix_len: u8,
+    pub _pad: [u8; 3],
+}
+
+/// This node's overlay settings, written by the agent before it attaches the overlay programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OverlayConfig {
+    /// This node's PublicIP: outer source of what it sends, outer destination of what it takes.
+    pub public_ip: [u8; 4],
+    /// The cluster's pod Network (flannel's `Network`), network order.
+    pub network_addr: [u8; 4],
+    pub network_prefix_len: u8,
+    pub _pad: u8,
+    /// VXLAN UDP port, host order.
+    pub port: u16,
+    /// VXLAN network identifier, host order.
+    pub vni: u32,
+    /// This node's VtepMAC: the inner source MAC it sends, the one its lease advertises.
+    pub vtep_mac: [u8; 6],
+    /// The uplink's own MAC: decapsulated frames are addressed to it so the node routes them.
+    pub uplink_mac: [u8; 6],
+}
+
+impl OverlayConfig {
+    /// Whether `addr` is in the cluster's pod Network.
+    #[inline(always)]
+    #[must_use]
+    pub fn in_network(&self, addr: [u8; 4]) -> bool {
+        prefix_contains(self.network_addr, self.network_prefix_len, addr)
+    }
+}
+
+/// Whether `addr` is inside `network/prefix_len` (every address is inside a /0).
+#[inline(always)]
+#[must_use]
+pub fn prefix_contains(network: [u8; 4], prefix_len: u8, addr: [u8; 4]) -> bool {
+    if prefix_len == 0 {
+        return true;
+    }
+    let mask = if prefix_len >= 32 {
+        u32::MAX
+    } else {
+        !(u32::MAX >> prefix_len)
+    };
+    u32::from_be_bytes(addr) & mask == u32::from_be_bytes(network) & mask
+}
+
 const _: () = {
     assert!(size_of::<ServiceKey>() == 8);
     assert!(size_of::<ServiceValue>() == 8);
@@ -226,13 +302,16 @@ const _: () = {
     assert!(size_of::<SockNatKey>() == 16);
     assert!(size_of::<SockNatValue>() == 8);
     assert!(size_of::<DatapathConfig>() == 16);
+    assert!(size_of::<RemoteNode>() == 12);
+    assert!(size_of::<Vtep>() == 8);
+    assert!(size_of::<OverlayConfig>() == 28);
 };
 
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        CtKey, CtValue, DatapathConfig, EndpointKey, EndpointValue, ServiceKey, ServiceName,
-        ServiceValue, SockNatKey, SockNatValue,
+        CtKey, CtValue, DatapathConfig, EndpointKey, EndpointValue, OverlayConfig, RemoteNode,
+        ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue, Vtep,
     };
 
     macro_rules! impl_pod {
@@ -256,6 +335,9 @@ mod pod {
         SockNatKey,
         SockNatValue,
         DatapathConfig,
+        RemoteNode,
+        Vtep,
+        OverlayConfig,
     );
 }
 

@@ -2,12 +2,14 @@
 //! packets, and find its REPLY entry for replies. The rules (states, timeouts) live in
 //! `weft_common::conntrack` so the agent applies the same ones.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+};
 use weft_common::{
     conntrack::{REFRESH_INTERVAL_NS, flags, is_expired, next_state, reopens},
     drop_reason::DropReason,
     maps::{CtKey, CtValue, DatapathConfig, EndpointValue, ServiceValue, ct_direction},
-    packet::tcp_flags,
 };
 
 use crate::{lb, maps::CONNTRACK};
@@ -36,40 +38,49 @@ pub(crate) fn forward(
     config: &DatapathConfig,
     now: u64,
 ) -> Result<Forward, DropReason> {
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: the pointer comes from a successful lookup of a preallocated LRU slot; fields
-        // are read and written individually, and a racing writer on another CPU can only make
-        // a state bit or a timestamp one packet stale.
-        let (state, last_seen, addr, port) = unsafe {
-            (
-                (*entry).flags,
-                (*entry).last_seen_ns,
-                (*entry).nat_addr,
-                (*entry).nat_port,
-            )
-        };
-        if !is_expired(key.proto, state, last_seen, now) && !reopens(state, key.proto, tcp) {
-            let next = next_state(state, key.proto, tcp, false);
-            if next != state || now.saturating_sub(last_seen) > REFRESH_INTERVAL_NS {
-                // SAFETY: as above.
-                unsafe {
-                    (*entry).flags = next;
-                    (*entry).last_seen_ns = now;
+    let replacing = match CONNTRACK.get_ptr_mut(key) {
+        None => false,
+        Some(entry) => {
+            // SAFETY: the pointer comes from a successful lookup of a preallocated LRU slot;
+            // fields are read and written individually, and a racing writer on another CPU can
+            // only make a state bit or a timestamp one packet stale.
+            let current = unsafe { *entry };
+            if !is_expired(key.proto, current.flags, current.last_seen_ns, now)
+                && !reopens(current.flags, key.proto, tcp)
+            {
+                let next = next_state(current.flags, key.proto, tcp, false);
+                if next != current.flags
+                    || now.saturating_sub(current.last_seen_ns) > REFRESH_INTERVAL_NS
+                {
+                    // SAFETY: as above.
+                    unsafe {
+                        (*entry).flags = next;
+                        (*entry).last_seen_ns = now;
+                    }
                 }
+                return Ok(Forward::from_entry(&current));
             }
-            return Ok(Forward {
-                addr,
-                port,
-                masquerade: state & flags::MASQUERADE != 0,
-            });
+            true
         }
-    }
+    };
     let endpoint = lb::pick_endpoint(service)?;
-    track(key, tcp, &endpoint, config, now)
+    track(key, tcp, &endpoint, config, now, replacing)
 }
 
-/// Records a new connection from `key` to `endpoint`: REPLY first, so reverse NAT is ready
-/// before any packet can reach the endpoint.
+impl Forward {
+    #[inline(always)]
+    fn from_entry(entry: &CtValue) -> Self {
+        Self {
+            addr: entry.nat_addr,
+            port: entry.nat_port,
+            masquerade: entry.flags & flags::MASQUERADE != 0,
+        }
+    }
+}
+
+/// Records a new connection from `key` to `endpoint`, FORWARD then REPLY. A connection whose
+/// first packets reach two CPUs at once is tracked by whichever inserts first; the other
+/// follows its choice, so every packet of the connection goes to one endpoint.
 #[inline(always)]
 fn track(
     key: &CtKey,
@@ -77,11 +88,32 @@ fn track(
     endpoint: &EndpointValue,
     config: &DatapathConfig,
     now: u64,
+    replacing: bool,
 ) -> Result<Forward, DropReason> {
     // Off-cluster clients are masqueraded so replies return through this node; a hairpin
     // (an endpoint reaching itself) is masqueraded or its own stack would drop the "martian"
     // packet whose source is its own address.
     let masquerade = !config.in_cluster(key.src_addr) || endpoint.addr == key.src_addr;
+    let initial = if masquerade { flags::MASQUERADE } else { 0 };
+    let forward = CtValue {
+        nat_addr: endpoint.addr,
+        nat_port: endpoint.port,
+        flags: next_state(initial, key.proto, tcp, false),
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    // An expired or closed entry is replaced; a fresh one must not overwrite a racing CPU's.
+    let mode = if replacing { BPF_ANY } else { BPF_NOEXIST };
+    if CONNTRACK.insert(key, forward, u64::from(mode)).is_err() {
+        if replacing {
+            return Err(DropReason::ConntrackInsertFailed);
+        }
+        let winner = CONNTRACK
+            .get_ptr(key)
+            .ok_or(DropReason::ConntrackInsertFailed)?;
+        // SAFETY: the pointer comes from a successful lookup; the value is copied out at once.
+        return Ok(Forward::from_entry(&unsafe { *winner }));
+    }
     let reply_key = CtKey {
         src_addr: endpoint.addr,
         dst_addr: key.src_addr,
@@ -98,18 +130,14 @@ fn track(
         _pad: 0,
         last_seen_ns: now,
     };
-    let initial = if masquerade { flags::MASQUERADE } else { 0 };
-    let forward = CtValue {
-        nat_addr: endpoint.addr,
-        nat_port: endpoint.port,
-        flags: next_state(initial, key.proto, tcp, false),
-        _pad: 0,
-        last_seen_ns: now,
-    };
-    CONNTRACK
+    if CONNTRACK
         .insert(reply_key, reply, u64::from(BPF_ANY))
-        .and_then(|()| CONNTRACK.insert(key, forward, u64::from(BPF_ANY)))
-        .map_err(|_| DropReason::ConntrackInsertFailed)?;
+        .is_err()
+    {
+        // Nothing half-tracked: without its REPLY the connection's replies could not be restored.
+        let _ = CONNTRACK.remove(key);
+        return Err(DropReason::ConntrackInsertFailed);
+    }
     Ok(Forward {
         addr: endpoint.addr,
         port: endpoint.port,
@@ -117,47 +145,56 @@ fn track(
     })
 }
 
-/// The frontend to restore in a reply whose tuple is `key`, if it belongs to a tracked
-/// connection. Propagates the reply's state to FORWARD on the first reply, on FIN/RST and at most
-/// once per refresh interval otherwise.
+/// The FORWARD key of the connection a REPLY entry (key and value) belongs to.
+#[inline(always)]
+fn forward_key(reply_key: &CtKey, reply: &CtValue) -> CtKey {
+    CtKey {
+        src_addr: reply_key.dst_addr,
+        dst_addr: reply.nat_addr,
+        src_port: reply_key.dst_port,
+        dst_port: reply.nat_port,
+        proto: reply_key.proto,
+        direction: ct_direction::FORWARD,
+        _pad: [0; 2],
+    }
+}
+
+/// Whether a packet with tuple `key` is a reply of a tracked connection (without touching its
+/// state).
+#[inline(always)]
+pub(crate) fn is_reply(key: &CtKey) -> bool {
+    CONNTRACK.get_ptr(key).is_some()
+}
+
+/// The frontend to restore in a reply whose tuple is `key`, if it belongs to a live tracked
+/// connection that still leads to this endpoint. A REPLY entry whose connection is gone,
+/// expired or now leads elsewhere (its client port was reused) is stale: it is removed and the
+/// packet left alone, so direct traffic between the same two sockets is never rewritten. The
+/// reply's state (first reply, FIN, RST) and time go to the FORWARD entry.
 #[inline(always)]
 pub(crate) fn reply(key: &CtKey, tcp: u8, now: u64) -> Option<([u8; 4], u16)> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: see `forward`.
-    let (frontend_addr, frontend_port, state, last_refresh) = unsafe {
-        (
-            (*entry).nat_addr,
-            (*entry).nat_port,
-            (*entry).flags,
-            (*entry).last_seen_ns,
-        )
-    };
-    let closing = tcp & (tcp_flags::FIN | tcp_flags::RST) != 0;
-    if state & flags::SEEN_REPLY == 0
-        || closing
-        || now.saturating_sub(last_refresh) > REFRESH_INTERVAL_NS
-    {
-        let forward_key = CtKey {
-            src_addr: key.dst_addr,
-            dst_addr: frontend_addr,
-            src_port: key.dst_port,
-            dst_port: frontend_port,
-            proto: key.proto,
-            direction: ct_direction::FORWARD,
-            _pad: [0; 2],
-        };
-        if let Some(forward) = CONNTRACK.get_ptr_mut(forward_key) {
-            // SAFETY: see `forward`.
-            unsafe {
-                (*forward).flags = next_state((*forward).flags, key.proto, tcp, true);
-                (*forward).last_seen_ns = now;
-            }
-        }
+    let entry = unsafe { *CONNTRACK.get_ptr(key)? };
+    let forward_key = forward_key(key, &entry);
+    let live = CONNTRACK.get_ptr_mut(forward_key).filter(|forward| {
         // SAFETY: see `forward`.
-        unsafe {
-            (*entry).flags = flags::SEEN_REPLY;
-            (*entry).last_seen_ns = now;
+        let forward = unsafe { **forward };
+        forward.nat_addr == key.src_addr
+            && forward.nat_port == key.src_port
+            && !is_expired(key.proto, forward.flags, forward.last_seen_ns, now)
+    });
+    let Some(forward) = live else {
+        let _ = CONNTRACK.remove(key);
+        return None;
+    };
+    // SAFETY: see `forward`.
+    unsafe {
+        let state = (*forward).flags;
+        let next = next_state(state, key.proto, tcp, true);
+        if next != state || now.saturating_sub((*forward).last_seen_ns) > REFRESH_INTERVAL_NS {
+            (*forward).flags = next;
+            (*forward).last_seen_ns = now;
         }
     }
-    Some((frontend_addr, frontend_port))
+    Some((entry.nat_addr, entry.nat_port))
 }

@@ -5,6 +5,8 @@
 //! | TC ingress of every pod's bridge port | [`tc_from_pods`] | service DNAT, conntrack, masquerade mark |
 //! | TC egress of every pod's bridge port | [`tc_to_pod`] | reverse NAT of replies to local pods |
 //! | cgroup `connect4` / `sendmsg4` / `recvmsg4` / `getpeername4` | [`cgroup_sock_addr`] | services for the node's own sockets |
+//! | TC egress of the uplink | [`tc_to_uplink`] | VXLAN encapsulation to remote pod subnets |
+//! | XDP on the uplink | [`xdp_uplink`] | VXLAN decapsulation of traffic for this node |
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![cfg_attr(
     not(target_arch = "bpf"),
@@ -22,11 +24,15 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
-mod skb;
+mod packet;
 #[cfg(target_arch = "bpf")]
 mod tc_from_pods;
 #[cfg(target_arch = "bpf")]
 mod tc_to_pod;
+#[cfg(target_arch = "bpf")]
+mod tc_to_uplink;
+#[cfg(target_arch = "bpf")]
+mod xdp_uplink;
 
 /// The kernel requires a GPL-compatible licence for some helpers (e.g. `bpf_ktime_get_ns`'s
 /// neighbours in the tracing set); weft's eBPF code is dual licensed so it can use them all.

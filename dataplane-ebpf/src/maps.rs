@@ -3,15 +3,16 @@
 //! `--ct-entries`). All maps are pinned by the agent, so their contents survive its restarts.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use weft_common::{
     drop_reason::{DROP_REASON_COUNT, DropReason},
     maps::{
         CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES,
-        DEFAULT_SOCK_NAT_ENTRIES, DatapathConfig, EndpointKey, EndpointValue, ServiceKey,
-        ServiceName, ServiceValue, SockNatKey, SockNatValue,
+        DEFAULT_SOCK_NAT_ENTRIES, DatapathConfig, EndpointKey, EndpointValue, MAX_NODES,
+        OverlayConfig, RemoteNode, ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue,
+        Vtep,
     },
 };
 
@@ -58,6 +59,19 @@ pub(crate) static DROPS: PerCpuArray<u64, { DROP_REASON_COUNT as usize }> = PerC
 #[btf_map(name = "weft_config_v1")]
 pub(crate) static CONFIG: Array<DatapathConfig, 1> = Array::new();
 
+/// Remote pod subnets by prefix (from the other nodes' leases). Written by the agent; read per
+/// packet leaving through the uplink to the pod Network.
+#[btf_map(name = "weft_subnets_v1")]
+pub(crate) static SUBNETS: LpmTrie<[u8; 4], RemoteNode, { MAX_NODES as usize }> = LpmTrie::new();
+
+/// Overlay members by PublicIP. Written by the agent; read per VXLAN packet for this node.
+#[btf_map(name = "weft_vteps_v1")]
+pub(crate) static VTEPS: HashMap<[u8; 4], Vtep, { MAX_NODES as usize }> = HashMap::new();
+
+/// This node's overlay settings, written by the agent before it attaches the overlay programs.
+#[btf_map(name = "weft_overlay_v1")]
+pub(crate) static OVERLAY: Array<OverlayConfig, 1> = Array::new();
+
 /// Counts a drop. Per-CPU, so a plain increment is exact.
 #[inline(always)]
 pub(crate) fn count_drop(reason: DropReason) {
@@ -73,4 +87,10 @@ pub(crate) fn count_drop(reason: DropReason) {
 #[inline(always)]
 pub(crate) fn config() -> DatapathConfig {
     CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// The node's overlay settings (all-zero before the agent wrote them: no address is ours).
+#[inline(always)]
+pub(crate) fn overlay() -> OverlayConfig {
+    OVERLAY.get(0).copied().unwrap_or_default()
 }

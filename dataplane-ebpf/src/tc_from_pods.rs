@@ -18,14 +18,14 @@ use weft_common::{
     MASQUERADE_MARK,
     drop_reason::DropReason,
     maps::{CtKey, ct_direction},
-    packet::{Fragment, Frame, Transport, parse_ipv4, parse_transport},
+    packet::{Fragment, Frame, PacketBytes as _, Transport, parse_ipv4, parse_transport},
 };
 
 use crate::{
     ct, lb,
     maps::{config, count_drop},
     nat::{self, Side},
-    skb::Skb,
+    packet::Skb,
 };
 
 #[classifier]
@@ -43,16 +43,29 @@ pub fn tc_from_pods(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn translate_to_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
     let skb = Skb(ctx);
-    skb.pull_headers();
+    if !skb.pull_headers() {
+        return Ok(());
+    }
     let ip = match parse_ipv4(&skb) {
         Frame::Ipv4(ip) => ip,
         Frame::NotIpv4 => return Ok(()),
+        // The node's stack would drop it just the same (bad version, length or options).
         Frame::MalformedIpv4 => return Err(DropReason::MalformedIpv4),
     };
     let ports = match parse_transport(&skb, &ip) {
         Transport::Ports(ports) => ports,
         Transport::Other => return Ok(()),
-        Transport::Truncated => return Err(DropReason::MalformedL4),
+        Transport::Truncated => {
+            // Cut short: drop it only when it is for a service; the rest is the stack's to judge.
+            let for_service = skb.read::<4>(ip.l4_offset).is_some_and(|ports| {
+                lb::frontend(ip.dst, u16::from_be_bytes([ports[2], ports[3]]), ip.proto).is_some()
+            });
+            return if for_service {
+                Err(DropReason::MalformedL4)
+            } else {
+                Ok(())
+            };
+        }
     };
     let Some(service) = lb::frontend(ip.dst, ports.dst_port, ip.proto) else {
         return Ok(());

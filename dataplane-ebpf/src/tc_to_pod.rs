@@ -14,14 +14,14 @@ use aya_ebpf::{
 use weft_common::{
     drop_reason::DropReason,
     maps::{CtKey, ct_direction},
-    packet::{Frame, Transport, parse_ipv4, parse_transport},
+    packet::{Fragment, Frame, Transport, parse_ipv4, parse_transport},
 };
 
 use crate::{
     ct,
     maps::count_drop,
     nat::{self, Side},
-    skb::Skb,
+    packet::Skb,
 };
 
 #[classifier]
@@ -38,8 +38,10 @@ pub fn tc_to_pod(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn restore_frontend(ctx: &TcContext) -> Result<(), DropReason> {
     let skb = Skb(ctx);
-    skb.pull_headers();
     // Malformed frames are the receiving pod's stack's to drop; this hook only restores replies.
+    if !skb.pull_headers() {
+        return Ok(());
+    }
     let Frame::Ipv4(ip) = parse_ipv4(&skb) else {
         return Ok(());
     };
@@ -55,6 +57,15 @@ fn restore_frontend(ctx: &TcContext) -> Result<(), DropReason> {
         direction: ct_direction::REPLY,
         _pad: [0; 2],
     };
+    if ip.fragment == Fragment::First {
+        // The fragments that follow carry no ports and could not be restored with it, so the
+        // datagram could not be reassembled by the client: drop it whole, as the forward path does.
+        return if ct::is_reply(&key) {
+            Err(DropReason::FragmentedService)
+        } else {
+            Ok(())
+        };
+    }
     let Some(frontend) = ct::reply(&key, ports.tcp_flags, ct::now_ns()) else {
         return Ok(());
     };

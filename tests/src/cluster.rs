@@ -156,10 +156,29 @@ pub fn weft_binary() -> PathBuf {
         })
 }
 
+/// Starts `nsenter <args>` (the agent in a node's namespace), appending its log to `log_file`.
+fn spawn_agent(args: &[String], log_file: &Path) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file)
+        .expect("agent log file");
+    // nsenter, unlike `ip netns exec`, keeps the host's /sys, where bpffs is mounted.
+    Command::new("nsenter")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting weft agent")
+}
+
 /// A running `weft agent` in a node's namespace, with its own pin directory and manifest
 /// directory. Dropping it stops the agent (SIGTERM) and removes its pins.
 pub struct Agent {
     child: Child,
+    /// The nsenter command line, to start the agent again.
+    args: Vec<String>,
     pin_dir: PathBuf,
     manifests: PathBuf,
     log_file: PathBuf,
@@ -185,7 +204,8 @@ impl Agent {
             fs::write(manifest_dir.join(file), text).expect("writing a manifest");
         }
         let log_file = state_dir.join("agent.log");
-        let log = fs::File::create(&log_file).expect("agent log file");
+        // A fresh log: readiness is read from it, and it is appended to across restarts.
+        fs::write(&log_file, "").expect("agent log file");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(format!("weft-{}", node.ns.name()));
         let mut args: Vec<String> = vec![
             format!("--net={}", node.ns.path().display()),
@@ -200,42 +220,56 @@ impl Agent {
             args.push(format!("--cluster-cidr={cidr}"));
         }
         args.extend(options.extra_args.iter().cloned());
-        // nsenter, unlike `ip netns exec`, keeps the host's /sys, where bpffs is mounted.
-        let child = Command::new("nsenter")
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting weft agent");
         let mut agent = Self {
-            child,
+            child: spawn_agent(&args, &log_file),
+            args,
             pin_dir,
             manifests: manifest_dir,
             log_file,
             _temporary: temporary,
         };
+        agent.wait_ready(0);
+        agent
+    }
+
+    /// Stops the agent and starts it again on the same pins and manifests; waits until ready.
+    pub fn restart(&mut self) {
+        let status = self.stop();
+        assert!(
+            status.success(),
+            "the agent exits cleanly: {status}\n{}",
+            self.log()
+        );
+        let readies = self.readies();
+        self.child = spawn_agent(&self.args, &self.log_file);
+        self.wait_ready(readies);
+    }
+
+    /// How many times the agent logged that it is ready (its log survives restarts).
+    fn readies(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| {
+                    v.pointer("/fields/message").and_then(|m| m.as_str()) == Some("ready")
+                })
+            })
+            .count()
+    }
+
+    /// Waits until the agent has logged "ready" more than `before` times.
+    fn wait_ready(&mut self, before: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !agent.is_ready() {
-            let exited = agent.child.try_wait().ok().flatten();
+        while self.readies() <= before {
+            let exited = self.child.try_wait().ok().flatten();
             if exited.is_some() || Instant::now() > deadline {
                 panic!(
                     "weft agent did not become ready (exit status {exited:?}); its log:\n{}",
-                    agent.log()
+                    self.log()
                 );
             }
             thread::sleep(Duration::from_millis(20));
         }
-        agent
-    }
-
-    /// Whether the agent logged that it is ready.
-    fn is_ready(&self) -> bool {
-        self.log().lines().any(|line| {
-            serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| {
-                v.pointer("/fields/message").and_then(|m| m.as_str()) == Some("ready")
-            })
-        })
     }
 
     /// Everything the agent logged so far.

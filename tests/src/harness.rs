@@ -13,7 +13,7 @@ use weft::{
     conntrack::Conntrack,
     dataplane::{Dataplane, MapLimits},
     manifests::{Scan, apply, parse_into},
-    maps::AyaServiceMaps,
+    maps::AyaMaps,
     model::Model,
     reconcile::Reconciler,
 };
@@ -45,7 +45,7 @@ pub struct Run {
 /// A loaded dataplane with its service maps behind the agent's reconciler.
 pub struct Datapath {
     dataplane: Dataplane,
-    reconciler: Reconciler<AyaServiceMaps>,
+    reconciler: Reconciler<AyaMaps>,
     conntrack: Conntrack,
     model: Model,
     scan: Scan,
@@ -70,7 +70,7 @@ impl Datapath {
                 ..DatapathConfig::default()
             })
             .expect("writing the datapath config");
-        let maps = AyaServiceMaps::take_from(dataplane.ebpf_mut()).expect("service maps");
+        let maps = AyaMaps::take_from(dataplane.ebpf_mut()).expect("service maps");
         let conntrack = Conntrack::take_from(dataplane.ebpf_mut()).expect("conntrack map");
         let mut datapath = Self {
             dataplane,

@@ -367,3 +367,134 @@ fn a_failing_test_still_removes_its_namespaces_and_pins() {
     let pin_dir = pin_dir.into_inner().unwrap().expect("the agent started");
     assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
 }
+
+/// A UDP client that keeps sending from one socket, recording who answers.
+struct UdpFlow {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answers: std::sync::Arc<std::sync::Mutex<Vec<Ipv4Addr>>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl UdpFlow {
+    fn start(ns: &weft_tests::netns::Netns, target: SocketAddrV4) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let socket = ns
+            .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+            .expect("client socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let (flag, sink) = (
+            std::sync::Arc::clone(&stop),
+            std::sync::Arc::clone(&answers),
+        );
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = socket.send_to(b"who?", target);
+                if let Ok((len, _)) = socket.recv_from(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+                    if let Some(server) =
+                        text.split_whitespace().next().and_then(|s| s.parse().ok())
+                    {
+                        sink.lock().unwrap().push(server);
+                    }
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            stop,
+            answers,
+            thread: Some(thread),
+        }
+    }
+
+    fn last(&self) -> Option<Ipv4Addr> {
+        self.answers.lock().unwrap().last().copied()
+    }
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A flow that never pauses keeps its conntrack entry alive forever; when its endpoint leaves
+/// the service, weft purges the entry (kube-proxy's stale-UDP clean-up) and the next datagram
+/// picks a live endpoint, for a pod client and for a socket of the node itself.
+#[test]
+fn a_continuous_udp_flow_moves_off_an_endpoint_that_left_its_service() {
+    let dns = dns_manifest(&BACKENDS);
+    let seed = seed_node(&[("dns.yaml", &dns)]);
+    let vip = SocketAddrV4::new(DNS_VIP, DNS_PORT);
+    let from_pod = UdpFlow::start(&seed.client.ns, vip);
+    let from_node = UdpFlow::start(&seed.node.ns, vip);
+    wait_until("both flows are answered", || {
+        from_pod.last().is_some() && from_node.last().is_some()
+    });
+    // Take away both flows' endpoints (if they share one, a single removal does).
+    let mut removed = vec![from_pod.last().unwrap(), from_node.last().unwrap()];
+    removed.dedup();
+    let kept: Vec<Ipv4Addr> = BACKENDS
+        .iter()
+        .copied()
+        .filter(|b| !removed.contains(b))
+        .collect();
+    seed.agent.write_manifest("dns.yaml", &dns_manifest(&kept));
+    wait_until("the pod's flow is answered by a remaining endpoint", || {
+        from_pod.last().is_some_and(|server| kept.contains(&server))
+    });
+    wait_until(
+        "the node's flow is answered by a remaining endpoint",
+        || {
+            from_node
+                .last()
+                .is_some_and(|server| kept.contains(&server))
+        },
+    );
+    assert!(
+        seed.agent.log().contains("purged UDP flows"),
+        "{}",
+        seed.agent.log()
+    );
+}
+
+#[test]
+fn a_restarted_agent_adopts_its_maps_and_an_idle_connection_keeps_its_endpoint() {
+    let mut seed = seed_node(&[]);
+    let (mut connection, before) = seed.client.ns.run(|| {
+        let mut connection = HttpConnection::open(seed::frontend()).expect("connecting");
+        let answer = connection.request().expect("first request");
+        (connection, answer.server)
+    });
+    seed.agent.restart();
+    let after = seed
+        .client
+        .ns
+        .run(|| connection.request())
+        .expect("request after the restart");
+    assert_eq!(
+        after.server, before,
+        "the pinned conntrack entry kept the connection's endpoint"
+    );
+    // The restarted agent rewrote nothing: the service was already in the maps it adopted.
+    let log = seed.agent.log();
+    let second_start = log
+        .rfind("stopping")
+        .expect("the first agent logged its stop");
+    assert!(
+        !log[second_start..].contains("reconciled the maps"),
+        "the restart rewrote maps it should have adopted:\n{log}"
+    );
+    // And new connections still work.
+    seed.client
+        .ns
+        .run(|| http_get(seed::frontend()))
+        .expect("a new connection after the restart");
+}

@@ -259,6 +259,18 @@ fn fixtures() -> Vec<Fixture> {
             Expect::Drop(DropReason::MalformedIpv4),
         ),
         fixture(
+            "a truncated TCP header to another destination passes, for the stack to judge",
+            FROM_PODS,
+            tcp(
+                client(),
+                SocketAddrV4::new(Ipv4Addr::new(172, 30, 44, 2), 80),
+                SYN,
+            )
+            .build()[..14 + 20 + 10]
+                .to_vec(),
+            Expect::Unchanged,
+        ),
+        fixture(
             "a truncated TCP header is dropped, counted",
             FROM_PODS,
             syn.build()[..14 + 20 + 10].to_vec(),
@@ -521,41 +533,73 @@ fn an_endpoint_update_changes_new_connections_only() {
 }
 
 #[test]
+fn a_udp_checksum_that_folds_to_zero_is_sent_as_ffff() {
+    // One endpoint, so the rewritten packet is known in advance.
+    let manifests = format!(
+        "{}---\n{}",
+        service("dns", Ipv4Addr::new(10, 254, 0, 10), 53, "UDP", 5353),
+        endpoint_slice("dns", "UDP", 5353, &BACKENDS[..1])
+    );
+    let mut datapath = Datapath::new(&manifests, Some(cluster_cidr()));
+    let endpoint = SocketAddrV4::new(BACKENDS[0], 5353);
+    // A two-byte payload equal to the translated packet's checksum makes its sum 0xffff, so the
+    // checksum itself computes to 0, which UDP must send as 0xffff (0 means "none").
+    let probe = parse(&udp(client(), endpoint, &[0, 0]).build()).l4_checksum;
+    let input = udp(
+        client(),
+        SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 10), 53),
+        &probe.to_be_bytes(),
+    )
+    .build();
+    let run = datapath.run(FROM_PODS, &input, 0);
+    let output = parse(&run.output);
+    assert_eq!(output.dst, endpoint);
+    assert_eq!(output.l4_checksum, 0xffff);
+    assert!(output.l4_checksum_ok);
+}
+
+#[test]
 fn a_closed_connection_reopened_with_a_syn_picks_again() {
-    let mut datapath = Datapath::new(&nginx_manifest(&BACKENDS[..1]), Some(cluster_cidr()));
+    let mut datapath = Datapath::new(&nginx_manifest(&BACKENDS), Some(cluster_cidr()));
     let vip = seed::frontend();
-    datapath.run(FROM_PODS, &tcp(client(), vip, SYN).build(), 0);
-    datapath.run(
-        TO_POD,
-        &tcp(backend_addrs()[0], client(), SYN | ACK).build(),
-        0,
-    );
-    datapath.run(FROM_PODS, &tcp(client(), vip, FIN | ACK).build(), 0);
-    datapath.run(
-        TO_POD,
-        &tcp(backend_addrs()[0], client(), FIN | ACK).build(),
-        0,
-    );
-    let closed = datapath.conntrack();
-    let forward = closed
-        .iter()
-        .find(|(k, _)| k.direction == ct_direction::FORWARD)
-        .unwrap()
-        .1;
-    assert_eq!(
-        weft_common::conntrack::state_name(6, forward.flags),
-        "CLOSED"
-    );
-    // Same client port again: a new connection, tracked from scratch.
-    datapath.run(FROM_PODS, &tcp(client(), vip, SYN).build(), 0);
-    let reopened = datapath.conntrack();
-    let forward = reopened
-        .iter()
-        .find(|(k, _)| k.direction == ct_direction::FORWARD)
-        .unwrap()
-        .1;
-    assert_eq!(
-        weft_common::conntrack::state_name(6, forward.flags),
-        "SYN_SENT"
-    );
+    let mut moved = 0;
+    for i in 0..30u16 {
+        let client = SocketAddrV4::new(*client().ip(), 50000 + i);
+        let first = parse(
+            &datapath
+                .run(FROM_PODS, &tcp(client, vip, SYN).build(), 0)
+                .output,
+        )
+        .dst;
+        datapath.run(TO_POD, &tcp(first, client, SYN | ACK).build(), 0);
+        datapath.run(FROM_PODS, &tcp(client, vip, FIN | ACK).build(), 0);
+        datapath.run(TO_POD, &tcp(first, client, FIN | ACK).build(), 0);
+        let state = |datapath: &Datapath| {
+            let entries = datapath.conntrack();
+            let (_, forward) = entries
+                .iter()
+                .find(|(key, _)| {
+                    key.direction == ct_direction::FORWARD && key.src_port == client.port()
+                })
+                .expect("the connection is tracked");
+            weft_common::conntrack::state_name(6, forward.flags)
+        };
+        assert_eq!(state(&datapath), "CLOSED");
+        // Same client port again: a new connection, tracked from scratch and picked afresh.
+        let again = parse(
+            &datapath
+                .run(FROM_PODS, &tcp(client, vip, SYN).build(), 0)
+                .output,
+        )
+        .dst;
+        assert_eq!(state(&datapath), "SYN_SENT");
+        if again != first {
+            moved += 1;
+            // The old endpoint's reply entry is stale now: its replies are not rewritten.
+            let stale = tcp(first, client, ACK).build();
+            assert_eq!(datapath.run(TO_POD, &stale, 0).output, stale);
+        }
+    }
+    // Each reopen picks one of three at random: all 30 keeping theirs has odds of (1/3)^30.
+    assert!(moved > 0, "no reopened connection picked another endpoint");
 }

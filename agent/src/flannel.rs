@@ -1,0 +1,617 @@
+//! flannel's etcd schema, exactly: the network config (`<prefix>/config`), subnet leases
+//! (`<prefix>/subnets/<a.b.c.d>-<len>`, flannel's `LeaseAttrs` JSON), subnet arithmetic, and
+//! `/run/flannel/subnet.env`. Pure: no I/O. The reference is flannel's `pkg/subnet/config.go`,
+//! `pkg/lease/lease.go` and `pkg/backend/vxlan`.
+
+use std::{fmt, net::Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+use weft_common::vxlan::{DEFAULT_PORT, DEFAULT_VNI, VNI_MAX};
+
+/// flannel's default etcd prefix.
+pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
+/// The one backend weft speaks.
+pub const VXLAN: &str = "vxlan";
+
+/// The network config, with flannel's defaults filled in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The whole pod network.
+    pub network: Ipv4Net,
+    /// Prefix length of each node's subnet.
+    pub subnet_len: u8,
+    /// First and last subnet a node may lease (network addresses).
+    pub subnet_min: Ipv4Addr,
+    pub subnet_max: Ipv4Addr,
+    pub vni: u32,
+    pub port: u16,
+    /// `Backend.MTU`, when set: overrides the uplink MTU minus the encapsulation overhead.
+    pub mtu: Option<u32>,
+}
+
+/// A config flannel would reject, or one weft cannot serve. Each names the key at fault.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("the config is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("Network is missing; set it to the pod network, e.g. \"172.30.0.0/16\"")]
+    MissingNetwork,
+    #[error("{key} {value:?} is not {what}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        what: &'static str,
+    },
+    #[error("Network {0} is too small: the smallest usable Network is a /28")]
+    NetworkTooSmall(Ipv4Net),
+    #[error("SubnetLen {0} must be 30 or less")]
+    SubnetTooSmall(u8),
+    #[error("SubnetLen {subnet_len} leaves fewer than four subnets in Network {network}")]
+    TooFewSubnets { network: Ipv4Net, subnet_len: u8 },
+    #[error("{key} {value} is outside Network {network}")]
+    OutsideNetwork {
+        key: &'static str,
+        value: Ipv4Addr,
+        network: Ipv4Net,
+    },
+    #[error("{key} {value} is not on a /{subnet_len} boundary")]
+    Unaligned {
+        key: &'static str,
+        value: Ipv4Addr,
+        subnet_len: u8,
+    },
+    #[error("SubnetMin {min} is above SubnetMax {max}")]
+    EmptyRange { min: Ipv4Addr, max: Ipv4Addr },
+    #[error(
+        "Backend.Type is {0:?}; weft speaks only \"vxlan\" (a config without Backend means \"udp\" to flannel)"
+    )]
+    UnsupportedBackend(String),
+    #[error("Backend.GBP is set; weft does not speak VXLAN group-based policy")]
+    UnsupportedGbp,
+}
+
+/// A JSON field by name, matched case-insensitively as Go's `encoding/json` does.
+fn field<'a>(object: &'a Value, name: &str) -> Option<&'a Value> {
+    object
+        .as_object()?
+        .iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
+        .map(|(_, value)| value)
+        .filter(|value| !value.is_null())
+}
+
+fn text_field(object: &Value, key: &'static str) -> Result<Option<String>, ConfigError> {
+    match field(object, key) {
+        None => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(other) => Err(ConfigError::Invalid {
+            key,
+            value: other.to_string(),
+            what: "a string",
+        }),
+    }
+}
+
+fn number_field(object: &Value, key: &'static str, max: u64) -> Result<Option<u64>, ConfigError> {
+    match field(object, key) {
+        None => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .filter(|n| *n <= max)
+            .map(Some)
+            .ok_or_else(|| ConfigError::Invalid {
+                key,
+                value: value.to_string(),
+                what: "a whole number in range",
+            }),
+    }
+}
+
+fn address_field(object: &Value, key: &'static str) -> Result<Option<Ipv4Addr>, ConfigError> {
+    text_field(object, key)?
+        .map(|text| {
+            text.parse().map_err(|_| ConfigError::Invalid {
+                key,
+                value: text,
+                what: "an IPv4 address",
+            })
+        })
+        .transpose()
+}
+
+fn u32_of(addr: Ipv4Addr) -> u32 {
+    u32::from(addr)
+}
+
+/// Parses `<prefix>/config` and fills in flannel's defaults.
+pub fn parse_config(json: &str) -> Result<NetworkConfig, ConfigError> {
+    let object: Value =
+        serde_json::from_str(json).map_err(|e| ConfigError::NotJson(e.to_string()))?;
+    if !object.is_object() {
+        return Err(ConfigError::NotJson("expected an object".into()));
+    }
+    let network_text = text_field(&object, "Network")?.ok_or(ConfigError::MissingNetwork)?;
+    let network: Ipv4Net = network_text.parse().map_err(|_| ConfigError::Invalid {
+        key: "Network",
+        value: network_text.clone(),
+        what: "an IPv4 CIDR",
+    })?;
+    let network = network.trunc();
+    let prefix = network.prefix_len();
+    let subnet_len = match number_field(&object, "SubnetLen", 32)? {
+        Some(len) if len > 0 => {
+            let len = len as u8;
+            if len > 30 {
+                return Err(ConfigError::SubnetTooSmall(len));
+            }
+            if len < prefix + 2 {
+                return Err(ConfigError::TooFewSubnets {
+                    network,
+                    subnet_len: len,
+                });
+            }
+            len
+        }
+        _ if prefix > 28 => return Err(ConfigError::NetworkTooSmall(network)),
+        _ if prefix <= 22 => 24,
+        _ => prefix + 2,
+    };
+    let size = 1u32 << (32 - subnet_len);
+    let first = u32_of(network.network());
+    let last_subnet = u32_of(network.broadcast()) - size + 1;
+    let bound = |key: &'static str, default: u32| -> Result<Ipv4Addr, ConfigError> {
+        let Some(value) = address_field(&object, key)? else {
+            return Ok(Ipv4Addr::from(default));
+        };
+        if !network.contains(&value) {
+            return Err(ConfigError::OutsideNetwork {
+                key,
+                value,
+                network,
+            });
+        }
+        if !u32_of(value).is_multiple_of(size) {
+            return Err(ConfigError::Unaligned {
+                key,
+                value,
+                subnet_len,
+            });
+        }
+        Ok(value)
+    };
+    // flannel skips the first subnet: its network address would be the Network's.
+    let subnet_min = bound("SubnetMin", first + size)?;
+    let subnet_max = bound("SubnetMax", last_subnet)?;
+    if subnet_min > subnet_max {
+        return Err(ConfigError::EmptyRange {
+            min: subnet_min,
+            max: subnet_max,
+        });
+    }
+    let backend = field(&object, "Backend").cloned().unwrap_or(Value::Null);
+    let backend_type = text_field(&backend, "Type")?.unwrap_or_else(|| "udp".to_owned());
+    if backend_type != VXLAN {
+        return Err(ConfigError::UnsupportedBackend(backend_type));
+    }
+    if field(&backend, "GBP").and_then(Value::as_bool) == Some(true) {
+        return Err(ConfigError::UnsupportedGbp);
+    }
+    let vni = number_field(&backend, "VNI", u64::from(VNI_MAX))?.map_or(DEFAULT_VNI, |v| v as u32);
+    // flannel's Port 0 means the kernel's default, which is 8472.
+    let port = match number_field(&backend, "Port", u64::from(u16::MAX))? {
+        None | Some(0) => DEFAULT_PORT,
+        Some(port) => port as u16,
+    };
+    let mtu = number_field(&backend, "MTU", 65_535)?
+        .filter(|m| *m > 0)
+        .map(|m| m as u32);
+    Ok(NetworkConfig {
+        network,
+        subnet_len,
+        subnet_min,
+        subnet_max,
+        vni,
+        port,
+        mtu,
+    })
+}
+
+impl NetworkConfig {
+    /// Every subnet a node may lease, in order.
+    pub fn candidates(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
+        let size = 1u32 << (32 - self.subnet_len);
+        (u32_of(self.subnet_min)..=u32_of(self.subnet_max))
+            .step_by(size as usize)
+            .map(|addr| {
+                Ipv4Net::new(Ipv4Addr::from(addr), self.subnet_len).expect("valid prefix length")
+            })
+    }
+
+    /// Whether `subnet` is one this config hands out.
+    #[must_use]
+    pub fn holds(&self, subnet: &Ipv4Net) -> bool {
+        subnet.prefix_len() == self.subnet_len
+            && self.subnet_min <= subnet.network()
+            && subnet.network() <= self.subnet_max
+    }
+}
+
+/// A MAC address as flannel writes it (`b6:c7:0f:7f:66:a7`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = ();
+
+    fn from_str(text: &str) -> Result<Self, ()> {
+        let mut mac = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut mac {
+            *byte = u8::from_str_radix(parts.next().ok_or(())?, 16).map_err(|_| ())?;
+        }
+        if parts.next().is_some() {
+            return Err(());
+        }
+        Ok(Self(mac))
+    }
+}
+
+/// What a node publishes in its lease (flannel's `LeaseAttrs` with vxlan `BackendData`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub public_ip: Ipv4Addr,
+    pub vni: u32,
+    pub vtep_mac: Mac,
+}
+
+/// A lease value flannel would not have written, or one for another backend.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LeaseError {
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    #[error("{field} is missing or invalid")]
+    Field { field: &'static str },
+    #[error("BackendType is {0:?}, not \"vxlan\"")]
+    OtherBackend(String),
+}
+
+impl Lease {
+    /// The lease value, byte for byte as flannel marshals it.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        format!(
+            r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":{},"VtepMAC":"{}"}}}}"#,
+            self.public_ip, self.vni, self.vtep_mac
+        )
+    }
+
+    /// Parses a lease value. `VNI` may be missing (older flannel wrote only `VtepMAC`).
+    pub fn parse(json: &str) -> Result<Self, LeaseError> {
+        let value: Value =
+            serde_json::from_str(json).map_err(|e| LeaseError::NotJson(e.to_string()))?;
+        let backend =
+            field(&value, "BackendType")
+                .and_then(Value::as_str)
+                .ok_or(LeaseError::Field {
+                    field: "BackendType",
+                })?;
+        if backend != VXLAN {
+            return Err(LeaseError::OtherBackend(backend.to_owned()));
+        }
+        let public_ip = field(&value, "PublicIP")
+            .and_then(Value::as_str)
+            .and_then(|ip| ip.parse().ok())
+            .ok_or(LeaseError::Field { field: "PublicIP" })?;
+        let data = field(&value, "BackendData").ok_or(LeaseError::Field {
+            field: "BackendData",
+        })?;
+        let vtep_mac = field(data, "VtepMAC")
+            .and_then(Value::as_str)
+            .and_then(|mac| mac.parse().ok())
+            .ok_or(LeaseError::Field {
+                field: "BackendData.VtepMAC",
+            })?;
+        let vni = match field(data, "VNI") {
+            None => DEFAULT_VNI,
+            Some(vni) => {
+                vni.as_u64()
+                    .filter(|v| *v <= u64::from(VNI_MAX))
+                    .ok_or(LeaseError::Field {
+                        field: "BackendData.VNI",
+                    })? as u32
+            }
+        };
+        Ok(Self {
+            public_ip,
+            vni,
+            vtep_mac,
+        })
+    }
+}
+
+/// The etcd key of `subnet`'s lease: `<prefix>/subnets/172.30.20.0-24`.
+#[must_use]
+pub fn subnet_key(prefix: &str, subnet: &Ipv4Net) -> String {
+    format!(
+        "{}{}-{}",
+        subnets_prefix(prefix),
+        subnet.network(),
+        subnet.prefix_len()
+    )
+}
+
+/// The key prefix under which leases live.
+#[must_use]
+pub fn subnets_prefix(prefix: &str) -> String {
+    format!("{}/subnets/", prefix.trim_end_matches('/'))
+}
+
+/// The key of the network config.
+#[must_use]
+pub fn config_key(prefix: &str) -> String {
+    format!("{}/config", prefix.trim_end_matches('/'))
+}
+
+/// The subnet a lease key names; `None` for keys flannel would not write (dual-stack keys,
+/// `10.5.52.0-24&fc00::-64`, yield their IPv4 half).
+#[must_use]
+pub fn parse_subnet_key(prefix: &str, key: &str) -> Option<Ipv4Net> {
+    let name = key.strip_prefix(&subnets_prefix(prefix))?;
+    let v4 = name.split('&').next()?;
+    let (addr, len) = v4.split_once('-')?;
+    let net = Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?).ok()?;
+    (net.trunc() == net).then_some(net)
+}
+
+/// `subnet.env`, as flannel writes it for the CNI plugin.
+#[must_use]
+pub fn subnet_env(config: &NetworkConfig, subnet: &Ipv4Net, mtu: u32, ip_masq: bool) -> String {
+    let gateway = subnet.hosts().next().unwrap_or(subnet.network());
+    format!(
+        "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={gateway}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ip_masq}\n",
+        config.network,
+        subnet.prefix_len()
+    )
+}
+
+/// A VtepMAC for a node that has none yet: locally administered, unicast, and derived from the
+/// PublicIP, so a node that lost its lease comes back with the same one.
+#[must_use]
+pub fn vtep_mac_for(public_ip: Ipv4Addr) -> Mac {
+    let [a, b, c, d] = public_ip.octets();
+    Mac([0x0e, 0xfe, a, b, c, d])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(text: &str) -> Ipv4Net {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_seeds_config_gets_flannels_defaults() {
+        let config = parse_config(
+            r#"{"Network":"172.30.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config,
+            NetworkConfig {
+                network: net("172.30.0.0/16"),
+                subnet_len: 24,
+                subnet_min: "172.30.1.0".parse().unwrap(),
+                subnet_max: "172.30.255.0".parse().unwrap(),
+                vni: 1,
+                port: 8472,
+                mtu: None,
+            }
+        );
+        assert_eq!(config.candidates().count(), 255);
+    }
+
+    #[test]
+    fn subnet_len_defaults_follow_the_network_size() {
+        let len = |network: &str| {
+            parse_config(&format!(
+                r#"{{"Network":"{network}","Backend":{{"Type":"vxlan"}}}}"#
+            ))
+            .map(|c| c.subnet_len)
+        };
+        assert_eq!(len("10.0.0.0/8"), Ok(24));
+        assert_eq!(len("10.0.0.0/22"), Ok(24));
+        assert_eq!(len("10.0.0.0/23"), Ok(25));
+        assert_eq!(len("10.0.0.0/28"), Ok(30));
+        assert_eq!(
+            len("10.0.0.0/29"),
+            Err(ConfigError::NetworkTooSmall(net("10.0.0.0/29")))
+        );
+    }
+
+    #[test]
+    fn keys_match_case_insensitively_as_in_go() {
+        let config = parse_config(
+            r#"{"network":"10.5.0.0/16","backend":{"type":"vxlan","vni":4,"port":4789}}"#,
+        )
+        .unwrap();
+        assert_eq!((config.vni, config.port), (4, 4789));
+    }
+
+    #[test]
+    fn explicit_bounds_are_checked() {
+        let with = |extra: &str| {
+            parse_config(&format!(
+                r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"vxlan"}}{extra}}}"#
+            ))
+        };
+        let ok = with(r#","SubnetMin":"10.5.10.0","SubnetMax":"10.5.20.0""#).unwrap();
+        assert_eq!(ok.candidates().count(), 11);
+        assert!(matches!(
+            with(r#","SubnetMin":"10.6.0.0""#),
+            Err(ConfigError::OutsideNetwork {
+                key: "SubnetMin",
+                ..
+            })
+        ));
+        assert!(matches!(
+            with(r#","SubnetMax":"10.5.20.7""#),
+            Err(ConfigError::Unaligned {
+                key: "SubnetMax",
+                ..
+            })
+        ));
+        assert!(matches!(
+            with(r#","SubnetMin":"10.5.30.0","SubnetMax":"10.5.20.0""#),
+            Err(ConfigError::EmptyRange { .. })
+        ));
+        assert!(matches!(
+            with(r#","SubnetLen":31"#),
+            Err(ConfigError::SubnetTooSmall(31))
+        ));
+        assert!(matches!(
+            with(r#","SubnetLen":17"#),
+            Err(ConfigError::TooFewSubnets { .. })
+        ));
+    }
+
+    #[test]
+    fn errors_name_what_is_wrong() {
+        assert_eq!(
+            parse_config(r#"{"SubnetLen":24}"#),
+            Err(ConfigError::MissingNetwork)
+        );
+        assert!(matches!(
+            parse_config(r#"{"Network":"172.30.0.0"}"#),
+            Err(ConfigError::Invalid { key: "Network", .. })
+        ));
+        assert_eq!(
+            parse_config(r#"{"Network":"172.30.0.0/16"}"#),
+            Err(ConfigError::UnsupportedBackend("udp".into())),
+            "no Backend means udp, as in flannel's code"
+        );
+        assert_eq!(
+            parse_config(r#"{"Network":"172.30.0.0/16","Backend":{"Type":"host-gw"}}"#),
+            Err(ConfigError::UnsupportedBackend("host-gw".into()))
+        );
+        assert!(matches!(
+            parse_config(
+                r#"{"Network":"172.30.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#
+            ),
+            Err(ConfigError::Invalid { key: "VNI", .. })
+        ));
+        assert!(matches!(parse_config("[1]"), Err(ConfigError::NotJson(_))));
+        assert_eq!(
+            parse_config(r#"{"Network":"172.30.0.0/16","Backend":{"Type":"vxlan","GBP":true}}"#),
+            Err(ConfigError::UnsupportedGbp)
+        );
+    }
+
+    #[test]
+    fn lease_json_is_flannels_byte_for_byte_and_round_trips() {
+        let lease = Lease {
+            public_ip: "10.167.226.38".parse().unwrap(),
+            vni: 1,
+            vtep_mac: "b6:c7:0f:7f:66:a7".parse().unwrap(),
+        };
+        let json = lease.to_json();
+        assert_eq!(
+            json,
+            r#"{"PublicIP":"10.167.226.38","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"b6:c7:0f:7f:66:a7"}}"#
+        );
+        assert_eq!(Lease::parse(&json), Ok(lease));
+    }
+
+    #[test]
+    fn the_seeds_lease_without_a_vni_parses() {
+        let lease = Lease::parse(r#"{"PublicIP":"10.167.226.38","BackendType":"vxlan","BackendData":{"VtepMAC":"b6:c7:0f:7f:66:a7"}}"#).unwrap();
+        assert_eq!(lease.vni, 1);
+        assert_eq!(lease.vtep_mac.to_string(), "b6:c7:0f:7f:66:a7");
+    }
+
+    #[test]
+    fn malformed_leases_are_refused() {
+        assert!(matches!(Lease::parse("{"), Err(LeaseError::NotJson(_))));
+        assert_eq!(
+            Lease::parse(r#"{"PublicIP":"1.2.3.4","BackendType":"udp"}"#),
+            Err(LeaseError::OtherBackend("udp".into()))
+        );
+        assert_eq!(
+            Lease::parse(
+                r#"{"PublicIP":"1.2.3","BackendType":"vxlan","BackendData":{"VtepMAC":"b6:c7:0f:7f:66:a7"}}"#
+            ),
+            Err(LeaseError::Field { field: "PublicIP" })
+        );
+        assert_eq!(
+            Lease::parse(
+                r#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VtepMAC":"b6:c7"}}"#
+            ),
+            Err(LeaseError::Field {
+                field: "BackendData.VtepMAC"
+            })
+        );
+    }
+
+    #[test]
+    fn subnet_keys_round_trip() {
+        let subnet = net("172.30.20.0/24");
+        let key = subnet_key("/kube-fujitsu/network", &subnet);
+        assert_eq!(key, "/kube-fujitsu/network/subnets/172.30.20.0-24");
+        assert_eq!(
+            parse_subnet_key("/kube-fujitsu/network", &key),
+            Some(subnet)
+        );
+        assert_eq!(
+            parse_subnet_key(
+                "/coreos.com/network/",
+                "/coreos.com/network/subnets/10.5.52.0-24&fc00::-64"
+            ),
+            Some(net("10.5.52.0/24"))
+        );
+        assert_eq!(
+            parse_subnet_key("/p", "/p/subnets/10.5.52.1-24"),
+            None,
+            "not a network address"
+        );
+        assert_eq!(parse_subnet_key("/p", "/p/subnets/junk"), None);
+        assert_eq!(parse_subnet_key("/p", "/q/subnets/10.5.52.0-24"), None);
+    }
+
+    #[test]
+    fn subnet_env_is_flannels() {
+        let config =
+            parse_config(r#"{"Network":"172.30.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert_eq!(
+            subnet_env(&config, &net("172.30.20.0/24"), 1450, false),
+            "FLANNEL_NETWORK=172.30.0.0/16\nFLANNEL_SUBNET=172.30.20.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        );
+    }
+
+    #[test]
+    fn derived_vtep_macs_are_local_unicast() {
+        let mac = vtep_mac_for("192.168.50.3".parse().unwrap());
+        assert_eq!(mac.0[0] & 0x03, 0x02, "locally administered, unicast");
+        assert_eq!(mac.to_string(), "0e:fe:c0:a8:32:03");
+    }
+
+    #[test]
+    fn holds_checks_length_and_range() {
+        let config =
+            parse_config(r#"{"Network":"172.30.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert!(config.holds(&net("172.30.44.0/24")));
+        assert!(
+            !config.holds(&net("172.30.0.0/24")),
+            "the first subnet is skipped"
+        );
+        assert!(!config.holds(&net("172.30.44.0/25")));
+        assert!(!config.holds(&net("172.31.1.0/24")));
+    }
+}
