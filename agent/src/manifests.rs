@@ -347,3 +347,158 @@ pub async fn follow(mut watch: ManifestWatch, model: Arc<ModelHandle>) {
         };
     }
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: nginx, namespace: default}
+spec:
+  clusterIP: 10.254.40.119
+  ports: [{port: 4432, targetPort: 80, protocol: TCP}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: nginx}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: nginx-abc
+  namespace: default
+  labels: {kubernetes.io/service-name: nginx}
+addressType: IPv4
+ports: [{port: 80, protocol: TCP}]
+endpoints:
+- addresses: [172.30.20.6]
+- addresses: [172.30.20.7]
+- addresses: [172.30.20.8]
+";
+
+    fn scan(text: &str) -> Scan {
+        let mut scan = Scan::default();
+        parse_into(text, "seed.yaml", &mut scan);
+        scan
+    }
+
+    #[test]
+    fn the_seed_manifest_yields_its_service_and_slice() {
+        let scan = scan(SEED);
+        assert!(scan.problems.is_empty(), "{:?}", scan.problems);
+        assert_eq!(scan.objects.len(), 2);
+        let mut model = Model::default();
+        assert!(apply(&mut model, &Scan::default(), &scan));
+        assert_eq!(
+            model
+                .desired()
+                .ports
+                .values()
+                .next()
+                .unwrap()
+                .endpoints
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn an_invalid_object_is_named_and_skipped_and_the_rest_kept() {
+        let text = format!(
+            "{SEED}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: broken, namespace: web}}\n\
+             spec: {{clusterIP: 10.254.0.300, ports: [{{port: 80}}]}}\n"
+        );
+        let scan = scan(&text);
+        assert_eq!(scan.objects.len(), 2);
+        assert_eq!(scan.problems.len(), 1);
+        assert!(
+            scan.problems[0].starts_with("seed.yaml: Service web/broken: spec.clusterIP"),
+            "{}",
+            scan.problems[0]
+        );
+    }
+
+    #[test]
+    fn a_type_error_is_reported_with_the_object_name() {
+        let scan = scan("apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 3}\n");
+        assert!(scan.objects.is_empty());
+        assert!(
+            scan.problems[0].starts_with("seed.yaml: Service default/x: "),
+            "{:?}",
+            scan.problems
+        );
+    }
+
+    #[test]
+    fn json_and_lists_are_read() {
+        let json = r#"{"apiVersion":"v1","kind":"List","items":[
+            {"apiVersion":"v1","kind":"Service","metadata":{"name":"a"},
+             "spec":{"clusterIP":"10.254.0.1","ports":[{"port":53,"protocol":"UDP"}]}}]}"#;
+        let scan = scan(json);
+        assert!(scan.problems.is_empty(), "{:?}", scan.problems);
+        assert_eq!(scan.objects.len(), 1);
+    }
+
+    #[test]
+    fn headless_services_are_noted_not_served() {
+        let scan =
+            scan("apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None}\n");
+        assert!(scan.objects.is_empty() && scan.problems.is_empty());
+        assert_eq!(scan.notes.len(), 1);
+    }
+
+    #[test]
+    fn broken_yaml_is_a_problem_not_a_crash() {
+        let scan = scan("apiVersion: v1\nkind: [unclosed\n");
+        assert!(scan.objects.is_empty());
+        assert_eq!(scan.problems.len(), 1);
+    }
+
+    #[test]
+    fn removing_a_file_removes_its_objects() {
+        let full = scan(SEED);
+        let mut model = Model::default();
+        apply(&mut model, &Scan::default(), &full);
+        assert!(apply(&mut model, &full, &Scan::default()));
+        assert!(model.desired().ports.is_empty());
+        assert!(!apply(&mut model, &Scan::default(), &Scan::default()));
+    }
+
+    #[test]
+    fn scanning_a_directory_skips_hidden_and_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("seed.yaml"), SEED).unwrap();
+        fs::write(dir.path().join(".hidden.yaml"), "not: [valid").unwrap();
+        fs::write(dir.path().join("README.md"), "# not a manifest").unwrap();
+        let scan = scan_dir(dir.path()).unwrap();
+        assert!(scan.problems.is_empty(), "{:?}", scan.problems);
+        assert_eq!(scan.objects.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_watch_follows_files_appearing_and_going() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = Arc::new(ModelHandle::default());
+        let watch = ManifestWatch::start(dir.path(), &model).unwrap();
+        tokio::spawn(follow(watch, Arc::clone(&model)));
+        let served = |model: &ModelHandle| !model.desired().ports.is_empty();
+        fs::write(dir.path().join("seed.yaml"), SEED).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !served(&model) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the new file was not read"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        fs::remove_file(dir.path().join("seed.yaml")).unwrap();
+        while served(&model) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the removed file's service stayed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
