@@ -305,12 +305,17 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
-        for name in [FROM_PODS, TO_POD] {
+        for name in [FROM_PODS, TO_POD, TO_UPLINK] {
             let program: &mut SchedClassifier = program(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
+        let decap: &mut Xdp = program(&mut ebpf, FROM_UPLINK)?;
+        decap.load().map_err(|source| DataplaneError::Program {
+            name: FROM_UPLINK,
+            source,
+        })?;
         for name in SOCKET_HOOKS {
             let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             program
@@ -372,7 +377,7 @@ impl Dataplane {
             Err(e) => {
                 tracing::warn!(
                     uplink,
-                    "XDP driver mode unavailable ({e}); using generic mode"
+                    "XDP driver mode unavailable ({e:#}); using generic mode"
                 );
                 attach(decap, XdpMode::Skb)?;
                 false

@@ -237,3 +237,63 @@ pub fn udp_request(target: SocketAddrV4) -> io::Result<(Answer, SocketAddr)> {
     let (len, from) = socket.recv_from(&mut buf)?;
     Ok((Answer::decode(&String::from_utf8_lossy(&buf[..len]))?, from))
 }
+
+/// Receives one bulk TCP stream on `port` in `ns`: returns the byte count and an FNV-1a digest
+/// of the bytes, once the sender closes.
+pub fn receive_bulk(ns: &Netns, port: u16) -> JoinHandle<io::Result<(u64, u64)>> {
+    let listener = ns
+        .run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
+        .expect("binding the bulk receiver");
+    thread::spawn(move || {
+        let (mut stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut digest = Fnv::default();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0u64;
+        loop {
+            let read = stream.read(&mut buf)?;
+            if read == 0 {
+                return Ok((total, digest.0));
+            }
+            digest.feed(&buf[..read]);
+            total += read as u64;
+        }
+    })
+}
+
+/// Sends `bytes` of a deterministic pattern to `target` from inside the calling thread's
+/// namespace; returns the digest of what was sent.
+pub fn send_bulk(target: SocketAddrV4, bytes: u64) -> io::Result<u64> {
+    let mut stream = TcpStream::connect_timeout(&target.into(), CLIENT_TIMEOUT)?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut digest = Fnv::default();
+    let chunk: Vec<u8> = (0..1u32 << 16)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let mut left = bytes;
+    while left > 0 {
+        let take = left.min(chunk.len() as u64) as usize;
+        stream.write_all(&chunk[..take])?;
+        digest.feed(&chunk[..take]);
+        left -= take as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    Ok(digest.0)
+}
+
+/// FNV-1a, to check a stream arrived byte for byte.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn feed(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}

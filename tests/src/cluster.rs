@@ -23,10 +23,13 @@ use crate::netns::{Netns, run};
 /// The bridge name weft uses by default, as flannel's CNI does.
 pub const BRIDGE: &str = "cni0";
 
-/// A node: a namespace with the pod bridge (as a CNI plugin would have made it).
+/// A node: a namespace with the pod bridge (as a CNI plugin would have made it), or, on an
+/// overlay, a namespace with an uplink whose bridge and subnet the agent's lease decides.
 pub struct Node {
     pub ns: Netns,
-    pub subnet: Ipv4Net,
+    subnet: Mutex<Option<Ipv4Net>>,
+    /// MTU of its pods' interfaces (the overlay's is smaller).
+    pod_mtu: u32,
     pods: Mutex<u32>,
 }
 
@@ -48,9 +51,44 @@ impl Node {
             .expect("bringing up the bridge");
         Self {
             ns,
-            subnet,
+            subnet: Mutex::new(Some(subnet)),
+            pod_mtu: 1500,
             pods: Mutex::new(0),
         }
+    }
+
+    /// A node on `underlay` with uplink `eth0` at `address`; no bridge yet (the agent makes it
+    /// once it holds a lease; see [`Node::set_subnet`]).
+    pub fn on_underlay(name: &str, underlay: &crate::overlay::Underlay, address: Ipv4Addr) -> Self {
+        let ns = Netns::create(name).expect("creating the node namespace");
+        underlay.connect(&ns, address);
+        Self {
+            ns,
+            subnet: Mutex::new(None),
+            pod_mtu: 1500 - weft_common::vxlan::OVERHEAD,
+            pods: Mutex::new(0),
+        }
+    }
+
+    /// The node's pod subnet.
+    #[must_use]
+    pub fn subnet(&self) -> Ipv4Net {
+        self.subnet
+            .lock()
+            .expect("subnet")
+            .expect("the node has a pod subnet (set_subnet)")
+    }
+
+    /// Records the subnet the node's lease holds.
+    pub fn set_subnet(&self, subnet: Ipv4Net) {
+        *self.subnet.lock().expect("subnet") = Some(subnet);
+    }
+
+    /// The address of the node's `n`-th pod in its subnet (`n` from 1; .1 is the gateway).
+    #[must_use]
+    pub fn pod_address(&self, n: u8) -> Ipv4Addr {
+        let network = self.subnet().network().octets();
+        Ipv4Addr::new(network[0], network[1], network[2], network[3] + 1 + n)
     }
 
     /// Turns netfilter hooks on bridged traffic (`br_netfilter`'s `bridge-nf-call-iptables`) on
@@ -70,7 +108,7 @@ impl Node {
     /// The bridge's address: the pods' default gateway.
     #[must_use]
     pub fn gateway(&self) -> Ipv4Addr {
-        self.subnet.hosts().next().expect("subnet has hosts")
+        self.subnet().hosts().next().expect("subnet has hosts")
     }
 
     /// A pod with address `addr`, on a veth pair whose node side joins the bridge.
@@ -98,13 +136,16 @@ impl Node {
                 ns.name(),
             ])
             .expect("creating the pod's veth pair");
+        let mtu = self.pod_mtu.to_string();
         self.ns
-            .ip(&["link", "set", &host_side, "master", BRIDGE, "up"])
+            .ip(&[
+                "link", "set", &host_side, "mtu", &mtu, "master", BRIDGE, "up",
+            ])
             .expect("enslaving the veth");
-        let cidr = format!("{addr}/{}", self.subnet.prefix_len());
+        let cidr = format!("{addr}/{}", self.subnet().prefix_len());
         ns.ip(&["addr", "add", &cidr, "dev", "eth0"])
             .expect("addressing the pod");
-        ns.ip(&["link", "set", "eth0", "up"])
+        ns.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])
             .expect("bringing up the pod's eth0");
         ns.ip(&[
             "route",
@@ -128,9 +169,12 @@ pub struct Pod {
 #[derive(Clone, Debug, Default)]
 pub struct AgentOptions {
     pub cluster_cidr: Option<Ipv4Net>,
-    /// A directory for the manifests (`manifests/`) and the agent's log (`agent.log`); a
-    /// temporary one when unset.
+    /// A directory for the manifests (`manifests/`), the agent's log (`agent.log`) and its
+    /// `subnet.env`; a temporary one when unset.
     pub state_dir: Option<PathBuf>,
+    /// etcd endpoint and key prefix: the agent joins the overlay (uplink `eth0`) and its lease
+    /// decides the pod subnet.
+    pub etcd: Option<(String, String)>,
     /// Extra command-line arguments.
     pub extra_args: Vec<String>,
 }
@@ -214,8 +258,16 @@ impl Agent {
             "agent".into(),
             format!("--pin-dir={}", pin_dir.display()),
             format!("--manifests={}", manifest_dir.display()),
-            format!("--pod-subnet={}", node.subnet),
         ];
+        match &options.etcd {
+            None => args.push(format!("--pod-subnet={}", node.subnet())),
+            Some((endpoint, prefix)) => args.extend([
+                format!("--etcd-endpoints={endpoint}"),
+                format!("--etcd-prefix={prefix}"),
+                "--iface=eth0".into(),
+                format!("--subnet-file={}", state_dir.join("subnet.env").display()),
+            ]),
+        }
         if let Some(cidr) = options.cluster_cidr {
             args.push(format!("--cluster-cidr={cidr}"));
         }
@@ -230,6 +282,36 @@ impl Agent {
         };
         agent.wait_ready(0);
         agent
+    }
+
+    /// The pod subnet from the `subnet.env` the agent wrote (overlay agents).
+    #[must_use]
+    pub fn leased_subnet(&self) -> Ipv4Net {
+        let env = self
+            .manifests
+            .parent()
+            .expect("state directory")
+            .join("subnet.env");
+        let text = fs::read_to_string(&env).expect("the agent wrote subnet.env");
+        let subnet = text
+            .lines()
+            .find_map(|line| line.strip_prefix("FLANNEL_SUBNET="))
+            .expect("FLANNEL_SUBNET in subnet.env");
+        subnet.parse::<Ipv4Net>().expect("a CIDR").trunc()
+    }
+
+    /// Starts an overlay agent on `node` and sets the node's subnet from the lease it took.
+    pub fn join(node: &Node, manifests: &[(&str, &str)], options: &AgentOptions) -> Self {
+        assert!(options.etcd.is_some(), "joining needs etcd");
+        let agent = Self::start(node, manifests, options);
+        node.set_subnet(agent.leased_subnet());
+        agent
+    }
+
+    /// Restarts the agent with `extra` arguments added to its command line.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        self.restart();
     }
 
     /// Stops the agent and starts it again on the same pins and manifests; waits until ready.

@@ -6,8 +6,10 @@
 //! otherwise.
 
 pub mod apps;
+pub mod capture;
 pub mod cluster;
 pub mod harness;
 pub mod netns;
+pub mod overlay;
 pub mod packet;
 pub mod seed;

@@ -1,0 +1,91 @@
+//! Capturing frames on a test namespace's interfaces with a raw packet socket, to check what
+//! actually goes over the wire.
+
+use std::{
+    os::fd::{AsFd as _, OwnedFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use nix::sys::{
+    socket::{AddressFamily, SockFlag, SockProtocol, SockType, setsockopt, socket, sockopt},
+    time::TimeVal,
+};
+
+use crate::netns::Netns;
+
+/// Frames seen on every interface of a namespace, both directions, while it runs.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    frames: Arc<Mutex<Vec<Vec<u8>>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Capture {
+    /// Starts capturing in `ns`, keeping the frames `keep` accepts.
+    pub fn start(ns: &Netns, keep: impl Fn(&[u8]) -> bool + Send + 'static) -> Self {
+        let socket: OwnedFd = ns
+            .run(|| {
+                socket(
+                    AddressFamily::Packet,
+                    SockType::Raw,
+                    SockFlag::empty(),
+                    SockProtocol::EthAll,
+                )
+            })
+            .expect("a packet socket (needs CAP_NET_RAW)");
+        setsockopt(&socket, sockopt::ReceiveTimeout, &TimeVal::new(0, 50_000))
+            .expect("socket timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let (flag, sink) = (Arc::clone(&stop), Arc::clone(&frames));
+        let thread = thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok(len) = nix::unistd::read(socket.as_fd(), &mut buf) {
+                    if keep(&buf[..len]) {
+                        sink.lock().expect("frames").push(buf[..len].to_vec());
+                    }
+                }
+            }
+        });
+        // Let the socket see traffic before the caller makes any.
+        thread::sleep(Duration::from_millis(20));
+        Self {
+            stop,
+            frames,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns what was kept.
+    pub fn finish(mut self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        std::mem::take(&mut self.frames.lock().expect("frames"))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Whether a frame is IPv4/UDP to `port` (a VXLAN candidate).
+#[must_use]
+pub fn is_udp_to(frame: &[u8], port: u16) -> bool {
+    frame.len() >= 14 + 20 + 8 && frame[12..14] == [0x08, 0x00] && frame[14 + 9] == 17 && {
+        let l4 = 14 + usize::from(frame[14] & 0x0f) * 4;
+        frame.get(l4 + 2..l4 + 4) == Some(&port.to_be_bytes()[..])
+    }
+}

@@ -1,0 +1,333 @@
+//! Overlay clusters: an underlay (a bridge in a namespace of its own that every node's `eth0`
+//! plugs into), a real etcd on it, and nodes configured exactly as flannel configures a vxlan
+//! node, for interoperability.
+
+use std::{
+    net::Ipv4Addr,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+
+use crate::netns::{Netns, run, unique};
+
+/// The underlay network every node's `eth0` is on.
+pub const UNDERLAY_PREFIX: u8 = 24;
+/// The underlay bridge's own address, where etcd listens.
+pub const ETCD_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 254);
+
+/// The address of node `n` (from 1) on the underlay.
+#[must_use]
+pub fn node_address(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 50, n)
+}
+
+/// A bridge in a namespace of its own: the nodes' shared L2 network.
+pub struct Underlay {
+    pub ns: Netns,
+    ports: std::sync::Mutex<u32>,
+}
+
+impl Underlay {
+    pub fn new(tag: &str) -> Self {
+        let ns = Netns::create(&unique(tag)).expect("creating the underlay namespace");
+        ns.ip(&["link", "add", "name", "br0", "type", "bridge"])
+            .expect("underlay bridge");
+        let address = format!("{ETCD_ADDRESS}/{UNDERLAY_PREFIX}");
+        ns.ip(&["addr", "add", &address, "dev", "br0"])
+            .expect("underlay address");
+        ns.ip(&["link", "set", "br0", "up"]).expect("underlay up");
+        Self {
+            ns,
+            ports: std::sync::Mutex::new(0),
+        }
+    }
+
+    /// Plugs `node` into the bridge: its `eth0` gets `address`.
+    pub fn connect(&self, node: &Netns, address: Ipv4Addr) {
+        let port = {
+            let mut ports = self.ports.lock().expect("port counter");
+            *ports += 1;
+            format!("u{}", *ports)
+        };
+        self.ns
+            .ip(&[
+                "link",
+                "add",
+                "name",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                node.name(),
+            ])
+            .expect("underlay veth pair");
+        self.ns
+            .ip(&["link", "set", &port, "master", "br0", "up"])
+            .expect("underlay port");
+        let cidr = format!("{address}/{UNDERLAY_PREFIX}");
+        node.ip(&["addr", "add", &cidr, "dev", "eth0"])
+            .expect("node address");
+        node.ip(&["link", "set", "eth0", "up"])
+            .expect("node uplink up");
+    }
+}
+
+/// A single-member etcd (Debian's `etcd-server`) listening on the underlay, with a temporary
+/// data directory; stopped on drop.
+pub struct Etcd {
+    child: Option<Child>,
+    ns_path: std::path::PathBuf,
+    data: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd in `underlay`'s namespace and waits until it answers.
+    pub fn start(underlay: &Underlay) -> Self {
+        let mut etcd = Self {
+            child: None,
+            ns_path: underlay.ns.path(),
+            data: tempfile::tempdir().expect("etcd data directory"),
+        };
+        etcd.launch();
+        etcd
+    }
+
+    /// The client URL.
+    #[must_use]
+    pub fn endpoint(&self) -> String {
+        format!("http://{ETCD_ADDRESS}:2379")
+    }
+
+    fn launch(&mut self) {
+        let url = self.endpoint();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns_path.display()))
+            .args(["etcd", "--name", "weft-test", "--data-dir"])
+            .arg(self.data.path())
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "weft-test=http://127.0.0.1:2380"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting etcd (package etcd-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.ctl(&["endpoint", "health"]).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not become healthy");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `etcdctl <args>` (v3 API) against this etcd.
+    pub fn ctl(&self, args: &[&str]) -> std::io::Result<String> {
+        let ns = format!("--net={}", self.ns_path.display());
+        let endpoint = format!("--endpoints={}", self.endpoint());
+        let mut full = vec![
+            ns.as_str(),
+            "env",
+            "ETCDCTL_API=3",
+            "etcdctl",
+            endpoint.as_str(),
+        ];
+        full.extend_from_slice(args);
+        run("nsenter", &full)
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        self.ctl(&["put", key, value]).expect("etcdctl put");
+    }
+
+    pub fn delete(&self, key: &str) {
+        self.ctl(&["del", key]).expect("etcdctl del");
+    }
+
+    /// The value under `key`, if any.
+    #[must_use]
+    pub fn get(&self, key: &str) -> Option<String> {
+        let out = self
+            .ctl(&["get", key, "--print-value-only"])
+            .expect("etcdctl get");
+        let value = out.trim_end_matches('\n');
+        (!value.is_empty()).then(|| value.to_owned())
+    }
+
+    /// Every key under `prefix`.
+    #[must_use]
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        self.ctl(&["get", prefix, "--prefix", "--keys-only"])
+            .expect("etcdctl get --prefix")
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// flannel's network config for `network` (vxlan, VNI 1, port 8472), as JSON.
+#[must_use]
+pub fn network_config(network: Ipv4Net) -> String {
+    format!(r#"{{"Network":"{network}","SubnetLen":24,"Backend":{{"Type":"vxlan"}}}}"#)
+}
+
+/// A node set up exactly as flanneld (vxlan backend) sets one up, without flanneld: the kernel
+/// VXLAN device `flannel.1` (VNI 1, port 8472, no learning) with the VtepMAC, the subnet's
+/// network address on it, the bridge with the gateway, and per remote node a route
+/// `via <subnet>.0 onlink`, a permanent neighbour and an FDB entry. Its lease is flannel's JSON.
+pub struct FlannelNode {
+    pub node: crate::cluster::Node,
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: String,
+}
+
+impl FlannelNode {
+    /// Sets the node up with `subnet` and publishes its lease under `prefix` in `etcd`.
+    pub fn new(
+        name: &str,
+        underlay: &Underlay,
+        public_ip: Ipv4Addr,
+        subnet: Ipv4Net,
+        etcd: &Etcd,
+        prefix: &str,
+    ) -> Self {
+        let node = crate::cluster::Node::on_underlay(name, underlay, public_ip);
+        node.set_subnet(subnet);
+        let vtep_mac = "b6:c7:0f:7f:66:a7".to_owned();
+        let ns = &node.ns;
+        let public = public_ip.to_string();
+        ns.ip(&[
+            "link",
+            "add",
+            "name",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "8472",
+            "nolearning",
+            "local",
+            &public,
+            "dev",
+            "eth0",
+        ])
+        .expect("flannel.1");
+        ns.ip(&[
+            "link",
+            "set",
+            "flannel.1",
+            "address",
+            &vtep_mac,
+            "mtu",
+            "1450",
+        ])
+        .expect("flannel.1 mac");
+        let vtep_address = format!("{}/32", subnet.network());
+        ns.ip(&["addr", "add", &vtep_address, "dev", "flannel.1"])
+            .expect("flannel.1 address");
+        ns.ip(&["link", "set", "flannel.1", "up"])
+            .expect("flannel.1 up");
+        ns.ip(&[
+            "link",
+            "add",
+            "name",
+            crate::cluster::BRIDGE,
+            "type",
+            "bridge",
+        ])
+        .expect("cni0");
+        let gateway = format!("{}/{}", node.gateway(), subnet.prefix_len());
+        ns.ip(&["addr", "add", &gateway, "dev", crate::cluster::BRIDGE])
+            .expect("cni0 address");
+        ns.ip(&["link", "set", crate::cluster::BRIDGE, "mtu", "1450", "up"])
+            .expect("cni0 up");
+        ns.exec("sysctl", &["-w", "net.ipv4.ip_forward=1"])
+            .expect("ip_forward");
+        let lease = format!(
+            r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#
+        );
+        etcd.put(
+            &format!(
+                "{prefix}/subnets/{}-{}",
+                subnet.network(),
+                subnet.prefix_len()
+            ),
+            &lease,
+        );
+        Self {
+            node,
+            public_ip,
+            vtep_mac,
+        }
+    }
+
+    /// What flanneld programs for a remote node's lease.
+    pub fn add_remote(&self, subnet: Ipv4Net, public_ip: Ipv4Addr, vtep_mac: &str) {
+        let ns = &self.node.ns;
+        let next_hop = subnet.network().to_string();
+        ns.ip(&[
+            "route",
+            "add",
+            &subnet.to_string(),
+            "via",
+            &next_hop,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ])
+        .expect("flannel route");
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &next_hop,
+            "lladdr",
+            vtep_mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ])
+        .expect("flannel neighbour");
+        run(
+            "bridge",
+            &[
+                "-n",
+                ns.name(),
+                "fdb",
+                "append",
+                vtep_mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &public_ip.to_string(),
+            ],
+        )
+        .expect("flannel fdb");
+    }
+}

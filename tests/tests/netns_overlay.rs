@@ -1,0 +1,341 @@
+//! The overlay on a cluster made of network namespaces: nodes on one underlay bridge, a real
+//! etcd holding flannel's config and leases, a real `weft agent` per node, pods on every node.
+//! Pods reach pods on other nodes (TCP and UDP, small and large), leases follow etcd, services
+//! work across nodes, and a node set up exactly as flannel sets one up interoperates.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+use weft::flannel::Lease;
+use weft_tests::{
+    apps::{
+        HttpConnection, Server, http_get, receive_bulk, send_bulk, serve_http, serve_udp,
+        udp_request,
+    },
+    capture::{Capture, is_udp_to},
+    cluster::{Agent, AgentOptions, Node, Pod},
+    netns::{require_root, unique},
+    overlay::{Etcd, FlannelNode, Underlay, network_config, node_address},
+    seed::{endpoint_slice, service},
+};
+
+const PREFIX: &str = "/weft-test/network";
+const HTTP_PORT: u16 = 80;
+const UDP_PORT: u16 = 5353;
+
+fn network() -> Ipv4Net {
+    "172.30.0.0/16".parse().expect("valid CIDR")
+}
+
+/// An overlay cluster. Fields drop top to bottom: agents stop before namespaces and etcd go.
+struct Cluster {
+    agents: Vec<Agent>,
+    _servers: Vec<Server>,
+    /// `pods[n]` are node `n`'s pods.
+    pods: Vec<Vec<Pod>>,
+    nodes: Vec<Node>,
+    etcd: Etcd,
+    underlay: Underlay,
+}
+
+fn options(etcd: &Etcd) -> AgentOptions {
+    AgentOptions {
+        etcd: Some((etcd.endpoint(), PREFIX.to_owned())),
+        ..AgentOptions::default()
+    }
+}
+
+/// `nodes` weft nodes with `pods` pods each, every pod serving HTTP and UDP; the agents start
+/// together.
+fn cluster(nodes: u8, pods: u8) -> Cluster {
+    require_root();
+    let underlay = Underlay::new("wovl");
+    let etcd = Etcd::start(&underlay);
+    etcd.put(&format!("{PREFIX}/config"), &network_config(network()));
+    let nodes: Vec<Node> = (1..=nodes)
+        .map(|n| {
+            Node::on_underlay(
+                &format!("{}n{n}", underlay.ns.name()),
+                &underlay,
+                node_address(n),
+            )
+        })
+        .collect();
+    let agents: Vec<Agent> = thread::scope(|scope| {
+        let started: Vec<_> = nodes
+            .iter()
+            .map(|node| scope.spawn(|| Agent::join(node, &[], &options(&etcd))))
+            .collect();
+        started
+            .into_iter()
+            .map(|agent| agent.join().expect("agent started"))
+            .collect()
+    });
+    let mut servers = Vec::new();
+    let pods: Vec<Vec<Pod>> = nodes
+        .iter()
+        .map(|node| {
+            (1..=pods)
+                .map(|p| {
+                    let pod = node.add_pod(node.pod_address(p));
+                    servers.push(serve_http(&pod.ns, HTTP_PORT));
+                    servers.push(serve_udp(&pod.ns, UDP_PORT));
+                    pod
+                })
+                .collect()
+        })
+        .collect();
+    Cluster {
+        agents,
+        _servers: servers,
+        pods,
+        nodes,
+        etcd,
+        underlay,
+    }
+}
+
+/// Polls `check` every 20 ms until `limit`.
+fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn pods_on_every_node_reach_pods_on_every_other_node_over_tcp_and_udp() {
+    let cluster = cluster(3, 2);
+    let subnets: BTreeSet<Ipv4Net> = cluster.nodes.iter().map(Node::subnet).collect();
+    assert_eq!(
+        subnets.len(),
+        3,
+        "every node leased a subnet of its own: {subnets:?}"
+    );
+    assert!(
+        subnets
+            .iter()
+            .all(|s| network().contains(s) && s.prefix_len() == 24)
+    );
+    let mut pairs = 0;
+    for (from_node, from_pods) in cluster.pods.iter().enumerate() {
+        for (to_node, to_pods) in cluster.pods.iter().enumerate() {
+            if from_node == to_node {
+                continue;
+            }
+            for from in from_pods {
+                for to in to_pods {
+                    let (tcp, (udp, udp_from)) = from.ns.run(|| {
+                        let tcp = http_get(SocketAddrV4::new(to.addr, HTTP_PORT));
+                        let udp = udp_request(SocketAddrV4::new(to.addr, UDP_PORT));
+                        (
+                            tcp,
+                            udp.unwrap_or_else(|e| panic!("UDP {} -> {}: {e}", from.addr, to.addr)),
+                        )
+                    });
+                    let tcp =
+                        tcp.unwrap_or_else(|e| panic!("TCP {} -> {}: {e}", from.addr, to.addr));
+                    assert_eq!(tcp.server, to.addr);
+                    assert_eq!(
+                        *tcp.client_seen.ip(),
+                        from.addr,
+                        "pod addresses cross the overlay unchanged"
+                    );
+                    assert_eq!(udp.server, to.addr);
+                    assert_eq!(udp_from.ip(), std::net::IpAddr::V4(to.addr));
+                    pairs += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(pairs, 24);
+    // Every node knows the other two, and nothing was dropped on the way.
+    for agent in &cluster.agents {
+        assert_eq!(
+            agent
+                .inspect("subnets")
+                .lines()
+                .filter(|l| l.starts_with("172.30."))
+                .count(),
+            2
+        );
+        let drops = agent.inspect("drops");
+        assert!(drops.lines().skip(1).all(|l| l.ends_with(" 0")), "{drops}");
+    }
+}
+
+#[test]
+fn a_large_tcp_transfer_crosses_the_overlay_intact() {
+    let cluster = cluster(2, 1);
+    let (sender, receiver) = (&cluster.pods[0][0], &cluster.pods[1][0]);
+    const BYTES: u64 = 128 << 20;
+    let receiving = receive_bulk(&receiver.ns, 9000);
+    let started = Instant::now();
+    let sent = sender
+        .ns
+        .run(|| send_bulk(SocketAddrV4::new(receiver.addr, 9000), BYTES))
+        .expect("sending");
+    let (received, digest) = receiving.join().expect("receiver").expect("receiving");
+    let elapsed = started.elapsed();
+    assert_eq!(received, BYTES);
+    assert_eq!(digest, sent, "the bytes arrived unchanged");
+    eprintln!(
+        "128 MiB pod to pod across the overlay in {elapsed:?} ({:.2} Gbit/s)",
+        BYTES as f64 * 8.0 / elapsed.as_secs_f64() / 1e9
+    );
+}
+
+#[test]
+fn a_restarted_agent_keeps_its_subnet_and_the_overlay_keeps_working() {
+    let mut cluster = cluster(2, 1);
+    let before = cluster.nodes[1].subnet();
+    cluster.agents[1].restart();
+    assert_eq!(cluster.agents[1].leased_subnet(), before);
+    assert_eq!(
+        cluster.etcd.keys(&format!("{PREFIX}/subnets/")).len(),
+        2,
+        "no second lease was taken"
+    );
+    let (from, to) = (&cluster.pods[0][0], &cluster.pods[1][0]);
+    let answer = from
+        .ns
+        .run(|| http_get(SocketAddrV4::new(to.addr, HTTP_PORT)))
+        .expect("across after restart");
+    assert_eq!(answer.server, to.addr);
+}
+
+#[test]
+fn a_lease_deleted_from_etcd_withdraws_that_nodes_route_within_a_second() {
+    let cluster = cluster(3, 1);
+    let gone = cluster.nodes[2].subnet();
+    let key = format!("{PREFIX}/subnets/{}-{}", gone.network(), gone.prefix_len());
+    let (from, to) = (&cluster.pods[0][0], &cluster.pods[2][0]);
+    from.ns
+        .run(|| http_get(SocketAddrV4::new(to.addr, HTTP_PORT)))
+        .expect("reachable while leased");
+    cluster.etcd.delete(&key);
+    within(Duration::from_secs(1), "node 1 forgets the subnet", || {
+        !cluster.agents[0]
+            .inspect("subnets")
+            .contains(&gone.to_string())
+    });
+    // Traffic to it is now refused on node 1 (counted), not sent to a node without a lease.
+    assert!(
+        from.ns
+            .run(|| http_get(SocketAddrV4::new(to.addr, HTTP_PORT)))
+            .is_err()
+    );
+    assert!(
+        cluster.agents[0]
+            .inspect("drops")
+            .lines()
+            .any(|l| l.starts_with("no_lease_for_destination") && !l.ends_with(" 0")),
+        "{}",
+        cluster.agents[0].inspect("drops")
+    );
+    // The other node is unaffected.
+    let other = &cluster.pods[1][0];
+    from.ns
+        .run(|| http_get(SocketAddrV4::new(other.addr, HTTP_PORT)))
+        .expect("node 2 still reachable");
+}
+
+#[test]
+fn agents_started_at_the_same_moment_take_different_subnets() {
+    require_root();
+    let underlay = Underlay::new("wrace");
+    let etcd = Etcd::start(&underlay);
+    // Exactly three subnets for three nodes racing for them.
+    etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.99.0.0/16","SubnetLen":24,"SubnetMin":"10.99.1.0","SubnetMax":"10.99.3.0","Backend":{"Type":"vxlan"}}"#,
+    );
+    let nodes: Vec<Node> = (1..=3)
+        .map(|n| {
+            Node::on_underlay(
+                &format!("{}n{n}", underlay.ns.name()),
+                &underlay,
+                node_address(n),
+            )
+        })
+        .collect();
+    let agents: Vec<Agent> = thread::scope(|scope| {
+        let started: Vec<_> = nodes
+            .iter()
+            .map(|node| scope.spawn(|| Agent::join(node, &[], &options(&etcd))))
+            .collect();
+        started
+            .into_iter()
+            .map(|agent| agent.join().expect("agent started"))
+            .collect()
+    });
+    let subnets: BTreeSet<String> = agents
+        .iter()
+        .map(|agent| agent.leased_subnet().to_string())
+        .collect();
+    assert_eq!(
+        subnets,
+        ["10.99.1.0/24", "10.99.2.0/24", "10.99.3.0/24"]
+            .map(String::from)
+            .into()
+    );
+    assert_eq!(etcd.keys(&format!("{PREFIX}/subnets/")).len(), 3);
+    drop(agents);
+}
+
+#[test]
+fn services_work_across_nodes_with_replies_restored_and_masquerade_applied() {
+    let mut cluster = cluster(3, 1);
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 254, 40, 119), 4432);
+    let backends = [cluster.pods[1][0].addr, cluster.pods[2][0].addr];
+    let manifest = format!(
+        "{}---\n{}",
+        service("nginx", *vip.ip(), vip.port(), "TCP", HTTP_PORT),
+        endpoint_slice("nginx", "TCP", HTTP_PORT, &backends)
+    );
+    let client = &cluster.pods[0][0];
+    cluster.agents[0].write_manifest("nginx.yaml", &manifest);
+    within(Duration::from_secs(5), "node 1 serves the service", || {
+        client.ns.run(|| http_get(vip)).is_ok()
+    });
+    let answers: Vec<_> = client
+        .ns
+        .run(|| (0..60).map(|_| http_get(vip).expect("request")).collect());
+    let servers: BTreeSet<Ipv4Addr> = answers.iter().map(|a| a.server).collect();
+    assert_eq!(servers, backends.into(), "both remote backends serve");
+    assert!(
+        answers.iter().all(|a| *a.client_seen.ip() == client.addr),
+        "no masquerade for an in-cluster client"
+    );
+    // The node itself, through its socket hooks: its traffic enters the overlay from its pod
+    // gateway address.
+    let from_node = cluster.nodes[0]
+        .ns
+        .run(|| HttpConnection::open(vip).and_then(|mut c| c.request()))
+        .expect("node");
+    assert_eq!(*from_node.client_seen.ip(), cluster.nodes[0].gateway());
+    // With a --cluster-cidr that leaves the pods out, the client counts as off-cluster: its
+    // traffic is masqueraded to node 1's uplink address before it enters the overlay, the remote
+    // backend answers that address over the underlay, and node 1 undoes both translations.
+    cluster.agents[0].restart_with(&["--cluster-cidr=10.0.0.0/8"]);
+    let client = &cluster.pods[0][0];
+    within(Duration::from_secs(5), "node 1 serves again", || {
+        client.ns.run(|| http_get(vip)).is_ok()
+    });
+    let answers: Vec<_> = client
+        .ns
+        .run(|| (0..20).map(|_| http_get(vip).expect("request")).collect());
+    assert!(answers.iter().all(|a| backends.contains(&a.server)));
+    assert!(
+        answers
+            .iter()
+            .all(|a| *a.client_seen.ip() == node_address(1)),
+        "masqueraded to the node's address: {answers:?}"
+    );
+}
