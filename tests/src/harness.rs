@@ -31,6 +31,8 @@ pub const VERDICT_DROP: u32 = 2;
 const SKB_CONTEXT_LEN: usize = 192;
 /// Offset of `mark` in `struct __sk_buff`.
 const SKB_MARK: usize = 8;
+/// Offset of `ifindex` in `struct __sk_buff`: the device the test run's skb is on.
+const SKB_IFINDEX: usize = 40;
 
 /// What one program run did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,13 +104,62 @@ impl Datapath {
         );
     }
 
+    /// Adds (or replaces) another node's lease, as the etcd source would, and reconciles.
+    pub fn set_lease(&mut self, subnet: ipnet::Ipv4Net, lease: weft::model::NodeLease) {
+        self.model.set_lease(subnet, lease);
+        let report = self.reconciler.reconcile(&self.model.desired());
+        assert!(
+            report.overlay_failed.is_empty(),
+            "{:?}",
+            report.overlay_failed
+        );
+    }
+
+    /// Writes this node's overlay settings.
+    pub fn set_overlay(&mut self, config: &weft_common::maps::OverlayConfig) {
+        self.dataplane
+            .set_overlay(config)
+            .expect("writing the overlay config");
+    }
+
     /// Runs `program` once on `frame` with `mark` in the skb.
     pub fn run(&mut self, program: &str, frame: &[u8], mark: u32) -> Run {
         self.run_repeated(program, frame, mark, 1)
     }
 
+    /// Runs `program` once on `frame` as if on device `ifindex` (of the calling thread's
+    /// network namespace, which is also where helpers such as the FIB lookup look).
+    pub fn run_on(&mut self, program: &str, frame: &[u8], ifindex: u32) -> Run {
+        self.run_with(program, frame, 0, ifindex, 1)
+    }
+
     /// Runs `program` `repeat` times on `frame` (the kernel reports the average duration).
     pub fn run_repeated(&mut self, name: &str, frame: &[u8], mark: u32, repeat: u32) -> Run {
+        self.run_with(name, frame, mark, 0, repeat)
+    }
+
+    /// Runs the XDP program `name` once on `frame`: the action and the frame it leaves.
+    pub fn run_xdp(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program: &mut aya::programs::Xdp = self
+            .dataplane
+            .ebpf_mut()
+            .program_mut(name)
+            .expect("program exists")
+            .try_into()
+            .expect("an XDP program");
+        let mut output = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut output),
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {frame:02x?}: {e}"));
+        output.truncate(result.data_size_out as usize);
+        (result.return_value, output)
+    }
+
+    fn run_with(&mut self, name: &str, frame: &[u8], mark: u32, ifindex: u32, repeat: u32) -> Run {
         let program: &mut SchedClassifier = self
             .dataplane
             .ebpf_mut()
@@ -118,6 +169,7 @@ impl Datapath {
             .expect("a TC program");
         let mut context = [0u8; SKB_CONTEXT_LEN];
         context[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        context[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
         let mut context_out = [0u8; SKB_CONTEXT_LEN];
         let mut output = vec![0u8; frame.len() + 256];
         let result = program

@@ -339,3 +339,193 @@ fn services_work_across_nodes_with_replies_restored_and_masquerade_applied() {
         "masqueraded to the node's address: {answers:?}"
     );
 }
+
+/// What identifies VXLAN as Linux sends it, read from a captured frame.
+#[derive(Debug, PartialEq, Eq)]
+struct VxlanShape {
+    outer_header_len: usize,
+    ttl: u8,
+    dont_fragment: bool,
+    udp_checksum: u16,
+    flags: u8,
+    reserved: [u8; 4],
+    vni: u32,
+    inner_ethertype: u16,
+}
+
+/// A captured VXLAN frame: outer source and destination, UDP ports, inner MACs, inner IPv4
+/// addresses, and its shape.
+struct Vxlan {
+    outer: (Ipv4Addr, Ipv4Addr),
+    ports: (u16, u16),
+    inner_macs: ([u8; 6], [u8; 6]),
+    inner: (Ipv4Addr, Ipv4Addr),
+    /// The inner TCP/UDP ports.
+    inner_ports: (u16, u16),
+    shape: VxlanShape,
+}
+
+fn parse_vxlan(frame: &[u8]) -> Vxlan {
+    let ip = &frame[14..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let udp = &ip[header_len..];
+    let vxlan = &udp[8..16];
+    let inner = &udp[16..];
+    let inner_ip = &inner[14..];
+    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    Vxlan {
+        outer: (addr(&ip[12..16]), addr(&ip[16..20])),
+        ports: (
+            u16::from_be_bytes([udp[0], udp[1]]),
+            u16::from_be_bytes([udp[2], udp[3]]),
+        ),
+        inner_macs: (
+            inner[0..6].try_into().unwrap(),
+            inner[6..12].try_into().unwrap(),
+        ),
+        inner: (addr(&inner_ip[12..16]), addr(&inner_ip[16..20])),
+        inner_ports: {
+            let l4 = &inner_ip[usize::from(inner_ip[0] & 0x0f) * 4..];
+            (
+                u16::from_be_bytes([l4[0], l4[1]]),
+                u16::from_be_bytes([l4[2], l4[3]]),
+            )
+        },
+        shape: VxlanShape {
+            outer_header_len: header_len,
+            ttl: ip[8],
+            dont_fragment: ip[6] & 0x40 != 0,
+            udp_checksum: u16::from_be_bytes([udp[6], udp[7]]),
+            flags: vxlan[0],
+            reserved: [vxlan[1], vxlan[2], vxlan[3], vxlan[7]],
+            vni: u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]),
+            inner_ethertype: u16::from_be_bytes([inner[12], inner[13]]),
+        },
+    }
+}
+
+fn mac(text: &str) -> [u8; 6] {
+    text.parse::<weft::flannel::Mac>().expect("a MAC").0
+}
+
+#[test]
+fn a_flannel_node_and_weft_nodes_exchange_tcp_both_ways_over_plain_linux_vxlan() {
+    let cluster = cluster(3, 1);
+    let used: BTreeSet<Ipv4Net> = cluster.nodes.iter().map(Node::subnet).collect();
+    let subnet = (200..=255u8)
+        .map(|third| Ipv4Net::new(Ipv4Addr::new(172, 30, third, 0), 24).unwrap())
+        .find(|candidate| !used.contains(candidate))
+        .expect("a free subnet");
+    // The fourth node joins as flannel would: its own lease, then routes for everyone else's.
+    let flannel = FlannelNode::new(
+        &format!("{}f", cluster.underlay.ns.name()),
+        &cluster.underlay,
+        node_address(4),
+        subnet,
+        &cluster.etcd,
+        PREFIX,
+    );
+    let mut weft_vteps = Vec::new();
+    for key in cluster.etcd.keys(&format!("{PREFIX}/subnets/")) {
+        let remote = weft::flannel::parse_subnet_key(PREFIX, &key).expect("a lease key");
+        if remote == subnet {
+            continue;
+        }
+        let lease =
+            Lease::parse(&cluster.etcd.get(&key).expect("lease value")).expect("flannel's JSON");
+        flannel.add_remote(remote, lease.public_ip, &lease.vtep_mac.to_string());
+        weft_vteps.push((lease.public_ip, lease.vtep_mac.0));
+    }
+    let flannel_pod = flannel.node.add_pod(flannel.node.pod_address(1));
+    let _flannel_server = serve_http(&flannel_pod.ns, HTTP_PORT);
+    let weft_pod = &cluster.pods[0][0];
+    within(
+        Duration::from_secs(2),
+        "weft node 1 learns the flannel node's lease",
+        || {
+            cluster.agents[0]
+                .inspect("subnets")
+                .contains(&subnet.to_string())
+        },
+    );
+
+    let capture = Capture::start(&flannel.node.ns, |frame| is_udp_to(frame, 8472));
+    let there = weft_pod
+        .ns
+        .run(|| http_get(SocketAddrV4::new(flannel_pod.addr, HTTP_PORT)))
+        .expect("weft pod -> flannel pod");
+    assert_eq!(
+        (there.server, *there.client_seen.ip()),
+        (flannel_pod.addr, weft_pod.addr)
+    );
+    let back = flannel_pod
+        .ns
+        .run(|| http_get(SocketAddrV4::new(weft_pod.addr, HTTP_PORT)))
+        .expect("flannel pod -> weft pod");
+    assert_eq!(
+        (back.server, *back.client_seen.ip()),
+        (weft_pod.addr, flannel_pod.addr)
+    );
+    let frames: Vec<Vxlan> = capture
+        .finish()
+        .iter()
+        .map(|frame| parse_vxlan(frame))
+        .collect();
+
+    let from_weft: Vec<&Vxlan> = frames
+        .iter()
+        .filter(|f| f.outer == (node_address(1), node_address(4)))
+        .collect();
+    let from_kernel: Vec<&Vxlan> = frames
+        .iter()
+        .filter(|f| f.outer == (node_address(4), node_address(1)))
+        .collect();
+    assert!(
+        !from_weft.is_empty() && !from_kernel.is_empty(),
+        "both directions were captured"
+    );
+    let (weft_public, weft_vtep) = weft_vteps
+        .iter()
+        .find(|(ip, _)| *ip == node_address(1))
+        .copied()
+        .expect("node 1's lease");
+    assert_eq!(weft_public, node_address(1));
+    for frame in &from_weft {
+        // Addressed as flannel.1 expects: to its VtepMAC, from the VtepMAC in our lease.
+        assert_eq!(frame.inner_macs, (mac(&flannel.vtep_mac), weft_vtep));
+        assert_eq!(frame.ports.1, 8472);
+        assert!(
+            (32768..61000).contains(&frame.ports.0),
+            "source port {} is in Linux's range",
+            frame.ports.0
+        );
+        assert_eq!(frame.inner.0, weft_pod.addr);
+        assert_eq!(frame.inner.1, flannel_pod.addr);
+    }
+    // The shape of every frame weft sent is the shape of what the kernel's own VXLAN sent back,
+    // but for one field: Linux checksums the outer UDP header unless told not to, weft sends 0,
+    // as RFC 7348 recommends (receivers must accept it; the flannel node just did).
+    let kernel_shape = &from_kernel[0].shape;
+    assert_eq!(kernel_shape.vni, 1);
+    for frame in &from_weft {
+        assert_eq!(frame.shape.udp_checksum, 0);
+        let comparable = VxlanShape {
+            udp_checksum: kernel_shape.udp_checksum,
+            ..frame.shape
+        };
+        assert_eq!(
+            comparable, *kernel_shape,
+            "weft's VXLAN differs from Linux's"
+        );
+    }
+    // Each flow keeps one source port (Linux spreads flows, not packets): two connections
+    // crossed here, ours and the replies of the flannel pod's.
+    let mut port_of_flow = std::collections::BTreeMap::new();
+    for frame in &from_weft {
+        let port = *port_of_flow
+            .entry((frame.inner, frame.inner_ports))
+            .or_insert(frame.ports.0);
+        assert_eq!(port, frame.ports.0, "a flow changed its outer source port");
+    }
+    assert_eq!(port_of_flow.len(), 2, "{port_of_flow:?}");
+}
