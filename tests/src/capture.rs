@@ -46,10 +46,10 @@ impl Capture {
         let thread = thread::spawn(move || {
             let mut buf = vec![0u8; 65_536];
             while !flag.load(Ordering::Relaxed) {
-                if let Ok(len) = nix::unistd::read(socket.as_fd(), &mut buf) {
-                    if keep(&buf[..len]) {
-                        sink.lock().expect("frames").push(buf[..len].to_vec());
-                    }
+                if let Ok(len) = nix::unistd::read(socket.as_fd(), &mut buf)
+                    && keep(&buf[..len])
+                {
+                    sink.lock().expect("frames").push(buf[..len].to_vec());
                 }
             }
         });

@@ -11,7 +11,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 
-use crate::netns::{Netns, run, unique};
+use crate::netns::{Netns, run};
 
 /// The underlay network every node's `eth0` is on.
 pub const UNDERLAY_PREFIX: u8 = 24;
@@ -31,8 +31,9 @@ pub struct Underlay {
 }
 
 impl Underlay {
-    pub fn new(tag: &str) -> Self {
-        let ns = Netns::create(&unique(tag)).expect("creating the underlay namespace");
+    /// An underlay in namespace `name`.
+    pub fn new(name: &str) -> Self {
+        let ns = Netns::create(name).expect("creating the underlay namespace");
         ns.ip(&["link", "add", "name", "br0", "type", "bridge"])
             .expect("underlay bridge");
         let address = format!("{ETCD_ADDRESS}/{UNDERLAY_PREFIX}");
@@ -173,6 +174,15 @@ impl Etcd {
             .filter(|line| !line.is_empty())
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Leaves etcd running, with its data, when this value goes away (the demo's `--keep`);
+    /// returns its pid.
+    pub fn keep(mut self) -> u32 {
+        let pid = self.child.take().map_or(0, |child| child.id());
+        let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("placeholder"));
+        let _ = data.keep();
+        pid
     }
 
     fn kill(&mut self) {

@@ -54,7 +54,7 @@ fn options(etcd: &Etcd) -> AgentOptions {
 /// together.
 fn cluster(nodes: u8, pods: u8) -> Cluster {
     require_root();
-    let underlay = Underlay::new("wovl");
+    let underlay = Underlay::new(&unique("wovl"));
     let etcd = Etcd::start(&underlay);
     etcd.put(&format!("{PREFIX}/config"), &network_config(network()));
     let nodes: Vec<Node> = (1..=nodes)
@@ -249,7 +249,7 @@ fn a_lease_deleted_from_etcd_withdraws_that_nodes_route_within_a_second() {
 #[test]
 fn agents_started_at_the_same_moment_take_different_subnets() {
     require_root();
-    let underlay = Underlay::new("wrace");
+    let underlay = Underlay::new(&unique("wrace"));
     let etcd = Etcd::start(&underlay);
     // Exactly three subnets for three nodes racing for them.
     etcd.put(

@@ -21,13 +21,19 @@ const PACKAGES: &[&str] = &[
     "rust-web-clippy",
     // bpf-linker links against this LLVM.
     "llvm-22-dev",
-    // What the agent runs (nft) and what the tests drive (ip, nsenter, sysctl, modprobe, bpftool).
+    // The etcd client crate compiles its gRPC definitions with protoc.
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    // What the agent runs (nft) and what the tests drive (ip, bridge, nsenter, sysctl, modprobe,
+    // bpftool), and the etcd the overlay tests and the demo start.
     "iproute2",
     "nftables",
     "util-linux",
     "procps",
     "kmod",
     "bpftool",
+    "etcd-server",
+    "etcd-client",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
