@@ -349,7 +349,8 @@ async fn serve(
             overlay.mtu,
         )
         .await?;
-        let driver = dataplane.attach_uplink(&overlay.uplink.name)?;
+        dataplane.attach_uplink(&overlay.uplink.name)?;
+        let driver = dataplane.attach_decapsulation(&overlay.uplink.name)?;
         info!(
             uplink = overlay.uplink.name,
             xdp_driver_mode = driver,
@@ -365,7 +366,7 @@ async fn serve(
         .context("no cgroup v2 hierarchy is mounted; mount one or pass --cgroup")?;
     dataplane.attach_socket_hooks(&cgroup)?;
     info!(
-        service_ports = reconciler.programmed(),
+        service_ports = reconciler.programmed().service_ports,
         bridge = args.bridge,
         %pod_subnet,
         ports = dataplane.attached_ports(),

@@ -21,11 +21,12 @@ use aya::{
 use weft_common::{
     drop_reason::DROP_REASON_COUNT,
     maps::{
-        CONFIG_MAP, CONNTRACK_MAP, CtKey, CtValue, DEFAULT_SOCK_NAT_ENTRIES, DROPS_MAP,
-        DatapathConfig, ENDPOINTS_MAP, EndpointKey, EndpointValue, MAX_NODES, OVERLAY_MAP,
-        OverlayConfig, PINNED_MAPS, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SOCK_NAT_MAP,
-        SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue, VTEPS_MAP,
-        Vtep,
+        AFFINITY_MAP, AffinityKey, AffinityValue, CONFIG_MAP, CONNTRACK_MAP, CtKey, CtValue,
+        DEFAULT_AFFINITY_ENTRIES, DEFAULT_SOCK_NAT_ENTRIES, DROPS_MAP, DatapathConfig,
+        ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey, EndpointValue,
+        MAX_NODES, MAX_SOURCE_RANGES, OVERLAY_MAP, OverlayConfig, PINNED_MAPS, RemoteNode,
+        SERVICE_NAMES_MAP, SERVICES_MAP, SOCK_NAT_MAP, SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey,
+        ServiceName, ServiceValue, SockNatKey, SockNatValue, SourceRangeKey, VTEPS_MAP, Vtep,
     },
 };
 
@@ -36,10 +37,12 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const FROM_PODS: &str = "tc_from_pods";
 /// TC egress of each pod's bridge port: reverse NAT.
 pub const TO_POD: &str = "tc_to_pod";
-/// TC egress of the uplink: VXLAN encapsulation.
+/// TC egress of the uplink: reverse NAT of replies leaving the node, VXLAN encapsulation.
 pub const TO_UPLINK: &str = "tc_to_uplink";
+/// TC ingress of the uplink: service DNAT for clients outside the node.
+pub const FROM_UPLINK: &str = "tc_from_uplink";
 /// XDP on the uplink: VXLAN decapsulation.
-pub const FROM_UPLINK: &str = "xdp_uplink";
+pub const XDP_UPLINK: &str = "xdp_uplink";
 /// cgroup socket hooks for the node's own sockets.
 pub const SOCKET_HOOKS: [&str; 4] = [
     "sock_connect4",
@@ -114,8 +117,15 @@ pub enum DataplaneError {
     },
 }
 
-/// The maps that are recreated together when any of them is stale.
-const SERVICE_UNIT: [&str; 3] = [SERVICES_MAP, ENDPOINTS_MAP, SERVICE_NAMES_MAP];
+/// The maps that are recreated together when any of them is stale: they describe the services
+/// together (frontends index sets, names own sets, members and ranges mirror both).
+const SERVICE_UNIT: [&str; 5] = [
+    SERVICES_MAP,
+    ENDPOINTS_MAP,
+    SERVICE_NAMES_MAP,
+    ENDPOINT_MEMBERS_MAP,
+    SOURCE_RANGES_MAP,
+];
 
 /// What a map must look like for this build; a pin that differs is from another weft version.
 struct Layout {
@@ -148,6 +158,27 @@ fn layouts(limits: MapLimits) -> [Layout; PINNED_MAPS.len()] {
             key_size: size_of::<u32>(),
             value_size: size_of::<ServiceName>(),
             max_entries: limits.max_services,
+        },
+        Layout {
+            name: ENDPOINT_MEMBERS_MAP,
+            map_type: MapType::Hash,
+            key_size: size_of::<EndpointMemberKey>(),
+            value_size: size_of::<u32>(),
+            max_entries: limits.max_endpoints,
+        },
+        Layout {
+            name: AFFINITY_MAP,
+            map_type: MapType::LruHash,
+            key_size: size_of::<AffinityKey>(),
+            value_size: size_of::<AffinityValue>(),
+            max_entries: DEFAULT_AFFINITY_ENTRIES,
+        },
+        Layout {
+            name: SOURCE_RANGES_MAP,
+            map_type: MapType::LpmTrie,
+            key_size: size_of::<u32>() + size_of::<SourceRangeKey>(),
+            value_size: size_of::<u8>(),
+            max_entries: MAX_SOURCE_RANGES,
         },
         Layout {
             name: CONNTRACK_MAP,
@@ -297,6 +328,7 @@ impl Dataplane {
             .map_max_entries(SERVICES_MAP, limits.max_services)
             .map_max_entries(SERVICE_NAMES_MAP, limits.max_services)
             .map_max_entries(ENDPOINTS_MAP, limits.max_endpoints)
+            .map_max_entries(ENDPOINT_MEMBERS_MAP, limits.max_endpoints)
             .map_max_entries(CONNTRACK_MAP, limits.ct_entries);
         if let Some(dir) = pin_dir {
             prepare_pins(dir, limits)?;
@@ -305,15 +337,15 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
-        for name in [FROM_PODS, TO_POD, TO_UPLINK] {
+        for name in [FROM_PODS, TO_POD, TO_UPLINK, FROM_UPLINK] {
             let program: &mut SchedClassifier = program(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        let decap: &mut Xdp = program(&mut ebpf, FROM_UPLINK)?;
+        let decap: &mut Xdp = program(&mut ebpf, XDP_UPLINK)?;
         decap.load().map_err(|source| DataplaneError::Program {
-            name: FROM_UPLINK,
+            name: XDP_UPLINK,
             source,
         })?;
         for name in SOCKET_HOOKS {
@@ -358,16 +390,25 @@ impl Dataplane {
         array.set(0, value, 0).map_err(map)
     }
 
-    /// Attaches the overlay to the uplink: decapsulation in XDP (driver mode, or generic mode
-    /// where the driver has none, which is slower and says so), encapsulation on TC egress.
-    /// Returns whether XDP runs in driver mode.
-    pub fn attach_uplink(&mut self, uplink: &str) -> Result<bool, DataplaneError> {
-        let decap: &mut Xdp = program(&mut self.ebpf, FROM_UPLINK)?;
+    /// Attaches service translation to the uplink: DNAT of clients from outside on TC ingress,
+    /// reverse NAT of their replies (and the overlay's encapsulation, once configured) on TC
+    /// egress.
+    pub fn attach_uplink(&mut self, uplink: &str) -> Result<(), DataplaneError> {
+        self.attach_tc(FROM_UPLINK, uplink, TcAttachType::Ingress)?;
+        self.attach_tc(TO_UPLINK, uplink, TcAttachType::Egress)?;
+        Ok(())
+    }
+
+    /// Attaches the overlay's decapsulation to the uplink, in XDP (driver mode, or generic mode
+    /// where the driver has none, which is slower and says so). Returns whether XDP runs in
+    /// driver mode.
+    pub fn attach_decapsulation(&mut self, uplink: &str) -> Result<bool, DataplaneError> {
+        let decap: &mut Xdp = program(&mut self.ebpf, XDP_UPLINK)?;
         let attach = |decap: &mut Xdp, flags| {
             decap
                 .attach(uplink, flags)
                 .map_err(|source| DataplaneError::Attach {
-                    program: FROM_UPLINK,
+                    program: XDP_UPLINK,
                     target: uplink.to_owned(),
                     source,
                 })
@@ -383,7 +424,6 @@ impl Dataplane {
                 false
             }
         };
-        self.attach_tc(TO_UPLINK, uplink, TcAttachType::Egress)?;
         Ok(driver)
     }
 
@@ -525,7 +565,7 @@ mod tests {
             object.btf.is_some(),
             "the object carries BTF, so bpftool prints field names"
         );
-        for name in [FROM_PODS, TO_POD, TO_UPLINK, FROM_UPLINK]
+        for name in [FROM_PODS, TO_POD, TO_UPLINK, FROM_UPLINK, XDP_UPLINK]
             .into_iter()
             .chain(SOCKET_HOOKS)
         {

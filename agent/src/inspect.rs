@@ -15,7 +15,7 @@ use weft::{
 use weft_common::{
     conntrack::{flags, state_name},
     drop_reason::DropReason,
-    maps::{DROPS_MAP, ct_direction},
+    maps::{DROPS_MAP, ServiceValue, ct_direction, endpoint_scope, service_flags},
 };
 
 #[derive(clap::Args)]
@@ -33,9 +33,9 @@ pub struct InspectArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Table {
-    /// Service frontends and how many endpoints each has.
+    /// Service frontends: the endpoints each leads to and how it treats clients.
     Services,
-    /// Every endpoint slot of every service port.
+    /// Every endpoint slot of every endpoint set.
     Backends,
     /// Tracked connections.
     Conntrack,
@@ -56,14 +56,51 @@ struct ServiceRow {
     service: String,
     frontend: String,
     protocol: &'static str,
+    /// Endpoints new connections choose from (this node's only, for a `Local` policy).
     endpoints: u32,
+    /// `cluster`, `node-local`, or `node-local+cluster` (a `Local` external policy: pods and
+    /// the node use the cluster-wide set).
+    scope: &'static str,
+    masquerade_all: bool,
+    affinity_timeout_seconds: u32,
+    source_ranges: bool,
+    /// Connections are rejected: the service port has no endpoints at all.
+    reject: bool,
 }
 
 #[derive(Serialize)]
 struct BackendRow {
     service: String,
+    /// `cluster` or `node-local`.
+    scope: &'static str,
     slot: u32,
     endpoint: String,
+}
+
+fn scope_name(scope: u8) -> &'static str {
+    if scope == endpoint_scope::NODE_LOCAL {
+        "node-local"
+    } else {
+        "cluster"
+    }
+}
+
+/// The notes column of a frontend: what differs from a plain ClusterIP.
+fn frontend_notes(row: &ServiceRow) -> String {
+    let mut notes = Vec::new();
+    if row.masquerade_all {
+        notes.push("masquerade".to_owned());
+    }
+    if row.affinity_timeout_seconds != 0 {
+        notes.push(format!("affinity {}s", row.affinity_timeout_seconds));
+    }
+    if row.source_ranges {
+        notes.push("source-ranges".to_owned());
+    }
+    if row.reject {
+        notes.push("reject".to_owned());
+    }
+    notes.join(",")
 }
 
 #[derive(Serialize)]
@@ -110,39 +147,64 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             let dump = AyaMaps::open_pinned(pin_dir)
                 .with_context(context)?
                 .dump()?;
-            let names: BTreeMap<u32, String> = dump
+            let names: BTreeMap<u32, (String, u8)> = dump
                 .names
                 .iter()
-                .map(|(id, name)| (*id, decode_name(name).to_string()))
+                .map(|(id, name)| {
+                    let (port, scope) = decode_name(name);
+                    (*id, (port.to_string(), scope))
+                })
                 .collect();
             let name = |id: u32| {
                 names
                     .get(&id)
                     .cloned()
-                    .unwrap_or_else(|| format!("<id {id}>"))
+                    .unwrap_or_else(|| (format!("<id {id}>"), endpoint_scope::CLUSTER))
             };
             if matches!(args.table, Table::Services) {
                 let mut rows: Vec<ServiceRow> = dump
                     .frontends
                     .iter()
-                    .map(|(key, value)| ServiceRow {
-                        service: name(value.id),
-                        frontend: address(key.addr, key.port),
-                        protocol: protocol_name(key.proto),
-                        endpoints: value.count,
+                    .map(|(key, value): &(_, ServiceValue)| {
+                        let (service, scope) = name(value.id);
+                        let local_external = value.flags & service_flags::LOCAL_EXTERNAL != 0;
+                        ServiceRow {
+                            service,
+                            frontend: address(key.addr, key.port),
+                            protocol: protocol_name(key.proto),
+                            endpoints: value.count,
+                            scope: if local_external {
+                                "node-local+cluster"
+                            } else {
+                                scope_name(scope)
+                            },
+                            masquerade_all: value.flags & service_flags::MASQUERADE_ALL != 0,
+                            affinity_timeout_seconds: value.affinity_timeout_s,
+                            source_ranges: value.flags & service_flags::SOURCE_RANGES != 0,
+                            reject: value.flags & service_flags::REJECT != 0,
+                        }
                     })
                     .collect();
                 rows.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
                 render(
                     json,
                     &rows,
-                    &["SERVICE", "FRONTEND", "PROTO", "ENDPOINTS"],
+                    &[
+                        "SERVICE",
+                        "FRONTEND",
+                        "PROTO",
+                        "ENDPOINTS",
+                        "SCOPE",
+                        "NOTES",
+                    ],
                     |r| {
                         vec![
                             r.service.clone(),
                             r.frontend.clone(),
                             r.protocol.into(),
                             r.endpoints.to_string(),
+                            r.scope.into(),
+                            frontend_notes(r),
                         ]
                     },
                 )?
@@ -150,15 +212,26 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
                 let mut rows: Vec<BackendRow> = dump
                     .endpoints
                     .iter()
-                    .map(|(key, value)| BackendRow {
-                        service: name(key.service_id),
-                        slot: key.slot,
-                        endpoint: address(value.addr, value.port),
+                    .map(|(key, value)| {
+                        let (service, scope) = name(key.service_id);
+                        BackendRow {
+                            service,
+                            scope: scope_name(scope),
+                            slot: key.slot,
+                            endpoint: address(value.addr, value.port),
+                        }
                     })
                     .collect();
-                rows.sort_by(|a, b| (&a.service, a.slot).cmp(&(&b.service, b.slot)));
-                render(json, &rows, &["SERVICE", "SLOT", "ENDPOINT"], |r| {
-                    vec![r.service.clone(), r.slot.to_string(), r.endpoint.clone()]
+                rows.sort_by(|a, b| {
+                    (&a.service, a.scope, a.slot).cmp(&(&b.service, b.scope, b.slot))
+                });
+                render(json, &rows, &["SERVICE", "SET", "SLOT", "ENDPOINT"], |r| {
+                    vec![
+                        r.service.clone(),
+                        r.scope.into(),
+                        r.slot.to_string(),
+                        r.endpoint.clone(),
+                    ]
                 })?
             }
         }

@@ -391,13 +391,8 @@ endpoints:
         let mut model = Model::default();
         assert!(apply(&mut model, &Scan::default(), &scan));
         assert_eq!(
-            model
-                .desired()
-                .ports
-                .values()
-                .next()
-                .unwrap()
-                .endpoints
+            model.desired().ports.values().next().unwrap().sets
+                [&weft_common::maps::endpoint_scope::CLUSTER]
                 .len(),
             3
         );

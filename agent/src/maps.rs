@@ -9,9 +9,10 @@ use aya::maps::{
 };
 use ipnet::Ipv4Net;
 use weft_common::maps::{
-    ENDPOINTS_MAP, EndpointKey, EndpointValue, NAME_LEN, NAMESPACE_LEN, PORT_NAME_LEN, RemoteNode,
-    SERVICE_NAMES_MAP, SERVICES_MAP, SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, VTEPS_MAP,
-    Vtep,
+    ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey, EndpointValue, NAME_LEN,
+    NAMESPACE_LEN, PORT_NAME_LEN, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP,
+    SOURCE_RANGE_FRONTEND_BITS, SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey, ServiceName,
+    ServiceValue, SourceRangeKey, VTEPS_MAP, Vtep,
 };
 
 use crate::{model::ServicePortName, objects::ObjectRef};
@@ -48,6 +49,8 @@ pub struct MapsDump {
     pub frontends: Vec<(ServiceKey, ServiceValue)>,
     pub endpoints: Vec<(EndpointKey, EndpointValue)>,
     pub names: Vec<(u32, ServiceName)>,
+    pub members: Vec<(EndpointMemberKey, u32)>,
+    pub source_ranges: Vec<(ServiceKey, Ipv4Net)>,
     pub subnets: Vec<(Ipv4Net, RemoteNode)>,
     pub vteps: Vec<(Ipv4Addr, Vtep)>,
 }
@@ -62,6 +65,18 @@ pub trait DatapathMaps {
     fn remove_frontend(&mut self, key: ServiceKey) -> Result<(), MapWriteError>;
     fn set_name(&mut self, id: u32, name: ServiceName) -> Result<(), MapWriteError>;
     fn remove_name(&mut self, id: u32) -> Result<(), MapWriteError>;
+    fn set_member(&mut self, key: EndpointMemberKey, slot: u32) -> Result<(), MapWriteError>;
+    fn remove_member(&mut self, key: EndpointMemberKey) -> Result<(), MapWriteError>;
+    fn set_source_range(
+        &mut self,
+        frontend: ServiceKey,
+        range: Ipv4Net,
+    ) -> Result<(), MapWriteError>;
+    fn remove_source_range(
+        &mut self,
+        frontend: ServiceKey,
+        range: Ipv4Net,
+    ) -> Result<(), MapWriteError>;
     fn set_subnet(&mut self, subnet: Ipv4Net, node: RemoteNode) -> Result<(), MapWriteError>;
     fn remove_subnet(&mut self, subnet: Ipv4Net) -> Result<(), MapWriteError>;
     fn set_vtep(&mut self, public_ip: Ipv4Addr, vtep: Vtep) -> Result<(), MapWriteError>;
@@ -74,6 +89,8 @@ pub struct AyaMaps {
     frontends: HashMap<MapData, ServiceKey, ServiceValue>,
     endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
     names: HashMap<MapData, u32, ServiceName>,
+    members: HashMap<MapData, EndpointMemberKey, u32>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     subnets: LpmTrie<MapData, [u8; 4], RemoteNode>,
     vteps: HashMap<MapData, [u8; 4], Vtep>,
 }
@@ -98,6 +115,8 @@ impl AyaMaps {
             frontends: HashMap::try_from(map(SERVICES_MAP)?)?,
             endpoints: HashMap::try_from(map(ENDPOINTS_MAP)?)?,
             names: HashMap::try_from(map(SERVICE_NAMES_MAP)?)?,
+            members: HashMap::try_from(map(ENDPOINT_MEMBERS_MAP)?)?,
+            source_ranges: LpmTrie::try_from(map(SOURCE_RANGES_MAP)?)?,
             subnets: LpmTrie::try_from(map(SUBNETS_MAP)?)?,
             vteps: HashMap::try_from(map(VTEPS_MAP)?)?,
         })
@@ -108,7 +127,19 @@ fn subnet_key(subnet: Ipv4Net) -> Key<[u8; 4]> {
     Key::new(u32::from(subnet.prefix_len()), subnet.network().octets())
 }
 
+fn source_range_key(frontend: ServiceKey, range: Ipv4Net) -> Key<SourceRangeKey> {
+    Key::new(
+        SOURCE_RANGE_FRONTEND_BITS + u32::from(range.prefix_len()),
+        SourceRangeKey {
+            frontend,
+            source: range.network().octets(),
+        },
+    )
+}
+
 const NODES_HINT: &str = "weft serves up to 16384 nodes";
+const RANGES_HINT: &str =
+    "weft holds up to 16384 loadBalancerSourceRanges entries over all load balancers";
 
 /// Opens one pinned map.
 pub fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map, MapError> {
@@ -208,6 +239,52 @@ impl DatapathMaps for AyaMaps {
         )
     }
 
+    fn set_member(&mut self, key: EndpointMemberKey, slot: u32) -> Result<(), MapWriteError> {
+        write_result(
+            self.members.insert(key, slot, 0),
+            ENDPOINT_MEMBERS_MAP,
+            "update",
+            "raise --max-endpoints",
+        )
+    }
+
+    fn remove_member(&mut self, key: EndpointMemberKey) -> Result<(), MapWriteError> {
+        write_result(
+            self.members.remove(&key),
+            ENDPOINT_MEMBERS_MAP,
+            "delete",
+            "raise --max-endpoints",
+        )
+    }
+
+    fn set_source_range(
+        &mut self,
+        frontend: ServiceKey,
+        range: Ipv4Net,
+    ) -> Result<(), MapWriteError> {
+        write_result(
+            self.source_ranges
+                .insert(&source_range_key(frontend, range), 1, 0),
+            SOURCE_RANGES_MAP,
+            "update",
+            RANGES_HINT,
+        )
+    }
+
+    fn remove_source_range(
+        &mut self,
+        frontend: ServiceKey,
+        range: Ipv4Net,
+    ) -> Result<(), MapWriteError> {
+        write_result(
+            self.source_ranges
+                .remove(&source_range_key(frontend, range)),
+            SOURCE_RANGES_MAP,
+            "delete",
+            RANGES_HINT,
+        )
+    }
+
     fn set_subnet(&mut self, subnet: Ipv4Net, node: RemoteNode) -> Result<(), MapWriteError> {
         write_result(
             self.subnets.insert(&subnet_key(subnet), node, 0),
@@ -252,10 +329,21 @@ impl DatapathMaps for AyaMaps {
                 Some((Ipv4Net::new(Ipv4Addr::from(key.data()), len).ok()?, node))
             })
             .collect();
+        let source_ranges = read_all(self.source_ranges.iter(), SOURCE_RANGES_MAP)?
+            .into_iter()
+            .filter_map(|(key, _)| {
+                let len = key.prefix_len().checked_sub(SOURCE_RANGE_FRONTEND_BITS)?;
+                let data = key.data();
+                let range = Ipv4Net::new(Ipv4Addr::from(data.source), u8::try_from(len).ok()?);
+                Some((data.frontend, range.ok()?))
+            })
+            .collect();
         Ok(MapsDump {
             frontends: read_all(self.frontends.iter(), SERVICES_MAP)?,
             endpoints: read_all(self.endpoints.iter(), ENDPOINTS_MAP)?,
             names: read_all(self.names.iter(), SERVICE_NAMES_MAP)?,
+            members: read_all(self.members.iter(), ENDPOINT_MEMBERS_MAP)?,
+            source_ranges,
             subnets,
             vteps: read_all(self.vteps.iter(), VTEPS_MAP)?
                 .into_iter()
@@ -279,26 +367,29 @@ fn unpack(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-/// The map form of a service port name.
+/// The map form of the name of a service port's endpoint set of `scope`.
 #[must_use]
-pub fn encode_name(name: &ServicePortName) -> ServiceName {
+pub fn encode_name(name: &ServicePortName, scope: u8) -> ServiceName {
     ServiceName {
         namespace: pack::<NAMESPACE_LEN>(&name.service.namespace),
         name: pack::<NAME_LEN>(&name.service.name),
         port_name: pack::<PORT_NAME_LEN>(&name.port),
+        scope,
+        _pad: [0; 3],
     }
 }
 
-/// A service port name read back from the map.
+/// A set's service port name and scope, read back from the map.
 #[must_use]
-pub fn decode_name(name: &ServiceName) -> ServicePortName {
-    ServicePortName {
+pub fn decode_name(name: &ServiceName) -> (ServicePortName, u8) {
+    let port = ServicePortName {
         service: ObjectRef {
             namespace: unpack(&name.namespace),
             name: unpack(&name.name),
         },
         port: unpack(&name.port_name),
-    }
+    };
+    (port, name.scope)
 }
 
 /// Whether an I/O error means "no such pinned map".
@@ -321,7 +412,7 @@ mod tests {
             },
             port: "dns-tcp".into(),
         };
-        assert_eq!(decode_name(&encode_name(&name)), name);
+        assert_eq!(decode_name(&encode_name(&name, 1)), (name, 1));
     }
 
     #[test]
@@ -334,7 +425,11 @@ mod tests {
             port: String::new(),
         };
         assert_eq!(
-            decode_name(&encode_name(&name)).service.namespace.len(),
+            decode_name(&encode_name(&name, 0))
+                .0
+                .service
+                .namespace
+                .len(),
             NAMESPACE_LEN
         );
     }

@@ -1,5 +1,12 @@
-//! The pure in-memory model: the services and endpoint slices every source has reported, and
-//! the dataplane state they call for. No I/O; sources write it, the reconciler reads it.
+//! The pure in-memory model: the services, endpoint slices, leases and node facts every source
+//! has reported, and the dataplane state they call for. No I/O; sources write it, the
+//! reconciler reads it.
+//!
+//! Endpoint selection follows kube-proxy's `CategorizeEndpoints` (`pkg/proxy/topology.go`):
+//! ready endpoints, else serving-and-terminating ones; topology hints for this node or its zone
+//! when every ready endpoint carries them; node-local endpoints for `Local` traffic policies.
+//! Each service's part is computed once per change to it, so a change to one service among
+//! thousands costs one service's work.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,12 +17,12 @@ use std::{
 use ipnet::Ipv4Net;
 use weft_common::{
     ip_proto,
-    maps::{EndpointValue, RemoteNode, ServiceKey, Vtep},
+    maps::{EndpointValue, RemoteNode, ServiceKey, Vtep, endpoint_scope, service_flags},
 };
 
 use crate::objects::{ObjectRef, ServiceSpec, SliceEndpoint, SliceSpec, protocol_name};
 
-/// A service port, the unit that owns one endpoint list (kube-proxy's `ServicePortName`).
+/// A service port, the unit that owns its endpoint sets (kube-proxy's `ServicePortName`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortName {
     pub service: ObjectRef,
@@ -33,13 +40,44 @@ impl fmt::Display for ServicePortName {
     }
 }
 
+/// How one frontend uses its service port's endpoint sets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontendSpec {
+    /// The set new connections use ([`endpoint_scope`]); with
+    /// [`service_flags::LOCAL_EXTERNAL`], clients inside the cluster use the cluster set instead.
+    pub scope: u8,
+    /// [`service_flags`] bits.
+    pub flags: u16,
+    /// ClientIP affinity timeout in seconds; 0 for none.
+    pub affinity_timeout_s: u32,
+}
+
+impl FrontendSpec {
+    /// The scopes of the sets this frontend may lead to.
+    pub fn scopes(&self) -> impl Iterator<Item = u8> {
+        let fallback =
+            (self.flags & service_flags::LOCAL_EXTERNAL != 0).then_some(endpoint_scope::CLUSTER);
+        std::iter::once(self.scope).chain(fallback)
+    }
+}
+
 /// What the dataplane must do for one service port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredPort {
+    /// The endpoint sets its frontends use, by [`endpoint_scope`].
+    pub sets: BTreeMap<u8, BTreeSet<EndpointValue>>,
     /// Addresses, ports and protocols clients reach it on.
-    pub frontends: BTreeSet<ServiceKey>,
-    /// Endpoints new connections are spread over.
-    pub endpoints: BTreeSet<EndpointValue>,
+    pub frontends: BTreeMap<ServiceKey, FrontendSpec>,
+    /// `loadBalancerSourceRanges` of the frontends with [`service_flags::SOURCE_RANGES`].
+    pub source_ranges: BTreeMap<ServiceKey, BTreeSet<Ipv4Net>>,
+}
+
+/// A health-check NodePort (`healthCheckNodePort`) and what it reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ObjectRef,
+    /// Ready endpoints of the service on this node.
+    pub local_endpoints: usize,
 }
 
 /// Another node's lease, as the overlay needs it.
@@ -47,6 +85,17 @@ pub struct DesiredPort {
 pub struct NodeLease {
     pub public_ip: Ipv4Addr,
     pub vtep_mac: [u8; 6],
+}
+
+/// What the model knows of the node it runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// The node's name, which `nodeName` and node hints of endpoints are compared with.
+    pub name: Option<String>,
+    /// Its `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+    /// The addresses NodePorts are served on.
+    pub node_port_addresses: BTreeSet<Ipv4Addr>,
 }
 
 /// The whole desired dataplane state.
@@ -57,6 +106,8 @@ pub struct Desired {
     pub subnets: BTreeMap<Ipv4Net, RemoteNode>,
     /// Nodes whose VXLAN this node accepts, by PublicIP.
     pub vteps: BTreeMap<Ipv4Addr, Vtep>,
+    /// Health-check NodePorts to serve, by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Problems the model resolved on its own (e.g. two services claiming one frontend), for logs.
     pub notes: Vec<String>,
 }
@@ -65,48 +116,98 @@ pub struct Desired {
 pub type UdpEndpoints = BTreeMap<ServiceKey, BTreeSet<EndpointValue>>;
 
 impl Desired {
-    /// Each UDP frontend with the endpoints it leads to (for purging flows whose endpoint left).
+    /// Each UDP frontend with the endpoints it may lead to (for purging flows whose endpoint
+    /// left).
     #[must_use]
     pub fn udp_endpoints(&self) -> UdpEndpoints {
-        self.ports
-            .values()
-            .flat_map(|port| {
-                port.frontends
-                    .iter()
-                    .filter(|frontend| frontend.proto == ip_proto::UDP)
-                    .map(|frontend| (*frontend, port.endpoints.clone()))
-            })
-            .collect()
+        let mut udp = UdpEndpoints::new();
+        for port in self.ports.values() {
+            for (key, frontend) in &port.frontends {
+                if key.proto != ip_proto::UDP {
+                    continue;
+                }
+                let endpoints = udp.entry(*key).or_default();
+                for scope in frontend.scopes() {
+                    endpoints.extend(port.sets.get(&scope).into_iter().flatten());
+                }
+            }
+        }
+        udp
     }
 }
 
-/// Services, slices and other nodes' leases, as the sources last reported them.
+/// One service's part of the desired state, before frontends are claimed across services.
+#[derive(Clone, Debug, Default)]
+struct ServiceOutput {
+    ports: Vec<(ServicePortName, DesiredPort)>,
+    health_check: Option<(u16, HealthCheck)>,
+}
+
+/// Services, slices, other nodes' leases and this node's facts, as the sources last reported
+/// them.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     services: BTreeMap<ObjectRef, ServiceSpec>,
     slices: BTreeMap<ObjectRef, SliceSpec>,
     leases: BTreeMap<Ipv4Net, NodeLease>,
+    node: NodeFacts,
+    /// Each service's computed part; services whose objects changed since are in `stale`.
+    computed: BTreeMap<ObjectRef, ServiceOutput>,
+    stale: BTreeSet<ObjectRef>,
 }
 
 impl Model {
     /// Records a service; returns whether anything changed.
     pub fn set_service(&mut self, name: ObjectRef, spec: ServiceSpec) -> bool {
-        self.services.insert(name, spec.clone()).as_ref() != Some(&spec)
+        let changed = self.services.get(&name) != Some(&spec);
+        if changed {
+            self.stale.insert(name.clone());
+            self.services.insert(name, spec);
+        }
+        changed
     }
 
     /// Forgets a service; returns whether it was known.
     pub fn remove_service(&mut self, name: &ObjectRef) -> bool {
-        self.services.remove(name).is_some()
+        let known = self.services.remove(name).is_some();
+        if known {
+            self.stale.insert(name.clone());
+        }
+        known
     }
 
     /// Records an EndpointSlice (by its own name); returns whether anything changed.
     pub fn set_slice(&mut self, name: ObjectRef, spec: SliceSpec) -> bool {
-        self.slices.insert(name, spec.clone()).as_ref() != Some(&spec)
+        let changed = self.slices.get(&name) != Some(&spec);
+        if changed {
+            self.stale.insert(spec.service.clone());
+            if let Some(old) = self.slices.insert(name, spec) {
+                self.stale.insert(old.service);
+            }
+        }
+        changed
     }
 
     /// Forgets an EndpointSlice; returns whether it was known.
     pub fn remove_slice(&mut self, name: &ObjectRef) -> bool {
-        self.slices.remove(name).is_some()
+        match self.slices.remove(name) {
+            Some(old) => {
+                self.stale.insert(old.service);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The names of the services and slices known, for a source that re-lists and must forget
+    /// what it no longer sees.
+    pub fn service_names(&self) -> impl Iterator<Item = &ObjectRef> {
+        self.services.keys()
+    }
+
+    /// See [`Model::service_names`].
+    pub fn slice_names(&self) -> impl Iterator<Item = &ObjectRef> {
+        self.slices.keys()
     }
 
     /// Records another node's lease; returns whether anything changed.
@@ -126,16 +227,27 @@ impl Model {
         changed
     }
 
-    /// The dataplane state the current objects call for.
-    #[must_use]
-    pub fn desired(&self) -> Desired {
-        let mut slices_by_service: BTreeMap<&ObjectRef, Vec<&SliceSpec>> = BTreeMap::new();
-        for slice in self.slices.values() {
-            slices_by_service
-                .entry(&slice.service)
-                .or_default()
-                .push(slice);
+    /// Updates what is known of this node; returns whether anything changed.
+    pub fn update_node(&mut self, update: impl FnOnce(&mut NodeFacts)) -> bool {
+        let before = self.node.clone();
+        update(&mut self.node);
+        let changed = self.node != before;
+        if changed {
+            // Locality, topology and NodePort addresses touch every service.
+            self.stale.extend(self.services.keys().cloned());
         }
+        changed
+    }
+
+    /// What is known of this node.
+    #[must_use]
+    pub fn node(&self) -> &NodeFacts {
+        &self.node
+    }
+
+    /// The dataplane state the current objects call for.
+    pub fn desired(&mut self) -> Desired {
+        self.refresh();
         let mut desired = Desired::default();
         for (subnet, lease) in &self.leases {
             desired.subnets.insert(
@@ -157,55 +269,206 @@ impl Model {
                 },
             );
         }
-        let mut claimed: BTreeMap<ServiceKey, ServicePortName> = BTreeMap::new();
-        for (service, spec) in &self.services {
-            let slices = slices_by_service
-                .get(service)
-                .map_or(&[][..], Vec::as_slice);
-            for port in &spec.ports {
-                if !matches!(port.protocol, ip_proto::TCP | ip_proto::UDP) {
-                    // SCTP needs a CRC32c rewrite the datapath does not do yet.
-                    continue;
+        let mut claimed: BTreeMap<ServiceKey, &ServicePortName> = BTreeMap::new();
+        for output in self.computed.values() {
+            for (name, port) in &output.ports {
+                let mut kept = port.clone();
+                kept.frontends.retain(|key, _| match claimed.get(key) {
+                    Some(owner) => {
+                        desired.notes.push(format!(
+                            "{name}: {}:{}/{} is already served by {owner}; ignoring it here",
+                            Ipv4Addr::from(key.addr),
+                            key.port,
+                            protocol_name(key.proto)
+                        ));
+                        false
+                    }
+                    None => {
+                        claimed.insert(*key, name);
+                        true
+                    }
+                });
+                kept.source_ranges
+                    .retain(|key, _| kept.frontends.contains_key(key));
+                desired.ports.insert(name.clone(), kept);
+            }
+            if let Some((port, check)) = &output.health_check {
+                match desired.health_checks.get(port) {
+                    Some(owner) => desired.notes.push(format!(
+                        "{}: healthCheckNodePort {port} is already served for {}; ignoring it here",
+                        check.service, owner.service
+                    )),
+                    None => {
+                        desired.health_checks.insert(*port, check.clone());
+                    }
                 }
-                let name = ServicePortName {
-                    service: service.clone(),
-                    port: port.name.clone(),
-                };
-                let frontend = ServiceKey {
-                    addr: spec.cluster_ip.octets(),
-                    port: port.port,
-                    proto: port.protocol,
-                    _pad: 0,
-                };
-                if let Some(owner) = claimed.get(&frontend) {
-                    desired.notes.push(format!(
-                        "{name}: {}:{}/{} is already served by {owner}; ignoring it here",
-                        spec.cluster_ip,
-                        port.port,
-                        protocol_name(port.protocol)
-                    ));
-                    continue;
-                }
-                claimed.insert(frontend, name.clone());
-                let endpoints = select_endpoints(slices, &port.name, port.protocol);
-                let entry = desired.ports.entry(name).or_default();
-                entry.frontends.insert(frontend);
-                entry.endpoints = endpoints;
             }
         }
         desired
     }
+
+    /// Recomputes the services whose objects changed.
+    fn refresh(&mut self) {
+        if self.stale.is_empty() {
+            return;
+        }
+        let mut slices_by_service: BTreeMap<&ObjectRef, Vec<&SliceSpec>> = BTreeMap::new();
+        for slice in self.slices.values() {
+            if self.stale.contains(&slice.service) {
+                slices_by_service
+                    .entry(&slice.service)
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        for name in std::mem::take(&mut self.stale) {
+            match self.services.get(&name) {
+                Some(spec) => {
+                    let slices = slices_by_service.get(&name).map_or(&[][..], Vec::as_slice);
+                    self.computed
+                        .insert(name.clone(), compute(&name, spec, slices, &self.node));
+                }
+                None => {
+                    self.computed.remove(&name);
+                }
+            }
+        }
+    }
 }
 
-/// The endpoints of one service port, chosen as kube-proxy's `CategorizeEndpoints` does: the
-/// ready ones; if none is ready, the ones still serving while terminating (so connections
-/// keep landing somewhere during a rolling update).
-fn select_endpoints(
+/// One endpoint of a service port, merged over the slices that list it.
+#[derive(Clone, Debug)]
+struct Candidate {
+    value: EndpointValue,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    local: bool,
+    zone_hints: BTreeSet<String>,
+    node_hints: BTreeSet<String>,
+}
+
+/// One service's service ports and health check.
+fn compute(
+    service: &ObjectRef,
+    spec: &ServiceSpec,
+    slices: &[&SliceSpec],
+    node: &NodeFacts,
+) -> ServiceOutput {
+    let mut output = ServiceOutput::default();
+    let affinity_timeout_s = spec.affinity_timeout_s.unwrap_or(0);
+    let externally_accessible = spec.externally_accessible();
+    for port in &spec.ports {
+        let name = ServicePortName {
+            service: service.clone(),
+            port: port.name.clone(),
+        };
+        let candidates = candidates(slices, &port.name, port.protocol, node);
+        let has_any = candidates
+            .iter()
+            .any(|c| c.ready || (c.serving && c.terminating));
+        let reject = if has_any { 0 } else { service_flags::REJECT };
+        let mut desired = DesiredPort::default();
+        let cluster_ip_scope = if spec.internal_local {
+            endpoint_scope::NODE_LOCAL
+        } else {
+            endpoint_scope::CLUSTER
+        };
+        let frontend = |addr: Ipv4Addr, number: u16| ServiceKey {
+            addr: addr.octets(),
+            port: number,
+            proto: port.protocol,
+            _pad: 0,
+        };
+        desired.frontends.insert(
+            frontend(spec.cluster_ip, port.port),
+            FrontendSpec {
+                scope: cluster_ip_scope,
+                flags: reject,
+                affinity_timeout_s,
+            },
+        );
+        if externally_accessible {
+            let (scope, policy) = if spec.external_local {
+                (endpoint_scope::NODE_LOCAL, service_flags::LOCAL_EXTERNAL)
+            } else {
+                (endpoint_scope::CLUSTER, service_flags::MASQUERADE_ALL)
+            };
+            let external = FrontendSpec {
+                scope,
+                flags: reject | policy,
+                affinity_timeout_s,
+            };
+            let node_ports = port.node_port.into_iter().flat_map(|node_port| {
+                node.node_port_addresses
+                    .iter()
+                    .map(move |addr| frontend(*addr, node_port))
+            });
+            let external_ips = spec.external_ips.iter().map(|ip| frontend(*ip, port.port));
+            for key in node_ports.chain(external_ips) {
+                desired.frontends.entry(key).or_insert(external);
+            }
+            for ip in &spec.load_balancer_ips {
+                let key = frontend(*ip, port.port);
+                if desired.frontends.contains_key(&key) {
+                    continue;
+                }
+                let mut load_balancer = external;
+                if !spec.source_ranges.is_empty() {
+                    load_balancer.flags |= service_flags::SOURCE_RANGES;
+                    desired
+                        .source_ranges
+                        .insert(key, spec.source_ranges.iter().copied().collect());
+                }
+                desired.frontends.insert(key, load_balancer);
+            }
+        }
+        let scopes: BTreeSet<u8> = desired
+            .frontends
+            .values()
+            .flat_map(|f| f.scopes())
+            .collect();
+        for scope in scopes {
+            let endpoints = if scope == endpoint_scope::NODE_LOCAL {
+                local_endpoints(&candidates)
+            } else {
+                cluster_endpoints(&candidates, node)
+            };
+            desired.sets.insert(scope, endpoints);
+        }
+        output.ports.push((name, desired));
+    }
+    if let Some(port) = spec.health_check_node_port {
+        let local_ready: BTreeSet<Ipv4Addr> = slices
+            .iter()
+            .flat_map(|slice| &slice.endpoints)
+            .filter(|e| e.ready && is_local(e, node))
+            .map(|e| e.addr)
+            .collect();
+        output.health_check = Some((
+            port,
+            HealthCheck {
+                service: service.clone(),
+                local_endpoints: local_ready.len(),
+            },
+        ));
+    }
+    output
+}
+
+fn is_local(endpoint: &SliceEndpoint, node: &NodeFacts) -> bool {
+    node.name.is_some() && endpoint.node_name == node.name
+}
+
+/// The endpoints of one service port over all its slices. The same endpoint in two slices (a
+/// slice being replaced) counts once, with the best conditions either slice gives it.
+fn candidates(
     slices: &[&SliceSpec],
     port_name: &str,
     protocol: u8,
-) -> BTreeSet<EndpointValue> {
-    let mut candidates: BTreeMap<EndpointValue, SliceEndpoint> = BTreeMap::new();
+    node: &NodeFacts,
+) -> Vec<Candidate> {
+    let mut merged: BTreeMap<EndpointValue, Candidate> = BTreeMap::new();
     for slice in slices {
         let Some(port) = slice
             .ports
@@ -220,31 +483,95 @@ fn select_endpoints(
                 port: port.port,
                 _pad: 0,
             };
-            // The same endpoint in two slices (a slice being replaced) counts once, with the
-            // best conditions either slice gives it.
-            candidates
-                .entry(value)
-                .and_modify(|seen| {
-                    seen.ready |= endpoint.ready;
-                    seen.serving |= endpoint.serving;
-                    seen.terminating &= endpoint.terminating;
-                })
-                .or_insert(*endpoint);
+            let candidate = merged.entry(value).or_insert_with(|| Candidate {
+                value,
+                ready: false,
+                serving: false,
+                terminating: true,
+                local: false,
+                zone_hints: BTreeSet::new(),
+                node_hints: BTreeSet::new(),
+            });
+            candidate.ready |= endpoint.ready;
+            candidate.serving |= endpoint.serving;
+            candidate.terminating &= endpoint.terminating;
+            candidate.local |= is_local(endpoint, node);
+            candidate
+                .zone_hints
+                .extend(endpoint.zone_hints.iter().cloned());
+            candidate
+                .node_hints
+                .extend(endpoint.node_hints.iter().cloned());
         }
     }
-    let ready: BTreeSet<_> = candidates
-        .iter()
-        .filter(|(_, e)| e.ready)
-        .map(|(value, _)| *value)
-        .collect();
+    merged.into_values().collect()
+}
+
+/// Which topology hints apply to a service port's cluster-wide endpoints.
+enum Topology<'a> {
+    None,
+    /// Endpoints hinted for this node (`trafficDistribution: PreferSameNode`).
+    Node(&'a str),
+    /// Endpoints hinted for this node's zone.
+    Zone(&'a str),
+}
+
+impl<'a> Topology<'a> {
+    /// kube-proxy's `topologyModeFromHints`: this node's hints when every ready endpoint has
+    /// node hints and one names this node, else this zone's likewise, else none.
+    fn of(candidates: &[Candidate], node: &'a NodeFacts) -> Self {
+        let ready = || candidates.iter().filter(|c| c.ready);
+        if let Some(name) = &node.name
+            && ready().all(|c| !c.node_hints.is_empty())
+            && ready().any(|c| c.node_hints.contains(name))
+        {
+            return Self::Node(name);
+        }
+        if let Some(zone) = &node.zone
+            && ready().all(|c| !c.zone_hints.is_empty())
+            && ready().any(|c| c.zone_hints.contains(zone))
+        {
+            return Self::Zone(zone);
+        }
+        Self::None
+    }
+
+    fn admits(&self, candidate: &Candidate) -> bool {
+        match self {
+            Self::None => true,
+            Self::Node(name) => candidate.node_hints.contains(*name),
+            Self::Zone(zone) => candidate.zone_hints.contains(*zone),
+        }
+    }
+}
+
+fn values<'a>(candidates: impl Iterator<Item = &'a Candidate>) -> BTreeSet<EndpointValue> {
+    candidates.map(|c| c.value).collect()
+}
+
+/// The cluster-wide endpoints: ready ones (narrowed by topology hints); if none is ready, the
+/// ones still serving while terminating (without topology: a last resort, so connections keep
+/// landing somewhere during a rolling update).
+fn cluster_endpoints(candidates: &[Candidate], node: &NodeFacts) -> BTreeSet<EndpointValue> {
+    let topology = Topology::of(candidates, node);
+    let ready = values(candidates.iter().filter(|c| c.ready && topology.admits(c)));
     if !ready.is_empty() {
         return ready;
     }
-    candidates
-        .iter()
-        .filter(|(_, e)| e.serving && e.terminating)
-        .map(|(value, _)| *value)
-        .collect()
+    values(candidates.iter().filter(|c| c.serving && c.terminating))
+}
+
+/// This node's endpoints: the ready ones, else the serving-and-terminating ones.
+fn local_endpoints(candidates: &[Candidate]) -> BTreeSet<EndpointValue> {
+    let ready = values(candidates.iter().filter(|c| c.local && c.ready));
+    if !ready.is_empty() {
+        return ready;
+    }
+    values(
+        candidates
+            .iter()
+            .filter(|c| c.local && c.serving && c.terminating),
+    )
 }
 
 #[cfg(test)]
@@ -268,7 +595,9 @@ pub(crate) mod tests {
                 name: String::new(),
                 port: 4432,
                 protocol: ip_proto::TCP,
+                node_port: None,
             }],
+            ..ServiceSpec::default()
         }
     }
 
@@ -277,7 +606,14 @@ pub(crate) mod tests {
             addr: Ipv4Addr::new(172, 30, 20, last),
             ready,
             serving: ready,
-            terminating: false,
+            ..SliceEndpoint::default()
+        }
+    }
+
+    fn on_node(last: u8, node: &str) -> SliceEndpoint {
+        SliceEndpoint {
+            node_name: Some(node.into()),
+            ..endpoint(last, true)
         }
     }
 
@@ -301,11 +637,44 @@ pub(crate) mod tests {
         }
     }
 
+    fn key(addr: [u8; 4], port: u16) -> ServiceKey {
+        ServiceKey {
+            addr,
+            port,
+            proto: ip_proto::TCP,
+            _pad: 0,
+        }
+    }
+
+    const VIP: [u8; 4] = [10, 254, 40, 119];
+    const CLUSTER: u8 = endpoint_scope::CLUSTER;
+    const LOCAL: u8 = endpoint_scope::NODE_LOCAL;
+
     fn nginx_port() -> ServicePortName {
         ServicePortName {
             service: object("default", "nginx"),
             port: String::new(),
         }
+    }
+
+    fn lasts(set: &BTreeSet<EndpointValue>) -> Vec<u8> {
+        set.iter().map(|e| e.addr[3]).collect()
+    }
+
+    /// A model holding nginx (changed by `edit`) with `endpoints`, on node `node-a` in
+    /// `zone-a` with the NodePort address 192.168.50.1.
+    fn nginx_model(edit: impl FnOnce(&mut ServiceSpec), endpoints: Vec<SliceEndpoint>) -> Model {
+        let mut model = Model::default();
+        model.update_node(|node| {
+            node.name = Some("node-a".into());
+            node.zone = Some("zone-a".into());
+            node.node_port_addresses = [Ipv4Addr::new(192, 168, 50, 1)].into();
+        });
+        let mut spec = nginx_service();
+        edit(&mut spec);
+        model.set_service(object("default", "nginx"), spec);
+        model.set_slice(object("default", "nginx-1"), nginx_slice(endpoints));
+        model
     }
 
     #[test]
@@ -324,18 +693,14 @@ pub(crate) mod tests {
         let desired = model.desired();
         let port = &desired.ports[&nginx_port()];
         assert_eq!(
-            port.frontends.iter().copied().collect::<Vec<_>>(),
-            vec![ServiceKey {
-                addr: [10, 254, 40, 119],
-                port: 4432,
-                proto: 6,
-                _pad: 0
-            }]
+            port.frontends.iter().collect::<Vec<_>>(),
+            vec![(&key(VIP, 4432), &FrontendSpec::default())]
         );
         assert_eq!(
-            port.endpoints.iter().copied().collect::<Vec<_>>(),
+            port.sets[&CLUSTER].iter().copied().collect::<Vec<_>>(),
             vec![value(6, 80), value(7, 80), value(8, 80)]
         );
+        assert_eq!(port.sets.len(), 1);
         assert!(desired.notes.is_empty());
     }
 
@@ -346,41 +711,40 @@ pub(crate) mod tests {
         assert!(!model.set_service(object("default", "nginx"), nginx_service()));
         assert!(model.remove_service(&object("default", "nginx")));
         assert!(!model.remove_service(&object("default", "nginx")));
+        assert!(model.desired().ports.is_empty());
     }
 
     #[test]
-    fn service_without_slices_has_no_endpoints() {
+    fn a_service_without_endpoints_rejects() {
         let mut model = Model::default();
         model.set_service(object("default", "nginx"), nginx_service());
-        assert!(model.desired().ports[&nginx_port()].endpoints.is_empty());
+        let desired = model.desired();
+        let port = &desired.ports[&nginx_port()];
+        assert!(port.sets[&CLUSTER].is_empty());
+        assert_eq!(port.frontends[&key(VIP, 4432)].flags, service_flags::REJECT);
     }
 
     #[test]
     fn terminating_endpoints_serve_only_when_none_is_ready() {
-        let mut model = Model::default();
-        model.set_service(object("default", "nginx"), nginx_service());
         let terminating = SliceEndpoint {
             ready: false,
             serving: true,
             terminating: true,
             ..endpoint(7, false)
         };
-        model.set_slice(
-            object("default", "nginx-1"),
-            nginx_slice(vec![endpoint(6, true), terminating]),
-        );
-        let chosen = |m: &Model| m.desired().ports[&nginx_port()].endpoints.clone();
-        assert_eq!(
-            chosen(&model).into_iter().collect::<Vec<_>>(),
-            vec![value(6, 80)]
-        );
+        let mut model = nginx_model(|_| {}, vec![endpoint(6, true), terminating.clone()]);
+        let chosen = |m: &mut Model| lasts(&m.desired().ports[&nginx_port()].sets[&CLUSTER]);
+        assert_eq!(chosen(&mut model), vec![6]);
         model.set_slice(
             object("default", "nginx-1"),
             nginx_slice(vec![endpoint(6, false), terminating]),
         );
+        assert_eq!(chosen(&mut model), vec![7]);
+        let desired = model.desired();
         assert_eq!(
-            chosen(&model).into_iter().collect::<Vec<_>>(),
-            vec![value(7, 80)]
+            desired.ports[&nginx_port()].frontends[&key(VIP, 4432)].flags,
+            0,
+            "serving endpoints mean the service is not rejected"
         );
     }
 
@@ -394,13 +758,16 @@ pub(crate) mod tests {
                     name: "dns".into(),
                     port: 53,
                     protocol: ip_proto::UDP,
+                    node_port: None,
                 },
                 ServicePort {
                     name: "dns-tcp".into(),
                     port: 53,
                     protocol: ip_proto::TCP,
+                    node_port: None,
                 },
             ],
+            ..ServiceSpec::default()
         };
         model.set_service(object("kube-system", "dns"), service);
         let slice = |last: u8| SliceSpec {
@@ -427,7 +794,7 @@ pub(crate) mod tests {
             port: "dns".into(),
         }];
         assert_eq!(
-            udp.endpoints.iter().copied().collect::<Vec<_>>(),
+            udp.sets[&CLUSTER].iter().copied().collect::<Vec<_>>(),
             vec![value(2, 5353), value(3, 5353)]
         );
         let tcp = &desired.ports[&ServicePortName {
@@ -435,9 +802,12 @@ pub(crate) mod tests {
             port: "dns-tcp".into(),
         }];
         assert_eq!(
-            tcp.endpoints.iter().copied().collect::<Vec<_>>(),
+            tcp.sets[&CLUSTER].iter().copied().collect::<Vec<_>>(),
             vec![value(2, 5354), value(3, 5354)]
         );
+        let udp_frontends = desired.udp_endpoints();
+        assert_eq!(udp_frontends.len(), 1);
+        assert_eq!(udp_frontends.values().next().unwrap().len(), 2);
     }
 
     #[test]
@@ -446,13 +816,13 @@ pub(crate) mod tests {
         model.set_service(object("a", "first"), nginx_service());
         model.set_service(object("b", "second"), nginx_service());
         let desired = model.desired();
-        assert_eq!(desired.ports.len(), 1);
-        assert!(
-            desired
-                .ports
-                .keys()
-                .all(|p| p.service == object("a", "first"))
-        );
+        let serving: Vec<_> = desired
+            .ports
+            .iter()
+            .filter(|(_, port)| !port.frontends.is_empty())
+            .map(|(name, _)| name.service.clone())
+            .collect();
+        assert_eq!(serving, vec![object("a", "first")]);
         assert_eq!(desired.notes.len(), 1, "{:?}", desired.notes);
         assert!(desired.notes[0].contains("already served by a/first"));
     }
@@ -479,11 +849,216 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn sctp_ports_are_not_served() {
+    fn sctp_ports_are_served() {
         let mut model = Model::default();
         let mut service = nginx_service();
         service.ports[0].protocol = ip_proto::SCTP;
         model.set_service(object("default", "nginx"), service);
-        assert!(model.desired().ports.is_empty());
+        let desired = model.desired();
+        assert_eq!(
+            desired.ports[&nginx_port()]
+                .frontends
+                .keys()
+                .map(|k| k.proto)
+                .collect::<Vec<_>>(),
+            vec![ip_proto::SCTP]
+        );
+    }
+
+    #[test]
+    fn node_ports_external_and_load_balancer_addresses_masquerade_with_cluster_policy() {
+        let mut model = nginx_model(
+            |spec| {
+                spec.ports[0].node_port = Some(30080);
+                spec.external_ips = vec![Ipv4Addr::new(192, 0, 2, 10)];
+                spec.load_balancer_ips = vec![Ipv4Addr::new(192, 0, 2, 100)];
+                spec.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+                spec.affinity_timeout_s = Some(60);
+            },
+            vec![endpoint(6, true)],
+        );
+        let desired = model.desired();
+        let port = &desired.ports[&nginx_port()];
+        let flags: BTreeMap<ServiceKey, u16> =
+            port.frontends.iter().map(|(k, f)| (*k, f.flags)).collect();
+        let external = service_flags::MASQUERADE_ALL;
+        assert_eq!(
+            flags,
+            BTreeMap::from([
+                (key(VIP, 4432), 0),
+                (key([192, 168, 50, 1], 30080), external),
+                (key([192, 0, 2, 10], 4432), external),
+                (
+                    key([192, 0, 2, 100], 4432),
+                    external | service_flags::SOURCE_RANGES
+                ),
+            ])
+        );
+        assert!(port.frontends.values().all(|f| f.affinity_timeout_s == 60));
+        assert!(port.frontends.values().all(|f| f.scope == CLUSTER));
+        assert_eq!(
+            port.source_ranges.keys().copied().collect::<Vec<_>>(),
+            vec![key([192, 0, 2, 100], 4432)]
+        );
+        assert_eq!(port.sets.keys().copied().collect::<Vec<_>>(), vec![CLUSTER]);
+    }
+
+    #[test]
+    fn external_local_policy_uses_this_nodes_endpoints_and_counts_them_for_health_checks() {
+        let mut model = nginx_model(
+            |spec| {
+                spec.ports[0].node_port = Some(30080);
+                spec.external_local = true;
+                spec.health_check_node_port = Some(32000);
+            },
+            vec![
+                on_node(6, "node-a"),
+                on_node(7, "node-b"),
+                on_node(8, "node-a"),
+            ],
+        );
+        let desired = model.desired();
+        let port = &desired.ports[&nginx_port()];
+        assert_eq!(lasts(&port.sets[&LOCAL]), vec![6, 8]);
+        assert_eq!(lasts(&port.sets[&CLUSTER]), vec![6, 7, 8]);
+        let node_port = port.frontends[&key([192, 168, 50, 1], 30080)];
+        assert_eq!(node_port.scope, LOCAL);
+        assert_eq!(node_port.flags, service_flags::LOCAL_EXTERNAL);
+        assert_eq!(port.frontends[&key(VIP, 4432)].scope, CLUSTER);
+        assert_eq!(
+            desired.health_checks[&32000],
+            HealthCheck {
+                service: object("default", "nginx"),
+                local_endpoints: 2
+            }
+        );
+        // Endpoints only elsewhere: outside clients are dropped here, not rejected.
+        model.set_slice(
+            object("default", "nginx-1"),
+            nginx_slice(vec![on_node(7, "node-b")]),
+        );
+        let desired = model.desired();
+        let port = &desired.ports[&nginx_port()];
+        assert!(port.sets[&LOCAL].is_empty());
+        assert_eq!(
+            port.frontends[&key([192, 168, 50, 1], 30080)].flags,
+            service_flags::LOCAL_EXTERNAL
+        );
+        assert_eq!(desired.health_checks[&32000].local_endpoints, 0);
+    }
+
+    #[test]
+    fn internal_local_policy_confines_the_cluster_ip_to_this_node() {
+        let mut model = nginx_model(
+            |spec| spec.internal_local = true,
+            vec![on_node(6, "node-a"), on_node(7, "node-b")],
+        );
+        let desired = model.desired();
+        let port = &desired.ports[&nginx_port()];
+        assert_eq!(port.frontends[&key(VIP, 4432)].scope, LOCAL);
+        assert_eq!(port.sets.keys().copied().collect::<Vec<_>>(), vec![LOCAL]);
+        assert_eq!(lasts(&port.sets[&LOCAL]), vec![6]);
+    }
+
+    #[test]
+    fn zone_hints_narrow_the_cluster_set_only_when_every_ready_endpoint_has_one() {
+        let hinted = |last: u8, zone: &str| SliceEndpoint {
+            zone_hints: vec![zone.into()],
+            ..endpoint(last, true)
+        };
+        let mut model = nginx_model(
+            |_| {},
+            vec![
+                hinted(6, "zone-a"),
+                hinted(7, "zone-b"),
+                hinted(8, "zone-a"),
+            ],
+        );
+        let cluster = |m: &mut Model| lasts(&m.desired().ports[&nginx_port()].sets[&CLUSTER]);
+        assert_eq!(cluster(&mut model), vec![6, 8]);
+        model.set_slice(
+            object("default", "nginx-1"),
+            nginx_slice(vec![hinted(6, "zone-a"), endpoint(7, true)]),
+        );
+        assert_eq!(
+            cluster(&mut model),
+            vec![6, 7],
+            "one endpoint without hints"
+        );
+        model.set_slice(
+            object("default", "nginx-1"),
+            nginx_slice(vec![hinted(6, "zone-b"), hinted(7, "zone-c")]),
+        );
+        assert_eq!(cluster(&mut model), vec![6, 7], "no hint for this zone");
+    }
+
+    #[test]
+    fn node_hints_win_over_zone_hints() {
+        let hinted = |last: u8, node: &str| SliceEndpoint {
+            zone_hints: vec!["zone-a".into()],
+            node_hints: vec![node.into()],
+            ..endpoint(last, true)
+        };
+        let mut model = nginx_model(|_| {}, vec![hinted(6, "node-a"), hinted(7, "node-b")]);
+        let desired = model.desired();
+        assert_eq!(lasts(&desired.ports[&nginx_port()].sets[&CLUSTER]), vec![6]);
+    }
+
+    #[test]
+    fn node_facts_reach_every_service() {
+        let mut model = nginx_model(
+            |spec| spec.ports[0].node_port = Some(30080),
+            vec![endpoint(6, true)],
+        );
+        assert_eq!(model.desired().ports[&nginx_port()].frontends.len(), 2);
+        assert!(model.update_node(|node| {
+            node.node_port_addresses
+                .insert(Ipv4Addr::new(192, 168, 60, 1));
+        }));
+        assert!(!model.update_node(|_| {}));
+        assert_eq!(model.desired().ports[&nginx_port()].frontends.len(), 3);
+    }
+
+    #[test]
+    fn a_slice_that_moves_to_another_service_leaves_the_first() {
+        let mut model = nginx_model(|_| {}, vec![endpoint(6, true)]);
+        let mut other = nginx_service();
+        other.cluster_ip = Ipv4Addr::new(10, 254, 0, 9);
+        model.set_service(object("default", "other"), other);
+        let mut moved = nginx_slice(vec![endpoint(6, true)]);
+        moved.service = object("default", "other");
+        model.set_slice(object("default", "nginx-1"), moved);
+        let desired = model.desired();
+        assert!(desired.ports[&nginx_port()].sets[&CLUSTER].is_empty());
+        assert_eq!(
+            desired.ports[&ServicePortName {
+                service: object("default", "other"),
+                port: String::new()
+            }]
+                .sets[&CLUSTER]
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn udp_flows_of_a_local_external_frontend_may_reach_either_set() {
+        let mut model = nginx_model(
+            |spec| {
+                spec.ports[0].protocol = ip_proto::UDP;
+                spec.ports[0].node_port = Some(30053);
+                spec.external_local = true;
+            },
+            vec![on_node(6, "node-a"), on_node(7, "node-b")],
+        );
+        let mut nginx_udp = nginx_slice(vec![on_node(6, "node-a"), on_node(7, "node-b")]);
+        nginx_udp.ports[0].protocol = ip_proto::UDP;
+        model.set_slice(object("default", "nginx-1"), nginx_udp);
+        let udp = model.desired().udp_endpoints();
+        let node_port = ServiceKey {
+            proto: ip_proto::UDP,
+            ..key([192, 168, 50, 1], 30053)
+        };
+        assert_eq!(lasts(&udp[&node_port]), vec![6, 7]);
     }
 }

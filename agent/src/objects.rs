@@ -1,13 +1,16 @@
 //! Kubernetes `Service` and `EndpointSlice` objects, checked and reduced to what the dataplane
-//! needs. Every source (manifest files today, the API server later) converts through here, so
-//! they all accept, ignore and reject the same objects.
+//! needs. Every source (manifest files, the API server) converts through here, so they all
+//! accept, ignore and reject the same objects.
 //!
 //! What is ignored follows kube-proxy: headless services, `ExternalName` services, services
 //! labelled `service.kubernetes.io/service-proxy-name` or `service.kubernetes.io/headless`, and
-//! EndpointSlices that are not IPv4 or belong to no service.
+//! EndpointSlices that are not IPv4 or belong to no service. Fields are read as kube-proxy reads
+//! them (`pkg/proxy/service.go`): NodePorts and load-balancer addresses only for the types that
+//! have them, IPv6 addresses skipped, unparsable source ranges skipped with a warning.
 
 use std::{fmt, net::Ipv4Addr};
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use weft_common::ip_proto;
 
@@ -24,7 +27,7 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// One port a service exposes on its ClusterIP.
+/// One port a service exposes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     /// Port name; empty for the single unnamed port a service may have.
@@ -32,13 +35,62 @@ pub struct ServicePort {
     pub port: u16,
     /// IANA protocol number.
     pub protocol: u8,
+    /// The port on every node's addresses (types NodePort and LoadBalancer).
+    pub node_port: Option<u16>,
 }
+
+/// ClientIP session affinity's default timeout (`sessionAffinityConfig.clientIP.timeoutSeconds`).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The longest affinity timeout the API accepts.
+const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 /// A service as the dataplane sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub cluster_ip: Ipv4Addr,
     pub ports: Vec<ServicePort>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` (type LoadBalancer), except those whose `ipMode` is
+    /// `Proxy`: the load balancer keeps that traffic, so nodes must not short-circuit it.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `spec.loadBalancerSourceRanges`: who may reach the load-balancer addresses (all when empty).
+    pub source_ranges: Vec<Ipv4Net>,
+    /// ClientIP session affinity's timeout, when the service has it.
+    pub affinity_timeout_s: Option<u32>,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `spec.healthCheckNodePort` (type LoadBalancer with `externalTrafficPolicy: Local`).
+    pub health_check_node_port: Option<u16>,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            cluster_ip: Ipv4Addr::UNSPECIFIED,
+            ports: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            source_ranges: Vec::new(),
+            affinity_timeout_s: None,
+            external_local: false,
+            internal_local: false,
+            health_check_node_port: None,
+        }
+    }
+}
+
+impl ServiceSpec {
+    /// Whether anything outside the ClusterIP leads to the service (kube-proxy's
+    /// `ExternallyAccessible`).
+    #[must_use]
+    pub fn externally_accessible(&self) -> bool {
+        !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+            || self.ports.iter().any(|p| p.node_port.is_some())
+    }
 }
 
 /// A port of an EndpointSlice: the service port `name` maps to `port` on every endpoint.
@@ -51,12 +103,32 @@ pub struct SlicePort {
 
 /// One endpoint of an EndpointSlice with its conditions, with unset conditions defaulted as
 /// kube-proxy reads them: ready and serving when unset, not terminating.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceEndpoint {
     pub addr: Ipv4Addr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// The node it runs on (`nodeName`), which decides whether it is local.
+    pub node_name: Option<String>,
+    /// Topology hints: the zones (`hints.forZones`) and nodes (`hints.forNodes`) it serves.
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
+}
+
+impl Default for SliceEndpoint {
+    /// An endpoint at 0.0.0.0 with unset conditions read as kube-proxy reads them.
+    fn default() -> Self {
+        Self {
+            addr: Ipv4Addr::UNSPECIFIED,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
+        }
+    }
 }
 
 /// An EndpointSlice as the dataplane sees it.
@@ -100,6 +172,14 @@ pub enum ObjectError {
     DuplicatePortName { index: usize, name: String },
     #[error("spec.ports[{index}] has no name, but a service with several ports must name them all")]
     UnnamedPort { index: usize },
+    #[error("spec.ports[{index}].nodePort {port} is not in 1-65535")]
+    InvalidNodePort { index: usize, port: i32 },
+    #[error("spec.externalIPs[{index}] {address:?} is not an IP address")]
+    InvalidExternalIp { index: usize, address: String },
+    #[error("spec.sessionAffinityConfig.clientIP.timeoutSeconds {0} is not in 1-86400")]
+    InvalidAffinityTimeout(i32),
+    #[error("spec.healthCheckNodePort {0} is not in 1-65535")]
+    InvalidHealthCheckNodePort(i32),
     #[error("ports[{index}].port {port} is not in 1-65535")]
     InvalidSlicePort { index: usize, port: i32 },
     #[error("ports[{index}].protocol {protocol:?} is not TCP, UDP or SCTP")]
@@ -148,6 +228,11 @@ pub fn object_ref(
     Ok(ObjectRef { namespace, name })
 }
 
+/// A port number field, checked.
+fn port_number(value: i32) -> Option<u16> {
+    u16::try_from(value).ok().filter(|p| *p != 0)
+}
+
 /// Checks a Service.
 pub fn check_service(service: &Service) -> Result<Checked<ServiceSpec>, ObjectError> {
     if let Some(labels) = &service.metadata.labels {
@@ -161,7 +246,8 @@ pub fn check_service(service: &Service) -> Result<Checked<ServiceSpec>, ObjectEr
         }
     }
     let spec = service.spec.as_ref().ok_or(ObjectError::MissingSpec)?;
-    if spec.type_.as_deref() == Some("ExternalName") {
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if service_type == "ExternalName" {
         return Ok(Checked::Ignore("type ExternalName"));
     }
     let cluster_ip = match spec.cluster_ip.as_deref() {
@@ -175,17 +261,14 @@ pub fn check_service(service: &Service) -> Result<Checked<ServiceSpec>, ObjectEr
             Err(_) => return Err(ObjectError::InvalidClusterIp(ip.to_owned())),
         },
     };
+    let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
     let declared = spec.ports.as_deref().unwrap_or_default();
     let mut ports: Vec<ServicePort> = Vec::with_capacity(declared.len());
     for (index, port) in declared.iter().enumerate() {
-        let number =
-            u16::try_from(port.port)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or(ObjectError::InvalidPort {
-                    index,
-                    port: port.port,
-                })?;
+        let number = port_number(port.port).ok_or(ObjectError::InvalidPort {
+            index,
+            port: port.port,
+        })?;
         let protocol = protocol_number(port.protocol.as_deref()).ok_or_else(|| {
             ObjectError::InvalidProtocol {
                 index,
@@ -209,13 +292,106 @@ pub fn check_service(service: &Service) -> Result<Checked<ServiceSpec>, ObjectEr
         if ports.iter().any(|p| p.name == name) {
             return Err(ObjectError::DuplicatePortName { index, name });
         }
+        let node_port = match port.node_port.filter(|_| has_node_ports) {
+            None | Some(0) => None,
+            Some(value) => Some(
+                port_number(value).ok_or(ObjectError::InvalidNodePort { index, port: value })?,
+            ),
+        };
         ports.push(ServicePort {
             name,
             port: number,
             protocol,
+            node_port,
         });
     }
-    Ok(Checked::Serve(ServiceSpec { cluster_ip, ports }))
+    let mut external_ips = Vec::new();
+    for (index, address) in spec
+        .external_ips
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        match address.trim().parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => external_ips.push(ip),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => {
+                return Err(ObjectError::InvalidExternalIp {
+                    index,
+                    address: address.clone(),
+                });
+            }
+        }
+    }
+    let load_balancer_ips = if service_type == "LoadBalancer" {
+        service
+            .status
+            .as_ref()
+            .and_then(|status| status.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|ingress| ingress.ip.as_deref()?.parse::<Ipv4Addr>().ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // kube-proxy skips source ranges it cannot parse rather than refusing the service.
+    let source_ranges = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|range| {
+            let parsed = range.trim().parse::<Ipv4Net>();
+            if parsed.is_err() && range.trim().parse::<ipnet::Ipv6Net>().is_err() {
+                tracing::warn!(
+                    range,
+                    "skipping a loadBalancerSourceRanges entry that is not a CIDR"
+                );
+            }
+            parsed.ok().map(|net| net.trunc())
+        })
+        .collect();
+    let affinity_timeout_s = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let timeout = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|config| config.client_ip.as_ref())
+            .and_then(|client_ip| client_ip.timeout_seconds);
+        Some(match timeout {
+            None => DEFAULT_AFFINITY_TIMEOUT_S,
+            Some(seconds) => u32::try_from(seconds)
+                .ok()
+                .filter(|s| (1..=MAX_AFFINITY_TIMEOUT_S).contains(s))
+                .ok_or(ObjectError::InvalidAffinityTimeout(seconds))?,
+        })
+    } else {
+        None
+    };
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = match spec
+        .health_check_node_port
+        .filter(|_| service_type == "LoadBalancer" && external_local)
+    {
+        None | Some(0) => None,
+        Some(value) => {
+            Some(port_number(value).ok_or(ObjectError::InvalidHealthCheckNodePort(value))?)
+        }
+    };
+    Ok(Checked::Serve(ServiceSpec {
+        cluster_ip,
+        ports,
+        external_ips,
+        load_balancer_ips,
+        source_ranges,
+        affinity_timeout_s,
+        external_local,
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        health_check_node_port,
+    }))
 }
 
 /// Checks an EndpointSlice.
@@ -281,12 +457,25 @@ pub fn check_endpoint_slice(slice: &EndpointSlice) -> Result<Checked<SliceSpec>,
             address: address.clone(),
         })?;
         let conditions = endpoint.conditions.as_ref();
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let hints = endpoint.hints.as_ref();
         endpoints.push(SliceEndpoint {
             addr,
-            ready,
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
             serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: endpoint.node_name.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|zone| zone.name.clone())
+                .collect(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|node| node.name.clone())
+                .collect(),
         });
     }
     Ok(Checked::Serve(SliceSpec {
@@ -329,9 +518,97 @@ pub(crate) mod tests {
                 ports: vec![ServicePort {
                     name: String::new(),
                     port: 4432,
-                    protocol: 6
+                    protocol: 6,
+                    node_port: None,
                 }],
+                ..ServiceSpec::default()
             })
+        );
+    }
+
+    fn served(json: serde_json::Value) -> ServiceSpec {
+        match check_service(&service(json)) {
+            Ok(Checked::Serve(spec)) => spec,
+            other => panic!("not served: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_load_balancer_carries_every_way_in() {
+        let spec = served(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "type": "LoadBalancer", "clusterIP": "10.254.0.20",
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                          {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}],
+                "externalIPs": ["192.0.2.10", "2001:db8::1"],
+                "loadBalancerSourceRanges": ["198.51.100.0/24", " 203.0.113.7/32 ", "nonsense"],
+                "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+                "internalTrafficPolicy": "Cluster",
+                "sessionAffinity": "ClientIP"
+            },
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "192.0.2.100"}, {"ip": "192.0.2.101", "ipMode": "Proxy"},
+                {"hostname": "lb.example"}]}}
+        }));
+        assert_eq!(
+            spec.ports.iter().map(|p| p.node_port).collect::<Vec<_>>(),
+            vec![Some(30080), Some(30053)]
+        );
+        assert_eq!(spec.external_ips, vec![Ipv4Addr::new(192, 0, 2, 10)]);
+        assert_eq!(spec.load_balancer_ips, vec![Ipv4Addr::new(192, 0, 2, 100)]);
+        assert_eq!(
+            spec.source_ranges,
+            vec![
+                "198.51.100.0/24".parse::<Ipv4Net>().unwrap(),
+                "203.0.113.7/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(spec.affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
+        assert!(spec.external_local && !spec.internal_local);
+        assert_eq!(spec.health_check_node_port, Some(32000));
+        assert!(spec.externally_accessible());
+    }
+
+    #[test]
+    fn node_ports_and_load_balancer_addresses_belong_to_their_types() {
+        let spec = served(serde_json::json!({
+            "metadata": {"name": "web"},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.254.0.20",
+                     "ports": [{"port": 80, "nodePort": 30080}],
+                     "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.100"}]}}
+        }));
+        assert_eq!(spec.ports[0].node_port, None);
+        assert!(spec.load_balancer_ips.is_empty());
+        assert_eq!(spec.health_check_node_port, None);
+        assert!(!spec.externally_accessible());
+    }
+
+    #[test]
+    fn affinity_timeouts_are_checked() {
+        let with_timeout = |seconds: i64| {
+            check_service(&service(serde_json::json!({
+                "metadata": {"name": "web"},
+                "spec": {"clusterIP": "10.254.0.20", "ports": [{"port": 80}],
+                         "sessionAffinity": "ClientIP",
+                         "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": seconds}}}
+            })))
+        };
+        assert!(matches!(
+            with_timeout(5),
+            Ok(Checked::Serve(ServiceSpec {
+                affinity_timeout_s: Some(5),
+                ..
+            }))
+        ));
+        assert_eq!(
+            with_timeout(0).unwrap_err(),
+            ObjectError::InvalidAffinityTimeout(0)
+        );
+        assert_eq!(
+            with_timeout(86_401).unwrap_err().to_string(),
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds 86401 is not in 1-86400"
         );
     }
 
@@ -436,6 +713,7 @@ pub(crate) mod tests {
             .iter()
             .map(|e| (e.ready, e.serving, e.terminating))
             .collect();
+        assert!(spec.endpoints.iter().all(|e| e.node_name.is_none()));
         assert_eq!(
             conditions,
             vec![
@@ -444,6 +722,25 @@ pub(crate) mod tests {
                 (false, true, true)
             ]
         );
+    }
+
+    #[test]
+    fn endpoint_nodes_and_hints_are_read() {
+        let checked = check_endpoint_slice(&slice(serde_json::json!({
+            "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["172.30.20.6"], "nodeName": "node-a",
+                           "hints": {"forZones": [{"name": "zone-a"}],
+                                     "forNodes": [{"name": "node-a"}]}}]
+        })))
+        .unwrap();
+        let Checked::Serve(spec) = checked else {
+            panic!("slice ignored")
+        };
+        let endpoint = &spec.endpoints[0];
+        assert_eq!(endpoint.node_name.as_deref(), Some("node-a"));
+        assert_eq!(endpoint.zone_hints, vec!["zone-a".to_owned()]);
+        assert_eq!(endpoint.node_hints, vec!["node-a".to_owned()]);
     }
 
     #[test]

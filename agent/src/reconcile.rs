@@ -1,9 +1,12 @@
-//! The reconciler: the only writer of the service maps. It diffs the desired state against what
-//! it has applied and writes the difference in an order that never lets the datapath see a
-//! half-written service:
-//! - new endpoint slots before the frontend count that exposes them,
-//! - frontend counts lowered before the slots beyond them are deleted,
-//! - a removed service's frontends before its slots, its slots before its name;
+//! The reconciler: the only writer of the service and overlay maps. It diffs the desired state
+//! against what it has applied and writes the difference in an order that never lets the
+//! datapath see a half-written service:
+//! - a set's membership entry goes before the slot it describes changes, and comes after the
+//!   slot is written (session affinity only returns clients to members);
+//! - new endpoint slots before the frontend counts that expose them, frontend counts lowered
+//!   before the slots beyond them are deleted;
+//! - a frontend's source ranges before the frontend that needs them, and removed after it;
+//! - a removed service's frontends before its sets, a set's slots before its name;
 //! - an overlay member before the remote subnets that send to it, and removed after them, so
 //!   this node never encapsulates to a node whose replies it would refuse.
 //!
@@ -16,22 +19,59 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use weft_common::maps::{EndpointKey, EndpointValue, RemoteNode, ServiceKey, ServiceValue, Vtep};
+use weft_common::maps::{
+    EndpointKey, EndpointMemberKey, EndpointValue, RemoteNode, ServiceKey, ServiceValue, Vtep,
+    endpoint_scope, service_flags,
+};
 
 use crate::{
     maps::{DatapathMaps, MapReadError, MapWriteError, decode_name, encode_name},
-    model::{Desired, DesiredPort, ServicePortName},
+    model::{Desired, DesiredPort, FrontendSpec, ServicePortName},
     objects::ObjectRef,
 };
+
+/// What the maps hold for one endpoint set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct AppliedSet {
+    id: u32,
+    /// Slot `i`; `None` where the map has no entry.
+    slots: Vec<Option<EndpointValue>>,
+    /// Membership entries, with the slot each names.
+    members: BTreeMap<EndpointValue, u32>,
+}
+
+impl AppliedSet {
+    /// Slots present from 0 without a gap: what a frontend may expose.
+    fn dense(&self) -> u32 {
+        self.slots.iter().take_while(|slot| slot.is_some()).count() as u32
+    }
+
+    /// Whether the set holds exactly `want`, once each, densely, with membership to match.
+    fn holds(&self, want: &BTreeSet<EndpointValue>) -> bool {
+        self.slots.len() == want.len()
+            && self
+                .slots
+                .iter()
+                .all(|slot| slot.is_some_and(|e| want.contains(&e)))
+            && self.slots.iter().flatten().collect::<BTreeSet<_>>().len() == want.len()
+            && self.members.len() == want.len()
+            && self
+                .slots
+                .iter()
+                .enumerate()
+                .all(|(slot, e)| e.is_some_and(|e| self.members.get(&e) == Some(&(slot as u32))))
+    }
+}
 
 /// What the maps hold for one service port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct AppliedPort {
-    id: u32,
-    /// Slot `i` of the port's endpoint list; `None` where the map has no entry.
-    slots: Vec<Option<EndpointValue>>,
-    /// Each frontend with the endpoint count written in it.
-    frontends: BTreeMap<ServiceKey, u32>,
+    /// Its endpoint sets, by [`endpoint_scope`].
+    sets: BTreeMap<u8, AppliedSet>,
+    /// Each frontend with the value written in it.
+    frontends: BTreeMap<ServiceKey, ServiceValue>,
+    /// Source ranges written, per frontend.
+    source_ranges: BTreeMap<ServiceKey, BTreeSet<Ipv4Net>>,
 }
 
 /// What one reconcile pass did.
@@ -61,8 +101,16 @@ impl Report {
     }
 }
 
-/// Service port ids: never 0, reused after release, but never within the pass that released
-/// them, so a packet that read a removed service's id cannot find another service's slots.
+/// What the maps hold, counted: for metrics and map pressure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Programmed {
+    pub service_ports: usize,
+    pub frontends: usize,
+    pub endpoint_slots: usize,
+}
+
+/// Endpoint set ids: never 0, reused after release, but never within the pass that released
+/// them, so a packet that read a removed set's id cannot find another set's slots.
 #[derive(Debug, Default)]
 struct Ids {
     next: u32,
@@ -98,7 +146,7 @@ impl Ids {
     }
 }
 
-/// The single writer of the service maps.
+/// The single writer of the service and overlay maps.
 pub struct Reconciler<M> {
     maps: M,
     applied: BTreeMap<ServicePortName, AppliedPort>,
@@ -114,44 +162,100 @@ impl<M: DatapathMaps> Reconciler<M> {
     /// rewrites only what changed and established connections keep their endpoints.
     pub fn adopt(maps: M) -> Result<Self, MapReadError> {
         let dump = maps.dump()?;
-        let mut by_id: BTreeMap<u32, AppliedPort> = BTreeMap::new();
-        for (key, value) in &dump.frontends {
-            let port = by_id.entry(value.id).or_default();
-            port.frontends.insert(*key, value.count);
-        }
+        let mut sets: BTreeMap<u32, AppliedSet> = BTreeMap::new();
         for (key, value) in &dump.endpoints {
-            let port = by_id.entry(key.service_id).or_default();
+            let set = sets.entry(key.service_id).or_default();
             let slot = key.slot as usize;
-            if port.slots.len() <= slot {
-                port.slots.resize(slot + 1, None);
+            if set.slots.len() <= slot {
+                set.slots.resize(slot + 1, None);
             }
-            port.slots[slot] = Some(*value);
+            set.slots[slot] = Some(*value);
         }
-        let mut names: BTreeMap<u32, ServicePortName> = dump
+        for (key, slot) in &dump.members {
+            let endpoint = EndpointValue {
+                addr: key.addr,
+                port: key.port,
+                _pad: 0,
+            };
+            sets.entry(key.set_id)
+                .or_default()
+                .members
+                .insert(endpoint, *slot);
+        }
+        for (id, set) in &mut sets {
+            set.id = *id;
+        }
+        let mut named: BTreeMap<u32, (ServicePortName, u8)> = dump
             .names
             .iter()
             .map(|(id, name)| (*id, decode_name(name)))
             .collect();
-        for id in by_id.keys() {
-            names
-                .entry(*id)
-                .or_insert_with(|| stray_name(*id, "no name"));
+        // Ids referenced without a name: an agent killed mid-write or mid-removal. They get a
+        // name no desired port has, so the first pass removes them.
+        let referenced = dump
+            .frontends
+            .iter()
+            .flat_map(|(_, value)| [value.id, value.cluster_id])
+            .filter(|id| *id != 0)
+            .chain(sets.keys().copied())
+            .collect::<BTreeSet<_>>();
+        for id in referenced {
+            named
+                .entry(id)
+                .or_insert_with(|| (stray_name(id, "no name"), endpoint_scope::CLUSTER));
         }
-        let mut applied = BTreeMap::new();
-        for (id, mut name) in names {
-            if applied.contains_key(&name) {
+        let mut applied: BTreeMap<ServicePortName, AppliedPort> = BTreeMap::new();
+        let mut port_of_set: BTreeMap<u32, ServicePortName> = BTreeMap::new();
+        for (id, (mut name, scope)) in named {
+            if applied
+                .get(&name)
+                .is_some_and(|port| port.sets.contains_key(&scope))
+            {
                 name = stray_name(id, "duplicate name");
             }
-            let port = AppliedPort {
+            let set = AppliedSet {
                 id,
-                ..by_id.remove(&id).unwrap_or_default()
+                ..sets.remove(&id).unwrap_or_default()
             };
-            applied.insert(name, port);
+            applied
+                .entry(name.clone())
+                .or_default()
+                .sets
+                .insert(scope, set);
+            port_of_set.insert(id, name);
         }
-        let used = applied.values().map(|p| p.id).collect();
-        let owners = applied
+        for (key, value) in &dump.frontends {
+            let owner = port_of_set
+                .get(&value.id)
+                .cloned()
+                .unwrap_or_else(|| stray_name(0, "frontend without a set"));
+            applied
+                .entry(owner)
+                .or_default()
+                .frontends
+                .insert(*key, *value);
+        }
+        let owners: BTreeMap<ServiceKey, ServicePortName> = applied
             .iter()
             .flat_map(|(name, port)| port.frontends.keys().map(move |key| (*key, name.clone())))
+            .collect();
+        let mut stray_ranges = AppliedPort::default();
+        for (frontend, range) in &dump.source_ranges {
+            let port = match owners.get(frontend) {
+                Some(owner) => applied.get_mut(owner).expect("owners are applied"),
+                None => &mut stray_ranges,
+            };
+            port.source_ranges
+                .entry(*frontend)
+                .or_default()
+                .insert(*range);
+        }
+        if !stray_ranges.source_ranges.is_empty() {
+            applied.insert(stray_name(0, "source ranges of no frontend"), stray_ranges);
+        }
+        let used = applied
+            .values()
+            .flat_map(|port| port.sets.values().map(|set| set.id))
             .collect();
         Ok(Self {
             maps,
@@ -168,10 +272,19 @@ impl<M: DatapathMaps> Reconciler<M> {
         &self.maps
     }
 
-    /// How many service ports are programmed.
+    /// What is programmed, counted.
     #[must_use]
-    pub fn programmed(&self) -> usize {
-        self.applied.len()
+    pub fn programmed(&self) -> Programmed {
+        Programmed {
+            service_ports: self.applied.len(),
+            frontends: self.owners.len(),
+            endpoint_slots: self
+                .applied
+                .values()
+                .flat_map(|port| port.sets.values())
+                .map(|set| set.slots.len())
+                .sum(),
+        }
     }
 
     /// Brings the maps to `desired`.
@@ -217,12 +330,21 @@ impl<M: DatapathMaps> Reconciler<M> {
     fn repair_counts(&mut self, report: &mut Report) {
         let Self { maps, applied, .. } = self;
         for (name, port) in applied.iter_mut() {
-            let present = port.slots.iter().take_while(|slot| slot.is_some()).count() as u32;
-            let id = port.id;
-            for (key, count) in &mut port.frontends {
-                if *count > present {
-                    match maps.set_frontend(*key, ServiceValue { id, count: present }) {
-                        Ok(()) => *count = present,
+            let dense: BTreeMap<u32, u32> = port
+                .sets
+                .values()
+                .map(|set| (set.id, set.dense()))
+                .collect();
+            let present = |id: u32| dense.get(&id).copied().unwrap_or(0);
+            for (key, value) in &mut port.frontends {
+                let repaired = ServiceValue {
+                    count: value.count.min(present(value.id)),
+                    cluster_count: value.cluster_count.min(present(value.cluster_id)),
+                    ..*value
+                };
+                if repaired != *value {
+                    match maps.set_frontend(*key, repaired) {
+                        Ok(()) => *value = repaired,
                         Err(error) => report.failed.push((name.clone(), error)),
                     }
                 }
@@ -237,7 +359,7 @@ impl<M: DatapathMaps> Reconciler<M> {
         let wanted: BTreeMap<ServiceKey, &ServicePortName> = desired
             .ports
             .iter()
-            .flat_map(|(name, port)| port.frontends.iter().map(move |key| (*key, name)))
+            .flat_map(|(name, port)| port.frontends.keys().map(move |key| (*key, name)))
             .collect();
         let releasing: Vec<(ServiceKey, ServicePortName)> = self
             .owners
@@ -246,12 +368,17 @@ impl<M: DatapathMaps> Reconciler<M> {
             .map(|(key, owner)| (*key, owner.clone()))
             .collect();
         for (key, owner) in releasing {
-            match self.maps.remove_frontend(key) {
+            let Self {
+                maps,
+                applied,
+                owners,
+                ..
+            } = self;
+            let port = applied.get_mut(&owner).expect("owners are applied");
+            let outcome = remove_frontend(maps, port, key);
+            match outcome {
                 Ok(()) => {
-                    self.owners.remove(&key);
-                    if let Some(port) = self.applied.get_mut(&owner) {
-                        port.frontends.remove(&key);
-                    }
+                    owners.remove(&key);
                 }
                 Err(error) => report.failed.push((owner, error)),
             }
@@ -300,17 +427,7 @@ impl<M: DatapathMaps> Reconciler<M> {
         name: &ServicePortName,
         want: &DesiredPort,
     ) -> Result<(), MapWriteError> {
-        let id = self.ids.take();
-        self.maps
-            .set_name(id, encode_name(name))
-            .inspect_err(|_| self.ids.release(id))?;
-        self.applied.insert(
-            name.clone(),
-            AppliedPort {
-                id,
-                ..AppliedPort::default()
-            },
-        );
+        self.applied.insert(name.clone(), AppliedPort::default());
         self.update_port(name, want).inspect_err(|_| {
             // Take back what was written, frontends first, so nothing half-built stays visible.
             // If that fails too, the port stays applied and the next pass retries it.
@@ -327,44 +444,82 @@ impl<M: DatapathMaps> Reconciler<M> {
             maps,
             applied,
             owners,
+            ids,
             ..
         } = self;
         let port = applied
             .get_mut(name)
             .expect("update_port is called for applied ports");
-        let id = port.id;
-        let layout = plan_layout(&port.slots, &want.endpoints);
-        for (slot, endpoint) in layout.iter().enumerate() {
-            if port.slots.get(slot).copied().flatten() != Some(*endpoint) {
-                maps.set_endpoint(endpoint_key(id, slot), *endpoint)?;
-                if slot < port.slots.len() {
-                    port.slots[slot] = Some(*endpoint);
-                } else {
-                    port.slots.push(Some(*endpoint));
+        let mut layouts: BTreeMap<u8, Vec<EndpointValue>> = BTreeMap::new();
+        for (scope, endpoints) in &want.sets {
+            if !port.sets.contains_key(scope) {
+                let id = ids.take();
+                maps.set_name(id, encode_name(name, *scope))
+                    .inspect_err(|_| ids.release(id))?;
+                port.sets.insert(
+                    *scope,
+                    AppliedSet {
+                        id,
+                        ..AppliedSet::default()
+                    },
+                );
+            }
+            let set = port.sets.get_mut(scope).expect("just ensured");
+            layouts.insert(*scope, fill_set(maps, set, endpoints)?);
+        }
+        let count = |scope: u8| layouts.get(&scope).map_or(0, |layout| layout.len() as u32);
+        let id = |scope: u8| port.sets.get(&scope).map_or(0, |set| set.id);
+        let mut taken_over = Vec::new();
+        for (key, spec) in &want.frontends {
+            let value = frontend_value(spec, id, count);
+            let ranges = want.source_ranges.get(key);
+            let written = port.source_ranges.entry(*key).or_default();
+            for range in ranges.into_iter().flatten() {
+                if !written.contains(range) {
+                    maps.set_source_range(*key, *range)?;
+                    written.insert(*range);
                 }
             }
-        }
-        let count = u32::try_from(layout.len()).expect("slot counts fit the map's u32 index");
-        let mut taken_over = Vec::new();
-        for frontend in &want.frontends {
-            if port.frontends.get(frontend) != Some(&count) {
-                maps.set_frontend(*frontend, ServiceValue { id, count })?;
-                port.frontends.insert(*frontend, count);
+            if port.frontends.get(key) != Some(&value) {
+                maps.set_frontend(*key, value)?;
+                port.frontends.insert(*key, value);
                 // A frontend whose release failed belonged to another port until this write.
-                if let Some(previous) = owners.insert(*frontend, name.clone())
+                if let Some(previous) = owners.insert(*key, name.clone())
                     && previous != *name
                 {
-                    taken_over.push((previous, *frontend));
+                    taken_over.push((previous, *key));
                 }
             }
+            let stale: Vec<Ipv4Net> = written
+                .iter()
+                .filter(|range| !ranges.is_some_and(|want| want.contains(range)))
+                .copied()
+                .collect();
+            for range in stale {
+                maps.remove_source_range(*key, range)?;
+                written.remove(&range);
+            }
         }
-        while port.slots.len() > layout.len() {
-            maps.remove_endpoint(endpoint_key(id, port.slots.len() - 1))?;
-            port.slots.pop();
+        port.source_ranges.retain(|_, ranges| !ranges.is_empty());
+        for (scope, layout) in &layouts {
+            let set = port.sets.get_mut(scope).expect("filled above");
+            trim_set(maps, set, layout.len())?;
         }
-        for (previous, frontend) in taken_over {
+        let unused: Vec<u8> = port
+            .sets
+            .keys()
+            .filter(|scope| !want.sets.contains_key(scope))
+            .copied()
+            .collect();
+        for scope in unused {
+            let set = port.sets.get_mut(&scope).expect("listed above");
+            remove_set(maps, set)?;
+            ids.release(set.id);
+            port.sets.remove(&scope);
+        }
+        for (previous, key) in taken_over {
             if let Some(port) = applied.get_mut(&previous) {
-                port.frontends.remove(&frontend);
+                port.frontends.remove(&key);
             }
         }
         Ok(())
@@ -381,20 +536,121 @@ impl<M: DatapathMaps> Reconciler<M> {
         let port = applied
             .get_mut(name)
             .expect("remove_port is called for applied ports");
-        while let Some((&frontend, _)) = port.frontends.first_key_value() {
-            maps.remove_frontend(frontend)?;
-            port.frontends.remove(&frontend);
-            owners.remove(&frontend);
+        while let Some((&key, _)) = port.frontends.first_key_value() {
+            remove_frontend(maps, port, key)?;
+            owners.remove(&key);
         }
-        while !port.slots.is_empty() {
-            maps.remove_endpoint(endpoint_key(port.id, port.slots.len() - 1))?;
-            port.slots.pop();
+        // Ranges left without a frontend (adopted strays).
+        while let Some((&key, _)) = port.source_ranges.first_key_value() {
+            remove_frontend(maps, port, key)?;
         }
-        maps.remove_name(port.id)?;
-        ids.release(port.id);
+        while let Some((&scope, _)) = port.sets.first_key_value() {
+            let set = port.sets.get_mut(&scope).expect("just listed");
+            remove_set(maps, set)?;
+            ids.release(set.id);
+            port.sets.remove(&scope);
+        }
         applied.remove(name);
         Ok(())
     }
+}
+
+/// The value a frontend's spec calls for, given its port's set ids and slot counts by scope.
+fn frontend_value(
+    spec: &FrontendSpec,
+    id: impl Fn(u8) -> u32,
+    count: impl Fn(u8) -> u32,
+) -> ServiceValue {
+    let local_external = spec.flags & service_flags::LOCAL_EXTERNAL != 0;
+    let cluster = endpoint_scope::CLUSTER;
+    ServiceValue {
+        id: id(spec.scope),
+        count: count(spec.scope),
+        cluster_id: if local_external { id(cluster) } else { 0 },
+        cluster_count: if local_external { count(cluster) } else { 0 },
+        affinity_timeout_s: spec.affinity_timeout_s,
+        flags: spec.flags,
+        _pad: 0,
+    }
+}
+
+/// Removes a frontend, then the source ranges it had.
+fn remove_frontend<M: DatapathMaps>(
+    maps: &mut M,
+    port: &mut AppliedPort,
+    key: ServiceKey,
+) -> Result<(), MapWriteError> {
+    if port.frontends.contains_key(&key) {
+        maps.remove_frontend(key)?;
+        port.frontends.remove(&key);
+    }
+    if let Some(ranges) = port.source_ranges.get_mut(&key) {
+        while let Some(range) = ranges.first().copied() {
+            maps.remove_source_range(key, range)?;
+            ranges.remove(&range);
+        }
+        port.source_ranges.remove(&key);
+    }
+    Ok(())
+}
+
+/// Writes a set's slots and membership for `endpoints`, leaving slots past the new layout for
+/// [`trim_set`] (after the frontends stop exposing them). Returns the layout.
+fn fill_set<M: DatapathMaps>(
+    maps: &mut M,
+    set: &mut AppliedSet,
+    endpoints: &BTreeSet<EndpointValue>,
+) -> Result<Vec<EndpointValue>, MapWriteError> {
+    let departing: Vec<EndpointValue> = set
+        .members
+        .keys()
+        .filter(|e| !endpoints.contains(*e))
+        .copied()
+        .collect();
+    for endpoint in departing {
+        maps.remove_member(member_key(set.id, endpoint))?;
+        set.members.remove(&endpoint);
+    }
+    let layout = plan_layout(&set.slots, endpoints);
+    for (slot, endpoint) in layout.iter().enumerate() {
+        if set.slots.get(slot).copied().flatten() != Some(*endpoint) {
+            maps.set_endpoint(endpoint_key(set.id, slot), *endpoint)?;
+            if slot < set.slots.len() {
+                set.slots[slot] = Some(*endpoint);
+            } else {
+                set.slots.push(Some(*endpoint));
+            }
+        }
+        let slot = slot as u32;
+        if set.members.get(endpoint) != Some(&slot) {
+            maps.set_member(member_key(set.id, *endpoint), slot)?;
+            set.members.insert(*endpoint, slot);
+        }
+    }
+    Ok(layout)
+}
+
+/// Deletes a set's slots past `len`, from the end.
+fn trim_set<M: DatapathMaps>(
+    maps: &mut M,
+    set: &mut AppliedSet,
+    len: usize,
+) -> Result<(), MapWriteError> {
+    while set.slots.len() > len {
+        maps.remove_endpoint(endpoint_key(set.id, set.slots.len() - 1))?;
+        set.slots.pop();
+    }
+    Ok(())
+}
+
+/// Deletes a set no frontend exposes any more: membership, slots, then its name.
+fn remove_set<M: DatapathMaps>(maps: &mut M, set: &mut AppliedSet) -> Result<(), MapWriteError> {
+    while let Some((&endpoint, _)) = set.members.first_key_value() {
+        maps.remove_member(member_key(set.id, endpoint))?;
+        set.members.remove(&endpoint);
+    }
+    trim_set(maps, set, 0)?;
+    maps.remove_name(set.id)
 }
 
 /// Entries of `want` that `have` lacks or holds differently.
@@ -435,19 +691,39 @@ fn endpoint_key(service_id: u32, slot: usize) -> EndpointKey {
     }
 }
 
-/// Whether the applied port already is the desired one: every slot filled, holding exactly
-/// the desired endpoints once each, and every desired frontend (and no other) exposing them all.
+fn member_key(set_id: u32, endpoint: EndpointValue) -> EndpointMemberKey {
+    EndpointMemberKey {
+        set_id,
+        addr: endpoint.addr,
+        port: endpoint.port,
+        _pad: 0,
+    }
+}
+
+/// Whether the applied port already is the desired one: the same sets, each holding exactly
+/// its endpoints, every desired frontend (and no other) written with the value it calls for,
+/// and the same source ranges.
 fn matches(have: &AppliedPort, want: &DesiredPort) -> bool {
-    let count = have.slots.len() as u32;
-    let endpoints: BTreeSet<EndpointValue> = have.slots.iter().flatten().copied().collect();
-    have.slots.iter().all(Option::is_some)
-        && have.slots.len() == want.endpoints.len()
-        && endpoints == want.endpoints
-        && have.frontends.len() == want.frontends.len()
-        && have
+    let sets_match = have.sets.len() == want.sets.len()
+        && want
+            .sets
+            .iter()
+            .all(|(scope, endpoints)| have.sets.get(scope).is_some_and(|set| set.holds(endpoints)));
+    if !sets_match {
+        return false;
+    }
+    let id = |scope: u8| have.sets.get(&scope).map_or(0, |set| set.id);
+    let count = |scope: u8| {
+        have.sets
+            .get(&scope)
+            .map_or(0, |set| set.slots.len() as u32)
+    };
+    have.frontends.len() == want.frontends.len()
+        && want
             .frontends
             .iter()
-            .all(|(key, written)| want.frontends.contains(key) && *written == count)
+            .all(|(key, spec)| have.frontends.get(key) == Some(&frontend_value(spec, id, count)))
+        && have.source_ranges == want.source_ranges
 }
 
 /// The slot layout for `desired` that rewrites the fewest slots of `current`: endpoints that
@@ -496,22 +772,30 @@ pub(crate) mod tests {
     pub(crate) enum Op {
         SetEndpoint(u32, u32),
         RemoveEndpoint(u32, u32),
+        /// Set id and the endpoint's last octet.
+        SetMember(u32, u8),
+        RemoveMember(u32, u8),
         SetFrontend(u16, u32),
         RemoveFrontend(u16),
         SetName(u32),
         RemoveName(u32),
+        /// Frontend port and range.
+        SetRange(u16, Ipv4Net),
+        RemoveRange(u16, Ipv4Net),
         SetSubnet(Ipv4Net),
         RemoveSubnet(Ipv4Net),
         SetVtep(Ipv4Addr),
         RemoveVtep(Ipv4Addr),
     }
 
-    /// The service maps as plain collections, with a capacity like the real ones.
+    /// The agent-written maps as plain collections, with a capacity like the real ones.
     #[derive(Default)]
     pub(crate) struct FakeMaps {
         pub(crate) frontends: BTreeMap<ServiceKey, ServiceValue>,
         pub(crate) endpoints: BTreeMap<EndpointKey, EndpointValue>,
         pub(crate) names: BTreeMap<u32, ServiceName>,
+        pub(crate) members: BTreeMap<EndpointMemberKey, u32>,
+        pub(crate) ranges: BTreeSet<(ServiceKey, Ipv4Net)>,
         pub(crate) subnets: BTreeMap<Ipv4Net, RemoteNode>,
         pub(crate) vteps: BTreeMap<Ipv4Addr, Vtep>,
         pub(crate) max_endpoints: Option<usize>,
@@ -548,16 +832,8 @@ pub(crate) mod tests {
             key: ServiceKey,
             value: ServiceValue,
         ) -> Result<(), MapWriteError> {
-            // The invariant the datapath relies on: every slot below count exists.
-            for slot in 0..value.count {
-                assert!(
-                    self.endpoints.contains_key(&EndpointKey {
-                        service_id: value.id,
-                        slot
-                    }),
-                    "frontend {key:?} exposes missing slot {slot}"
-                );
-            }
+            // The invariant the datapath relies on: every slot below a count exists.
+            self.assert_exposed(&key, &value);
             self.ops.push(Op::SetFrontend(key.port, value.count));
             self.frontends.insert(key, value);
             Ok(())
@@ -578,6 +854,50 @@ pub(crate) mod tests {
         fn remove_name(&mut self, id: u32) -> Result<(), MapWriteError> {
             self.ops.push(Op::RemoveName(id));
             self.names.remove(&id);
+            Ok(())
+        }
+
+        fn set_member(&mut self, key: EndpointMemberKey, slot: u32) -> Result<(), MapWriteError> {
+            assert_eq!(
+                self.endpoints.get(&EndpointKey {
+                    service_id: key.set_id,
+                    slot
+                }),
+                Some(&EndpointValue {
+                    addr: key.addr,
+                    port: key.port,
+                    _pad: 0
+                }),
+                "a member is written after its slot"
+            );
+            self.ops.push(Op::SetMember(key.set_id, key.addr[3]));
+            self.members.insert(key, slot);
+            Ok(())
+        }
+
+        fn remove_member(&mut self, key: EndpointMemberKey) -> Result<(), MapWriteError> {
+            self.ops.push(Op::RemoveMember(key.set_id, key.addr[3]));
+            self.members.remove(&key);
+            Ok(())
+        }
+
+        fn set_source_range(
+            &mut self,
+            frontend: ServiceKey,
+            range: Ipv4Net,
+        ) -> Result<(), MapWriteError> {
+            self.ops.push(Op::SetRange(frontend.port, range));
+            self.ranges.insert((frontend, range));
+            Ok(())
+        }
+
+        fn remove_source_range(
+            &mut self,
+            frontend: ServiceKey,
+            range: Ipv4Net,
+        ) -> Result<(), MapWriteError> {
+            self.ops.push(Op::RemoveRange(frontend.port, range));
+            self.ranges.remove(&(frontend, range));
             Ok(())
         }
 
@@ -610,6 +930,8 @@ pub(crate) mod tests {
                 frontends: self.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
                 endpoints: self.endpoints.iter().map(|(k, v)| (*k, *v)).collect(),
                 names: self.names.iter().map(|(k, v)| (*k, *v)).collect(),
+                members: self.members.iter().map(|(k, v)| (*k, *v)).collect(),
+                source_ranges: self.ranges.iter().copied().collect(),
                 subnets: self.subnets.iter().map(|(k, v)| (*k, *v)).collect(),
                 vteps: self.vteps.iter().map(|(k, v)| (*k, *v)).collect(),
             })
@@ -617,20 +939,43 @@ pub(crate) mod tests {
     }
 
     impl FakeMaps {
-        /// Checks the invariant the datapath relies on after a pass: every slot below a
-        /// frontend's count exists, and every frontend's service port has a name.
-        fn assert_consistent(&self) {
-            for (key, value) in &self.frontends {
-                for slot in 0..value.count {
+        fn assert_exposed(&self, key: &ServiceKey, value: &ServiceValue) {
+            for (id, count) in [
+                (value.id, value.count),
+                (value.cluster_id, value.cluster_count),
+            ] {
+                for slot in 0..count {
                     assert!(
                         self.endpoints.contains_key(&EndpointKey {
-                            service_id: value.id,
+                            service_id: id,
                             slot
                         }),
-                        "frontend {key:?} exposes missing slot {slot}"
+                        "frontend {key:?} exposes missing slot {slot} of set {id}"
                     );
                 }
+            }
+        }
+
+        /// Checks the invariants the datapath relies on after a pass: every slot below a
+        /// frontend's counts exists, every set has a name, every member is in its slot, and a
+        /// frontend that checks source ranges has them.
+        fn assert_consistent(&self) {
+            for (key, value) in &self.frontends {
+                self.assert_exposed(key, value);
                 assert!(self.names.contains_key(&value.id));
+                if value.flags & service_flags::SOURCE_RANGES != 0 {
+                    assert!(self.ranges.iter().any(|(frontend, _)| frontend == key));
+                }
+            }
+            for (key, slot) in &self.members {
+                assert_eq!(
+                    self.endpoints[&EndpointKey {
+                        service_id: key.set_id,
+                        slot: *slot
+                    }]
+                        .addr,
+                    key.addr
+                );
             }
         }
 
@@ -641,10 +986,14 @@ pub(crate) mod tests {
                 .iter()
                 .find(|(k, _)| k.port == port)
                 .expect("frontend exists");
-            (0..value.count)
+            self.slots(value.id, value.count)
+        }
+
+        fn slots(&self, id: u32, count: u32) -> BTreeSet<u8> {
+            (0..count)
                 .map(|slot| {
                     self.endpoints[&EndpointKey {
-                        service_id: value.id,
+                        service_id: id,
                         slot,
                     }]
                         .addr[3]
@@ -652,6 +1001,9 @@ pub(crate) mod tests {
                 .collect()
         }
     }
+
+    const CLUSTER: u8 = endpoint_scope::CLUSTER;
+    const LOCAL: u8 = endpoint_scope::NODE_LOCAL;
 
     fn endpoint(last: u8) -> EndpointValue {
         EndpointValue {
@@ -680,19 +1032,27 @@ pub(crate) mod tests {
         }
     }
 
+    fn cluster_port(port: u16, endpoints: &[u8]) -> DesiredPort {
+        DesiredPort {
+            sets: [(
+                CLUSTER,
+                endpoints.iter().map(|last| endpoint(*last)).collect(),
+            )]
+            .into(),
+            frontends: [(port_key(port), FrontendSpec::default())].into(),
+            source_ranges: BTreeMap::new(),
+        }
+    }
+
+    fn port_key(port: u16) -> ServiceKey {
+        frontend(port)
+    }
+
     fn desired(ports: &[(&str, u16, &[u8])]) -> Desired {
         Desired {
             ports: ports
                 .iter()
-                .map(|(name, port, endpoints)| {
-                    (
-                        port_name(name),
-                        DesiredPort {
-                            frontends: [frontend(*port)].into(),
-                            endpoints: endpoints.iter().map(|last| endpoint(*last)).collect(),
-                        },
-                    )
-                })
+                .map(|(name, port, endpoints)| (port_name(name), cluster_port(*port, endpoints)))
                 .collect(),
             ..Desired::default()
         }
@@ -723,23 +1083,50 @@ pub(crate) mod tests {
         desired
     }
 
+    fn named_port(port: &str) -> ServicePortName {
+        ServicePortName {
+            service: ObjectRef {
+                namespace: "default".into(),
+                name: "svc".into(),
+            },
+            port: port.into(),
+        }
+    }
+
     fn two_ports(first: (&str, u16), second: (&str, u16)) -> Desired {
         let mut desired = Desired::default();
         for (port, number, last) in [(first.0, first.1, 6), (second.0, second.1, 7)] {
-            desired.ports.insert(
-                ServicePortName {
-                    service: ObjectRef {
-                        namespace: "default".into(),
-                        name: "svc".into(),
-                    },
-                    port: port.into(),
-                },
-                DesiredPort {
-                    frontends: [frontend(number)].into(),
-                    endpoints: [endpoint(last)].into(),
-                },
-            );
+            desired
+                .ports
+                .insert(named_port(port), cluster_port(number, &[last]));
         }
+        desired
+    }
+
+    /// nginx with a NodePort-like external frontend (port 30080) under `externalTrafficPolicy:
+    /// Local`: `local` endpoints on this node, `cluster` everywhere.
+    fn local_external(local: &[u8], cluster: &[u8]) -> Desired {
+        let set = |lasts: &[u8]| lasts.iter().map(|l| endpoint(*l)).collect();
+        let mut desired = Desired::default();
+        desired.ports.insert(
+            port_name("nginx"),
+            DesiredPort {
+                sets: [(CLUSTER, set(cluster)), (LOCAL, set(local))].into(),
+                frontends: [
+                    (frontend(4432), FrontendSpec::default()),
+                    (
+                        frontend(30080),
+                        FrontendSpec {
+                            scope: LOCAL,
+                            flags: service_flags::LOCAL_EXTERNAL,
+                            affinity_timeout_s: 0,
+                        },
+                    ),
+                ]
+                .into(),
+                source_ranges: BTreeMap::new(),
+            },
+        );
         desired
     }
 
@@ -747,19 +1134,9 @@ pub(crate) mod tests {
     fn a_frontend_moving_to_another_port_of_the_service_stays_programmed() {
         let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
         let mut first = Desired::default();
-        first.ports.insert(
-            ServicePortName {
-                service: ObjectRef {
-                    namespace: "default".into(),
-                    name: "svc".into(),
-                },
-                port: "web".into(),
-            },
-            DesiredPort {
-                frontends: [frontend(80)].into(),
-                endpoints: [endpoint(6)].into(),
-            },
-        );
+        first
+            .ports
+            .insert(named_port("web"), cluster_port(80, &[6]));
         reconciler.reconcile(&first);
         // "http" (sorted before "web") takes port 80; "web" moves to 8080.
         let next = two_ports(("http", 80), ("web", 8080));
@@ -774,10 +1151,19 @@ pub(crate) mod tests {
         assert!(reconciler.reconcile(&next).is_empty(), "and stays that way");
     }
 
+    fn value(id: u32, count: u32) -> ServiceValue {
+        ServiceValue {
+            id,
+            count,
+            ..ServiceValue::default()
+        }
+    }
+
     #[test]
     fn duplicated_slots_left_by_a_killed_agent_do_not_hide_a_missing_endpoint() {
         let mut maps = FakeMaps::default();
-        maps.names.insert(1, encode_name(&port_name("nginx")));
+        maps.names
+            .insert(1, encode_name(&port_name("nginx"), CLUSTER));
         for (slot, last) in [(0u32, 6u8), (1, 7), (2, 7)] {
             maps.endpoints.insert(
                 EndpointKey {
@@ -787,11 +1173,11 @@ pub(crate) mod tests {
                 endpoint(last),
             );
         }
-        maps.frontends
-            .insert(frontend(4432), ServiceValue { id: 1, count: 3 });
+        maps.frontends.insert(frontend(4432), value(1, 3));
         let mut reconciler = Reconciler::adopt(maps).unwrap();
         reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
         assert_eq!(reconciler.maps.endpoints_of(4432), [6, 7, 8].into());
+        reconciler.maps.assert_consistent();
     }
 
     #[test]
@@ -800,10 +1186,10 @@ pub(crate) mod tests {
             max_endpoints: Some(2),
             ..FakeMaps::default()
         };
-        maps.names.insert(1, encode_name(&port_name("nginx")));
+        maps.names
+            .insert(1, encode_name(&port_name("nginx"), CLUSTER));
         // The slot map was recreated empty under a frontend that still says 3.
-        maps.frontends
-            .insert(frontend(4432), ServiceValue { id: 1, count: 3 });
+        maps.frontends.insert(frontend(4432), value(1, 3));
         let mut reconciler = Reconciler::adopt(maps).unwrap();
         let report = reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
         assert_eq!(
@@ -879,7 +1265,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_new_service_writes_name_then_slots_then_frontend() {
+    fn a_new_service_writes_name_then_slots_and_members_then_frontend() {
         let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
         let report = reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
         assert_eq!(report.added, vec![port_name("nginx")]);
@@ -888,8 +1274,11 @@ pub(crate) mod tests {
             vec![
                 Op::SetName(1),
                 Op::SetEndpoint(1, 0),
+                Op::SetMember(1, 6),
                 Op::SetEndpoint(1, 1),
+                Op::SetMember(1, 7),
                 Op::SetEndpoint(1, 2),
+                Op::SetMember(1, 8),
                 Op::SetFrontend(4432, 3)
             ]
         );
@@ -900,7 +1289,7 @@ pub(crate) mod tests {
     #[test]
     fn an_unchanged_pass_writes_nothing() {
         let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
-        let state = desired(&[("nginx", 4432, &[6, 7, 8])]);
+        let state = local_external(&[6], &[6, 7]);
         reconciler.reconcile(&state);
         reconciler.maps.ops.clear();
         assert!(reconciler.reconcile(&state).is_empty());
@@ -908,7 +1297,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn shrinking_lowers_the_count_before_deleting_slots() {
+    fn shrinking_drops_membership_first_and_lowers_the_count_before_deleting_slots() {
         let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
         reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
         reconciler.maps.ops.clear();
@@ -918,7 +1307,9 @@ pub(crate) mod tests {
         assert_eq!(
             reconciler.maps.ops,
             vec![
+                Op::RemoveMember(1, 7),
                 Op::SetEndpoint(1, 1),
+                Op::SetMember(1, 8),
                 Op::SetFrontend(4432, 2),
                 Op::RemoveEndpoint(1, 2)
             ]
@@ -933,7 +1324,14 @@ pub(crate) mod tests {
         reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7, 8])]));
         reconciler.maps.ops.clear();
         reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 8, 9])]));
-        assert_eq!(reconciler.maps.ops, vec![Op::SetEndpoint(1, 1)]);
+        assert_eq!(
+            reconciler.maps.ops,
+            vec![
+                Op::RemoveMember(1, 7),
+                Op::SetEndpoint(1, 1),
+                Op::SetMember(1, 9)
+            ]
+        );
         assert_eq!(reconciler.maps.endpoints_of(4432), [6, 8, 9].into());
     }
 
@@ -947,14 +1345,16 @@ pub(crate) mod tests {
             reconciler.maps.ops,
             vec![
                 Op::SetEndpoint(1, 1),
+                Op::SetMember(1, 7),
                 Op::SetEndpoint(1, 2),
+                Op::SetMember(1, 8),
                 Op::SetFrontend(4432, 3)
             ]
         );
     }
 
     #[test]
-    fn removal_goes_frontends_slots_name_and_frees_the_id() {
+    fn removal_goes_frontends_members_slots_name_and_frees_the_id() {
         let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
         reconciler.reconcile(&desired(&[("nginx", 4432, &[6, 7])]));
         reconciler.maps.ops.clear();
@@ -964,12 +1364,15 @@ pub(crate) mod tests {
             reconciler.maps.ops,
             vec![
                 Op::RemoveFrontend(4432),
+                Op::RemoveMember(1, 6),
+                Op::RemoveMember(1, 7),
                 Op::RemoveEndpoint(1, 1),
                 Op::RemoveEndpoint(1, 0),
                 Op::RemoveName(1)
             ]
         );
         assert!(reconciler.maps.frontends.is_empty() && reconciler.maps.endpoints.is_empty());
+        assert!(reconciler.maps.members.is_empty() && reconciler.maps.names.is_empty());
         reconciler.reconcile(&desired(&[("other", 80, &[9])]));
         assert_eq!(
             reconciler.maps.frontends[&frontend(80)].id,
@@ -1017,7 +1420,8 @@ pub(crate) mod tests {
     #[test]
     fn a_restarted_agent_adopts_the_maps_and_rewrites_nothing() {
         let mut first = Reconciler::adopt(FakeMaps::default()).unwrap();
-        let state = desired(&[("a", 1, &[1, 2]), ("b", 2, &[3])]);
+        let mut state = local_external(&[1], &[1, 2]);
+        state.ports.extend(desired(&[("b", 2, &[3])]).ports);
         first.reconcile(&state);
         let mut maps = first.maps;
         maps.ops.clear();
@@ -1025,20 +1429,16 @@ pub(crate) mod tests {
         assert!(second.reconcile(&state).is_empty());
         assert!(second.maps.ops.is_empty());
         // New ids do not collide with adopted ones.
-        second.reconcile(&desired(&[
-            ("a", 1, &[1, 2]),
-            ("b", 2, &[3]),
-            ("c", 3, &[4]),
-        ]));
-        assert_eq!(second.maps.frontends[&frontend(3)].id, 3);
+        state.ports.extend(desired(&[("c", 3, &[4])]).ports);
+        second.reconcile(&state);
+        assert_eq!(second.maps.frontends[&frontend(3)].id, 4);
     }
 
     #[test]
     fn adopting_removes_entries_without_names_and_fills_slot_gaps() {
         let mut maps = FakeMaps::default();
         // id 7: a frontend and one slot, but no name (an agent killed mid-removal).
-        maps.frontends
-            .insert(frontend(9), ServiceValue { id: 7, count: 1 });
+        maps.frontends.insert(frontend(9), value(7, 1));
         maps.endpoints.insert(
             EndpointKey {
                 service_id: 7,
@@ -1047,7 +1447,7 @@ pub(crate) mod tests {
             endpoint(1),
         );
         // id 2: named, slot 1 missing (killed mid-write).
-        maps.names.insert(2, encode_name(&port_name("a")));
+        maps.names.insert(2, encode_name(&port_name("a"), CLUSTER));
         maps.endpoints.insert(
             EndpointKey {
                 service_id: 2,
@@ -1062,8 +1462,7 @@ pub(crate) mod tests {
             },
             endpoint(3),
         );
-        maps.frontends
-            .insert(frontend(1), ServiceValue { id: 2, count: 1 });
+        maps.frontends.insert(frontend(1), value(2, 1));
         let mut reconciler = Reconciler::adopt(maps).unwrap();
         let report = reconciler.reconcile(&desired(&[("a", 1, &[1, 2, 3])]));
         assert_eq!(report.updated, vec![port_name("a")]);
@@ -1071,6 +1470,94 @@ pub(crate) mod tests {
         reconciler.maps.assert_consistent();
         assert_eq!(reconciler.maps.endpoints_of(1), [1, 2, 3].into());
         assert!(!reconciler.maps.frontends.contains_key(&frontend(9)));
+        assert!(!reconciler.maps.endpoints.keys().any(|k| k.service_id == 7));
+    }
+
+    #[test]
+    fn a_local_external_frontend_names_both_sets() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        reconciler.reconcile(&local_external(&[6], &[6, 7, 8]));
+        reconciler.maps.assert_consistent();
+        let node_port = reconciler.maps.frontends[&frontend(30080)];
+        assert_eq!(
+            reconciler.maps.slots(node_port.id, node_port.count),
+            [6].into()
+        );
+        assert_eq!(
+            reconciler
+                .maps
+                .slots(node_port.cluster_id, node_port.cluster_count),
+            [6, 7, 8].into()
+        );
+        assert_eq!(node_port.flags, service_flags::LOCAL_EXTERNAL);
+        assert_eq!(reconciler.maps.endpoints_of(4432), [6, 7, 8].into());
+        assert_eq!(reconciler.programmed().endpoint_slots, 4);
+    }
+
+    #[test]
+    fn a_set_no_frontend_uses_goes_after_the_frontends_stop_naming_it() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        reconciler.reconcile(&local_external(&[6], &[6, 7]));
+        let local_id = reconciler.maps.frontends[&frontend(30080)].id;
+        reconciler.maps.ops.clear();
+        // The policy goes back to Cluster: the NodePort uses the cluster set.
+        let mut cluster = desired(&[("nginx", 4432, &[6, 7])]);
+        let port = cluster.ports.get_mut(&port_name("nginx")).unwrap();
+        port.frontends.insert(
+            frontend(30080),
+            FrontendSpec {
+                scope: CLUSTER,
+                flags: service_flags::MASQUERADE_ALL,
+                affinity_timeout_s: 0,
+            },
+        );
+        reconciler.reconcile(&cluster);
+        reconciler.maps.assert_consistent();
+        let ops = &reconciler.maps.ops;
+        let rewritten = ops
+            .iter()
+            .position(|op| *op == Op::SetFrontend(30080, 2))
+            .expect("the NodePort is rewritten");
+        let name_gone = ops
+            .iter()
+            .position(|op| *op == Op::RemoveName(local_id))
+            .expect("the local set is removed");
+        assert!(rewritten < name_gone, "{ops:?}");
+        assert!(!reconciler.maps.names.contains_key(&local_id));
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_their_frontend_and_removed_after() {
+        let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let range: Ipv4Net = "198.51.100.0/24".parse().unwrap();
+        let mut state = desired(&[("nginx", 4432, &[6])]);
+        let port = state.ports.get_mut(&port_name("nginx")).unwrap();
+        port.frontends.insert(
+            frontend(443),
+            FrontendSpec {
+                scope: CLUSTER,
+                flags: service_flags::MASQUERADE_ALL | service_flags::SOURCE_RANGES,
+                affinity_timeout_s: 30,
+            },
+        );
+        port.source_ranges.insert(frontend(443), [range].into());
+        reconciler.reconcile(&state);
+        reconciler.maps.assert_consistent();
+        let ops = &reconciler.maps.ops;
+        let range_at = ops.iter().position(|op| *op == Op::SetRange(443, range));
+        let frontend_at = ops.iter().position(|op| *op == Op::SetFrontend(443, 1));
+        assert!(range_at < frontend_at, "{ops:?}");
+        assert_eq!(
+            reconciler.maps.frontends[&frontend(443)].affinity_timeout_s,
+            30
+        );
+        reconciler.maps.ops.clear();
+        reconciler.reconcile(&desired(&[("nginx", 4432, &[6])]));
+        assert_eq!(
+            reconciler.maps.ops,
+            vec![Op::RemoveFrontend(443), Op::RemoveRange(443, range)]
+        );
+        assert!(reconciler.maps.ranges.is_empty());
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!   otherwise it is stale and the datapath removes it.
 //!
 //! Timeouts follow what kube-proxy configures netfilter with: TCP established 24 h, half-closed
-//! (CLOSE_WAIT) 1 h, UDP 30 s before a reply and 120 s after one.
+//! (CLOSE_WAIT) 1 h, UDP 30 s before a reply and 120 s after one; SCTP follows netfilter's
+//! defaults (30 s unanswered, 210 s idle once answered: heartbeats come every 30 s).
 
 use crate::{ip_proto, packet::tcp_flags};
 
@@ -41,6 +42,8 @@ pub const TCP_CLOSED_TIMEOUT_NS: u64 = 10 * SECOND_NS;
 pub const UDP_TIMEOUT_NS: u64 = 30 * SECOND_NS;
 /// UDP after a reply (netfilter's `udp_timeout_stream`).
 pub const UDP_REPLIED_TIMEOUT_NS: u64 = 120 * SECOND_NS;
+/// SCTP once the endpoint has answered (netfilter's `nf_conntrack_sctp_timeout_established`).
+pub const SCTP_REPLIED_TIMEOUT_NS: u64 = 210 * SECOND_NS;
 /// Minimum interval between writes of `last_seen_ns`, so busy flows do not write per packet.
 pub const REFRESH_INTERVAL_NS: u64 = SECOND_NS;
 
@@ -68,10 +71,12 @@ pub const fn lifetime_ns(proto: u8, state: u8) -> u64 {
         } else {
             TCP_SYN_TIMEOUT_NS
         }
-    } else if replied {
-        UDP_REPLIED_TIMEOUT_NS
-    } else {
+    } else if !replied {
         UDP_TIMEOUT_NS
+    } else if proto == ip_proto::SCTP {
+        SCTP_REPLIED_TIMEOUT_NS
+    } else {
+        UDP_REPLIED_TIMEOUT_NS
     }
 }
 
@@ -174,6 +179,15 @@ mod tests {
         assert_eq!(lifetime_ns(UDP, s), UDP_TIMEOUT_NS);
         let s = next_state(s, UDP, 0, true);
         assert_eq!(lifetime_ns(UDP, s), UDP_REPLIED_TIMEOUT_NS);
+    }
+
+    #[test]
+    fn sctp_lives_like_netfilter_keeps_it() {
+        let s = next_state(0, ip_proto::SCTP, 0, false);
+        assert_eq!(lifetime_ns(ip_proto::SCTP, s), UDP_TIMEOUT_NS);
+        let s = next_state(s, ip_proto::SCTP, 0, true);
+        assert_eq!(lifetime_ns(ip_proto::SCTP, s), SCTP_REPLIED_TIMEOUT_NS);
+        assert_eq!(state_name(ip_proto::SCTP, s), "REPLIED");
     }
 
     #[test]

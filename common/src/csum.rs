@@ -10,17 +10,28 @@ pub const fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// The sum of `bytes` as big-endian 16-bit words (an odd last byte is padded with zero), not
+/// yet folded.
+#[inline(always)]
+#[must_use]
+pub fn sum_words(bytes: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    if i < bytes.len() {
+        sum += u32::from(bytes[i]) << 8;
+    }
+    sum
+}
+
 /// The checksum of an IPv4 header whose checksum field (bytes 10-11) is zero.
 #[inline(always)]
 #[must_use]
 pub fn ipv4_header(header: &[u8; 20]) -> u16 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_be_bytes([header[i], header[i + 1]]));
-        i += 2;
-    }
-    !fold(sum)
+    !fold(sum_words(header))
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ pub enum DropReason {
     /// translated connection: the fragments that follow carry no ports, so the datagram cannot
     /// be translated as a whole.
     FragmentedService = 2,
-    /// A new connection to a service that has no ready endpoints.
+    /// A new connection to a service port with no usable endpoint anywhere; it is answered
+    /// with a TCP reset or an ICMP port unreachable where the packet allows one.
     NoEndpoints = 3,
     /// The chosen endpoint slot vanished between reading the service and the slot (a concurrent
     /// shrink); the client retransmits and lands on a live slot.
@@ -31,10 +32,15 @@ pub enum DropReason {
     VxlanUnknownSource = 10,
     /// VXLAN for this node whose headers are cut short or whose inner frame is not IPv4.
     VxlanMalformed = 11,
+    /// A new connection that a `Local` traffic policy confines to this node, which has no
+    /// endpoint of the service (kube-proxy drops these too).
+    NoLocalEndpoints = 12,
+    /// A new connection to a load-balancer address from outside its `loadBalancerSourceRanges`.
+    SourceRangeDenied = 13,
 }
 
 /// Number of drop reasons, the size of the drop counter map.
-pub const DROP_REASON_COUNT: u32 = 12;
+pub const DROP_REASON_COUNT: u32 = 14;
 
 impl DropReason {
     /// Every reason, in counter-index order.
@@ -51,6 +57,8 @@ impl DropReason {
         Self::NoRouteToNode,
         Self::VxlanUnknownSource,
         Self::VxlanMalformed,
+        Self::NoLocalEndpoints,
+        Self::SourceRangeDenied,
     ];
 
     /// Stable snake_case name, used by `weft inspect drops` and metric labels.
@@ -69,6 +77,8 @@ impl DropReason {
             Self::NoRouteToNode => "no_route_to_node",
             Self::VxlanUnknownSource => "vxlan_unknown_source",
             Self::VxlanMalformed => "vxlan_malformed",
+            Self::NoLocalEndpoints => "no_local_endpoints",
+            Self::SourceRangeDenied => "source_range_denied",
         }
     }
 }

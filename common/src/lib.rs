@@ -2,15 +2,18 @@
 //!
 //! Everything stored in a BPF map is defined in [`maps`]: `#[repr(C)]`, explicit padding, byte
 //! order stated per field, sizes asserted at compile time. The pure modules ([`packet`],
-//! [`conntrack`], [`csum`], [`vxlan`]) hold logic the datapath runs per packet and that host unit tests must reach, so
-//! they are `no_std`, allocation-free and generic over how packet bytes are read.
+//! [`conntrack`], [`csum`], [`crc32c`], [`reject`], [`vxlan`]) hold logic the datapath runs per
+//! packet and that host unit tests must reach, so they are `no_std`, allocation-free and generic
+//! over how packet bytes are read.
 #![no_std]
 
 pub mod conntrack;
+pub mod crc32c;
 pub mod csum;
 pub mod drop_reason;
 pub mod maps;
 pub mod packet;
+pub mod reject;
 pub mod vxlan;
 
 /// The mark bit kube-proxy uses to ask for masquerade (`KUBE-MARK-MASQ`, `0x4000/0x4000`).

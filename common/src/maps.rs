@@ -11,17 +11,25 @@
 //!   pinned map from an older weft is never read with the wrong layout.
 
 /// Name of the service frontend map: [`ServiceKey`] -> [`ServiceValue`].
-pub const SERVICES_MAP: &str = "weft_svc_v1";
+pub const SERVICES_MAP: &str = "weft_svc_v2";
 /// Name of the endpoint slot map: [`EndpointKey`] -> [`EndpointValue`].
 pub const ENDPOINTS_MAP: &str = "weft_ep_v1";
-/// Name of the service name map, read only by `weft inspect`: `u32` service id -> [`ServiceName`].
-pub const SERVICE_NAMES_MAP: &str = "weft_svcname_v1";
+/// Name of the endpoint set name map, read only by `weft inspect` and the agent: `u32` set id ->
+/// [`ServiceName`].
+pub const SERVICE_NAMES_MAP: &str = "weft_svcname_v2";
+/// Name of the endpoint membership index: [`EndpointMemberKey`] -> `u32` slot. Session affinity
+/// checks here that a remembered endpoint still belongs to its set.
+pub const ENDPOINT_MEMBERS_MAP: &str = "weft_epmember_v1";
+/// Name of the ClientIP session affinity map: [`AffinityKey`] -> [`AffinityValue`].
+pub const AFFINITY_MAP: &str = "weft_affinity_v1";
+/// Name of the `loadBalancerSourceRanges` map, an LPM trie: [`SourceRangeKey`] -> `u8` (1).
+pub const SOURCE_RANGES_MAP: &str = "weft_srcrange_v1";
 /// Name of the connection tracking map: [`CtKey`] -> [`CtValue`].
 pub const CONNTRACK_MAP: &str = "weft_ct4_v1";
 /// Name of the socket-level NAT map of the host's own sockets: [`SockNatKey`] -> [`SockNatValue`].
 pub const SOCK_NAT_MAP: &str = "weft_socknat_v1";
 /// Name of the per-CPU drop counters, indexed by [`crate::drop_reason::DropReason`].
-pub const DROPS_MAP: &str = "weft_drops_v1";
+pub const DROPS_MAP: &str = "weft_drops_v2";
 /// Name of the one-entry datapath configuration array: `0` -> [`DatapathConfig`].
 pub const CONFIG_MAP: &str = "weft_config_v1";
 
@@ -33,10 +41,13 @@ pub const VTEPS_MAP: &str = "weft_vteps_v1";
 pub const OVERLAY_MAP: &str = "weft_overlay_v1";
 
 /// Every map weft pins, so the agent can check each pin's layout before reusing it.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 13] = [
     SERVICES_MAP,
     ENDPOINTS_MAP,
     SERVICE_NAMES_MAP,
+    ENDPOINT_MEMBERS_MAP,
+    AFFINITY_MAP,
+    SOURCE_RANGES_MAP,
     CONNTRACK_MAP,
     SOCK_NAT_MAP,
     DROPS_MAP,
@@ -56,6 +67,10 @@ pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
 pub const DEFAULT_SOCK_NAT_ENTRIES: u32 = 65_536;
 /// Capacity of [`SUBNETS_MAP`] and [`VTEPS_MAP`]: nodes in one cluster.
 pub const MAX_NODES: u32 = 16_384;
+/// Default capacity of [`AFFINITY_MAP`] (clients remembered per service with ClientIP affinity).
+pub const DEFAULT_AFFINITY_ENTRIES: u32 = 65_536;
+/// Capacity of [`SOURCE_RANGES_MAP`] (source ranges summed over all load-balancer frontends).
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 
 /// A service frontend: the address, port and protocol clients connect to (a ClusterIP port).
 #[repr(C)]
@@ -70,24 +85,98 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
-/// What a frontend leads to: the service port's id and how many endpoint slots it has.
+/// What a frontend leads to: the endpoint set new connections use, and how.
 ///
-/// Written by the agent only after all `count` slots of `id` exist in [`ENDPOINTS_MAP`], and
-/// lowered before slots are removed, so the datapath never picks a slot that is not there.
+/// Written by the agent only after all `count` slots of `id` (and `cluster_count` slots of
+/// `cluster_id`) exist in [`ENDPOINTS_MAP`], and lowered before slots are removed, so the
+/// datapath never picks a slot that is not there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
-    /// Service port id (host order), shared by every frontend of one service port; never 0.
+    /// Endpoint set id (host order); never 0. A service port has one set of all its usable
+    /// endpoints and, when a traffic policy is `Local`, one of this node's endpoints.
     pub id: u32,
-    /// Number of endpoint slots `0..count` (host order); 0 means the service has no endpoints.
+    /// Number of endpoint slots `0..count` of set `id` (host order).
     pub count: u32,
+    /// With [`service_flags::LOCAL_EXTERNAL`]: the cluster-wide set that clients inside the
+    /// cluster (pods, the node) use instead of `id`, and its slot count (host order). 0 otherwise.
+    pub cluster_id: u32,
+    pub cluster_count: u32,
+    /// ClientIP session affinity timeout in seconds (host order); 0: no affinity.
+    pub affinity_timeout_s: u32,
+    /// [`service_flags`] bits (host order).
+    pub flags: u16,
+    pub _pad: u16,
 }
 
-/// One endpoint slot of a service port.
+/// Bits of [`ServiceValue::flags`].
+pub mod service_flags {
+    /// Every new connection is masqueraded: NodePorts, external IPs and load-balancer IPs with
+    /// `externalTrafficPolicy: Cluster` (kube-proxy's `KUBE-EXT-*` chains mark them all).
+    pub const MASQUERADE_ALL: u16 = 0x01;
+    /// `externalTrafficPolicy: Local` on an external frontend: clients from outside the cluster
+    /// reach this node's endpoints (set `id`) with their address preserved; pods and the node
+    /// use the cluster-wide set (`cluster_id`), as kube-proxy short-circuits them.
+    pub const LOCAL_EXTERNAL: u16 = 0x02;
+    /// Only clients inside the frontend's `loadBalancerSourceRanges` may connect.
+    pub const SOURCE_RANGES: u16 = 0x04;
+    /// The service port has no usable endpoint anywhere: new connections are rejected (TCP RST,
+    /// ICMP port unreachable) rather than dropped, as kube-proxy's "has no endpoints" rules do.
+    /// An empty set without this bit (a `Local` policy with endpoints only on other nodes) drops.
+    pub const REJECT: u16 = 0x08;
+}
+
+/// Which endpoints one endpoint set holds.
+pub mod endpoint_scope {
+    /// Every usable endpoint of the service port (after topology hints).
+    pub const CLUSTER: u8 = 0;
+    /// Only this node's endpoints (`internalTrafficPolicy` or `externalTrafficPolicy: Local`).
+    pub const NODE_LOCAL: u8 = 1;
+}
+
+impl ServiceValue {
+    /// The endpoint set a new connection from a client uses, and whether it is masqueraded for
+    /// the service's sake (hairpin is decided once the endpoint is known). `client_in_cluster`:
+    /// the client is a pod of the cluster or the node itself.
+    #[inline(always)]
+    #[must_use]
+    pub const fn select(&self, client_in_cluster: bool) -> Selection {
+        if self.flags & service_flags::LOCAL_EXTERNAL != 0 {
+            return if client_in_cluster {
+                Selection {
+                    set_id: self.cluster_id,
+                    count: self.cluster_count,
+                    masquerade: false,
+                }
+            } else {
+                Selection {
+                    set_id: self.id,
+                    count: self.count,
+                    masquerade: false,
+                }
+            };
+        }
+        Selection {
+            set_id: self.id,
+            count: self.count,
+            masquerade: self.flags & service_flags::MASQUERADE_ALL != 0 || !client_in_cluster,
+        }
+    }
+}
+
+/// The endpoint set a new connection uses: see [`ServiceValue::select`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selection {
+    pub set_id: u32,
+    pub count: u32,
+    pub masquerade: bool,
+}
+
+/// One endpoint slot of an endpoint set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointKey {
-    /// [`ServiceValue::id`], host order.
+    /// The set's id ([`ServiceValue::id`]), host order.
     pub service_id: u32,
     /// Slot index in `0..ServiceValue::count`, host order.
     pub slot: u32,
@@ -109,7 +198,8 @@ pub const NAMESPACE_LEN: usize = 64;
 pub const NAME_LEN: usize = 64;
 pub const PORT_NAME_LEN: usize = 16;
 
-/// Human name of a service port, for `weft inspect`; the datapath never reads it.
+/// Whose endpoint set an id is: for `weft inspect`, and for the agent to adopt the maps after a
+/// restart. The datapath never reads it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceName {
@@ -119,7 +209,60 @@ pub struct ServiceName {
     pub name: [u8; NAME_LEN],
     /// Service port name, UTF-8, NUL-padded; empty for an unnamed port.
     pub port_name: [u8; PORT_NAME_LEN],
+    /// [`endpoint_scope`] of the set.
+    pub scope: u8,
+    pub _pad: [u8; 3],
 }
+
+/// An endpoint's membership in a set (the index session affinity checks).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointMemberKey {
+    /// The set's id, host order.
+    pub set_id: u32,
+    /// Endpoint IPv4 address, network order.
+    pub addr: [u8; 4],
+    /// Endpoint port, host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A client remembered by ClientIP session affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// The endpoint set's id, host order.
+    pub set_id: u32,
+    /// Client IPv4 address, network order.
+    pub client: [u8; 4],
+}
+
+/// The endpoint a client is held to, and when it last opened a connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    /// Endpoint IPv4 address, network order.
+    pub addr: [u8; 4],
+    /// Endpoint port, host order.
+    pub port: u16,
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` of the client's last new connection (kube-proxy's `recent --set`:
+    /// the timeout runs from the last connection, not the first).
+    pub last_used_ns: u64,
+}
+
+/// A source range of a load-balancer frontend, as the data part of an LPM trie key: the
+/// prefix length covers the whole frontend (64 bits) plus the range's own prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub frontend: ServiceKey,
+    /// Range (or client) IPv4 address, network order.
+    pub source: [u8; 4],
+}
+
+/// Bits of [`SourceRangeKey`] before the source address: an exact match on the frontend.
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
 
 /// Direction of a conntrack entry.
 pub mod ct_direction {
@@ -209,20 +352,20 @@ pub struct DatapathConfig {
 }
 
 impl DatapathConfig {
-    /// Whether `addr` is inside the cluster CIDR.
+    /// Whether `addr` is inside the cluster CIDR, or could be: with no CIDR set, every address
+    /// counts as inside (for masquerade: kube-proxy without `--cluster-cidr`).
     #[inline(always)]
     #[must_use]
     pub fn in_cluster(&self, addr: [u8; 4]) -> bool {
-        let len = self.cluster_cidr_prefix_len;
-        if len == 0 {
-            return true;
-        }
-        let mask = if len >= 32 {
-            u32::MAX
-        } else {
-            !(u32::MAX >> len)
-        };
-        u32::from_be_bytes(addr) & mask == u32::from_be_bytes(self.cluster_cidr_addr) & mask
+        prefix_contains(self.cluster_cidr_addr, self.cluster_cidr_prefix_len, addr)
+    }
+
+    /// Whether `addr` is known to be inside the cluster CIDR: with no CIDR set, nothing is. A
+    /// client arriving from outside the node is treated as off-cluster unless this holds.
+    #[inline(always)]
+    #[must_use]
+    pub fn known_in_cluster(&self, addr: [u8; 4]) -> bool {
+        self.cluster_cidr_prefix_len != 0 && self.in_cluster(addr)
     }
 }
 
@@ -293,10 +436,14 @@ pub fn prefix_contains(network: [u8; 4], prefix_len: u8, addr: [u8; 4]) -> bool 
 
 const _: () = {
     assert!(size_of::<ServiceKey>() == 8);
-    assert!(size_of::<ServiceValue>() == 8);
+    assert!(size_of::<ServiceValue>() == 24);
     assert!(size_of::<EndpointKey>() == 8);
     assert!(size_of::<EndpointValue>() == 8);
-    assert!(size_of::<ServiceName>() == 144);
+    assert!(size_of::<ServiceName>() == 148);
+    assert!(size_of::<EndpointMemberKey>() == 12);
+    assert!(size_of::<AffinityKey>() == 8);
+    assert!(size_of::<AffinityValue>() == 16);
+    assert!(size_of::<SourceRangeKey>() == 12);
     assert!(size_of::<CtKey>() == 16);
     assert!(size_of::<CtValue>() == 16);
     assert!(size_of::<SockNatKey>() == 16);
@@ -310,8 +457,9 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        CtKey, CtValue, DatapathConfig, EndpointKey, EndpointValue, OverlayConfig, RemoteNode,
-        ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue, Vtep,
+        AffinityKey, AffinityValue, CtKey, CtValue, DatapathConfig, EndpointKey, EndpointMemberKey,
+        EndpointValue, OverlayConfig, RemoteNode, ServiceKey, ServiceName, ServiceValue,
+        SockNatKey, SockNatValue, SourceRangeKey, Vtep,
     };
 
     macro_rules! impl_pod {
@@ -330,6 +478,10 @@ mod pod {
         EndpointKey,
         EndpointValue,
         ServiceName,
+        EndpointMemberKey,
+        AffinityKey,
+        AffinityValue,
+        SourceRangeKey,
         CtKey,
         CtValue,
         SockNatKey,
@@ -343,7 +495,60 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
-    use super::DatapathConfig;
+    use super::{DatapathConfig, Selection, ServiceValue, service_flags};
+
+    fn frontend(flags: u16) -> ServiceValue {
+        ServiceValue {
+            id: 7,
+            count: 2,
+            cluster_id: 3,
+            cluster_count: 5,
+            flags,
+            ..ServiceValue::default()
+        }
+    }
+
+    #[test]
+    fn cluster_ip_masquerades_only_clients_from_outside() {
+        let value = frontend(0);
+        assert_eq!(
+            value.select(true),
+            Selection {
+                set_id: 7,
+                count: 2,
+                masquerade: false
+            }
+        );
+        assert!(value.select(false).masquerade);
+    }
+
+    #[test]
+    fn external_cluster_policy_masquerades_everyone() {
+        let value = frontend(service_flags::MASQUERADE_ALL);
+        assert!(value.select(true).masquerade);
+        assert!(value.select(false).masquerade);
+    }
+
+    #[test]
+    fn external_local_policy_keeps_outside_clients_local_and_sends_the_cluster_wide() {
+        let value = frontend(service_flags::LOCAL_EXTERNAL);
+        assert_eq!(
+            value.select(false),
+            Selection {
+                set_id: 7,
+                count: 2,
+                masquerade: false
+            }
+        );
+        assert_eq!(
+            value.select(true),
+            Selection {
+                set_id: 3,
+                count: 5,
+                masquerade: false
+            }
+        );
+    }
 
     fn config(addr: [u8; 4], len: u8) -> DatapathConfig {
         DatapathConfig {

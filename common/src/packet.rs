@@ -20,7 +20,7 @@ pub mod ipv4 {
     pub const MIN_HEADER_LEN: usize = 20;
 }
 
-/// Offsets inside TCP and UDP headers.
+/// Offsets inside TCP, UDP and SCTP headers.
 pub mod l4 {
     pub const SRC_PORT: usize = 0;
     pub const DST_PORT: usize = 2;
@@ -29,6 +29,9 @@ pub mod l4 {
     pub const UDP_CHECKSUM: usize = 6;
     pub const TCP_MIN_HEADER_LEN: usize = 20;
     pub const UDP_HEADER_LEN: usize = 8;
+    /// SCTP's common header: ports, verification tag, checksum (CRC32c, little-endian).
+    pub const SCTP_HEADER_LEN: usize = 12;
+    pub const SCTP_CHECKSUM: usize = 8;
 }
 
 /// TCP header flag bits.
@@ -69,6 +72,8 @@ pub enum Fragment {
 pub struct Ipv4Header {
     /// Offset of the transport header (Ethernet header plus IHL * 4).
     pub l4_offset: usize,
+    /// The total length field: header and payload, or 0 for a BIG TCP super-packet.
+    pub total_len: u16,
     pub src: [u8; 4],
     pub dst: [u8; 4],
     pub proto: u8,
@@ -121,6 +126,7 @@ pub fn parse_ipv4<P: PacketBytes + ?Sized>(packet: &P) -> Frame {
     };
     Frame::Ipv4(Ipv4Header {
         l4_offset: ETH_HLEN + header_len,
+        total_len: total_len as u16,
         src: [header[12], header[13], header[14], header[15]],
         dst: [header[16], header[17], header[18], header[19]],
         proto: header[9],
@@ -128,27 +134,27 @@ pub fn parse_ipv4<P: PacketBytes + ?Sized>(packet: &P) -> Frame {
     })
 }
 
-/// Ports (and TCP flags) of a TCP or UDP packet.
+/// Ports (and TCP flags) of a TCP, UDP or SCTP packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ports {
     pub src_port: u16,
     pub dst_port: u16,
-    /// TCP flag byte; 0 for UDP.
+    /// TCP flag byte; 0 for UDP and SCTP.
     pub tcp_flags: u8,
 }
 
 /// What the transport header of an IPv4 packet gives the datapath.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// TCP or UDP with a complete header.
+    /// TCP, UDP or SCTP with a complete header.
     Ports(Ports),
-    /// TCP or UDP, but the header is cut short.
+    /// TCP, UDP or SCTP, but the header is cut short.
     Truncated,
     /// Another protocol, or a later fragment with no transport header.
     Other,
 }
 
-/// Parses the TCP or UDP header that follows `ip`.
+/// Parses the TCP, UDP or SCTP header that follows `ip`.
 #[inline(always)]
 pub fn parse_transport<P: PacketBytes + ?Sized>(packet: &P, ip: &Ipv4Header) -> Transport {
     if ip.fragment == Fragment::Later {
@@ -171,12 +177,21 @@ pub fn parse_transport<P: PacketBytes + ?Sized>(packet: &P, ip: &Ipv4Header) -> 
             }),
             None => Transport::Truncated,
         },
+        ip_proto::SCTP => match packet.read::<{ l4::SCTP_HEADER_LEN }>(ip.l4_offset) {
+            Some(h) => Transport::Ports(Ports {
+                src_port: u16::from_be_bytes([h[0], h[1]]),
+                dst_port: u16::from_be_bytes([h[2], h[3]]),
+                tcp_flags: 0,
+            }),
+            None => Transport::Truncated,
+        },
         _ => Transport::Other,
     }
 }
 
 /// Offset of the transport checksum, relative to the transport header, and whether a zero
-/// checksum means "none" (UDP), which rewrites must preserve.
+/// checksum means "none" (UDP), which rewrites must preserve. SCTP's CRC32c is not an Internet
+/// checksum and is updated by [`crate::crc32c`] instead.
 #[inline(always)]
 #[must_use]
 pub const fn l4_checksum_offset(proto: u8) -> Option<(usize, bool)> {
@@ -312,6 +327,22 @@ mod tests {
         assert_eq!(parse_transport(&later[..42], &ip), Transport::Other);
         let dont_fragment = frame(17, 0x4000, 0, &[0; 8]);
         assert_eq!(header(&dont_fragment[..42]).fragment, Fragment::Whole);
+    }
+
+    #[test]
+    fn sctp_has_ports() {
+        let sctp = frame(132, 0, 0, &[0x9c, 0x40, 0x11, 0x50, 1, 2, 3, 4, 0, 0, 0, 0]);
+        let ip = header(&sctp[..46]);
+        assert_eq!(ip.total_len, 32);
+        assert_eq!(
+            parse_transport(&sctp[..46], &ip),
+            Transport::Ports(Ports {
+                src_port: 40000,
+                dst_port: 4432,
+                tcp_flags: 0
+            })
+        );
+        assert_eq!(parse_transport(&sctp[..45], &ip), Transport::Truncated);
     }
 
     #[test]

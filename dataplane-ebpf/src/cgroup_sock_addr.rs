@@ -5,11 +5,15 @@
 //! endpoint before the kernel routes anything, so no packet is ever translated (kube-proxy does
 //! this with its OUTPUT chain). `recvmsg4` and `getpeername4` show the frontend again, so
 //! applications see the address they used. Sockets of other namespaces (pods) are left to TC.
+//!
+//! A service port with no endpoints fails the call with `ECONNREFUSED`, what kube-proxy's
+//! `REJECT` gives a local socket; one whose `Local` traffic policy leaves no endpoint for the
+//! node fails it with `EHOSTUNREACH` (kube-proxy drops, and the caller waits for a timeout).
 
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_ANY,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -19,14 +23,19 @@ use weft_common::{
 };
 
 use crate::{
-    lb,
+    ct, lb,
     maps::{SOCK_NAT, config, count_drop},
 };
 
 /// Return values of cgroup socket address programs.
 const ALLOW: i32 = 1;
-/// Fails the call with EPERM.
+/// Fails the call, with EPERM unless the program set another error.
 const REJECT: i32 = 0;
+/// The affinity client of the node's own sockets: the node is one client, as kube-proxy sees
+/// it (its traffic leaves from the node's address).
+const NODE_CLIENT: [u8; 4] = [0; 4];
+const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
@@ -89,7 +98,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
         return ALLOW;
     }
     let (addr, port, proto) = user_addr(ctx);
-    let Some(service) = lb::frontend(addr, port, proto) else {
+    let Some(service) = lb::frontend(&lb::frontend_key(addr, port, proto)) else {
         return ALLOW;
     };
     // SAFETY: a helper call on this program's own context.
@@ -109,11 +118,11 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
     };
     let endpoint = match previous {
         Some(value) => (value.addr, value.port),
-        None => match lb::pick_endpoint(&service) {
+        None => match lb::pick(&service, &service.select(true), NODE_CLIENT, ct::now_ns()) {
             Ok(endpoint) => (endpoint.addr, endpoint.port),
             Err(reason) => {
                 count_drop(reason);
-                return REJECT;
+                return refuse(reason);
             }
         },
     };
@@ -144,6 +153,19 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
     }
     set_user_addr(ctx, endpoint.0, endpoint.1);
     ALLOW
+}
+
+/// Fails the call with the error that says why.
+#[inline(always)]
+fn refuse(reason: DropReason) -> i32 {
+    let errno = match reason {
+        DropReason::NoEndpoints => ECONNREFUSED,
+        DropReason::NoLocalEndpoints => EHOSTUNREACH,
+        _ => return REJECT,
+    };
+    // SAFETY: a helper taking a plain integer (Linux 5.18+).
+    unsafe { bpf_set_retval(-errno) };
+    REJECT
 }
 
 #[inline(always)]

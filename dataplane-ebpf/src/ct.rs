@@ -9,10 +9,16 @@ use aya_ebpf::{
 use weft_common::{
     conntrack::{REFRESH_INTERVAL_NS, flags, is_expired, next_state, reopens},
     drop_reason::DropReason,
-    maps::{CtKey, CtValue, DatapathConfig, EndpointValue, ServiceValue, ct_direction},
+    maps::{CtKey, CtValue, EndpointValue, ct_direction},
 };
 
-use crate::{lb, maps::CONNTRACK};
+use crate::maps::CONNTRACK;
+
+/// The endpoint a new connection goes to, and whether the service asks for masquerade.
+pub(crate) struct Choice {
+    pub(crate) endpoint: EndpointValue,
+    pub(crate) masquerade: bool,
+}
 
 /// Where a client packet goes and whether it must be masqueraded.
 pub(crate) struct Forward {
@@ -28,15 +34,15 @@ pub(crate) fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The translation for a client packet (`key` is its tuple towards `service`'s frontend):
-/// the connection's endpoint if it is tracked and live, else a new endpoint, tracked both ways.
+/// The translation for a client packet (`key` is its tuple towards a frontend): the
+/// connection's endpoint if it is tracked and live, else the one `choose` picks for a new
+/// connection, tracked both ways.
 #[inline(always)]
 pub(crate) fn forward(
     key: &CtKey,
     tcp: u8,
-    service: &ServiceValue,
-    config: &DatapathConfig,
     now: u64,
+    choose: impl FnOnce() -> Result<Choice, DropReason>,
 ) -> Result<Forward, DropReason> {
     let replacing = match CONNTRACK.get_ptr_mut(key) {
         None => false,
@@ -63,8 +69,8 @@ pub(crate) fn forward(
             true
         }
     };
-    let endpoint = lb::pick_endpoint(service)?;
-    track(key, tcp, &endpoint, config, now, replacing)
+    let choice = choose()?;
+    track(key, tcp, &choice, now, replacing)
 }
 
 impl Forward {
@@ -78,22 +84,22 @@ impl Forward {
     }
 }
 
-/// Records a new connection from `key` to `endpoint`, FORWARD then REPLY. A connection whose
-/// first packets reach two CPUs at once is tracked by whichever inserts first; the other
-/// follows its choice, so every packet of the connection goes to one endpoint.
+/// Records a new connection from `key` to the chosen endpoint, FORWARD then REPLY. A
+/// connection whose first packets reach two CPUs at once is tracked by whichever inserts
+/// first; the other follows its choice, so every packet of the connection goes to one endpoint.
 #[inline(always)]
 fn track(
     key: &CtKey,
     tcp: u8,
-    endpoint: &EndpointValue,
-    config: &DatapathConfig,
+    choice: &Choice,
     now: u64,
     replacing: bool,
 ) -> Result<Forward, DropReason> {
-    // Off-cluster clients are masqueraded so replies return through this node; a hairpin
-    // (an endpoint reaching itself) is masqueraded or its own stack would drop the "martian"
-    // packet whose source is its own address.
-    let masquerade = !config.in_cluster(key.src_addr) || endpoint.addr == key.src_addr;
+    let endpoint = &choice.endpoint;
+    // Besides what the service asks for, a hairpin (an endpoint reaching itself) is
+    // masqueraded, or its own stack would drop the "martian" packet whose source is its own
+    // address.
+    let masquerade = choice.masquerade || endpoint.addr == key.src_addr;
     let initial = if masquerade { flags::MASQUERADE } else { 0 };
     let forward = CtValue {
         nat_addr: endpoint.addr,

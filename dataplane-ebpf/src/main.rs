@@ -2,10 +2,11 @@
 //!
 //! | hook | program | job |
 //! |---|---|---|
-//! | TC ingress of every pod's bridge port | [`tc_from_pods`] | service DNAT, conntrack, masquerade mark |
+//! | TC ingress of every pod's bridge port | [`tc_from_pods`] | service DNAT, conntrack, masquerade mark, rejects |
 //! | TC egress of every pod's bridge port | [`tc_to_pod`] | reverse NAT of replies to local pods |
 //! | cgroup `connect4` / `sendmsg4` / `recvmsg4` / `getpeername4` | [`cgroup_sock_addr`] | services for the node's own sockets |
-//! | TC egress of the uplink | [`tc_to_uplink`] | VXLAN encapsulation to remote pod subnets |
+//! | TC ingress of the uplink | [`tc_from_uplink`] | service DNAT for clients outside the node (NodePort, external IPs) |
+//! | TC egress of the uplink | [`tc_to_uplink`] | reverse NAT of replies leaving the node, VXLAN encapsulation to remote pod subnets |
 //! | XDP on the uplink | [`xdp_uplink`] | VXLAN decapsulation of traffic for this node |
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![cfg_attr(
@@ -26,7 +27,13 @@ mod nat;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
+mod service;
+#[cfg(target_arch = "bpf")]
 mod tc_from_pods;
+#[cfg(target_arch = "bpf")]
+mod tc_from_uplink;
 #[cfg(target_arch = "bpf")]
 mod tc_to_pod;
 #[cfg(target_arch = "bpf")]

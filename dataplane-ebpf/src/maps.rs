@@ -9,20 +9,21 @@ use aya_ebpf::{
 use weft_common::{
     drop_reason::{DROP_REASON_COUNT, DropReason},
     maps::{
-        CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES,
-        DEFAULT_SOCK_NAT_ENTRIES, DatapathConfig, EndpointKey, EndpointValue, MAX_NODES,
-        OverlayConfig, RemoteNode, ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue,
-        Vtep,
+        AffinityKey, AffinityValue, CtKey, CtValue, DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT_ENTRIES,
+        DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES, DEFAULT_SOCK_NAT_ENTRIES, DatapathConfig,
+        EndpointKey, EndpointMemberKey, EndpointValue, MAX_NODES, MAX_SOURCE_RANGES, OverlayConfig,
+        RemoteNode, ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue,
+        SourceRangeKey, Vtep,
     },
 };
 
 /// Service frontends. Written by the agent (after the frontend's endpoint slots); read per new
 /// connection. When full, the agent reports the services that did not fit.
-#[btf_map(name = "weft_svc_v1")]
+#[btf_map(name = "weft_svc_v2")]
 pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_MAX_SERVICES as usize }> =
     HashMap::new();
 
-/// Endpoint slots of each service port. Written by the agent; read per new connection.
+/// Endpoint slots of each endpoint set. Written by the agent; read per new connection.
 #[btf_map(name = "weft_ep_v1")]
 pub(crate) static ENDPOINTS: HashMap<
     EndpointKey,
@@ -30,11 +31,36 @@ pub(crate) static ENDPOINTS: HashMap<
     { DEFAULT_MAX_ENDPOINTS as usize },
 > = HashMap::new();
 
-/// Service port names for `weft inspect`. Written by the agent; never read by the programs, but
-/// declared here so it carries BTF and is pinned beside the maps it describes.
-#[btf_map(name = "weft_svcname_v1")]
+/// Whose each endpoint set is, for `weft inspect` and the agent. Written by the agent; never
+/// read by the programs, but declared here so it carries BTF and is pinned beside the maps it
+/// describes.
+#[btf_map(name = "weft_svcname_v2")]
 pub(crate) static SERVICE_NAMES: HashMap<u32, ServiceName, { DEFAULT_MAX_SERVICES as usize }> =
     HashMap::new();
+
+/// Which endpoints belong to which set, so session affinity never returns a client to an
+/// endpoint that left. Written by the agent (after a slot, before its removal).
+#[btf_map(name = "weft_epmember_v1")]
+pub(crate) static ENDPOINT_MEMBERS: HashMap<
+    EndpointMemberKey,
+    u32,
+    { DEFAULT_MAX_ENDPOINTS as usize },
+> = HashMap::new();
+
+/// ClientIP session affinity: the endpoint each client was last given, per set. Written per
+/// new connection to a service with affinity; LRU, so the oldest clients go first when full.
+#[btf_map(name = "weft_affinity_v1")]
+pub(crate) static AFFINITY: LruHashMap<
+    AffinityKey,
+    AffinityValue,
+    { DEFAULT_AFFINITY_ENTRIES as usize },
+> = LruHashMap::new();
+
+/// `loadBalancerSourceRanges` per load-balancer frontend. Written by the agent before the
+/// frontend that needs them.
+#[btf_map(name = "weft_srcrange_v1")]
+pub(crate) static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 /// Connection tracking (see `weft_common::conntrack`). Written by the datapath; expired entries
 /// are removed by the agent. LRU: under pressure the least recently used entries go first.
@@ -52,7 +78,7 @@ pub(crate) static SOCK_NAT: LruHashMap<
 > = LruHashMap::new();
 
 /// Drop counters, one per `DropReason`, per CPU.
-#[btf_map(name = "weft_drops_v1")]
+#[btf_map(name = "weft_drops_v2")]
 pub(crate) static DROPS: PerCpuArray<u64, { DROP_REASON_COUNT as usize }> = PerCpuArray::new();
 
 /// Node-wide settings, written by the agent before it attaches the programs.

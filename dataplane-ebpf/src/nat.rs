@@ -9,7 +9,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
+    crc32c,
     drop_reason::DropReason,
+    ip_proto,
     packet::{ETH_HLEN, Ipv4Header, ipv4, l4, l4_checksum_offset},
 };
 
@@ -20,7 +22,7 @@ pub(crate) enum Side {
     Destination,
 }
 
-/// Rewrites `side`'s address and port from `old` to `new` and fixes the IPv4 and TCP/UDP
+/// Rewrites `side`'s address and port from `old` to `new` and fixes the IPv4 and transport
 /// checksums. A UDP checksum of 0 (none) stays 0.
 #[inline(always)]
 pub(crate) fn rewrite(
@@ -34,6 +36,20 @@ pub(crate) fn rewrite(
         Side::Source => (ETH_HLEN + ipv4::SRC_ADDR, ip.l4_offset + l4::SRC_PORT),
         Side::Destination => (ETH_HLEN + ipv4::DST_ADDR, ip.l4_offset + l4::DST_PORT),
     };
+    let failed = |_| DropReason::NatRewriteFailed;
+    if ip.proto == ip_proto::SCTP {
+        if old.0 != new.0 {
+            // SCTP's checksum covers no pseudo-header: only the IPv4 header's changes.
+            let (from, to) = (as_word(old.0), as_word(new.0));
+            ctx.l3_csum_replace(ETH_HLEN + ipv4::CHECKSUM, from, to, 4)
+                .map_err(failed)?;
+            ctx.store(addr_offset, &new.0, 0).map_err(failed)?;
+        }
+        if old.1 != new.1 {
+            rewrite_sctp_port(ctx, ip, port_offset, new.1)?;
+        }
+        return Ok(());
+    }
     let (checksum, udp) = l4_checksum_offset(ip.proto).ok_or(DropReason::NatRewriteFailed)?;
     let checksum_offset = ip.l4_offset + checksum;
     let mangled_0 = if udp {
@@ -41,11 +57,8 @@ pub(crate) fn rewrite(
     } else {
         0
     };
-    let failed = |_| DropReason::NatRewriteFailed;
     if old.0 != new.0 {
-        // The helpers take the values exactly as they sit in the packet (network order).
-        let from = u64::from(u32::from_ne_bytes(old.0));
-        let to = u64::from(u32::from_ne_bytes(new.0));
+        let (from, to) = (as_word(old.0), as_word(new.0));
         ctx.l4_csum_replace(
             checksum_offset,
             from,
@@ -66,4 +79,44 @@ pub(crate) fn rewrite(
         ctx.store(port_offset, &to_bytes, 0).map_err(failed)?;
     }
     Ok(())
+}
+
+/// An address as the checksum helpers take it: exactly as it sits in the packet.
+#[inline(always)]
+fn as_word(addr: [u8; 4]) -> u64 {
+    u64::from(u32::from_ne_bytes(addr))
+}
+
+/// Rewrites one SCTP port and updates the CRC32c incrementally (see `weft_common::crc32c`).
+/// A checksum field of 0 is one the sending stack left for the device to fill in (SCTP's
+/// `CHECKSUM_PARTIAL`): it is computed after this hook, over the rewritten packet, so it stays 0.
+#[inline(always)]
+fn rewrite_sctp_port(
+    ctx: &TcContext,
+    ip: &Ipv4Header,
+    port_offset: usize,
+    port: u16,
+) -> Result<(), DropReason> {
+    let failed = |_| DropReason::NatRewriteFailed;
+    let ports: [u8; 4] = ctx.load(ip.l4_offset).map_err(failed)?;
+    let mut rewritten = ports;
+    let at = port_offset - ip.l4_offset;
+    let bytes = port.to_be_bytes();
+    if at == l4::SRC_PORT {
+        rewritten[0] = bytes[0];
+        rewritten[1] = bytes[1];
+    } else {
+        rewritten[2] = bytes[0];
+        rewritten[3] = bytes[1];
+    }
+    let checksum_offset = ip.l4_offset + l4::SCTP_CHECKSUM;
+    let checksum: [u8; 4] = ctx.load(checksum_offset).map_err(failed)?;
+    if checksum != [0; 4] {
+        let sctp_len = u32::from(ip.total_len).saturating_sub((ip.l4_offset - ETH_HLEN) as u32);
+        let updated =
+            u32::from_le_bytes(checksum) ^ crc32c::ports_delta(ports, rewritten, sctp_len);
+        ctx.store(checksum_offset, &updated.to_le_bytes(), 0)
+            .map_err(failed)?;
+    }
+    ctx.store(ip.l4_offset, &rewritten, 0).map_err(failed)
 }

@@ -1,7 +1,9 @@
 //! TC egress of the uplink: everything the node sends out of it, including what it routes from
-//! its pods. A packet for the cluster's pod Network (the agent routes the whole Network out of
-//! the uplink) is encapsulated in VXLAN to the node whose lease holds its subnet, exactly as
-//! Linux VXLAN (`flannel.1`) would frame it; everything else goes on unchanged.
+//! its pods. A reply to a client whose connection `tc_from_uplink` translated (a NodePort, an
+//! external IP) first gets its frontend back as its source. Then a packet for the cluster's pod
+//! Network (the agent routes the whole Network out of the uplink) is encapsulated in VXLAN to
+//! the node whose lease holds its subnet, exactly as Linux VXLAN (`flannel.1`) would frame it;
+//! everything else goes on unchanged.
 //!
 //! The encapsulation grows the packet in place with `bpf_skb_adjust_room` and its tunnel flags,
 //! so a GSO super-packet stays one: the kernel segments it after this hook, each segment with
@@ -30,6 +32,7 @@ use weft_common::{
 use crate::{
     maps::{SUBNETS, count_drop, overlay},
     packet::Skb,
+    service,
 };
 
 /// `AF_INET`, for the FIB lookup.
@@ -39,7 +42,7 @@ const ENCAP_L2_ETH_LEN: u64 = (ETH_HLEN as u64) << 56;
 
 #[classifier]
 pub fn tc_to_uplink(ctx: TcContext) -> i32 {
-    match encapsulate(&ctx) {
+    match service::to_client(&ctx).and_then(|()| encapsulate(&ctx)) {
         Ok(verdict) => verdict,
         Err(reason) => {
             count_drop(reason);

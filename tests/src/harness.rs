@@ -14,7 +14,7 @@ use weft::{
     dataplane::{Dataplane, MapLimits},
     manifests::{Scan, apply, parse_into},
     maps::AyaMaps,
-    model::Model,
+    model::{Model, NodeFacts},
     reconcile::Reconciler,
 };
 use weft_common::{
@@ -26,6 +26,8 @@ use weft_common::{
 pub const VERDICT_PASS: u32 = u32::MAX;
 /// `TC_ACT_SHOT`: dropped.
 pub const VERDICT_DROP: u32 = 2;
+/// `TC_ACT_REDIRECT`: sent out of another (or the same) interface by the program.
+pub const VERDICT_REDIRECT: u32 = 7;
 
 /// Size of `struct __sk_buff`, the context a TC program's test run takes and returns.
 const SKB_CONTEXT_LEN: usize = 192;
@@ -102,6 +104,14 @@ impl Datapath {
             "fixture services fit: {:?}",
             report.failed
         );
+    }
+
+    /// Changes what the model knows of this node (its name, zone, NodePort addresses), as the
+    /// agent's sources would, and reconciles.
+    pub fn set_node(&mut self, update: impl FnOnce(&mut NodeFacts)) {
+        self.model.update_node(update);
+        let report = self.reconciler.reconcile(&self.model.desired());
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
     }
 
     /// Adds (or replaces) another node's lease, as the etcd source would, and reconciles.

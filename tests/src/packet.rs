@@ -1,4 +1,4 @@
-//! Test frames: Ethernet/IPv4/TCP/UDP built and checked independently of the datapath (the
+//! Test frames: Ethernet/IPv4/TCP/UDP/SCTP built and checked independently of the datapath (the
 //! checksums here are computed from scratch, so a wrong incremental update cannot hide).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -10,6 +10,9 @@ pub const PSH: u8 = 0x08;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
+const SCTP: u8 = 132;
+/// The SCTP verification tag test frames carry.
+const SCTP_TAG: [u8; 4] = [0x0a, 0x0b, 0x0c, 0x0d];
 
 /// RFC 1071 Internet checksum of `data` (folded, complemented).
 #[must_use]
@@ -75,6 +78,16 @@ pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Packet {
     }
 }
 
+/// An SCTP packet from `src` to `dst` whose chunks are `payload`.
+#[must_use]
+pub fn sctp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Packet {
+    Packet {
+        proto: SCTP,
+        payload: payload.to_vec(),
+        ..tcp(src, dst, 0)
+    }
+}
+
 impl Packet {
     #[must_use]
     pub fn payload(mut self, payload: &[u8]) -> Self {
@@ -122,6 +135,10 @@ impl Packet {
                 l4.extend_from_slice(&64240u16.to_be_bytes()); // window
                 l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
             }
+            SCTP => {
+                l4.extend_from_slice(&SCTP_TAG);
+                l4.extend_from_slice(&[0; 4]);
+            }
             _ => {
                 l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
                 l4.extend_from_slice(&[0, 0]);
@@ -129,7 +146,10 @@ impl Packet {
         }
         l4.extend_from_slice(&self.payload);
         let checksum_at = if self.proto == TCP { 16 } else { 6 };
-        if !(self.proto == UDP && self.udp_without_checksum) {
+        if self.proto == SCTP {
+            let crc = weft_common::crc32c::checksum(&l4);
+            l4[8..12].copy_from_slice(&crc.to_le_bytes());
+        } else if !(self.proto == UDP && self.udp_without_checksum) {
             let mut sum = checksum(&pseudo_header(
                 *self.src.ip(),
                 *self.dst.ip(),
@@ -174,7 +194,7 @@ pub struct Parsed {
     pub payload: Vec<u8>,
 }
 
-/// Parses a TCP or UDP frame built by [`Packet::build`] (or rewritten by the datapath).
+/// Parses a TCP, UDP or SCTP frame built by [`Packet::build`] (or rewritten by the datapath).
 #[must_use]
 pub fn parse(frame: &[u8]) -> Parsed {
     let ip = &frame[14..];
@@ -184,14 +204,20 @@ pub fn parse(frame: &[u8]) -> Parsed {
     let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let l4 = &ip[header_len..total_len];
-    let (checksum_at, data_at) = if proto == TCP {
-        (16, usize::from(l4[12] >> 4) * 4)
-    } else {
-        (6, 8)
+    let (checksum_at, data_at) = match proto {
+        TCP => (16, usize::from(l4[12] >> 4) * 4),
+        SCTP => (8, 12),
+        _ => (6, 8),
     };
     let l4_checksum = u16::from_be_bytes([l4[checksum_at], l4[checksum_at + 1]]);
-    let l4_checksum_ok = (proto == UDP && l4_checksum == 0)
-        || checksum(&pseudo_header(src_ip, dst_ip, proto, l4)) == 0;
+    let l4_checksum_ok = if proto == SCTP {
+        let mut zeroed = l4.to_vec();
+        zeroed[8..12].fill(0);
+        weft_common::crc32c::checksum(&zeroed).to_le_bytes() == l4[8..12]
+    } else {
+        (proto == UDP && l4_checksum == 0)
+            || checksum(&pseudo_header(src_ip, dst_ip, proto, l4)) == 0
+    };
     Parsed {
         src: SocketAddrV4::new(src_ip, u16::from_be_bytes([l4[0], l4[1]])),
         dst: SocketAddrV4::new(dst_ip, u16::from_be_bytes([l4[2], l4[3]])),
@@ -200,6 +226,64 @@ pub fn parse(frame: &[u8]) -> Parsed {
         l4_checksum_ok,
         l4_checksum,
         payload: l4[data_at..].to_vec(),
+    }
+}
+
+/// Asserts that `answer` is what a service with no endpoints answers `asked` with, as
+/// kube-proxy's `REJECT` would: a reset for TCP (acknowledging the segment, or taking its
+/// acknowledgement number), an ICMP port unreachable quoting the datagram otherwise; from the
+/// address asked, back to the asker, Ethernet addresses swapped, checksums valid.
+pub fn assert_rejects(name: &str, asked: &[u8], answer: &[u8]) {
+    assert_eq!(answer[..6], asked[6..12], "{name}: destination MAC");
+    assert_eq!(answer[6..12], asked[..6], "{name}: source MAC");
+    let question = parse(asked);
+    let ip = &answer[14..];
+    assert_eq!(ip[0], 0x45, "{name}: IPv4 header without options");
+    assert_eq!(checksum(&ip[..20]), 0, "{name}: IPv4 checksum");
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    assert_eq!(answer.len(), 14 + total, "{name}: frame length");
+    let (src, dst) = (
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+    );
+    assert_eq!(
+        (src, dst),
+        (*question.dst.ip(), *question.src.ip()),
+        "{name}: addresses"
+    );
+    if question.proto == TCP {
+        let reset = parse(answer);
+        assert_eq!(reset.proto, TCP, "{name}: a TCP reset");
+        assert_eq!(
+            (reset.src, reset.dst),
+            (question.dst, question.src),
+            "{name}"
+        );
+        assert!(reset.l4_checksum_ok, "{name}: TCP checksum");
+        let tcp = &ip[20..];
+        let asked_tcp = &asked[14 + usize::from(asked[14] & 0x0f) * 4..];
+        let asked_seq = u32::from_be_bytes(asked_tcp[4..8].try_into().unwrap());
+        let asked_ack = u32::from_be_bytes(asked_tcp[8..12].try_into().unwrap());
+        let asked_flags = asked_tcp[13];
+        let (seq, ack) = (
+            u32::from_be_bytes(tcp[4..8].try_into().unwrap()),
+            u32::from_be_bytes(tcp[8..12].try_into().unwrap()),
+        );
+        if asked_flags & ACK != 0 {
+            assert_eq!((tcp[13], seq), (0x04, asked_ack), "{name}: RST at the ack");
+        } else {
+            let len = question.payload.len() as u32
+                + u32::from(asked_flags & SYN != 0)
+                + u32::from(asked_flags & FIN != 0);
+            assert_eq!(tcp[13], 0x04 | ACK, "{name}: RST|ACK");
+            assert_eq!((seq, ack), (0, asked_seq + len), "{name}: acknowledgement");
+        }
+    } else {
+        assert_eq!(ip[9], 1, "{name}: ICMP");
+        let icmp = &ip[20..total];
+        assert_eq!((icmp[0], icmp[1]), (3, 3), "{name}: port unreachable");
+        assert_eq!(checksum(icmp), 0, "{name}: ICMP checksum");
+        assert_eq!(icmp[8..], asked[14..14 + 28], "{name}: the quote");
     }
 }
 
@@ -216,6 +300,11 @@ mod tests {
         for packet in [
             tcp(addr("172.30.20.9:40000"), addr("10.254.40.119:4432"), SYN),
             udp(addr("172.30.20.9:40000"), addr("10.254.0.10:53"), b"query").options(&[1, 1, 1, 0]),
+            sctp(
+                addr("172.30.20.9:40000"),
+                addr("10.254.0.11:38412"),
+                &[1, 0, 0, 4],
+            ),
         ] {
             let parsed = parse(&packet.build());
             assert!(parsed.ip_checksum_ok && parsed.l4_checksum_ok, "{parsed:?}");

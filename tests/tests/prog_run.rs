@@ -10,8 +10,8 @@ use std::{
 use weft::dataplane::{FROM_PODS, TO_POD};
 use weft_common::{MASQUERADE_MARK, drop_reason::DropReason, maps::ct_direction};
 use weft_tests::{
-    harness::{Datapath, VERDICT_DROP, VERDICT_PASS},
-    packet::{ACK, FIN, PSH, SYN, parse, tcp, udp},
+    harness::{Datapath, VERDICT_DROP, VERDICT_PASS, VERDICT_REDIRECT},
+    packet::{ACK, FIN, PSH, SYN, assert_rejects, parse, tcp, udp},
     seed::{
         self, BACKENDS, TARGET_PORT, VIP, cluster_cidr, endpoint_slice, nginx_manifest, service,
     },
@@ -47,6 +47,9 @@ enum Expect {
     Dnat { to: Vec<SocketAddrV4>, mark: u32 },
     /// Dropped, counted under this reason.
     Drop(DropReason),
+    /// Answered with a TCP reset or an ICMP port unreachable, sent back; counted as a drop for
+    /// want of endpoints.
+    Rejected,
 }
 
 struct Fixture {
@@ -168,10 +171,46 @@ fn fixtures() -> Vec<Fixture> {
         Fixture {
             manifests: nginx_manifest(&[]),
             ..fixture(
-                "a service with no endpoints drops new connections, counted",
+                "a TCP connection to a service with no endpoints is reset, counted",
                 FROM_PODS,
                 syn.build(),
+                Expect::Rejected,
+            )
+        },
+        Fixture {
+            manifests: nginx_manifest(&[]),
+            ..fixture(
+                "data on a connection to a service with no endpoints is reset too",
+                FROM_PODS,
+                tcp(client(), vip, ACK | PSH).payload(b"late").build(),
+                Expect::Rejected,
+            )
+        },
+        Fixture {
+            manifests: nginx_manifest(&[]),
+            ..fixture(
+                "a reset to a service with no endpoints is not answered, only dropped",
+                FROM_PODS,
+                tcp(client(), vip, 0x04).build(),
                 Expect::Drop(DropReason::NoEndpoints),
+            )
+        },
+        Fixture {
+            manifests: format!(
+                "{}---\n{}",
+                service("dns", Ipv4Addr::new(10, 254, 0, 10), 53, "UDP", 5353),
+                endpoint_slice("dns", "UDP", 5353, &[])
+            ),
+            ..fixture(
+                "UDP to a service with no endpoints gets an ICMP port unreachable, counted",
+                FROM_PODS,
+                udp(
+                    client(),
+                    SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 10), 53),
+                    b"query",
+                )
+                .build(),
+                Expect::Rejected,
             )
         },
         Fixture {
@@ -371,6 +410,15 @@ fn service_fixture_table() {
                 assert_eq!(
                     datapath.drops(),
                     BTreeMap::from([(reason, 1)]),
+                    "{name}: drop counters"
+                );
+            }
+            Expect::Rejected => {
+                assert_eq!(run.verdict, VERDICT_REDIRECT, "{name}: verdict");
+                assert_rejects(name, &input, &run.output);
+                assert_eq!(
+                    datapath.drops(),
+                    BTreeMap::from([(DropReason::NoEndpoints, 1)]),
                     "{name}: drop counters"
                 );
             }

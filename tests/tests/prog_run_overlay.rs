@@ -8,7 +8,7 @@ use std::{
 };
 
 use weft::{
-    dataplane::{FROM_UPLINK, TO_UPLINK},
+    dataplane::{TO_UPLINK, XDP_UPLINK},
     model::NodeLease,
 };
 use weft_common::{drop_reason::DropReason, maps::OverlayConfig};
@@ -253,7 +253,7 @@ fn vxlan_from_a_member_is_decapsulated_and_addressed_to_the_uplink() {
     // Linux checksums its VXLAN UDP header by default, flannel.1 included; 0 means none.
     for udp_checksum in [0, 0xbeef] {
         let (action, output) = datapath.run_xdp(
-            FROM_UPLINK,
+            XDP_UPLINK,
             &vxlan_frame(REMOTE_IP, 8472, 1, &inner, udp_checksum),
         );
         assert_eq!(action, XDP_PASS);
@@ -330,7 +330,7 @@ fn vxlan_decap_fixture_table() {
     ];
     for (name, frame, action, drop) in cases {
         let mut datapath = datapath();
-        let (got, output) = datapath.run_xdp(FROM_UPLINK, &frame);
+        let (got, output) = datapath.run_xdp(XDP_UPLINK, &frame);
         assert_eq!(got, action, "{name}: action");
         if action == XDP_PASS {
             assert_eq!(output, frame, "{name}: output");

@@ -1,0 +1,169 @@
+//! Service translation on TC, shared by the hooks that see clients' packets (a pod's bridge port,
+//! the uplink) and those that see replies (towards a pod, out of the uplink).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    programs::TcContext,
+};
+use weft_common::{
+    MASQUERADE_MARK,
+    drop_reason::DropReason,
+    maps::{CtKey, ct_direction},
+    packet::{Fragment, Frame, PacketBytes as _, Transport, parse_ipv4, parse_transport},
+};
+
+use crate::{
+    ct::{self, Choice},
+    lb,
+    maps::{config, count_drop},
+    nat::{self, Side},
+    packet::Skb,
+    reject,
+};
+
+/// Where a client packet's clients come from, which decides who counts as inside the cluster.
+#[derive(Clone, Copy)]
+pub(crate) enum Clients {
+    /// Local pods: inside unless the cluster CIDR is set and excludes them.
+    Pods,
+    /// Anything reaching the node from outside: inside only when the cluster CIDR is set and
+    /// holds them (pods of other nodes).
+    Outside,
+}
+
+/// Translates a client packet to a service frontend: DNAT to the connection's endpoint (chosen
+/// and tracked on its first packet), plus the masquerade mark where it needs one. Returns the
+/// TC action: `TC_ACT_UNSPEC` to go on (translated or not a service's), a redirect for a
+/// rejection sent back, `TC_ACT_SHOT` for a drop (counted).
+#[inline(always)]
+pub(crate) fn to_endpoint(ctx: &TcContext, clients: Clients) -> i32 {
+    match translate(ctx, clients) {
+        Ok(action) => action,
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn translate(ctx: &TcContext, clients: Clients) -> Result<i32, DropReason> {
+    let skb = Skb(ctx);
+    if !skb.pull_headers() {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let ip = match parse_ipv4(&skb) {
+        Frame::Ipv4(ip) => ip,
+        Frame::NotIpv4 => return Ok(TC_ACT_UNSPEC),
+        // The node's stack would drop it just the same (bad version, length or options).
+        Frame::MalformedIpv4 => return Err(DropReason::MalformedIpv4),
+    };
+    let ports = match parse_transport(&skb, &ip) {
+        Transport::Ports(ports) => ports,
+        Transport::Other => return Ok(TC_ACT_UNSPEC),
+        Transport::Truncated => {
+            // Cut short: drop it only when it is for a service; the rest is the stack's to judge.
+            let for_service = skb.read::<4>(ip.l4_offset).is_some_and(|ports| {
+                let port = u16::from_be_bytes([ports[2], ports[3]]);
+                lb::frontend(&lb::frontend_key(ip.dst, port, ip.proto)).is_some()
+            });
+            return if for_service {
+                Err(DropReason::MalformedL4)
+            } else {
+                Ok(TC_ACT_UNSPEC)
+            };
+        }
+    };
+    let frontend = lb::frontend_key(ip.dst, ports.dst_port, ip.proto);
+    let Some(service) = lb::frontend(&frontend) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    if ip.fragment == Fragment::First {
+        return Err(DropReason::FragmentedService);
+    }
+    let key = CtKey {
+        src_addr: ip.src,
+        dst_addr: ip.dst,
+        src_port: ports.src_port,
+        dst_port: ports.dst_port,
+        proto: ip.proto,
+        direction: ct_direction::FORWARD,
+        _pad: [0; 2],
+    };
+    let now = ct::now_ns();
+    let forward = ct::forward(&key, ports.tcp_flags, now, || {
+        if !lb::source_allowed(&frontend, &service, ip.src) {
+            return Err(DropReason::SourceRangeDenied);
+        }
+        let config = config();
+        let inside = match clients {
+            Clients::Pods => config.in_cluster(ip.src),
+            Clients::Outside => config.known_in_cluster(ip.src),
+        };
+        let selection = service.select(inside);
+        let endpoint = lb::pick(&service, &selection, ip.src, now)?;
+        Ok(Choice {
+            endpoint,
+            masquerade: selection.masquerade,
+        })
+    });
+    let forward = match forward {
+        Ok(forward) => forward,
+        Err(DropReason::NoEndpoints) => {
+            count_drop(DropReason::NoEndpoints);
+            return Ok(reject::answer(ctx, &ip));
+        }
+        Err(reason) => return Err(reason),
+    };
+    if forward.masquerade {
+        // SAFETY: reading a field of the context the kernel handed this program.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        ctx.set_mark(mark | MASQUERADE_MARK);
+    }
+    nat::rewrite(
+        ctx,
+        &ip,
+        Side::Destination,
+        (ip.dst, ports.dst_port),
+        (forward.addr, forward.port),
+    )?;
+    Ok(TC_ACT_UNSPEC)
+}
+
+/// Restores the frontend as the source of a reply from an endpoint to a client whose
+/// connection was translated. Malformed frames are not this hook's to judge: they pass.
+#[inline(always)]
+pub(crate) fn to_client(ctx: &TcContext) -> Result<(), DropReason> {
+    let skb = Skb(ctx);
+    if !skb.pull_headers() {
+        return Ok(());
+    }
+    let Frame::Ipv4(ip) = parse_ipv4(&skb) else {
+        return Ok(());
+    };
+    let Transport::Ports(ports) = parse_transport(&skb, &ip) else {
+        return Ok(());
+    };
+    let key = CtKey {
+        src_addr: ip.src,
+        dst_addr: ip.dst,
+        src_port: ports.src_port,
+        dst_port: ports.dst_port,
+        proto: ip.proto,
+        direction: ct_direction::REPLY,
+        _pad: [0; 2],
+    };
+    if ip.fragment == Fragment::First {
+        // The fragments that follow carry no ports and could not be restored with it, so the
+        // datagram could not be reassembled by the client: drop it whole, as the forward path does.
+        return if ct::is_reply(&key) {
+            Err(DropReason::FragmentedService)
+        } else {
+            Ok(())
+        };
+    }
+    let Some(frontend) = ct::reply(&key, ports.tcp_flags, ct::now_ns()) else {
+        return Ok(());
+    };
+    nat::rewrite(ctx, &ip, Side::Source, (ip.src, ports.src_port), frontend)
+}
