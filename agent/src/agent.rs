@@ -1,11 +1,12 @@
 //! `weft agent`: wires the sources, the reconciler and the dataplane together on one node.
 
 use std::{
+    collections::BTreeMap,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -19,11 +20,14 @@ use weft::{
     conntrack::{Conntrack, lost_udp_endpoints},
     dataplane::{Dataplane, MapLimits, cgroup2_mount},
     flannel::{self, NetworkConfig, subnet_env},
+    health::{self, Health, HealthCheckServers},
+    http, kube,
     manifests::{self, ManifestWatch},
     maps::{AyaMaps, MapWriteError},
-    model::ServicePortName,
+    metrics::{self, Metrics},
+    model::{HealthCheck, ServicePortName},
     netdev::{self, PortEvent, PortWatch, Uplink},
-    nft::{self, PodMasquerade},
+    nft::{self, Masquerade},
     reconcile::{Reconciler, Report},
     source::ModelHandle,
     subnets::{self, OwnLease, SubnetSettings},
@@ -43,10 +47,36 @@ pub struct AgentArgs {
     /// several share a host.
     #[arg(long, env = "WEFT_PIN_DIR", default_value = "/sys/fs/bpf/weft")]
     pin_dir: PathBuf,
-    /// Directory of Service and discovery.k8s.io/v1 EndpointSlice manifests (YAML or JSON),
-    /// re-read whenever a file in it changes.
-    #[arg(long, env = "WEFT_MANIFESTS")]
+    /// Read Services and EndpointSlices from this directory of manifests (YAML or JSON),
+    /// re-read whenever a file in it changes, instead of the Kubernetes API.
+    #[arg(long, env = "WEFT_MANIFESTS", conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API with this kubeconfig. In a pod (KUBERNETES_SERVICE_HOST is
+    /// set) the service account is used when neither this nor --manifests is given.
+    #[arg(long, env = "WEFT_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name, as its Node object and its pods' EndpointSlice entries (`nodeName`)
+    /// call it (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    hostname_override: Option<String>,
+    /// Serve NodePorts only on the node's addresses inside these CIDRs (default: every IPv4
+    /// address of the node except loopback).
+    #[arg(long, env = "WEFT_NODEPORT_ADDRESSES", value_delimiter = ',')]
+    nodeport_addresses: Vec<Ipv4Net>,
+    /// Where `/healthz` and `/livez` are served (as kube-proxy's --healthz-bind-address).
+    #[arg(
+        long,
+        env = "WEFT_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256"
+    )]
+    healthz_bind_address: SocketAddr,
+    /// Where Prometheus `/metrics` is served (as kube-proxy's --metrics-bind-address).
+    #[arg(
+        long,
+        env = "WEFT_METRICS_BIND_ADDRESS",
+        default_value = "127.0.0.1:10249"
+    )]
+    metrics_bind_address: SocketAddr,
     /// The bridge local pods are attached to.
     #[arg(long, env = "WEFT_BRIDGE", default_value = "cni0")]
     bridge: String,
@@ -79,7 +109,8 @@ pub struct AgentArgs {
     /// The etcd key prefix of flannel's config and leases.
     #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = flannel::DEFAULT_PREFIX)]
     etcd_prefix: String,
-    /// The uplink the overlay runs over (default: the interface of the default route).
+    /// The uplink: where the overlay runs and clients outside the node arrive (default: the
+    /// interface of the default route).
     #[arg(long, env = "WEFT_IFACE")]
     iface: Option<String>,
     /// This node's address on the underlay (default: the uplink's first IPv4 address).
@@ -95,6 +126,17 @@ pub struct AgentArgs {
     /// Masquerade pod traffic leaving the pod network, as flannel's --ip-masq does.
     #[arg(long, env = "WEFT_IP_MASQ")]
     ip_masq: bool,
+}
+
+impl AgentArgs {
+    fn node_name(&self) -> anyhow::Result<String> {
+        if let Some(name) = &self.hostname_override {
+            return Ok(name.clone());
+        }
+        let host = nix::unistd::gethostname().context("reading the host name")?;
+        // Kubernetes node names are lower case, as kubelet derives them.
+        Ok(host.to_string_lossy().to_lowercase())
+    }
 }
 
 /// How long the reconciler waits after a change for more to arrive, so bursts cost one pass.
@@ -116,10 +158,9 @@ struct Overlay {
     mtu: u32,
 }
 
-/// Joins the overlay: finds the uplink, reads flannel's config from etcd (waiting while etcd is
-/// unreachable or the config is missing) and takes this node's lease.
-async fn join_overlay(netlink: &rtnetlink::Handle, args: &AgentArgs) -> anyhow::Result<Overlay> {
-    let uplink = netdev::uplink(netlink, args.iface.as_deref()).await?;
+/// Joins the overlay: reads flannel's config from etcd (waiting while etcd is unreachable or
+/// the config is missing) and takes this node's lease.
+async fn join_overlay(uplink: Uplink, args: &AgentArgs) -> anyhow::Result<Overlay> {
     let public_ip = args
         .public_ip
         .or(uplink.address)
@@ -204,17 +245,65 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     outcome
 }
 
+/// The uplink: `--iface`, else the default route's interface; `None` when there is neither
+/// (a node without a default route serves only its pods and itself).
+async fn find_uplink(
+    netlink: &rtnetlink::Handle,
+    args: &AgentArgs,
+) -> anyhow::Result<Option<Uplink>> {
+    match netdev::uplink(netlink, args.iface.as_deref()).await {
+        Ok(uplink) => Ok(Some(uplink)),
+        Err(netdev::NetdevError::NoDefaultRoute) if args.etcd_endpoints.is_empty() => {
+            info!(
+                "no default route and no --iface: clients outside the node (NodePorts, external \
+                 IPs) are not served"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Where services come from.
+enum ServiceSource {
+    Manifests(ManifestWatch),
+    Kubernetes,
+    None,
+}
+
+/// Reads the service source once into the model (the first pass must not see a partial
+/// cluster) and starts following it.
+async fn start_services(
+    args: &AgentArgs,
+    node_name: &str,
+    model: &Arc<ModelHandle>,
+    health: &Arc<Health>,
+) -> anyhow::Result<ServiceSource> {
+    if let Some(dir) = &args.manifests {
+        return Ok(ServiceSource::Manifests(ManifestWatch::start(dir, model)?));
+    }
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    if args.kubeconfig.is_none() && !in_cluster {
+        info!("no --manifests or --kubeconfig: serving no services, only the overlay");
+        return Ok(ServiceSource::None);
+    }
+    let client = kube::client(args.kubeconfig.as_deref()).await?;
+    kube::start(client, node_name, model, health).await;
+    Ok(ServiceSource::Kubernetes)
+}
+
 /// Sets the node up and serves until a task fails (the caller stops it on a signal). Everything
-/// it holds (programs, the nftables table) is released when it returns or is dropped.
+/// it holds (programs, the nftables table, listeners) is released when it returns or is dropped.
 async fn serve(
     args: &AgentArgs,
     netlink: &rtnetlink::Handle,
     undo: &mut Undo,
 ) -> anyhow::Result<()> {
-    let mut overlay = if args.etcd_endpoints.is_empty() {
-        None
-    } else {
-        Some(join_overlay(netlink, args).await?)
+    let node_name = args.node_name()?;
+    let uplink = find_uplink(netlink, args).await?;
+    let mut overlay = match (&uplink, args.etcd_endpoints.is_empty()) {
+        (Some(uplink), false) => Some(join_overlay(uplink.clone(), args).await?),
+        _ => None,
     };
     let pod_subnet = match (&overlay, args.pod_subnet) {
         (Some(overlay), Some(given)) if given != overlay.own.subnet => {
@@ -298,15 +387,22 @@ async fn serve(
     let maps = AyaMaps::take_from(dataplane.ebpf_mut())?;
     let mut conntrack = Conntrack::take_from(dataplane.ebpf_mut())?;
 
+    let model = Arc::new(ModelHandle::default());
+    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::new(limits, args.pin_dir.clone()));
+    // Subscribe before reading the addresses, so no change falls in between.
+    let mut ports = PortWatch::subscribe(bridge_link.index)?;
+    let addresses = netdev::node_addresses(netlink, &args.nodeport_addresses).await?;
+    model.update(|m| {
+        m.update_node(|node| {
+            node.name = Some(node_name.clone());
+            node.node_port_addresses = addresses;
+        })
+    });
     // Every source is read once before the first pass, so a restart never drops a service or
     // a route only because its source was not read yet, and services are in the maps before
     // any program is attached.
-    let model = Arc::new(ModelHandle::default());
-    let manifest_watch = args
-        .manifests
-        .as_deref()
-        .map(|dir| ManifestWatch::start(dir, &model))
-        .transpose()?;
+    let services = start_services(args, &node_name, &model, &health).await?;
     let lease_revision = match &mut overlay {
         Some(overlay) => Some(
             subnets::load(
@@ -326,18 +422,18 @@ async fn serve(
     for note in &desired.notes {
         warn!("{note}");
     }
-    let mut failed = log_pass(&reconciler.reconcile(&desired), &[]);
+    let started = Instant::now();
+    let first = reconciler.reconcile(&desired);
+    let mut failed = log_pass(&first, &[]);
+    metrics.pass(started.elapsed(), reconciler.programmed(), failed.len());
 
-    let pod_masquerade = args
-        .ip_masq
-        .then(|| {
-            overlay.as_ref().map(|o| PodMasquerade {
-                network: o.config.network,
-                subnet: pod_subnet,
-            })
-        })
-        .flatten();
-    let _table = nft::Table::install(pod_masquerade)?;
+    let _table = nft::Table::install(&Masquerade {
+        overlay: overlay.as_ref().map(|o| nft::Overlay {
+            network: o.config.network,
+            gateway,
+        }),
+        ip_masq_subnet: args.ip_masq.then_some(pod_subnet),
+    })?;
     if let Some(overlay) = &overlay {
         undo.overlay_route = Some((overlay.config.network, overlay.uplink.clone()));
         netdev::route_network(
@@ -349,7 +445,6 @@ async fn serve(
             overlay.mtu,
         )
         .await?;
-        dataplane.attach_uplink(&overlay.uplink.name)?;
         let driver = dataplane.attach_decapsulation(&overlay.uplink.name)?;
         info!(
             uplink = overlay.uplink.name,
@@ -357,7 +452,9 @@ async fn serve(
             "overlay attached"
         );
     }
-    let mut ports = PortWatch::subscribe(bridge_link.index)?;
+    if let Some(uplink) = &uplink {
+        dataplane.attach_uplink(&uplink.name)?;
+    }
     resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?;
     let cgroup = args
         .cgroup
@@ -365,16 +462,32 @@ async fn serve(
         .or_else(cgroup2_mount)
         .context("no cgroup v2 hierarchy is mounted; mount one or pass --cgroup")?;
     dataplane.attach_socket_hooks(&cgroup)?;
+
+    let healthz = http::bind(args.healthz_bind_address).await?;
+    let metrics_listener = http::bind(args.metrics_bind_address).await?;
+    tokio::spawn(http::serve(healthz, health::handler(Arc::clone(&health))));
+    tokio::spawn(http::serve(
+        metrics_listener,
+        metrics::handler(Arc::clone(&metrics)),
+    ));
+    let mut health_checks = HealthCheckServers::new(Arc::clone(&health));
+    health_checks.sync(&desired.health_checks).await;
+    health.synced(failed.is_empty());
+    health.set_ready();
     info!(
+        node = node_name,
         service_ports = reconciler.programmed().service_ports,
         bridge = args.bridge,
         %pod_subnet,
         ports = dataplane.attached_ports(),
+        uplink = uplink.as_ref().map(|u| u.name.as_str()),
         cgroup = %cgroup.display(),
+        healthz = %args.healthz_bind_address,
+        metrics = %args.metrics_bind_address,
         "ready"
     );
 
-    if let Some(watch) = manifest_watch {
+    if let ServiceSource::Manifests(watch) = services {
         tokio::spawn(manifests::follow(watch, Arc::clone(&model)));
     }
     if let (Some(overlay), Some(revision)) = (overlay, lease_revision) {
@@ -393,69 +506,99 @@ async fn serve(
         ));
     }
     let (udp_endpoints, mut udp_changes) = watch::channel(Arc::new(desired.udp_endpoints()));
-    let mut reconciling = tokio::spawn(async move {
-        let mut notes = Vec::new();
-        loop {
-            if failed.is_empty() {
-                model.changed().await;
-            } else {
-                // Retry failed entries even when nothing changed: space may have freed up.
-                let _ = tokio::time::timeout(RETRY, model.changed()).await;
+    let (checks_out, mut checks_in) = watch::channel(desired.health_checks.clone());
+    let mut reconciling = {
+        let (model, health, metrics) = (
+            Arc::clone(&model),
+            Arc::clone(&health),
+            Arc::clone(&metrics),
+        );
+        tokio::spawn(async move {
+            let mut notes = Vec::new();
+            loop {
+                if failed.is_empty() {
+                    model.changed().await;
+                } else {
+                    // Retry failed entries even when nothing changed: space may have freed up.
+                    let _ = tokio::time::timeout(RETRY, model.changed()).await;
+                }
+                health.queued();
+                tokio::time::sleep(COALESCE).await;
+                let started = Instant::now();
+                let desired = model.desired();
+                if desired.notes != notes {
+                    for note in &desired.notes {
+                        warn!("{note}");
+                    }
+                    notes.clone_from(&desired.notes);
+                }
+                failed = log_pass(&reconciler.reconcile(&desired), &failed);
+                metrics.pass(started.elapsed(), reconciler.programmed(), failed.len());
+                health.synced(failed.is_empty());
+                let udp = desired.udp_endpoints();
+                udp_endpoints.send_if_modified(|current| {
+                    let changed = **current != udp;
+                    if changed {
+                        *current = Arc::new(udp);
+                    }
+                    changed
+                });
+                checks_out.send_if_modified(|current| {
+                    let changed = *current != desired.health_checks;
+                    if changed {
+                        current.clone_from(&desired.health_checks);
+                    }
+                    changed
+                });
             }
-            tokio::time::sleep(COALESCE).await;
-            let desired = model.desired();
-            if desired.notes != notes {
-                for note in &desired.notes {
-                    warn!("{note}");
-                }
-                notes.clone_from(&desired.notes);
+        })
+    };
+    let mut collecting = {
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(CONNTRACK_GC);
+            let mut known = Arc::clone(&udp_changes.borrow());
+            loop {
+                let purge = tokio::select! {
+                    _ = ticks.tick() => None,
+                    Ok(()) = udp_changes.changed() => {
+                        let next = Arc::clone(&udp_changes.borrow_and_update());
+                        let lost = lost_udp_endpoints(&known, &next);
+                        known = Arc::clone(&next);
+                        lost.then_some(next)
+                    }
+                };
+                // A sweep makes a syscall per entry; it runs beside the async workers, not on one.
+                let metrics = Arc::clone(&metrics);
+                conntrack = tokio::task::spawn_blocking(move || {
+                    match purge {
+                        None => match conntrack.collect_garbage() {
+                            Ok(sweep) => {
+                                metrics.conntrack_entries(sweep.remaining);
+                                if sweep.removed > 0 {
+                                    tracing::debug!(
+                                        removed = sweep.removed,
+                                        "collected expired connections"
+                                    );
+                                }
+                            }
+                            Err(e) => warn!("conntrack collection failed: {e}"),
+                        },
+                        Some(valid) => match conntrack.purge_udp(&valid) {
+                            Ok(removed) => info!(
+                                removed,
+                                "purged UDP flows of endpoints that left their service"
+                            ),
+                            Err(e) => warn!("purging stale UDP flows failed: {e}"),
+                        },
+                    }
+                    conntrack
+                })
+                .await
+                .expect("conntrack work does not panic");
             }
-            failed = log_pass(&reconciler.reconcile(&desired), &failed);
-            let udp = desired.udp_endpoints();
-            udp_endpoints.send_if_modified(|current| {
-                let changed = **current != udp;
-                if changed {
-                    *current = Arc::new(udp);
-                }
-                changed
-            });
-        }
-    });
-    let mut collecting = tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(CONNTRACK_GC);
-        let mut known = Arc::clone(&udp_changes.borrow());
-        loop {
-            let purge = tokio::select! {
-                _ = ticks.tick() => None,
-                Ok(()) = udp_changes.changed() => {
-                    let next = Arc::clone(&udp_changes.borrow_and_update());
-                    let lost = lost_udp_endpoints(&known, &next);
-                    known = Arc::clone(&next);
-                    lost.then_some(next)
-                }
-            };
-            // A sweep makes a syscall per entry; it runs beside the async workers, not on one.
-            conntrack = tokio::task::spawn_blocking(move || {
-                match purge {
-                    None => match conntrack.collect_garbage() {
-                        Ok(0) => {}
-                        Ok(removed) => tracing::debug!(removed, "collected expired connections"),
-                        Err(e) => warn!("conntrack collection failed: {e}"),
-                    },
-                    Some(valid) => match conntrack.purge_udp(&valid) {
-                        Ok(removed) => info!(
-                            removed,
-                            "purged UDP flows of endpoints that left their service"
-                        ),
-                        Err(e) => warn!("purging stale UDP flows failed: {e}"),
-                    },
-                }
-                conntrack
-            })
-            .await
-            .expect("conntrack work does not panic");
-        }
-    });
+        })
+    };
 
     let mut resync = tokio::time::interval(PORT_RESYNC);
     resync.tick().await;
@@ -464,17 +607,38 @@ async fn serve(
             event = ports.next() => match event {
                 Some(PortEvent::Joined(link)) => attach_port(&mut dataplane, netlink, &link).await,
                 Some(PortEvent::Left(index)) => dataplane.detach_pod_port(index),
+                Some(PortEvent::AddressesChanged) => {
+                    refresh_addresses(netlink, &args.nodeport_addresses, &model).await;
+                }
                 Some(PortEvent::Resync) => {
                     warn!("link notifications were lost; listing the bridge's ports again");
                     resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?;
+                    refresh_addresses(netlink, &args.nodeport_addresses, &model).await;
                 }
                 None => bail!("the netlink link notifications stopped"),
             },
-            _ = resync.tick() => resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?,
+            _ = resync.tick() => {
+                resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?;
+                refresh_addresses(netlink, &args.nodeport_addresses, &model).await;
+            }
+            Ok(()) = checks_in.changed() => {
+                let wanted: BTreeMap<u16, HealthCheck> = checks_in.borrow_and_update().clone();
+                health_checks.sync(&wanted).await;
+            }
             // These loops never return; one that does has panicked.
             ended = &mut reconciling => bail!("the reconciler stopped: {ended:?}"),
             ended = &mut collecting => bail!("conntrack collection stopped: {ended:?}"),
         }
+    }
+}
+
+/// Reads the node's addresses again, for NodePorts.
+async fn refresh_addresses(netlink: &rtnetlink::Handle, only: &[Ipv4Net], model: &ModelHandle) {
+    match netdev::node_addresses(netlink, only).await {
+        Ok(addresses) => {
+            model.update(|m| m.update_node(|node| node.node_port_addresses = addresses));
+        }
+        Err(e) => warn!("listing the node's addresses for NodePorts: {e:#}"),
     }
 }
 

@@ -157,6 +157,15 @@ pub fn stale_udp_sockets(
         .collect()
 }
 
+/// What one garbage collection did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sweep {
+    /// Entries deleted as expired.
+    pub removed: usize,
+    /// Entries left (as read during the sweep).
+    pub remaining: usize,
+}
+
 /// The connection maps of a loaded or pinned dataplane.
 pub struct Conntrack {
     map: BpfHashMap<MapData, CtKey, CtValue>,
@@ -190,12 +199,16 @@ impl Conntrack {
         read_tolerantly(&self.map, CONNTRACK_MAP)
     }
 
-    /// Deletes what has expired by now; returns how many entries went.
-    pub fn collect_garbage(&mut self) -> Result<usize, MapReadError> {
+    /// Deletes what has expired by now.
+    pub fn collect_garbage(&mut self) -> Result<Sweep, MapReadError> {
         let sweep_start = monotonic_now_ns();
         let entries = self.entries()?;
         let garbage = garbage(&entries, monotonic_now_ns(), sweep_start);
-        remove_unchanged(&mut self.map, &entries, &garbage, CONNTRACK_MAP)
+        let removed = remove_unchanged(&mut self.map, &entries, &garbage, CONNTRACK_MAP)?;
+        Ok(Sweep {
+            removed,
+            remaining: entries.len() - removed,
+        })
     }
 
     /// Deletes UDP flows (conntrack and the node's sockets) whose endpoint is not in `valid`;

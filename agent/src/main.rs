@@ -27,7 +27,7 @@ enum LogFormat {
 enum Command {
     /// Run the dataplane on this node: load and attach the eBPF programs, keep the maps in step
     /// with the services.
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// Print what the dataplane holds, read from its pinned maps.
     Inspect(inspect::InspectArgs),
 }
@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => logs.json().init(),
     }
     match command {
-        Command::Agent(args) => tokio::runtime::Runtime::new()?.block_on(agent::run(args)),
+        Command::Agent(args) => tokio::runtime::Runtime::new()?.block_on(agent::run(*args)),
         Command::Inspect(args) => inspect::run(&args),
     }
 }

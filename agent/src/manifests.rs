@@ -176,14 +176,6 @@ fn add_service(service: &Service, described: &str, scan: &mut Scan) {
         object_ref(&service.metadata).and_then(|name| Ok((name, check_service(service)?)));
     match checked {
         Ok((name, Checked::Serve(spec))) => {
-            if spec
-                .ports
-                .iter()
-                .any(|p| p.protocol == weft_common::ip_proto::SCTP)
-            {
-                scan.notes
-                    .push(format!("{described}: SCTP ports are not served yet"));
-            }
             insert(
                 scan,
                 ObjectKey::Service(name),

@@ -1,8 +1,10 @@
-//! The node's links and routes: the pod bridge (created when missing, as the CNI bridge plugin
-//! would), a feed of its ports appearing and leaving, so service translation follows the pods,
-//! the uplink, and the one route that sends the pod Network into the overlay.
+//! The node's links, addresses and routes: the pod bridge (created when missing, as the CNI
+//! bridge plugin would), a feed of its ports appearing and leaving (so service translation
+//! follows the pods) and of the node's addresses changing (so NodePorts follow them), the
+//! uplink, and the one route that sends the pod Network into the overlay.
 
 use std::{
+    collections::BTreeSet,
     io,
     net::{IpAddr, Ipv4Addr},
 };
@@ -223,6 +225,33 @@ pub async fn uplink(handle: &Handle, name: Option<&str>) -> Result<Uplink, Netde
     })
 }
 
+/// The node's IPv4 addresses inside `only` (every address when it is empty), loopback aside:
+/// where NodePorts are served, as kube-proxy's `--nodeport-addresses`.
+pub async fn node_addresses(
+    handle: &Handle,
+    only: &[Ipv4Net],
+) -> Result<BTreeSet<Ipv4Addr>, NetdevError> {
+    let messages: Vec<_> = handle
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(netlink("list addresses"))?;
+    Ok(messages
+        .iter()
+        .flat_map(|message| &message.attributes)
+        .filter_map(|attribute| match attribute {
+            AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
+                Some(*ip)
+            }
+            _ => None,
+        })
+        .filter(|ip| !ip.is_loopback())
+        .filter(|ip| only.is_empty() || only.iter().any(|net| net.contains(ip)))
+        .collect())
+}
+
 async fn default_route_interface(handle: &Handle) -> Result<u32, NetdevError> {
     let routes: Vec<RouteMessage> = handle
         .route()
@@ -351,27 +380,30 @@ pub fn enable_ip_forwarding() -> Result<(), NetdevError> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NetdevError::Forwarding)
 }
 
-/// A change to the set of ports of one bridge.
+/// A change to the set of ports of one bridge, or to the node's addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PortEvent {
     Joined(Link),
     Left(u32),
-    /// Notifications were lost (the socket overran): list the ports again.
+    /// An IPv4 address was added or removed somewhere on the node.
+    AddressesChanged,
+    /// Notifications were lost (the socket overran): list the ports and addresses again.
     Resync,
 }
 
-/// Link notifications, turned into port events for one bridge.
+/// Link and address notifications, turned into port events for one bridge.
 pub struct PortWatch {
     bridge: u32,
     messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
 }
 
 impl PortWatch {
-    /// Subscribes to link notifications. Subscribe before listing the current ports, so no
-    /// port can join unseen in between.
+    /// Subscribes to link and address notifications. Subscribe before listing the current
+    /// ports and addresses, so no change can happen unseen in between.
     pub fn subscribe(bridge: u32) -> Result<Self, NetdevError> {
         let (connection, _, messages) =
-            new_multicast_connection(&[MulticastGroup::Link]).map_err(NetdevError::Socket)?;
+            new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
+                .map_err(NetdevError::Socket)?;
         tokio::spawn(connection);
         Ok(Self { bridge, messages })
     }
@@ -404,6 +436,9 @@ impl PortWatch {
                 }
                 RouteNetlinkMessage::DelLink(link) => {
                     return Some(PortEvent::Left(link.header.index));
+                }
+                RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_) => {
+                    return Some(PortEvent::AddressesChanged);
                 }
                 _ => {}
             }

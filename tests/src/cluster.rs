@@ -175,6 +175,8 @@ pub struct AgentOptions {
     /// etcd endpoint and key prefix: the agent joins the overlay (uplink `eth0`) and its lease
     /// decides the pod subnet.
     pub etcd: Option<(String, String)>,
+    /// Watch the Kubernetes API through this kubeconfig instead of the manifest directory.
+    pub kubeconfig: Option<PathBuf>,
     /// Extra command-line arguments.
     pub extra_args: Vec<String>,
 }
@@ -257,8 +259,13 @@ impl Agent {
             "--log-format=json".into(),
             "agent".into(),
             format!("--pin-dir={}", pin_dir.display()),
-            format!("--manifests={}", manifest_dir.display()),
+            // Nodes share the host's name; each is named after its namespace instead.
+            format!("--hostname-override={}", node.ns.name()),
         ];
+        args.push(match &options.kubeconfig {
+            Some(kubeconfig) => format!("--kubeconfig={}", kubeconfig.display()),
+            None => format!("--manifests={}", manifest_dir.display()),
+        });
         match &options.etcd {
             None => args.push(format!("--pod-subnet={}", node.subnet())),
             Some((endpoint, prefix)) => args.extend([

@@ -1,0 +1,303 @@
+//! The Kubernetes API source: Services, `discovery.k8s.io/v1` EndpointSlices and this node's
+//! Node, watched with reflector semantics (kube-runtime's watcher: an initial list, a watch
+//! from its resourceVersion, a fresh list after `410 Gone`, back-off on errors).
+//!
+//! A (re-)list is buffered and applied to the model as one change when it completes, so the
+//! reconciler never sees half a list: a restart or a `410 Gone` cannot make services vanish
+//! for a moment. Watch events between lists are applied one by one; the reconciler coalesces
+//! them. Services and slices are selected as kube-proxy selects them (no
+//! `service.kubernetes.io/service-proxy-name`, no `service.kubernetes.io/headless` label), and
+//! checked through [`crate::objects`] like every other source's.
+
+use std::{collections::BTreeMap, fmt::Debug, path::Path, sync::Arc, time::Duration};
+
+use futures::{StreamExt as _, future};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config, Resource, ResourceExt as _,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    health::Health,
+    model::Model,
+    objects::{
+        Checked, ObjectError, ObjectRef, ServiceSpec, SliceSpec, check_endpoint_slice,
+        check_service, object_ref,
+    },
+    source::ModelHandle,
+};
+
+/// kube-proxy's selector for the Services and EndpointSlices it serves.
+const PROXIED: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// The Node label kube-proxy reads the zone from, for topology hints.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The taint the cluster autoscaler puts on a node it is about to delete; kube-proxy's
+/// `/healthz` then reports the node ineligible, so load balancers drain it.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot read the kubeconfig {path}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes API configuration: pass --kubeconfig, or run in a pod with a service account"
+    )]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("cannot build a Kubernetes client")]
+    Client(#[source] kube::Error),
+}
+
+/// A client for `--kubeconfig`, or for the pod's service account when there is none.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig_error = |source| KubeError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(kubeconfig_error)?
+        }
+        None => Config::incluster().map_err(KubeError::InCluster)?,
+    };
+    Client::try_from(config).map_err(KubeError::Client)
+}
+
+/// An object kind the model holds.
+trait Kind: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static {
+    type Spec: Clone + PartialEq + Send + 'static;
+    const KIND: &'static str;
+    fn check(&self) -> Result<Checked<Self::Spec>, ObjectError>;
+    fn set(model: &mut Model, name: ObjectRef, spec: Self::Spec) -> bool;
+    fn remove(model: &mut Model, name: &ObjectRef) -> bool;
+}
+
+impl Kind for Service {
+    type Spec = ServiceSpec;
+    const KIND: &'static str = "Service";
+
+    fn check(&self) -> Result<Checked<ServiceSpec>, ObjectError> {
+        check_service(self)
+    }
+
+    fn set(model: &mut Model, name: ObjectRef, spec: ServiceSpec) -> bool {
+        model.set_service(name, spec)
+    }
+
+    fn remove(model: &mut Model, name: &ObjectRef) -> bool {
+        model.remove_service(name)
+    }
+}
+
+impl Kind for EndpointSlice {
+    type Spec = SliceSpec;
+    const KIND: &'static str = "EndpointSlice";
+
+    fn check(&self) -> Result<Checked<SliceSpec>, ObjectError> {
+        check_endpoint_slice(self)
+    }
+
+    fn set(model: &mut Model, name: ObjectRef, spec: SliceSpec) -> bool {
+        model.set_slice(name, spec)
+    }
+
+    fn remove(model: &mut Model, name: &ObjectRef) -> bool {
+        model.remove_slice(name)
+    }
+}
+
+/// The object's name and what the model takes from it, or `None` for an object the dataplane
+/// does not serve (ignored as kube-proxy ignores it, or invalid: logged).
+fn accept<K: Kind>(object: &K) -> Option<(ObjectRef, K::Spec)> {
+    let name = match object_ref(object.meta()) {
+        Ok(name) => name,
+        Err(e) => {
+            warn!(kind = K::KIND, "skipping an object: {e}");
+            return None;
+        }
+    };
+    match object.check() {
+        Ok(Checked::Serve(spec)) => Some((name, spec)),
+        Ok(Checked::Ignore(why)) => {
+            tracing::debug!(kind = K::KIND, object = %name, "ignored: {why}");
+            None
+        }
+        Err(e) => {
+            warn!(kind = K::KIND, object = %name, "invalid, not served: {e}");
+            None
+        }
+    }
+}
+
+/// Follows one kind, keeping the model in step; `synced` turns true after each complete list.
+async fn follow<K: Kind>(
+    api: Api<K>,
+    config: watcher::Config,
+    model: Arc<ModelHandle>,
+    synced: watch::Sender<bool>,
+) {
+    // What this source has put in the model, and the list being received.
+    let mut applied: BTreeMap<ObjectRef, K::Spec> = BTreeMap::new();
+    let mut listing: BTreeMap<ObjectRef, K::Spec> = BTreeMap::new();
+    let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init) => listing.clear(),
+            Ok(watcher::Event::InitApply(object)) => {
+                if let Some((name, spec)) = accept(&object) {
+                    listing.insert(name, spec);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                let next = std::mem::take(&mut listing);
+                let changes = model.update(|m| replace::<K>(m, &applied, &next));
+                if changes {
+                    info!(
+                        kind = K::KIND,
+                        objects = next.len(),
+                        "listed; the model follows the list"
+                    );
+                }
+                applied = next;
+                synced.send_replace(true);
+            }
+            Ok(watcher::Event::Apply(object)) => match accept(&object) {
+                Some((name, spec)) => {
+                    if applied.get(&name) != Some(&spec) {
+                        model.update(|m| K::set(m, name.clone(), spec.clone()));
+                        applied.insert(name, spec);
+                    }
+                }
+                // Now ignored or invalid: it stops being served, as if deleted.
+                None => forget::<K>(&object, &mut applied, &model),
+            },
+            Ok(watcher::Event::Delete(object)) => forget::<K>(&object, &mut applied, &model),
+            Err(error) => warn!(
+                kind = K::KIND,
+                "watching the Kubernetes API failed ({error}); retrying with back-off, \
+                 the dataplane keeps what it has"
+            ),
+        }
+    }
+}
+
+fn forget<K: Kind>(object: &K, applied: &mut BTreeMap<ObjectRef, K::Spec>, model: &ModelHandle) {
+    if let Ok(name) = object_ref(object.meta())
+        && applied.remove(&name).is_some()
+    {
+        model.update(|m| K::remove(m, &name));
+    }
+}
+
+/// Brings the model from `before` (what this source had applied) to `after` (a full list).
+fn replace<K: Kind>(
+    model: &mut Model,
+    before: &BTreeMap<ObjectRef, K::Spec>,
+    after: &BTreeMap<ObjectRef, K::Spec>,
+) -> bool {
+    let mut changed = false;
+    for name in before.keys().filter(|name| !after.contains_key(*name)) {
+        changed |= K::remove(model, name);
+    }
+    for (name, spec) in after {
+        if before.get(name) != Some(spec) {
+            changed |= K::set(model, name.clone(), spec.clone());
+        }
+    }
+    changed
+}
+
+/// Follows this node's Node object: its zone (topology hints) and whether it is about to go
+/// (`/healthz` eligibility).
+async fn follow_node(api: Api<Node>, name: String, model: Arc<ModelHandle>, health: Arc<Health>) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut seen = false;
+    let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init) => seen = false,
+            Ok(watcher::Event::InitApply(node) | watcher::Event::Apply(node)) => {
+                seen = true;
+                let zone = node.labels().get(ZONE_LABEL).cloned();
+                model.update(|m| m.update_node(|facts| facts.zone = zone));
+                let leaving = node.metadata.deletion_timestamp.is_some()
+                    || node
+                        .spec
+                        .as_ref()
+                        .and_then(|spec| spec.taints.as_ref())
+                        .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+                health.set_node_eligible(!leaving);
+            }
+            Ok(watcher::Event::InitDone) => {
+                if !seen {
+                    warn!(
+                        node = name,
+                        "no Node object of this name: topology hints are not used \
+                         (set --hostname-override to the node's name)"
+                    );
+                }
+            }
+            Ok(watcher::Event::Delete(_)) => {
+                model.update(|m| m.update_node(|facts| facts.zone = None));
+                health.set_node_eligible(false);
+            }
+            Err(error) => warn!("watching this node's Node failed ({error}); retrying"),
+        }
+    }
+}
+
+/// How often to say that the first list is still awaited.
+const WAITING_NOTICE: Duration = Duration::from_secs(10);
+
+/// Starts the watchers and waits until the first complete list of Services and EndpointSlices
+/// is in the model (the agent's first pass must not see a partial cluster).
+pub async fn start(
+    client: Client,
+    node_name: &str,
+    model: &Arc<ModelHandle>,
+    health: &Arc<Health>,
+) {
+    let (services_synced, mut services) = watch::channel(false);
+    let (slices_synced, mut slices) = watch::channel(false);
+    let proxied = || watcher::Config::default().labels(PROXIED);
+    tokio::spawn(follow(
+        Api::<Service>::all(client.clone()),
+        proxied(),
+        Arc::clone(model),
+        services_synced,
+    ));
+    tokio::spawn(follow(
+        Api::<EndpointSlice>::all(client.clone()),
+        proxied(),
+        Arc::clone(model),
+        slices_synced,
+    ));
+    tokio::spawn(follow_node(
+        Api::<Node>::all(client),
+        node_name.to_owned(),
+        Arc::clone(model),
+        Arc::clone(health),
+    ));
+    let both = future::join(services.wait_for(|s| *s), slices.wait_for(|s| *s));
+    let mut both = std::pin::pin!(both);
+    loop {
+        match tokio::time::timeout(WAITING_NOTICE, &mut both).await {
+            Ok(_) => return,
+            Err(_) => info!("waiting for the first list of Services and EndpointSlices"),
+        }
+    }
+}
