@@ -418,11 +418,12 @@ async fn serve(
         None => None,
     };
     let mut reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
-    let desired = model.desired();
+    let started = Instant::now();
+    // The first pass looks at everything: the pinned maps may hold what no source has now.
+    let (desired, _) = model.take_changes();
     for note in &desired.notes {
         warn!("{note}");
     }
-    let started = Instant::now();
     let first = reconciler.reconcile(&desired);
     let mut failed = log_pass(&first, &[]);
     metrics.pass(started.elapsed(), reconciler.programmed(), failed.len());
@@ -525,14 +526,14 @@ async fn serve(
                 health.queued();
                 tokio::time::sleep(COALESCE).await;
                 let started = Instant::now();
-                let desired = model.desired();
+                let (desired, changed) = model.take_changes();
                 if desired.notes != notes {
                     for note in &desired.notes {
                         warn!("{note}");
                     }
                     notes.clone_from(&desired.notes);
                 }
-                failed = log_pass(&reconciler.reconcile(&desired), &failed);
+                failed = log_pass(&reconciler.reconcile_changes(&desired, &changed), &failed);
                 metrics.pass(started.elapsed(), reconciler.programmed(), failed.len());
                 health.synced(failed.is_empty());
                 let udp = desired.udp_endpoints();

@@ -12,6 +12,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
@@ -136,24 +137,54 @@ impl Desired {
     }
 }
 
-/// One service's part of the desired state, before frontends are claimed across services.
+/// One service's part of the desired state, before frontends are shared out across services.
 #[derive(Clone, Debug, Default)]
 struct ServiceOutput {
     ports: Vec<(ServicePortName, DesiredPort)>,
     health_check: Option<(u16, HealthCheck)>,
 }
 
+/// Which service ports' desired state changed since the reconciler last looked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Changed {
+    /// Look at everything (the first look).
+    #[default]
+    Everything,
+    Ports(BTreeSet<ServicePortName>),
+}
+
+impl Changed {
+    fn extend(&mut self, ports: impl IntoIterator<Item = ServicePortName>) {
+        if let Self::Ports(changed) = self {
+            changed.extend(ports);
+        }
+    }
+}
+
 /// Services, slices, other nodes' leases and this node's facts, as the sources last reported
-/// them.
+/// them, and the desired state they call for, kept up to date service by service: a change to
+/// one service among thousands costs one service's work, and the reconciler is told which
+/// service ports to look at.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     services: BTreeMap<ObjectRef, ServiceSpec>,
     slices: BTreeMap<ObjectRef, SliceSpec>,
+    /// The slices of each service, by name.
+    slices_of: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
     leases: BTreeMap<Ipv4Net, NodeLease>,
     node: NodeFacts,
-    /// Each service's computed part; services whose objects changed since are in `stale`.
+    /// Each service's own part; services whose objects changed since are in `stale`.
     computed: BTreeMap<ObjectRef, ServiceOutput>,
     stale: BTreeSet<ObjectRef>,
+    /// The service ports that want each frontend; the first owns it, the rest are noted.
+    frontend_claims: BTreeMap<ServiceKey, BTreeSet<ServicePortName>>,
+    /// The frontends more than one service port wants.
+    contested: BTreeSet<ServiceKey>,
+    /// The services that want each health-check NodePort; the first gets it.
+    check_claims: BTreeMap<u16, BTreeSet<ObjectRef>>,
+    leases_changed: bool,
+    desired: Arc<Desired>,
+    changed: Changed,
 }
 
 impl Model {
@@ -181,8 +212,14 @@ impl Model {
         let changed = self.slices.get(&name) != Some(&spec);
         if changed {
             self.stale.insert(spec.service.clone());
-            if let Some(old) = self.slices.insert(name, spec) {
-                self.stale.insert(old.service);
+            self.slices_of
+                .entry(spec.service.clone())
+                .or_default()
+                .insert(name.clone());
+            if let Some(old) = self.slices.insert(name.clone(), spec)
+                && !self.slices[&name].service.eq(&old.service)
+            {
+                self.forget_slice_of(&old.service, &name);
             }
         }
         changed
@@ -192,38 +229,42 @@ impl Model {
     pub fn remove_slice(&mut self, name: &ObjectRef) -> bool {
         match self.slices.remove(name) {
             Some(old) => {
-                self.stale.insert(old.service);
+                self.forget_slice_of(&old.service, name);
                 true
             }
             None => false,
         }
     }
 
-    /// The names of the services and slices known, for a source that re-lists and must forget
-    /// what it no longer sees.
-    pub fn service_names(&self) -> impl Iterator<Item = &ObjectRef> {
-        self.services.keys()
-    }
-
-    /// See [`Model::service_names`].
-    pub fn slice_names(&self) -> impl Iterator<Item = &ObjectRef> {
-        self.slices.keys()
+    fn forget_slice_of(&mut self, service: &ObjectRef, slice: &ObjectRef) {
+        self.stale.insert(service.clone());
+        if let Some(slices) = self.slices_of.get_mut(service) {
+            slices.remove(slice);
+            if slices.is_empty() {
+                self.slices_of.remove(service);
+            }
+        }
     }
 
     /// Records another node's lease; returns whether anything changed.
     pub fn set_lease(&mut self, subnet: Ipv4Net, lease: NodeLease) -> bool {
-        self.leases.insert(subnet, lease) != Some(lease)
+        let changed = self.leases.insert(subnet, lease) != Some(lease);
+        self.leases_changed |= changed;
+        changed
     }
 
     /// Forgets a lease; returns whether it was known.
     pub fn remove_lease(&mut self, subnet: &Ipv4Net) -> bool {
-        self.leases.remove(subnet).is_some()
+        let known = self.leases.remove(subnet).is_some();
+        self.leases_changed |= known;
+        known
     }
 
     /// Replaces every lease (after a full re-list); returns whether anything changed.
     pub fn replace_leases(&mut self, leases: BTreeMap<Ipv4Net, NodeLease>) -> bool {
         let changed = self.leases != leases;
         self.leases = leases;
+        self.leases_changed |= changed;
         changed
     }
 
@@ -246,94 +287,196 @@ impl Model {
     }
 
     /// The dataplane state the current objects call for.
-    pub fn desired(&mut self) -> Desired {
+    pub fn desired(&mut self) -> Arc<Desired> {
         self.refresh();
-        let mut desired = Desired::default();
-        for (subnet, lease) in &self.leases {
-            desired.subnets.insert(
-                *subnet,
-                RemoteNode {
-                    public_ip: lease.public_ip.octets(),
-                    vtep_mac: lease.vtep_mac,
-                    _pad: [0; 2],
-                },
-            );
-            // A node has one lease; should two name one PublicIP (an address that moved), either
-            // subnet identifies the member.
-            desired.vteps.insert(
-                lease.public_ip,
-                Vtep {
-                    subnet_addr: subnet.network().octets(),
-                    subnet_prefix_len: subnet.prefix_len(),
-                    _pad: [0; 3],
-                },
-            );
-        }
-        let mut claimed: BTreeMap<ServiceKey, &ServicePortName> = BTreeMap::new();
-        for output in self.computed.values() {
-            for (name, port) in &output.ports {
-                let mut kept = port.clone();
-                kept.frontends.retain(|key, _| match claimed.get(key) {
-                    Some(owner) => {
-                        desired.notes.push(format!(
-                            "{name}: {}:{}/{} is already served by {owner}; ignoring it here",
-                            Ipv4Addr::from(key.addr),
-                            key.port,
-                            protocol_name(key.proto)
-                        ));
-                        false
-                    }
-                    None => {
-                        claimed.insert(*key, name);
-                        true
-                    }
-                });
-                kept.source_ranges
-                    .retain(|key, _| kept.frontends.contains_key(key));
-                desired.ports.insert(name.clone(), kept);
-            }
-            if let Some((port, check)) = &output.health_check {
-                match desired.health_checks.get(port) {
-                    Some(owner) => desired.notes.push(format!(
-                        "{}: healthCheckNodePort {port} is already served for {}; ignoring it here",
-                        check.service, owner.service
-                    )),
-                    None => {
-                        desired.health_checks.insert(*port, check.clone());
-                    }
-                }
-            }
-        }
-        desired
+        Arc::clone(&self.desired)
     }
 
-    /// Recomputes the services whose objects changed.
+    /// The desired state, and which service ports changed since the last call (everything, on
+    /// the first).
+    pub fn take_changes(&mut self) -> (Arc<Desired>, Changed) {
+        let desired = self.desired();
+        let changed = std::mem::replace(&mut self.changed, Changed::Ports(BTreeSet::new()));
+        (desired, changed)
+    }
+
+    /// Recomputes the services whose objects changed and brings the desired state up to date.
     fn refresh(&mut self) {
-        if self.stale.is_empty() {
+        if self.stale.is_empty() && !self.leases_changed {
             return;
         }
-        let mut slices_by_service: BTreeMap<&ObjectRef, Vec<&SliceSpec>> = BTreeMap::new();
-        for slice in self.slices.values() {
-            if self.stale.contains(&slice.service) {
-                slices_by_service
-                    .entry(&slice.service)
+        let mut ports_changed: BTreeSet<ServicePortName> = BTreeSet::new();
+        let mut frontends_touched: BTreeSet<ServiceKey> = BTreeSet::new();
+        let mut checks_touched: BTreeSet<u16> = BTreeSet::new();
+        for name in std::mem::take(&mut self.stale) {
+            if let Some(old) = self.computed.remove(&name) {
+                for (port_name, port) in &old.ports {
+                    ports_changed.insert(port_name.clone());
+                    for key in port.frontends.keys() {
+                        if let Some(claims) = self.frontend_claims.get_mut(key) {
+                            claims.remove(port_name);
+                        }
+                        frontends_touched.insert(*key);
+                    }
+                }
+                if let Some((port, _)) = old.health_check {
+                    if let Some(claims) = self.check_claims.get_mut(&port) {
+                        claims.remove(&name);
+                    }
+                    checks_touched.insert(port);
+                }
+            }
+            let Some(spec) = self.services.get(&name) else {
+                continue;
+            };
+            let slices: Vec<&SliceSpec> = self
+                .slices_of
+                .get(&name)
+                .into_iter()
+                .flatten()
+                .map(|slice| &self.slices[slice])
+                .collect();
+            let output = compute(&name, spec, &slices, &self.node);
+            for (port_name, port) in &output.ports {
+                ports_changed.insert(port_name.clone());
+                for key in port.frontends.keys() {
+                    self.frontend_claims
+                        .entry(*key)
+                        .or_default()
+                        .insert(port_name.clone());
+                    frontends_touched.insert(*key);
+                }
+            }
+            if let Some((port, _)) = &output.health_check {
+                self.check_claims
+                    .entry(*port)
                     .or_default()
-                    .push(slice);
+                    .insert(name.clone());
+                checks_touched.insert(*port);
+            }
+            self.computed.insert(name, output);
+        }
+        // A frontend whose wanters changed may have a new owner: every wanter is looked at.
+        for key in &frontends_touched {
+            let wanters = self.frontend_claims.get(key).map_or(0, BTreeSet::len);
+            if wanters > 1 {
+                self.contested.insert(*key);
+            } else {
+                self.contested.remove(key);
+            }
+            match self.frontend_claims.get(key) {
+                Some(claims) if claims.is_empty() => {
+                    self.frontend_claims.remove(key);
+                }
+                Some(claims) => ports_changed.extend(claims.iter().cloned()),
+                None => {}
             }
         }
-        for name in std::mem::take(&mut self.stale) {
-            match self.services.get(&name) {
-                Some(spec) => {
-                    let slices = slices_by_service.get(&name).map_or(&[][..], Vec::as_slice);
-                    self.computed
-                        .insert(name.clone(), compute(&name, spec, slices, &self.node));
+        let desired = Arc::make_mut(&mut self.desired);
+        for port_name in &ports_changed {
+            let port = self.computed.get(&port_name.service).and_then(|output| {
+                output
+                    .ports
+                    .iter()
+                    .find(|(name, _)| name == port_name)
+                    .map(|(_, port)| port)
+            });
+            match port {
+                Some(port) => {
+                    let owns = |key: &ServiceKey| {
+                        self.frontend_claims.get(key).and_then(BTreeSet::first) == Some(port_name)
+                    };
+                    let mut kept = port.clone();
+                    kept.frontends.retain(|key, _| owns(key));
+                    kept.source_ranges.retain(|key, _| owns(key));
+                    desired.ports.insert(port_name.clone(), kept);
                 }
                 None => {
-                    self.computed.remove(&name);
+                    desired.ports.remove(port_name);
                 }
             }
         }
+        for port in checks_touched {
+            let owner = self.check_claims.get(&port).and_then(BTreeSet::first);
+            let check = owner
+                .and_then(|owner| self.computed.get(owner))
+                .and_then(|output| output.health_check.clone());
+            match check {
+                Some((_, check)) => {
+                    desired.health_checks.insert(port, check);
+                }
+                None => {
+                    self.check_claims.remove(&port);
+                    desired.health_checks.remove(&port);
+                }
+            }
+        }
+        desired.notes = conflicts(&self.frontend_claims, &self.contested, &self.check_claims);
+        if std::mem::take(&mut self.leases_changed) {
+            (desired.subnets, desired.vteps) = overlay_of(&self.leases);
+        }
+        self.changed.extend(ports_changed);
     }
+}
+
+/// Notes on frontends and health-check NodePorts that several services want: who got them.
+fn conflicts(
+    frontend_claims: &BTreeMap<ServiceKey, BTreeSet<ServicePortName>>,
+    contested: &BTreeSet<ServiceKey>,
+    check_claims: &BTreeMap<u16, BTreeSet<ObjectRef>>,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    for key in contested {
+        let mut claims = frontend_claims[key].iter();
+        let owner = claims.next().expect("more than one");
+        for name in claims {
+            notes.push(format!(
+                "{name}: {}:{}/{} is already served by {owner}; ignoring it here",
+                Ipv4Addr::from(key.addr),
+                key.port,
+                protocol_name(key.proto)
+            ));
+        }
+    }
+    for (port, claims) in check_claims.iter().filter(|(_, c)| c.len() > 1) {
+        let mut claims = claims.iter();
+        let owner = claims.next().expect("more than one");
+        for name in claims {
+            notes.push(format!(
+                "{name}: healthCheckNodePort {port} is already served for {owner}; ignoring it here"
+            ));
+        }
+    }
+    notes
+}
+
+/// The remote subnets and overlay members the leases call for.
+fn overlay_of(
+    leases: &BTreeMap<Ipv4Net, NodeLease>,
+) -> (BTreeMap<Ipv4Net, RemoteNode>, BTreeMap<Ipv4Addr, Vtep>) {
+    let mut subnets = BTreeMap::new();
+    let mut vteps = BTreeMap::new();
+    for (subnet, lease) in leases {
+        subnets.insert(
+            *subnet,
+            RemoteNode {
+                public_ip: lease.public_ip.octets(),
+                vtep_mac: lease.vtep_mac,
+                _pad: [0; 2],
+            },
+        );
+        // A node has one lease; should two name one PublicIP (an address that moved), either
+        // subnet identifies the member.
+        vteps.insert(
+            lease.public_ip,
+            Vtep {
+                subnet_addr: subnet.network().octets(),
+                subnet_prefix_len: subnet.prefix_len(),
+                _pad: [0; 3],
+            },
+        );
+    }
+    (subnets, vteps)
 }
 
 /// One endpoint of a service port, merged over the slices that list it.

@@ -26,7 +26,7 @@ use weft_common::maps::{
 
 use crate::{
     maps::{DatapathMaps, MapReadError, MapWriteError, decode_name, encode_name},
-    model::{Desired, DesiredPort, FrontendSpec, ServicePortName},
+    model::{Changed, Desired, DesiredPort, FrontendSpec, ServicePortName},
     objects::ObjectRef,
 };
 
@@ -155,6 +155,8 @@ pub struct Reconciler<M> {
     ids: Ids,
     subnets: BTreeMap<Ipv4Net, RemoteNode>,
     vteps: BTreeMap<Ipv4Addr, Vtep>,
+    /// Service ports whose last write failed: looked at again on every pass.
+    retry: BTreeSet<ServicePortName>,
 }
 
 impl<M: DatapathMaps> Reconciler<M> {
@@ -264,6 +266,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             ids: Ids::from_used(&used),
             subnets: dump.subnets.into_iter().collect(),
             vteps: dump.vteps.into_iter().collect(),
+            retry: BTreeSet::new(),
         })
     }
 
@@ -287,26 +290,46 @@ impl<M: DatapathMaps> Reconciler<M> {
         }
     }
 
-    /// Brings the maps to `desired`.
+    /// Brings the maps to `desired`, looking at every service port.
     pub fn reconcile(&mut self, desired: &Desired) -> Report {
+        self.reconcile_changes(desired, &Changed::Everything)
+    }
+
+    /// Brings the maps to `desired`, looking only at the service ports in `changed` (and those
+    /// whose last write failed): what the model says changed since the last pass.
+    pub fn reconcile_changes(&mut self, desired: &Desired, changed: &Changed) -> Report {
         let mut report = Report::default();
         self.ids.thaw();
-        self.repair_counts(&mut report);
-        self.release_frontends(desired, &mut report);
+        let scope: Option<BTreeSet<ServicePortName>> = match changed {
+            Changed::Everything => {
+                self.repair_counts(&mut report);
+                None
+            }
+            Changed::Ports(ports) => Some(ports.union(&self.retry).cloned().collect()),
+        };
+        self.release_frontends(desired, scope.as_ref(), &mut report);
         // Removed ports next: they free map space the additions may need.
-        let gone: Vec<ServicePortName> = self
-            .applied
-            .keys()
-            .filter(|name| !desired.ports.contains_key(*name))
-            .cloned()
-            .collect();
+        let gone: Vec<ServicePortName> = match &scope {
+            None => self.applied.keys().cloned().collect(),
+            Some(scope) => scope.iter().cloned().collect(),
+        };
         for name in gone {
+            if desired.ports.contains_key(&name) || !self.applied.contains_key(&name) {
+                continue;
+            }
             match self.remove_port(&name) {
                 Ok(()) => report.removed.push(name),
                 Err(error) => report.failed.push((name, error)),
             }
         }
-        for (name, want) in &desired.ports {
+        let looked_at: Vec<(&ServicePortName, &DesiredPort)> = match &scope {
+            None => desired.ports.iter().collect(),
+            Some(scope) => scope
+                .iter()
+                .filter_map(|name| desired.ports.get_key_value(name))
+                .collect(),
+        };
+        for (name, want) in looked_at {
             let outcome = match self.applied.get(name) {
                 None => self
                     .add_port(name, want)
@@ -321,6 +344,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             }
         }
         self.reconcile_overlay(desired, &mut report);
+        self.retry = report.failed.iter().map(|(name, _)| name.clone()).collect();
         report
     }
 
@@ -352,19 +376,32 @@ impl<M: DatapathMaps> Reconciler<M> {
         }
     }
 
-    /// Removes every frontend the desired state gives to no port or to another port, before any
-    /// port writes: a frontend moving between ports is then never removed after its new owner
-    /// wrote it.
-    fn release_frontends(&mut self, desired: &Desired, report: &mut Report) {
-        let wanted: BTreeMap<ServiceKey, &ServicePortName> = desired
-            .ports
-            .iter()
-            .flat_map(|(name, port)| port.frontends.keys().map(move |key| (*key, name)))
-            .collect();
-        let releasing: Vec<(ServiceKey, ServicePortName)> = self
-            .owners
-            .iter()
-            .filter(|(key, owner)| wanted.get(*key) != Some(owner))
+    /// Removes every frontend of the ports looked at that the desired state no longer gives
+    /// them, before any port writes: a frontend moving between ports (both looked at, as the
+    /// model reports both changed) is then never removed after its new owner wrote it.
+    fn release_frontends(
+        &mut self,
+        desired: &Desired,
+        scope: Option<&BTreeSet<ServicePortName>>,
+        report: &mut Report,
+    ) {
+        let ports: Vec<&AppliedPort> = match scope {
+            None => self.applied.values().collect(),
+            Some(scope) => scope
+                .iter()
+                .filter_map(|name| self.applied.get(name))
+                .collect(),
+        };
+        let releasing: Vec<(ServiceKey, ServicePortName)> = ports
+            .into_iter()
+            .flat_map(|port| port.frontends.keys())
+            .filter_map(|key| self.owners.get_key_value(key))
+            .filter(|(key, owner)| {
+                desired
+                    .ports
+                    .get(*owner)
+                    .is_none_or(|port| !port.frontends.contains_key(*key))
+            })
             .map(|(key, owner)| (*key, owner.clone()))
             .collect();
         for (key, owner) in releasing {
@@ -1558,6 +1595,110 @@ pub(crate) mod tests {
             vec![Op::RemoveFrontend(443), Op::RemoveRange(443, range)]
         );
         assert!(reconciler.maps.ranges.is_empty());
+    }
+
+    /// The maps' content, ids aside: what each frontend leads to.
+    fn served(maps: &FakeMaps) -> BTreeMap<ServiceKey, (Vec<u8>, Vec<u8>, u16)> {
+        maps.frontends
+            .iter()
+            .map(|(key, value)| {
+                let set = |id: u32, count: u32| maps.slots(id, count).into_iter().collect();
+                (
+                    *key,
+                    (
+                        set(value.id, value.count),
+                        set(value.cluster_id, value.cluster_count),
+                        value.flags,
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn passes_over_what_changed_reach_what_full_passes_reach() {
+        use crate::{
+            model::Model,
+            objects::{ServicePort, ServiceSpec, SliceEndpoint, SlicePort, SliceSpec},
+        };
+        let name = |i: u32| ObjectRef {
+            namespace: "default".into(),
+            name: format!("svc-{i}"),
+        };
+        let mut model = Model::default();
+        let mut incremental = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let mut full = Reconciler::adopt(FakeMaps::default()).unwrap();
+        // A fixed pseudo-random walk over services, slices, shared frontends and node facts.
+        let mut seed = 0x2545_f491_u32;
+        let mut next = |n: u32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed % n
+        };
+        for step in 0..400 {
+            let i = next(12);
+            match next(5) {
+                0 | 1 => {
+                    // Services 0..12 share four ClusterIPs, so frontends are contested.
+                    let spec = ServiceSpec {
+                        cluster_ip: Ipv4Addr::new(10, 254, 0, (i % 4) as u8 + 1),
+                        ports: vec![ServicePort {
+                            name: String::new(),
+                            port: 80 + next(2) as u16,
+                            protocol: 6,
+                            node_port: (next(2) == 0).then_some(30_000 + i as u16),
+                        }],
+                        external_local: next(2) == 0,
+                        ..ServiceSpec::default()
+                    };
+                    model.set_service(name(i), spec);
+                }
+                2 => {
+                    model.remove_service(&name(i));
+                }
+                3 => {
+                    let endpoints = (0..next(4))
+                        .map(|e| SliceEndpoint {
+                            addr: Ipv4Addr::new(172, 30, 20, (e + next(3)) as u8 + 2),
+                            node_name: Some(if next(2) == 0 { "a" } else { "b" }.into()),
+                            ..SliceEndpoint::default()
+                        })
+                        .collect();
+                    model.set_slice(
+                        ObjectRef {
+                            namespace: "default".into(),
+                            name: format!("slice-{}", next(20)),
+                        },
+                        SliceSpec {
+                            service: name(i),
+                            ports: vec![SlicePort {
+                                name: String::new(),
+                                port: 8080,
+                                protocol: 6,
+                            }],
+                            endpoints,
+                        },
+                    );
+                }
+                _ => {
+                    model.update_node(|node| {
+                        node.name = Some("a".into());
+                        node.node_port_addresses =
+                            [Ipv4Addr::new(192, 168, 50, next(2) as u8 + 1)].into();
+                    });
+                }
+            }
+            let (desired, changed) = model.take_changes();
+            incremental.reconcile_changes(&desired, &changed);
+            full.reconcile(&desired);
+            incremental.maps.assert_consistent();
+            assert_eq!(
+                served(&incremental.maps),
+                served(&full.maps),
+                "after step {step}"
+            );
+        }
     }
 
     #[test]

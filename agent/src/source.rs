@@ -1,11 +1,11 @@
 //! What every source shares: the model behind a lock, and the signal that wakes the reconciler.
 //! Sources only update the model; they never touch a map.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::model::{Desired, Model};
+use crate::model::{Changed, Desired, Model};
 
 /// The model, shared by the sources (writers) and the reconciler (reader).
 #[derive(Default)]
@@ -26,11 +26,19 @@ impl ModelHandle {
     }
 
     /// The state the model currently calls for.
-    pub fn desired(&self) -> Desired {
+    pub fn desired(&self) -> Arc<Desired> {
         self.model
             .lock()
             .expect("model lock is never poisoned")
             .desired()
+    }
+
+    /// The state the model calls for, and which service ports changed since the last call.
+    pub fn take_changes(&self) -> (Arc<Desired>, Changed) {
+        self.model
+            .lock()
+            .expect("model lock is never poisoned")
+            .take_changes()
     }
 
     /// Waits until the model changes (returns at once if it changed since the last wait).

@@ -1,10 +1,12 @@
 //! Shared pieces of weft's privileged test tiers and of the demo: network namespaces
 //! ([`netns`]), namespace clusters with real agents ([`cluster`]), pod workloads ([`apps`]), test
-//! frames ([`packet`]) and the `BPF_PROG_TEST_RUN` harness ([`harness`]).
+//! frames ([`packet`]), the `BPF_PROG_TEST_RUN` harness ([`harness`]) and a test Kubernetes API
+//! server ([`apiserver`]).
 //!
 //! Everything here needs root; tests call [`netns::require_root`] and fail with instructions
 //! otherwise.
 
+pub mod apiserver;
 pub mod apps;
 pub mod capture;
 pub mod cluster;
@@ -13,3 +15,14 @@ pub mod netns;
 pub mod overlay;
 pub mod packet;
 pub mod seed;
+
+use std::time::{Duration, Instant};
+
+/// Polls `check` every 20 ms until it holds; panics naming `what` after `limit`.
+pub fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

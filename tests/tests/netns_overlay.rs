@@ -22,6 +22,7 @@ use weft_tests::{
     netns::{require_root, unique},
     overlay::{Etcd, FlannelNode, Underlay, network_config, node_address},
     seed::{endpoint_slice, service},
+    within,
 };
 
 const PREFIX: &str = "/weft-test/network";
@@ -97,15 +98,6 @@ fn cluster(nodes: u8, pods: u8) -> Cluster {
         nodes,
         etcd,
         underlay,
-    }
-}
-
-/// Polls `check` every 20 ms until `limit`.
-fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        thread::sleep(Duration::from_millis(20));
     }
 }
 

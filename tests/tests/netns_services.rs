@@ -11,7 +11,7 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use weft_tests::{
@@ -22,6 +22,7 @@ use weft_tests::{
         self, BACKENDS, TARGET_PORT, cluster_cidr, endpoint_slice, nginx_manifest, pod_subnet,
         service,
     },
+    within,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 20, 9);
@@ -86,13 +87,9 @@ fn seed_node_with(extra_manifests: &[(&str, &str)], bridge_netfilter: bool) -> S
     }
 }
 
-/// Polls `check` every 50 ms for up to 10 s.
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
+/// Polls `check` for up to 10 s.
+fn wait_until(what: &str, check: impl FnMut() -> bool) {
+    within(Duration::from_secs(10), what, check);
 }
 
 fn count_servers(answers: &[Answer]) -> BTreeMap<Ipv4Addr, usize> {
