@@ -18,16 +18,17 @@ use crate::netns::Netns;
 /// How long a client waits for a connection or an answer.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A server's answer: who served, and whom it saw as the client.
+/// A server's answer: who served (and on which port), and whom it saw as the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Answer {
     pub server: Ipv4Addr,
+    pub server_port: u16,
     pub client_seen: SocketAddrV4,
 }
 
 impl Answer {
     fn encode(server: SocketAddr, client: SocketAddr) -> String {
-        format!("{} {client}\n", server.ip())
+        format!("{server} {client}\n")
     }
 
     fn decode(text: &str) -> io::Result<Self> {
@@ -38,8 +39,10 @@ impl Answer {
             )
         };
         let (server, client) = text.trim().split_once(' ').ok_or_else(invalid)?;
+        let server: SocketAddrV4 = server.parse().map_err(|_| invalid())?;
         Ok(Self {
-            server: server.parse().map_err(|_| invalid())?,
+            server: *server.ip(),
+            server_port: server.port(),
             client_seen: client.parse().map_err(|_| invalid())?,
         })
     }
@@ -150,7 +153,8 @@ fn udp_loop(socket: &UdpSocket, stop: &AtomicBool) {
             // The local address of an unconnected socket is 0.0.0.0; ask the routing table which
             // of ours the client reached, by connecting a throwaway socket back.
             let server = UdpSocket::bind("0.0.0.0:0")
-                .and_then(|probe| probe.connect(from).and_then(|()| probe.local_addr()));
+                .and_then(|probe| probe.connect(from).and_then(|()| probe.local_addr()))
+                .and_then(|probe| Ok(SocketAddr::new(probe.ip(), socket.local_addr()?.port())));
             if let Ok(server) = server {
                 let _ = socket.send_to(Answer::encode(server, from).as_bytes(), from);
             }
@@ -236,6 +240,39 @@ pub fn udp_request(target: SocketAddrV4) -> io::Result<(Answer, SocketAddr)> {
     let mut buf = [0u8; 256];
     let (len, from) = socket.recv_from(&mut buf)?;
     Ok((Answer::decode(&String::from_utf8_lossy(&buf[..len]))?, from))
+}
+
+/// One datagram and its answer over a connected socket, from inside the calling thread's
+/// namespace: an ICMP port unreachable in reply fails it with `ConnectionRefused`.
+pub fn udp_exchange(target: SocketAddrV4) -> io::Result<Answer> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    socket.connect(target)?;
+    socket.send(b"who?")?;
+    let mut buf = [0u8; 256];
+    let len = socket.recv(&mut buf)?;
+    Answer::decode(&String::from_utf8_lossy(&buf[..len]))
+}
+
+/// `GET path` on a new connection, from inside the calling thread's namespace: the status
+/// code and the body (read to the end of the connection).
+pub fn http_status(target: SocketAddrV4, path: &str) -> io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&target.into(), CLIENT_TIMEOUT)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let invalid = || io::Error::new(io::ErrorKind::InvalidData, response.clone());
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(invalid)?;
+    let (_, body) = response.split_once("\r\n\r\n").ok_or_else(invalid)?;
+    Ok((status, body.to_owned()))
 }
 
 /// Receives one bulk TCP stream on `port` in `ns`: returns the byte count and an FNV-1a digest

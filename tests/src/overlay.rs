@@ -341,3 +341,94 @@ impl FlannelNode {
         .expect("flannel fdb");
     }
 }
+
+/// The etcd prefix overlay clusters keep flannel's config and leases under.
+pub const CLUSTER_PREFIX: &str = "/weft-test/network";
+/// The port every cluster pod serves HTTP on, and UDP.
+pub const POD_HTTP_PORT: u16 = 80;
+pub const POD_UDP_PORT: u16 = 5353;
+
+/// The pod Network of overlay clusters.
+#[must_use]
+pub fn cluster_network() -> Ipv4Net {
+    "172.30.0.0/16".parse().expect("valid CIDR")
+}
+
+/// An overlay cluster of weft nodes. Fields drop top to bottom: agents stop before namespaces
+/// and etcd go.
+pub struct Cluster {
+    pub agents: Vec<crate::cluster::Agent>,
+    pub servers: Vec<crate::apps::Server>,
+    /// `pods[n]` are node `n`'s pods.
+    pub pods: Vec<Vec<crate::cluster::Pod>>,
+    pub nodes: Vec<crate::cluster::Node>,
+    pub etcd: Etcd,
+    pub underlay: Underlay,
+}
+
+/// What an agent of an overlay cluster on `etcd` is started with.
+#[must_use]
+pub fn cluster_options(etcd: &Etcd) -> crate::cluster::AgentOptions {
+    crate::cluster::AgentOptions {
+        etcd: Some((etcd.endpoint(), CLUSTER_PREFIX.to_owned())),
+        ..crate::cluster::AgentOptions::default()
+    }
+}
+
+/// `nodes` weft nodes (node `n` at [`node_address`]`(n)`) with `pods` pods each, every pod
+/// serving HTTP and UDP; the agents start together.
+#[must_use]
+pub fn cluster(nodes: u8, pods: u8) -> Cluster {
+    use crate::{
+        apps::{serve_http, serve_udp},
+        cluster::{Agent, Node},
+    };
+    crate::netns::require_root();
+    let underlay = Underlay::new(&crate::netns::unique("wovl"));
+    let etcd = Etcd::start(&underlay);
+    etcd.put(
+        &format!("{CLUSTER_PREFIX}/config"),
+        &network_config(cluster_network()),
+    );
+    let nodes: Vec<Node> = (1..=nodes)
+        .map(|n| {
+            Node::on_underlay(
+                &format!("{}n{n}", underlay.ns.name()),
+                &underlay,
+                node_address(n),
+            )
+        })
+        .collect();
+    let agents: Vec<Agent> = thread::scope(|scope| {
+        let started: Vec<_> = nodes
+            .iter()
+            .map(|node| scope.spawn(|| Agent::join(node, &[], &cluster_options(&etcd))))
+            .collect();
+        started
+            .into_iter()
+            .map(|agent| agent.join().expect("agent started"))
+            .collect()
+    });
+    let mut servers = Vec::new();
+    let pods = nodes
+        .iter()
+        .map(|node| {
+            (1..=pods)
+                .map(|p| {
+                    let pod = node.add_pod(node.pod_address(p));
+                    servers.push(serve_http(&pod.ns, POD_HTTP_PORT));
+                    servers.push(serve_udp(&pod.ns, POD_UDP_PORT));
+                    pod
+                })
+                .collect()
+        })
+        .collect();
+    Cluster {
+        agents,
+        servers,
+        pods,
+        nodes,
+        etcd,
+        underlay,
+    }
+}

@@ -13,93 +13,18 @@ use std::{
 use ipnet::Ipv4Net;
 use weft::flannel::Lease;
 use weft_tests::{
-    apps::{
-        HttpConnection, Server, http_get, receive_bulk, send_bulk, serve_http, serve_udp,
-        udp_request,
-    },
+    apps::{HttpConnection, http_get, receive_bulk, send_bulk, serve_http, udp_request},
     capture::{Capture, is_udp_to},
-    cluster::{Agent, AgentOptions, Node, Pod},
+    cluster::{Agent, Node},
     netns::{require_root, unique},
-    overlay::{Etcd, FlannelNode, Underlay, network_config, node_address},
+    overlay::{
+        CLUSTER_PREFIX as PREFIX, Etcd, FlannelNode, POD_HTTP_PORT as HTTP_PORT,
+        POD_UDP_PORT as UDP_PORT, Underlay, cluster, cluster_network as network,
+        cluster_options as options, node_address,
+    },
     seed::{endpoint_slice, service},
     within,
 };
-
-const PREFIX: &str = "/weft-test/network";
-const HTTP_PORT: u16 = 80;
-const UDP_PORT: u16 = 5353;
-
-fn network() -> Ipv4Net {
-    "172.30.0.0/16".parse().expect("valid CIDR")
-}
-
-/// An overlay cluster. Fields drop top to bottom: agents stop before namespaces and etcd go.
-struct Cluster {
-    agents: Vec<Agent>,
-    _servers: Vec<Server>,
-    /// `pods[n]` are node `n`'s pods.
-    pods: Vec<Vec<Pod>>,
-    nodes: Vec<Node>,
-    etcd: Etcd,
-    underlay: Underlay,
-}
-
-fn options(etcd: &Etcd) -> AgentOptions {
-    AgentOptions {
-        etcd: Some((etcd.endpoint(), PREFIX.to_owned())),
-        ..AgentOptions::default()
-    }
-}
-
-/// `nodes` weft nodes with `pods` pods each, every pod serving HTTP and UDP; the agents start
-/// together.
-fn cluster(nodes: u8, pods: u8) -> Cluster {
-    require_root();
-    let underlay = Underlay::new(&unique("wovl"));
-    let etcd = Etcd::start(&underlay);
-    etcd.put(&format!("{PREFIX}/config"), &network_config(network()));
-    let nodes: Vec<Node> = (1..=nodes)
-        .map(|n| {
-            Node::on_underlay(
-                &format!("{}n{n}", underlay.ns.name()),
-                &underlay,
-                node_address(n),
-            )
-        })
-        .collect();
-    let agents: Vec<Agent> = thread::scope(|scope| {
-        let started: Vec<_> = nodes
-            .iter()
-            .map(|node| scope.spawn(|| Agent::join(node, &[], &options(&etcd))))
-            .collect();
-        started
-            .into_iter()
-            .map(|agent| agent.join().expect("agent started"))
-            .collect()
-    });
-    let mut servers = Vec::new();
-    let pods: Vec<Vec<Pod>> = nodes
-        .iter()
-        .map(|node| {
-            (1..=pods)
-                .map(|p| {
-                    let pod = node.add_pod(node.pod_address(p));
-                    servers.push(serve_http(&pod.ns, HTTP_PORT));
-                    servers.push(serve_udp(&pod.ns, UDP_PORT));
-                    pod
-                })
-                .collect()
-        })
-        .collect();
-    Cluster {
-        agents,
-        _servers: servers,
-        pods,
-        nodes,
-        etcd,
-        underlay,
-    }
-}
 
 #[test]
 fn pods_on_every_node_reach_pods_on_every_other_node_over_tcp_and_udp() {
