@@ -31,7 +31,8 @@ impl Answer {
         format!("{server} {client}\n")
     }
 
-    fn decode(text: &str) -> io::Result<Self> {
+    /// Parses a server's answer.
+    pub fn decode(text: &str) -> io::Result<Self> {
         let invalid = || {
             io::Error::new(
                 io::ErrorKind::InvalidData,

@@ -647,11 +647,8 @@ impl UdpFlow {
             while !stopped.load(Ordering::Relaxed) {
                 let _ = socket.send_to(b"who?", target);
                 if let Ok((len, _)) = socket.recv_from(&mut buf) {
-                    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
-                    if let Some(server) = text.split_whitespace().next()
-                        && let Ok(server) = server.parse()
-                    {
-                        recorded.lock().expect("answers").push(server);
+                    if let Ok(answer) = Answer::decode(&String::from_utf8_lossy(&buf[..len])) {
+                        recorded.lock().expect("answers").push(answer.server);
                     }
                 }
                 thread::sleep(Duration::from_millis(50));
