@@ -81,7 +81,8 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_BRIDGE", default_value = "cni0")]
     bridge: String,
     /// This node's pod subnet, for a node without etcd (no overlay); with etcd, the lease decides
-    /// it. A bridge weft creates gets its first address.
+    /// it, and with the Kubernetes API and neither, the Node's spec.podCIDR. A bridge weft
+    /// creates gets its first address.
     #[arg(long, env = "WEFT_POD_SUBNET")]
     pod_subnet: Option<Ipv4Net>,
     /// The cluster's pod network. Service traffic from sources outside it is masqueraded. With
@@ -275,6 +276,7 @@ enum ServiceSource {
 /// cluster) and starts following it.
 async fn start_services(
     args: &AgentArgs,
+    api: Option<::kube::Client>,
     node_name: &str,
     model: &Arc<ModelHandle>,
     health: &Arc<Health>,
@@ -282,14 +284,22 @@ async fn start_services(
     if let Some(dir) = &args.manifests {
         return Ok(ServiceSource::Manifests(ManifestWatch::start(dir, model)?));
     }
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-    if args.kubeconfig.is_none() && !in_cluster {
+    let Some(client) = api else {
         info!("no --manifests or --kubeconfig: serving no services, only the overlay");
         return Ok(ServiceSource::None);
-    }
-    let client = kube::client(args.kubeconfig.as_deref()).await?;
+    };
     kube::start(client, node_name, model, health).await;
     Ok(ServiceSource::Kubernetes)
+}
+
+/// A client for the Kubernetes API when it is the service source: `--kubeconfig`, or the
+/// service account in a pod.
+async fn api_client(args: &AgentArgs) -> anyhow::Result<Option<::kube::Client>> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    if args.manifests.is_some() || (args.kubeconfig.is_none() && !in_cluster) {
+        return Ok(None);
+    }
+    Ok(Some(kube::client(args.kubeconfig.as_deref()).await?))
 }
 
 /// Sets the node up and serves until a task fails (the caller stops it on a signal). Everything
@@ -305,6 +315,7 @@ async fn serve(
         (Some(uplink), false) => Some(join_overlay(uplink.clone(), args).await?),
         _ => None,
     };
+    let api = api_client(args).await?;
     let pod_subnet = match (&overlay, args.pod_subnet) {
         (Some(overlay), Some(given)) if given != overlay.own.subnet => {
             bail!(
@@ -314,9 +325,12 @@ async fn serve(
         }
         (Some(overlay), _) => overlay.own.subnet,
         (None, Some(given)) => given,
-        (None, None) => {
-            bail!("pass --pod-subnet (one node) or --etcd-endpoints (flannel-compatible overlay)")
-        }
+        (None, None) => match &api {
+            Some(client) => kube::pod_subnet(client.clone(), &node_name).await?,
+            None => bail!(
+                "pass --pod-subnet (one node) or --etcd-endpoints (flannel-compatible overlay)"
+            ),
+        },
     };
     let gateway = pod_subnet.hosts().next().unwrap_or(pod_subnet.network());
     if let Some(overlay) = &overlay {
@@ -402,7 +416,7 @@ async fn serve(
     // Every source is read once before the first pass, so a restart never drops a service or
     // a route only because its source was not read yet, and services are in the maps before
     // any program is attached.
-    let services = start_services(args, &node_name, &model, &health).await?;
+    let services = start_services(args, api, &node_name, &model, &health).await?;
     let lease_revision = match &mut overlay {
         Some(overlay) => Some(
             subnets::load(

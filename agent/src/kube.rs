@@ -12,6 +12,7 @@
 use std::{collections::BTreeMap, fmt::Debug, path::Path, sync::Arc, time::Duration};
 
 use futures::{StreamExt as _, future};
+use ipnet::Ipv4Net;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -57,6 +58,17 @@ pub enum KubeError {
     InCluster(#[source] kube::config::InClusterError),
     #[error("cannot build a Kubernetes client")]
     Client(#[source] kube::Error),
+    #[error("cannot read the Node {name} (is --hostname-override the node's name?)")]
+    NodeUnreadable {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the Node {0} has no IPv4 spec.podCIDR (the controller manager allocates them with \
+         --allocate-node-cidrs); pass --pod-subnet or --etcd-endpoints"
+    )]
+    NoPodCidr(String),
 }
 
 /// A client for `--kubeconfig`, or for the pod's service account when there is none.
@@ -221,6 +233,29 @@ fn replace<K: Kind>(
     changed
 }
 
+/// This node's pod subnet, as the controller manager allocated it (`spec.podCIDR(s)`): what a
+/// node without a flannel lease serves its pods from.
+pub async fn pod_subnet(client: Client, node_name: &str) -> Result<Ipv4Net, KubeError> {
+    let node = Api::<Node>::all(client)
+        .get(node_name)
+        .await
+        .map_err(|source| KubeError::NodeUnreadable {
+            name: node_name.to_owned(),
+            source,
+        })?;
+    ipv4_pod_cidr(&node).ok_or_else(|| KubeError::NoPodCidr(node_name.to_owned()))
+}
+
+/// The IPv4 one of a Node's pod CIDRs (a dual-stack node lists one per family).
+fn ipv4_pod_cidr(node: &Node) -> Option<Ipv4Net> {
+    let spec = node.spec.as_ref()?;
+    spec.pod_cidrs
+        .iter()
+        .flatten()
+        .chain(spec.pod_cidr.iter())
+        .find_map(|cidr| cidr.parse().ok())
+}
+
 /// Follows this node's Node object: its zone (topology hints) and whether it is about to go
 /// (`/healthz` eligibility).
 async fn follow_node(api: Api<Node>, name: String, model: Arc<ModelHandle>, health: Arc<Health>) {
@@ -299,5 +334,43 @@ pub async fn start(
             Ok(_) => return,
             Err(_) => info!("waiting for the first list of Services and EndpointSlices"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::NodeSpec;
+
+    use super::*;
+
+    fn node(pod_cidr: Option<&str>, pod_cidrs: &[&str]) -> Node {
+        Node {
+            spec: Some(NodeSpec {
+                pod_cidr: pod_cidr.map(str::to_owned),
+                pod_cidrs: (!pod_cidrs.is_empty())
+                    .then(|| pod_cidrs.iter().map(|c| (*c).to_owned()).collect()),
+                ..NodeSpec::default()
+            }),
+            ..Node::default()
+        }
+    }
+
+    #[test]
+    fn the_ipv4_pod_cidr_is_picked_from_either_field_and_either_family_order() {
+        let v4: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        assert_eq!(ipv4_pod_cidr(&node(Some("10.244.3.0/24"), &[])), Some(v4));
+        assert_eq!(
+            ipv4_pod_cidr(&node(
+                Some("fd00:10:244:3::/64"),
+                &["fd00:10:244:3::/64", "10.244.3.0/24"]
+            )),
+            Some(v4)
+        );
+        assert_eq!(
+            ipv4_pod_cidr(&node(Some("fd00::/64"), &["fd00::/64"])),
+            None
+        );
+        assert_eq!(ipv4_pod_cidr(&node(None, &[])), None);
+        assert_eq!(ipv4_pod_cidr(&Node::default()), None);
     }
 }

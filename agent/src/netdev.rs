@@ -35,7 +35,10 @@ pub enum NetdevError {
         #[source]
         source: rtnetlink::Error,
     },
-    #[error("cannot enable IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)")]
+    #[error(
+        "IPv4 forwarding is off and cannot be switched on (/proc/sys/net/ipv4/ip_forward); \
+         set net.ipv4.ip_forward=1 on the node"
+    )]
     Forwarding(#[source] io::Error),
     #[error("no interface {0}; pass the uplink with --iface")]
     NoSuchLink(String),
@@ -376,8 +379,15 @@ pub async fn set_hairpin(handle: &Handle, port: &Link) -> Result<(), NetdevError
 }
 
 /// Lets the node route pod traffic (what the CNI bridge plugin or Docker normally switch on).
+/// Writes only when forwarding is off: a container's `/proc/sys` is read-only, and on a node
+/// that already forwards there is nothing to change.
 pub fn enable_ip_forwarding() -> Result<(), NetdevError> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NetdevError::Forwarding)
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    let current = std::fs::read_to_string(PATH).map_err(NetdevError::Forwarding)?;
+    if current.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(PATH, "1").map_err(NetdevError::Forwarding)
 }
 
 /// A change to the set of ports of one bridge, or to the node's addresses.

@@ -22,6 +22,7 @@ use futures::StreamExt as _;
 use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
 use hyper::{Request, Response, StatusCode, body::Frame, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
+use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -376,12 +377,29 @@ fn reply(status: StatusCode, body: &Value) -> Response<Body> {
         .expect("a valid response")
 }
 
+fn not_found() -> Response<Body> {
+    reply(
+        StatusCode::NOT_FOUND,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "NotFound", "code": 404}),
+    )
+}
+
 fn handle(state: &Mutex<State>, request: &Request<hyper::body::Incoming>) -> Response<Body> {
+    // One Node by name (the agent reads its own once, for its podCIDR).
+    if let Some(name) = request.uri().path().strip_prefix("/api/v1/nodes/") {
+        let mut state = state.lock().expect("API server state");
+        *state.requests.entry((Kind::Node, "get")).or_default() += 1;
+        return match state
+            .objects
+            .get(&(Kind::Node, String::new(), name.to_owned()))
+        {
+            Some(node) => reply(StatusCode::OK, node),
+            None => not_found(),
+        };
+    }
     let Some(kind) = Kind::from_path(request.uri().path()) else {
-        return reply(
-            StatusCode::NOT_FOUND,
-            &json!({"kind": "Status", "status": "Failure", "code": 404}),
-        );
+        return not_found();
     };
     let params: BTreeMap<String, String> = request
         .uri()
@@ -499,6 +517,13 @@ pub fn service(namespace: &str, name: &str, cluster_ip: Ipv4Addr, port: u16, tar
            "metadata": {"name": name, "namespace": namespace},
            "spec": {"type": "ClusterIP", "clusterIP": cluster_ip.to_string(),
                     "ports": [{"port": port, "targetPort": target, "protocol": "TCP"}]}})
+}
+
+/// A Node object `name` with the pod subnet `pod_cidr` (what the controller manager allocates).
+#[must_use]
+pub fn node(name: &str, pod_cidr: Ipv4Net) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+           "spec": {"podCIDR": pod_cidr.to_string(), "podCIDRs": [pod_cidr.to_string()]}})
 }
 
 /// An EndpointSlice object for service `name` with ready `endpoints` on `port`.

@@ -267,6 +267,8 @@ impl Agent {
             None => format!("--manifests={}", manifest_dir.display()),
         });
         match &options.etcd {
+            // With the API, the subnet comes from the Node's spec.podCIDR.
+            None if options.kubeconfig.is_some() => {}
             None => args.push(format!("--pod-subnet={}", node.subnet())),
             Some((endpoint, prefix)) => args.extend([
                 format!("--etcd-endpoints={endpoint}"),

@@ -646,10 +646,10 @@ impl UdpFlow {
             let mut buf = [0u8; 256];
             while !stopped.load(Ordering::Relaxed) {
                 let _ = socket.send_to(b"who?", target);
-                if let Ok((len, _)) = socket.recv_from(&mut buf) {
-                    if let Ok(answer) = Answer::decode(&String::from_utf8_lossy(&buf[..len])) {
-                        recorded.lock().expect("answers").push(answer.server);
-                    }
+                if let Ok((len, _)) = socket.recv_from(&mut buf)
+                    && let Ok(answer) = Answer::decode(&String::from_utf8_lossy(&buf[..len]))
+                {
+                    recorded.lock().expect("answers").push(answer.server);
                 }
                 thread::sleep(Duration::from_millis(50));
             }

@@ -15,7 +15,7 @@ use weft_common::{
     maps::{SERVICES_MAP, ServiceKey, ServiceValue},
 };
 use weft_tests::{
-    apiserver::{ApiServer, Kind, endpoint_slice, service},
+    apiserver::{self, ApiServer, Kind, endpoint_slice, service},
     apps::{Server, http_get, serve_http},
     cluster::{Agent, AgentOptions, Node, Pod},
     netns::{require_root, unique},
@@ -43,6 +43,8 @@ struct KubeNode {
 fn kube_node(api: &ApiServer) -> KubeNode {
     require_root();
     let node = Node::new(&unique("wkub"), pod_subnet());
+    // The agent gets no --pod-subnet: it reads the Node's podCIDR.
+    api.apply(apiserver::node(node.ns.name(), pod_subnet()));
     let backends: Vec<Pod> = BACKENDS.iter().map(|ip| node.add_pod(*ip)).collect();
     let servers = backends
         .iter()
@@ -122,6 +124,7 @@ fn the_agent_follows_a_list_its_watch_bookmarks_and_a_410_gone_into_its_maps() {
     assert_eq!(servers_of(&node, other, 5), [BACKENDS[0]].into());
     assert!(!node.agent.inspect("services").contains("default/foreign"));
     assert_eq!(api.requests(Kind::Service, "list"), 1);
+    assert_eq!(api.requests(Kind::Node, "get"), 1);
 
     // A watch event: .8 leaves nginx's slice.
     api.apply(endpoint_slice(
