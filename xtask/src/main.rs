@@ -27,7 +27,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing weft needs (Debian packages, bpf-linker, bpffs).
-    Setup,
+    Setup {
+        /// Only what building needs: no BPF filesystem (an image build has none to mount).
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Check formatting and lints, then run every test (unit, BPF_PROG_TEST_RUN, namespaces).
     Test,
     /// Build a node out of network namespaces and serve the seed's nginx Service on it.
@@ -86,7 +90,7 @@ fn cargo() -> Command {
 }
 
 fn test() -> anyhow::Result<()> {
-    setup::setup()?;
+    setup::setup(setup::Scope::BuildAndRun)?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -126,7 +130,7 @@ fn test() -> anyhow::Result<()> {
 }
 
 fn demo(keep: bool, clean: bool) -> anyhow::Result<()> {
-    setup::setup()?;
+    setup::setup(setup::Scope::BuildAndRun)?;
     run(cargo().args([
         "build",
         "-p",
@@ -149,7 +153,11 @@ fn demo(keep: bool, clean: bool) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup::setup(),
+        Task::Setup { build_only } => setup::setup(if build_only {
+            setup::Scope::Build
+        } else {
+            setup::Scope::BuildAndRun
+        }),
         Task::Test => test(),
         Task::Demo { keep, clean } => demo(keep, clean),
     }

@@ -132,8 +132,17 @@ pub fn is_root() -> bool {
     })
 }
 
+/// What a setup prepares the machine for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Building only, as in a container image build.
+    Build,
+    /// Building, testing and running the demo.
+    BuildAndRun,
+}
+
 /// Installs what is missing; a no-op when everything is there.
-pub fn setup() -> anyhow::Result<()> {
+pub fn setup(scope: Scope) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
             "setup installs packages and mounts bpffs, and the tests create network namespaces: run as root"
@@ -146,5 +155,8 @@ pub fn setup() -> anyhow::Result<()> {
     install_packages()?;
     check_debian_rustc()?;
     install_bpf_linker()?;
-    mount_bpffs()
+    if scope == Scope::BuildAndRun {
+        mount_bpffs()?;
+    }
+    Ok(())
 }

@@ -1,0 +1,284 @@
+//! The manifests in `deploy/` parse strictly into the Kubernetes API types (a misspelled or
+//! misplaced field fails, as `kubectl apply --validate=strict` would), and they agree with each
+//! other and with the agent: the binding grants the role to the DaemonSet's account, the role
+//! only reads, every flag variable is one the agent declares, the liveness probe hits the
+//! health port the agent binds.
+
+use std::{collections::BTreeSet, fs, path::Path, process::Command};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{ConfigMap, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+use weft_tests::cluster::weft_binary;
+
+fn deploy_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"))
+}
+
+/// Every YAML document in `deploy/`, with the file it came from.
+fn documents() -> Vec<(String, Value)> {
+    let mut files: Vec<_> = fs::read_dir(deploy_dir())
+        .expect("reading deploy/")
+        .map(|entry| entry.expect("a deploy/ entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no manifests in deploy/");
+    let mut documents = Vec::new();
+    for path in files {
+        let text = fs::read_to_string(&path).expect("reading a manifest");
+        for document in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value = Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
+            documents.push((path.display().to_string(), value));
+        }
+    }
+    documents
+}
+
+/// `document` as a `T`, failing on anything `T` does not hold: the typed object, written back,
+/// must be the document itself.
+fn strict<T: DeserializeOwned + Serialize>(file: &str, document: &Value) -> T {
+    let typed: T = serde_json::from_value(document.clone())
+        .unwrap_or_else(|e| panic!("{file}: not a valid {}: {e}", document["kind"]));
+    let written = serde_json::to_value(&typed).expect("serializing");
+    assert_eq!(
+        &written, document,
+        "{file}: fields the {} type does not have (compare the two)",
+        document["kind"]
+    );
+    typed
+}
+
+/// The deploy/ objects, one of each kind.
+struct Deployment {
+    account: ServiceAccount,
+    role: ClusterRole,
+    binding: ClusterRoleBinding,
+    config: ConfigMap,
+    daemon_set: DaemonSet,
+}
+
+fn deployment() -> Deployment {
+    let (mut account, mut role, mut binding, mut config, mut daemon_set) =
+        (None, None, None, None, None);
+    fn once<T>(slot: &mut Option<T>, file: &str, object: T) {
+        assert!(slot.is_none(), "{file}: a second object of its kind");
+        *slot = Some(object);
+    }
+    for (file, document) in documents() {
+        match (document["apiVersion"].as_str(), document["kind"].as_str()) {
+            (Some("v1"), Some("ServiceAccount")) => {
+                once(&mut account, &file, strict(&file, &document));
+            }
+            (Some("rbac.authorization.k8s.io/v1"), Some("ClusterRole")) => {
+                once(&mut role, &file, strict(&file, &document));
+            }
+            (Some("rbac.authorization.k8s.io/v1"), Some("ClusterRoleBinding")) => {
+                once(&mut binding, &file, strict(&file, &document));
+            }
+            (Some("v1"), Some("ConfigMap")) => once(&mut config, &file, strict(&file, &document)),
+            (Some("apps/v1"), Some("DaemonSet")) => {
+                once(&mut daemon_set, &file, strict(&file, &document));
+            }
+            other => panic!("{file}: unexpected object {other:?}"),
+        }
+    }
+    Deployment {
+        account: account.expect("a ServiceAccount"),
+        role: role.expect("a ClusterRole"),
+        binding: binding.expect("a ClusterRoleBinding"),
+        config: config.expect("a ConfigMap"),
+        daemon_set: daemon_set.expect("a DaemonSet"),
+    }
+}
+
+/// The environment variables `weft agent` reads its flags from, as its help lists them.
+fn agent_variables() -> BTreeSet<String> {
+    let help = Command::new(weft_binary())
+        .args(["agent", "--help"])
+        .output()
+        .expect("running weft agent --help");
+    assert!(help.status.success(), "weft agent --help failed");
+    String::from_utf8_lossy(&help.stdout)
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('=').map(|(name, _)| name.to_owned()))
+        .collect()
+}
+
+#[test]
+fn every_manifest_parses_strictly_into_its_kubernetes_type() {
+    let documents = documents();
+    assert_eq!(documents.len(), 5, "{documents:#?}");
+    // A field the types do not know is caught, not silently dropped.
+    let (file, daemon_set) = documents
+        .iter()
+        .find(|(_, d)| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let mut misspelled = daemon_set.clone();
+    misspelled["spec"]["template"]["spec"]["hostNetwrok"] = Value::Bool(true);
+    let caught = std::panic::catch_unwind(|| strict::<DaemonSet>(file, &misspelled));
+    assert!(caught.is_err(), "a misspelled field went through");
+    deployment();
+}
+
+#[test]
+fn the_role_only_reads_what_the_agent_watches_and_is_bound_to_the_agents_account() {
+    let Deployment {
+        account,
+        role,
+        binding,
+        daemon_set,
+        ..
+    } = deployment();
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.expect("rules") {
+        assert_eq!(
+            rule.verbs,
+            ["get", "list", "watch"],
+            "the agent writes nothing to the API"
+        );
+        for group in rule.api_groups.expect("apiGroups") {
+            for resource in rule.resources.clone().expect("resources") {
+                granted.insert(format!("{group}/{resource}"));
+            }
+        }
+    }
+    assert_eq!(
+        granted,
+        ["/nodes", "/services", "discovery.k8s.io/endpointslices"]
+            .map(str::to_owned)
+            .into()
+    );
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(Some(binding.role_ref.name), role.metadata.name);
+    let subjects = binding.subjects.expect("subjects");
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(&subjects[0].name), account.metadata.name.as_ref());
+    assert_eq!(subjects[0].namespace, account.metadata.namespace);
+    let pod = daemon_set.spec.template.spec.expect("pod spec");
+    assert_eq!(pod.service_account_name, account.metadata.name);
+    assert_eq!(daemon_set.metadata.namespace, account.metadata.namespace);
+}
+
+#[test]
+fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs() {
+    let Deployment {
+        config, daemon_set, ..
+    } = deployment();
+    let spec = daemon_set.spec;
+    let labels = spec.template.metadata.and_then(|m| m.labels);
+    for (key, value) in spec.selector.match_labels.expect("matchLabels") {
+        assert_eq!(
+            labels.as_ref().and_then(|l| l.get(&key)),
+            Some(&value),
+            "the selector must match the pods"
+        );
+    }
+    let pod = spec.template.spec.expect("pod spec");
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let [container] = pod.containers.as_slice() else {
+        panic!("one container");
+    };
+    let security = container.security_context.clone().expect("securityContext");
+    assert_eq!(security.privileged, Some(false));
+    let capabilities = security.capabilities.expect("capabilities");
+    assert_eq!(capabilities.drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(
+        capabilities.add,
+        Some(["BPF", "NET_ADMIN", "PERFMON"].map(str::to_owned).to_vec())
+    );
+
+    // The node's name from the downward API.
+    let env = container.env.clone().unwrap_or_default();
+    let node_name = env
+        .iter()
+        .find(|v| v.name == "NODE_NAME")
+        .and_then(|v| v.value_from.as_ref())
+        .and_then(|from| from.field_ref.as_ref())
+        .map(|field| field.field_path.as_str());
+    assert_eq!(node_name, Some("spec.nodeName"));
+
+    // The pins, the host's cgroup root (passed as --cgroup) and flannel's run directory.
+    let mounts: Vec<(String, String)> = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|mount| {
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == mount.name)
+                .unwrap_or_else(|| panic!("no volume {}", mount.name));
+            let host = volume
+                .host_path
+                .as_ref()
+                .map_or_else(String::new, |h| h.path.clone());
+            (host, mount.mount_path.clone())
+        })
+        .collect();
+    let cgroup = env
+        .iter()
+        .find(|v| v.name == "WEFT_CGROUP")
+        .and_then(|v| v.value.clone())
+        .expect("WEFT_CGROUP");
+    for expected in [
+        ("/sys/fs/bpf", "/sys/fs/bpf"),
+        ("/sys/fs/cgroup", cgroup.as_str()),
+        ("/run/flannel", "/run/flannel"),
+    ] {
+        assert!(
+            mounts
+                .iter()
+                .any(|(host, path)| (host.as_str(), path.as_str()) == expected),
+            "missing mount {expected:?} in {mounts:?}"
+        );
+    }
+
+    // Liveness on the port the agent serves health on.
+    let data = config.data.expect("ConfigMap data");
+    let healthz_port: i32 = data["WEFT_HEALTHZ_BIND_ADDRESS"]
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .expect("WEFT_HEALTHZ_BIND_ADDRESS is host:port");
+    let probe = container
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("an HTTP liveness probe");
+    assert_eq!(probe.port, IntOrString::Int(healthz_port));
+    assert_eq!(probe.path.as_deref(), Some("/livez"));
+
+    // The flags come from the ConfigMap, and every variable there or in the pod is the agent's
+    // (or the API address the in-cluster configuration reads).
+    let from_config: Vec<_> = container
+        .env_from
+        .iter()
+        .flatten()
+        .filter_map(|source| source.config_map_ref.as_ref())
+        .map(|reference| reference.name.clone())
+        .collect();
+    assert_eq!(from_config, [config.metadata.name.expect("a name")]);
+    let known = agent_variables();
+    assert!(known.contains("WEFT_CLUSTER_CIDR"), "{known:?}");
+    for name in data.keys().chain(env.iter().map(|v| &v.name)) {
+        assert!(
+            known.contains(name) || name.starts_with("KUBERNETES_SERVICE_"),
+            "{name} is not a variable `weft agent` reads ({known:?})"
+        );
+    }
+}
