@@ -6,7 +6,7 @@ use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
@@ -230,6 +230,62 @@ impl HttpConnection {
 /// One request on a new connection, from inside the calling thread's namespace.
 pub fn http_get(target: SocketAddrV4) -> io::Result<Answer> {
     HttpConnection::open(target)?.request()
+}
+
+/// One UDP flow (one socket) sending a datagram every 20 ms from a namespace, recording who
+/// answers, until dropped.
+pub struct UdpFlow {
+    answers: Arc<Mutex<Vec<Ipv4Addr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpFlow {
+    /// Starts the flow from `ns` to `target`.
+    #[must_use]
+    pub fn start(ns: &Netns, target: SocketAddrV4) -> Self {
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let socket = ns
+            .run(|| UdpSocket::bind("0.0.0.0:0"))
+            .expect("the client socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("a read timeout");
+        let (recorded, stopped) = (Arc::clone(&answers), Arc::clone(&stop));
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while !stopped.load(Ordering::Relaxed) {
+                let _ = socket.send_to(b"who?", target);
+                if let Ok((len, _)) = socket.recv_from(&mut buf)
+                    && let Ok(answer) = Answer::decode(&String::from_utf8_lossy(&buf[..len]))
+                {
+                    recorded.lock().expect("answers").push(answer.server);
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            answers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The server of the latest answer.
+    #[must_use]
+    pub fn last(&self) -> Option<Ipv4Addr> {
+        self.answers.lock().expect("answers").last().copied()
+    }
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// One datagram and its answer, from inside the calling thread's namespace; also returns the

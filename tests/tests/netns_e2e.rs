@@ -8,17 +8,15 @@ use std::{
     collections::BTreeSet,
     io,
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
 
 use weft_tests::{
     apps::{
-        Answer, HttpConnection, Server, http_get, http_status, serve_http, serve_udp, udp_exchange,
+        Answer, HttpConnection, Server, UdpFlow, http_get, http_status, serve_http, serve_udp,
+        udp_exchange,
     },
     cluster::{Agent, AgentOptions, Node, Pod},
     netns::{Netns, require_root, unique},
@@ -621,58 +619,6 @@ fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints() 
         "the ready endpoint takes over",
         || distinct(&servers(&site.client.ns, frontend(), 10)) == [backend(1)].into(),
     );
-}
-
-/// Sends a datagram every 50 ms from one socket (one flow) to `target` from `ns`, recording
-/// who answers, until stopped.
-struct UdpFlow {
-    answers: Arc<Mutex<Vec<Ipv4Addr>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl UdpFlow {
-    fn start(ns: &Netns, target: SocketAddrV4) -> Self {
-        let answers = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let socket = ns
-            .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
-            .expect("the client socket");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("timeout");
-        let (recorded, stopped) = (Arc::clone(&answers), Arc::clone(&stop));
-        let thread = thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while !stopped.load(Ordering::Relaxed) {
-                let _ = socket.send_to(b"who?", target);
-                if let Ok((len, _)) = socket.recv_from(&mut buf)
-                    && let Ok(answer) = Answer::decode(&String::from_utf8_lossy(&buf[..len]))
-                {
-                    recorded.lock().expect("answers").push(answer.server);
-                }
-                thread::sleep(Duration::from_millis(50));
-            }
-        });
-        Self {
-            answers,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn last(&self) -> Option<Ipv4Addr> {
-        self.answers.lock().expect("answers").last().copied()
-    }
-}
-
-impl Drop for UdpFlow {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// The UDP service `dns` (port 53 -> 53, NodePort 30053) on the backends in `pods`.

@@ -15,7 +15,7 @@ use std::{
 };
 
 use weft_tests::{
-    apps::{Answer, HttpConnection, Server, http_get, serve_http, serve_udp, udp_request},
+    apps::{Answer, HttpConnection, Server, UdpFlow, http_get, serve_http, serve_udp, udp_request},
     cluster::{Agent, AgentOptions, Node, Pod},
     netns::{require_root, unique},
     seed::{
@@ -363,63 +363,6 @@ fn a_failing_test_still_removes_its_namespaces_and_pins() {
     );
     let pin_dir = pin_dir.into_inner().unwrap().expect("the agent started");
     assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
-}
-
-/// A UDP client that keeps sending from one socket, recording who answers.
-struct UdpFlow {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    answers: std::sync::Arc<std::sync::Mutex<Vec<Ipv4Addr>>>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl UdpFlow {
-    fn start(ns: &weft_tests::netns::Netns, target: SocketAddrV4) -> Self {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let socket = ns
-            .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
-            .expect("client socket");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let (flag, sink) = (
-            std::sync::Arc::clone(&stop),
-            std::sync::Arc::clone(&answers),
-        );
-        let thread = thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = socket.send_to(b"who?", target);
-                if let Ok((len, _)) = socket.recv_from(&mut buf) {
-                    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
-                    if let Some(server) =
-                        text.split_whitespace().next().and_then(|s| s.parse().ok())
-                    {
-                        sink.lock().unwrap().push(server);
-                    }
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Self {
-            stop,
-            answers,
-            thread: Some(thread),
-        }
-    }
-
-    fn last(&self) -> Option<Ipv4Addr> {
-        self.answers.lock().unwrap().last().copied()
-    }
-}
-
-impl Drop for UdpFlow {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// A flow that never pauses keeps its conntrack entry alive forever; when its endpoint leaves
