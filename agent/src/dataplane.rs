@@ -43,6 +43,9 @@ pub const TO_UPLINK: &str = "tc_to_uplink";
 pub const FROM_UPLINK: &str = "tc_from_uplink";
 /// XDP on the uplink: VXLAN decapsulation.
 pub const XDP_UPLINK: &str = "xdp_uplink";
+/// Empty TC and XDP programs the agent never loads: the bench's floor.
+pub const TC_FLOOR: &str = "tc_floor";
+pub const XDP_FLOOR: &str = "xdp_floor";
 /// cgroup socket hooks for the node's own sockets.
 pub const SOCKET_HOOKS: [&str; 4] = [
     "sock_connect4",

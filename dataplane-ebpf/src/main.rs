@@ -8,6 +8,7 @@
 //! | TC ingress of the uplink | [`tc_from_uplink`] | service DNAT for clients outside the node (NodePort, external IPs) |
 //! | TC egress of the uplink | [`tc_to_uplink`] | reverse NAT of replies leaving the node, VXLAN encapsulation to remote pod subnets |
 //! | XDP on the uplink | [`xdp_uplink`] | VXLAN decapsulation of traffic for this node |
+//! | none (bench only) | [`floor`] | empty TC and XDP programs: the cost of running any program |
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![cfg_attr(
     not(target_arch = "bpf"),
@@ -18,6 +19,8 @@
 mod cgroup_sock_addr;
 #[cfg(target_arch = "bpf")]
 mod ct;
+#[cfg(target_arch = "bpf")]
+mod floor;
 #[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]

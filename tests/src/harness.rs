@@ -148,8 +148,38 @@ impl Datapath {
         self.run_with(name, frame, mark, 0, repeat)
     }
 
+    /// Loads the empty programs the bench measures as its floor ([`weft::dataplane::TC_FLOOR`],
+    /// [`weft::dataplane::XDP_FLOOR`]); the agent's loader leaves them out.
+    pub fn load_floor(&mut self) {
+        let ebpf = self.dataplane.ebpf_mut();
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(weft::dataplane::TC_FLOOR)
+            .expect("the TC floor program")
+            .try_into()
+            .expect("a TC program");
+        tc.load().expect("loading the TC floor");
+        let xdp: &mut aya::programs::Xdp = ebpf
+            .program_mut(weft::dataplane::XDP_FLOOR)
+            .expect("the XDP floor program")
+            .try_into()
+            .expect("an XDP program");
+        xdp.load().expect("loading the XDP floor");
+    }
+
     /// Runs the XDP program `name` once on `frame`: the action and the frame it leaves.
     pub fn run_xdp(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let (action, output, _) = self.run_xdp_repeated(name, frame, 1);
+        (action, output)
+    }
+
+    /// Runs the XDP program `name` `repeat` times on `frame`: the action, the frame it leaves
+    /// and the kernel's average time per run.
+    pub fn run_xdp_repeated(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> (u32, Vec<u8>, Duration) {
         let program: &mut aya::programs::Xdp = self
             .dataplane
             .ebpf_mut()
@@ -162,14 +192,24 @@ impl Datapath {
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut output),
+                repeat,
                 ..TestRunOptions::default()
             })
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {frame:02x?}: {e}"));
         output.truncate(result.data_size_out as usize);
-        (result.return_value, output)
+        (result.return_value, output, result.duration)
     }
 
-    fn run_with(&mut self, name: &str, frame: &[u8], mark: u32, ifindex: u32, repeat: u32) -> Run {
+    /// Runs the TC program `name` `repeat` times on `frame`, with `mark` in the skb, as if on
+    /// device `ifindex` (0: none).
+    pub fn run_with(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        mark: u32,
+        ifindex: u32,
+        repeat: u32,
+    ) -> Run {
         let program: &mut SchedClassifier = self
             .dataplane
             .ebpf_mut()

@@ -1,18 +1,20 @@
 //! Shared pieces of weft's privileged test tiers and of the demo: network namespaces
 //! ([`netns`]), namespace clusters with real agents ([`cluster`]), pod workloads ([`apps`]), test
-//! frames ([`packet`]), the `BPF_PROG_TEST_RUN` harness ([`harness`]) and a test Kubernetes API
-//! server ([`apiserver`]).
+//! frames ([`packet`]), the `BPF_PROG_TEST_RUN` harness ([`harness`]), a test Kubernetes API
+//! server ([`apiserver`]) and the bench's pieces ([`bench`]).
 //!
 //! Everything here needs root; tests call [`netns::require_root`] and fail with instructions
 //! otherwise.
 
 pub mod apiserver;
 pub mod apps;
+pub mod bench;
 pub mod capture;
 pub mod cluster;
 pub mod harness;
 pub mod netns;
 pub mod overlay;
+pub mod overlay_fixture;
 pub mod packet;
 pub mod seed;
 

@@ -5,6 +5,8 @@
 //! - `cargo xtask test`: formatting, lints (host and eBPF), and every test tier.
 //! - `cargo xtask demo [--keep | --clean]`: the seed's example on a node made of network
 //!   namespaces.
+//! - `cargo xtask bench [--quick]`: weft against kube-proxy and flannel's kernel VXLAN, side by
+//!   side, into `docs/benchmarks.md`.
 
 mod setup;
 
@@ -42,6 +44,13 @@ enum Task {
         /// Remove a demo left running with --keep.
         #[arg(long, conflicts_with = "keep")]
         clean: bool,
+    },
+    /// Measure weft against kube-proxy (iptables, nftables) and the kernel's VXLAN, side by side;
+    /// writes docs/benchmarks.md and its plot.
+    Bench {
+        /// A two-minute version (smaller scales, shorter runs), written to target/bench/.
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -126,7 +135,46 @@ fn test() -> anyhow::Result<()> {
     run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     run(cargo()
         .args(["test", "--workspace", "--locked"])
-        .env("WEFT_BIN", root().join("target/debug/weft")))
+        .env("WEFT_BIN", root().join("target/debug/weft")))?;
+    // The bench's quick run as a smoke test (debug builds, already built; no figure is judged).
+    run_bench("debug", &root().join("target/bench/smoke.md"), true)
+}
+
+/// Builds the agent and the bench in release and runs the bench.
+fn bench(quick: bool) -> anyhow::Result<()> {
+    setup::setup(setup::Scope::BuildAndRun)?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "weft",
+        "-p",
+        "weft-tests",
+        "--bins",
+        "--locked",
+    ]))?;
+    let out = if quick {
+        root().join("target/bench/quick.md")
+    } else {
+        root().join("docs/benchmarks.md")
+    };
+    run_bench("release", &out, quick)
+}
+
+/// Runs the bench binary of `profile` (already built) into `out`.
+fn run_bench(profile: &str, out: &Path, quick: bool) -> anyhow::Result<()> {
+    let dir = out.parent().context("the report's directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut bench = Command::new(root().join("target").join(profile).join("weft-bench"));
+    bench
+        .current_dir(root())
+        .env("WEFT_BIN", root().join("target").join(profile).join("weft"))
+        .arg("--out")
+        .arg(out);
+    if quick {
+        bench.arg("--quick");
+    }
+    run(&mut bench)
 }
 
 fn demo(keep: bool, clean: bool) -> anyhow::Result<()> {
@@ -160,5 +208,6 @@ fn main() -> anyhow::Result<()> {
         }),
         Task::Test => test(),
         Task::Demo { keep, clean } => demo(keep, clean),
+        Task::Bench { quick } => bench(quick),
     }
 }

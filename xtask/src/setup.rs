@@ -34,6 +34,9 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "etcd-server",
     "etcd-client",
+    // The bench's peers: kube-proxy's iptables rules, and iperf3 for throughput.
+    "iptables",
+    "iperf3",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,947 @@
+//! `cargo xtask bench [--quick]`: weft against kube-proxy (iptables and nftables modes) and the
+//! kernel's VXLAN device as flannel configures it, on namespace clusters built here, with the
+//! same load through each, in one run. Prints one table and writes it, with the machine, the
+//! date and the command, to the report file (and a plot of connect latency against the number
+//! of services beside it). Nothing here asserts a figure.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::maps::HashMap as BpfHashMap;
+use ipnet::Ipv4Net;
+use weft::{
+    dataplane::{FROM_PODS, MapLimits, TC_FLOOR, TO_POD, TO_UPLINK, XDP_FLOOR, XDP_UPLINK},
+    maps::open_pinned,
+};
+use weft_common::{
+    ip_proto,
+    maps::{SERVICES_MAP, ServiceKey, ServiceValue},
+};
+use weft_tests::{
+    apiserver::{self, ApiServer},
+    bench::{
+        Better, Contender, Row, Samples, Series,
+        load::{BenchServer, connect_rate, request_rate},
+        peers::{
+            self, BenchService, NFT_TABLE, iptables_ruleset, iptables_update, nft_ruleset,
+            nft_update,
+        },
+        plot, table,
+    },
+    cluster::{Agent, AgentOptions, Node, Pod},
+    harness::Datapath,
+    netns::{Netns, require_root, unique},
+    overlay::{
+        CLUSTER_PREFIX, Etcd, FlannelNode, Underlay, cluster, cluster_network, network_config,
+        node_address,
+    },
+    overlay_fixture::{self, REMOTE_IP, inner_frame, pod, uplink_namespace, vxlan_frame},
+    packet::{ACK, SYN, parse, tcp},
+};
+
+/// Endpoints per service, as the issue's scale points have them.
+const ENDPOINTS: usize = 10;
+/// The port the bench servers listen on in every backend pod.
+const TARGET_PORT: u16 = 8080;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 200);
+
+fn pod_subnet() -> Ipv4Net {
+    "10.244.0.0/24".parse().expect("valid CIDR")
+}
+
+fn cluster_cidr() -> Ipv4Net {
+    "10.244.0.0/16".parse().expect("valid CIDR")
+}
+
+fn backends() -> Vec<Ipv4Addr> {
+    (0..ENDPOINTS)
+        .map(|i| Ipv4Addr::new(10, 244, 0, 10 + u8::try_from(i).expect("few endpoints")))
+        .collect()
+}
+
+/// How much of everything: `--quick` keeps the whole run near two minutes.
+struct Plan {
+    quick: bool,
+    /// Service counts for the per-packet costs.
+    packet_scales: &'static [usize],
+    /// Service counts for the node figures (the last one also for programming and memory).
+    node_scales: &'static [usize],
+    /// Program runs averaged per per-packet figure.
+    packet_runs: u16,
+    /// Length of one load run.
+    load: Duration,
+    /// Repetitions of every figure (contenders in a rotating order).
+    repeats: usize,
+    /// Length of one throughput run, seconds.
+    throughput_secs: u32,
+}
+
+const FULL: Plan = Plan {
+    quick: false,
+    packet_scales: &[1, 1_000, 10_000, 100_000],
+    node_scales: &[1, 1_000, 10_000],
+    packet_runs: 2_000,
+    load: Duration::from_secs(3),
+    repeats: 3,
+    throughput_secs: 5,
+};
+
+const QUICK: Plan = Plan {
+    quick: true,
+    packet_scales: &[1, 1_000],
+    node_scales: &[1, 1_000],
+    packet_runs: 300,
+    load: Duration::from_millis(700),
+    repeats: 2,
+    throughput_secs: 2,
+};
+
+/// The rows of the report, found by figure and case.
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn add(
+        &mut self,
+        figure: &str,
+        case: &str,
+        unit: &'static str,
+        better: Better,
+        contender: Contender,
+        value: f64,
+    ) {
+        let index = match self
+            .rows
+            .iter()
+            .position(|r| r.figure == figure && r.case == case)
+        {
+            Some(index) => index,
+            None => {
+                self.rows.push(Row::new(figure, case, unit, better));
+                self.rows.len() - 1
+            }
+        };
+        self.rows[index].add(contender, value);
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    require_root();
+    let mut args = std::env::args().skip(1);
+    let mut plan = &FULL;
+    let mut out = PathBuf::from("docs/benchmarks.md");
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => plan = &QUICK,
+            "--out" => out = args.next().context("--out needs a path")?.into(),
+            other => bail!("unknown argument {other}; use --quick and --out FILE"),
+        }
+    }
+    let started = Instant::now();
+    let mut report = Report::default();
+    eprintln!("bench: per-packet cost of each eBPF path (BPF_PROG_TEST_RUN)");
+    packet_costs(plan, &mut report);
+    eprintln!("bench: services on one node: weft, kube-proxy iptables, kube-proxy nftables");
+    let latency = node_figures(plan, &mut report)?;
+    eprintln!("bench: pod-to-pod throughput across two nodes: weft, kernel VXLAN");
+    throughput(plan, &mut report)?;
+    let table = table(&report.rows);
+    println!("{table}");
+    let svg = plot(
+        "Connect latency p50, client pod to the last service's ClusterIP",
+        "services installed (10 endpoints each)",
+        "µs",
+        &latency,
+    );
+    let svg_path = out.with_extension("svg");
+    fs::write(&svg_path, svg).with_context(|| format!("writing {}", svg_path.display()))?;
+    let document = document(plan, &table, &svg_path, started.elapsed());
+    fs::write(&out, document).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "bench: done in {:.0} s; wrote {} and {}",
+        started.elapsed().as_secs_f64(),
+        out.display(),
+        svg_path.display()
+    );
+    Ok(())
+}
+
+/// The mean of `runs` single runs, in nanoseconds: every run gets a fresh frame from `frame`,
+/// since a program that rewrites the packet would see its own output on a repeated run.
+fn mean_ns(runs: u16, mut one: impl FnMut(u16) -> Duration) -> f64 {
+    let total: Duration = (0..runs).map(&mut one).sum();
+    total.as_secs_f64() * 1e9 / f64::from(runs)
+}
+
+/// Figure 1: nanoseconds per packet of each path, from the kernel's own timing of
+/// `BPF_PROG_TEST_RUN`, beside empty programs of the same hooks.
+fn packet_costs(plan: &Plan, report: &mut Report) {
+    const FIGURE: &str = "1 per packet";
+    let ns_per = |report: &mut Report, case: &str, value: f64| {
+        report.add(FIGURE, case, "ns", Better::Lower, Contender::Weft, value);
+    };
+    for &scale in plan.packet_scales {
+        let services = peers::services(scale, &backends(), TARGET_PORT);
+        let built = Instant::now();
+        let limits = MapLimits {
+            max_services: u32::try_from(scale * 2).expect("scale fits").max(1024),
+            max_endpoints: u32::try_from(scale * ENDPOINTS * 2)
+                .expect("scale fits")
+                .max(4096),
+            ..MapLimits::default()
+        };
+        let mut datapath =
+            Datapath::with_limits(&peers::manifests(&services), Some(cluster_cidr()), limits);
+        datapath.load_floor();
+        eprintln!(
+            "  {scale} services programmed in {:.1} s",
+            built.elapsed().as_secs_f64()
+        );
+        let last = services.last().expect("at least one service");
+        let vip = SocketAddrV4::new(last.vip, last.port);
+        for _ in 0..plan.repeats {
+            let client = |port: u16| SocketAddrV4::new(CLIENT, port);
+            // A new connection each run: a conntrack miss, a choice, two entries written.
+            let mut source = 10_000u16;
+            let first = mean_ns(plan.packet_runs, |_| {
+                source = source.wrapping_add(1).max(10_000);
+                let frame = tcp(client(source), vip, SYN).build();
+                datapath.run_with(FROM_PODS, &frame, 0, 0, 1).duration
+            });
+            ns_per(
+                report,
+                &format!("ClusterIP first packet (conntrack miss), {scale} services"),
+                first,
+            );
+            // One established connection: a conntrack hit.
+            let established = tcp(client(9_999), vip, SYN).build();
+            let forward = datapath.run_with(FROM_PODS, &established, 0, 0, 1);
+            let endpoint = parse(&forward.output).dst;
+            let data = tcp(client(9_999), vip, ACK).build();
+            let hit = mean_ns(plan.packet_runs, |_| {
+                datapath.run_with(FROM_PODS, &data, 0, 0, 1).duration
+            });
+            ns_per(
+                report,
+                &format!("ClusterIP established (conntrack hit), {scale} services"),
+                hit,
+            );
+            let reply = tcp(endpoint, client(9_999), ACK).build();
+            let reverse = mean_ns(plan.packet_runs, |_| {
+                datapath.run_with(TO_POD, &reply, 0, 0, 1).duration
+            });
+            ns_per(
+                report,
+                &format!("reverse NAT of a reply, {scale} services"),
+                reverse,
+            );
+            let other_pod = tcp(client(9_998), SocketAddrV4::new(backends()[0], 22), ACK).build();
+            let pass = mean_ns(plan.packet_runs, |_| {
+                datapath.run_with(FROM_PODS, &other_pod, 0, 0, 1).duration
+            });
+            ns_per(
+                report,
+                &format!("non-service packet, {scale} services"),
+                pass,
+            );
+        }
+    }
+    // The overlay paths and the floors do not depend on the number of services.
+    let mut datapath = overlay_fixture::datapath();
+    datapath.load_floor();
+    let (ns, uplink) = uplink_namespace();
+    let to_remote = tcp(pod(5, 20, 40_000), pod(5, 44, 80), ACK).build();
+    let encapsulated = vxlan_frame(REMOTE_IP, 8472, 1, &inner_frame(), 0);
+    for _ in 0..plan.repeats {
+        let encap = ns.run(|| {
+            mean_ns(plan.packet_runs, |_| {
+                datapath
+                    .run_with(TO_UPLINK, &to_remote, 0, uplink, 1)
+                    .duration
+            })
+        });
+        ns_per(
+            report,
+            "VXLAN encapsulation (TC egress of the uplink)",
+            encap,
+        );
+        let decap = mean_ns(plan.packet_runs, |_| {
+            datapath.run_xdp_repeated(XDP_UPLINK, &encapsulated, 1).2
+        });
+        ns_per(report, "VXLAN decapsulation (XDP on the uplink)", decap);
+        let tc_floor = mean_ns(plan.packet_runs, |_| {
+            datapath.run_with(TC_FLOOR, &to_remote, 0, 0, 1).duration
+        });
+        ns_per(report, "empty TC program (floor)", tc_floor);
+        let xdp_floor = mean_ns(plan.packet_runs, |_| {
+            datapath.run_xdp_repeated(XDP_FLOOR, &encapsulated, 1).2
+        });
+        ns_per(report, "empty XDP program (floor)", xdp_floor);
+    }
+}
+
+/// One node serving the bench's services through one contender: ten backend pods and a client
+/// pod on the bridge, netfilter on bridged traffic as on any kubeadm node. weft's agent watches
+/// a Kubernetes API (the tests' list/watch server) for them, as in a cluster.
+struct ServiceNode {
+    contender: Contender,
+    agent: Option<Agent>,
+    api: Option<(ApiServer, PathBuf)>,
+    client: Pod,
+    _servers: Vec<BenchServer>,
+    _backends: Vec<Pod>,
+    node: Node,
+    files: tempfile::TempDir,
+}
+
+impl ServiceNode {
+    fn new(contender: Contender) -> Self {
+        let node = Node::new(&unique("wbench"), pod_subnet());
+        node.set_bridge_netfilter(true);
+        // weft's agent turns forwarding on; the peers' nodes need it too (kubelet's job).
+        node.ns
+            .exec("sysctl", &["-w", "net.ipv4.ip_forward=1"])
+            .expect("forwarding");
+        let backends: Vec<Pod> = backends().into_iter().map(|ip| node.add_pod(ip)).collect();
+        let servers = backends
+            .iter()
+            .map(|pod| BenchServer::start(&pod.ns, TARGET_PORT))
+            .collect();
+        let client = node.add_pod(CLIENT);
+        Self {
+            contender,
+            agent: None,
+            api: None,
+            client,
+            _servers: servers,
+            _backends: backends,
+            node,
+            files: tempfile::tempdir().expect("a directory for rulesets"),
+        }
+    }
+
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.files.path().join(name);
+        fs::write(&path, text).expect("writing a ruleset");
+        path
+    }
+
+    /// Installs `services` from nothing and returns how long that took: the agent's start until
+    /// it is ready (maps filled, programs attached), or the peer's ruleset load.
+    fn program(&mut self, services: &[BenchService]) -> anyhow::Result<Duration> {
+        let cidr = cluster_cidr();
+        let ns = &self.node.ns;
+        let took = match self.contender {
+            Contender::Weft => {
+                // Dropping the agent also removes its pins: the next one starts from nothing.
+                self.agent = None;
+                let (api, kubeconfig) = self.api.get_or_insert_with(|| {
+                    let api = ApiServer::new();
+                    api.apply(apiserver::node(self.node.ns.name(), pod_subnet()));
+                    let kubeconfig = api.listen_in(&self.node.ns, self.files.path());
+                    (api, kubeconfig)
+                });
+                for (index, service) in services.iter().enumerate() {
+                    api.apply(api_service(index, service));
+                    api.apply(api_slice(index, service));
+                }
+                let options = AgentOptions {
+                    cluster_cidr: Some(cidr),
+                    kubeconfig: Some(kubeconfig.clone()),
+                    ..AgentOptions::default()
+                };
+                let started = Instant::now();
+                self.agent = Some(Agent::start(&self.node, &[], &options));
+                started.elapsed()
+            }
+            Contender::Iptables => {
+                let rules = self.file("rules.iptables", &iptables_ruleset(services, cidr));
+                timed(|| ns.exec("iptables-restore", &[&rules.to_string_lossy()]))?
+            }
+            Contender::Nftables => {
+                let _ = ns.exec("nft", &["delete", "table", "ip", NFT_TABLE]);
+                let rules = self.file("rules.nft", &nft_ruleset(services, cidr));
+                timed(|| ns.exec("nft", &["-f", &rules.to_string_lossy()]))?
+            }
+            Contender::KernelVxlan => unreachable!("not a service contender"),
+        };
+        let target = last_frontend(services);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self
+            .client
+            .ns
+            .run(|| std::net::TcpStream::connect_timeout(&target.into(), Duration::from_secs(1)))
+            .is_err()
+        {
+            ensure!(
+                Instant::now() < deadline,
+                "{} does not serve {target}",
+                self.contender.label()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(took)
+    }
+
+    /// Removes one endpoint of the last service and returns how long until the dataplane has
+    /// it: weft's EndpointSlice update until its map holds the new count; the peers' incremental update
+    /// (kube-proxy's partial `iptables-restore --noflush`, its nftables transaction).
+    fn change_one_endpoint(&self, services: &[BenchService]) -> anyhow::Result<Duration> {
+        let mut changed = services.to_vec();
+        let last = changed.len() - 1;
+        changed[last].endpoints.pop();
+        let cidr = cluster_cidr();
+        let ns = &self.node.ns;
+        match self.contender {
+            Contender::Weft => {
+                let agent = self.agent.as_ref().context("the agent runs")?;
+                let (api, _) = self.api.as_ref().context("the API server runs")?;
+                let frontends: BpfHashMap<_, ServiceKey, ServiceValue> = BpfHashMap::try_from(
+                    open_pinned(agent.pin_dir(), SERVICES_MAP).context("the pinned frontends")?,
+                )?;
+                let target = last_frontend(&changed);
+                let key = ServiceKey {
+                    addr: target.ip().octets(),
+                    port: target.port(),
+                    proto: ip_proto::TCP,
+                    _pad: 0,
+                };
+                let wanted = u32::try_from(changed[last].endpoints.len())?;
+                let started = Instant::now();
+                api.apply(api_slice(last, &changed[last]));
+                while !frontends.get(&key, 0).is_ok_and(|v| v.count == wanted) {
+                    ensure!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "weft never applied the change"
+                    );
+                    thread::sleep(Duration::from_micros(200));
+                }
+                let took = started.elapsed();
+                // Back to the full set for whatever runs next.
+                api.apply(api_slice(last, &services[last]));
+                Ok(took)
+            }
+            Contender::Iptables => {
+                let update = self.file("update.iptables", &iptables_update(&changed, last, cidr));
+                let took = timed(|| {
+                    ns.exec(
+                        "iptables-restore",
+                        &["--noflush", &update.to_string_lossy()],
+                    )
+                })?;
+                let back = self.file("back.iptables", &iptables_update(services, last, cidr));
+                ns.exec("iptables-restore", &["--noflush", &back.to_string_lossy()])?;
+                Ok(took)
+            }
+            Contender::Nftables => {
+                let update = self.file("update.nft", &nft_update(&changed, last, cidr));
+                let took = timed(|| ns.exec("nft", &["-f", &update.to_string_lossy()]))?;
+                // Restore the endpoint chain the update left empty, and the full service.
+                let back = self.file("back.nft", &nft_update(services, last, cidr));
+                ns.exec("nft", &["-f", &back.to_string_lossy()])?;
+                Ok(took)
+            }
+            Contender::KernelVxlan => unreachable!("not a service contender"),
+        }
+    }
+}
+
+/// Service number `index` as the API server holds it.
+fn api_service(index: usize, service: &BenchService) -> serde_json::Value {
+    apiserver::service(
+        "bench",
+        &format!("svc-{index}"),
+        service.vip,
+        service.port,
+        service.target_port,
+    )
+}
+
+/// Its EndpointSlice.
+fn api_slice(index: usize, service: &BenchService) -> serde_json::Value {
+    apiserver::endpoint_slice(
+        "bench",
+        &format!("svc-{index}"),
+        service.target_port,
+        &service.endpoints,
+    )
+}
+
+fn timed<T, E: Into<anyhow::Error>>(f: impl FnOnce() -> Result<T, E>) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    f().map_err(Into::into)?;
+    Ok(started.elapsed())
+}
+
+fn last_frontend(services: &[BenchService]) -> SocketAddrV4 {
+    let last = services.last().expect("at least one service");
+    SocketAddrV4::new(last.vip, last.port)
+}
+
+/// `items` rotated by `by`: contenders take turns going first.
+fn rotated<T: Copy>(items: &[T], by: usize) -> Vec<T> {
+    let mut items = items.to_vec();
+    let len = items.len();
+    items.rotate_left(by % len);
+    items
+}
+
+/// Figures 2, 3, 5 and 6 on one node per contender. Returns the connect-latency series for
+/// the plot.
+fn node_figures(plan: &Plan, report: &mut Report) -> anyhow::Result<Vec<Series>> {
+    let contenders = [Contender::Weft, Contender::Iptables, Contender::Nftables];
+    let mut nodes: Vec<ServiceNode> = contenders.iter().map(|c| ServiceNode::new(*c)).collect();
+    let mut latency: Vec<Series> = contenders.iter().map(|c| (*c, Vec::new())).collect();
+    let largest = *plan.node_scales.last().expect("a scale");
+    for &scale in plan.node_scales {
+        let services = peers::services(scale, &backends(), TARGET_PORT);
+        let case = format!("{scale} services × {ENDPOINTS} endpoints");
+        for node in &mut nodes {
+            let took = node.program(&services)?;
+            report.add(
+                "5 programming from nothing",
+                &case,
+                "ms",
+                Better::Lower,
+                node.contender,
+                took.as_secs_f64() * 1e3,
+            );
+            eprintln!(
+                "  {case}: {} programmed in {took:?}",
+                node.contender.label()
+            );
+        }
+        let target = last_frontend(&services);
+        let mut p50s: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+        for round in 0..plan.repeats {
+            for index in rotated(&[0, 1, 2], round) {
+                let node = &nodes[index];
+                let rate = connect_rate(&node.client.ns, target, plan.load);
+                ensure!(
+                    rate.failures == 0 || rate.per_second > 0.0,
+                    "{}: no connection succeeded",
+                    node.contender.label()
+                );
+                report.add(
+                    "2 new TCP connections",
+                    &case,
+                    "conn/s",
+                    Better::Higher,
+                    node.contender,
+                    rate.per_second,
+                );
+                report.add(
+                    "2 connect latency p50",
+                    &case,
+                    "µs",
+                    Better::Lower,
+                    node.contender,
+                    rate.p50_us,
+                );
+                report.add(
+                    "2 connect latency p99",
+                    &case,
+                    "µs",
+                    Better::Lower,
+                    node.contender,
+                    rate.p99_us,
+                );
+                p50s[index].push(rate.p50_us);
+                let requests = request_rate(&node.client.ns, target, plan.load)
+                    .with_context(|| format!("{}: request/response", node.contender.label()))?;
+                report.add(
+                    "3 requests on one connection",
+                    &case,
+                    "req/s",
+                    Better::Higher,
+                    node.contender,
+                    requests,
+                );
+            }
+        }
+        #[expect(clippy::cast_precision_loss, reason = "small service counts")]
+        let x = scale as f64;
+        for (index, samples) in p50s.into_iter().enumerate() {
+            if let Some(median) = Samples(samples).median() {
+                latency[index].1.push((x, median));
+            }
+        }
+        if scale == largest {
+            let change_case = format!("one endpoint change among {scale} services");
+            for round in 0..plan.repeats {
+                for index in rotated(&[0, 1, 2], round) {
+                    let node = &nodes[index];
+                    let took = node.change_one_endpoint(&services)?;
+                    report.add(
+                        "5 endpoint change to dataplane",
+                        &change_case,
+                        "ms",
+                        Better::Lower,
+                        node.contender,
+                        took.as_secs_f64() * 1e3,
+                    );
+                }
+            }
+            agent_footprint(plan, &nodes[0], &services, report)?;
+        }
+    }
+    Ok(latency)
+}
+
+/// Figure 6: the agent's resident memory and CPU with the largest service set, idle and while
+/// the last service's endpoints change every 100 ms.
+fn agent_footprint(
+    plan: &Plan,
+    node: &ServiceNode,
+    services: &[BenchService],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let agent = node.agent.as_ref().context("the agent runs")?;
+    let (api, _) = node.api.as_ref().context("the API server runs")?;
+    let pid = agent.pid();
+    let endpoints = services.len() * ENDPOINTS;
+    let case = format!("{} services, {endpoints} endpoints", services.len());
+    let window = if plan.quick {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(5)
+    };
+    let last = services.len() - 1;
+    let mut fewer = services[last].clone();
+    fewer.endpoints.pop();
+    for _ in 0..plan.repeats {
+        report.add(
+            "6 agent resident memory",
+            &case,
+            "MiB",
+            Better::Lower,
+            Contender::Weft,
+            resident_mib(pid)?,
+        );
+        let idle = cpu_percent(pid, window, || thread::sleep(window))?;
+        report.add(
+            "6 agent CPU, idle",
+            &case,
+            "% of a core",
+            Better::Lower,
+            Contender::Weft,
+            idle,
+        );
+        let churn = cpu_percent(pid, window, || {
+            let started = Instant::now();
+            let mut flip = false;
+            while started.elapsed() < window {
+                let service = if flip { &services[last] } else { &fewer };
+                api.apply(api_slice(last, service));
+                flip = !flip;
+                thread::sleep(Duration::from_millis(100));
+            }
+        })?;
+        report.add(
+            "6 agent CPU, endpoint churn every 100 ms",
+            &case,
+            "% of a core",
+            Better::Lower,
+            Contender::Weft,
+            churn,
+        );
+    }
+    api.apply(api_slice(last, &services[last]));
+    Ok(())
+}
+
+fn resident_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS in /proc/PID/status")?;
+    Ok(kib / 1024.0)
+}
+
+/// Clock ticks per second, the unit of /proc's CPU times.
+fn ticks_per_second() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |ticks| ticks as f64)
+}
+
+/// The process's user + system CPU time, in clock ticks.
+fn process_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("a /proc/PID/stat line")?
+        .1
+        .split_whitespace()
+        .collect();
+    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+}
+
+fn cpu_percent(pid: u32, window: Duration, during: impl FnOnce()) -> anyhow::Result<f64> {
+    let before = process_ticks(pid)?;
+    let started = Instant::now();
+    during();
+    let ticks = process_ticks(pid)? - before;
+    #[expect(clippy::cast_precision_loss, reason = "tick counts are small")]
+    Ok(ticks as f64 / ticks_per_second() / started.elapsed().max(window).as_secs_f64() * 100.0)
+}
+
+/// Busy CPU time of the whole machine (all CPUs), in clock ticks, from /proc/stat.
+fn machine_busy_ticks() -> anyhow::Result<u64> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("/proc/stat")?;
+    let values: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal ...: all but idle and iowait.
+    Ok(values.iter().sum::<u64>() - values[3] - values[4])
+}
+
+/// Figure 4: pod-to-pod TCP throughput across two nodes, weft against the kernel's VXLAN
+/// device as flannel configures it, with iperf3, and the machine's CPU time per GB moved.
+fn throughput(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let weft = cluster(2, 1);
+    let weft_pair = (&weft.pods[0][0], &weft.pods[1][0]);
+    let kernel = KernelPair::new();
+    let pairs = [
+        (Contender::Weft, weft_pair.0, weft_pair.1),
+        (Contender::KernelVxlan, &kernel.client, &kernel.server),
+    ];
+    for round in 0..plan.repeats {
+        for index in rotated(&[0, 1], round) {
+            let (contender, client, server) = pairs[index];
+            let (gbits, cpu_per_gb) = iperf(client, server, plan.throughput_secs)?;
+            report.add(
+                "4 pod-to-pod TCP throughput, two nodes",
+                "one stream",
+                "Gbit/s",
+                Better::Higher,
+                contender,
+                gbits,
+            );
+            report.add(
+                "4 CPU time per GB moved (whole machine)",
+                "one stream",
+                "CPU s/GB",
+                Better::Lower,
+                contender,
+                cpu_per_gb,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Two nodes set up exactly as flanneld's vxlan backend sets them up, a pod on each.
+struct KernelPair {
+    client: Pod,
+    server: Pod,
+    _a: FlannelNode,
+    _b: FlannelNode,
+    _etcd: Etcd,
+    _underlay: Underlay,
+}
+
+impl KernelPair {
+    fn new() -> Self {
+        let underlay = Underlay::new(&unique("wbvx"));
+        let etcd = Etcd::start(&underlay);
+        etcd.put(
+            &format!("{CLUSTER_PREFIX}/config"),
+            &network_config(cluster_network()),
+        );
+        let subnets: [Ipv4Net; 2] = [
+            "172.30.1.0/24".parse().expect("CIDR"),
+            "172.30.2.0/24".parse().expect("CIDR"),
+        ];
+        let name = underlay.ns.name().to_owned();
+        let a = FlannelNode::new(
+            &format!("{name}a"),
+            &underlay,
+            node_address(1),
+            subnets[0],
+            &etcd,
+            CLUSTER_PREFIX,
+        );
+        let mut b = FlannelNode::new(
+            &format!("{name}b"),
+            &underlay,
+            node_address(2),
+            subnets[1],
+            &etcd,
+            CLUSTER_PREFIX,
+        );
+        // Each flannel node has a VtepMAC of its own.
+        b.vtep_mac = "0e:fe:c0:a8:32:02".to_owned();
+        b.node
+            .ns
+            .ip(&["link", "set", "flannel.1", "address", &b.vtep_mac])
+            .expect("VtepMAC");
+        a.add_remote(subnets[1], b.public_ip, &b.vtep_mac);
+        b.add_remote(subnets[0], a.public_ip, &a.vtep_mac);
+        let client = a.node.add_pod(a.node.pod_address(1));
+        let server = b.node.add_pod(b.node.pod_address(1));
+        Self {
+            client,
+            server,
+            _a: a,
+            _b: b,
+            _etcd: etcd,
+            _underlay: underlay,
+        }
+    }
+}
+
+/// A process in a namespace, killed when dropped.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(ns: &Netns, program: &str, args: &[&str]) -> anyhow::Result<Spawned> {
+    Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Spawned)
+        .with_context(|| format!("starting {program} (install it: cargo xtask setup)"))
+}
+
+/// One iperf3 run from `client` to `server`: Gbit/s received, and CPU seconds per GB.
+fn iperf(client: &Pod, server: &Pod, secs: u32) -> anyhow::Result<(f64, f64)> {
+    let _server = spawn_in(&server.ns, "iperf3", &["-s", "-1", "-p", "5201"])?;
+    thread::sleep(Duration::from_millis(300));
+    let busy = machine_busy_ticks()?;
+    let output = client.ns.exec(
+        "iperf3",
+        &[
+            "-c",
+            &server.addr.to_string(),
+            "-p",
+            "5201",
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ],
+    )?;
+    let busy = machine_busy_ticks()? - busy;
+    let result: serde_json::Value = serde_json::from_str(&output).context("iperf3's JSON")?;
+    let received = &result["end"]["sum_received"];
+    let bits_per_second = received["bits_per_second"]
+        .as_f64()
+        .context("iperf3 throughput")?;
+    let bytes = received["bytes"].as_f64().context("iperf3 byte count")?;
+    #[expect(clippy::cast_precision_loss, reason = "tick counts are small")]
+    let cpu_seconds = busy as f64 / ticks_per_second();
+    Ok((bits_per_second / 1e9, cpu_seconds / (bytes / 1e9)))
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|e| format!("({program}: {e})"))
+}
+
+/// The report: what ran where, the table, and how to read it.
+fn document(plan: &Plan, table: &str, svg: &Path, took: Duration) -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let cores = thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let memory = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(str::to_owned))
+        .unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(out, "# weft benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Produced by `cargo xtask bench{}` on {} in {:.0} s. Regenerate with the same command; \
+         nothing in it is asserted by a test.\n",
+        if plan.quick { " --quick" } else { "" },
+        command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        took.as_secs_f64()
+    );
+    let _ = writeln!(out, "## Machine\n");
+    let _ = writeln!(
+        out,
+        "- Linux {} ({cores} CPUs: {cpu}; {memory})\n- {}; {}; iperf3 {}\n\
+         - A shared, noisy 2-core VM: figures move by 10–30 % between runs. Each is the median \
+         of {} repetitions, with the smallest and largest beside it; contenders take turns \
+         going first.\n",
+        command_output("uname", &["-r"]),
+        command_output("iptables", &["--version"]),
+        command_output("nft", &["--version"]),
+        command_output("iperf3", &["--version"])
+            .lines()
+            .next()
+            .unwrap_or_default(),
+        plan.repeats
+    );
+    let _ = writeln!(out, "## What ran\n");
+    out.push_str(
+        "- **1 per packet**: each eBPF path under `BPF_PROG_TEST_RUN`, the kernel's own timing, \
+         averaged over single runs on fresh frames (a repeated run would see its own rewritten \
+         packet); beside them, empty TC and XDP programs: the floor of running any program.\n\
+         - **2, 3, 5** on one node per contender (network namespaces: a bridge, ten backend pods, \
+         a client pod, `br_netfilter` on as on kubeadm nodes), all three built side by side: \
+         **weft** (the release agent, watching a Kubernetes API server that speaks the list/watch protocol for the Services and EndpointSlices), **kube-proxy iptables** \
+         (kube-proxy's `nat` table — `KUBE-SERVICES`, `KUBE-SVC-*` with `statistic --mode random \
+         --probability`, `KUBE-SEP-*` with DNAT and the hairpin mark, `KUBE-MARK-MASQ` / \
+         `KUBE-POSTROUTING` with 0x4000 — loaded with `iptables-restore`), **kube-proxy \
+         nftables** (its `service-ips` verdict map and per-service chains with `numgen random mod \
+         N vmap`, loaded with `nft -f`). The client connects to the last service created. \
+         Connections close with an RST so ephemeral ports never run out.\n\
+         - **5 programming**: weft from agent start to ready (maps filled, programs attached); the \
+         peers' full ruleset load. **Endpoint change**: weft from the EndpointSlice update at the API \
+         server to the new endpoint count in its pinned map (watch event, 10 ms coalescing, \
+         model, reconcile); the peers' \
+         incremental update as kube-proxy sends it (`iptables-restore --noflush` of \
+         `KUBE-SERVICES` and the changed chains; one nftables transaction), which leaves out \
+         kube-proxy's own processing, in weft's favour of the peers.\n\
+         - **4 throughput**: iperf3, one TCP stream, pod to pod across two nodes on a veth \
+         underlay: weft's encapsulation and XDP decapsulation against the kernel's VXLAN device \
+         set up as flanneld sets it up.\n\
+         - **6 agent footprint**: weft only (kube-proxy's process is not run here); resident \
+         memory and CPU of the agent process with the largest service set.\n\n",
+    );
+    let _ = writeln!(out, "## Results\n\n{table}");
+    let _ = writeln!(
+        out,
+        "![connect latency against the number of services]({})\n",
+        svg.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    out
+}
