@@ -375,14 +375,42 @@ pub fn cluster_options(etcd: &Etcd) -> crate::cluster::AgentOptions {
     }
 }
 
+/// `count` weft nodes on `underlay` (node `n` at [`node_address`]`(n)`), their agents started
+/// at the same moment on `etcd`'s overlay.
+#[must_use]
+pub fn start_nodes(
+    underlay: &Underlay,
+    etcd: &Etcd,
+    count: u8,
+) -> (Vec<crate::cluster::Node>, Vec<crate::cluster::Agent>) {
+    use crate::cluster::{Agent, Node};
+    let nodes: Vec<Node> = (1..=count)
+        .map(|n| {
+            Node::on_underlay(
+                &format!("{}n{n}", underlay.ns.name()),
+                underlay,
+                node_address(n),
+            )
+        })
+        .collect();
+    let agents = thread::scope(|scope| {
+        let started: Vec<_> = nodes
+            .iter()
+            .map(|node| scope.spawn(|| Agent::join(node, &[], &cluster_options(etcd))))
+            .collect();
+        started
+            .into_iter()
+            .map(|agent| agent.join().expect("agent started"))
+            .collect()
+    });
+    (nodes, agents)
+}
+
 /// `nodes` weft nodes (node `n` at [`node_address`]`(n)`) with `pods` pods each, every pod
 /// serving HTTP and UDP; the agents start together.
 #[must_use]
 pub fn cluster(nodes: u8, pods: u8) -> Cluster {
-    use crate::{
-        apps::{serve_http, serve_udp},
-        cluster::{Agent, Node},
-    };
+    use crate::apps::{serve_http, serve_udp};
     crate::netns::require_root();
     let underlay = Underlay::new(&crate::netns::unique("wovl"));
     let etcd = Etcd::start(&underlay);
@@ -390,25 +418,7 @@ pub fn cluster(nodes: u8, pods: u8) -> Cluster {
         &format!("{CLUSTER_PREFIX}/config"),
         &network_config(cluster_network()),
     );
-    let nodes: Vec<Node> = (1..=nodes)
-        .map(|n| {
-            Node::on_underlay(
-                &format!("{}n{n}", underlay.ns.name()),
-                &underlay,
-                node_address(n),
-            )
-        })
-        .collect();
-    let agents: Vec<Agent> = thread::scope(|scope| {
-        let started: Vec<_> = nodes
-            .iter()
-            .map(|node| scope.spawn(|| Agent::join(node, &[], &cluster_options(&etcd))))
-            .collect();
-        started
-            .into_iter()
-            .map(|agent| agent.join().expect("agent started"))
-            .collect()
-    });
+    let (nodes, agents) = start_nodes(&underlay, &etcd, nodes);
     let mut servers = Vec::new();
     let pods = nodes
         .iter()

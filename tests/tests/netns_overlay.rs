@@ -6,7 +6,6 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
-    thread,
     time::{Duration, Instant},
 };
 
@@ -15,12 +14,12 @@ use weft::flannel::Lease;
 use weft_tests::{
     apps::{HttpConnection, http_get, receive_bulk, send_bulk, serve_http, udp_request},
     capture::{Capture, is_udp_to},
-    cluster::{Agent, Node},
+    cluster::Node,
     netns::{require_root, unique},
     overlay::{
         CLUSTER_PREFIX as PREFIX, Etcd, FlannelNode, POD_HTTP_PORT as HTTP_PORT,
-        POD_UDP_PORT as UDP_PORT, Underlay, cluster, cluster_network as network,
-        cluster_options as options, node_address,
+        POD_UDP_PORT as UDP_PORT, Underlay, cluster, cluster_network as network, node_address,
+        start_nodes,
     },
     seed::{endpoint_slice, service},
     within,
@@ -173,25 +172,7 @@ fn agents_started_at_the_same_moment_take_different_subnets() {
         &format!("{PREFIX}/config"),
         r#"{"Network":"10.99.0.0/16","SubnetLen":24,"SubnetMin":"10.99.1.0","SubnetMax":"10.99.3.0","Backend":{"Type":"vxlan"}}"#,
     );
-    let nodes: Vec<Node> = (1..=3)
-        .map(|n| {
-            Node::on_underlay(
-                &format!("{}n{n}", underlay.ns.name()),
-                &underlay,
-                node_address(n),
-            )
-        })
-        .collect();
-    let agents: Vec<Agent> = thread::scope(|scope| {
-        let started: Vec<_> = nodes
-            .iter()
-            .map(|node| scope.spawn(|| Agent::join(node, &[], &options(&etcd))))
-            .collect();
-        started
-            .into_iter()
-            .map(|agent| agent.join().expect("agent started"))
-            .collect()
-    });
+    let (_nodes, agents) = start_nodes(&underlay, &etcd, 3);
     let subnets: BTreeSet<String> = agents
         .iter()
         .map(|agent| agent.leased_subnet().to_string())

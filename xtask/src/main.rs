@@ -143,22 +143,23 @@ fn test() -> anyhow::Result<()> {
 /// Builds the agent and the bench in release and runs the bench.
 fn bench(quick: bool) -> anyhow::Result<()> {
     setup::setup(setup::Scope::BuildAndRun)?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "weft",
-        "-p",
-        "weft-tests",
-        "--bins",
-        "--locked",
-    ]))?;
+    build_agent_and_tools(true)?;
     let out = if quick {
         root().join("target/bench/quick.md")
     } else {
         root().join("docs/benchmarks.md")
     };
     run_bench("release", &out, quick)
+}
+
+/// Builds the agent and the tests crate's programs (demo, bench), in release or debug.
+fn build_agent_and_tools(release: bool) -> anyhow::Result<()> {
+    let mut build = cargo();
+    build.arg("build");
+    if release {
+        build.arg("--release");
+    }
+    run(build.args(["-p", "weft", "-p", "weft-tests", "--bins", "--locked"]))
 }
 
 /// Runs the bench binary of `profile` (already built) into `out`.
@@ -179,15 +180,7 @@ fn run_bench(profile: &str, out: &Path, quick: bool) -> anyhow::Result<()> {
 
 fn demo(keep: bool, clean: bool) -> anyhow::Result<()> {
     setup::setup(setup::Scope::BuildAndRun)?;
-    run(cargo().args([
-        "build",
-        "-p",
-        "weft",
-        "-p",
-        "weft-tests",
-        "--bins",
-        "--locked",
-    ]))?;
+    build_agent_and_tools(false)?;
     let mut demo = Command::new(root().join("target/debug/weft-demo"));
     demo.env("WEFT_BIN", root().join("target/debug/weft"));
     if keep {
