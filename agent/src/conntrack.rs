@@ -25,20 +25,6 @@ use crate::{
     model::UdpEndpoints,
 };
 
-/// The FORWARD key a REPLY entry belongs to.
-#[must_use]
-pub fn forward_key_of(reply_key: &CtKey, reply: &CtValue) -> CtKey {
-    CtKey {
-        src_addr: reply_key.dst_addr,
-        dst_addr: reply.nat_addr,
-        src_port: reply_key.dst_port,
-        dst_port: reply.nat_port,
-        proto: reply_key.proto,
-        direction: ct_direction::FORWARD,
-        _pad: [0; 2],
-    }
-}
-
 /// The REPLY key of a FORWARD entry.
 #[must_use]
 pub fn reply_key_of(forward_key: &CtKey, forward: &CtValue) -> CtKey {
@@ -75,7 +61,7 @@ pub fn garbage(entries: &[(CtKey, CtValue)], now_ns: u64, sweep_start_ns: u64) -
         .filter(|(key, value)| match key.direction {
             ct_direction::FORWARD => !live(key, value),
             _ => {
-                let forward_key = forward_key_of(key, value);
+                let forward_key = CtKey::forward_of(key, value);
                 value.last_seen_ns < settled
                     && !forwards.get(&forward_key).is_some_and(|forward| {
                         live(&forward_key, forward) && reply_key_of(&forward_key, forward) == *key
@@ -321,7 +307,7 @@ mod tests {
     #[test]
     fn keys_derive_both_ways() {
         let [(fk, fv), (rk, rv)] = connection(40000, 6, ip_proto::TCP, 0, NOW);
-        assert_eq!(forward_key_of(&rk, &rv), fk);
+        assert_eq!(CtKey::forward_of(&rk, &rv), fk);
         assert_eq!(reply_key_of(&fk, &fv), rk);
     }
 

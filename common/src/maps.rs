@@ -309,6 +309,23 @@ pub struct CtValue {
     pub last_seen_ns: u64,
 }
 
+impl CtKey {
+    /// The FORWARD key of the connection a REPLY entry (`reply_key`, `reply`) belongs to.
+    #[inline(always)]
+    #[must_use]
+    pub const fn forward_of(reply_key: &Self, reply: &CtValue) -> Self {
+        Self {
+            src_addr: reply_key.dst_addr,
+            dst_addr: reply.nat_addr,
+            src_port: reply_key.dst_port,
+            dst_port: reply.nat_port,
+            proto: reply_key.proto,
+            direction: ct_direction::FORWARD,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// A host socket's translation (cgroup `connect4`/`sendmsg4`/`recvmsg4`/`getpeername4`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -151,20 +151,6 @@ fn track(
     })
 }
 
-/// The FORWARD key of the connection a REPLY entry (key and value) belongs to.
-#[inline(always)]
-fn forward_key(reply_key: &CtKey, reply: &CtValue) -> CtKey {
-    CtKey {
-        src_addr: reply_key.dst_addr,
-        dst_addr: reply.nat_addr,
-        src_port: reply_key.dst_port,
-        dst_port: reply.nat_port,
-        proto: reply_key.proto,
-        direction: ct_direction::FORWARD,
-        _pad: [0; 2],
-    }
-}
-
 /// Whether a packet with tuple `key` is a reply of a tracked connection (without touching its
 /// state).
 #[inline(always)]
@@ -181,7 +167,7 @@ pub(crate) fn is_reply(key: &CtKey) -> bool {
 pub(crate) fn reply(key: &CtKey, tcp: u8, now: u64) -> Option<([u8; 4], u16)> {
     // SAFETY: see `forward`.
     let entry = unsafe { *CONNTRACK.get_ptr(key)? };
-    let forward_key = forward_key(key, &entry);
+    let forward_key = CtKey::forward_of(key, &entry);
     let live = CONNTRACK.get_ptr_mut(forward_key).filter(|forward| {
         // SAFETY: see `forward`.
         let forward = unsafe { **forward };
