@@ -18,7 +18,7 @@ use tokio::{
 use tracing::{error, info, warn};
 use weft::{
     conntrack::{Conntrack, lost_udp_endpoints},
-    dataplane::{Dataplane, MapLimits, cgroup2_mount},
+    dataplane::{Dataplane, MapLimits, TcAttach, cgroup2_mount},
     flannel::{self, NetworkConfig, subnet_env},
     health::{self, Health, HealthCheckServers},
     http, kube,
@@ -94,6 +94,10 @@ pub struct AgentArgs {
     /// covering every process of the node).
     #[arg(long, env = "WEFT_CGROUP")]
     cgroup: Option<PathBuf>,
+    /// How TC programs attach: tcx links (Linux 6.6+), or netlink clsact filters (priority
+    /// 1, handle 0x7766), for older kernels or beside tools that manage clsact filters.
+    #[arg(long, env = "WEFT_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
+    tc_attach: TcAttach,
     /// Capacity for service frontends (ClusterIP, port, protocol).
     #[arg(long, env = "WEFT_MAX_SERVICES", default_value_t = DEFAULT_MAX_SERVICES)]
     max_services: u32,
@@ -217,32 +221,22 @@ fn write_subnet_file(path: &Path, contents: &str) -> anyhow::Result<()> {
 /// How often the bridge's ports are listed again (netlink notifications can be lost).
 const PORT_RESYNC: Duration = Duration::from_secs(30);
 
-/// What the agent changed on the node that outlives its process unless it is undone on the
-/// way out: the overlay route (the nftables table undoes itself, see [`nft::Table`]).
-#[derive(Default)]
-struct Undo {
-    overlay_route: Option<(Ipv4Net, Uplink)>,
-}
-
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Signals first: a SIGTERM while starting must still end in a clean exit.
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let netlink = netdev::connect()?;
-    let mut undo = Undo::default();
     let outcome = tokio::select! {
-        outcome = serve(&args, &netlink, &mut undo) => outcome,
+        outcome = serve(&args, &netlink) => outcome,
         _ = terminate.recv() => Ok(()),
         _ = interrupt.recv() => Ok(()),
     };
+    // As Cilium's agent: the node keeps forwarding without its agent, and the next one takes
+    // over in place. Taking the dataplane down is `weft cleanup`'s job.
     info!(
-        "stopping: detaching programs, removing the overlay route and the nftables table; pinned maps stay"
+        "stopping; the programs stay attached and the maps, routes and nftables table in place, \
+         so the node keeps forwarding (`weft cleanup` removes them)"
     );
-    if let Some((network, uplink)) = undo.overlay_route
-        && let Err(e) = netdev::unroute_network(&netlink, network, &uplink).await
-    {
-        warn!("removing the overlay route: {e:#}");
-    }
     outcome
 }
 
@@ -302,13 +296,9 @@ async fn api_client(args: &AgentArgs) -> anyhow::Result<Option<::kube::Client>> 
     Ok(Some(kube::client(args.kubeconfig.as_deref()).await?))
 }
 
-/// Sets the node up and serves until a task fails (the caller stops it on a signal). Everything
-/// it holds (programs, the nftables table, listeners) is released when it returns or is dropped.
-async fn serve(
-    args: &AgentArgs,
-    netlink: &rtnetlink::Handle,
-    undo: &mut Undo,
-) -> anyhow::Result<()> {
+/// Sets the node up and serves until a task fails (the caller stops it on a signal). What it
+/// puts in the kernel (programs, maps, routes, the nftables table) stays when it returns.
+async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<()> {
     let node_name = args.node_name()?;
     let uplink = find_uplink(netlink, args).await?;
     let mut overlay = match (&uplink, args.etcd_endpoints.is_empty()) {
@@ -358,7 +348,7 @@ async fn serve(
         max_endpoints: args.max_endpoints,
         ct_entries: args.ct_entries,
     };
-    let mut dataplane = Dataplane::load(Some(&args.pin_dir), limits).with_context(|| {
+    let mut dataplane = Dataplane::load(Some(&args.pin_dir), limits, args.tc_attach).with_context(|| {
         format!(
             "loading the dataplane with maps pinned in {}",
             args.pin_dir.display()
@@ -442,7 +432,7 @@ async fn serve(
     let mut failed = log_pass(&first, &[]);
     metrics.pass(started.elapsed(), reconciler.programmed(), failed.len());
 
-    let _table = nft::Table::install(&Masquerade {
+    nft::install(&Masquerade {
         overlay: overlay.as_ref().map(|o| nft::Overlay {
             network: o.config.network,
             gateway,
@@ -450,7 +440,6 @@ async fn serve(
         ip_masq_subnet: args.ip_masq.then_some(pod_subnet),
     })?;
     if let Some(overlay) = &overlay {
-        undo.overlay_route = Some((overlay.config.network, overlay.uplink.clone()));
         netdev::route_network(
             netlink,
             overlay.config.network,
@@ -460,7 +449,7 @@ async fn serve(
             overlay.mtu,
         )
         .await?;
-        let driver = dataplane.attach_decapsulation(&overlay.uplink.name)?;
+        let driver = dataplane.attach_decapsulation(&overlay.uplink.name, overlay.uplink.index)?;
         info!(
             uplink = overlay.uplink.name,
             xdp_driver_mode = driver,
@@ -468,7 +457,7 @@ async fn serve(
         );
     }
     if let Some(uplink) = &uplink {
-        dataplane.attach_uplink(&uplink.name)?;
+        dataplane.attach_uplink(&uplink.name, uplink.index)?;
     }
     resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?;
     let cgroup = args
@@ -477,6 +466,9 @@ async fn serve(
         .or_else(cgroup2_mount)
         .context("no cgroup v2 hierarchy is mounted; mount one or pass --cgroup")?;
     dataplane.attach_socket_hooks(&cgroup)?;
+    for stale in dataplane.prune_attachments()? {
+        info!(attachment = stale, "removed an attachment no longer wanted");
+    }
 
     let healthz = http::bind(args.healthz_bind_address).await?;
     let metrics_listener = http::bind(args.metrics_bind_address).await?;

@@ -2,9 +2,12 @@
 //! through the verifier, and attaching them to the node.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     fs, io,
-    os::unix::fs::DirBuilderExt as _,
+    os::{
+        fd::AsFd as _,
+        unix::fs::{DirBuilderExt as _, MetadataExt as _},
+    },
     path::{Path, PathBuf},
 };
 
@@ -13,11 +16,13 @@ use aya::{
     maps::{Array, MapError, MapInfo, MapType},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
-        tc::{SchedClassifierLinkId, qdisc_add_clsact},
+        links::FdLink,
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle, qdisc_add_clsact},
         xdp::XdpMode,
     },
     util::KernelVersion,
 };
+use crate::links::{LinkPinError, LinkPins, pin_name};
 use weft_common::{
     drop_reason::DROP_REASON_COUNT,
     maps::{
@@ -53,6 +58,34 @@ pub const SOCKET_HOOKS: [&str; 4] = [
     "sock_recvmsg4",
     "sock_getpeername4",
 ];
+
+/// The priority and handle of weft's netlink TC filters: fixed, so a restarted agent replaces
+/// its own filters in place and `weft cleanup` finds them.
+pub const TC_PRIORITY: u16 = 1;
+pub const TC_HANDLE: TcHandle = TcHandle::new(0, 0x7766);
+
+/// How TC programs attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// tcx links where the kernel has them (6.6+), netlink filters before.
+    Auto,
+    /// tcx links (Linux 6.6+), pinned so they outlive the agent.
+    Tcx,
+    /// Netlink `clsact` filters at a fixed priority, which outlive the agent by themselves.
+    Netlink,
+}
+
+impl TcAttach {
+    /// What `Auto` means on this kernel.
+    #[must_use]
+    pub fn resolve(self) -> Self {
+        match self {
+            Self::Auto if has_tcx() => Self::Tcx,
+            Self::Auto => Self::Netlink,
+            chosen => chosen,
+        }
+    }
+}
 
 /// Map capacities the operator chooses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +151,17 @@ pub enum DataplaneError {
         #[source]
         source: io::Error,
     },
+    #[error("attaching programs needs a pin directory, so that they outlive the agent")]
+    NotPinned,
+    #[error("the kernel returned a link that cannot be pinned for {program} on {target}")]
+    Unpinnable {
+        program: &'static str,
+        target: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error(transparent)]
+    LinkPin(#[from] LinkPinError),
 }
 
 /// The maps that are recreated together when any of them is stale: they describe the services
@@ -314,18 +358,27 @@ fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
-/// The loaded dataplane and its attachments; dropping it detaches every program.
+/// The loaded dataplane. Its attachments are pinned (or, as netlink filters, kept by the
+/// kernel), so they stay when it is dropped and the agent exits: the node keeps forwarding, and
+/// the next agent swaps its programs in; `weft cleanup` removes them.
 pub struct Dataplane {
     ebpf: Ebpf,
-    /// Per bridge port (by ifindex): the ingress and egress attachments.
-    port_links: HashMap<u32, [SchedClassifierLinkId; 2]>,
+    /// The attachment pins; `None` for a dataplane that is only run, not attached (tests).
+    links: Option<LinkPins>,
+    tc_attach: TcAttach,
+    /// The bridge ports (ifindex, name) with the service programs attached.
+    ports: BTreeMap<u32, String>,
 }
 
 impl Dataplane {
     /// Loads the object and runs every program through the verifier. With a `pin_dir`, maps are
     /// pinned there and reused from there (after a layout check); without one (tests), maps are
     /// private to this process.
-    pub fn load(pin_dir: Option<&Path>, limits: MapLimits) -> Result<Self, DataplaneError> {
+    pub fn load(
+        pin_dir: Option<&Path>,
+        limits: MapLimits,
+        tc_attach: TcAttach,
+    ) -> Result<Self, DataplaneError> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(SERVICES_MAP, limits.max_services)
@@ -340,6 +393,7 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
+        let links = pin_dir.map(LinkPins::open).transpose()?;
         for name in [FROM_PODS, TO_POD, TO_UPLINK, FROM_UPLINK] {
             let program: &mut SchedClassifier = program(&mut ebpf, name)?;
             program
@@ -359,7 +413,9 @@ impl Dataplane {
         }
         Ok(Self {
             ebpf,
-            port_links: HashMap::new(),
+            links,
+            tc_attach: tc_attach.resolve(),
+            ports: BTreeMap::new(),
         })
     }
 
@@ -396,37 +452,58 @@ impl Dataplane {
     /// Attaches service translation to the uplink: DNAT of clients from outside on TC ingress,
     /// reverse NAT of their replies (and the overlay's encapsulation, once configured) on TC
     /// egress.
-    pub fn attach_uplink(&mut self, uplink: &str) -> Result<(), DataplaneError> {
-        self.attach_tc(FROM_UPLINK, uplink, TcAttachType::Ingress)?;
-        self.attach_tc(TO_UPLINK, uplink, TcAttachType::Egress)?;
+    pub fn attach_uplink(&mut self, uplink: &str, ifindex: u32) -> Result<(), DataplaneError> {
+        self.attach_tc(FROM_UPLINK, uplink, ifindex, TcAttachType::Ingress)?;
+        self.attach_tc(TO_UPLINK, uplink, ifindex, TcAttachType::Egress)?;
         Ok(())
     }
 
     /// Attaches the overlay's decapsulation to the uplink, in XDP (driver mode, or generic mode
-    /// where the driver has none, which is slower and says so). Returns whether XDP runs in
-    /// driver mode.
-    pub fn attach_decapsulation(&mut self, uplink: &str) -> Result<bool, DataplaneError> {
-        let decap: &mut Xdp = program(&mut self.ebpf, XDP_UPLINK)?;
-        let attach = |decap: &mut Xdp, flags| {
-            decap
-                .attach(uplink, flags)
-                .map_err(|source| DataplaneError::Attach {
-                    program: XDP_UPLINK,
-                    target: uplink.to_owned(),
-                    source,
-                })
-        };
-        let driver = match attach(decap, XdpMode::Driver) {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(
-                    uplink,
-                    "XDP driver mode unavailable ({e:#}); using generic mode"
-                );
-                attach(decap, XdpMode::Skb)?;
-                false
-            }
-        };
+    /// where the driver has none, which is slower and says so). Returns whether this agent
+    /// attached it in driver mode, or `None` when it took over the attachment of an earlier
+    /// agent, whose mode stays.
+    pub fn attach_decapsulation(
+        &mut self,
+        uplink: &str,
+        ifindex: u32,
+    ) -> Result<Option<bool>, DataplaneError> {
+        let mut driver = None;
+        self.place(XDP_UPLINK, &ifindex.to_string(), |ebpf| {
+            let decap: &mut Xdp = program(ebpf, XDP_UPLINK)?;
+            let attach = |decap: &mut Xdp, flags| {
+                decap
+                    .attach(uplink, flags)
+                    .map_err(|source| DataplaneError::Attach {
+                        program: XDP_UPLINK,
+                        target: uplink.to_owned(),
+                        source,
+                    })
+            };
+            let link = match attach(decap, XdpMode::Driver) {
+                Ok(link) => {
+                    driver = Some(true);
+                    link
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        uplink,
+                        "XDP driver mode unavailable ({e:#}); using generic mode"
+                    );
+                    driver = Some(false);
+                    attach(decap, XdpMode::Skb)?
+                }
+            };
+            let link = decap.take_link(link).map_err(|source| DataplaneError::Attach {
+                program: XDP_UPLINK,
+                target: uplink.to_owned(),
+                source,
+            })?;
+            FdLink::try_from(link).map_err(|source| DataplaneError::Unpinnable {
+                program: XDP_UPLINK,
+                target: uplink.to_owned(),
+                source,
+            })
+        })?;
         Ok(driver)
     }
 
@@ -441,70 +518,111 @@ impl Dataplane {
         if self.has_pod_port(ifindex) {
             return Ok(());
         }
-        let ingress = self.attach_tc(FROM_PODS, port, TcAttachType::Ingress)?;
-        let egress = match self.attach_tc(TO_POD, port, TcAttachType::Egress) {
-            Ok(link) => link,
-            Err(e) => {
-                // Never leave a port with only one direction translated.
-                self.detach(FROM_PODS, ingress);
-                return Err(e);
-            }
-        };
-        self.port_links.insert(ifindex, [ingress, egress]);
+        self.attach_tc(FROM_PODS, port, ifindex, TcAttachType::Ingress)?;
+        if let Err(e) = self.attach_tc(TO_POD, port, ifindex, TcAttachType::Egress) {
+            // Never leave a port with only one direction translated.
+            self.detach_tc(FROM_PODS, port, ifindex, TcAttachType::Ingress);
+            return Err(e);
+        }
+        self.ports.insert(ifindex, port.to_owned());
         Ok(())
     }
 
     /// Whether the port with `ifindex` has the service programs attached.
     #[must_use]
     pub fn has_pod_port(&self, ifindex: u32) -> bool {
-        self.port_links.contains_key(&ifindex)
+        self.ports.contains_key(&ifindex)
     }
 
     /// Forgets a port that left the bridge or disappeared.
     pub fn detach_pod_port(&mut self, ifindex: u32) {
-        if let Some([ingress, egress]) = self.port_links.remove(&ifindex) {
-            self.detach(FROM_PODS, ingress);
-            self.detach(TO_POD, egress);
-        }
-    }
-
-    fn detach(&mut self, name: &'static str, link: SchedClassifierLinkId) {
-        if let Ok(program) = program::<SchedClassifier>(&mut self.ebpf, name) {
-            // A vanished device took its attachment with it; closing the link is all that is left.
-            let _ = program.detach(link);
+        if let Some(port) = self.ports.remove(&ifindex) {
+            self.detach_tc(FROM_PODS, &port, ifindex, TcAttachType::Ingress);
+            self.detach_tc(TO_POD, &port, ifindex, TcAttachType::Egress);
         }
     }
 
     /// The bridge ports (ifindexes) that have the service programs attached.
     pub fn pod_ports(&self) -> impl Iterator<Item = u32> + '_ {
-        self.port_links.keys().copied()
+        self.ports.keys().copied()
     }
 
     /// How many bridge ports have the service programs attached.
     #[must_use]
     pub fn attached_ports(&self) -> usize {
-        self.port_links.len()
+        self.ports.len()
     }
 
     /// Attaches the socket hooks to a cgroup v2 directory (the root, to cover the whole node),
     /// beside any other programs there (other agents' included, when nodes share a host).
     pub fn attach_socket_hooks(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
-        let dir = fs::File::open(cgroup).map_err(|source| DataplaneError::Cgroup {
+        let open_error = |source| DataplaneError::Cgroup {
             path: cgroup.to_owned(),
             source,
-        })?;
+        };
+        let dir = fs::File::open(cgroup).map_err(open_error)?;
+        // The cgroup's inode names it in the pins: a different --cgroup is a different target.
+        let target = format!("cgroup{}", dir.metadata().map_err(open_error)?.ino());
         for name in SOCKET_HOOKS {
-            let program: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            // On 5.7+ aya attaches through a bpf_link, which always coexists with other programs
-            // and rejects any mode flag, so "Single" (no flag) is the mode that shares the cgroup.
-            program
-                .attach(&dir, CgroupAttachMode::Single)
-                .map_err(|source| DataplaneError::Attach {
+            self.place(name, &target, |ebpf| {
+                let attach_error = |source| DataplaneError::Attach {
                     program: name,
                     target: cgroup.display().to_string(),
                     source,
-                })?;
+                };
+                let program: &mut CgroupSockAddr = program(ebpf, name)?;
+                // On 5.7+ aya attaches through a bpf_link, which always coexists with other
+                // programs and rejects any mode flag, so "Single" (no flag) is the mode that
+                // shares the cgroup.
+                let link = program
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .map_err(attach_error)?;
+                let link = program.take_link(link).map_err(attach_error)?;
+                FdLink::try_from(link).map_err(|source| DataplaneError::Unpinnable {
+                    program: name,
+                    target: cgroup.display().to_string(),
+                    source,
+                })
+            })?;
         }
+        Ok(())
+    }
+
+    /// Removes the pinned attachments this agent did not place or take over (ports that left
+    /// while no agent ran, an uplink or cgroup no longer used). Call once everything is
+    /// attached; returns their names.
+    pub fn prune_attachments(&mut self) -> Result<Vec<String>, DataplaneError> {
+        Ok(self
+            .links
+            .as_mut()
+            .ok_or(DataplaneError::NotPinned)?
+            .prune()?)
+    }
+
+    /// Puts `program` on `target`: swaps it into the attachment an earlier agent pinned there,
+    /// or else attaches it with `attach` and pins the new link.
+    fn place(
+        &mut self,
+        program: &'static str,
+        target: &str,
+        attach: impl FnOnce(&mut Ebpf) -> Result<FdLink, DataplaneError>,
+    ) -> Result<(), DataplaneError> {
+        let links = self.links.as_mut().ok_or(DataplaneError::NotPinned)?;
+        let name = pin_name(program, target);
+        let fd = self
+            .ebpf
+            .program(program)
+            .ok_or(DataplaneError::MissingProgram(program))?
+            .fd()
+            .map_err(|source| DataplaneError::Program {
+                name: program,
+                source,
+            })?;
+        if links.swap(&name, fd.as_fd())? {
+            return Ok(());
+        }
+        let link = attach(&mut self.ebpf)?;
+        links.pin(&name, link)?;
         Ok(())
     }
 
@@ -512,20 +630,98 @@ impl Dataplane {
         &mut self,
         name: &'static str,
         interface: &str,
+        ifindex: u32,
         attach_type: TcAttachType,
-    ) -> Result<SchedClassifierLinkId, DataplaneError> {
-        if !has_tcx() {
-            // Netlink attachment needs the clsact qdisc; it may already be there.
-            let _ = qdisc_add_clsact(interface);
+    ) -> Result<(), DataplaneError> {
+        let attach_error = |source| DataplaneError::Attach {
+            program: name,
+            target: interface.to_owned(),
+            source,
+        };
+        match self.tc_attach {
+            TcAttach::Netlink => {
+                if self.links.is_none() {
+                    return Err(DataplaneError::NotPinned);
+                }
+                // Netlink attachment needs the clsact qdisc; it may already be there.
+                let _ = qdisc_add_clsact(interface);
+                let program: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+                // Replace the filter an earlier agent left (in place, atomically), else add it.
+                let replaced = SchedClassifierLink::attached(
+                    interface,
+                    attach_type,
+                    TC_PRIORITY,
+                    TC_HANDLE,
+                    None,
+                )
+                .map_err(|e| ProgramError::from(aya::programs::tc::TcError::IoError(e)))
+                .and_then(|ours| program.attach_to_link(ours));
+                let link = match replaced {
+                    Ok(link) => link,
+                    Err(_) => program
+                        .attach_with_options(
+                            interface,
+                            attach_type,
+                            TcAttachOptions::Netlink(NlOptions {
+                                priority: TC_PRIORITY,
+                                handle: TC_HANDLE,
+                                ..NlOptions::default()
+                            }),
+                        )
+                        .map_err(attach_error)?,
+                };
+                // The filter outlives the agent by itself; aya would delete it when its link
+                // is dropped.
+                std::mem::forget(program.take_link(link).map_err(attach_error)?);
+                Ok(())
+            }
+            TcAttach::Tcx | TcAttach::Auto => {
+                self.place(name, &ifindex.to_string(), |ebpf| {
+                    let program: &mut SchedClassifier = program(ebpf, name)?;
+                    let link = program
+                        .attach(interface, attach_type)
+                        .map_err(attach_error)?;
+                    let link = program.take_link(link).map_err(attach_error)?;
+                    FdLink::try_from(link).map_err(|source| DataplaneError::Unpinnable {
+                        program: name,
+                        target: interface.to_owned(),
+                        source,
+                    })
+                })
+            }
         }
-        let program: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        program
-            .attach(interface, attach_type)
-            .map_err(|source| DataplaneError::Attach {
-                program: name,
-                target: interface.to_owned(),
-                source,
-            })
+    }
+
+    /// Detaches `name` from a port (a vanished device took its attachment with it already;
+    /// what is left is the pin, or nothing for netlink filters).
+    fn detach_tc(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        ifindex: u32,
+        attach_type: TcAttachType,
+    ) {
+        let result = match (self.tc_attach, self.links.as_mut()) {
+            (TcAttach::Netlink, _) => {
+                detach_netlink_filter(interface, attach_type);
+                Ok(())
+            }
+            (_, Some(links)) => links.remove(&pin_name(name, &ifindex.to_string())),
+            (_, None) => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(port = interface, "detaching {name}: {e}");
+        }
+    }
+}
+
+/// Deletes weft's netlink filter from one hook of `interface`; none there is no error.
+pub fn detach_netlink_filter(interface: &str, attach_type: TcAttachType) {
+    if let Ok(ours) =
+        SchedClassifierLink::attached(interface, attach_type, TC_PRIORITY, TC_HANDLE, None)
+    {
+        // Fails when the filter (or the device) is already gone, which is the goal.
+        let _ = aya::programs::links::Link::detach(ours);
     }
 }
 

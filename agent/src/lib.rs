@@ -13,6 +13,7 @@ pub mod flannel;
 pub mod health;
 pub mod http;
 pub mod kube;
+pub mod links;
 pub mod manifests;
 pub mod maps;
 pub mod metrics;

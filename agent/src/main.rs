@@ -1,7 +1,9 @@
 //! `weft`: an eBPF dataplane for Kubernetes that replaces kube-proxy and flannel's vxlan
-//! backend. `weft agent` runs it on a node; `weft inspect` shows what it holds.
+//! backend. `weft agent` runs it on a node; `weft inspect` shows what it holds; `weft cleanup`
+//! takes it off the node.
 
 mod agent;
+mod cleanup;
 mod inspect;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -30,6 +32,9 @@ enum Command {
     Agent(Box<agent::AgentArgs>),
     /// Print what the dataplane holds, read from its pinned maps.
     Inspect(inspect::InspectArgs),
+    /// Take weft's dataplane off this node: its programs, pinned maps, nftables table and
+    /// overlay route (the agent leaves them in place when it stops). Safe to run twice.
+    Cleanup(cleanup::CleanupArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +53,6 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Agent(args) => tokio::runtime::Runtime::new()?.block_on(agent::run(*args)),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Cleanup(args) => tokio::runtime::Runtime::new()?.block_on(cleanup::run(&args)),
     }
 }

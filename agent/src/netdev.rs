@@ -20,7 +20,7 @@ use rtnetlink::{
         address::AddressAttribute,
         link::{LinkAttribute, LinkMessage},
         neighbour::NeighbourState,
-        route::{RouteAttribute, RouteMessage, RouteMetric},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol},
     },
     sys::SocketAddr,
 };
@@ -278,6 +278,10 @@ async fn default_route_interface(handle: &Handle) -> Result<u32, NetdevError> {
         .ok_or(NetdevError::NoDefaultRoute)
 }
 
+/// The routing protocol number weft's routes carry (`ip route show proto 119`), so that
+/// `weft cleanup` finds them without any state of the agent's.
+pub const ROUTE_PROTOCOL: u8 = b'w';
+
 /// The route that sends the whole pod `network` out of the uplink, where `tc_to_uplink`
 /// encapsulates it: `<network> via <network address> dev <uplink> onlink src <gateway> mtu
 /// <mtu>`, with a permanent neighbour entry for that next hop. One route and one neighbour for
@@ -311,6 +315,7 @@ pub async fn route_network(
         .output_interface(uplink.index)
         .pref_source(gateway)
         .onlink()
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
         .build();
     route
         .attributes
@@ -324,15 +329,43 @@ pub async fn route_network(
         .map_err(netlink(format!("route {network} into the overlay")))
 }
 
+/// The routes [`route_network`] added in this namespace: (network, uplink ifindex).
+pub async fn weft_routes(handle: &Handle) -> Result<Vec<(Ipv4Net, u32)>, NetdevError> {
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    let mut ours = Vec::new();
+    while let Some(route) = routes.try_next().await.map_err(netlink("list routes"))? {
+        if route.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
+            continue;
+        }
+        let destination = route.attributes.iter().find_map(|attribute| match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(address)) => Some(*address),
+            _ => None,
+        });
+        let interface = route.attributes.iter().find_map(|attribute| match attribute {
+            RouteAttribute::Oif(index) => Some(*index),
+            _ => None,
+        });
+        if let (Some(destination), Some(interface)) = (destination, interface)
+            && let Ok(network) = Ipv4Net::new(destination, route.header.destination_prefix_length)
+        {
+            ours.push((network, interface));
+        }
+    }
+    Ok(ours)
+}
+
 /// Removes what [`route_network`] added; what is already gone is no error.
 pub async fn unroute_network(
     handle: &Handle,
     network: Ipv4Net,
-    uplink: &Uplink,
+    uplink: u32,
 ) -> Result<(), NetdevError> {
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(network.network(), network.prefix_len())
-        .output_interface(uplink.index)
+        .output_interface(uplink)
         .build();
     match handle.route().del(route).execute().await {
         Ok(()) => {}
@@ -349,15 +382,14 @@ pub async fn unroute_network(
             matches!(attribute, rtnetlink::packet_route::neighbour::NeighbourAttribute::Destination(
                 rtnetlink::packet_route::neighbour::NeighbourAddress::Inet(ip)) if *ip == network.network())
         });
-        if next_hop && neighbour.header.ifindex == uplink.index {
+        if next_hop && neighbour.header.ifindex == uplink {
             handle
                 .neighbours()
                 .del(neighbour)
                 .execute()
                 .await
                 .map_err(netlink(format!(
-                    "remove the overlay next hop on {}",
-                    uplink.name
+                    "remove the overlay next hop on interface {uplink}"
                 )))?;
         }
     }

@@ -104,24 +104,15 @@ fn nft(script: &str) -> Result<(), NftError> {
     }
 }
 
-/// The installed table; dropping it removes the table, on every way out of the agent.
-#[must_use = "dropping the table removes it"]
-pub struct Table(());
-
-impl Table {
-    /// Installs (or replaces) the table.
-    pub fn install(masquerade: &Masquerade) -> Result<Self, NftError> {
-        nft(&ruleset(masquerade))?;
-        Ok(Self(()))
-    }
+/// Installs (or replaces, in one transaction) the table. It stays when the agent exits, so
+/// masquerading goes on; [`remove`] takes it away.
+pub fn install(masquerade: &Masquerade) -> Result<(), NftError> {
+    nft(&ruleset(masquerade))
 }
 
-impl Drop for Table {
-    fn drop(&mut self) {
-        if let Err(e) = nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")) {
-            tracing::warn!("removing the nftables table ip {TABLE}: {e}");
-        }
-    }
+/// Removes the table; none there is no error.
+pub fn remove() -> Result<(), NftError> {
+    nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))
 }
 
 #[cfg(test)]

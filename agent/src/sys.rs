@@ -2,10 +2,20 @@
 //! `unsafe` lives here.
 #![expect(
     unsafe_code,
-    reason = "getsockopt(SO_NETNS_COOKIE) has no safe wrapper in nix or std"
+    reason = "getsockopt(SO_NETNS_COOKIE), BPF_OBJ_GET and BPF_LINK_UPDATE have no safe wrapper \
+              that hands out the fds weft needs"
 )]
 
-use std::{io, net::UdpSocket, os::fd::AsRawFd as _};
+use std::{
+    ffi::CString,
+    io,
+    net::UdpSocket,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
 
 /// The cookie of the calling thread's network namespace (what `bpf_get_netns_cookie()` returns
 /// for sockets in it). Needs Linux 5.14 or later.
@@ -29,6 +39,69 @@ pub fn netns_cookie() -> io::Result<u64> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// `bpf(2)`'s command numbers (`enum bpf_cmd` in `linux/bpf.h`).
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for `command`, valid for the
+    // size passed; the kernel zero-extends a shorter attr.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            std::ptr::from_mut(attr),
+            size_of::<T>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Opens a pinned BPF object (a link, here) by its bpffs path.
+pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("BPF_OBJ_GET returned no fd"))?;
+    // SAFETY: the kernel just opened `fd` for this process, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Swaps the program a link runs for `program`, atomically: packets see the old program or
+/// the new one, never none.
+pub fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let fd = |fd: BorrowedFd<'_>| fd.as_raw_fd().cast_unsigned();
+    let mut attr = LinkUpdate {
+        link_fd: fd(link),
+        new_prog_fd: fd(program),
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
 #[cfg(test)]

@@ -220,7 +220,7 @@ fn spawn_agent(args: &[String], log_file: &Path) -> Child {
 }
 
 /// A running `weft agent` in a node's namespace, with its own pin directory and manifest
-/// directory. Dropping it stops the agent (SIGTERM) and removes its pins.
+/// directory. Dropping it stops the agent (SIGTERM) and runs `weft cleanup` for it.
 pub struct Agent {
     child: Child,
     /// The nsenter command line, to start the agent again.
@@ -331,9 +331,41 @@ impl Agent {
             "the agent exits cleanly: {status}\n{}",
             self.log()
         );
+        self.start_again();
+    }
+
+    /// Kills the agent (SIGKILL: it gets no chance to tidy anything) and starts it again;
+    /// waits until ready.
+    pub fn kill_and_restart(&mut self) {
+        self.child.kill().expect("killing the agent");
+        self.child.wait().expect("reaping the agent");
+        self.start_again();
+    }
+
+    /// Starts the stopped agent again with the same command line, or with `binary` in place of
+    /// the `weft` it ran (an upgrade); waits until ready.
+    pub fn start_again_as(&mut self, binary: &Path) {
+        self.args[1] = binary.display().to_string();
+        self.start_again();
+    }
+
+    fn start_again(&mut self) {
         let readies = self.readies();
         self.child = spawn_agent(&self.args, &self.log_file);
         self.wait_ready(readies);
+    }
+
+    /// `weft cleanup` in the agent's namespace, against its pins.
+    pub fn cleanup(&self) -> std::io::Result<String> {
+        run(
+            "nsenter",
+            &[
+                &self.args[0],
+                &weft_binary().display().to_string(),
+                "cleanup",
+                &format!("--pin-dir={}", self.pin_dir.display()),
+            ],
+        )
     }
 
     /// How many times the agent logged that it is ready (its log survives restarts).
@@ -427,7 +459,14 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
-        if let Err(e) = fs::remove_dir_all(&self.pin_dir) {
+        if let Err(e) = self.cleanup() {
+            eprintln!("weft cleanup for {}: {e}", self.pin_dir.display());
+        }
+        // What cleanup could not remove (its namespace already gone, say) still goes: removing
+        // the link pins detaches the programs.
+        if let Err(e) = fs::remove_dir_all(&self.pin_dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
             eprintln!("cleanup: removing {}: {e}", self.pin_dir.display());
         }
     }

@@ -11,7 +11,7 @@ use aya::{
 use ipnet::Ipv4Net;
 use weft::{
     conntrack::Conntrack,
-    dataplane::{Dataplane, MapLimits},
+    dataplane::{Dataplane, MapLimits, TcAttach},
     manifests::{Scan, apply, parse_into},
     maps::AyaMaps,
     model::{Model, NodeFacts},
@@ -65,7 +65,7 @@ impl Datapath {
     pub fn with_limits(manifests: &str, cluster_cidr: Option<Ipv4Net>, limits: MapLimits) -> Self {
         crate::netns::require_root();
         let mut dataplane =
-            Dataplane::load(None, limits).expect("the kernel accepts every program");
+            Dataplane::load(None, limits, TcAttach::Auto).expect("the kernel accepts every program");
         let cidr = cluster_cidr.unwrap_or_default();
         dataplane
             .set_config(&DatapathConfig {

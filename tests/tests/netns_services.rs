@@ -306,28 +306,30 @@ fn removing_a_backend_stops_new_connections_to_it_within_a_second() {
 }
 
 #[test]
-fn a_clean_exit_removes_the_nft_table_and_keeps_the_pinned_maps() {
+fn sigterm_leaves_the_node_forwarding_and_cleanup_takes_the_dataplane_away() {
     let mut seed = seed_node(&[]);
-    let rules = seed
-        .node
+    let nft_table = |node: &Node| node.ns.exec("nft", &["list", "table", "ip", "weft"]);
+    let mut open = seed
+        .client
         .ns
-        .exec("nft", &["list", "table", "ip", "weft"])
-        .expect("the weft table exists");
-    assert!(rules.contains("masquerade fully-random"), "{rules}");
+        .run(|| HttpConnection::open(seed::frontend()))
+        .expect("a connection through the VIP");
     let status = seed.agent.stop();
     assert!(
         status.success(),
         "SIGTERM is a clean exit: {status}\n{}",
         seed.agent.log()
     );
-    assert!(
-        seed.node
-            .ns
-            .exec("nft", &["list", "table", "ip", "weft"])
-            .is_err(),
-        "the table is gone after a clean exit"
-    );
-    // The maps outlive the agent: a restart adopts them, and inspect still reads them.
+    // With no agent running, the node goes on translating: the programs, the maps and the
+    // masquerade table all stay, for the connections it carries and for new ones.
+    open.request()
+        .expect("the open connection still works after the agent stopped");
+    seed.client
+        .ns
+        .run(|| http_get(seed::frontend()))
+        .expect("a new connection through the VIP with no agent running");
+    let rules = nft_table(&seed.node).expect("the weft table stays");
+    assert!(rules.contains("masquerade fully-random"), "{rules}");
     let table = seed.agent.inspect("backends");
     assert_eq!(
         table
@@ -337,6 +339,23 @@ fn a_clean_exit_removes_the_nft_table_and_keeps_the_pinned_maps() {
         3,
         "{table}"
     );
+
+    seed.agent.cleanup().expect("weft cleanup");
+    assert!(nft_table(&seed.node).is_err(), "cleanup removes the table");
+    assert!(
+        !seed.agent.pin_dir().exists(),
+        "cleanup removes the pins, links and maps alike"
+    );
+    assert!(
+        seed.client
+            .ns
+            .run(|| http_get(seed::frontend()))
+            .is_err(),
+        "with the programs detached, nothing answers on the VIP"
+    );
+    seed.agent
+        .cleanup()
+        .expect("weft cleanup again finds nothing and succeeds");
 }
 
 #[test]

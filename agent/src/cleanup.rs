@@ -1,0 +1,58 @@
+//! `weft cleanup`: takes weft's dataplane off the node, as `cilium-dbg cleanup` does. The agent
+//! leaves everything in place when it stops, so the node keeps forwarding; this removes the
+//! program attachments, the pinned maps, the nftables table and the overlay route. Running it
+//! again finds nothing and succeeds. The node's lease in etcd is left to expire, as flannel's.
+
+use std::{fs, io, path::PathBuf};
+
+use anyhow::Context as _;
+use aya::programs::TcAttachType;
+use tracing::info;
+use weft::{dataplane::detach_netlink_filter, links, netdev, nft};
+use weft_common::maps::PINNED_MAPS;
+
+#[derive(clap::Args)]
+pub struct CleanupArgs {
+    /// The agent's pin directory.
+    #[arg(long, env = "WEFT_PIN_DIR", default_value = "/sys/fs/bpf/weft")]
+    pin_dir: PathBuf,
+}
+
+pub async fn run(args: &CleanupArgs) -> anyhow::Result<()> {
+    let detached = links::remove_all(&args.pin_dir)?;
+    info!(attachments = detached.len(), "detached the pinned programs");
+    let netlink = netdev::connect()?;
+    // Netlink filters (--tc-attach=netlink) have no pins; they sit at weft's fixed priority.
+    for link in netdev::links(&netlink).await? {
+        for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+            detach_netlink_filter(&link.name, hook);
+        }
+    }
+    nft::remove().context("removing the nftables table ip weft")?;
+    for (network, uplink) in netdev::weft_routes(&netlink).await? {
+        netdev::unroute_network(&netlink, network, uplink).await?;
+        info!(%network, "removed the overlay route");
+    }
+    for name in PINNED_MAPS {
+        let path = args.pin_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    match fs::remove_dir(&args.pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "removing {}: it holds pins that are not weft's; remove them by hand",
+                    args.pin_dir.display()
+                )
+            });
+        }
+    }
+    info!(pin_dir = %args.pin_dir.display(), "weft's dataplane is removed from this node");
+    Ok(())
+}
