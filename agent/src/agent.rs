@@ -1,6 +1,7 @@
 //! `weft agent`: wires the sources, the reconciler and the dataplane together on one node.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     fs,
     net::{Ipv4Addr, SocketAddr},
@@ -18,7 +19,7 @@ use tokio::{
 use tracing::{error, info, warn};
 use weft::{
     conntrack::{Conntrack, lost_udp_endpoints},
-    dataplane::{Dataplane, MapLimits, TcAttach, cgroup2_mount},
+    dataplane::{Dataplane, MapLimits, OBJECT, TcAttach, cgroup2_mount},
     flannel::{self, NetworkConfig, subnet_env},
     health::{self, Health, HealthCheckServers},
     http, kube,
@@ -98,6 +99,10 @@ pub struct AgentArgs {
     /// 1, handle 0x7766), for older kernels or beside tools that manage clsact filters.
     #[arg(long, env = "WEFT_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
     tc_attach: TcAttach,
+    /// Load the eBPF programs from this object file instead of the ones built into weft:
+    /// another build of this weft version (its maps must have this version's layouts).
+    #[arg(long, env = "WEFT_BPF_OBJECT")]
+    bpf_object: Option<PathBuf>,
     /// Capacity for service frontends (ClusterIP, port, protocol).
     #[arg(long, env = "WEFT_MAX_SERVICES", default_value_t = DEFAULT_MAX_SERVICES)]
     max_services: u32,
@@ -348,12 +353,19 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
         max_endpoints: args.max_endpoints,
         ct_entries: args.ct_entries,
     };
-    let mut dataplane = Dataplane::load(Some(&args.pin_dir), limits, args.tc_attach).with_context(|| {
-        format!(
-            "loading the dataplane with maps pinned in {}",
-            args.pin_dir.display()
-        )
-    })?;
+    let object = match &args.bpf_object {
+        Some(path) => {
+            Cow::Owned(fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => Cow::Borrowed(OBJECT),
+    };
+    let mut dataplane = Dataplane::load(&object, Some(&args.pin_dir), limits, args.tc_attach)
+        .with_context(|| {
+            format!(
+                "loading the dataplane with maps pinned in {}",
+                args.pin_dir.display()
+            )
+        })?;
     let host_netns_cookie = sys::netns_cookie().unwrap_or_else(|e| {
         warn!(
             "cannot read this network namespace's cookie ({e}; needs Linux 5.14); \

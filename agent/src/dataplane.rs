@@ -11,6 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::links::{LinkPinError, LinkPins, pin_name};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapError, MapInfo, MapType},
@@ -22,7 +23,6 @@ use aya::{
     },
     util::KernelVersion,
 };
-use crate::links::{LinkPinError, LinkPins, pin_name};
 use weft_common::{
     drop_reason::DROP_REASON_COUNT,
     maps::{
@@ -371,10 +371,11 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the object and runs every program through the verifier. With a `pin_dir`, maps are
+    /// Loads `object` (normally [`OBJECT`]) and runs every program through the verifier. With a `pin_dir`, maps are
     /// pinned there and reused from there (after a layout check); without one (tests), maps are
     /// private to this process.
     pub fn load(
+        object: &[u8],
         pin_dir: Option<&Path>,
         limits: MapLimits,
         tc_attach: TcAttach,
@@ -392,7 +393,7 @@ impl Dataplane {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
+        let mut ebpf = loader.load(object).map_err(DataplaneError::Load)?;
         let links = pin_dir.map(LinkPins::open).transpose()?;
         for name in [FROM_PODS, TO_POD, TO_UPLINK, FROM_UPLINK] {
             let program: &mut SchedClassifier = program(&mut ebpf, name)?;
@@ -493,11 +494,13 @@ impl Dataplane {
                     attach(decap, XdpMode::Skb)?
                 }
             };
-            let link = decap.take_link(link).map_err(|source| DataplaneError::Attach {
-                program: XDP_UPLINK,
-                target: uplink.to_owned(),
-                source,
-            })?;
+            let link = decap
+                .take_link(link)
+                .map_err(|source| DataplaneError::Attach {
+                    program: XDP_UPLINK,
+                    target: uplink.to_owned(),
+                    source,
+                })?;
             FdLink::try_from(link).map_err(|source| DataplaneError::Unpinnable {
                 program: XDP_UPLINK,
                 target: uplink.to_owned(),
@@ -675,20 +678,18 @@ impl Dataplane {
                 std::mem::forget(program.take_link(link).map_err(attach_error)?);
                 Ok(())
             }
-            TcAttach::Tcx | TcAttach::Auto => {
-                self.place(name, &ifindex.to_string(), |ebpf| {
-                    let program: &mut SchedClassifier = program(ebpf, name)?;
-                    let link = program
-                        .attach(interface, attach_type)
-                        .map_err(attach_error)?;
-                    let link = program.take_link(link).map_err(attach_error)?;
-                    FdLink::try_from(link).map_err(|source| DataplaneError::Unpinnable {
-                        program: name,
-                        target: interface.to_owned(),
-                        source,
-                    })
+            TcAttach::Tcx | TcAttach::Auto => self.place(name, &ifindex.to_string(), |ebpf| {
+                let program: &mut SchedClassifier = program(ebpf, name)?;
+                let link = program
+                    .attach(interface, attach_type)
+                    .map_err(attach_error)?;
+                let link = program.take_link(link).map_err(attach_error)?;
+                FdLink::try_from(link).map_err(|source| DataplaneError::Unpinnable {
+                    program: name,
+                    target: interface.to_owned(),
+                    source,
                 })
-            }
+            }),
         }
     }
 

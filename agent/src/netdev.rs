@@ -340,14 +340,20 @@ pub async fn weft_routes(handle: &Handle) -> Result<Vec<(Ipv4Net, u32)>, NetdevE
         if route.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
             continue;
         }
-        let destination = route.attributes.iter().find_map(|attribute| match attribute {
-            RouteAttribute::Destination(RouteAddress::Inet(address)) => Some(*address),
-            _ => None,
-        });
-        let interface = route.attributes.iter().find_map(|attribute| match attribute {
-            RouteAttribute::Oif(index) => Some(*index),
-            _ => None,
-        });
+        let destination = route
+            .attributes
+            .iter()
+            .find_map(|attribute| match attribute {
+                RouteAttribute::Destination(RouteAddress::Inet(address)) => Some(*address),
+                _ => None,
+            });
+        let interface = route
+            .attributes
+            .iter()
+            .find_map(|attribute| match attribute {
+                RouteAttribute::Oif(index) => Some(*index),
+                _ => None,
+            });
         if let (Some(destination), Some(interface)) = (destination, interface)
             && let Ok(network) = Ipv4Net::new(destination, route.header.destination_prefix_length)
         {

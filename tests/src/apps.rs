@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::netns::Netns;
@@ -233,9 +233,9 @@ pub fn http_get(target: SocketAddrV4) -> io::Result<Answer> {
 }
 
 /// One UDP flow (one socket) sending a datagram every 20 ms from a namespace, recording who
-/// answers, until dropped.
+/// answers and when, until dropped.
 pub struct UdpFlow {
-    answers: Arc<Mutex<Vec<Ipv4Addr>>>,
+    answers: Arc<Mutex<Vec<(Instant, Ipv4Addr)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -260,7 +260,10 @@ impl UdpFlow {
                 if let Ok((len, _)) = socket.recv_from(&mut buf)
                     && let Ok(answer) = Answer::decode(&String::from_utf8_lossy(&buf[..len]))
                 {
-                    recorded.lock().expect("answers").push(answer.server);
+                    recorded
+                        .lock()
+                        .expect("answers")
+                        .push((Instant::now(), answer.server));
                 }
                 thread::sleep(Duration::from_millis(20));
             }
@@ -275,7 +278,34 @@ impl UdpFlow {
     /// The server of the latest answer.
     #[must_use]
     pub fn last(&self) -> Option<Ipv4Addr> {
-        self.answers.lock().expect("answers").last().copied()
+        self.answers
+            .lock()
+            .expect("answers")
+            .last()
+            .map(|(_, server)| *server)
+    }
+
+    /// How many answers came so far.
+    #[must_use]
+    pub fn answered(&self) -> usize {
+        self.answers.lock().expect("answers").len()
+    }
+
+    /// The longest time without an answer, from the first answer until now: how long the
+    /// flow was cut off at worst.
+    #[must_use]
+    pub fn longest_silence(&self) -> Duration {
+        let answers = self.answers.lock().expect("answers");
+        let times = answers
+            .iter()
+            .map(|(at, _)| *at)
+            .chain(std::iter::once(Instant::now()));
+        times
+            .clone()
+            .zip(times.skip(1))
+            .map(|(earlier, later)| later - earlier)
+            .max()
+            .unwrap_or_default()
     }
 }
 

@@ -11,7 +11,7 @@ use aya::{
 use ipnet::Ipv4Net;
 use weft::{
     conntrack::Conntrack,
-    dataplane::{Dataplane, MapLimits, TcAttach},
+    dataplane::{Dataplane, MapLimits, OBJECT, TcAttach},
     manifests::{Scan, apply, parse_into},
     maps::AyaMaps,
     model::{Model, NodeFacts},
@@ -64,8 +64,8 @@ impl Datapath {
     /// As [`Datapath::new`], with chosen map sizes.
     pub fn with_limits(manifests: &str, cluster_cidr: Option<Ipv4Net>, limits: MapLimits) -> Self {
         crate::netns::require_root();
-        let mut dataplane =
-            Dataplane::load(None, limits, TcAttach::Auto).expect("the kernel accepts every program");
+        let mut dataplane = Dataplane::load(OBJECT, None, limits, TcAttach::Auto)
+            .expect("the kernel accepts every program");
         let cidr = cluster_cidr.unwrap_or_default();
         dataplane
             .set_config(&DatapathConfig {

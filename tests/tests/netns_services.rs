@@ -347,10 +347,7 @@ fn sigterm_leaves_the_node_forwarding_and_cleanup_takes_the_dataplane_away() {
         "cleanup removes the pins, links and maps alike"
     );
     assert!(
-        seed.client
-            .ns
-            .run(|| http_get(seed::frontend()))
-            .is_err(),
+        seed.client.ns.run(|| http_get(seed::frontend())).is_err(),
         "with the programs detached, nothing answers on the VIP"
     );
     seed.agent

@@ -7,6 +7,7 @@
 //!   namespaces.
 //! - `cargo xtask bench [--quick]`: weft against kube-proxy and flannel's kernel VXLAN, side by
 //!   side, into `docs/benchmarks.md`.
+//! - `cargo xtask upgrade-object`: another build of the eBPF programs, for the upgrade test.
 
 mod setup;
 
@@ -52,6 +53,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the eBPF programs a second way (for another BPF CPU), for the test that
+    /// upgrades agents under traffic; prints the object's path.
+    UpgradeObject,
 }
 
 /// The workspace root.
@@ -133,11 +137,43 @@ fn test() -> anyhow::Result<()> {
         .env("RUSTC_BOOTSTRAP", "aya_ebpf"))?;
     // The namespace tests start the `weft` binary, which `cargo test` alone does not build.
     run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
+    let upgrade = upgrade_object()?;
     run(cargo()
         .args(["test", "--workspace", "--locked"])
-        .env("WEFT_BIN", root().join("target/debug/weft")))?;
+        .env("WEFT_BIN", root().join("target/debug/weft"))
+        .env("WEFT_UPGRADE_OBJECT", upgrade))?;
     // The bench's quick run as a smoke test (debug builds, already built; no figure is judged).
     run_bench("debug", &root().join("target/bench/smoke.md"), true)
+}
+
+/// Builds the eBPF crate as `agent/build.rs` does through aya-build (same toolchain, target
+/// and flags), but for BPF CPU v3 (32-bit subregisters and jumps, Linux 5.1+) rather than the
+/// generic CPU, into a target directory of its own: a different build of the same programs,
+/// their instruction streams changed. Returns the object.
+fn upgrade_object() -> anyhow::Result<PathBuf> {
+    let target_dir = root().join("target/upgrade-object");
+    let rustflags = [
+        &format!("--cfg=bpf_target_arch=\"{}\"", env::consts::ARCH),
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+        "-Ctarget-cpu=v2",
+    ]
+    .join("\x1f");
+    run(Command::new("rustup")
+        .current_dir(root())
+        .args(["run", "/usr", "cargo", "build", "-p", "weft-dataplane-ebpf"])
+        .args([
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "--locked",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags))?;
+    Ok(target_dir.join("bpfel-unknown-none/release/weft-dataplane"))
 }
 
 /// Builds the agent and the bench in release and runs the bench.
@@ -202,5 +238,10 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test(),
         Task::Demo { keep, clean } => demo(keep, clean),
         Task::Bench { quick } => bench(quick),
+        Task::UpgradeObject => {
+            setup::setup(setup::Scope::Build)?;
+            println!("{}", upgrade_object()?.display());
+            Ok(())
+        }
     }
 }
