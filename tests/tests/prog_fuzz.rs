@@ -617,6 +617,8 @@ struct Fuzzer<'a> {
     counted: BTreeMap<DropReason, u64>,
     /// Drops the model expects over the whole run.
     expected_drops: BTreeMap<DropReason, u64>,
+    /// The runs since conntrack was last restored, which the model says leave it alone.
+    since_restore: Vec<String>,
 }
 
 impl Fuzzer<'_> {
@@ -675,6 +677,10 @@ impl Fuzzer<'_> {
             && drop == expected.drop;
         if expected.conntrack || !same {
             self.datapath.set_conntrack(&self.baseline);
+            self.since_restore.clear();
+        } else {
+            self.since_restore
+                .push(format!("{program} on {} ({how})", hex(frame)));
         }
         if same {
             return None;
@@ -698,6 +704,21 @@ impl Fuzzer<'_> {
                 .unwrap_or_default(),
         );
         Some((kind, report))
+    }
+
+    /// Asserts that conntrack holds exactly the fixture's connections, as it must after runs
+    /// the model says leave it alone.
+    fn assert_conntrack_untouched(&mut self) {
+        let mut entries = self.datapath.conntrack();
+        entries.sort_by_key(|(key, _)| format!("{key:?}"));
+        let mut baseline = self.baseline.clone();
+        baseline.sort_by_key(|(key, _)| format!("{key:?}"));
+        assert!(
+            entries == baseline,
+            "conntrack changed, by one of these runs:\n{}\nnow: {entries:?}",
+            self.since_restore.join("\n")
+        );
+        self.since_restore.clear();
     }
 }
 
@@ -733,11 +754,15 @@ fn every_program_does_what_the_reference_model_says() {
             uplink,
             counted,
             expected_drops: BTreeMap::new(),
+            since_restore: Vec::new(),
         };
         let seeds = seeds(&fixture);
         let mut rng = Rng(seed | 1);
         let mut tallies: BTreeMap<&str, Tally> = BTreeMap::new();
-        for _ in 0..count {
+        for n in 0..count {
+            if n % 64 == 0 {
+                fuzzer.assert_conntrack_untouched();
+            }
             let (frame, how) = frame(&mut rng, &fixture, &seeds);
             let mark = if rng.chance(10) { rng.next() as u32 } else { 0 };
             for program in PROGRAMS {
