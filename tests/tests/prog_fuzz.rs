@@ -420,11 +420,16 @@ fn mutate(rng: &mut Rng, fixture: &Fixture, frame: &mut Vec<u8>) -> String {
             format!("{src} -> {dst}")
         }
         13 => {
-            let Some(flags) = frame.get_mut(l4 + 13) else {
+            let Some(header) = frame.get_mut(l4 + 12..l4 + 14) else {
                 return "TCP flags (none)".into();
             };
-            *flags = rng.byte();
-            format!("TCP flags {:#04x}", *flags)
+            if rng.chance(50) {
+                header[1] = rng.byte();
+                format!("TCP flags {:#04x}", header[1])
+            } else {
+                header[0] = rng.byte() & 0xf0;
+                format!("TCP data offset {}", header[0] >> 4)
+            }
         }
         14 => {
             let n = 1 + rng.below(64);
