@@ -4,7 +4,10 @@
 //! that holds no lease is dropped and counted. Everything else passes untouched.
 //!
 //! Fragmented VXLAN is passed as it is: the kernel reassembles and drops it for want of a
-//! socket, as flannel's `flannel.1` would not (weft does not reassemble in XDP).
+//! socket, as flannel's `flannel.1` would not (weft does not reassemble in XDP). So is an outer
+//! IPv4 header the stack would refuse (a bad checksum, a total length of 0 or shorter than the
+//! header): the stack drops it and counts it as it counts any, as it would for `flannel.1`.
+//! What lies past the outer total length is padding, never VXLAN.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -15,7 +18,7 @@ use aya_ebpf::{
 use weft_common::{
     drop_reason::DropReason,
     ip_proto,
-    packet::{ETH_HLEN, ETH_P_IP, Fragment, Frame, PacketBytes as _, parse_ipv4},
+    packet::{ETH_HLEN, ETH_P_IP, Fragment, Frame, PacketBytes as _, ipv4_checksum_ok, parse_ipv4},
     vxlan,
 };
 
@@ -45,13 +48,26 @@ fn decapsulate(ctx: &XdpContext) -> Result<u32, DropReason> {
     if ip.proto != ip_proto::UDP || ip.fragment != Fragment::Whole || ip.dst != overlay.public_ip {
         return Ok(XDP_PASS);
     }
+    let header_len = ip.l4_offset - ETH_HLEN;
+    if usize::from(ip.total_len) < header_len || !ipv4_checksum_ok(&frame, header_len) {
+        return Ok(XDP_PASS);
+    }
+    // The datagram ends at its total length (or at the frame's end, if cut short).
+    let datagram_end = ETH_HLEN + usize::from(ip.total_len);
     let Some(udp) = frame.read::<8>(ip.l4_offset) else {
         return Ok(XDP_PASS);
     };
+    if ip.l4_offset + 8 > datagram_end {
+        return Ok(XDP_PASS);
+    }
     if u16::from_be_bytes([udp[2], udp[3]]) != overlay.port {
         return Ok(XDP_PASS);
     }
     // UDP to this node's VXLAN port: from here on it is VXLAN or garbage.
+    let inner = ip.l4_offset + 16;
+    if inner > datagram_end {
+        return Err(DropReason::VxlanMalformed);
+    }
     let header = frame
         .read::<{ vxlan::header(0).len() }>(ip.l4_offset + 8)
         .ok_or(DropReason::VxlanMalformed)?;
@@ -62,7 +78,9 @@ fn decapsulate(ctx: &XdpContext) -> Result<u32, DropReason> {
     if VTEPS.get_ptr(ip.src).is_none() {
         return Err(DropReason::VxlanUnknownSource);
     }
-    let inner = ip.l4_offset + 16;
+    if inner + ETH_HLEN > datagram_end {
+        return Err(DropReason::VxlanMalformed);
+    }
     let inner_ethernet = frame
         .read::<{ ETH_HLEN }>(inner)
         .ok_or(DropReason::VxlanMalformed)?;

@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use aya::{
-    maps::PerCpuArray,
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
+    programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions},
 };
 use ipnet::Ipv4Net;
 use weft::{
@@ -19,7 +19,7 @@ use weft::{
 };
 use weft_common::{
     drop_reason::DropReason,
-    maps::{CtKey, CtValue, DROPS_MAP, DatapathConfig},
+    maps::{CONNTRACK_MAP, CtKey, CtValue, DROPS_MAP, DatapathConfig},
 };
 
 /// `TC_ACT_UNSPEC`: the packet goes on (to the next program or the stack).
@@ -51,6 +51,9 @@ pub struct Datapath {
     dataplane: Dataplane,
     reconciler: Reconciler<AyaMaps>,
     conntrack: Conntrack,
+    /// A second handle on the conntrack map, for tests that set its contents (the agent's
+    /// [`Conntrack`] only reads and sweeps).
+    conntrack_writer: BpfHashMap<MapData, CtKey, CtValue>,
     model: Model,
     scan: Scan,
 }
@@ -75,11 +78,20 @@ impl Datapath {
             })
             .expect("writing the datapath config");
         let maps = AyaMaps::take_from(dataplane.ebpf_mut()).expect("service maps");
+        let conntrack_id = match dataplane.ebpf_mut().map(CONNTRACK_MAP) {
+            Some(Map::LruHashMap(data)) => data.info().expect("conntrack map info").id(),
+            _ => panic!("the conntrack map is an LRU hash map"),
+        };
+        let conntrack_writer = BpfHashMap::try_from(Map::LruHashMap(
+            MapData::from_id(conntrack_id).expect("reopen"),
+        ))
+        .expect("a conntrack map handle");
         let conntrack = Conntrack::take_from(dataplane.ebpf_mut()).expect("conntrack map");
         let mut datapath = Self {
             dataplane,
             reconciler: Reconciler::adopt(maps).expect("empty maps adopt"),
             conntrack,
+            conntrack_writer,
             model: Model::default(),
             scan: Scan::default(),
         };
@@ -180,6 +192,18 @@ impl Datapath {
         frame: &[u8],
         repeat: u32,
     ) -> (u32, Vec<u8>, Duration) {
+        self.try_run_xdp(name, frame, repeat)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {frame:02x?}: {e}"))
+    }
+
+    /// As [`Datapath::run_xdp_repeated`], with the kernel's refusal to run (a frame it will not
+    /// build a packet from) returned rather than a panic.
+    pub fn try_run_xdp(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Vec<u8>, Duration), ProgramError> {
         let program: &mut aya::programs::Xdp = self
             .dataplane
             .ebpf_mut()
@@ -188,16 +212,14 @@ impl Datapath {
             .try_into()
             .expect("an XDP program");
         let mut output = vec![0u8; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut output),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {frame:02x?}: {e}"));
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
         output.truncate(result.data_size_out as usize);
-        (result.return_value, output, result.duration)
+        Ok((result.return_value, output, result.duration))
     }
 
     /// Runs the TC program `name` `repeat` times on `frame`, with `mark` in the skb, as if on
@@ -210,6 +232,20 @@ impl Datapath {
         ifindex: u32,
         repeat: u32,
     ) -> Run {
+        self.try_run_with(name, frame, mark, ifindex, repeat)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {frame:02x?}: {e}"))
+    }
+
+    /// As [`Datapath::run_with`], with the kernel's refusal to run (a frame it will not build
+    /// an skb from) returned rather than a panic.
+    pub fn try_run_with(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        mark: u32,
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<Run, ProgramError> {
         let program: &mut SchedClassifier = self
             .dataplane
             .ebpf_mut()
@@ -222,18 +258,16 @@ impl Datapath {
         context[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
         let mut context_out = [0u8; SKB_CONTEXT_LEN];
         let mut output = vec![0u8; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut output),
-                ctx_in: Some(&context),
-                ctx_out: Some(&mut context_out),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {frame:02x?}: {e}"));
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            ctx_in: Some(&context),
+            ctx_out: Some(&mut context_out),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
         output.truncate(result.data_size_out as usize);
-        Run {
+        Ok(Run {
             verdict: result.return_value,
             output,
             mark: u32::from_ne_bytes(
@@ -242,7 +276,7 @@ impl Datapath {
                     .expect("4 bytes"),
             ),
             duration: result.duration,
-        }
+        })
     }
 
     /// Drop counters summed over CPUs, non-zero ones only.
@@ -269,5 +303,25 @@ impl Datapath {
     /// Every conntrack entry.
     pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
         self.conntrack.entries().expect("reading conntrack")
+    }
+
+    /// Makes `entries` the conntrack map's whole contents.
+    pub fn set_conntrack(&mut self, entries: &[(CtKey, CtValue)]) {
+        let extra: Vec<CtKey> = self
+            .conntrack_writer
+            .keys()
+            .map(|key| key.expect("reading a conntrack key"))
+            .filter(|key| !entries.iter().any(|(kept, _)| kept == key))
+            .collect();
+        for key in extra {
+            self.conntrack_writer
+                .remove(&key)
+                .expect("removing a conntrack entry");
+        }
+        for (key, value) in entries {
+            self.conntrack_writer
+                .insert(key, value, 0)
+                .expect("writing a conntrack entry");
+        }
     }
 }

@@ -145,8 +145,19 @@ fn vxlan_decap_fixture_table() {
     let valid = vxlan_frame(REMOTE_IP, 8472, 1, &inner, 0);
     let mut not_for_us = valid.clone();
     not_for_us[30..34].copy_from_slice(&[192, 168, 50, 3]);
-    let mut fragment = valid.clone();
-    fragment[20] = 0x20; // more fragments
+    // The valid frame with its outer IPv4 header changed by `change`, checksum recomputed.
+    let outer = |change: &dyn Fn(&mut [u8])| {
+        let mut frame = valid.clone();
+        change(&mut frame[14..34]);
+        frame[24..26].fill(0);
+        let sum = checksum(&frame[14..34]);
+        frame[24..26].copy_from_slice(&sum.to_be_bytes());
+        frame
+    };
+    let fragment = outer(&|ip| ip[6] = 0x20); // more fragments
+    let mut bad_checksum = valid.clone();
+    bad_checksum[24] ^= 0xff;
+    let total_len = |len: usize| outer(&|ip| ip[2..4].copy_from_slice(&(len as u16).to_be_bytes()));
     let mut arp_inside = valid.clone();
     arp_inside[50 + 12..50 + 14].copy_from_slice(&[0x08, 0x06]);
     let cases: Vec<(&str, Vec<u8>, u32, Option<DropReason>)> = vec![
@@ -169,6 +180,31 @@ fn vxlan_decap_fixture_table() {
             None,
         ),
         ("a fragment passes untouched", fragment, XDP_PASS, None),
+        // Found by the differential fuzzer: these were decapsulated.
+        (
+            "an outer IPv4 header with a bad checksum passes untouched, for the stack to drop",
+            bad_checksum,
+            XDP_PASS,
+            None,
+        ),
+        (
+            "an outer total length of 0 passes untouched, for the stack to drop",
+            total_len(0),
+            XDP_PASS,
+            None,
+        ),
+        (
+            "VXLAN whose outer total length ends inside the inner Ethernet header is dropped",
+            total_len(20 + 8 + 8 + 10),
+            XDP_DROP,
+            Some(DropReason::VxlanMalformed),
+        ),
+        (
+            "a UDP header past the outer total length is not ours to judge",
+            total_len(20 + 4),
+            XDP_PASS,
+            None,
+        ),
         (
             "VXLAN from an address that holds no lease is dropped",
             vxlan_frame(Ipv4Addr::new(192, 168, 50, 9), 8472, 1, &inner, 0),

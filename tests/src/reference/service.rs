@@ -1,0 +1,291 @@
+//! Services on TC: `tc_from_pods` and `tc_from_uplink` translate client packets to a
+//! frontend (DNAT to its endpoint, the masquerade mark for off-cluster clients and hairpins,
+//! a reset or port unreachable when the service has no endpoints); `tc_to_pod` (and the first
+//! half of `tc_to_uplink`) restores the frontend as the source of a tracked connection's
+//! replies. Frames too damaged to judge are the stack's: they pass, except an invalid IPv4
+//! header on the client side and a cut transport header to a frontend, which are dropped.
+
+use weft_common::drop_reason::DropReason;
+
+use super::{
+    Fixture, ICMP, Ip, L3, L4, MASQUERADE, Outcome, SCTP, TCP, UDP, Unknown, VERDICT_DROP,
+    VERDICT_PASS, VERDICT_REDIRECT, checksum, crc32c, in_network, l4_header_len, parse_ip,
+    parse_l4, rechecksum, sum,
+};
+
+/// Which end of a packet a translation rewrites.
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Destination,
+}
+
+impl Fixture {
+    /// `tc_from_pods`: a local pod's frame.
+    #[must_use]
+    pub fn tc_from_pods(&self, frame: &[u8], mark: u32) -> Outcome {
+        self.to_endpoint(frame, mark)
+    }
+
+    /// `tc_from_uplink`: a frame from the network. With the cluster CIDR set, a client from
+    /// outside counts as inside the cluster exactly as a pod does: when the CIDR holds it.
+    #[must_use]
+    pub fn tc_from_uplink(&self, frame: &[u8], mark: u32) -> Outcome {
+        self.to_endpoint(frame, mark)
+    }
+
+    /// `tc_to_pod`: a frame delivered to a local pod.
+    #[must_use]
+    pub fn tc_to_pod(&self, frame: &[u8], mark: u32) -> Outcome {
+        self.to_client(frame, mark)
+    }
+
+    fn to_endpoint(&self, frame: &[u8], mark: u32) -> Outcome {
+        let ip = match parse_ip(frame) {
+            L3::NotIpv4 => return Outcome::pass(VERDICT_PASS, frame, mark),
+            L3::Malformed => {
+                return Outcome::drop(VERDICT_DROP, frame, mark, DropReason::MalformedIpv4);
+            }
+            L3::Ipv4(ip) => ip,
+        };
+        let tuple = match parse_l4(frame, &ip) {
+            L4::Other => return Outcome::pass(VERDICT_PASS, frame, mark),
+            L4::Truncated => {
+                // Dropped only when the ports it has say it is for a frontend.
+                let for_service = frame.get(ip.l4..ip.l4 + 4).is_some_and(|ports| {
+                    let port = u16::from_be_bytes([ports[2], ports[3]]);
+                    self.frontend(ip.dst, port, ip.proto).is_some()
+                });
+                return if for_service {
+                    Outcome::drop(VERDICT_DROP, frame, mark, DropReason::MalformedL4)
+                } else {
+                    Outcome::pass(VERDICT_PASS, frame, mark)
+                };
+            }
+            L4::Ports(tuple) => tuple,
+        };
+        let Some((service, masquerade_all)) = self.frontend(ip.dst, tuple.dport, ip.proto) else {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        };
+        if ip.first_fragment() {
+            return Outcome::drop(VERDICT_DROP, frame, mark, DropReason::FragmentedService);
+        }
+        let (endpoint, masquerade) = match self.forward(&tuple) {
+            Some(connection) => (connection.endpoint, connection.masquerade),
+            None => {
+                let Some(endpoint) = service.endpoint_addr() else {
+                    let mut outcome = reject(frame, &ip, mark);
+                    outcome.conntrack = true;
+                    return outcome;
+                };
+                let inside = in_network(ip.src);
+                (
+                    endpoint,
+                    masquerade_all || !inside || endpoint.ip().octets() == ip.src,
+                )
+            }
+        };
+        let mut output = frame.to_vec();
+        let unknown = rewrite(
+            &mut output,
+            &ip,
+            Side::Destination,
+            endpoint.ip().octets(),
+            endpoint.port(),
+        );
+        Outcome {
+            verdict: VERDICT_PASS,
+            output,
+            mark: if masquerade { mark | MASQUERADE } else { mark },
+            drop: None,
+            conntrack: true,
+            unknown,
+        }
+    }
+
+    /// Restores the frontend in a reply of a tracked connection; anything else is left alone.
+    pub(super) fn to_client(&self, frame: &[u8], mark: u32) -> Outcome {
+        let L3::Ipv4(ip) = parse_ip(frame) else {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        };
+        let L4::Ports(tuple) = parse_l4(frame, &ip) else {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        };
+        let Some(connection) = self.reply(&tuple) else {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        };
+        if ip.first_fragment() {
+            // Its later fragments could not be restored: the client could not reassemble it.
+            let mut outcome =
+                Outcome::drop(VERDICT_DROP, frame, mark, DropReason::FragmentedService);
+            outcome.conntrack = true;
+            return outcome;
+        }
+        let mut output = frame.to_vec();
+        let unknown = rewrite(
+            &mut output,
+            &ip,
+            Side::Source,
+            connection.frontend.ip().octets(),
+            connection.frontend.port(),
+        );
+        Outcome {
+            verdict: VERDICT_PASS,
+            output,
+            mark,
+            drop: None,
+            conntrack: true,
+            unknown,
+        }
+    }
+}
+
+/// Rewrites `side`'s address and port and sets every checksum the packet carries (IPv4
+/// header; TCP and UDP over the pseudo-header, a UDP checksum of 0 staying 0; SCTP's CRC32c
+/// over the packet the IPv4 length gives), each recomputed from scratch.
+fn rewrite(
+    frame: &mut [u8],
+    ip: &Ip,
+    side: Side,
+    addr: [u8; 4],
+    port: u16,
+) -> Vec<(std::ops::Range<usize>, Unknown)> {
+    let before = frame.to_vec();
+    let (addr_at, port_at) = match side {
+        Side::Source => (14 + 12, ip.l4),
+        Side::Destination => (14 + 16, ip.l4 + 2),
+    };
+    frame[addr_at..addr_at + 4].copy_from_slice(&addr);
+    frame[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+
+    // The IPv4 header checksum, over the header with its field zeroed.
+    let header = 14..14 + ip.header_len;
+    let field = u16::from_be_bytes([before[24], before[25]]);
+    let without_field = |bytes: &[u8]| sum(&bytes[header.clone()]) - u64::from(field);
+    let ip_checksum = rechecksum(
+        field,
+        without_field(&before),
+        sum(&frame[header.clone()]) - u64::from(field),
+    );
+    frame[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+
+    // The transport checksum covers the segment the IPv4 length gives, and at least the
+    // header the datapath reads (a shorter length is the stack's to drop; the ports are
+    // rewritten either way).
+    let header_len = l4_header_len(ip.proto).expect("a transport with ports");
+    let segment = ip.l4..ip.end(&before).max(ip.l4 + header_len);
+    let mut unknown = Vec::new();
+    match ip.proto {
+        TCP | UDP => {
+            let at = ip.l4 + if ip.proto == TCP { 16 } else { 6 };
+            let field = u16::from_be_bytes([before[at], before[at + 1]]);
+            if !(ip.proto == UDP && field == 0) {
+                let pseudo = |bytes: &[u8]| {
+                    sum(&bytes[26..34])
+                        + u64::from(ip.proto)
+                        + (segment.len() as u64)
+                        + sum(&bytes[segment.clone()])
+                        - u64::from(field)
+                };
+                let mut updated = rechecksum(field, pseudo(&before), pseudo(frame));
+                if ip.proto == UDP && updated == 0 {
+                    // 0 means "no checksum" in UDP; a computed 0 is sent as its other form.
+                    updated = 0xffff;
+                }
+                frame[at..at + 2].copy_from_slice(&updated.to_be_bytes());
+            }
+        }
+        SCTP => {
+            let at = ip.l4 + 8;
+            let field = u32::from_le_bytes(before[at..at + 4].try_into().expect("4 bytes"));
+            let length = ip.total_len.saturating_sub(ip.header_len);
+            if ip.total_len == 0 || length < 12 {
+                unknown.push((at..at + 4, Unknown::SctpChecksumOfRunt));
+            } else if field != 0 {
+                // The packet of `length` bytes (zeros past the frame's end: they are the same
+                // before and after), checksum field zeroed.
+                let packet = |bytes: &[u8]| {
+                    let mut packet = vec![0u8; length];
+                    let present = bytes.len().saturating_sub(ip.l4).min(length);
+                    packet[..present].copy_from_slice(&bytes[ip.l4..ip.l4 + present]);
+                    packet[8..12].fill(0);
+                    crc32c(&packet)
+                };
+                let (old, new) = (packet(&before), packet(frame));
+                // Right: recomputed; wrong: the same error kept (a CRC is linear).
+                let updated = if field == old { new } else { field ^ old ^ new };
+                frame[at..at + 4].copy_from_slice(&updated.to_le_bytes());
+            }
+        }
+        _ => unreachable!("only transports with ports are translated"),
+    }
+    unknown
+}
+
+/// The answer of a service with no endpoints, sent back where the packet came from: a reset
+/// for TCP (none for a reset), an ICMP port unreachable quoting the IPv4 header and 8 bytes for
+/// UDP and SCTP (none when the header has options: the quote would not be the packet's).
+fn reject(frame: &[u8], ip: &Ip, mark: u32) -> Outcome {
+    let dropped = Outcome::drop(VERDICT_DROP, frame, mark, DropReason::NoEndpoints);
+    let mut answer = Vec::new();
+    answer.extend_from_slice(&frame[6..12]);
+    answer.extend_from_slice(&frame[0..6]);
+    answer.extend_from_slice(&frame[12..14]);
+    let ipv4 = |proto: u8, total: u16| {
+        let mut h = vec![0x45, 0];
+        h.extend_from_slice(&total.to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+        h.extend_from_slice(&ip.dst);
+        h.extend_from_slice(&ip.src);
+        let c = checksum(sum(&h));
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h
+    };
+    match ip.proto {
+        TCP => {
+            let tcp = &frame[ip.l4..ip.l4 + 20];
+            let flags = tcp[13];
+            if flags & 0x04 != 0 {
+                return dropped;
+            }
+            let seq = u32::from_be_bytes(tcp[4..8].try_into().expect("4 bytes"));
+            let ack = u32::from_be_bytes(tcp[8..12].try_into().expect("4 bytes"));
+            let data_offset = usize::from(tcp[12] >> 4) * 4;
+            let payload = ip.total_len.saturating_sub(ip.header_len + data_offset) as u32;
+            let (seq, ack, flags) = if flags & 0x10 != 0 {
+                (ack, 0, 0x04)
+            } else {
+                let len = payload + u32::from(flags & 0x02 != 0) + u32::from(flags & 0x01 != 0);
+                (0, seq.wrapping_add(len), 0x14)
+            };
+            answer.extend_from_slice(&ipv4(TCP, 40));
+            let mut reset = Vec::new();
+            reset.extend_from_slice(&tcp[2..4]);
+            reset.extend_from_slice(&tcp[0..2]);
+            reset.extend_from_slice(&seq.to_be_bytes());
+            reset.extend_from_slice(&ack.to_be_bytes());
+            reset.extend_from_slice(&[0x50, flags, 0, 0, 0, 0, 0, 0]);
+            let pseudo = sum(&ip.dst) + sum(&ip.src) + u64::from(TCP) + 20;
+            let c = checksum(pseudo + sum(&reset));
+            reset[16..18].copy_from_slice(&c.to_be_bytes());
+            answer.extend_from_slice(&reset);
+        }
+        _ => {
+            if ip.header_len != 20 {
+                return dropped;
+            }
+            let quote = &frame[14..42];
+            answer.extend_from_slice(&ipv4(ICMP, 56));
+            let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+            icmp.extend_from_slice(quote);
+            let c = checksum(sum(&icmp));
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            answer.extend_from_slice(&icmp);
+        }
+    }
+    Outcome {
+        verdict: VERDICT_REDIRECT,
+        output: answer,
+        ..dropped
+    }
+}
