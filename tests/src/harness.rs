@@ -64,11 +64,15 @@ impl Datapath {
         Self::with_limits(manifests, cluster_cidr, MapLimits::default())
     }
 
-    /// As [`Datapath::new`], with chosen map sizes.
+    /// As [`Datapath::new`], with chosen map sizes. `WEFT_BPF_OBJECT` (as the agent's flag)
+    /// runs the fixtures against another build of the programs.
     pub fn with_limits(manifests: &str, cluster_cidr: Option<Ipv4Net>, limits: MapLimits) -> Self {
         crate::netns::require_root();
-        let mut dataplane = Dataplane::load(OBJECT, None, limits, TcAttach::Auto)
-            .expect("the kernel accepts every program");
+        let other = std::env::var_os("WEFT_BPF_OBJECT")
+            .map(|path| std::fs::read(&path).expect("reading WEFT_BPF_OBJECT"));
+        let mut dataplane =
+            Dataplane::load(other.as_deref().unwrap_or(OBJECT), None, limits, TcAttach::Auto)
+                .expect("the kernel accepts every program");
         let cidr = cluster_cidr.unwrap_or_default();
         dataplane
             .set_config(&DatapathConfig {
