@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 use weft::{
     conntrack::{Conntrack, lost_udp_endpoints},
     dataplane::{Dataplane, MapLimits, cgroup2_mount},
+    etcd::{self, TlsFiles},
     flannel::{self, NetworkConfig, subnet_env},
     health::{self, Health, HealthCheckServers},
     http, kube,
@@ -110,6 +111,16 @@ pub struct AgentArgs {
     /// The etcd key prefix of flannel's config and leases.
     #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = flannel::DEFAULT_PREFIX)]
     etcd_prefix: String,
+    /// PEM file of the CA certificates etcd's server certificate is checked against (https://
+    /// endpoints; without it, the system's CA roots).
+    #[arg(long, env = "WEFT_ETCD_CAFILE")]
+    etcd_cafile: Option<PathBuf>,
+    /// PEM client certificate for etcd (an etcd with --client-cert-auth); with --etcd-keyfile.
+    #[arg(long, env = "WEFT_ETCD_CERTFILE", requires = "etcd_keyfile")]
+    etcd_certfile: Option<PathBuf>,
+    /// PEM private key of --etcd-certfile's certificate.
+    #[arg(long, env = "WEFT_ETCD_KEYFILE", requires = "etcd_certfile")]
+    etcd_keyfile: Option<PathBuf>,
     /// The uplink: where the overlay runs and clients outside the node arrive (default: the
     /// interface of the default route).
     #[arg(long, env = "WEFT_IFACE")]
@@ -137,6 +148,13 @@ impl AgentArgs {
         let host = nix::unistd::gethostname().context("reading the host name")?;
         // Kubernetes node names are lower case, as kubelet derives them.
         Ok(host.to_string_lossy().to_lowercase())
+    }
+
+    fn etcd_tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.etcd_cafile.clone(),
+            client: self.etcd_certfile.clone().zip(self.etcd_keyfile.clone()),
+        }
     }
 }
 
@@ -166,7 +184,7 @@ async fn join_overlay(uplink: Uplink, args: &AgentArgs) -> anyhow::Result<Overla
         .public_ip
         .or(uplink.address)
         .ok_or_else(|| netdev::NetdevError::NoAddress(uplink.name.clone()))?;
-    let mut client = subnets::connect(&args.etcd_endpoints).await;
+    let mut client = etcd::connect(&args.etcd_endpoints, &args.etcd_tls()).await?;
     let config = subnets::wait_for_config(&mut client, &args.etcd_prefix).await;
     let settings = SubnetSettings {
         endpoints: args.etcd_endpoints.clone(),
@@ -177,7 +195,7 @@ async fn join_overlay(uplink: Uplink, args: &AgentArgs) -> anyhow::Result<Overla
         match subnets::acquire(&mut client, &settings, &config).await {
             Ok(own) => break own,
             Err(e) if e.is_transient() => {
-                warn!("taking a subnet lease failed ({e:#}); retrying");
+                warn!("taking a subnet lease failed ({e}); retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(e) => return Err(e).context("taking a subnet lease"),

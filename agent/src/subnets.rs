@@ -12,8 +12,8 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use ipnet::Ipv4Net;
 
@@ -35,7 +35,7 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetError {
-    #[error("etcd request failed")]
+    #[error("etcd request failed: {}", crate::etcd::describe(.0))]
     Etcd(#[from] etcd_client::Error),
     #[error(
         "{key} is missing: write the network config there, e.g. \
@@ -81,23 +81,6 @@ pub struct OwnLease {
     pub lease: Lease,
     /// The etcd lease the key is bound to; 0 for a reservation (a key without TTL).
     pub etcd_lease: i64,
-}
-
-/// Connects to etcd, retrying (with a log line each time) until it answers.
-pub async fn connect(endpoints: &[String]) -> Client {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-    loop {
-        match Client::connect(endpoints, Some(options.clone())).await {
-            Ok(client) => return client,
-            Err(e) => {
-                tracing::warn!(?endpoints, "etcd unreachable ({e}); retrying");
-                tokio::time::sleep(RETRY_EVERY).await;
-            }
-        }
-    }
 }
 
 /// Reads and checks `<prefix>/config`.

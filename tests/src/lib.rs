@@ -1,7 +1,8 @@
 //! Shared pieces of weft's privileged test tiers and of the demo: network namespaces
 //! ([`netns`]), namespace clusters with real agents ([`cluster`]), pod workloads ([`apps`]), test
-//! frames ([`packet`]), the `BPF_PROG_TEST_RUN` harness ([`harness`]), a test Kubernetes API
-//! server ([`apiserver`]) and the bench's pieces ([`bench`]).
+//! frames ([`packet`]), test certificates ([`pki`]), the `BPF_PROG_TEST_RUN` harness
+//! ([`harness`]), a test Kubernetes API server ([`apiserver`]) and the bench's pieces
+//! ([`bench`]).
 //!
 //! Everything here needs root; tests call [`netns::require_root`] and fail with instructions
 //! otherwise.
@@ -16,6 +17,7 @@ pub mod netns;
 pub mod overlay;
 pub mod overlay_fixture;
 pub mod packet;
+pub mod pki;
 pub mod seed;
 
 use std::time::{Duration, Instant};
