@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{Notify, watch},
 };
 use tracing::{error, info, warn};
 use weft::{
@@ -445,7 +445,8 @@ async fn serve(
                 &model,
             )
             .await
-            .context("listing the other nodes' leases")?,
+            .context("listing the other nodes' leases")?
+            .revision,
         ),
         None => None,
     };
@@ -524,6 +525,7 @@ async fn serve(
         tokio::spawn(manifests::follow(watch, Arc::clone(&model)));
     }
     if let (Some(overlay), Some(revision)) = (overlay, lease_revision) {
+        let lost = Arc::new(Notify::new());
         tokio::spawn(subnets::watch(
             overlay.client.clone(),
             overlay.prefix.clone(),
@@ -531,11 +533,13 @@ async fn serve(
             overlay.config.vni,
             revision,
             Arc::clone(&model),
+            Arc::clone(&lost),
         ));
         tokio::spawn(subnets::keep_lease(
             overlay.client,
             overlay.prefix,
             overlay.own,
+            lost,
         ));
     }
     let (udp_endpoints, mut udp_changes) = watch::channel(Arc::new(desired.udp_endpoints()));
