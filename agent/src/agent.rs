@@ -14,12 +14,13 @@ use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{Notify, watch},
 };
 use tracing::{error, info, warn};
 use weft::{
     conntrack::{Conntrack, lost_udp_endpoints},
     dataplane::{Dataplane, MapLimits, OBJECT, TcAttach, cgroup2_mount},
+    etcd::{self, TlsFiles},
     flannel::{self, NetworkConfig, subnet_env},
     health::{self, Health, HealthCheckServers},
     http, kube,
@@ -119,6 +120,16 @@ pub struct AgentArgs {
     /// The etcd key prefix of flannel's config and leases.
     #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = flannel::DEFAULT_PREFIX)]
     etcd_prefix: String,
+    /// PEM file of the CA certificates etcd's server certificate is checked against (https://
+    /// endpoints; without it, the system's CA roots).
+    #[arg(long, env = "WEFT_ETCD_CAFILE")]
+    etcd_cafile: Option<PathBuf>,
+    /// PEM client certificate for etcd (an etcd with --client-cert-auth); with --etcd-keyfile.
+    #[arg(long, env = "WEFT_ETCD_CERTFILE", requires = "etcd_keyfile")]
+    etcd_certfile: Option<PathBuf>,
+    /// PEM private key of --etcd-certfile's certificate.
+    #[arg(long, env = "WEFT_ETCD_KEYFILE", requires = "etcd_certfile")]
+    etcd_keyfile: Option<PathBuf>,
     /// The uplink: where the overlay runs and clients outside the node arrive (default: the
     /// interface of the default route).
     #[arg(long, env = "WEFT_IFACE")]
@@ -146,6 +157,13 @@ impl AgentArgs {
         let host = nix::unistd::gethostname().context("reading the host name")?;
         // Kubernetes node names are lower case, as kubelet derives them.
         Ok(host.to_string_lossy().to_lowercase())
+    }
+
+    fn etcd_tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.etcd_cafile.clone(),
+            client: self.etcd_certfile.clone().zip(self.etcd_keyfile.clone()),
+        }
     }
 }
 
@@ -175,7 +193,7 @@ async fn join_overlay(uplink: Uplink, args: &AgentArgs) -> anyhow::Result<Overla
         .public_ip
         .or(uplink.address)
         .ok_or_else(|| netdev::NetdevError::NoAddress(uplink.name.clone()))?;
-    let mut client = subnets::connect(&args.etcd_endpoints).await;
+    let mut client = etcd::connect(&args.etcd_endpoints, &args.etcd_tls()).await?;
     let config = subnets::wait_for_config(&mut client, &args.etcd_prefix).await;
     let settings = SubnetSettings {
         endpoints: args.etcd_endpoints.clone(),
@@ -186,7 +204,7 @@ async fn join_overlay(uplink: Uplink, args: &AgentArgs) -> anyhow::Result<Overla
         match subnets::acquire(&mut client, &settings, &config).await {
             Ok(own) => break own,
             Err(e) if e.is_transient() => {
-                warn!("taking a subnet lease failed ({e:#}); retrying");
+                warn!("taking a subnet lease failed ({e}); retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(e) => return Err(e).context("taking a subnet lease"),
@@ -429,7 +447,8 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
                 &model,
             )
             .await
-            .context("listing the other nodes' leases")?,
+            .context("listing the other nodes' leases")?
+            .revision,
         ),
         None => None,
     };
@@ -510,6 +529,7 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
         tokio::spawn(manifests::follow(watch, Arc::clone(&model)));
     }
     if let (Some(overlay), Some(revision)) = (overlay, lease_revision) {
+        let lost = Arc::new(Notify::new());
         tokio::spawn(subnets::watch(
             overlay.client.clone(),
             overlay.prefix.clone(),
@@ -517,11 +537,13 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
             overlay.config.vni,
             revision,
             Arc::clone(&model),
+            Arc::clone(&lost),
         ));
         tokio::spawn(subnets::keep_lease(
             overlay.client,
             overlay.prefix,
             overlay.own,
+            lost,
         ));
     }
     let (udp_endpoints, mut udp_changes) = watch::channel(Arc::new(desired.udp_endpoints()));

@@ -9,6 +9,7 @@
 
 pub mod conntrack;
 pub mod dataplane;
+pub mod etcd;
 pub mod flannel;
 pub mod health;
 pub mod http;

@@ -12,10 +12,11 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use ipnet::Ipv4Net;
+use tokio::sync::Notify;
 
 use crate::{
     flannel::{
@@ -32,10 +33,12 @@ pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
 const RENEW_EVERY: Duration = Duration::from_secs(3600);
 /// How long to wait before trying etcd again after a failure.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How long to wait before renewing (or re-creating) the lease again after a failure.
+const RENEW_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetError {
-    #[error("etcd request failed")]
+    #[error("etcd request failed: {}", crate::etcd::describe(.0))]
     Etcd(#[from] etcd_client::Error),
     #[error(
         "{key} is missing: write the network config there, e.g. \
@@ -81,23 +84,6 @@ pub struct OwnLease {
     pub lease: Lease,
     /// The etcd lease the key is bound to; 0 for a reservation (a key without TTL).
     pub etcd_lease: i64,
-}
-
-/// Connects to etcd, retrying (with a log line each time) until it answers.
-pub async fn connect(endpoints: &[String]) -> Client {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-    loop {
-        match Client::connect(endpoints, Some(options.clone())).await {
-            Ok(client) => return client,
-            Err(e) => {
-                tracing::warn!(?endpoints, "etcd unreachable ({e}); retrying");
-                tokio::time::sleep(RETRY_EVERY).await;
-            }
-        }
-    }
 }
 
 /// Reads and checks `<prefix>/config`.
@@ -266,32 +252,46 @@ async fn put(
 }
 
 /// Keeps this node's lease alive for as long as the agent runs: renews the etcd lease every
-/// hour, and re-creates the key (same subnet, fresh lease) if etcd lost it.
-pub async fn keep_lease(mut client: Client, prefix: String, mut own: OwnLease) {
+/// hour, and re-creates the key (same subnet, fresh lease) if etcd lost it. `lost` wakes it at
+/// once: the watch re-listed the leases without it (an etcd back with an empty data directory,
+/// or one that expired the lease while this node could not reach it).
+/// A failed attempt is retried every few seconds until it succeeds.
+pub async fn keep_lease(mut client: Client, prefix: String, mut own: OwnLease, lost: Arc<Notify>) {
     loop {
-        tokio::time::sleep(RENEW_EVERY).await;
-        if let Err(e) = renew(&mut client, &prefix, &mut own).await {
-            tracing::warn!(subnet = %own.subnet, "renewing the lease failed ({e:#}); retrying in a minute");
-            tokio::time::sleep(Duration::from_secs(60)).await;
+        tokio::select! {
+            () = tokio::time::sleep(RENEW_EVERY) => {}
+            () = lost.notified() => {}
+        }
+        while let Err(e) = renew(&mut client, &prefix, &mut own).await {
+            tracing::warn!(subnet = %own.subnet, "renewing the lease failed ({e}); retrying in {RENEW_RETRY:?}");
+            tokio::time::sleep(RENEW_RETRY).await;
         }
     }
 }
 
 async fn renew(client: &mut Client, prefix: &str, own: &mut OwnLease) -> Result<(), SubnetError> {
     let key = subnet_key(prefix, &own.subnet);
-    let alive = if own.etcd_lease == 0 {
-        true
-    } else {
-        let (mut keeper, mut responses) = client.lease_keep_alive(own.etcd_lease).await?;
-        keeper.keep_alive().await?;
-        responses.message().await?.is_some_and(|r| r.ttl() > 0)
-    };
+    // Asked first because keep-alive fails outright on a lease etcd no longer has (expired, or
+    // an etcd back with an empty data directory), which would never get to re-creating it;
+    // such a lease reads as TTL -1.
+    let alive =
+        own.etcd_lease == 0 || client.lease_time_to_live(own.etcd_lease, None).await?.ttl() > 0;
+    if alive && own.etcd_lease != 0 {
+        client.lease_keep_alive(own.etcd_lease).await?;
+    }
     let present = !client.get(key.as_str(), None).await?.kvs().is_empty();
     if !alive || !present {
         tracing::warn!(subnet = %own.subnet, "etcd lost this node's lease; re-creating it");
-        own.etcd_lease = claim(client, prefix, own.subnet, &own.lease)
-            .await?
-            .unwrap_or(own.etcd_lease);
+        match claim(client, prefix, own.subnet, &own.lease).await? {
+            Some(etcd_lease) => {
+                own.etcd_lease = etcd_lease;
+                tracing::info!(subnet = %own.subnet, "re-created the lease");
+            }
+            None => tracing::warn!(
+                subnet = %own.subnet,
+                "the subnet's key was written again by someone else; leaving it as it is"
+            ),
+        }
     }
     Ok(())
 }
@@ -331,26 +331,40 @@ fn node_lease(lease: &Lease) -> NodeLease {
     }
 }
 
-/// Lists every lease into the model; returns the revision to watch from.
+/// What a listing found besides the other nodes' leases.
+#[derive(Clone, Copy, Debug)]
+pub struct Listed {
+    /// The revision to watch from.
+    pub revision: i64,
+    /// Whether this node's own lease was there.
+    pub own_present: bool,
+}
+
+/// Lists every lease into the model.
 pub async fn load(
     client: &mut Client,
     prefix: &str,
     own: &Ipv4Net,
     vni: u32,
     model: &ModelHandle,
-) -> Result<i64, SubnetError> {
+) -> Result<Listed, SubnetError> {
     let (listing, revision) = list(client, prefix).await?;
+    let own_present = listing.contains_key(own);
     let (leases, problems) = usable(listing, own, vni);
     for problem in problems {
         tracing::warn!("{problem}");
     }
     tracing::info!(leases = leases.len(), "read the other nodes' leases");
     model.update(|m| m.replace_leases(leases));
-    Ok(revision)
+    Ok(Listed {
+        revision,
+        own_present,
+    })
 }
 
 /// Watches the leases into the model from `revision` on, re-listing when the watch falls
-/// behind etcd's compaction or breaks, for as long as the agent runs.
+/// behind etcd's compaction or breaks, for as long as the agent runs. Wakes `lost` when a
+/// listing lacks this node's own lease.
 pub async fn watch(
     mut client: Client,
     prefix: String,
@@ -358,21 +372,27 @@ pub async fn watch(
     vni: u32,
     mut revision: i64,
     model: Arc<ModelHandle>,
+    lost: Arc<Notify>,
 ) {
     loop {
         match watch_from(&mut client, &prefix, &own, vni, revision, &model).await {
             Ok(()) => {}
-            Err(e) => tracing::warn!("lease watch interrupted ({e:#}); re-listing"),
+            Err(e) => tracing::warn!("lease watch interrupted ({e}); re-listing"),
         }
         loop {
             match load(&mut client, &prefix, &own, vni, &model).await {
                 Ok(listed) => {
-                    revision = listed;
+                    tracing::info!("lease watch resumed");
+                    if !listed.own_present {
+                        tracing::warn!(subnet = %own, "this node's lease is missing from etcd (deleted, or etcd came back empty); re-creating it");
+                        lost.notify_one();
+                    }
+                    revision = listed.revision;
                     break;
                 }
                 Err(e) => {
                     tracing::warn!(
-                        "re-listing leases failed ({e:#}); the last known leases stay in use"
+                        "re-listing leases failed ({e}); the last known leases stay in use"
                     );
                     tokio::time::sleep(RETRY_EVERY).await;
                 }
@@ -427,6 +447,8 @@ fn apply_event(
         return;
     };
     if subnet == *own {
+        // Deleted by hand, it stays deleted until the next renewal: other nodes withdraw the
+        // route, as an operator evicting the node means them to.
         if kind == EventType::Delete {
             tracing::warn!(%subnet, "this node's lease was deleted from etcd; it is re-created at the next renewal");
         }

@@ -235,6 +235,7 @@ pub fn http_get(target: SocketAddrV4) -> io::Result<Answer> {
 /// One UDP flow (one socket) sending a datagram every 20 ms from a namespace, recording who
 /// answers and when, until dropped.
 pub struct UdpFlow {
+    started: Instant,
     answers: Arc<Mutex<Vec<(Instant, Ipv4Addr)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -269,6 +270,7 @@ impl UdpFlow {
             }
         });
         Self {
+            started: Instant::now(),
             answers,
             stop,
             thread: Some(thread),
@@ -291,19 +293,18 @@ impl UdpFlow {
         self.answers.lock().expect("answers").len()
     }
 
-    /// The longest time without an answer, from the first answer until now: how long the
-    /// flow was cut off at worst.
+    /// The longest time without an answer so far, from the start of the flow until now: how
+    /// long the flow was lost, at most.
     #[must_use]
     pub fn longest_silence(&self) -> Duration {
         let answers = self.answers.lock().expect("answers");
-        let times = answers
-            .iter()
-            .map(|(at, _)| *at)
-            .chain(std::iter::once(Instant::now()));
+        let times: Vec<Instant> = std::iter::once(self.started)
+            .chain(answers.iter().map(|(at, _)| *at))
+            .chain(std::iter::once(Instant::now()))
+            .collect();
         times
-            .clone()
-            .zip(times.skip(1))
-            .map(|(earlier, later)| later - earlier)
+            .windows(2)
+            .map(|pair| pair[1] - pair[0])
             .max()
             .unwrap_or_default()
     }
@@ -385,15 +386,20 @@ pub fn receive_bulk(ns: &Netns, port: u16) -> JoinHandle<io::Result<(u64, u64)>>
     })
 }
 
+/// 64 KiB of the deterministic pattern bulk and paced streams send, over and over.
+fn pattern() -> Vec<u8> {
+    (0..1u32 << 16)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect()
+}
+
 /// Sends `bytes` of a deterministic pattern to `target` from inside the calling thread's
 /// namespace; returns the digest of what was sent.
 pub fn send_bulk(target: SocketAddrV4, bytes: u64) -> io::Result<u64> {
     let mut stream = TcpStream::connect_timeout(&target.into(), CLIENT_TIMEOUT)?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
     let mut digest = Fnv::default();
-    let chunk: Vec<u8> = (0..1u32 << 16)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
+    let chunk = pattern();
     let mut left = bytes;
     while left > 0 {
         let take = left.min(chunk.len() as u64) as usize;
@@ -419,5 +425,104 @@ impl Fnv {
         for byte in bytes {
             self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x100_0000_01b3);
         }
+    }
+}
+
+/// One TCP connection carrying the pattern at a steady pace (8 KiB every 10 ms) from one
+/// namespace to another until [`TcpFlow::finish`]: a long-lived stream whose every byte is
+/// checked on arrival, and whose longest wait for data is measured.
+pub struct TcpFlow {
+    stop: Arc<AtomicBool>,
+    sender: JoinHandle<io::Result<u64>>,
+    receiver: JoinHandle<io::Result<StreamReport>>,
+}
+
+/// What the receiving end of a [`TcpFlow`] saw.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamReport {
+    /// Bytes the sender wrote.
+    pub sent: u64,
+    /// Bytes that arrived, every one as sent (a wrong byte fails the flow).
+    pub received: u64,
+    /// The longest time the receiver waited for data.
+    pub longest_stall: Duration,
+}
+
+impl TcpFlow {
+    /// Opens the connection from `from` to `to`'s `address:port` and starts sending.
+    #[must_use]
+    pub fn start(from: &Netns, to: &Netns, address: Ipv4Addr, port: u16) -> Self {
+        let listener = to
+            .run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
+            .expect("binding the stream receiver");
+        let receiver = thread::spawn(move || receive_paced(&listener));
+        let stream = from
+            .run(|| {
+                TcpStream::connect_timeout(&SocketAddrV4::new(address, port).into(), CLIENT_TIMEOUT)
+            })
+            .expect("opening the stream");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let sender = thread::spawn(move || send_paced(stream, &stopped));
+        Self {
+            stop,
+            sender,
+            receiver,
+        }
+    }
+
+    /// Stops sending, closes the stream and reports; an error is a broken stream.
+    pub fn finish(self) -> io::Result<StreamReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self.sender.join().expect("the stream sender")?;
+        let report = self.receiver.join().expect("the stream receiver")?;
+        Ok(StreamReport { sent, ..report })
+    }
+}
+
+fn send_paced(mut stream: TcpStream, stop: &AtomicBool) -> io::Result<u64> {
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let chunk = pattern();
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let at = (sent % chunk.len() as u64) as usize;
+        let piece = &chunk[at..(at + 8192).min(chunk.len())];
+        stream.write_all(piece)?;
+        sent += piece.len() as u64;
+        thread::sleep(Duration::from_millis(10));
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    Ok(sent)
+}
+
+fn receive_paced(listener: &TcpListener) -> io::Result<StreamReport> {
+    let (mut stream, _) = listener.accept()?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let chunk = pattern();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut received = 0u64;
+    let mut longest_stall = Duration::ZERO;
+    let mut last = Instant::now();
+    loop {
+        let read = stream.read(&mut buf)?;
+        longest_stall = longest_stall.max(last.elapsed());
+        last = Instant::now();
+        if read == 0 {
+            return Ok(StreamReport {
+                sent: 0,
+                received,
+                longest_stall,
+            });
+        }
+        for (offset, byte) in buf[..read].iter().enumerate() {
+            let expected = chunk[((received + offset as u64) % chunk.len() as u64) as usize];
+            if *byte != expected {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("byte {} of the stream differs", received + offset as u64),
+                ));
+            }
+        }
+        received += read as u64;
     }
 }

@@ -235,6 +235,14 @@ impl Agent {
     /// Starts an agent on `node` serving `manifests` (file name, content) and waits until it
     /// reports ready.
     pub fn start(node: &Node, manifests: &[(&str, &str)], options: &AgentOptions) -> Self {
+        let mut agent = Self::launch(node, manifests, options);
+        agent.wait_ready(0);
+        agent
+    }
+
+    /// Starts an agent as [`Agent::start`] does, without waiting for it to be ready (one that
+    /// is expected not to get there).
+    pub fn launch(node: &Node, manifests: &[(&str, &str)], options: &AgentOptions) -> Self {
         let temporary = match options.state_dir {
             Some(_) => None,
             None => Some(tempfile::tempdir().expect("agent state directory")),
@@ -281,16 +289,14 @@ impl Agent {
             args.push(format!("--cluster-cidr={cidr}"));
         }
         args.extend(options.extra_args.iter().cloned());
-        let mut agent = Self {
+        Self {
             child: spawn_agent(&args, &log_file),
             args,
             pin_dir,
             manifests: manifest_dir,
             log_file,
             _temporary: temporary,
-        };
-        agent.wait_ready(0);
-        agent
+        }
     }
 
     /// The pod subnet from the `subnet.env` the agent wrote (overlay agents).
@@ -370,14 +376,7 @@ impl Agent {
 
     /// How many times the agent logged that it is ready (its log survives restarts).
     fn readies(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|line| {
-                serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| {
-                    v.pointer("/fields/message").and_then(|m| m.as_str()) == Some("ready")
-                })
-            })
-            .count()
+        self.messages().iter().filter(|m| *m == "ready").count()
     }
 
     /// Waits until the agent has logged "ready" more than `before` times.
@@ -399,6 +398,24 @@ impl Agent {
     #[must_use]
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// The messages the agent logged (JSON lines: `fields.message`), in order.
+    #[must_use]
+    pub fn messages(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter_map(|line| {
+                let value: serde_json::Value = serde_json::from_str(line).ok()?;
+                Some(value.pointer("/fields/message")?.as_str()?.to_owned())
+            })
+            .collect()
+    }
+
+    /// Whether the agent process has exited.
+    #[must_use]
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
     }
 
     #[must_use]

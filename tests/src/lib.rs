@@ -1,6 +1,7 @@
 //! Shared pieces of weft's privileged test tiers and of the demo: network namespaces
 //! ([`netns`]), namespace clusters with real agents ([`cluster`]), pod workloads ([`apps`]), test
-//! frames ([`packet`]), a reference model of the packet programs ([`reference`]), the `BPF_PROG_TEST_RUN` harness ([`harness`]), a test Kubernetes API
+//! frames ([`packet`]), a reference model of the packet programs ([`reference`]), test
+//! certificates ([`pki`]), the `BPF_PROG_TEST_RUN` harness ([`harness`]), a test Kubernetes API
 //! server ([`apiserver`]) and the bench's pieces ([`bench`]).
 //!
 //! Everything here needs root; tests call [`netns::require_root`] and fail with instructions
@@ -17,6 +18,7 @@ pub mod overlay;
 pub mod overlay_fixture;
 pub mod packet;
 pub mod reference;
+pub mod pki;
 pub mod seed;
 
 use std::time::{Duration, Instant};

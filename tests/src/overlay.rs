@@ -4,14 +4,19 @@
 
 use std::{
     net::Ipv4Addr,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use ipnet::Ipv4Net;
+use rcgen::ExtendedKeyUsagePurpose;
 
-use crate::netns::{Netns, run};
+use crate::{
+    netns::{Netns, run},
+    pki::{Ca, Pair},
+};
 
 /// The underlay network every node's `eth0` is on.
 pub const UNDERLAY_PREFIX: u8 = 24;
@@ -85,15 +90,68 @@ pub struct Etcd {
     child: Option<Child>,
     ns_path: std::path::PathBuf,
     data: tempfile::TempDir,
+    tls: Option<EtcdTls>,
+}
+
+/// The certificates of an etcd that serves only TLS and requires client certificates
+/// (`--client-cert-auth`), all from one fresh CA.
+pub struct EtcdTls {
+    _dir: tempfile::TempDir,
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// The server's pair, for the etcd address.
+    server: Pair,
+    /// A client pair, for etcdctl and the agents.
+    pub client: Pair,
+}
+
+impl EtcdTls {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("a certificate directory");
+        let ca = Ca::new("weft test etcd CA");
+        // etcd also dials itself (its gRPC gateway) with its server certificate.
+        let server = ca.issue(
+            dir.path(),
+            "etcd-server",
+            &[ETCD_ADDRESS.into()],
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        );
+        let client = ca.issue(
+            dir.path(),
+            "etcd-client",
+            &[],
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+        );
+        Self {
+            ca: ca.write(dir.path(), "ca.pem"),
+            _dir: dir,
+            server,
+            client,
+        }
+    }
 }
 
 impl Etcd {
     /// Starts etcd in `underlay`'s namespace and waits until it answers.
     pub fn start(underlay: &Underlay) -> Self {
+        Self::start_with(underlay, None)
+    }
+
+    /// Starts etcd serving only TLS with client certificate authentication; etcdctl and
+    /// [`cluster_options`] use a client certificate from its CA.
+    pub fn start_tls(underlay: &Underlay) -> Self {
+        Self::start_with(underlay, Some(EtcdTls::new()))
+    }
+
+    fn start_with(underlay: &Underlay, tls: Option<EtcdTls>) -> Self {
         let mut etcd = Self {
             child: None,
             ns_path: underlay.ns.path(),
             data: tempfile::tempdir().expect("etcd data directory"),
+            tls,
         };
         etcd.launch();
         etcd
@@ -102,12 +160,35 @@ impl Etcd {
     /// The client URL.
     #[must_use]
     pub fn endpoint(&self) -> String {
-        format!("http://{ETCD_ADDRESS}:2379")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{ETCD_ADDRESS}:2379")
+    }
+
+    /// The certificates, for an etcd started with [`Etcd::start_tls`].
+    #[must_use]
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    /// The agent flags for this etcd's CA and client certificate (none without TLS).
+    #[must_use]
+    pub fn agent_tls_args(&self) -> Vec<String> {
+        self.tls
+            .iter()
+            .flat_map(|tls| {
+                [
+                    format!("--etcd-cafile={}", tls.ca.display()),
+                    format!("--etcd-certfile={}", tls.client.cert.display()),
+                    format!("--etcd-keyfile={}", tls.client.key.display()),
+                ]
+            })
+            .collect()
     }
 
     fn launch(&mut self) {
         let url = self.endpoint();
-        let child = Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        command
             .arg(format!("--net={}", self.ns_path.display()))
             .args(["etcd", "--name", "weft-test", "--data-dir"])
             .arg(self.data.path())
@@ -119,7 +200,18 @@ impl Etcd {
             ])
             .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
             .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-cluster", "weft-test=http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "weft-test=http://127.0.0.1:2380"]);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.server.cert)
+                .arg("--key-file")
+                .arg(&tls.server.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -132,10 +224,38 @@ impl Etcd {
         }
     }
 
+    /// Kills etcd, as a crash would; its data stays for [`Etcd::resume`].
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Starts a stopped etcd again on its data directory and waits until it answers.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "etcd is running");
+        self.launch();
+    }
+
+    /// Empties a stopped etcd's data directory, as a lost disk would (or a restore from nothing).
+    pub fn wipe(&mut self) {
+        assert!(self.child.is_none(), "etcd is running");
+        self.data = tempfile::tempdir().expect("etcd data directory");
+    }
+
     /// Runs `etcdctl <args>` (v3 API) against this etcd.
     pub fn ctl(&self, args: &[&str]) -> std::io::Result<String> {
         let ns = format!("--net={}", self.ns_path.display());
         let endpoint = format!("--endpoints={}", self.endpoint());
+        let credentials: Vec<String> = self
+            .tls
+            .iter()
+            .flat_map(|tls| {
+                [
+                    format!("--cacert={}", tls.ca.display()),
+                    format!("--cert={}", tls.client.cert.display()),
+                    format!("--key={}", tls.client.key.display()),
+                ]
+            })
+            .collect();
         let mut full = vec![
             ns.as_str(),
             "env",
@@ -143,6 +263,7 @@ impl Etcd {
             "etcdctl",
             endpoint.as_str(),
         ];
+        full.extend(credentials.iter().map(String::as_str));
         full.extend_from_slice(args);
         run("nsenter", &full)
     }
@@ -196,6 +317,81 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Cuts a node off from etcd (both directions, nftables in its namespace) until dropped:
+/// its connections to etcd go silent, as behind a failed link.
+pub struct EtcdPartition<'a> {
+    node: &'a Netns,
+}
+
+const PARTITION_TABLE: &str = "weft-test-etcd-cut";
+
+impl<'a> EtcdPartition<'a> {
+    #[must_use]
+    pub fn cut(node: &'a Netns) -> Self {
+        let table = ["table", "ip", PARTITION_TABLE];
+        let address = ETCD_ADDRESS.to_string();
+        let add = |args: &[&str]| {
+            let mut full = vec!["add"];
+            full.extend_from_slice(args);
+            node.exec("nft", &full)
+                .expect("nft: cutting the node off etcd");
+        };
+        add(&table);
+        add(&[
+            "chain",
+            "ip",
+            PARTITION_TABLE,
+            "out",
+            "{ type filter hook output priority 0; }",
+        ]);
+        add(&[
+            "rule",
+            "ip",
+            PARTITION_TABLE,
+            "out",
+            "ip",
+            "daddr",
+            &address,
+            "tcp",
+            "dport",
+            "2379",
+            "drop",
+        ]);
+        add(&[
+            "chain",
+            "ip",
+            PARTITION_TABLE,
+            "in",
+            "{ type filter hook input priority 0; }",
+        ]);
+        add(&[
+            "rule",
+            "ip",
+            PARTITION_TABLE,
+            "in",
+            "ip",
+            "saddr",
+            &address,
+            "tcp",
+            "sport",
+            "2379",
+            "drop",
+        ]);
+        Self { node }
+    }
+}
+
+impl Drop for EtcdPartition<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self
+            .node
+            .exec("nft", &["delete", "table", "ip", PARTITION_TABLE])
+        {
+            eprintln!("cleanup: {e}");
+        }
     }
 }
 
@@ -366,11 +562,13 @@ pub struct Cluster {
     pub underlay: Underlay,
 }
 
-/// What an agent of an overlay cluster on `etcd` is started with.
+/// What an agent of an overlay cluster on `etcd` is started with (with its TLS files when it
+/// has TLS).
 #[must_use]
 pub fn cluster_options(etcd: &Etcd) -> crate::cluster::AgentOptions {
     crate::cluster::AgentOptions {
         etcd: Some((etcd.endpoint(), CLUSTER_PREFIX.to_owned())),
+        extra_args: etcd.agent_tls_args(),
         ..crate::cluster::AgentOptions::default()
     }
 }
@@ -410,10 +608,16 @@ pub fn start_nodes(
 /// serving HTTP and UDP; the agents start together.
 #[must_use]
 pub fn cluster(nodes: u8, pods: u8) -> Cluster {
+    cluster_on(Etcd::start, nodes, pods)
+}
+
+/// [`cluster`] on the etcd `start` starts ([`Etcd::start`], [`Etcd::start_tls`]).
+#[must_use]
+pub fn cluster_on(start: fn(&Underlay) -> Etcd, nodes: u8, pods: u8) -> Cluster {
     use crate::apps::{serve_http, serve_udp};
     crate::netns::require_root();
     let underlay = Underlay::new(&crate::netns::unique("wovl"));
-    let etcd = Etcd::start(&underlay);
+    let etcd = start(&underlay);
     etcd.put(
         &format!("{CLUSTER_PREFIX}/config"),
         &network_config(cluster_network()),

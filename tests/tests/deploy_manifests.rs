@@ -1,8 +1,8 @@
 //! The manifests in `deploy/` parse strictly into the Kubernetes API types (a misspelled or
 //! misplaced field fails, as `kubectl apply --validate=strict` would), and they agree with each
 //! other and with the agent: the binding grants the role to the DaemonSet's account, the role
-//! only reads, every flag variable is one the agent declares, the liveness probe hits the
-//! health port the agent binds.
+//! only reads, every flag variable (also those config.yaml suggests in comments) is one the
+//! agent declares, the liveness probe hits the health port the agent binds.
 
 use std::{collections::BTreeSet, fs, path::Path, process::Command};
 
@@ -279,6 +279,22 @@ fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs(
         assert!(
             known.contains(name) || name.starts_with("KUBERNETES_SERVICE_"),
             "{name} is not a variable `weft agent` reads ({known:?})"
+        );
+    }
+    // So are the optional ones config.yaml suggests in comments (the overlay, etcd's TLS).
+    let text = fs::read_to_string(deploy_dir().join("config.yaml")).expect("config.yaml");
+    let suggested: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix('#'))
+        .filter_map(|rest| rest.trim_start().split_once(':'))
+        .map(|(name, _)| name)
+        .filter(|name| name.starts_with("WEFT_"))
+        .collect();
+    assert!(suggested.contains(&"WEFT_ETCD_CAFILE"), "{suggested:?}");
+    for name in suggested {
+        assert!(
+            known.contains(name),
+            "config.yaml suggests {name}, which `weft agent` does not read ({known:?})"
         );
     }
 }
