@@ -10,6 +10,8 @@
 pub mod conntrack;
 pub mod dataplane;
 pub mod flannel;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod http;
 pub mod kube;
