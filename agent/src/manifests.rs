@@ -4,11 +4,15 @@
 //!
 //! Each scan yields the complete set of valid objects; the difference from the previous scan is
 //! applied to the model, so a removed file removes its objects. An invalid object is reported
-//! with its file and name and skipped; the rest of the file still counts.
+//! with its file and name and skipped; the rest of the file still counts. What the source
+//! cannot read is not taken for removed: a listed file that cannot be read (a broken symlink, an
+//! I/O error) keeps its last known objects, and while the directory itself is gone or unreadable
+//! the model keeps everything.
 
 use std::{
     collections::BTreeMap,
     fs, io,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -48,6 +52,25 @@ pub struct Scan {
     pub problems: Vec<String>,
     /// Notes about valid objects (ignored services, unsupported ports).
     pub notes: Vec<String>,
+    /// The file each object came from.
+    pub origins: BTreeMap<ObjectKey, String>,
+    /// Files listed but not read.
+    pub unreadable: Vec<String>,
+}
+
+impl Scan {
+    /// Takes over what `previous` read from the files this scan could not read.
+    fn keep_unreadable(&mut self, previous: &Self) {
+        for (key, file) in &previous.origins {
+            if self.unreadable.contains(file)
+                && !self.objects.contains_key(key)
+                && let Some(object) = previous.objects.get(key)
+            {
+                self.objects.insert(key.clone(), object.clone());
+                self.origins.insert(key.clone(), file.clone());
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +81,8 @@ pub enum ManifestError {
         #[source]
         source: io::Error,
     },
+    #[error("manifest directory {path} was replaced; watching the new one")]
+    Replaced { path: PathBuf },
     #[error("cannot watch manifest directory {path}")]
     Watch {
         path: PathBuf,
@@ -92,11 +117,34 @@ pub fn scan_dir(dir: &Path) -> Result<Scan, ManifestError> {
     let mut scan = Scan::default();
     for file in files {
         let label = file.display().to_string();
-        match fs::read_to_string(&file) {
-            Ok(text) => parse_into(&text, &label, &mut scan),
-            // A file removed between listing and reading is simply gone.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => scan.problems.push(format!("{label}: cannot read: {e}")),
+        // Symlinks are followed (a ConfigMap volume's files are symlinks into `..data`).
+        match fs::metadata(&file).and_then(|meta| {
+            // A FIFO would block the read for good; a directory cannot be read as text.
+            if meta.is_file() {
+                fs::read_to_string(&file).map(Some)
+            } else {
+                Ok(None)
+            }
+        }) {
+            Ok(Some(text)) => parse_into(&text, &label, &mut scan),
+            Ok(None) => scan
+                .problems
+                .push(format!("{label}: not a regular file, skipped")),
+            // Not UTF-8: the content is broken, as with a YAML syntax error.
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => scan
+                .problems
+                .push(format!("{label}: not YAML or JSON: {e}")),
+            // Removed between listing and reading: simply gone.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound && fs::symlink_metadata(&file).is_err() => {}
+            // Listed but unreadable (a symlink whose target is gone, an I/O error): not a
+            // removal, so its objects stay as they were.
+            Err(e) => {
+                scan.problems.push(format!(
+                    "{label}: cannot read: {e}; keeping what it held before"
+                ));
+                scan.unreadable.push(label);
+            }
         }
     }
     Ok(scan)
@@ -200,12 +248,12 @@ fn add_document(value: serde_json::Value, file: &str, scan: &mut Scan) {
         }
         // The path names the field a type error is in (`spec.ports[0].port: invalid type`).
         ("v1", "Service") => match serde_path_to_error::deserialize::<_, Service>(value) {
-            Ok(service) => add_service(&service, &described, scan),
+            Ok(service) => add_service(&service, file, &described, scan),
             Err(e) => scan.problems.push(format!("{described}: {e}")),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match serde_path_to_error::deserialize::<_, EndpointSlice>(value) {
-                Ok(slice) => add_slice(&slice, &described, scan),
+                Ok(slice) => add_slice(&slice, file, &described, scan),
                 Err(e) => scan.problems.push(format!("{described}: {e}")),
             }
         }
@@ -214,7 +262,8 @@ fn add_document(value: serde_json::Value, file: &str, scan: &mut Scan) {
     }
 }
 
-fn insert(scan: &mut Scan, key: ObjectKey, object: Object, described: &str) {
+fn insert(scan: &mut Scan, key: ObjectKey, object: Object, file: &str, described: &str) {
+    scan.origins.insert(key.clone(), file.to_owned());
     if scan.objects.insert(key, object).is_some() {
         scan.problems.push(format!(
             "{described}: defined twice; the last definition wins"
@@ -222,7 +271,7 @@ fn insert(scan: &mut Scan, key: ObjectKey, object: Object, described: &str) {
     }
 }
 
-fn add_service(service: &Service, described: &str, scan: &mut Scan) {
+fn add_service(service: &Service, file: &str, described: &str, scan: &mut Scan) {
     let checked =
         object_ref(&service.metadata).and_then(|name| Ok((name, check_service(service)?)));
     match checked {
@@ -231,6 +280,7 @@ fn add_service(service: &Service, described: &str, scan: &mut Scan) {
                 scan,
                 ObjectKey::Service(name),
                 Object::Service(spec),
+                file,
                 described,
             );
         }
@@ -239,7 +289,7 @@ fn add_service(service: &Service, described: &str, scan: &mut Scan) {
     }
 }
 
-fn add_slice(slice: &EndpointSlice, described: &str, scan: &mut Scan) {
+fn add_slice(slice: &EndpointSlice, file: &str, described: &str, scan: &mut Scan) {
     let checked =
         object_ref(&slice.metadata).and_then(|name| Ok((name, check_endpoint_slice(slice)?)));
     match checked {
@@ -248,6 +298,7 @@ fn add_slice(slice: &EndpointSlice, described: &str, scan: &mut Scan) {
                 scan,
                 ObjectKey::EndpointSlice(name),
                 Object::EndpointSlice(spec),
+                file,
                 described,
             );
         }
@@ -310,8 +361,26 @@ pub struct ManifestWatch {
     // Dropping the watcher ends the events.
     _watcher: notify::RecommendedWatcher,
     events: tokio::sync::mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    /// The watched directory's device and inode: a directory replaced under the same path (a
+    /// `mv` of a new one into place) needs a new watch.
+    identity: (u64, u64),
     /// What the model last got from this directory.
     applied: Scan,
+}
+
+fn identity(dir: &Path) -> Result<(u64, u64), ManifestError> {
+    let meta = fs::metadata(dir).map_err(|source| ManifestError::ReadDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Reads `dir`, keeping what `previous` had from files that could not be read now.
+fn rescan(dir: &Path, previous: &Scan) -> Result<Scan, ManifestError> {
+    let mut scan = scan_dir(dir)?;
+    scan.keep_unreadable(previous);
+    Ok(scan)
 }
 
 impl ManifestWatch {
@@ -336,13 +405,15 @@ impl ManifestWatch {
         watcher
             .watch(dir, notify::RecursiveMode::NonRecursive)
             .map_err(watch_error)?;
-        let scan = scan_dir(dir)?;
+        let identity = identity(dir)?;
+        let scan = rescan(dir, &applied)?;
         report(&applied, &scan);
         model.update(|m| apply(m, &applied, &scan));
         Ok(Self {
             dir: dir.to_owned(),
             _watcher: watcher,
             events,
+            identity,
             applied: scan,
         })
     }
@@ -362,12 +433,25 @@ impl ManifestWatch {
                 Some(Ok(_)) => {}
             }
             while let Ok(Some(_)) = tokio::time::timeout(SETTLE, self.events.recv()).await {}
-            let next = scan_dir(&self.dir)?;
+            if identity(&self.dir)? != self.identity {
+                return Err(ManifestError::Replaced {
+                    path: self.dir.clone(),
+                });
+            }
+            let next = rescan(&self.dir, &self.applied)?;
             report(&self.applied, &next);
             model.update(|m| apply(m, &self.applied, &next));
             self.applied = next;
         }
     }
+}
+
+/// An error and its causes, as one line.
+fn with_causes(error: &ManifestError) -> String {
+    std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Follows the directory for as long as the agent runs. When the watch breaks (the directory
@@ -376,7 +460,10 @@ impl ManifestWatch {
 pub async fn follow(mut watch: ManifestWatch, model: Arc<ModelHandle>) {
     loop {
         if let Err(e) = watch.follow(&model).await {
-            tracing::error!("manifest source interrupted: {e}; keeping the last known services");
+            tracing::error!(
+                "manifest source interrupted: {}; keeping the last known services",
+                with_causes(&e)
+            );
         }
         watch = loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -385,13 +472,15 @@ pub async fn follow(mut watch: ManifestWatch, model: Arc<ModelHandle>) {
                     tracing::info!(dir = %watch.dir.display(), "manifest source back");
                     break resumed;
                 }
-                Err(e) => tracing::debug!("manifest source still unavailable: {e}"),
+                Err(e) => tracing::debug!("manifest source still unavailable: {}", with_causes(&e)),
             }
         };
     }
 }
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     const SEED: &str = r"
@@ -552,6 +641,142 @@ endpoints:
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Polls `check` on the model every 20 ms for up to 5 s.
+    async fn eventually(model: &ModelHandle, what: &str, check: impl Fn(&ModelHandle) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !check(model) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not within 5 s: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn endpoints(model: &ModelHandle) -> usize {
+        model
+            .desired()
+            .ports
+            .values()
+            .flat_map(|port| port.sets.values())
+            .map(BTreeSet::len)
+            .sum()
+    }
+
+    /// A followed directory `manifests` inside a temporary one.
+    fn followed(files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf, Arc<ModelHandle>) {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("manifests");
+        fs::create_dir(&dir).unwrap();
+        for (name, text) in files {
+            fs::write(dir.join(name), text).unwrap();
+        }
+        let model = Arc::new(ModelHandle::default());
+        let watch = ManifestWatch::start(&dir, &model).unwrap();
+        tokio::spawn(follow(watch, Arc::clone(&model)));
+        (parent, dir, model)
+    }
+
+    #[tokio::test]
+    async fn a_vanished_directory_keeps_the_services_and_its_return_is_read() {
+        let (_parent, dir, model) = followed(&[("seed.yaml", SEED)]);
+        assert_eq!(endpoints(&model), 3);
+        fs::remove_dir_all(&dir).unwrap();
+        // The watch breaks and the source retries every second: nothing is flushed meanwhile.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(endpoints(&model), 3, "the last known services stay");
+        fs::create_dir(&dir).unwrap();
+        fs::write(
+            dir.join("seed.yaml"),
+            SEED.replace("- addresses: [172.30.20.8]\n", ""),
+        )
+        .unwrap();
+        eventually(&model, "the re-created directory is read", |m| {
+            endpoints(m) == 2
+        })
+        .await;
+        // And followed: the new directory's watch works.
+        fs::remove_file(dir.join("seed.yaml")).unwrap();
+        eventually(&model, "a removed file removes its objects", |m| {
+            endpoints(m) == 0
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_directory_replaced_under_its_name_is_watched_anew() {
+        let (parent, dir, model) = followed(&[("seed.yaml", SEED)]);
+        let next = parent.path().join("next");
+        fs::create_dir(&next).unwrap();
+        fs::write(
+            next.join("seed.yaml"),
+            SEED.replace("- addresses: [172.30.20.8]\n", ""),
+        )
+        .unwrap();
+        fs::rename(&dir, parent.path().join("old")).unwrap();
+        fs::rename(&next, &dir).unwrap();
+        eventually(&model, "the new directory is read", |m| endpoints(m) == 2).await;
+        fs::write(dir.join("seed.yaml"), SEED).unwrap();
+        eventually(&model, "the new directory is followed", |m| {
+            endpoints(m) == 3
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_file_that_cannot_be_read_keeps_its_objects() {
+        // A ConfigMap volume: the files are symlinks into a directory the kubelet swaps.
+        let store = tempfile::tempdir().unwrap();
+        fs::write(store.path().join("seed.yaml"), SEED).unwrap();
+        let (_parent, dir, model) = followed(&[]);
+        std::os::unix::fs::symlink(store.path().join("seed.yaml"), dir.join("seed.yaml")).unwrap();
+        eventually(&model, "the linked file is read", |m| endpoints(m) == 3).await;
+        fs::remove_file(store.path().join("seed.yaml")).unwrap();
+        // Something else in the directory changes, so it is scanned with the link broken.
+        fs::write(dir.join("other.yaml"), "").unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(endpoints(&model), 3, "a broken link is not a removal");
+        let scan = scan_dir(&dir).unwrap();
+        assert!(
+            scan.problems[0].contains("seed.yaml: cannot read: "),
+            "{:?}",
+            scan.problems
+        );
+        fs::write(
+            store.path().join("seed.yaml"),
+            SEED.replace("- addresses: [172.30.20.8]\n", ""),
+        )
+        .unwrap();
+        fs::write(dir.join("other.yaml"), "# touched").unwrap();
+        eventually(&model, "the link's new target is read", |m| {
+            endpoints(m) == 2
+        })
+        .await;
+        // Removing the link itself is a removal.
+        fs::remove_file(dir.join("seed.yaml")).unwrap();
+        eventually(&model, "the removed link's objects go", |m| {
+            endpoints(m) == 0
+        })
+        .await;
+    }
+
+    #[test]
+    fn a_fifo_or_a_directory_is_skipped_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("seed.yaml"), SEED).unwrap();
+        nix::unistd::mkfifo(&dir.path().join("pipe.yaml"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        fs::create_dir(dir.path().join("dir.yaml")).unwrap();
+        // Reading the FIFO would block until a writer came.
+        let scan = scan_dir(dir.path()).unwrap();
+        assert_eq!(scan.objects.len(), 2);
+        assert_eq!(scan.problems.len(), 2, "{:?}", scan.problems);
+        assert!(
+            scan.problems
+                .iter()
+                .all(|p| p.ends_with("not a regular file, skipped"))
+        );
     }
 
     /// Properties over generated manifests: no file panics the parser (or the checks and the
