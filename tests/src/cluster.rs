@@ -468,6 +468,52 @@ pub fn metric(scrape: &str, sample: &str) -> Option<f64> {
         .and_then(|(_, value)| value.parse().ok())
 }
 
+/// A node serving manifests, with the seed's three backends serving HTTP and a client pod
+/// (created after the agent, so its port is picked up live). Fields drop top to bottom: the
+/// agent stops before the namespaces go.
+pub struct ManifestNode {
+    pub agent: Agent,
+    pub client: Pod,
+    _servers: Vec<Server>,
+    _backends: Vec<Pod>,
+    pub node: Node,
+}
+
+impl ManifestNode {
+    /// Starts the node with `manifests` (file name, content) and the agent's `extra_args`;
+    /// waits until the agent is ready.
+    pub fn start<F: AsRef<str>, T: AsRef<str>>(manifests: &[(F, T)], extra_args: &[&str]) -> Self {
+        crate::netns::require_root();
+        let node = Node::new(&unique("wman"), pod_subnet());
+        let backends: Vec<Pod> = BACKENDS.iter().map(|ip| node.add_pod(*ip)).collect();
+        let servers = backends
+            .iter()
+            .map(|pod| serve_http(&pod.ns, TARGET_PORT))
+            .collect();
+        let files: Vec<(&str, &str)> = manifests
+            .iter()
+            .map(|(file, text)| (file.as_ref(), text.as_ref()))
+            .collect();
+        let agent = Agent::start(
+            &node,
+            &files,
+            &AgentOptions {
+                cluster_cidr: Some(cluster_cidr()),
+                extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+                ..AgentOptions::default()
+            },
+        );
+        let client = node.add_pod(CLIENT);
+        Self {
+            agent,
+            client,
+            _servers: servers,
+            _backends: backends,
+            node,
+        }
+    }
+}
+
 /// A node whose agent watches a test API server, with the seed's three backends serving HTTP
 /// and a client pod. Fields drop top to bottom: the agent stops before the namespaces go.
 pub struct KubeNode {
@@ -502,7 +548,7 @@ impl KubeNode {
                 ..AgentOptions::default()
             },
         );
-        let client = node.add_pod(KUBE_CLIENT);
+        let client = node.add_pod(CLIENT);
         Self {
             agent,
             client,
@@ -524,5 +570,5 @@ impl KubeNode {
     }
 }
 
-/// The client pod's address on a [`KubeNode`].
-pub const KUBE_CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 20, 9);
+/// The client pod's address on a [`KubeNode`] or a [`ManifestNode`].
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 20, 9);

@@ -12,55 +12,11 @@ use std::{
 use weft::conntrack::Conntrack;
 use weft_common::maps::{ENDPOINTS_MAP, SERVICES_MAP};
 use weft_tests::{
-    apps::{Answer, HttpConnection, Server, http_get, serve_http},
-    cluster::{Agent, AgentOptions, Node, Pod, metric, scrape_metrics},
-    netns::{require_root, unique},
-    seed::{self, BACKENDS, TARGET_PORT, cluster_cidr, endpoint_slice, pod_subnet, service},
+    apps::{Answer, HttpConnection, http_get},
+    cluster::{Agent, ManifestNode, metric, scrape_metrics},
+    seed::{self, BACKENDS, TARGET_PORT, endpoint_slice, service},
     within,
 };
-
-const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 20, 9);
-
-/// A node with the seed's three backends serving HTTP and a client pod, and an agent started
-/// with `limits`. Fields drop top to bottom: the agent stops before the namespaces go.
-struct SmallNode {
-    agent: Agent,
-    client: Pod,
-    _servers: Vec<Server>,
-    _backends: Vec<Pod>,
-    node: Node,
-}
-
-fn small_node(manifests: &[(String, String)], limits: &[&str]) -> SmallNode {
-    require_root();
-    let node = Node::new(&unique("wcap"), pod_subnet());
-    let backends: Vec<Pod> = BACKENDS.iter().map(|ip| node.add_pod(*ip)).collect();
-    let servers = backends
-        .iter()
-        .map(|pod| serve_http(&pod.ns, TARGET_PORT))
-        .collect();
-    let files: Vec<(&str, &str)> = manifests
-        .iter()
-        .map(|(file, text)| (file.as_str(), text.as_str()))
-        .collect();
-    let agent = Agent::start(
-        &node,
-        &files,
-        &AgentOptions {
-            cluster_cidr: Some(cluster_cidr()),
-            extra_args: limits.iter().map(|arg| (*arg).to_owned()).collect(),
-            ..AgentOptions::default()
-        },
-    );
-    let client = node.add_pod(CLIENT);
-    SmallNode {
-        agent,
-        client,
-        _servers: servers,
-        _backends: backends,
-        node,
-    }
-}
 
 /// Service `s{i}` at 10.254.1.{i+1}:80, one file each.
 fn frontend(i: usize) -> SocketAddrV4 {
@@ -94,7 +50,7 @@ fn not_programmed<'a>(log: &'a str, entry: &str) -> Vec<&'a str> {
 
 /// Every service in `fitted` answers from its own endpoints.
 fn assert_answering(
-    node: &SmallNode,
+    node: &ManifestNode,
     fitted: &[usize],
     endpoints: impl Fn(usize) -> Vec<Ipv4Addr>,
 ) {
@@ -120,7 +76,7 @@ fn services_beyond_max_services_are_named_counted_and_programmed_once_space_free
     const LIMIT: usize = 4;
     let endpoints = |i: usize| vec![BACKENDS[i % BACKENDS.len()]];
     let manifests: Vec<_> = (0..SERVICES).map(|i| manifest(i, &endpoints(i))).collect();
-    let node = small_node(&manifests, &["--max-services=4"]);
+    let node = ManifestNode::start(&manifests, &["--max-services=4"]);
 
     let fitted = programmed(&node.agent, SERVICES);
     assert_eq!(fitted.len(), LIMIT, "{}", node.agent.inspect("services"));
@@ -169,7 +125,7 @@ fn endpoints_beyond_max_endpoints_leave_whole_services_out_not_half_written_ones
     const SERVICES: usize = 4;
     // Three endpoints each: two services fit in eight slots, a third does not.
     let manifests: Vec<_> = (0..SERVICES).map(|i| manifest(i, &BACKENDS)).collect();
-    let node = small_node(&manifests, &["--max-endpoints=8"]);
+    let node = ManifestNode::start(&manifests, &["--max-endpoints=8"]);
 
     let fitted = programmed(&node.agent, SERVICES);
     assert_eq!(fitted.len(), 2, "{}", node.agent.inspect("services"));
@@ -224,8 +180,8 @@ fn a_live_connection_survives_a_conntrack_table_churned_many_times_over() {
     const SHORT: usize = 400;
     const EVERY: usize = 4;
     let nginx = seed::nginx_manifest(&BACKENDS);
-    let node = small_node(
-        &[("nginx.yaml".into(), nginx)],
+    let node = ManifestNode::start(
+        &[("nginx.yaml", &nginx)],
         &[&format!("--ct-entries={CT_ENTRIES}")],
     );
     within(Duration::from_secs(10), "the client reaches nginx", || {
