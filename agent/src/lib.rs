@@ -11,6 +11,8 @@ pub mod conntrack;
 pub mod dataplane;
 pub mod etcd;
 pub mod flannel;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod http;
 pub mod kube;

@@ -4,11 +4,15 @@
 //!
 //! Each scan yields the complete set of valid objects; the difference from the previous scan is
 //! applied to the model, so a removed file removes its objects. An invalid object is reported
-//! with its file and name and skipped; the rest of the file still counts.
+//! with its file and name and skipped; the rest of the file still counts. What the source
+//! cannot read is not taken for removed: a listed file that cannot be read (a broken symlink, an
+//! I/O error) keeps its last known objects, and while the directory itself is gone or unreadable
+//! the model keeps everything.
 
 use std::{
     collections::BTreeMap,
     fs, io,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -48,6 +52,25 @@ pub struct Scan {
     pub problems: Vec<String>,
     /// Notes about valid objects (ignored services, unsupported ports).
     pub notes: Vec<String>,
+    /// The file each object came from.
+    pub origins: BTreeMap<ObjectKey, String>,
+    /// Files listed but not read.
+    pub unreadable: Vec<String>,
+}
+
+impl Scan {
+    /// Takes over what `previous` read from the files this scan could not read.
+    fn keep_unreadable(&mut self, previous: &Self) {
+        for (key, file) in &previous.origins {
+            if self.unreadable.contains(file)
+                && !self.objects.contains_key(key)
+                && let Some(object) = previous.objects.get(key)
+            {
+                self.objects.insert(key.clone(), object.clone());
+                self.origins.insert(key.clone(), file.clone());
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +81,8 @@ pub enum ManifestError {
         #[source]
         source: io::Error,
     },
+    #[error("manifest directory {path} was replaced; watching the new one")]
+    Replaced { path: PathBuf },
     #[error("cannot watch manifest directory {path}")]
     Watch {
         path: PathBuf,
@@ -92,11 +117,34 @@ pub fn scan_dir(dir: &Path) -> Result<Scan, ManifestError> {
     let mut scan = Scan::default();
     for file in files {
         let label = file.display().to_string();
-        match fs::read_to_string(&file) {
-            Ok(text) => parse_into(&text, &label, &mut scan),
-            // A file removed between listing and reading is simply gone.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => scan.problems.push(format!("{label}: cannot read: {e}")),
+        // Symlinks are followed (a ConfigMap volume's files are symlinks into `..data`).
+        match fs::metadata(&file).and_then(|meta| {
+            // A FIFO would block the read for good; a directory cannot be read as text.
+            if meta.is_file() {
+                fs::read_to_string(&file).map(Some)
+            } else {
+                Ok(None)
+            }
+        }) {
+            Ok(Some(text)) => parse_into(&text, &label, &mut scan),
+            Ok(None) => scan
+                .problems
+                .push(format!("{label}: not a regular file, skipped")),
+            // Not UTF-8: the content is broken, as with a YAML syntax error.
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => scan
+                .problems
+                .push(format!("{label}: not YAML or JSON: {e}")),
+            // Removed between listing and reading: simply gone.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound && fs::symlink_metadata(&file).is_err() => {}
+            // Listed but unreadable (a symlink whose target is gone, an I/O error): not a
+            // removal, so its objects stay as they were.
+            Err(e) => {
+                scan.problems.push(format!(
+                    "{label}: cannot read: {e}; keeping what it held before"
+                ));
+                scan.unreadable.push(label);
+            }
         }
     }
     Ok(scan)
@@ -104,20 +152,70 @@ pub fn scan_dir(dir: &Path) -> Result<Scan, ManifestError> {
 
 /// Parses one file's documents into `scan`.
 pub fn parse_into(text: &str, file: &str, scan: &mut Scan) {
-    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        match serde_json::Value::deserialize(document) {
-            Ok(serde_json::Value::Null) => {}
-            Ok(value) => add_document(value, file, scan),
-            Err(e) => {
-                scan.problems.push(format!(
-                    "{file}: document {}: not YAML or JSON: {e}",
-                    index + 1
-                ));
-                // The YAML stream cannot be resumed after a syntax error.
-                break;
+    // The whole stream at once, so a valid file gets YAML's exact semantics.
+    if let Ok(values) = documents(text) {
+        for value in values {
+            add_document(value, file, scan);
+        }
+        return;
+    }
+    // libyaml reads ahead, so one broken document can fail the documents before it too: read
+    // each on its own (a `---` line at the start of a line always separates documents), so a
+    // broken one costs only itself.
+    let mut line = 1;
+    let mut number = 0;
+    for chunk in split_documents(text) {
+        let start = line;
+        line += chunk.lines().count();
+        if number == 0 && chunk.trim().is_empty() {
+            // What precedes a file's first `---` is no document.
+            continue;
+        }
+        number += 1;
+        match documents(chunk) {
+            Ok(values) => {
+                for value in values {
+                    add_document(value, file, scan);
+                }
             }
+            Err(e) => scan.problems.push(format!(
+                "{file}: document {number} (from line {start}): not YAML or JSON: {e}"
+            )),
         }
     }
+}
+
+/// Every non-empty document of a YAML stream, or the first syntax error.
+fn documents(text: &str) -> Result<Vec<serde_json::Value>, serde_yaml_ng::Error> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(serde_json::Value::deserialize)
+        .filter(|value| !matches!(value, Ok(serde_json::Value::Null)))
+        .collect()
+}
+
+/// `text` cut before each document marker line (`---`, alone or followed by a space).
+fn split_documents(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut at = 0;
+        let cut = loop {
+            let line_end = rest[at..].find('\n').map_or(rest.len(), |i| at + i + 1);
+            if line_end == rest.len() {
+                break rest.len();
+            }
+            let next = &rest[line_end..];
+            if next.starts_with("---") && next[3..].chars().next().is_none_or(char::is_whitespace) {
+                break line_end;
+            }
+            at = line_end;
+        };
+        let (chunk, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(chunk)
+    })
 }
 
 fn add_document(value: serde_json::Value, file: &str, scan: &mut Scan) {
@@ -148,13 +246,14 @@ fn add_document(value: serde_json::Value, file: &str, scan: &mut Scan) {
                 }
             }
         }
-        ("v1", "Service") => match serde_json::from_value::<Service>(value) {
-            Ok(service) => add_service(&service, &described, scan),
+        // The path names the field a type error is in (`spec.ports[0].port: invalid type`).
+        ("v1", "Service") => match serde_path_to_error::deserialize::<_, Service>(value) {
+            Ok(service) => add_service(&service, file, &described, scan),
             Err(e) => scan.problems.push(format!("{described}: {e}")),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            match serde_json::from_value::<EndpointSlice>(value) {
-                Ok(slice) => add_slice(&slice, &described, scan),
+            match serde_path_to_error::deserialize::<_, EndpointSlice>(value) {
+                Ok(slice) => add_slice(&slice, file, &described, scan),
                 Err(e) => scan.problems.push(format!("{described}: {e}")),
             }
         }
@@ -163,7 +262,8 @@ fn add_document(value: serde_json::Value, file: &str, scan: &mut Scan) {
     }
 }
 
-fn insert(scan: &mut Scan, key: ObjectKey, object: Object, described: &str) {
+fn insert(scan: &mut Scan, key: ObjectKey, object: Object, file: &str, described: &str) {
+    scan.origins.insert(key.clone(), file.to_owned());
     if scan.objects.insert(key, object).is_some() {
         scan.problems.push(format!(
             "{described}: defined twice; the last definition wins"
@@ -171,7 +271,7 @@ fn insert(scan: &mut Scan, key: ObjectKey, object: Object, described: &str) {
     }
 }
 
-fn add_service(service: &Service, described: &str, scan: &mut Scan) {
+fn add_service(service: &Service, file: &str, described: &str, scan: &mut Scan) {
     let checked =
         object_ref(&service.metadata).and_then(|name| Ok((name, check_service(service)?)));
     match checked {
@@ -180,6 +280,7 @@ fn add_service(service: &Service, described: &str, scan: &mut Scan) {
                 scan,
                 ObjectKey::Service(name),
                 Object::Service(spec),
+                file,
                 described,
             );
         }
@@ -188,7 +289,7 @@ fn add_service(service: &Service, described: &str, scan: &mut Scan) {
     }
 }
 
-fn add_slice(slice: &EndpointSlice, described: &str, scan: &mut Scan) {
+fn add_slice(slice: &EndpointSlice, file: &str, described: &str, scan: &mut Scan) {
     let checked =
         object_ref(&slice.metadata).and_then(|name| Ok((name, check_endpoint_slice(slice)?)));
     match checked {
@@ -197,6 +298,7 @@ fn add_slice(slice: &EndpointSlice, described: &str, scan: &mut Scan) {
                 scan,
                 ObjectKey::EndpointSlice(name),
                 Object::EndpointSlice(spec),
+                file,
                 described,
             );
         }
@@ -259,8 +361,26 @@ pub struct ManifestWatch {
     // Dropping the watcher ends the events.
     _watcher: notify::RecommendedWatcher,
     events: tokio::sync::mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    /// The watched directory's device and inode: a directory replaced under the same path (a
+    /// `mv` of a new one into place) needs a new watch.
+    identity: (u64, u64),
     /// What the model last got from this directory.
     applied: Scan,
+}
+
+fn identity(dir: &Path) -> Result<(u64, u64), ManifestError> {
+    let meta = fs::metadata(dir).map_err(|source| ManifestError::ReadDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Reads `dir`, keeping what `previous` had from files that could not be read now.
+fn rescan(dir: &Path, previous: &Scan) -> Result<Scan, ManifestError> {
+    let mut scan = scan_dir(dir)?;
+    scan.keep_unreadable(previous);
+    Ok(scan)
 }
 
 impl ManifestWatch {
@@ -285,13 +405,15 @@ impl ManifestWatch {
         watcher
             .watch(dir, notify::RecursiveMode::NonRecursive)
             .map_err(watch_error)?;
-        let scan = scan_dir(dir)?;
+        let identity = identity(dir)?;
+        let scan = rescan(dir, &applied)?;
         report(&applied, &scan);
         model.update(|m| apply(m, &applied, &scan));
         Ok(Self {
             dir: dir.to_owned(),
             _watcher: watcher,
             events,
+            identity,
             applied: scan,
         })
     }
@@ -311,12 +433,25 @@ impl ManifestWatch {
                 Some(Ok(_)) => {}
             }
             while let Ok(Some(_)) = tokio::time::timeout(SETTLE, self.events.recv()).await {}
-            let next = scan_dir(&self.dir)?;
+            if identity(&self.dir)? != self.identity {
+                return Err(ManifestError::Replaced {
+                    path: self.dir.clone(),
+                });
+            }
+            let next = rescan(&self.dir, &self.applied)?;
             report(&self.applied, &next);
             model.update(|m| apply(m, &self.applied, &next));
             self.applied = next;
         }
     }
+}
+
+/// An error and its causes, as one line.
+fn with_causes(error: &ManifestError) -> String {
+    std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Follows the directory for as long as the agent runs. When the watch breaks (the directory
@@ -325,7 +460,10 @@ impl ManifestWatch {
 pub async fn follow(mut watch: ManifestWatch, model: Arc<ModelHandle>) {
     loop {
         if let Err(e) = watch.follow(&model).await {
-            tracing::error!("manifest source interrupted: {e}; keeping the last known services");
+            tracing::error!(
+                "manifest source interrupted: {}; keeping the last known services",
+                with_causes(&e)
+            );
         }
         watch = loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -334,13 +472,15 @@ pub async fn follow(mut watch: ManifestWatch, model: Arc<ModelHandle>) {
                     tracing::info!(dir = %watch.dir.display(), "manifest source back");
                     break resumed;
                 }
-                Err(e) => tracing::debug!("manifest source still unavailable: {e}"),
+                Err(e) => tracing::debug!("manifest source still unavailable: {}", with_causes(&e)),
             }
         };
     }
 }
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     const SEED: &str = r"
@@ -407,11 +547,11 @@ endpoints:
     }
 
     #[test]
-    fn a_type_error_is_reported_with_the_object_name() {
+    fn a_type_error_is_reported_with_the_object_name_and_field() {
         let scan = scan("apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 3}\n");
         assert!(scan.objects.is_empty());
         assert!(
-            scan.problems[0].starts_with("seed.yaml: Service default/x: "),
+            scan.problems[0].starts_with("seed.yaml: Service default/x: spec.ports: "),
             "{:?}",
             scan.problems
         );
@@ -440,6 +580,20 @@ endpoints:
         let scan = scan("apiVersion: v1\nkind: [unclosed\n");
         assert!(scan.objects.is_empty());
         assert_eq!(scan.problems.len(), 1);
+    }
+
+    #[test]
+    fn a_broken_document_costs_only_itself() {
+        // A control character fails libyaml's whole stream, the documents before it included.
+        let text = SEED.replacen("---", "---\nname: \u{e}\n---", 1);
+        let scan = scan(&text);
+        assert_eq!(scan.objects.len(), 2, "{:?}", scan.problems);
+        assert_eq!(scan.problems.len(), 1);
+        assert!(
+            scan.problems[0].starts_with("seed.yaml: document 2 (from line 8): not YAML or JSON"),
+            "{:?}",
+            scan.problems
+        );
     }
 
     #[test]
@@ -486,6 +640,497 @@ endpoints:
                 "the removed file's service stayed"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls `check` on the model every 20 ms for up to 5 s.
+    async fn eventually(model: &ModelHandle, what: &str, check: impl Fn(&ModelHandle) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !check(model) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not within 5 s: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn endpoints(model: &ModelHandle) -> usize {
+        model
+            .desired()
+            .ports
+            .values()
+            .flat_map(|port| port.sets.values())
+            .map(BTreeSet::len)
+            .sum()
+    }
+
+    /// A followed directory `manifests` inside a temporary one.
+    fn followed(files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf, Arc<ModelHandle>) {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("manifests");
+        fs::create_dir(&dir).unwrap();
+        for (name, text) in files {
+            fs::write(dir.join(name), text).unwrap();
+        }
+        let model = Arc::new(ModelHandle::default());
+        let watch = ManifestWatch::start(&dir, &model).unwrap();
+        tokio::spawn(follow(watch, Arc::clone(&model)));
+        (parent, dir, model)
+    }
+
+    #[tokio::test]
+    async fn a_vanished_directory_keeps_the_services_and_its_return_is_read() {
+        let (_parent, dir, model) = followed(&[("seed.yaml", SEED)]);
+        assert_eq!(endpoints(&model), 3);
+        fs::remove_dir_all(&dir).unwrap();
+        // The watch breaks and the source retries every second: nothing is flushed meanwhile.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(endpoints(&model), 3, "the last known services stay");
+        fs::create_dir(&dir).unwrap();
+        fs::write(
+            dir.join("seed.yaml"),
+            SEED.replace("- addresses: [172.30.20.8]\n", ""),
+        )
+        .unwrap();
+        eventually(&model, "the re-created directory is read", |m| {
+            endpoints(m) == 2
+        })
+        .await;
+        // And followed: the new directory's watch works.
+        fs::remove_file(dir.join("seed.yaml")).unwrap();
+        eventually(&model, "a removed file removes its objects", |m| {
+            endpoints(m) == 0
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_directory_replaced_under_its_name_is_watched_anew() {
+        let (parent, dir, model) = followed(&[("seed.yaml", SEED)]);
+        let next = parent.path().join("next");
+        fs::create_dir(&next).unwrap();
+        fs::write(
+            next.join("seed.yaml"),
+            SEED.replace("- addresses: [172.30.20.8]\n", ""),
+        )
+        .unwrap();
+        fs::rename(&dir, parent.path().join("old")).unwrap();
+        fs::rename(&next, &dir).unwrap();
+        eventually(&model, "the new directory is read", |m| endpoints(m) == 2).await;
+        fs::write(dir.join("seed.yaml"), SEED).unwrap();
+        eventually(&model, "the new directory is followed", |m| {
+            endpoints(m) == 3
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_file_that_cannot_be_read_keeps_its_objects() {
+        // A ConfigMap volume: the files are symlinks into a directory the kubelet swaps.
+        let store = tempfile::tempdir().unwrap();
+        fs::write(store.path().join("seed.yaml"), SEED).unwrap();
+        let (_parent, dir, model) = followed(&[]);
+        std::os::unix::fs::symlink(store.path().join("seed.yaml"), dir.join("seed.yaml")).unwrap();
+        eventually(&model, "the linked file is read", |m| endpoints(m) == 3).await;
+        fs::remove_file(store.path().join("seed.yaml")).unwrap();
+        // Something else in the directory changes, so it is scanned with the link broken.
+        fs::write(dir.join("other.yaml"), "").unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(endpoints(&model), 3, "a broken link is not a removal");
+        let scan = scan_dir(&dir).unwrap();
+        assert!(
+            scan.problems[0].contains("seed.yaml: cannot read: "),
+            "{:?}",
+            scan.problems
+        );
+        fs::write(
+            store.path().join("seed.yaml"),
+            SEED.replace("- addresses: [172.30.20.8]\n", ""),
+        )
+        .unwrap();
+        fs::write(dir.join("other.yaml"), "# touched").unwrap();
+        eventually(&model, "the link's new target is read", |m| {
+            endpoints(m) == 2
+        })
+        .await;
+        // Removing the link itself is a removal.
+        fs::remove_file(dir.join("seed.yaml")).unwrap();
+        eventually(&model, "the removed link's objects go", |m| {
+            endpoints(m) == 0
+        })
+        .await;
+    }
+
+    #[test]
+    fn a_fifo_or_a_directory_is_skipped_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("seed.yaml"), SEED).unwrap();
+        nix::unistd::mkfifo(&dir.path().join("pipe.yaml"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        fs::create_dir(dir.path().join("dir.yaml")).unwrap();
+        // Reading the FIFO would block until a writer came.
+        let scan = scan_dir(dir.path()).unwrap();
+        assert_eq!(scan.objects.len(), 2);
+        assert_eq!(scan.problems.len(), 2, "{:?}", scan.problems);
+        assert!(
+            scan.problems
+                .iter()
+                .all(|p| p.ends_with("not a regular file, skipped"))
+        );
+    }
+
+    /// Properties over generated manifests: no file panics the parser (or the checks and the
+    /// model behind it), every problem names its file and object and what is wrong, and valid
+    /// objects read back as written. Inputs tried per run: 4 x 600 files (2,400).
+    mod properties {
+        use std::net::Ipv4Addr;
+
+        use ipnet::Ipv4Net;
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        use super::*;
+        use crate::{
+            fuzz,
+            objects::{ObjectRef, ServicePort, SliceEndpoint, SlicePort},
+        };
+
+        const CASES: u32 = 600;
+        const FILE: &str = "fuzz.yaml";
+
+        fn protocol(pick: u8) -> (&'static str, u8) {
+            match pick % 3 {
+                0 => ("TCP", weft_common::ip_proto::TCP),
+                1 => ("UDP", weft_common::ip_proto::UDP),
+                _ => ("SCTP", weft_common::ip_proto::SCTP),
+            }
+        }
+
+        /// A Service the agent serves: its document, and what it must read back as.
+        fn valid_service() -> impl Strategy<Value = (Value, ObjectKey, Object)> {
+            (
+                "[a-z][a-z0-9-]{0,12}",
+                prop::option::of("[a-z][a-z0-9-]{0,8}"),
+                any::<u32>(),
+                prop::sample::select(vec!["ClusterIP", "NodePort", "LoadBalancer"]),
+                prop::collection::btree_map((1u16.., any::<u8>()), 1u16.., 1..4),
+                prop::collection::vec(any::<u32>(), 0..3),
+                prop::collection::vec((any::<u32>(), 0u8..=32), 0..3),
+                prop::option::of(prop::option::of(1i32..=86_400)),
+                any::<(bool, bool)>(),
+            )
+                .prop_map(
+                    |(name, namespace, ip, kind, ports, external, ranges, affinity, local)| {
+                        let node_ports = kind != "ClusterIP";
+                        let declared: Vec<(u16, (&str, u8), u16)> = ports
+                            .iter()
+                            .map(|((port, pick), node_port)| (*port, protocol(*pick), *node_port))
+                            .collect();
+                        // Distinct (port, protocol) pairs: the map's key repeats no port/protocol
+                        // only if the protocol picks differ, so keep the first of each.
+                        let mut seen = std::collections::BTreeSet::new();
+                        let declared: Vec<_> = declared
+                            .into_iter()
+                            .filter(|(port, (_, number), _)| seen.insert((*port, *number)))
+                            .collect();
+                        let many = declared.len() > 1;
+                        let port_name = |i: usize| if many { format!("p{i}") } else { String::new() };
+                        let mut doc = json!({
+                            "apiVersion": "v1", "kind": "Service",
+                            "metadata": {"name": name},
+                            "spec": {
+                                "type": kind,
+                                "clusterIP": Ipv4Addr::from(ip).to_string(),
+                                "ports": declared.iter().enumerate().map(|(i, (port, (proto, _), node_port))| {
+                                    json!({"name": port_name(i), "port": port, "protocol": proto,
+                                           "targetPort": 8080, "nodePort": node_port})
+                                }).collect::<Vec<_>>(),
+                                "externalIPs": external.iter().map(|ip| Ipv4Addr::from(*ip).to_string()).collect::<Vec<_>>(),
+                                "loadBalancerSourceRanges": ranges.iter().map(|(ip, len)| format!("{}/{len}", Ipv4Addr::from(*ip))).collect::<Vec<_>>(),
+                                "externalTrafficPolicy": if local.0 { "Local" } else { "Cluster" },
+                                "internalTrafficPolicy": if local.1 { "Local" } else { "Cluster" },
+                            }
+                        });
+                        if let Some(namespace) = &namespace {
+                            doc["metadata"]["namespace"] = json!(namespace);
+                        }
+                        if let Some(timeout) = affinity {
+                            doc["spec"]["sessionAffinity"] = json!("ClientIP");
+                            if let Some(seconds) = timeout {
+                                doc["spec"]["sessionAffinityConfig"] =
+                                    json!({"clientIP": {"timeoutSeconds": seconds}});
+                            }
+                        }
+                        let spec = ServiceSpec {
+                            cluster_ip: Ipv4Addr::from(ip),
+                            ports: declared
+                                .iter()
+                                .enumerate()
+                                .map(|(i, (port, (_, protocol), node_port))| ServicePort {
+                                    name: port_name(i),
+                                    port: *port,
+                                    protocol: *protocol,
+                                    node_port: node_ports.then_some(*node_port),
+                                })
+                                .collect(),
+                            external_ips: external.iter().map(|ip| Ipv4Addr::from(*ip)).collect(),
+                            source_ranges: ranges
+                                .iter()
+                                .map(|(ip, len)| Ipv4Net::new(Ipv4Addr::from(*ip), *len).expect("len <= 32").trunc())
+                                .collect(),
+                            affinity_timeout_s: affinity.map(|timeout| {
+                                timeout.map_or(crate::objects::DEFAULT_AFFINITY_TIMEOUT_S, |s| s as u32)
+                            }),
+                            external_local: local.0,
+                            internal_local: local.1,
+                            ..ServiceSpec::default()
+                        };
+                        let name = ObjectRef {
+                            namespace: namespace.unwrap_or_else(|| "default".to_owned()),
+                            name,
+                        };
+                        (doc, ObjectKey::Service(name), Object::Service(spec))
+                    },
+                )
+        }
+
+        /// An EndpointSlice the agent serves: its document, and what it must read back as.
+        fn valid_slice() -> impl Strategy<Value = (Value, ObjectKey, Object)> {
+            let endpoint = (
+                any::<u32>(),
+                any::<[Option<bool>; 3]>(),
+                prop::option::of("[a-z0-9-]{1,8}"),
+                prop::collection::vec("[a-z0-9-]{1,8}", 0..2),
+            );
+            (
+                "[a-z][a-z0-9-]{0,12}",
+                "[a-z][a-z0-9-]{0,12}",
+                prop::collection::vec((prop::option::of("[a-z]{1,6}"), 1u16.., any::<u8>()), 0..3),
+                prop::collection::vec(endpoint, 0..5),
+            )
+                .prop_map(|(name, service, ports, endpoints)| {
+                    let doc = json!({
+                        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                        "metadata": {"name": name, "namespace": "web",
+                                     "labels": {"kubernetes.io/service-name": service}},
+                        "addressType": "IPv4",
+                        "ports": ports.iter().map(|(name, port, pick)| {
+                            json!({"name": name, "port": port, "protocol": protocol(*pick).0})
+                        }).collect::<Vec<_>>(),
+                        "endpoints": endpoints.iter().map(|(ip, [ready, serving, terminating], node, zones)| {
+                            json!({"addresses": [Ipv4Addr::from(*ip).to_string()],
+                                   "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                                   "nodeName": node,
+                                   "hints": {"forZones": zones.iter().map(|z| json!({"name": z})).collect::<Vec<_>>()}})
+                        }).collect::<Vec<_>>(),
+                    });
+                    let spec = SliceSpec {
+                        service: ObjectRef { namespace: "web".into(), name: service },
+                        ports: ports
+                            .iter()
+                            .map(|(name, port, pick)| SlicePort {
+                                name: name.clone().unwrap_or_default(),
+                                port: *port,
+                                protocol: protocol(*pick).1,
+                            })
+                            .collect(),
+                        endpoints: endpoints
+                            .iter()
+                            .map(|(ip, [ready, serving, terminating], node, zones)| SliceEndpoint {
+                                addr: Ipv4Addr::from(*ip),
+                                ready: ready.unwrap_or(true),
+                                serving: serving.unwrap_or(true),
+                                terminating: terminating.unwrap_or(false),
+                                node_name: node.clone(),
+                                zone_hints: zones.clone(),
+                                node_hints: Vec::new(),
+                            })
+                            .collect(),
+                    };
+                    let name = ObjectRef { namespace: "web".into(), name };
+                    (doc, ObjectKey::EndpointSlice(name), Object::EndpointSlice(spec))
+                })
+        }
+
+        /// Up to six valid objects with distinct names.
+        fn valid_objects() -> impl Strategy<Value = Vec<(Value, ObjectKey, Object)>> {
+            prop::collection::vec(prop_oneof![valid_service(), valid_slice()], 0..6).prop_map(
+                |objects| {
+                    objects
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (mut doc, key, object))| {
+                            let unique = |name: &ObjectRef| ObjectRef {
+                                namespace: name.namespace.clone(),
+                                name: format!("{}-{i}", name.name),
+                            };
+                            let key = match key {
+                                ObjectKey::Service(name) => ObjectKey::Service(unique(&name)),
+                                ObjectKey::EndpointSlice(name) => {
+                                    ObjectKey::EndpointSlice(unique(&name))
+                                }
+                            };
+                            let suffixed =
+                                format!("{}-{i}", doc["metadata"]["name"].as_str().expect("named"));
+                            doc["metadata"]["name"] = json!(suffixed);
+                            (doc, key, object)
+                        })
+                        .collect()
+                },
+            )
+        }
+
+        /// One document as JSON or as YAML.
+        fn render(doc: &Value, yaml: bool) -> String {
+            if yaml {
+                serde_yaml_ng::to_string(doc).expect("a JSON value is YAML")
+            } else {
+                doc.to_string()
+            }
+        }
+
+        /// Documents as one multi-document file.
+        fn file(docs: &[String]) -> String {
+            docs.iter().map(|doc| format!("---\n{doc}\n")).collect()
+        }
+
+        fn parse(text: &str) -> Scan {
+            let mut scan = Scan::default();
+            parse_into(text, FILE, &mut scan);
+            scan
+        }
+
+        /// Fields an object error may name (a serde error names them in its path or in
+        /// backquotes).
+        const FIELDS: [&str; 9] = [
+            "metadata",
+            "spec",
+            "status",
+            "ports",
+            "endpoints",
+            "addressType",
+            "apiVersion",
+            "kind",
+            "`",
+        ];
+
+        /// Every problem names the file, and the document or object, and what is wrong; and
+        /// what was read goes into a model without trouble.
+        fn check(scan: &Scan) {
+            for problem in &scan.problems {
+                let rest = problem
+                    .strip_prefix(&format!("{FILE}: "))
+                    .unwrap_or_else(|| panic!("{problem:?} does not name the file"));
+                if let Some(rest) = rest.strip_prefix("document ") {
+                    assert!(rest.contains(": not YAML or JSON: "), "{problem:?}");
+                    continue;
+                }
+                let (_object, what) = rest
+                    .split_once(": ")
+                    .unwrap_or_else(|| panic!("{problem:?} names no object"));
+                assert!(
+                    what.starts_with("defined twice") || FIELDS.iter().any(|f| what.contains(f)),
+                    "{problem:?} does not name a field"
+                );
+            }
+            let mut model = Model::default();
+            apply(&mut model, &Scan::default(), scan);
+            let _ = model.desired();
+        }
+
+        /// What a Service or EndpointSlice check refuses is named by its field.
+        fn check_object(doc: &Value) {
+            let errors = match doc["kind"].as_str() {
+                Some("Service") => serde_json::from_value::<Service>(doc.clone())
+                    .ok()
+                    .and_then(|service| check_service(&service).err()),
+                Some("EndpointSlice") => serde_json::from_value::<EndpointSlice>(doc.clone())
+                    .ok()
+                    .and_then(|slice| check_endpoint_slice(&slice).err()),
+                _ => None,
+            };
+            if let Some(error) = errors {
+                let message = error.to_string();
+                assert!(
+                    ["spec", "metadata.", "ports[", "endpoints["]
+                        .iter()
+                        .any(|field| message.starts_with(field)),
+                    "{message:?} does not start with the field"
+                );
+            }
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(CASES))]
+
+            #[test]
+            fn any_text_is_read_or_named_as_a_problem(text in fuzz::text()) {
+                check(&parse(&text));
+            }
+
+            #[test]
+            fn valid_objects_read_back_as_written(
+                objects in valid_objects(),
+                yaml in prop::collection::vec(any::<bool>(), 6),
+                as_list in any::<bool>(),
+            ) {
+                let docs: Vec<Value> = objects.iter().map(|(doc, _, _)| doc.clone()).collect();
+                let text = if as_list {
+                    json!({"apiVersion": "v1", "kind": "List", "items": docs}).to_string()
+                } else {
+                    let mut rendered: Vec<String> =
+                        docs.iter().zip(&yaml).map(|(doc, yaml)| render(doc, *yaml)).collect();
+                    // Objects weft does not read, and empty documents, change nothing.
+                    rendered.push("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}".into());
+                    rendered.insert(0, String::new());
+                    file(&rendered)
+                };
+                let scan = parse(&text);
+                prop_assert!(scan.problems.is_empty(), "{:?}\n{text}", scan.problems);
+                let expected: BTreeMap<ObjectKey, Object> =
+                    objects.into_iter().map(|(_, key, object)| (key, object)).collect();
+                prop_assert_eq!(scan.objects, expected, "{}", text);
+            }
+
+            #[test]
+            fn mutated_objects_are_read_or_refused_by_field(
+                docs in valid_objects().prop_flat_map(|objects| {
+                    fuzz::mutated(Value::Array(objects.into_iter().map(|(doc, _, _)| doc).collect()))
+                }),
+                yaml in any::<bool>(),
+            ) {
+                let docs = match docs {
+                    Value::Array(docs) => docs,
+                    other => vec![other],
+                };
+                for doc in &docs {
+                    check_object(doc);
+                }
+                let rendered: Vec<String> = docs.iter().map(|doc| render(doc, yaml)).collect();
+                check(&parse(&file(&rendered)));
+            }
+
+            #[test]
+            fn garbage_documents_cost_only_themselves(
+                objects in valid_objects(),
+                garbage in prop::collection::vec((any::<prop::sample::Index>(), fuzz::text()), 1..3),
+            ) {
+                let mut docs: Vec<(Option<&ObjectKey>, String)> =
+                    objects.iter().map(|(doc, key, _)| (Some(key), render(doc, true))).collect();
+                for (at, text) in &garbage {
+                    let at = at.index(docs.len() + 1);
+                    docs.insert(at, (None, text.clone()));
+                }
+                let text = file(&docs.iter().map(|(_, doc)| doc.clone()).collect::<Vec<_>>());
+                let scan = parse(&text);
+                check(&scan);
+                // A broken document costs only itself.
+                for (key, _) in &docs {
+                    if let Some(key) = key {
+                        prop_assert!(scan.objects.contains_key(*key), "{key:?} lost:\n{text}\n{:?}", scan.problems);
+                    }
+                }
+            }
         }
     }
 }

@@ -172,8 +172,10 @@ struct State {
     objects: BTreeMap<Key, Value>,
     history: Vec<Change>,
     watches: Vec<Watch>,
-    /// Requests served: (kind, "list" or "watch") -> count.
+    /// Requests received: (kind, "list" or "watch") -> count.
     requests: BTreeMap<(Kind, &'static str), usize>,
+    /// Gone away: every request fails (see [`ApiServer::go_down`]).
+    down: bool,
 }
 
 /// The event a watch with `query` sees for `change`, if any: an object that starts or stops
@@ -252,7 +254,9 @@ impl ApiServer {
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(handle(&state, &request)) }
+                        // No answer closes the connection: what a client sees of a server
+                        // that went away mid-request.
+                        async move { handle(&state, &request).ok_or("the API server is down") }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -316,7 +320,26 @@ impl ApiServer {
         }
     }
 
-    /// How many lists (`"list"`) or watches (`"watch"`) of `kind` were requested.
+    /// Goes away: from now on every request, on new and open connections alike, is cut off
+    /// unanswered, and every live watch ends with `410 Gone` first, so what a client tries
+    /// next is a fresh list, which fails until [`ApiServer::come_back`].
+    pub fn go_down(&self) {
+        let mut state = self.state();
+        state.down = true;
+        state.compacted = state.rv;
+        state.history.clear();
+        for watch in std::mem::take(&mut state.watches) {
+            let _ = watch.events.send(gone_event());
+        }
+    }
+
+    /// Answers again, with every change made while it was down.
+    pub fn come_back(&self) {
+        self.state().down = false;
+    }
+
+    /// How many lists (`"list"`) or watches (`"watch"`) of `kind` were requested (also
+    /// while down).
     #[must_use]
     pub fn requests(&self, kind: Kind, verb: &'static str) -> usize {
         self.state()
@@ -385,21 +408,30 @@ fn not_found() -> Response<Body> {
     )
 }
 
-fn handle(state: &Mutex<State>, request: &Request<hyper::body::Incoming>) -> Response<Body> {
+/// The answer to `request`; `None` while the server is down.
+fn handle(
+    state: &Mutex<State>,
+    request: &Request<hyper::body::Incoming>,
+) -> Option<Response<Body>> {
     // One Node by name (the agent reads its own once, for its podCIDR).
     if let Some(name) = request.uri().path().strip_prefix("/api/v1/nodes/") {
         let mut state = state.lock().expect("API server state");
         *state.requests.entry((Kind::Node, "get")).or_default() += 1;
-        return match state
-            .objects
-            .get(&(Kind::Node, String::new(), name.to_owned()))
-        {
-            Some(node) => reply(StatusCode::OK, node),
-            None => not_found(),
-        };
+        if state.down {
+            return None;
+        }
+        return Some(
+            match state
+                .objects
+                .get(&(Kind::Node, String::new(), name.to_owned()))
+            {
+                Some(node) => reply(StatusCode::OK, node),
+                None => not_found(),
+            },
+        );
     }
     let Some(kind) = Kind::from_path(request.uri().path()) else {
-        return not_found();
+        return Some(not_found());
     };
     let params: BTreeMap<String, String> = request
         .uri()
@@ -417,8 +449,15 @@ fn handle(state: &Mutex<State>, request: &Request<hyper::body::Incoming>) -> Res
         fields: Selector::parse(params.get("fieldSelector").map_or("", String::as_str)),
     };
     let mut state = state.lock().expect("API server state");
-    if params.get("watch").is_some_and(|w| w == "true" || w == "1") {
-        *state.requests.entry((kind, "watch")).or_default() += 1;
+    let watch = params.get("watch").is_some_and(|w| w == "true" || w == "1");
+    *state
+        .requests
+        .entry((kind, if watch { "watch" } else { "list" }))
+        .or_default() += 1;
+    if state.down {
+        return None;
+    }
+    if watch {
         let from: u64 = params
             .get("resourceVersion")
             .and_then(|rv| rv.parse().ok())
@@ -444,13 +483,14 @@ fn handle(state: &Mutex<State>, request: &Request<hyper::body::Incoming>) -> Res
         }
         let stream = tokio_stream_of(received)
             .map(|event| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{event}\n")))));
-        return Response::builder()
-            .status(StatusCode::OK)
-            .header("Content-Type", "application/json")
-            .body(http_body_util::BodyExt::boxed(StreamBody::new(stream)))
-            .expect("a valid response");
+        return Some(
+            Response::builder()
+                .status(StatusCode::OK)
+                .header("Content-Type", "application/json")
+                .body(http_body_util::BodyExt::boxed(StreamBody::new(stream)))
+                .expect("a valid response"),
+        );
     }
-    *state.requests.entry((kind, "list")).or_default() += 1;
     let matching: Vec<&Value> = state
         .objects
         .iter()
@@ -476,12 +516,12 @@ fn handle(state: &Mutex<State>, request: &Request<hyper::body::Incoming>) -> Res
         String::new()
     };
     let (api_version, list_kind) = kind.list_kind();
-    reply(
+    Some(reply(
         StatusCode::OK,
         &json!({"apiVersion": api_version, "kind": list_kind,
                 "metadata": {"resourceVersion": list_rv.to_string(), "continue": continue_token},
                 "items": page}),
-    )
+    ))
 }
 
 fn tokio_stream_of(

@@ -3,8 +3,9 @@
 //! creation (declare the agent after the node and its pods).
 
 use std::{
+    collections::BTreeSet,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::Mutex,
@@ -18,7 +19,12 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::netns::{Netns, run};
+use crate::{
+    apiserver::{self, ApiServer},
+    apps::{self, Server, serve_http},
+    netns::{Netns, run, unique},
+    seed::{BACKENDS, TARGET_PORT, cluster_cidr, pod_subnet},
+};
 
 /// The bridge name weft uses by default, as flannel's CNI does.
 pub const BRIDGE: &str = "cni0";
@@ -435,6 +441,12 @@ impl Agent {
         fs::remove_file(self.manifests.join(file)).expect("removing a manifest");
     }
 
+    /// The directory the agent reads its manifests from.
+    #[must_use]
+    pub fn manifest_dir(&self) -> &Path {
+        &self.manifests
+    }
+
     /// `weft inspect <table>` against this agent's pins.
     #[must_use]
     pub fn inspect(&self, table: &str) -> String {
@@ -488,3 +500,131 @@ impl Drop for Agent {
         }
     }
 }
+
+/// The agent's Prometheus metrics, scraped from its default `--metrics-bind-address`
+/// (127.0.0.1:10249) inside `node`'s namespace.
+#[must_use]
+pub fn scrape_metrics(node: &Node) -> String {
+    let address = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10_249);
+    let (status, body) = node
+        .ns
+        .run(|| apps::http_status(address, "/metrics"))
+        .expect("scraping the agent's /metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The value of one sample (`name` or `name{labels}`, as exposed) in a scrape.
+#[must_use]
+pub fn metric(scrape: &str, sample: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .filter_map(|line| line.rsplit_once(' '))
+        .find(|(name, _)| *name == sample)
+        .and_then(|(_, value)| value.parse().ok())
+}
+
+/// A node serving manifests, with the seed's three backends serving HTTP and a client pod
+/// (created after the agent, so its port is picked up live). Fields drop top to bottom: the
+/// agent stops before the namespaces go.
+pub struct ManifestNode {
+    pub agent: Agent,
+    pub client: Pod,
+    _servers: Vec<Server>,
+    _backends: Vec<Pod>,
+    pub node: Node,
+}
+
+impl ManifestNode {
+    /// Starts the node with `manifests` (file name, content) and the agent's `extra_args`;
+    /// waits until the agent is ready.
+    pub fn start<F: AsRef<str>, T: AsRef<str>>(manifests: &[(F, T)], extra_args: &[&str]) -> Self {
+        crate::netns::require_root();
+        let node = Node::new(&unique("wman"), pod_subnet());
+        let backends: Vec<Pod> = BACKENDS.iter().map(|ip| node.add_pod(*ip)).collect();
+        let servers = backends
+            .iter()
+            .map(|pod| serve_http(&pod.ns, TARGET_PORT))
+            .collect();
+        let files: Vec<(&str, &str)> = manifests
+            .iter()
+            .map(|(file, text)| (file.as_ref(), text.as_ref()))
+            .collect();
+        let agent = Agent::start(
+            &node,
+            &files,
+            &AgentOptions {
+                cluster_cidr: Some(cluster_cidr()),
+                extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+                ..AgentOptions::default()
+            },
+        );
+        let client = node.add_pod(CLIENT);
+        Self {
+            agent,
+            client,
+            _servers: servers,
+            _backends: backends,
+            node,
+        }
+    }
+}
+
+/// A node whose agent watches a test API server, with the seed's three backends serving HTTP
+/// and a client pod. Fields drop top to bottom: the agent stops before the namespaces go.
+pub struct KubeNode {
+    pub agent: Agent,
+    pub client: Pod,
+    _servers: Vec<Server>,
+    _backends: Vec<Pod>,
+    pub node: Node,
+    _dir: tempfile::TempDir,
+}
+
+impl KubeNode {
+    /// Starts the node against `api` (which gets the node's Node object; the agent takes its
+    /// pod subnet from it) and waits until the agent is ready.
+    pub fn start(api: &ApiServer) -> Self {
+        crate::netns::require_root();
+        let node = Node::new(&unique("wkub"), pod_subnet());
+        api.apply(apiserver::node(node.ns.name(), pod_subnet()));
+        let backends: Vec<Pod> = BACKENDS.iter().map(|ip| node.add_pod(*ip)).collect();
+        let servers = backends
+            .iter()
+            .map(|pod| serve_http(&pod.ns, TARGET_PORT))
+            .collect();
+        let dir = tempfile::tempdir().expect("a directory for the kubeconfig");
+        let kubeconfig = api.listen_in(&node.ns, dir.path());
+        let agent = Agent::start(
+            &node,
+            &[],
+            &AgentOptions {
+                cluster_cidr: Some(cluster_cidr()),
+                kubeconfig: Some(kubeconfig),
+                ..AgentOptions::default()
+            },
+        );
+        let client = node.add_pod(CLIENT);
+        Self {
+            agent,
+            client,
+            _servers: servers,
+            _backends: backends,
+            node,
+            _dir: dir,
+        }
+    }
+
+    /// The backends that answer `requests` requests to `frontend` from the client.
+    #[must_use]
+    pub fn servers_of(&self, frontend: SocketAddrV4, requests: usize) -> BTreeSet<Ipv4Addr> {
+        self.client.ns.run(|| {
+            (0..requests)
+                .filter_map(|_| apps::http_get(frontend).ok().map(|answer| answer.server))
+                .collect()
+        })
+    }
+}
+
+/// The client pod's address on a [`KubeNode`] or a [`ManifestNode`].
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 20, 9);

@@ -3,7 +3,6 @@
 //! a real agent in a node namespace into its real maps, checked with real traffic.
 
 use std::{
-    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
@@ -15,70 +14,15 @@ use weft_common::{
     maps::{SERVICES_MAP, ServiceKey, ServiceValue},
 };
 use weft_tests::{
-    apiserver::{self, ApiServer, Kind, endpoint_slice, service},
-    apps::{Server, http_get, serve_http},
-    cluster::{Agent, AgentOptions, Node, Pod},
-    netns::{require_root, unique},
-    seed::{BACKENDS, TARGET_PORT, cluster_cidr, pod_subnet},
+    apiserver::{ApiServer, Kind, endpoint_slice, service},
+    apps::http_get,
+    cluster::KubeNode,
+    seed::{BACKENDS, TARGET_PORT},
     within,
 };
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 20, 9);
-
 fn nginx() -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(10, 254, 40, 119), 4432)
-}
-
-/// A node whose agent watches `api`, with the seed's three backends serving HTTP and a client
-/// pod. Fields drop top to bottom: the agent stops before the namespaces go.
-struct KubeNode {
-    agent: Agent,
-    client: Pod,
-    _servers: Vec<Server>,
-    _backends: Vec<Pod>,
-    _node: Node,
-    _dir: tempfile::TempDir,
-}
-
-fn kube_node(api: &ApiServer) -> KubeNode {
-    require_root();
-    let node = Node::new(&unique("wkub"), pod_subnet());
-    // The agent gets no --pod-subnet: it reads the Node's podCIDR.
-    api.apply(apiserver::node(node.ns.name(), pod_subnet()));
-    let backends: Vec<Pod> = BACKENDS.iter().map(|ip| node.add_pod(*ip)).collect();
-    let servers = backends
-        .iter()
-        .map(|pod| serve_http(&pod.ns, TARGET_PORT))
-        .collect();
-    let dir = tempfile::tempdir().expect("a directory for the kubeconfig");
-    let kubeconfig = api.listen_in(&node.ns, dir.path());
-    let agent = Agent::start(
-        &node,
-        &[],
-        &AgentOptions {
-            cluster_cidr: Some(cluster_cidr()),
-            kubeconfig: Some(kubeconfig),
-            ..AgentOptions::default()
-        },
-    );
-    let client = node.add_pod(CLIENT);
-    KubeNode {
-        agent,
-        client,
-        _servers: servers,
-        _backends: backends,
-        _node: node,
-        _dir: dir,
-    }
-}
-
-/// The backends that answer `requests` requests to `frontend` from the client.
-fn servers_of(node: &KubeNode, frontend: SocketAddrV4, requests: usize) -> BTreeSet<Ipv4Addr> {
-    node.client.ns.run(|| {
-        (0..requests)
-            .filter_map(|_| http_get(frontend).ok().map(|answer| answer.server))
-            .collect()
-    })
 }
 
 #[test]
@@ -112,7 +56,7 @@ fn the_agent_follows_a_list_its_watch_bookmarks_and_a_410_gone_into_its_maps() {
     foreign["metadata"]["labels"] =
         serde_json::json!({"service.kubernetes.io/service-proxy-name": "someone-else"});
     api.apply(foreign);
-    let node = kube_node(&api);
+    let node = KubeNode::start(&api);
 
     // The initial list: both services work, all three backends of nginx answer.
     within(
@@ -120,8 +64,8 @@ fn the_agent_follows_a_list_its_watch_bookmarks_and_a_410_gone_into_its_maps() {
         "the client pod reaches nginx",
         || node.client.ns.run(|| http_get(nginx()).is_ok()),
     );
-    assert_eq!(servers_of(&node, nginx(), 40), BACKENDS.into());
-    assert_eq!(servers_of(&node, other, 5), [BACKENDS[0]].into());
+    assert_eq!(node.servers_of(nginx(), 40), BACKENDS.into());
+    assert_eq!(node.servers_of(other, 5), [BACKENDS[0]].into());
     assert!(!node.agent.inspect("services").contains("default/foreign"));
     assert_eq!(api.requests(Kind::Service, "list"), 1);
     assert_eq!(api.requests(Kind::Node, "get"), 1);
@@ -134,12 +78,12 @@ fn the_agent_follows_a_list_its_watch_bookmarks_and_a_410_gone_into_its_maps() {
         &BACKENDS[..2],
     ));
     within(Duration::from_secs(1), "the watch takes .8 out", || {
-        !servers_of(&node, nginx(), 20).contains(&BACKENDS[2])
+        !node.servers_of(nginx(), 20).contains(&BACKENDS[2])
     });
     // Bookmarks move the resourceVersion and change nothing.
     api.bookmark();
     assert_eq!(
-        servers_of(&node, nginx(), 30),
+        node.servers_of(nginx(), 30),
         BACKENDS[..2].iter().copied().collect()
     );
     assert_eq!(
@@ -172,9 +116,9 @@ fn the_agent_follows_a_list_its_watch_bookmarks_and_a_410_gone_into_its_maps() {
         "the re-list brings the third service",
         || node.client.ns.run(|| http_get(third).is_ok()),
     );
-    assert_eq!(servers_of(&node, third, 5), [BACKENDS[1]].into());
+    assert_eq!(node.servers_of(third, 5), [BACKENDS[1]].into());
     assert!(
-        servers_of(&node, nginx(), 40).contains(&BACKENDS[2]),
+        node.servers_of(nginx(), 40).contains(&BACKENDS[2]),
         ".8 is back"
     );
     let services = node.agent.inspect("services");
@@ -192,7 +136,7 @@ fn the_agent_follows_a_list_its_watch_bookmarks_and_a_410_gone_into_its_maps() {
         &BACKENDS[2..],
     ));
     within(Duration::from_secs(1), "the new watch delivers", || {
-        servers_of(&node, third, 3) == [BACKENDS[2]].into()
+        node.servers_of(third, 3) == [BACKENDS[2]].into()
     });
 }
 
@@ -207,7 +151,7 @@ fn ten_thousand_services_are_listed_in_pages_and_one_change_reaches_the_maps() {
         let backend = BACKENDS[i as usize % BACKENDS.len()];
         api.apply(endpoint_slice("bulk", &name, TARGET_PORT, &[backend]));
     }
-    let node = kube_node(&api);
+    let node = KubeNode::start(&api);
     // kube-runtime lists 500 objects a page.
     assert!(api.requests(Kind::Service, "list") >= (SERVICES / 500) as usize);
     let frontends: BpfHashMap<_, ServiceKey, ServiceValue> =
@@ -243,7 +187,9 @@ fn ten_thousand_services_are_listed_in_pages_and_one_change_reaches_the_maps() {
         changed.elapsed()
     );
     assert!(
-        servers_of(&node, SocketAddrV4::new(address(last), 80), 30).len() == 3,
+        node.servers_of(SocketAddrV4::new(address(last), 80), 30)
+            .len()
+            == 3,
         "and the traffic follows"
     );
 }
