@@ -70,9 +70,13 @@ impl Datapath {
         crate::netns::require_root();
         let other = std::env::var_os("WEFT_BPF_OBJECT")
             .map(|path| std::fs::read(&path).expect("reading WEFT_BPF_OBJECT"));
-        let mut dataplane =
-            Dataplane::load(other.as_deref().unwrap_or(OBJECT), None, limits, TcAttach::Auto)
-                .expect("the kernel accepts every program");
+        let mut dataplane = Dataplane::load(
+            other.as_deref().unwrap_or(OBJECT),
+            None,
+            limits,
+            TcAttach::Auto,
+        )
+        .expect("the kernel accepts every program");
         let cidr = cluster_cidr.unwrap_or_default();
         dataplane
             .set_config(&DatapathConfig {

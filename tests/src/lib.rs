@@ -17,8 +17,8 @@ pub mod netns;
 pub mod overlay;
 pub mod overlay_fixture;
 pub mod packet;
-pub mod reference;
 pub mod pki;
+pub mod reference;
 pub mod seed;
 
 use std::time::{Duration, Instant};
