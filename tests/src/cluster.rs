@@ -266,7 +266,7 @@ impl Agent {
         let log_file = state_dir.join("agent.log");
         // A fresh log: readiness is read from it, and it is appended to across restarts.
         fs::write(&log_file, "").expect("agent log file");
-        let pin_dir = PathBuf::from("/sys/fs/bpf").join(format!("weft-{}", node.ns.name()));
+        let pin_dir = Self::pin_dir_for(node);
         let mut args: Vec<String> = vec![
             format!("--net={}", node.ns.path().display()),
             weft_binary().display().to_string(),
@@ -303,6 +303,12 @@ impl Agent {
             log_file,
             _temporary: temporary,
         }
+    }
+
+    /// The pin directory an agent on `node` uses: one per node, as nodes share the host.
+    #[must_use]
+    pub fn pin_dir_for(node: &Node) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(format!("weft-{}", node.ns.name()))
     }
 
     /// The pod subnet from the `subnet.env` the agent wrote (overlay agents).

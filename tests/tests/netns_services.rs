@@ -50,12 +50,17 @@ fn dns_manifest(endpoints: &[Ipv4Addr]) -> String {
 }
 
 fn seed_node(extra_manifests: &[(&str, &str)]) -> SeedNode {
-    seed_node_with(extra_manifests, true)
+    seed_node_with(extra_manifests, true, |_| {})
 }
 
 /// The seed node, with the bridge's netfilter hooks (`br_netfilter`, as kubeadm nodes have it)
 /// on or off.
-fn seed_node_with(extra_manifests: &[(&str, &str)], bridge_netfilter: bool) -> SeedNode {
+/// `before_agent` runs once the node and its backends exist, before the agent starts.
+fn seed_node_with(
+    extra_manifests: &[(&str, &str)],
+    bridge_netfilter: bool,
+    before_agent: impl FnOnce(&Node),
+) -> SeedNode {
     require_root();
     let node = Node::new(&unique("wsvc"), pod_subnet());
     node.set_bridge_netfilter(bridge_netfilter);
@@ -72,6 +77,7 @@ fn seed_node_with(extra_manifests: &[(&str, &str)], bridge_netfilter: bool) -> S
         cluster_cidr: Some(cluster_cidr()),
         ..AgentOptions::default()
     };
+    before_agent(&node);
     let agent = Agent::start(&node, &manifests, &options);
     let client = node.add_pod(CLIENT);
     // The agent attaches reverse NAT to the client's port when it sees it join the bridge.
@@ -212,7 +218,7 @@ fn hairpin(bridge_netfilter: bool) {
         service("solo", *solo.ip(), solo.port(), "TCP", TARGET_PORT),
         endpoint_slice("solo", "TCP", TARGET_PORT, &BACKENDS[..1])
     );
-    let seed = seed_node_with(&[("solo.yaml", &manifest)], bridge_netfilter);
+    let seed = seed_node_with(&[("solo.yaml", &manifest)], bridge_netfilter, |_| {});
     let backend = &seed.backends[0];
     let answer = backend
         .ns
@@ -303,6 +309,45 @@ fn removing_a_backend_stops_new_connections_to_it_within_a_second() {
         "new connections still reach {removed}: {counts:?}"
     );
     assert_eq!(counts.len(), 2, "{counts:?}");
+}
+
+#[test]
+fn a_pinned_map_of_another_layout_is_recreated_with_a_log_line() {
+    // What an older weft might have left: the service map pinned with other key/value sizes.
+    let seed = seed_node_with(&[], true, |node| {
+        let pin_dir = Agent::pin_dir_for(node);
+        std::fs::create_dir_all(&pin_dir).expect("the pin directory");
+        let pin = pin_dir.join(weft_common::maps::SERVICES_MAP);
+        weft_tests::netns::run(
+            "bpftool",
+            &[
+                "map",
+                "create",
+                &pin.display().to_string(),
+                "type",
+                "hash",
+                "key",
+                "4",
+                "value",
+                "4",
+                "entries",
+                "8",
+                "name",
+                "weft_svc_v2",
+            ],
+        )
+        .expect("bpftool map create");
+    });
+    let log = seed.agent.log();
+    assert!(
+        log.contains("pinned map does not match this weft build; recreating it empty"),
+        "{log}"
+    );
+    // Recreated with this build's layout and filled: the service answers.
+    seed.client
+        .ns
+        .run(|| http_get(seed::frontend()))
+        .expect("the service works on the recreated maps");
 }
 
 #[test]
