@@ -35,23 +35,21 @@ fn keeps_serving(client: &Pod, agent: &Agent, during: impl FnOnce() + Send) {
         during();
         let end = Instant::now() + OUTAGE;
         let mut rounds = 0;
+        // Every backend must keep being chosen; judged over the whole outage, since 12 random
+        // picks miss one of three backends in about 2% of rounds.
+        let mut reached = std::collections::BTreeSet::new();
         while Instant::now() < end {
             let answer = live
                 .request()
                 .unwrap_or_else(|e| panic!("the open connection broke after {rounds} s: {e}"));
             assert_eq!(answer.server, endpoint, "the open connection moved");
-            let servers: std::collections::BTreeSet<Ipv4Addr> = (0..12)
-                .map(|i| {
-                    http_get(seed::frontend())
-                        .unwrap_or_else(|e| panic!("new connection {i} after {rounds} s: {e}"))
-                        .server
-                })
-                .collect();
-            assert_eq!(
-                servers.len(),
-                BACKENDS.len(),
-                "after {rounds} s: {servers:?}"
-            );
+            for i in 0..12 {
+                let server = http_get(seed::frontend())
+                    .unwrap_or_else(|e| panic!("new connection {i} after {rounds} s: {e}"))
+                    .server;
+                assert!(BACKENDS.contains(&server), "after {rounds} s: {server}");
+                reached.insert(server);
+            }
             let services = agent.inspect("services");
             assert!(
                 services.contains("default/nginx"),
@@ -60,6 +58,11 @@ fn keeps_serving(client: &Pod, agent: &Agent, during: impl FnOnce() + Send) {
             rounds += 1;
             std::thread::sleep(Duration::from_secs(1));
         }
+        assert_eq!(
+            reached.len(),
+            BACKENDS.len(),
+            "new connections over {rounds} s reached only {reached:?}"
+        );
     });
 }
 
