@@ -147,9 +147,11 @@ fn test() -> anyhow::Result<()> {
 }
 
 /// Builds the eBPF crate as `agent/build.rs` does through aya-build (same toolchain, target
-/// and flags), but for BPF CPU v3 (32-bit subregisters and jumps, Linux 5.1+) rather than the
-/// generic CPU, into a target directory of its own: a different build of the same programs,
-/// their instruction streams changed. Returns the object.
+/// and flags), but for BPF CPU v2 (the `<`/`<=` jumps, Linux 4.14+) rather than the generic CPU,
+/// into a target directory of its own: a different build of the same programs, the packet
+/// programs' instruction streams changed (the four small socket hooks compile the same either
+/// way). v3 is not used: LLVM 22 emits a read of a call-clobbered register in `tc_from_pods` for
+/// it, which the verifier rejects. Returns the object.
 fn upgrade_object() -> anyhow::Result<PathBuf> {
     let target_dir = root().join("target/upgrade-object");
     let rustflags = [
