@@ -185,6 +185,26 @@ impl Conntrack {
         read_tolerantly(&self.map, CONNTRACK_MAP)
     }
 
+    /// The entry under `key`, if there is one.
+    pub fn get(&self, key: &CtKey) -> Result<Option<CtValue>, MapError> {
+        match self.map.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the entries under `keys` (absent ones are fine).
+    pub fn remove(&mut self, keys: &[CtKey]) -> Result<(), MapError> {
+        for key in keys {
+            match self.map.remove(key) {
+                Err(e) if errno(&e) != Some(libc::ENOENT) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes what has expired by now.
     pub fn collect_garbage(&mut self) -> Result<Sweep, MapReadError> {
         let sweep_start = monotonic_now_ns();

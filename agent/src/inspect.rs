@@ -46,7 +46,7 @@ enum Table {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
+pub enum Format {
     Table,
     Json,
 }

@@ -1,10 +1,11 @@
 //! `weft`: an eBPF dataplane for Kubernetes that replaces kube-proxy and flannel's vxlan
-//! backend. `weft agent` runs it on a node; `weft inspect` shows what it holds; `weft cleanup`
-//! takes it off the node.
+//! backend. `weft agent` runs it on a node; `weft inspect` shows what it holds; `weft trace`
+//! explains what it does to a flow; `weft cleanup` takes it off the node.
 
 mod agent;
 mod cleanup;
 mod inspect;
+mod trace;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
@@ -32,6 +33,9 @@ enum Command {
     Agent(Box<agent::AgentArgs>),
     /// Print what the dataplane holds, read from its pinned maps.
     Inspect(inspect::InspectArgs),
+    /// Build a flow's first packet and run it through this node's loaded programs on their live
+    /// maps: the service it matches, the backend chosen, NAT, mark, encapsulation, or the drop.
+    Trace(trace::TraceArgs),
     /// Take weft's dataplane off this node: its programs, pinned maps, nftables table and
     /// overlay route (the agent leaves them in place when it stops). Safe to run twice.
     Cleanup(cleanup::CleanupArgs),
@@ -53,6 +57,7 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Agent(args) => tokio::runtime::Runtime::new()?.block_on(agent::run(*args)),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Trace(args) => trace::run(&args),
         Command::Cleanup(args) => tokio::runtime::Runtime::new()?.block_on(cleanup::run(&args)),
     }
 }

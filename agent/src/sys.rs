@@ -2,8 +2,8 @@
 //! `unsafe` lives here.
 #![expect(
     unsafe_code,
-    reason = "getsockopt(SO_NETNS_COOKIE), BPF_OBJ_GET and BPF_LINK_UPDATE have no safe wrapper \
-              that hands out the fds weft needs"
+    reason = "getsockopt(SO_NETNS_COOKIE), BPF_OBJ_GET, BPF_LINK_UPDATE and BPF_PROG_TEST_RUN \
+              on a program weft did not load have no safe wrapper"
 )]
 
 use std::{
@@ -44,6 +44,7 @@ pub fn netns_cookie() -> io::Result<u64> {
 /// `bpf(2)`'s command numbers (`enum bpf_cmd` in `linux/bpf.h`).
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for `command`, valid for the
@@ -102,6 +103,78 @@ pub fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Res
         old_prog_fd: 0,
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// What one `BPF_PROG_TEST_RUN` gave back.
+pub struct TestRun {
+    pub return_value: u32,
+    /// The packet as the program left it.
+    pub data: Vec<u8>,
+    /// The context as the program left it (empty when none was passed).
+    pub context: Vec<u8>,
+}
+
+/// Runs `program` (any loaded program, by fd) once on `data`, with `context` as its context
+/// (`struct __sk_buff` for TC; none for XDP). Maps are the program's own: a live program's
+/// live maps.
+pub fn bpf_prog_test_run(
+    program: BorrowedFd<'_>,
+    data: &[u8],
+    context: Option<&[u8]>,
+) -> io::Result<TestRun> {
+    #[repr(C)]
+    struct Test {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    let too_long = |_| io::Error::new(io::ErrorKind::InvalidInput, "test run input too long");
+    // Room for what the program may add (VXLAN: 50 bytes).
+    let mut data_out = vec![0u8; data.len() + 256];
+    let mut context_out = vec![0u8; context.map_or(0, <[u8]>::len)];
+    let mut attr = Test {
+        prog_fd: program.as_raw_fd().cast_unsigned(),
+        retval: 0,
+        data_size_in: u32::try_from(data.len()).map_err(too_long)?,
+        data_size_out: u32::try_from(data_out.len()).map_err(too_long)?,
+        data_in: data.as_ptr() as u64,
+        data_out: data_out.as_mut_ptr() as u64,
+        repeat: 1,
+        duration: 0,
+        ctx_size_in: u32::try_from(context_out.len()).map_err(too_long)?,
+        ctx_size_out: u32::try_from(context_out.len()).map_err(too_long)?,
+        ctx_in: context.map_or(0, |context| context.as_ptr() as u64),
+        ctx_out: if context.is_some() {
+            context_out.as_mut_ptr() as u64
+        } else {
+            0
+        },
+        flags: 0,
+        cpu: 0,
+        batch_size: 0,
+        _pad: 0,
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    data_out.truncate(attr.data_size_out as usize);
+    context_out.truncate(attr.ctx_size_out as usize);
+    Ok(TestRun {
+        return_value: attr.retval,
+        data: data_out,
+        context: context_out,
+    })
 }
 
 #[cfg(test)]

@@ -463,6 +463,23 @@ impl Agent {
         )
         .expect("weft inspect")
     }
+
+    /// `weft trace <args>` in the agent's node (its namespace, its pins), as JSON; the error
+    /// is weft's message.
+    pub fn trace(&self, args: &[&str]) -> std::io::Result<serde_json::Value> {
+        let pin_dir = format!("--pin-dir={}", self.pin_dir.display());
+        let weft = weft_binary().display().to_string();
+        let mut command = vec![
+            self.args[0].as_str(),
+            weft.as_str(),
+            "trace",
+            &pin_dir,
+            "-ojson",
+        ];
+        command.extend(args);
+        let output = run("nsenter", &command)?;
+        serde_json::from_str(&output).map_err(std::io::Error::other)
+    }
 }
 
 impl Agent {
