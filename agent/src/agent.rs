@@ -30,6 +30,7 @@ use weft::{
     model::{HealthCheck, ServicePortName},
     netdev::{self, PortEvent, PortWatch, Uplink},
     nft::{self, Masquerade},
+    privilege,
     reconcile::{Reconciler, Report},
     source::ModelHandle,
     subnets::{self, OwnLease, SubnetSettings},
@@ -256,10 +257,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     // As Cilium's agent: the node keeps forwarding without its agent, and the next one takes
     // over in place. Taking the dataplane down is `weft cleanup`'s job.
-    info!(
-        "stopping; the programs stay attached and the maps, routes and nftables table in place, \
-         so the node keeps forwarding (`weft cleanup` removes them)"
-    );
+    if outcome.is_ok() {
+        info!(
+            "stopping; the programs stay attached and the maps, routes and nftables table in \
+             place, so the node keeps forwarding (`weft cleanup` removes them)"
+        );
+    }
     outcome
 }
 
@@ -322,6 +325,14 @@ async fn api_client(args: &AgentArgs) -> anyhow::Result<Option<::kube::Client>> 
 /// Sets the node up and serves until a task fails (the caller stops it on a signal). What it
 /// puts in the kernel (programs, maps, routes, the nftables table) stays when it returns.
 async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<()> {
+    let missing = privilege::missing(privilege::effective()?);
+    if !missing.is_empty() {
+        bail!(
+            "weft needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN for the first \
+             and last) and lacks {}; grant them as deploy/daemonset.yaml does",
+            missing.join(", ")
+        );
+    }
     let node_name = args.node_name()?;
     let uplink = find_uplink(netlink, args).await?;
     let mut overlay = match (&uplink, args.etcd_endpoints.is_empty()) {

@@ -8,7 +8,12 @@ use std::{fs, io, path::PathBuf};
 use anyhow::Context as _;
 use aya::programs::TcAttachType;
 use tracing::info;
-use weft::{dataplane::detach_netlink_filter, links, netdev, nft};
+use weft::{
+    dataplane::{PROGRAMS_DIR, detach_netlink_filter},
+    links,
+    maps::{remove_pin, remove_pin_dir},
+    netdev, nft,
+};
 use weft_common::maps::PINNED_MAPS;
 
 #[derive(clap::Args)]
@@ -33,13 +38,11 @@ pub async fn run(args: &CleanupArgs) -> anyhow::Result<()> {
         netdev::unroute_network(&netlink, network, uplink).await?;
         info!(%network, "removed the overlay route");
     }
+    let programs = args.pin_dir.join(PROGRAMS_DIR);
+    remove_pin_dir(&programs).with_context(|| format!("removing {}", programs.display()))?;
     for name in PINNED_MAPS {
         let path = args.pin_dir.join(name);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-        }
+        remove_pin(&path).with_context(|| format!("removing {}", path.display()))?;
     }
     match fs::remove_dir(&args.pin_dir) {
         Ok(()) => {}

@@ -4,10 +4,7 @@
 use std::{
     collections::BTreeMap,
     fs, io,
-    os::{
-        fd::AsFd as _,
-        unix::fs::{DirBuilderExt as _, MetadataExt as _},
-    },
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -48,6 +45,12 @@ pub const TO_UPLINK: &str = "tc_to_uplink";
 pub const FROM_UPLINK: &str = "tc_from_uplink";
 /// XDP on the uplink: VXLAN decapsulation.
 pub const XDP_UPLINK: &str = "xdp_uplink";
+/// Under the pin directory: the packet programs of the build that runs, for tools that run
+/// them (`weft trace`) with the agent's capabilities, which open pins but cannot look programs
+/// up by id (that takes CAP_SYS_ADMIN).
+pub const PROGRAMS_DIR: &str = "programs";
+/// The programs pinned under [`PROGRAMS_DIR`].
+pub const PINNED_PROGRAMS: [&str; 5] = [FROM_PODS, TO_POD, TO_UPLINK, FROM_UPLINK, XDP_UPLINK];
 /// Empty TC and XDP programs the agent never loads: the bench's floor.
 pub const TC_FLOOR: &str = "tc_floor";
 pub const XDP_FLOOR: &str = "xdp_floor";
@@ -116,6 +119,13 @@ pub enum DataplaneError {
     },
     #[error("{path} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
     NotBpffs { path: PathBuf },
+    #[error("cannot pin program {name} as {path}")]
+    ProgramPin {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot replace the incompatible pinned map {path}")]
     StalePin {
         path: PathBuf,
@@ -297,17 +307,32 @@ fn pin_mismatch(info: &MapInfo, want: &Layout) -> Option<String> {
         .then(|| format!("{} entries, want {}", info.max_entries(), want.max_entries))
 }
 
+/// Pins the packet programs in `dir`, in place of the last agent's.
+fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
+    for name in PINNED_PROGRAMS {
+        let path = dir.join(name);
+        let failed = |source| DataplaneError::ProgramPin {
+            name,
+            path: path.clone(),
+            source,
+        };
+        crate::maps::create_pin_dir(dir).map_err(failed)?;
+        crate::maps::remove_pin(&path).map_err(failed)?;
+        ebpf.program_mut(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .pin(&path)
+            .map_err(|e| failed(io::Error::other(e)))?;
+    }
+    Ok(())
+}
+
 /// Creates `pin_dir` (root-only) and removes pins whose layout does not match this build, so
 /// aya reuses only compatible maps and creates the rest afresh.
 fn prepare_pins(pin_dir: &Path, limits: MapLimits) -> Result<(), DataplaneError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(pin_dir)
-        .map_err(|source| DataplaneError::PinDir {
-            path: pin_dir.to_owned(),
-            source,
-        })?;
+    crate::maps::create_pin_dir(pin_dir).map_err(|source| DataplaneError::PinDir {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
     let on_bpffs = nix::sys::statfs::statfs(pin_dir)
         .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
     if !on_bpffs {
@@ -411,6 +436,9 @@ impl Dataplane {
             program
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        if let Some(dir) = pin_dir {
+            pin_programs(&mut ebpf, &dir.join(PROGRAMS_DIR))?;
         }
         Ok(Self {
             ebpf,

@@ -24,6 +24,7 @@ pub mod model;
 pub mod netdev;
 pub mod nft;
 pub mod objects;
+pub mod privilege;
 pub mod probe;
 pub mod reconcile;
 pub mod source;

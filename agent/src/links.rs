@@ -5,8 +5,8 @@
 
 use std::{
     collections::BTreeSet,
-    fs, io,
-    os::{fd::BorrowedFd, unix::fs::DirBuilderExt as _},
+    io,
+    os::fd::BorrowedFd,
     path::{Path, PathBuf},
 };
 
@@ -55,14 +55,10 @@ impl LinkPins {
     /// Opens (creating, root-only) `<pin_dir>/links`.
     pub fn open(pin_dir: &Path) -> Result<Self, LinkPinError> {
         let dir = pin_dir.join(LINKS_DIR);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| LinkPinError::Dir {
-                path: dir.clone(),
-                source,
-            })?;
+        crate::maps::create_pin_dir(&dir).map_err(|source| LinkPinError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
         Ok(Self {
             dir,
             placed: BTreeSet::new(),
@@ -118,7 +114,7 @@ impl LinkPins {
     /// went away while no agent ran, or that this configuration no longer wants. Returns their
     /// names.
     pub fn prune(&mut self) -> Result<Vec<String>, LinkPinError> {
-        let stale: Vec<String> = pins(&self.dir)
+        let stale: Vec<String> = crate::maps::pin_names(&self.dir)
             .into_iter()
             .filter(|name| !self.placed.contains(name))
             .collect();
@@ -129,39 +125,16 @@ impl LinkPins {
     }
 }
 
-/// The names of the pins in `dir` (none when it does not exist).
-fn pins(dir: &Path) -> Vec<String> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| entry.file_name().into_string().ok())
-        .collect()
-}
-
 fn remove_pin(path: &Path) -> Result<(), LinkPinError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(LinkPinError::Unpin {
-            path: path.to_owned(),
-            source,
-        }),
-    }
+    crate::maps::remove_pin(path).map_err(|source| LinkPinError::Unpin {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Removes every link pin under `pin_dir` (detaching their programs) and the links directory;
 /// returns the names removed. Nothing there is no error.
 pub fn remove_all(pin_dir: &Path) -> Result<Vec<String>, LinkPinError> {
     let dir = pin_dir.join(LINKS_DIR);
-    let names = pins(&dir);
-    for name in &names {
-        remove_pin(&dir.join(name))?;
-    }
-    match fs::remove_dir(&dir) {
-        Ok(()) => Ok(names),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(names),
-        Err(source) => Err(LinkPinError::Unpin { path: dir, source }),
-    }
+    crate::maps::remove_pin_dir(&dir).map_err(|source| LinkPinError::Unpin { path: dir, source })
 }

@@ -141,6 +141,48 @@ const NODES_HINT: &str = "weft serves up to 16384 nodes";
 const RANGES_HINT: &str =
     "weft holds up to 16384 loadBalancerSourceRanges entries over all load balancers";
 
+/// Creates `dir` (and its parents) for pins, root-only, and makes an existing one root-only:
+/// whoever can open a pin can rewrite the node's dataplane.
+pub(crate) fn create_pin_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Removes the pin at `path`; an absent one is fine.
+pub fn remove_pin(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The names of the pins in `dir` (none when it does not exist).
+pub(crate) fn pin_names(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .collect()
+}
+
+/// Removes every pin in `dir`, then `dir`; returns the names removed. No `dir` is no error.
+pub fn remove_pin_dir(dir: &Path) -> io::Result<Vec<String>> {
+    let names = pin_names(dir);
+    for name in &names {
+        remove_pin(&dir.join(name))?;
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(names),
+    }
+}
+
 /// Opens one pinned map.
 pub fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map, MapError> {
     Map::from_map_data(MapData::from_pin(pin_dir.join(name))?)

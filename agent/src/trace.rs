@@ -3,41 +3,40 @@
 //! matched, the backend chosen, the NAT, the mark, the node it is encapsulated to, or why it
 //! was dropped.
 //!
+//! The programs are the ones the agent pinned under `<pin dir>/programs` (so the agent's own
+//! capabilities suffice: no lookup by id, which takes CAP_SYS_ADMIN).
+//!
 //! The probe is a real first packet to the live programs, so it creates what a first packet
 //! creates (a conntrack entry, a session-affinity entry); the trace removes those afterwards.
 //! The drop counters count it as they count any packet. Run it in the node's network namespace
 //! (the programs look up routes and devices there).
 
 use std::{
-    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, bail};
-use aya::{
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
-    programs::loaded_programs,
-};
+use aya::maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 use weft::{
     conntrack::{Conntrack, reply_key_of},
-    dataplane::{FROM_PODS, FROM_UPLINK, TO_POD, TO_UPLINK, XDP_UPLINK},
+    dataplane::{FROM_PODS, FROM_UPLINK, PROGRAMS_DIR, TO_POD, TO_UPLINK, XDP_UPLINK},
     links::LINKS_DIR,
     maps::{decode_name, is_not_found, open_pinned},
     objects::protocol_name,
     probe::{self, Change, Destination, Flow, Source, Verdict},
-    sys::bpf_prog_test_run,
+    sys::{bpf_obj_get, bpf_prog_test_run},
 };
 use weft_common::{
     MASQUERADE_MARK,
     drop_reason::DropReason,
     maps::{
         AFFINITY_MAP, AffinityKey, AffinityValue, CtKey, DROPS_MAP, OVERLAY_MAP, OverlayConfig,
-        PINNED_MAPS, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SUBNETS_MAP, ServiceKey,
-        ServiceName, ServiceValue, ct_direction, service_flags,
+        RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SUBNETS_MAP, ServiceKey, ServiceName,
+        ServiceValue, ct_direction, service_flags,
     },
     vxlan::{self, Encap},
 };
@@ -111,61 +110,37 @@ enum Entry {
     },
 }
 
-/// The node's pinned dataplane: maps by pin, programs by the maps they use.
+/// The node's pinned dataplane.
 struct Node {
     pin_dir: PathBuf,
-    map_ids: BTreeSet<u32>,
     overlay: OverlayConfig,
     pod_subnet: Option<Ipv4Net>,
 }
 
 impl Node {
     fn open(pin_dir: &Path, bridge: &str) -> anyhow::Result<Self> {
-        let mut map_ids = BTreeSet::new();
-        for name in PINNED_MAPS {
-            match MapData::from_pin(pin_dir.join(name)) {
-                Ok(map) => {
-                    map_ids.insert(map.info()?.id());
-                }
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if map_ids.is_empty() {
-            bail!(
-                "no weft maps are pinned in {} (is `weft agent` running with that --pin-dir?)",
+        let overlay = open_pinned(pin_dir, OVERLAY_MAP).with_context(|| {
+            format!(
+                "reading the maps pinned in {} (is `weft agent` using that --pin-dir?)",
                 pin_dir.display()
-            );
-        }
-        let overlay =
-            Array::<_, OverlayConfig>::try_from(open_pinned(pin_dir, OVERLAY_MAP)?)?.get(&0, 0)?;
+            )
+        })?;
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
-            map_ids,
-            overlay,
+            overlay: Array::<_, OverlayConfig>::try_from(overlay)?.get(&0, 0)?,
             pod_subnet: bridge_subnet(bridge)?,
         })
     }
 
-    /// The newest loaded program called `name` that uses this node's maps.
-    fn program(&self, name: &str) -> anyhow::Result<aya::programs::ProgramFd> {
-        let info = loaded_programs()
-            .filter_map(Result::ok)
-            .filter(|info| info.name_as_str() == Some(name))
-            .filter(|info| {
-                info.map_ids()
-                    .ok()
-                    .flatten()
-                    .is_some_and(|ids| ids.iter().any(|id| self.map_ids.contains(id)))
-            })
-            .max_by_key(aya::programs::ProgramInfo::id)
-            .with_context(|| {
-                format!(
-                    "no program {name} of the dataplane pinned in {} is loaded",
-                    self.pin_dir.display()
-                )
-            })?;
-        Ok(info.fd()?)
+    /// The running build's program `name`, by its pin.
+    fn program(&self, name: &str) -> anyhow::Result<OwnedFd> {
+        let path = self.pin_dir.join(PROGRAMS_DIR).join(name);
+        bpf_obj_get(&path).with_context(|| {
+            format!(
+                "opening the pinned program {} (pinned by `weft agent` as it starts)",
+                path.display()
+            )
+        })
     }
 
     /// The devices a program is attached to, from its link pins.

@@ -185,6 +185,9 @@ pub struct AgentOptions {
     pub kubeconfig: Option<PathBuf>,
     /// Extra command-line arguments.
     pub extra_args: Vec<String>,
+    /// Run the agent with only these capabilities in its bounding set (`setpriv` names:
+    /// `bpf`, `net_admin`, ...), and so only these effective; all of root's when unset.
+    pub capabilities: Option<Vec<String>>,
 }
 
 /// The `weft` binary of this build: `WEFT_BIN`, or `weft` in the directory of the running
@@ -267,15 +270,24 @@ impl Agent {
         // A fresh log: readiness is read from it, and it is appended to across restarts.
         fs::write(&log_file, "").expect("agent log file");
         let pin_dir = Self::pin_dir_for(node);
-        let mut args: Vec<String> = vec![
-            format!("--net={}", node.ns.path().display()),
+        let mut args: Vec<String> = vec![format!("--net={}", node.ns.path().display())];
+        if let Some(capabilities) = &options.capabilities {
+            let keep: Vec<String> = capabilities.iter().map(|c| format!("+{c}")).collect();
+            args.extend([
+                "setpriv".into(),
+                format!("--bounding-set=-all,{}", keep.join(",")),
+                "--inh-caps=-all".into(),
+                "--".into(),
+            ]);
+        }
+        args.extend([
             weft_binary().display().to_string(),
             "--log-format=json".into(),
             "agent".into(),
             format!("--pin-dir={}", pin_dir.display()),
             // Nodes share the host's name; each is named after its namespace instead.
             format!("--hostname-override={}", node.ns.name()),
-        ];
+        ]);
         args.push(match &options.kubeconfig {
             Some(kubeconfig) => format!("--kubeconfig={}", kubeconfig.display()),
             None => format!("--manifests={}", manifest_dir.display()),
@@ -363,7 +375,8 @@ impl Agent {
     /// Starts the stopped agent again with the same command line, or with `binary` in place of
     /// the `weft` it ran (an upgrade); waits until ready.
     pub fn start_again_as(&mut self, binary: &Path) {
-        self.args[1] = binary.display().to_string();
+        let at = self.binary_at();
+        self.args[at] = binary.display().to_string();
         self.start_again();
     }
 
@@ -464,18 +477,23 @@ impl Agent {
         .expect("weft inspect")
     }
 
-    /// `weft trace <args>` in the agent's node (its namespace, its pins), as JSON; the error
-    /// is weft's message.
+    /// Where the `weft` binary is in the agent's `nsenter` command line (after the namespace
+    /// and any capability limits).
+    fn binary_at(&self) -> usize {
+        self.args
+            .iter()
+            .position(|arg| Path::new(arg) == weft_binary())
+            .expect("the agent's command line names the weft binary")
+    }
+
+    /// `weft trace <args>` in the agent's node (its namespace, its pins, its capabilities), as
+    /// JSON; the error is weft's message.
     pub fn trace(&self, args: &[&str]) -> std::io::Result<serde_json::Value> {
         let pin_dir = format!("--pin-dir={}", self.pin_dir.display());
+        let prefix = &self.args[..self.binary_at()];
+        let mut command: Vec<&str> = prefix.iter().map(String::as_str).collect();
         let weft = weft_binary().display().to_string();
-        let mut command = vec![
-            self.args[0].as_str(),
-            weft.as_str(),
-            "trace",
-            &pin_dir,
-            "-ojson",
-        ];
+        command.extend([weft.as_str(), "trace", &pin_dir, "-ojson"]);
         command.extend(args);
         let output = run("nsenter", &command)?;
         serde_json::from_str(&output).map_err(std::io::Error::other)

@@ -580,6 +580,7 @@ pub fn start_nodes(
     underlay: &Underlay,
     etcd: &Etcd,
     count: u8,
+    capabilities: Option<&[&str]>,
 ) -> (Vec<crate::cluster::Node>, Vec<crate::cluster::Agent>) {
     use crate::cluster::{Agent, Node};
     let nodes: Vec<Node> = (1..=count)
@@ -591,10 +592,14 @@ pub fn start_nodes(
             )
         })
         .collect();
+    let options = crate::cluster::AgentOptions {
+        capabilities: capabilities.map(|caps| caps.iter().map(|c| (*c).to_owned()).collect()),
+        ..cluster_options(etcd)
+    };
     let agents = thread::scope(|scope| {
         let started: Vec<_> = nodes
             .iter()
-            .map(|node| scope.spawn(|| Agent::join(node, &[], &cluster_options(etcd))))
+            .map(|node| scope.spawn(|| Agent::join(node, &[], &options)))
             .collect();
         started
             .into_iter()
@@ -608,12 +613,18 @@ pub fn start_nodes(
 /// serving HTTP and UDP; the agents start together.
 #[must_use]
 pub fn cluster(nodes: u8, pods: u8) -> Cluster {
-    cluster_on(Etcd::start, nodes, pods)
+    cluster_on(Etcd::start, nodes, pods, None)
 }
 
-/// [`cluster`] on the etcd `start` starts ([`Etcd::start`], [`Etcd::start_tls`]).
+/// [`cluster`] on the etcd `start` starts ([`Etcd::start`], [`Etcd::start_tls`]), its agents
+/// with only `capabilities` if given (see [`crate::cluster::AgentOptions::capabilities`]).
 #[must_use]
-pub fn cluster_on(start: fn(&Underlay) -> Etcd, nodes: u8, pods: u8) -> Cluster {
+pub fn cluster_on(
+    start: fn(&Underlay) -> Etcd,
+    nodes: u8,
+    pods: u8,
+    capabilities: Option<&[&str]>,
+) -> Cluster {
     use crate::apps::{serve_http, serve_udp};
     crate::netns::require_root();
     let underlay = Underlay::new(&crate::netns::unique("wovl"));
@@ -622,7 +633,7 @@ pub fn cluster_on(start: fn(&Underlay) -> Etcd, nodes: u8, pods: u8) -> Cluster 
         &format!("{CLUSTER_PREFIX}/config"),
         &network_config(cluster_network()),
     );
-    let (nodes, agents) = start_nodes(&underlay, &etcd, nodes);
+    let (nodes, agents) = start_nodes(&underlay, &etcd, nodes, capabilities);
     let mut servers = Vec::new();
     let pods = nodes
         .iter()

@@ -83,7 +83,7 @@ fn subnets_of(agent: &Agent) -> String {
 
 #[test]
 fn agents_take_their_leases_over_tls_and_agents_without_a_good_certificate_do_not() {
-    let cluster = cluster_on(Etcd::start_tls, 2, 1);
+    let cluster = cluster_on(Etcd::start_tls, 2, 1, None);
     let tls = cluster.etcd.tls().expect("a TLS etcd");
     // Read back over TLS with a client certificate: both leases, in flannel's format.
     let held = leases(&cluster.etcd);

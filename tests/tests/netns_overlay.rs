@@ -172,7 +172,7 @@ fn agents_started_at_the_same_moment_take_different_subnets() {
         &format!("{PREFIX}/config"),
         r#"{"Network":"10.99.0.0/16","SubnetLen":24,"SubnetMin":"10.99.1.0","SubnetMax":"10.99.3.0","Backend":{"Type":"vxlan"}}"#,
     );
-    let (_nodes, agents) = start_nodes(&underlay, &etcd, 3);
+    let (_nodes, agents) = start_nodes(&underlay, &etcd, 3, None);
     let subnets: BTreeSet<String> = agents
         .iter()
         .map(|agent| agent.leased_subnet().to_string())
