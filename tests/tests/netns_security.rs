@@ -1,7 +1,8 @@
-//! Least privilege: agents whose capability bounding set holds only CAP_BPF, CAP_NET_ADMIN and
-//! CAP_PERFMON (what the DaemonSet grants) run the whole dataplane — overlay, services, a
-//! restart that swaps programs into pinned links — while none of the three can be done without,
-//! and the pin directory is root-only.
+//! Security. Least privilege: agents whose capability bounding set holds only CAP_BPF,
+//! CAP_NET_ADMIN and CAP_PERFMON (what the DaemonSet grants) run the whole dataplane — overlay,
+//! services, a restart that swaps programs into pinned links, `weft trace` — while none of the
+//! three can be done without, and the pin directory is root-only. And VXLAN from a node that
+//! holds no lease is dropped, sent by the real kernel VXLAN device of such a node.
 
 use std::{
     fs,
@@ -11,12 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use weft::flannel::{Lease, parse_subnet_key};
 use weft_tests::{
     apps::{http_get, udp_exchange},
     cluster::{Agent, Node},
     overlay::{
-        CLUSTER_PREFIX, Etcd, POD_HTTP_PORT, POD_UDP_PORT, Underlay, cluster_network, cluster_on,
-        cluster_options, network_config, node_address,
+        CLUSTER_PREFIX, Etcd, FlannelNode, POD_HTTP_PORT, POD_UDP_PORT, Underlay, cluster,
+        cluster_network, cluster_on, cluster_options, network_config, node_address,
     },
     seed::{endpoint_slice, service},
     within,
@@ -183,4 +185,78 @@ fn without_any_one_of_the_three_the_agent_stops_and_says_what_failed() {
         );
         drop(agent);
     }
+}
+
+/// The VXLAN-from-a-stranger drop counter, as `weft inspect drops` shows it.
+fn unknown_source_drops(agent: &Agent) -> u64 {
+    agent
+        .inspect("drops")
+        .lines()
+        .find_map(|line| line.strip_prefix("vxlan_unknown_source"))
+        .and_then(|count| count.trim().parse().ok())
+        .expect("a vxlan_unknown_source row")
+}
+
+#[test]
+fn vxlan_from_a_node_without_a_lease_is_dropped_until_it_holds_one() {
+    const ELSEWHERE: &str = "/another-cluster/network";
+    let cluster = cluster(1, 1);
+    let agent = &cluster.agents[0];
+    let subnet = agent.leased_subnet();
+    let lease_key = |prefix: &str, subnet: ipnet::Ipv4Net| {
+        format!(
+            "{prefix}/subnets/{}-{}",
+            subnet.network(),
+            subnet.prefix_len()
+        )
+    };
+    let own = Lease::parse(
+        &cluster
+            .etcd
+            .get(&lease_key(CLUSTER_PREFIX, subnet))
+            .expect("the node's lease"),
+    )
+    .expect("flannel's JSON");
+    // A node that speaks flannel's VXLAN to this one, but whose lease is under another
+    // cluster's prefix: weft never learns it.
+    let stranger_subnet: ipnet::Ipv4Net = "172.30.250.0/24".parse().expect("a subnet");
+    let stranger = FlannelNode::new(
+        &format!("{}s", cluster.underlay.ns.name()),
+        &cluster.underlay,
+        node_address(9),
+        stranger_subnet,
+        &cluster.etcd,
+        ELSEWHERE,
+    );
+    stranger.add_remote(subnet, own.public_ip, &own.vtep_mac.to_string());
+    let pod = stranger.node.add_pod(stranger.node.pod_address(1));
+    let target = SocketAddrV4::new(cluster.pods[0][0].addr, POD_UDP_PORT);
+
+    let before = unknown_source_drops(agent);
+    for _ in 0..3 {
+        let answer = pod.ns.run(|| udp_exchange(target));
+        assert!(
+            answer.is_err(),
+            "a stranger's VXLAN got through: {answer:?}"
+        );
+    }
+    let dropped = unknown_source_drops(agent) - before;
+    assert!(dropped >= 3, "{dropped} drops counted for 3 datagrams");
+
+    // The same node, its lease put where weft watches, is a member and is answered.
+    let lease = cluster
+        .etcd
+        .get(&lease_key(ELSEWHERE, stranger_subnet))
+        .expect("the stranger's lease");
+    let member_key = lease_key(CLUSTER_PREFIX, stranger_subnet);
+    assert_eq!(
+        parse_subnet_key(CLUSTER_PREFIX, &member_key),
+        Some(stranger_subnet)
+    );
+    cluster.etcd.put(&member_key, &lease);
+    within(
+        Duration::from_secs(10),
+        "the node answers once the stranger holds a lease",
+        || pod.ns.run(|| udp_exchange(target).is_ok()),
+    );
 }
