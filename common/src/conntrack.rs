@@ -56,6 +56,16 @@ pub const fn tcp_closed(state: u8) -> bool {
             == (flags::FIN_FORWARD | flags::FIN_REPLY)
 }
 
+/// Whether a reply with `tcp` flags opens a new connection on the tuple of a tracked one in
+/// `state`: a SYN-ACK from the endpoint can never belong to a connection that has closed, so it
+/// is the handshake of a direct connection that reuses the client's port (the endpoint's
+/// TIME_WAIT takes it), and must not be given the old frontend as its source.
+#[inline(always)]
+#[must_use]
+pub const fn reply_opens_anew(state: u8, proto: u8, tcp: u8) -> bool {
+    proto == ip_proto::TCP && tcp & tcp_flags::SYN != 0 && tcp_closed(state)
+}
+
 /// How long a FORWARD entry in `state` lives without traffic.
 #[inline(always)]
 #[must_use]
@@ -163,6 +173,22 @@ mod tests {
         s = next_state(s, TCP, FIN | ACK, true);
         assert_eq!(state_name(TCP, s), "CLOSED");
         assert_eq!(lifetime_ns(TCP, s), TCP_CLOSED_TIMEOUT_NS);
+    }
+
+    #[test]
+    fn only_a_syn_answering_a_closed_connection_opens_anew() {
+        let established = flags::SEEN_REPLY;
+        let closed = next_state(established, TCP, RST, true);
+        assert!(reply_opens_anew(closed, TCP, SYN | ACK));
+        assert!(
+            !reply_opens_anew(closed, TCP, ACK),
+            "a late ACK of the old connection"
+        );
+        assert!(
+            !reply_opens_anew(established, TCP, SYN | ACK),
+            "a retransmitted SYN-ACK"
+        );
+        assert!(!reply_opens_anew(closed, ip_proto::UDP, 0));
     }
 
     #[test]

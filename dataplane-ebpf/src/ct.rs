@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 use weft_common::{
-    conntrack::{REFRESH_INTERVAL_NS, flags, is_expired, next_state, reopens},
+    conntrack::{REFRESH_INTERVAL_NS, flags, is_expired, next_state, reopens, reply_opens_anew},
     drop_reason::DropReason,
     maps::{CtKey, CtValue, EndpointValue, ct_direction},
 };
@@ -160,8 +160,9 @@ pub(crate) fn is_reply(key: &CtKey) -> bool {
 
 /// The frontend to restore in a reply whose tuple is `key`, if it belongs to a live tracked
 /// connection that still leads to this endpoint. A REPLY entry whose connection is gone,
-/// expired or now leads elsewhere (its client port was reused) is stale: it is removed and the
-/// packet left alone, so direct traffic between the same two sockets is never rewritten. The
+/// expired or now leads elsewhere (its client port was reused), or that a SYN-ACK finds closed
+/// (a direct connection reusing the tuple), is stale: it is removed and the packet left alone,
+/// so direct traffic between the same two sockets is never rewritten. The
 /// reply's state (first reply, FIN, RST) and time go to the FORWARD entry.
 #[inline(always)]
 pub(crate) fn reply(key: &CtKey, tcp: u8, now: u64) -> Option<([u8; 4], u16)> {
@@ -174,6 +175,7 @@ pub(crate) fn reply(key: &CtKey, tcp: u8, now: u64) -> Option<([u8; 4], u16)> {
         forward.nat_addr == key.src_addr
             && forward.nat_port == key.src_port
             && !is_expired(key.proto, forward.flags, forward.last_seen_ns, now)
+            && !reply_opens_anew(forward.flags, key.proto, tcp)
     });
     let Some(forward) = live else {
         let _ = CONNTRACK.remove(key);

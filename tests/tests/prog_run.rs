@@ -651,3 +651,40 @@ fn a_closed_connection_reopened_with_a_syn_picks_again() {
     // Each reopen picks one of three at random: all 30 keeping theirs has odds of (1/3)^30.
     assert!(moved > 0, "no reopened connection picked another endpoint");
 }
+
+#[test]
+fn a_direct_connection_reusing_a_closed_service_connections_tuple_is_left_alone() {
+    let mut datapath = Datapath::new(&nginx_manifest(&BACKENDS), Some(cluster_cidr()));
+    let vip = seed::frontend();
+    let client = SocketAddrV4::new(*client().ip(), 50100);
+    let endpoint = parse(
+        &datapath
+            .run(FROM_PODS, &tcp(client, vip, SYN).build(), 0)
+            .output,
+    )
+    .dst;
+    let answered = datapath.run(TO_POD, &tcp(endpoint, client, SYN | ACK).build(), 0);
+    assert_eq!(
+        parse(&answered.output).src,
+        vip,
+        "the service's own handshake"
+    );
+    datapath.run(FROM_PODS, &tcp(client, vip, FIN | ACK).build(), 0);
+    datapath.run(TO_POD, &tcp(endpoint, client, FIN | ACK).build(), 0);
+    // A late ACK of the closed connection still gets its frontend back...
+    let late = datapath.run(TO_POD, &tcp(endpoint, client, ACK).build(), 0);
+    assert_eq!(parse(&late.output).src, vip);
+    // ...but the client now connects to the endpoint directly from the same port (the
+    // endpoint's TIME_WAIT accepts the SYN): its SYN-ACK and what follows are the direct
+    // connection's, untouched.
+    let direct = tcp(client, endpoint, SYN).build();
+    assert_eq!(datapath.run(FROM_PODS, &direct, 0).output, direct);
+    for flags in [SYN | ACK, ACK, PSH | ACK] {
+        let reply = tcp(endpoint, client, flags).build();
+        assert_eq!(
+            datapath.run(TO_POD, &reply, 0).output,
+            reply,
+            "a direct reply with flags {flags:#04x} is not rewritten"
+        );
+    }
+}
