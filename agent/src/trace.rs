@@ -221,15 +221,7 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
     let entry = entry(&node, args)?;
     let mut conntrack = Conntrack::open_pinned(&args.pin_dir)?;
     let flow = flow(args, &conntrack)?;
-    let forward_key = CtKey {
-        src_addr: flow.src.ip().octets(),
-        dst_addr: flow.dst.ip().octets(),
-        src_port: flow.src.port(),
-        dst_port: flow.dst.port(),
-        proto: flow.proto,
-        direction: ct_direction::FORWARD,
-        _pad: [0; 2],
-    };
+    let forward_key = forward_key(&flow);
     if let Some(tracked) = conntrack.get(&forward_key)? {
         bail!(
             "a tracked connection already uses {flow} (to endpoint {}); the trace leaves live \
@@ -337,6 +329,19 @@ fn entry(node: &Node, args: &TraceArgs) -> anyhow::Result<Entry> {
     })
 }
 
+/// The conntrack key a flow's client packets are tracked under.
+fn forward_key(flow: &Flow) -> CtKey {
+    CtKey {
+        src_addr: flow.src.ip().octets(),
+        dst_addr: flow.dst.ip().octets(),
+        src_port: flow.src.port(),
+        dst_port: flow.dst.port(),
+        proto: flow.proto,
+        direction: ct_direction::FORWARD,
+        _pad: [0; 2],
+    }
+}
+
 /// The probe's flow: `--from` and `--to`, with the first free source port if none was given.
 fn flow(args: &TraceArgs, conntrack: &Conntrack) -> anyhow::Result<Flow> {
     let flow = |port| Flow {
@@ -348,16 +353,7 @@ fn flow(args: &TraceArgs, conntrack: &Conntrack) -> anyhow::Result<Flow> {
         return Ok(flow(port));
     }
     for port in PROBE_PORTS {
-        let key = CtKey {
-            src_addr: args.from.addr.octets(),
-            dst_addr: args.to.addr.ip().octets(),
-            src_port: port,
-            dst_port: args.to.addr.port(),
-            proto: args.to.proto,
-            direction: ct_direction::FORWARD,
-            _pad: [0; 2],
-        };
-        if conntrack.get(&key)?.is_none() {
+        if conntrack.get(&forward_key(&flow(port)))?.is_none() {
             return Ok(flow(port));
         }
     }
