@@ -378,6 +378,9 @@ fn prepare_pins(pin_dir: &Path, limits: MapLimits) -> Result<(), DataplaneError>
     Ok(())
 }
 
+/// The socket hooks' global saying whether `bpf_set_retval` may be called (1) or not (0).
+const HAS_SET_RETVAL: &str = "HAS_SET_RETVAL";
+
 /// Whether TC programs attach through tcx links (Linux 6.6+) rather than netlink clsact filters.
 fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
@@ -405,8 +408,12 @@ impl Dataplane {
         limits: MapLimits,
         tc_attach: TcAttach,
     ) -> Result<Self, DataplaneError> {
+        // A service without endpoints refuses a local connect with ECONNREFUSED where the kernel
+        // lets socket hooks set the error, with EPERM before.
+        let has_set_retval = u8::from(crate::sys::sock_addr_has_set_retval());
         let mut loader = EbpfLoader::new();
         loader
+            .override_global(HAS_SET_RETVAL, &has_set_retval, true)
             .map_max_entries(SERVICES_MAP, limits.max_services)
             .map_max_entries(SERVICE_NAMES_MAP, limits.max_services)
             .map_max_entries(ENDPOINTS_MAP, limits.max_endpoints)

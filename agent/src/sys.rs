@@ -2,8 +2,8 @@
 //! `unsafe` lives here.
 #![expect(
     unsafe_code,
-    reason = "getsockopt(SO_NETNS_COOKIE), BPF_OBJ_GET, BPF_LINK_UPDATE and BPF_PROG_TEST_RUN \
-              on a program weft did not load have no safe wrapper"
+    reason = "getsockopt(SO_NETNS_COOKIE), BPF_OBJ_GET, BPF_LINK_UPDATE, BPF_PROG_TEST_RUN on a \
+              program weft did not load, and a hand-assembled probe program have no safe wrapper"
 )]
 
 use std::{
@@ -42,6 +42,7 @@ pub fn netns_cookie() -> io::Result<u64> {
 }
 
 /// `bpf(2)`'s command numbers (`enum bpf_cmd` in `linux/bpf.h`).
+const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -62,6 +63,64 @@ fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     } else {
         Ok(rc)
     }
+}
+
+/// Whether this kernel lets a cgroup `connect4` program call `bpf_set_retval` (Linux 5.18+):
+/// loads a four-instruction program that does, and drops it. Any refusal counts as no.
+pub fn sock_addr_has_set_retval() -> bool {
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    const BPF_FUNC_SET_RETVAL: i32 = 187;
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    /// One instruction: opcode, registers (dst low nibble, src high), offset, immediate.
+    fn insn(code: u8, dst: u8, imm: i32) -> u64 {
+        u64::from(code) | (u64::from(dst) << 8) | (u64::from(imm.cast_unsigned()) << 32)
+    }
+    const MOV64_IMM: u8 = 0xb7;
+    const CALL: u8 = 0x85;
+    const EXIT: u8 = 0x95;
+    // r1 = -ECONNREFUSED; call bpf_set_retval; r0 = 1; exit
+    let program = [
+        insn(MOV64_IMM, 1, -111),
+        insn(CALL, 0, BPF_FUNC_SET_RETVAL),
+        insn(MOV64_IMM, 0, 1),
+        insn(EXIT, 0, 0),
+    ];
+    let license = c"GPL";
+    let mut attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        insn_cnt: program.len() as u32,
+        insns: program.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: [0; 16],
+        prog_ifindex: 0,
+        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+    };
+    bpf(BPF_PROG_LOAD, &mut attr)
+        .ok()
+        .and_then(|fd| i32::try_from(fd).ok())
+        // SAFETY: the kernel just opened `fd` for this process, and nothing else owns it.
+        .map(|fd| drop(unsafe { OwnedFd::from_raw_fd(fd) }))
+        .is_some()
 }
 
 /// Opens a pinned BPF object (a link, here) by its bpffs path.

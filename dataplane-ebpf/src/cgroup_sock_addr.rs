@@ -9,6 +9,7 @@
 //! A service port with no endpoints fails the call with `ECONNREFUSED`, what kube-proxy's
 //! `REJECT` gives a local socket; one whose `Local` traffic policy leaves no endpoint for the
 //! node fails it with `EHOSTUNREACH` (kube-proxy drops, and the caller waits for a timeout).
+//! Before Linux 5.18 a hook cannot choose the error, and both fail with `EPERM` (as Cilium's do).
 
 use aya_ebpf::{
     EbpfContext,
@@ -36,6 +37,12 @@ const REJECT: i32 = 0;
 const NODE_CLIENT: [u8; 4] = [0; 4];
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
+
+/// 1 when the kernel lets socket hooks choose the call's error (`bpf_set_retval`, Linux 5.18+),
+/// set by the agent as it loads the programs. The global is read-only, so the verifier knows
+/// its value and drops the call as dead code when it is 0: older kernels load the program too.
+#[unsafe(no_mangle)]
+static HAS_SET_RETVAL: u8 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
@@ -163,8 +170,13 @@ fn refuse(reason: DropReason) -> i32 {
         DropReason::NoLocalEndpoints => EHOSTUNREACH,
         _ => return REJECT,
     };
-    // SAFETY: a helper taking a plain integer (Linux 5.18+).
-    unsafe { bpf_set_retval(-errno) };
+    // SAFETY: a volatile read of a global the loader wrote (so the compiler keeps the test),
+    // then a helper taking a plain integer.
+    unsafe {
+        if core::ptr::read_volatile(&raw const HAS_SET_RETVAL) != 0 {
+            bpf_set_retval(-errno);
+        }
+    }
     REJECT
 }
 

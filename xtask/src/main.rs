@@ -8,8 +8,11 @@
 //! - `cargo xtask bench [--quick]`: weft against kube-proxy and flannel's kernel VXLAN, side by
 //!   side, into `docs/benchmarks.md`.
 //! - `cargo xtask upgrade-object`: another build of the eBPF programs, for the upgrade test.
+//! - `cargo xtask vm-test [--kernel SERIES]... [--all]`: the fixture tier and a namespace test
+//!   on other kernels, under QEMU.
 
 mod setup;
+mod vm;
 
 use std::{
     env,
@@ -56,6 +59,19 @@ enum Task {
     /// Build the eBPF programs a second way (for another BPF CPU), for the test that
     /// upgrades agents under traffic; prints the object's path.
     UpgradeObject,
+    /// Boot Debian kernels under QEMU and run the BPF_PROG_TEST_RUN fixtures and a namespace
+    /// test in each (default: the oldest and the newest supported).
+    VmTest {
+        /// A kernel series ("5.10", "6.1", "6.12", ...) or "newest"; repeatable.
+        #[arg(long = "kernel", value_name = "SERIES")]
+        kernels: Vec<String>,
+        /// Every supported kernel: 5.10, 6.1, 6.12 and the newest Debian has.
+        #[arg(long, conflicts_with = "kernels")]
+        all: bool,
+        /// Run only this test binary in each guest (prog_run, netns_kernel, ...); repeatable.
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
+    },
 }
 
 /// The workspace root.
@@ -143,7 +159,12 @@ fn test() -> anyhow::Result<()> {
         .env("WEFT_BIN", root().join("target/debug/weft"))
         .env("WEFT_UPGRADE_OBJECT", upgrade))?;
     // The bench's quick run as a smoke test (debug builds, already built; no figure is judged).
-    run_bench("debug", &root().join("target/bench/smoke.md"), true)
+    run_bench("debug", &root().join("target/bench/smoke.md"), true)?;
+    vm::vm_test(&series(vm::TEST_KERNELS), &[])
+}
+
+fn series(kernels: &[&str]) -> Vec<String> {
+    kernels.iter().map(|&k| k.to_owned()).collect()
 }
 
 /// Builds the eBPF crate as `agent/build.rs` does through aya-build (same toolchain, target
@@ -240,6 +261,23 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test(),
         Task::Demo { keep, clean } => demo(keep, clean),
         Task::Bench { quick } => bench(quick),
+        Task::VmTest {
+            kernels,
+            all,
+            tests,
+        } => {
+            setup::setup(setup::Scope::BuildAndRun)?;
+            vm::vm_test(
+                &if all {
+                    series(vm::ALL_KERNELS)
+                } else if kernels.is_empty() {
+                    series(vm::TEST_KERNELS)
+                } else {
+                    kernels
+                },
+                &tests,
+            )
+        }
         Task::UpgradeObject => {
             setup::setup(setup::Scope::Build)?;
             println!("{}", upgrade_object()?.display());

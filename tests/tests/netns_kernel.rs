@@ -1,0 +1,71 @@
+//! The namespace test `cargo xtask vm-test` runs on every kernel of the matrix (and
+//! `cargo test` runs on this one): two nodes with a pod each, a ClusterIP whose endpoint is the
+//! other node's pod, so one VXLAN hop, over TCP and UDP, and the direct pod-to-pod path. It is
+//! small on purpose: under QEMU without KVM a guest runs about 20 times slower.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use weft_tests::{
+    apps::{http_get, udp_request},
+    overlay::{POD_HTTP_PORT, POD_UDP_PORT, cluster},
+    seed::{endpoint_slice, service},
+    within,
+};
+
+#[test]
+fn a_cluster_ip_reaches_a_pod_on_another_node_over_tcp_and_udp() {
+    let cluster = cluster(2, 1);
+    let client = &cluster.pods[0][0];
+    let backend = cluster.pods[1][0].addr;
+    let (web, echo) = (Ipv4Addr::new(10, 254, 7, 7), Ipv4Addr::new(10, 254, 7, 8));
+    let manifest = format!(
+        "{}---\n{}---\n{}---\n{}",
+        service("web", web, 80, "TCP", POD_HTTP_PORT),
+        endpoint_slice("web", "TCP", POD_HTTP_PORT, &[backend]),
+        service("echo", echo, 53, "UDP", POD_UDP_PORT),
+        endpoint_slice("echo", "UDP", POD_UDP_PORT, &[backend]),
+    );
+    cluster.agents[0].write_manifest("smoke.yaml", &manifest);
+
+    // The direct path first: pod to pod over VXLAN, addresses unchanged.
+    let direct = client
+        .ns
+        .run(|| http_get(SocketAddrV4::new(backend, POD_HTTP_PORT)))
+        .expect("pod to pod across nodes");
+    assert_eq!(direct.server, backend);
+    assert_eq!(*direct.client_seen.ip(), client.addr);
+
+    let tcp_vip = SocketAddrV4::new(web, 80);
+    within(
+        Duration::from_secs(30),
+        "node 1 serves the ClusterIP",
+        || client.ns.run(|| http_get(tcp_vip)).is_ok(),
+    );
+    for _ in 0..5 {
+        let answer = client
+            .ns
+            .run(|| http_get(tcp_vip))
+            .expect("TCP to the ClusterIP");
+        assert_eq!(answer.server, backend, "DNAT to the only endpoint");
+        assert_eq!(
+            *answer.client_seen.ip(),
+            client.addr,
+            "no masquerade for a pod client"
+        );
+    }
+    let (answer, from) = client
+        .ns
+        .run(|| udp_request(SocketAddrV4::new(echo, 53)))
+        .expect("UDP to the ClusterIP");
+    assert_eq!(answer.server, backend);
+    assert_eq!(
+        from,
+        SocketAddrV4::new(echo, 53).into(),
+        "the reply is reverse-NATed to the ClusterIP"
+    );
+    let drops = cluster.agents[0].inspect("drops");
+    assert!(drops.lines().skip(1).all(|l| l.ends_with(" 0")), "{drops}");
+}
