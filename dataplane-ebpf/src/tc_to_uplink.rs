@@ -86,7 +86,13 @@ fn encapsulate(ctx: &TcContext) -> Result<i32, DropReason> {
         | u64::from(BPF_F_ADJ_ROOM_ENCAP_L4_UDP)
         | u64::from(BPF_F_ADJ_ROOM_ENCAP_L2_ETH)
         | ENCAP_L2_ETH_LEN;
+    // Kernels before 5.12 refuse the L2_ETH flag (it marks the inner protocol as Ethernet for
+    // GSO); without it they still segment right: the inner MAC length says where IPv4 starts.
     ctx.adjust_room(vxlan::ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .or_else(|_| {
+            let older = flags & !u64::from(BPF_F_ADJ_ROOM_ENCAP_L2_ETH);
+            ctx.adjust_room(vxlan::ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, older)
+        })
         .map_err(|_| DropReason::EncapFailed)?;
     ctx.store(ETH_HLEN, &headers, 0)
         .map_err(|_| DropReason::EncapFailed)?;
