@@ -19,7 +19,7 @@ use tokio::{
 use tracing::{error, info, warn};
 use weft::{
     conntrack::{Conntrack, lost_udp_endpoints},
-    dataplane::{Dataplane, MapLimits, OBJECT, TcAttach, cgroup2_mount},
+    dataplane::{Dataplane, KernelSupport, MapLimits, OBJECT, TcAttach, cgroup2_mount},
     etcd::{self, TlsFiles},
     flannel::{self, NetworkConfig, subnet_env},
     health::{self, Health, HealthCheckServers},
@@ -388,6 +388,17 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
         }
         None => Cow::Borrowed(OBJECT),
     };
+    let kernel = KernelSupport::probe()?;
+    info!(
+        kernel = %kernel.version,
+        tc_attach = ?args.tc_attach.resolve(),
+        local_connect_refusal = if kernel.socket_errors {
+            "ECONNREFUSED/EHOSTUNREACH"
+        } else {
+            "EPERM (no bpf_set_retval for socket hooks before Linux 5.18)"
+        },
+        "kernel features"
+    );
     let mut dataplane = Dataplane::load(&object, Some(&args.pin_dir), limits, args.tc_attach)
         .with_context(|| {
             format!(

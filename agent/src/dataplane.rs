@@ -111,6 +111,11 @@ impl Default for MapLimits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
+    #[error(
+        "weft needs Linux {MIN_KERNEL} or later and this is {found}: its programs are verified \
+         on 5.10, 6.1, 6.12 and newer (see `cargo xtask vm-test`); upgrade the node's kernel"
+    )]
+    KernelTooOld { found: KernelVersion },
     #[error("cannot create pin directory {path}")]
     PinDir {
         path: PathBuf,
@@ -378,6 +383,35 @@ fn prepare_pins(pin_dir: &Path, limits: MapLimits) -> Result<(), DataplaneError>
     Ok(())
 }
 
+/// The oldest kernel series `cargo xtask vm-test` proves weft on.
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 10, 0);
+
+/// What this kernel offers that weft adapts to, for the log line an agent starts with.
+#[derive(Debug)]
+pub struct KernelSupport {
+    pub version: KernelVersion,
+    /// How TC programs attach when `--tc-attach=auto`.
+    pub tc_attach: TcAttach,
+    /// Whether socket hooks can fail a call with ECONNREFUSED/EHOSTUNREACH (else EPERM).
+    pub socket_errors: bool,
+}
+
+impl KernelSupport {
+    /// This kernel's, or an error naming the minimum when it is older than weft supports. A
+    /// kernel whose version cannot be read is assumed recent.
+    pub fn probe() -> Result<Self, DataplaneError> {
+        let version = KernelVersion::current().unwrap_or_else(|_| KernelVersion::new(99, 0, 0));
+        if version < MIN_KERNEL {
+            return Err(DataplaneError::KernelTooOld { found: version });
+        }
+        Ok(Self {
+            version,
+            tc_attach: TcAttach::Auto.resolve(),
+            socket_errors: crate::sys::sock_addr_has_set_retval(),
+        })
+    }
+}
+
 /// The socket hooks' global saying whether `bpf_set_retval` may be called (1) or not (0).
 const HAS_SET_RETVAL: &str = "HAS_SET_RETVAL";
 
@@ -410,7 +444,7 @@ impl Dataplane {
     ) -> Result<Self, DataplaneError> {
         // A service without endpoints refuses a local connect with ECONNREFUSED where the kernel
         // lets socket hooks set the error, with EPERM before.
-        let has_set_retval = u8::from(crate::sys::sock_addr_has_set_retval());
+        let has_set_retval = u8::from(KernelSupport::probe()?.socket_errors);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(HAS_SET_RETVAL, &has_set_retval, true)
