@@ -1,6 +1,7 @@
 //! The namespace test `cargo xtask vm-test` runs on every kernel of the matrix (and
 //! `cargo test` runs on this one): two nodes with a pod each, a ClusterIP whose endpoint is the
-//! other node's pod, so one VXLAN hop, over TCP and UDP, and the direct pod-to-pod path. It is
+//! other node's pod, so one VXLAN hop, over TCP and UDP, and the direct pod-to-pod path (a
+//! request, and 8 MiB in bulk, so segmentation offload meets the encapsulation). It is
 //! small on purpose: under QEMU without KVM a guest runs about 20 times slower. It also checks
 //! the fallbacks the agent chose for this kernel: how TC programs attach, and how a node's
 //! `connect()` to a service without endpoints fails.
@@ -12,7 +13,7 @@ use std::{
 };
 
 use weft_tests::{
-    apps::{http_get, udp_request},
+    apps::{http_get, receive_bulk, send_bulk, udp_request},
     overlay::{POD_HTTP_PORT, POD_UDP_PORT, cluster},
     seed::{endpoint_slice, service},
     within,
@@ -45,6 +46,20 @@ fn a_cluster_ip_reaches_a_pod_on_another_node_over_tcp_and_udp() {
         .expect("pod to pod across nodes");
     assert_eq!(direct.server, backend);
     assert_eq!(*direct.client_seen.ip(), client.addr);
+    // Enough bytes for segmentation offload to hand the encapsulating program large packets:
+    // kernels before 5.12 encapsulate them without the L2_ETH flag and must still segment them.
+    const BULK: u64 = 8 << 20;
+    let receiving = receive_bulk(&cluster.pods[1][0].ns, 9000);
+    let sent = client
+        .ns
+        .run(|| send_bulk(SocketAddrV4::new(backend, 9000), BULK))
+        .expect("sending in bulk");
+    let (received, digest) = receiving.join().expect("receiver").expect("receiving");
+    assert_eq!(
+        (received, digest),
+        (BULK, sent),
+        "the bytes arrived unchanged"
+    );
 
     let tcp_vip = SocketAddrV4::new(web, 80);
     within(
