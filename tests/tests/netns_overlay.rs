@@ -427,3 +427,63 @@ fn a_flannel_node_and_weft_nodes_exchange_tcp_both_ways_over_plain_linux_vxlan()
     }
     assert_eq!(port_of_flow.len(), 2, "{port_of_flow:?}");
 }
+
+/// A known limitation, kept as a reproduction (run it with `--ignored`). A pod's kernel lets
+/// one local port serve a connection to a ClusterIP and a direct connection to the endpoint
+/// behind it, because their destinations differ. After weft's DNAT both carry the same
+/// addresses and ports: the endpoint answers the direct SYN as part of the service connection,
+/// and the client's node reverse-NATs that answer to the ClusterIP, so the direct connection
+/// never completes. kube-proxy's netfilter NAT moves the second connection to another source
+/// port when the tuples clash; weft keeps no conntrack entry for direct traffic to notice it.
+/// The kernel's own port choice makes it happen about once in some thousands of connections
+/// (the one failed attempt `netns_restart` tolerates).
+#[test]
+#[ignore = "known limitation: a direct connection clashing with a service connection's tuple"]
+fn a_direct_connection_on_the_local_port_of_a_service_connection_to_the_same_pod_completes() {
+    let cluster = cluster(2, 1);
+    let client = &cluster.pods[0][0];
+    let backend = SocketAddrV4::new(cluster.pods[1][0].addr, HTTP_PORT);
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 254, 7, 17), 80);
+    let manifest = format!(
+        "{}---\n{}",
+        service("clash", *vip.ip(), vip.port(), "TCP", HTTP_PORT),
+        endpoint_slice("clash", "TCP", HTTP_PORT, &[*backend.ip()])
+    );
+    cluster.agents[0].write_manifest("clash.yaml", &manifest);
+    within(Duration::from_secs(5), "node 1 serves the service", || {
+        client.ns.run(|| http_get(vip)).is_ok()
+    });
+    let (service, direct) = client.ns.run(|| {
+        let service = connect_from_port(0, vip).expect("the service connection");
+        let port = service.local_addr().expect("its local port").port();
+        (service, connect_from_port(port, backend))
+    });
+    direct.expect("the direct connection from the same local port");
+    drop(service);
+}
+
+/// A TCP connection to `target` from local `port` (0: the kernel's choice), with SO_REUSEADDR
+/// so two connections may share the port as the kernel's own choice lets them; gives up after
+/// 3 s.
+fn connect_from_port(port: u16, target: SocketAddrV4) -> std::io::Result<std::net::TcpStream> {
+    use nix::sys::{
+        socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket,
+            sockopt,
+        },
+        time::TimeVal,
+    };
+    use std::os::fd::AsRawFd as _;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    // connect() waits as long as the send timeout.
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(3, 0))?;
+    bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port))?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(target))?;
+    Ok(fd.into())
+}

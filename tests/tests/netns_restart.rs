@@ -74,35 +74,26 @@ struct Outcome {
 impl Outcome {
     fn assert_undisturbed(&self) {
         eprintln!("{self:#?}");
-        // An open finding, not a tolerance by design: in about a third of the runs, one direct
-        // (non-service) cross-node connection attempt in a few hundred, begun within about a
-        // second after an agent became ready, times out (its SYN lost twice); service traffic
-        // on the same path never has. (A direct connection reusing the tuple of a closed
-        // service connection was being reverse-NATed; that is fixed and was not the cause.)
-        // Until it is understood, the pod traffic may lose one attempt and everything else none.
-        for (what, tally, allowed) in [
+        for (what, tally) in [
             (
                 "requests on established service connections",
                 &self.service_streams,
-                0,
             ),
             (
                 "new connections to the ClusterIP",
                 &self.service_connections,
-                0,
             ),
             (
                 "requests on established cross-node pod connections",
                 &self.pod_streams,
-                1,
             ),
-            ("new cross-node pod connections", &self.pod_connections, 1),
+            ("new cross-node pod connections", &self.pod_connections),
         ] {
             assert!(
                 tally.tried >= 50,
                 "too little traffic to judge: {what} {tally:?}"
             );
-            assert!(tally.failed <= allowed, "{what} failed: {tally:?}");
+            assert_eq!(tally.failed, 0, "{what} failed: {tally:?}");
         }
         assert!(self.udp_answers >= 50, "the UDP flow hardly ran: {self:?}");
         assert!(
@@ -114,14 +105,13 @@ impl Outcome {
 }
 
 /// A 2-node overlay cluster with one service (TCP and UDP) whose endpoints are a pod on the
-/// client's node and both pods of the other node. The client is node 1's first pod.
+/// client's node and the first pod of the other node. The client is node 1's first pod; the
+/// other node's second pod, no endpoint, takes the direct traffic. (Direct connections to an
+/// endpoint would now and then take the local port of a service connection to the same
+/// endpoint, a clash weft does not resolve: see `netns_overlay.rs`.)
 fn service_cluster() -> Cluster {
     let cluster = cluster(2, 2);
-    let backends = [
-        cluster.pods[0][1].addr,
-        cluster.pods[1][0].addr,
-        cluster.pods[1][1].addr,
-    ];
+    let backends = [cluster.pods[0][1].addr, cluster.pods[1][0].addr];
     let manifest = format!(
         "{}---\n{}---\n{}---\n{}",
         service("web", VIP, HTTP.port(), "TCP", POD_HTTP_PORT),
@@ -145,7 +135,7 @@ fn service_cluster() -> Cluster {
 /// straight to a pod on the other node, plus a UDP flow to the ClusterIP — around `disrupt`.
 fn under_traffic(cluster: &mut Cluster, disrupt: impl FnOnce(&mut [Agent], Instant)) -> Outcome {
     let client: &Pod = &cluster.pods[0][0];
-    let remote_pod = SocketAddrV4::new(cluster.pods[1][0].addr, POD_HTTP_PORT);
+    let remote_pod = SocketAddrV4::new(cluster.pods[1][1].addr, POD_HTTP_PORT);
     let stop = AtomicBool::new(false);
     let udp = UdpFlow::start(&client.ns, DNS);
     let started = Instant::now();

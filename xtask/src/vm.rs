@@ -115,12 +115,12 @@ pub fn vm_test(kernels: &[String], only: &[String]) -> anyhow::Result<()> {
 fn build_guest_tests(
     selected: &[&(&'static str, &'static [(&'static str, &'static str)])],
 ) -> anyhow::Result<Vec<GuestTest>> {
-    run(cargo().args(["build", "-p", "weft", "--bins", "--locked"]))?;
+    // Workspace-wide, as `cargo xtask test` builds: the same features, so nothing is rebuilt.
+    run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     let mut build = cargo();
     build.args([
         "test",
-        "-p",
-        "weft-tests",
+        "--workspace",
         "--no-run",
         "--locked",
         "--message-format=json",
@@ -589,7 +589,7 @@ impl Kernel {
 /// The initramfs: busybox, the modules 9p over virtio needs, and `/init`.
 fn initramfs(kernel: &Kernel, busybox: &Path) -> anyhow::Result<Vec<u8>> {
     let mut archive = Cpio::default();
-    for dir in ["bin", "dev", "proc", "sys", "mnt", "modules"] {
+    for dir in ["bin", "dev", "proc", "sys", "mnt", "modules", "keep"] {
         archive.directory(dir);
     }
     archive.device("dev/console", 5, 1);
@@ -654,14 +654,25 @@ for module in /modules/*.ko; do
 done
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p"; }
 out=$(arg weft.out)
+project=$(arg weft.project)
 nine="trans=virtio,version=9p2000.L,msize=512000"
 mount -t 9p -o "$nine,ro,cache=loose" hostroot /mnt || { echo "vm-test: no 9p root"; poweroff -f; }
+# Fresh /tmp and /run, but a project checked out under one of them (a CI clone in /tmp) stays.
+for dir in /tmp /run; do
+    case "$project" in
+    "$dir"/*)
+        mount --bind "/mnt$project" /keep
+        mount -t tmpfs "${dir#/}" "/mnt$dir"
+        mkdir -p "/mnt$project"
+        mount --move /keep "/mnt$project"
+        ;;
+    *) mount -t tmpfs "${dir#/}" "/mnt$dir" ;;
+    esac
+done
 mount -t 9p -o "$nine" out "/mnt$out"
 mount -t proc proc /mnt/proc
 mount -t sysfs sys /mnt/sys
 mount -t devtmpfs dev /mnt/dev
-mount -t tmpfs tmp /mnt/tmp
-mount -t tmpfs run /mnt/run
 mount -t tmpfs shm /mnt/dev/shm 2>/dev/null
 mount -t bpf bpf /mnt/sys/fs/bpf
 mount -t cgroup2 cgroup2 /mnt/sys/fs/cgroup
@@ -808,8 +819,9 @@ fn run_guest(qemu: &Qemu, kernel: &Kernel, tests: &[GuestTest]) -> anyhow::Resul
         ))
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet weft.out={}",
-            out.display()
+            "console=ttyS0 panic=-1 quiet weft.out={} weft.project={}",
+            out.display(),
+            root().display()
         ))
         .stdin(Stdio::null())
         .stdout(console.try_clone()?)
