@@ -406,7 +406,7 @@ impl Agent {
 
     /// Waits until the agent has logged "ready" more than `before` times.
     fn wait_ready(&mut self, before: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::scaled(Duration::from_secs(20));
         while self.readies() <= before {
             let exited = self.child.try_wait().ok().flatten();
             if exited.is_some() || Instant::now() > deadline {

@@ -23,8 +23,22 @@ pub mod seed;
 
 use std::time::{Duration, Instant};
 
-/// Polls `check` every 20 ms until it holds; panics naming `what` after `limit`.
+/// `limit` times `WEFT_TIME_SCALE` (default 1). Waits for something to come about (an agent
+/// ready, etcd healthy, a service served) use it: `cargo xtask vm-test` sets it for guests that
+/// run emulated, many times slower. Unset (1), every deadline keeps its meaning.
+#[must_use]
+pub fn scaled(limit: Duration) -> Duration {
+    let scale = std::env::var("WEFT_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(1);
+    limit * scale.max(1)
+}
+
+/// Polls `check` every 20 ms until it holds; panics naming `what` after `limit` (scaled, see
+/// [`scaled`]).
 pub fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let limit = scaled(limit);
     let deadline = Instant::now() + limit;
     while !check() {
         assert!(Instant::now() < deadline, "not within {limit:?}: {what}");

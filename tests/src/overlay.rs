@@ -217,7 +217,7 @@ impl Etcd {
             .spawn()
             .expect("starting etcd (package etcd-server)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::scaled(Duration::from_secs(20));
         while self.ctl(&["endpoint", "health"]).is_err() {
             assert!(Instant::now() < deadline, "etcd did not become healthy");
             thread::sleep(Duration::from_millis(50));
