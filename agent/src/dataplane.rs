@@ -390,8 +390,6 @@ pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 10, 0);
 #[derive(Debug)]
 pub struct KernelSupport {
     pub version: KernelVersion,
-    /// How TC programs attach when `--tc-attach=auto`.
-    pub tc_attach: TcAttach,
     /// Whether socket hooks can fail a call with ECONNREFUSED/EHOSTUNREACH (else EPERM).
     pub socket_errors: bool,
 }
@@ -406,7 +404,6 @@ impl KernelSupport {
         }
         Ok(Self {
             version,
-            tc_attach: TcAttach::Auto.resolve(),
             socket_errors: crate::sys::sock_addr_has_set_retval(),
         })
     }
