@@ -19,7 +19,10 @@ use tokio::{
 use tracing::{error, info, warn};
 use weft::{
     conntrack::{Conntrack, lost_udp_endpoints},
-    dataplane::{Dataplane, KernelSupport, MapLimits, OBJECT, TcAttach, cgroup2_mount},
+    dataplane::{
+        Dataplane, KernelSupport, MapLimits, OBJECT, TcAttach, XdpChoice, XdpPlacement,
+        cgroup2_mount,
+    },
     etcd::{self, TlsFiles},
     flannel::{self, NetworkConfig, subnet_env},
     health::{self, Health, HealthCheckServers},
@@ -39,7 +42,7 @@ use weft::{
 use weft_common::{
     maps::{
         DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES, DatapathConfig,
-        OverlayConfig,
+        OverlayConfig, overlay_flags,
     },
     vxlan,
 };
@@ -148,6 +151,36 @@ pub struct AgentArgs {
     /// Masquerade pod traffic leaving the pod network, as flannel's --ip-masq does.
     #[arg(long, env = "WEFT_IP_MASQ")]
     ip_masq: bool,
+    /// How pod traffic to and from other nodes crosses this node: `ebpf` decapsulates it
+    /// straight into the pod and encapsulates it at the pod's port (the node's routing, bridge
+    /// and netfilter never see it, as with Cilium's eBPF host routing); `kernel` hands both to
+    /// the node's stack, so iptables rules (a NetworkPolicy agent's, say) see every packet.
+    #[arg(long, env = "WEFT_HOST_ROUTING", value_enum, default_value_t = HostRouting::Ebpf)]
+    host_routing: HostRouting,
+    /// The overlay's `external` VXLAN device (weft-vxlan): its socket makes the kernel
+    /// aggregate tunnel traffic in GRO and NICs offload for the port, and it decapsulates what
+    /// weft hands on. `off` removes it (and with it GRO for VXLAN on physical NICs).
+    #[arg(long, env = "WEFT_VXLAN_DEVICE", value_enum, default_value_t = Switch::On)]
+    vxlan_device: Switch,
+    /// The XDP filter on the uplink, which drops VXLAN from nodes without a lease before the
+    /// kernel builds an skb: `auto` attaches it in driver mode only where that costs no
+    /// offloads (never on veth or virtio-net uplinks); `native` and `generic` force a mode.
+    #[arg(long, env = "WEFT_XDP", value_enum, default_value_t = XdpChoice::Auto)]
+    xdp: XdpChoice,
+}
+
+/// Where pod traffic to and from other nodes is routed (`--host-routing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostRouting {
+    Ebpf,
+    Kernel,
+}
+
+/// On or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 impl AgentArgs {
@@ -428,17 +461,56 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
         _pad: [0; 3],
         host_netns_cookie,
     })?;
-    if let Some(overlay) = &overlay {
-        dataplane.set_overlay(&OverlayConfig {
-            public_ip: overlay.public_ip.octets(),
-            network_addr: overlay.config.network.network().octets(),
-            network_prefix_len: overlay.config.network.prefix_len(),
-            _pad: 0,
-            port: overlay.config.port,
-            vni: overlay.config.vni,
-            vtep_mac: overlay.own.lease.vtep_mac.0,
-            uplink_mac: overlay.uplink.mac,
-        })?;
+    let tunnel = match (&overlay, args.vxlan_device) {
+        (Some(overlay), Switch::On) => {
+            match netdev::ensure_tunnel_device(
+                netlink,
+                overlay.config.port,
+                overlay.own.lease.vtep_mac.0,
+                overlay.mtu,
+            )
+            .await
+            {
+                Ok(device) => Some(device),
+                Err(e) => {
+                    warn!(
+                        "no {} VXLAN device: {e:#}; without it the kernel does no GRO for the \
+                         overlay and what weft cannot decapsulate itself is dropped",
+                        netdev::TUNNEL_DEVICE
+                    );
+                    netdev::remove_tunnel_device(netlink).await?;
+                    None
+                }
+            }
+        }
+        _ => {
+            netdev::remove_tunnel_device(netlink).await?;
+            None
+        }
+    };
+    let mut overlay_config = overlay.as_ref().map(|overlay| OverlayConfig {
+        public_ip: overlay.public_ip.octets(),
+        network_addr: overlay.config.network.network().octets(),
+        network_prefix_len: overlay.config.network.prefix_len(),
+        flags: match args.host_routing {
+            HostRouting::Ebpf => overlay_flags::EBPF_HOST_ROUTING,
+            HostRouting::Kernel => 0,
+        },
+        port: overlay.config.port,
+        vni: overlay.config.vni,
+        vtep_mac: overlay.own.lease.vtep_mac.0,
+        uplink_mac: overlay.uplink.mac,
+        local_subnet_addr: pod_subnet.network().octets(),
+        local_subnet_prefix_len: pod_subnet.prefix_len(),
+        _pad: 0,
+        inner_mtu: u16::try_from(overlay.mtu).unwrap_or(u16::MAX),
+        uplink_ifindex: overlay.uplink.index,
+        tunnel_ifindex: tunnel.as_ref().map_or(0, |device| device.index),
+        bridge_mac: bridge_link.mac,
+        _pad2: [0; 2],
+    });
+    if let Some(config) = &overlay_config {
+        dataplane.set_overlay(config)?;
     }
     let maps = AyaMaps::take_from(dataplane.ebpf_mut())?;
     let mut conntrack = Conntrack::take_from(dataplane.ebpf_mut())?;
@@ -502,10 +574,22 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
             overlay.mtu,
         )
         .await?;
-        let driver = dataplane.attach_decapsulation(&overlay.uplink.name, overlay.uplink.index)?;
+        if let Some(device) = &tunnel {
+            dataplane.attach_tunnel_device(&device.name, device.index)?;
+        }
+        let xdp = match dataplane.attach_xdp_filter(
+            &overlay.uplink.name,
+            overlay.uplink.index,
+            args.xdp,
+        )? {
+            XdpPlacement::On(mode) => format!("{mode:?}"),
+            XdpPlacement::Off(why) => format!("off ({why})"),
+        };
         info!(
             uplink = overlay.uplink.name,
-            xdp_driver_mode = driver,
+            host_routing = ?args.host_routing,
+            vxlan_device = tunnel.as_ref().map(|device| device.name.as_str()),
+            xdp,
             "overlay attached"
         );
     }
@@ -513,6 +597,7 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
         dataplane.attach_uplink(&uplink.name, uplink.index)?;
     }
     resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?;
+    follow_bridge_mac(&mut dataplane, netlink, &args.bridge, &mut overlay_config).await;
     let cgroup = args
         .cgroup
         .clone()
@@ -668,8 +753,16 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
     loop {
         tokio::select! {
             event = ports.next() => match event {
-                Some(PortEvent::Joined(link)) => attach_port(&mut dataplane, netlink, &link).await,
-                Some(PortEvent::Left(index)) => dataplane.detach_pod_port(index),
+                Some(PortEvent::Joined(link)) => {
+                    attach_port(&mut dataplane, netlink, &link).await;
+                    follow_bridge_mac(&mut dataplane, netlink, &args.bridge, &mut overlay_config)
+                        .await;
+                }
+                Some(PortEvent::Left(index)) => {
+                    dataplane.detach_pod_port(index);
+                    follow_bridge_mac(&mut dataplane, netlink, &args.bridge, &mut overlay_config)
+                        .await;
+                }
                 Some(PortEvent::AddressesChanged) => {
                     refresh_addresses(netlink, &args.nodeport_addresses, &model).await;
                 }
@@ -691,6 +784,34 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
             // These loops never return; one that does has panicked.
             ended = &mut reconciling => bail!("the reconciler stopped: {ended:?}"),
             ended = &mut collecting => bail!("conntrack collection stopped: {ended:?}"),
+        }
+    }
+}
+
+/// Keeps the bridge's MAC in the overlay settings: the source of frames the datapath delivers
+/// straight into pods, as their gateway's. A bridge without a MAC of its own takes its
+/// lowest port's, so it changes as pods come and go.
+async fn follow_bridge_mac(
+    dataplane: &mut Dataplane,
+    netlink: &rtnetlink::Handle,
+    bridge: &str,
+    overlay: &mut Option<OverlayConfig>,
+) {
+    let Some(config) = overlay else {
+        return;
+    };
+    let mac = match netdev::link_by_name(netlink, bridge).await {
+        Ok(Some(link)) => link.mac,
+        Ok(None) => return,
+        Err(e) => {
+            warn!("reading the pod bridge's MAC: {e:#}");
+            return;
+        }
+    };
+    if mac != config.bridge_mac {
+        config.bridge_mac = mac;
+        if let Err(e) = dataplane.set_overlay(config) {
+            warn!("writing the pod bridge's new MAC to the overlay settings: {e:#}");
         }
     }
 }
@@ -736,6 +857,11 @@ async fn resync_ports(
         .collect();
     for index in gone {
         dataplane.detach_pod_port(index);
+    }
+    // Pods learned on ports that left while no agent ran, or whose notification was lost.
+    let forgotten = dataplane.forget_pods(|port| current.iter().any(|link| link.index == port))?;
+    if forgotten > 0 {
+        info!(forgotten, "forgot pods of ports that are gone");
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `weft cleanup`: takes weft's dataplane off the node, as `cilium-dbg cleanup` does. The agent
 //! leaves everything in place when it stops, so the node keeps forwarding; this removes the
-//! program attachments, the pinned maps, the nftables table and the overlay route. Running it
+//! program attachments, the pinned maps, the nftables table, the overlay route and VXLAN device. Running it
 //! again finds nothing and succeeds. The node's lease in etcd is left to expire, as flannel's.
 
 use std::{fs, io, path::PathBuf};
@@ -38,6 +38,7 @@ pub async fn run(args: &CleanupArgs) -> anyhow::Result<()> {
         netdev::unroute_network(&netlink, network, uplink).await?;
         info!(%network, "removed the overlay route");
     }
+    netdev::remove_tunnel_device(&netlink).await?;
     let programs = args.pin_dir.join(PROGRAMS_DIR);
     remove_pin_dir(&programs).with_context(|| format!("removing {}", programs.display()))?;
     for name in PINNED_MAPS {

@@ -26,9 +26,10 @@ use weft_common::{
         AFFINITY_MAP, AffinityKey, AffinityValue, CONFIG_MAP, CONNTRACK_MAP, CtKey, CtValue,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_SOCK_NAT_ENTRIES, DROPS_MAP, DatapathConfig,
         ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey, EndpointValue,
-        MAX_NODES, MAX_SOURCE_RANGES, OVERLAY_MAP, OverlayConfig, PINNED_MAPS, RemoteNode,
-        SERVICE_NAMES_MAP, SERVICES_MAP, SOCK_NAT_MAP, SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey,
-        ServiceName, ServiceValue, SockNatKey, SockNatValue, SourceRangeKey, VTEPS_MAP, Vtep,
+        LOCAL_PODS_MAP, LocalPod, MAX_LOCAL_PODS, MAX_NODES, MAX_SOURCE_RANGES, OVERLAY_MAP,
+        OverlayConfig, PINNED_MAPS, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SOCK_NAT_MAP,
+        SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey,
+        SockNatValue, SourceRangeKey, VTEPS_MAP, Vtep,
     },
 };
 
@@ -43,14 +44,24 @@ pub const TO_POD: &str = "tc_to_pod";
 pub const TO_UPLINK: &str = "tc_to_uplink";
 /// TC ingress of the uplink: service DNAT for clients outside the node.
 pub const FROM_UPLINK: &str = "tc_from_uplink";
-/// XDP on the uplink: VXLAN decapsulation.
+/// TC ingress of the node's `external` VXLAN device: the overlay's rules on what the kernel
+/// decapsulated.
+pub const FROM_TUNNEL: &str = "tc_from_tunnel";
+/// XDP on the uplink (optional): early drops of VXLAN from non-members and malformed VXLAN.
 pub const XDP_UPLINK: &str = "xdp_uplink";
 /// Under the pin directory: the packet programs of the build that runs, for tools that run
 /// them (`weft trace`) with the agent's capabilities, which open pins but cannot look programs
 /// up by id (that takes CAP_SYS_ADMIN).
 pub const PROGRAMS_DIR: &str = "programs";
 /// The programs pinned under [`PROGRAMS_DIR`].
-pub const PINNED_PROGRAMS: [&str; 5] = [FROM_PODS, TO_POD, TO_UPLINK, FROM_UPLINK, XDP_UPLINK];
+pub const PINNED_PROGRAMS: [&str; 6] = [
+    FROM_PODS,
+    TO_POD,
+    TO_UPLINK,
+    FROM_UPLINK,
+    FROM_TUNNEL,
+    XDP_UPLINK,
+];
 /// Empty TC and XDP programs the agent never loads: the bench's floor.
 pub const TC_FLOOR: &str = "tc_floor";
 pub const XDP_FLOOR: &str = "xdp_floor";
@@ -88,6 +99,33 @@ impl TcAttach {
             chosen => chosen,
         }
     }
+}
+
+/// Whether and how the XDP filter goes on the uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpChoice {
+    /// Driver mode where it costs no offloads: never on veth or virtio-net, and elsewhere only
+    /// when attaching it leaves every active feature of the device on.
+    Auto,
+    /// No XDP program.
+    Off,
+    /// Driver mode, whatever it costs; the agent fails if the driver has none.
+    Native,
+    /// Generic (skb) mode: runs after the kernel built the skb, for testing.
+    Generic,
+}
+
+/// Drivers on which any XDP program costs offloads a device's own features do not show:
+/// `veth_fix_features` takes GSO away from the peer of a veth with XDP, and `virtnet_xdp_set`
+/// makes the host stop sending a virtio-net guest TSO super-packets and checksum offloads.
+pub const COSTLY_XDP_DRIVERS: [&str; 2] = ["veth", "virtio_net"];
+
+/// Where [`Dataplane::attach_xdp_filter`] left the filter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XdpPlacement {
+    On(XdpMode),
+    /// Not attached, and why.
+    Off(String),
 }
 
 /// Map capacities the operator chooses.
@@ -292,6 +330,13 @@ fn layouts(limits: MapLimits) -> [Layout; PINNED_MAPS.len()] {
             value_size: size_of::<OverlayConfig>(),
             max_entries: 1,
         },
+        Layout {
+            name: LOCAL_PODS_MAP,
+            map_type: MapType::LruHash,
+            key_size: 4,
+            value_size: size_of::<LocalPod>(),
+            max_entries: MAX_LOCAL_PODS,
+        },
     ]
 }
 
@@ -458,14 +503,14 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(object).map_err(DataplaneError::Load)?;
         let links = pin_dir.map(LinkPins::open).transpose()?;
-        for name in [FROM_PODS, TO_POD, TO_UPLINK, FROM_UPLINK] {
+        for name in [FROM_PODS, TO_POD, TO_UPLINK, FROM_UPLINK, FROM_TUNNEL] {
             let program: &mut SchedClassifier = program(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        let decap: &mut Xdp = program(&mut ebpf, XDP_UPLINK)?;
-        decap.load().map_err(|source| DataplaneError::Program {
+        let filter: &mut Xdp = program(&mut ebpf, XDP_UPLINK)?;
+        filter.load().map_err(|source| DataplaneError::Program {
             name: XDP_UPLINK,
             source,
         })?;
@@ -525,55 +570,104 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Attaches the overlay's decapsulation to the uplink, in XDP (driver mode, or generic mode
-    /// where the driver has none, which is slower and says so). Returns whether this agent
-    /// attached it in driver mode, or `None` when it took over the attachment of an earlier
-    /// agent, whose mode stays.
-    pub fn attach_decapsulation(
+    /// Attaches the overlay's rules to the node's `external` VXLAN device (its TC ingress), for
+    /// what the kernel decapsulates there.
+    pub fn attach_tunnel_device(&mut self, name: &str, ifindex: u32) -> Result<(), DataplaneError> {
+        self.attach_tc(FROM_TUNNEL, name, ifindex, TcAttachType::Ingress)
+    }
+
+    /// Puts the XDP filter on the uplink as `choice` says (see [`XdpChoice`]); returns the mode
+    /// it runs in, or why it does not.
+    pub fn attach_xdp_filter(
         &mut self,
         uplink: &str,
         ifindex: u32,
-    ) -> Result<Option<bool>, DataplaneError> {
-        let mut driver = None;
-        self.place(XDP_UPLINK, &ifindex.to_string(), |ebpf| {
-            let decap: &mut Xdp = program(ebpf, XDP_UPLINK)?;
-            let attach = |decap: &mut Xdp, flags| {
-                decap
-                    .attach(uplink, flags)
-                    .map_err(|source| DataplaneError::Attach {
-                        program: XDP_UPLINK,
-                        target: uplink.to_owned(),
-                        source,
-                    })
-            };
-            let link = match attach(decap, XdpMode::Driver) {
-                Ok(link) => {
-                    driver = Some(true);
-                    link
+        choice: XdpChoice,
+    ) -> Result<XdpPlacement, DataplaneError> {
+        let mode = match choice {
+            XdpChoice::Off => return Ok(XdpPlacement::Off("--xdp=off".to_owned())),
+            XdpChoice::Native => XdpMode::Driver,
+            XdpChoice::Generic => XdpMode::Skb,
+            XdpChoice::Auto => match crate::sys::driver(uplink) {
+                Ok(driver) if COSTLY_XDP_DRIVERS.contains(&driver.as_str()) => {
+                    return Ok(XdpPlacement::Off(format!(
+                        "{driver}: an XDP program there turns offloads off"
+                    )));
                 }
-                Err(e) => {
-                    tracing::warn!(
-                        uplink,
-                        "XDP driver mode unavailable ({e:#}); using generic mode"
-                    );
-                    driver = Some(false);
-                    attach(decap, XdpMode::Skb)?
-                }
+                Ok(_) => XdpMode::Driver,
+                Err(e) => return Ok(XdpPlacement::Off(format!("driver unknown: {e}"))),
+            },
+        };
+        let before = crate::sys::active_features(uplink).unwrap_or_default();
+        let attached = self.place(XDP_UPLINK, &ifindex.to_string(), |ebpf| {
+            let filter: &mut Xdp = program(ebpf, XDP_UPLINK)?;
+            let failed = |source| DataplaneError::Attach {
+                program: XDP_UPLINK,
+                target: uplink.to_owned(),
+                source,
             };
-            let link = decap
-                .take_link(link)
-                .map_err(|source| DataplaneError::Attach {
-                    program: XDP_UPLINK,
-                    target: uplink.to_owned(),
-                    source,
-                })?;
+            let link = filter.attach(uplink, mode).map_err(failed)?;
+            let link = filter.take_link(link).map_err(failed)?;
             FdLink::try_from(link).map_err(|source| DataplaneError::Unpinnable {
                 program: XDP_UPLINK,
                 target: uplink.to_owned(),
                 source,
             })
-        })?;
-        Ok(driver)
+        });
+        match attached {
+            Ok(()) => {}
+            // Auto falls back to no filter where the driver has no XDP of its own.
+            Err(e) if choice == XdpChoice::Auto => {
+                return Ok(XdpPlacement::Off(format!("no driver-mode XDP ({e})")));
+            }
+            Err(e) => return Err(e),
+        }
+        if choice == XdpChoice::Auto {
+            let after = crate::sys::active_features(uplink).unwrap_or_default();
+            let lost: Vec<String> = before.into_iter().filter(|f| !after.contains(f)).collect();
+            if !lost.is_empty() {
+                self.detach_xdp_filter(ifindex)?;
+                return Ok(XdpPlacement::Off(format!(
+                    "attaching it turned off {}",
+                    lost.join(", ")
+                )));
+            }
+        }
+        Ok(XdpPlacement::On(mode))
+    }
+
+    /// Removes the XDP filter from the uplink with `ifindex`, if this agent placed it there.
+    fn detach_xdp_filter(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        if let Some(links) = self.links.as_mut() {
+            links.remove(&pin_name(XDP_UPLINK, &ifindex.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the pods the datapath learned on ports `keep` rejects (ports that left), so no
+    /// packet is delivered to a port that is gone or now someone else's. Returns how many.
+    pub fn forget_pods(&mut self, keep: impl Fn(u32) -> bool) -> Result<usize, DataplaneError> {
+        let map = |source| DataplaneError::Map {
+            name: LOCAL_PODS_MAP,
+            source,
+        };
+        let mut pods: aya::maps::HashMap<_, [u8; 4], LocalPod> = aya::maps::HashMap::try_from(
+            self.ebpf
+                .map_mut(LOCAL_PODS_MAP)
+                .ok_or(map(MapError::ElementNotFound))?,
+        )
+        .map_err(map)?;
+        let gone: Vec<[u8; 4]> = pods
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, pod)| !keep(pod.ifindex))
+            .map(|(addr, _)| addr)
+            .collect();
+        for addr in &gone {
+            // Gone already (evicted, or relearned meanwhile) is fine.
+            let _ = pods.remove(addr);
+        }
+        Ok(gone.len())
     }
 
     /// Attaches service translation to one bridge port (a pod's host-side veth): DNAT on its
@@ -603,11 +697,14 @@ impl Dataplane {
         self.ports.contains_key(&ifindex)
     }
 
-    /// Forgets a port that left the bridge or disappeared.
+    /// Forgets a port that left the bridge or disappeared, and the pods learned on it.
     pub fn detach_pod_port(&mut self, ifindex: u32) {
         if let Some(port) = self.ports.remove(&ifindex) {
             self.detach_tc(FROM_PODS, &port, ifindex, TcAttachType::Ingress);
             self.detach_tc(TO_POD, &port, ifindex, TcAttachType::Egress);
+            if let Err(e) = self.forget_pods(|pod_port| pod_port != ifindex) {
+                tracing::warn!(port, "forgetting the pods of a port that left: {e}");
+            }
         }
     }
 

@@ -12,13 +12,13 @@ use std::{
 use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
 use ipnet::Ipv4Net;
 use rtnetlink::{
-    Handle, LinkBridge, LinkBridgePort, LinkUnspec, MulticastGroup, RouteMessageBuilder,
-    new_connection, new_multicast_connection,
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVxlan, MulticastGroup,
+    RouteMessageBuilder, new_connection, new_multicast_connection,
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
         RouteNetlinkMessage,
         address::AddressAttribute,
-        link::{LinkAttribute, LinkMessage},
+        link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
         neighbour::NeighbourState,
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol},
     },
@@ -40,6 +40,12 @@ pub enum NetdevError {
          set net.ipv4.ip_forward=1 on the node"
     )]
     Forwarding(#[source] io::Error),
+    #[error("cannot write {path}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("no interface {0}; pass the uplink with --iface")]
     NoSuchLink(String),
     #[error("no default route to pick the uplink from; pass it with --iface")]
@@ -55,16 +61,20 @@ pub struct Link {
     pub name: String,
     /// The bridge (or bond) it is enslaved to.
     pub controller: Option<u32>,
+    /// Its MAC (all-zero for a link without one).
+    pub mac: [u8; 6],
 }
 
 impl Link {
     fn from_message(message: &LinkMessage) -> Option<Self> {
         let mut name = None;
         let mut controller = None;
+        let mut mac = [0u8; 6];
         for attribute in &message.attributes {
             match attribute {
                 LinkAttribute::IfName(n) => name = Some(n.clone()),
                 LinkAttribute::Controller(c) => controller = Some(*c),
+                LinkAttribute::Address(bytes) if bytes.len() == 6 => mac.copy_from_slice(bytes),
                 _ => {}
             }
         }
@@ -72,6 +82,7 @@ impl Link {
             index: message.header.index,
             name: name?,
             controller,
+            mac,
         })
     }
 }
@@ -400,6 +411,105 @@ pub async fn unroute_network(
         }
     }
     Ok(())
+}
+
+/// The node's `external` (collect_md) VXLAN device: the kernel's receive path for the overlay's
+/// port beside weft's own decapsulation. Its UDP socket makes the kernel aggregate the tunnel's
+/// traffic in GRO (a NIC delivers it frame by frame otherwise) and lets NICs learn the port for
+/// their tunnel offloads; what weft hands on (a GSO aggregate it cannot decapsulate safely,
+/// reassembled fragments) it decapsulates as flannel's `flannel.1` would.
+pub const TUNNEL_DEVICE: &str = "weft-vxlan";
+
+/// Creates [`TUNNEL_DEVICE`] for the overlay's `port` (or keeps the one there when it is such
+/// a device), with the VtepMAC (what senders address inner frames to) and the pod routes' MTU,
+/// and brings it up. Reverse-path filtering is turned off on it: what it decapsulates comes
+/// from pods whose route is the uplink's.
+pub async fn ensure_tunnel_device(
+    handle: &Handle,
+    port: u16,
+    vtep_mac: [u8; 6],
+    mtu: u32,
+) -> Result<Link, NetdevError> {
+    let mut existing = handle
+        .link()
+        .get()
+        .match_name(TUNNEL_DEVICE.to_owned())
+        .execute();
+    let found = match existing.try_next().await {
+        Ok(message) => message,
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => None,
+        Err(e) => return Err(netlink(format!("look up {TUNNEL_DEVICE}"))(e)),
+    };
+    if let Some(message) = &found
+        && !is_external_vxlan(message, port)
+    {
+        remove_tunnel_device(handle).await?;
+    }
+    if found.is_none() || !found.as_ref().is_some_and(|m| is_external_vxlan(m, port)) {
+        let device = LinkMessageBuilder::<LinkVxlan>::new(TUNNEL_DEVICE)
+            .collect_metadata(true)
+            .port(port)
+            .learning(false)
+            .build();
+        handle
+            .link()
+            .add(device)
+            .execute()
+            .await
+            .map_err(netlink(format!("create {TUNNEL_DEVICE} (VXLAN, external)")))?;
+    }
+    let link = link_by_name(handle, TUNNEL_DEVICE)
+        .await?
+        .ok_or_else(|| NetdevError::NoSuchLink(TUNNEL_DEVICE.to_owned()))?;
+    let sysctl = format!("/proc/sys/net/ipv4/conf/{TUNNEL_DEVICE}/rp_filter");
+    std::fs::write(&sysctl, "0").map_err(|source| NetdevError::Sysctl {
+        path: sysctl.clone(),
+        source,
+    })?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(link.index)
+                .address(vtep_mac.to_vec())
+                .mtu(mtu)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(netlink(format!(
+            "bring up {TUNNEL_DEVICE} (another VXLAN device, such as flannel.1, may hold UDP \
+             port {port})"
+        )))?;
+    Ok(link)
+}
+
+/// Whether a link is a VXLAN device in `external` mode on `port`.
+fn is_external_vxlan(message: &LinkMessage, port: u16) -> bool {
+    message.attributes.iter().any(|attribute| {
+        let LinkAttribute::LinkInfo(infos) = attribute else {
+            return false;
+        };
+        infos.iter().any(|info| {
+            let LinkInfo::Data(InfoData::Vxlan(vxlan)) = info else {
+                return false;
+            };
+            vxlan.contains(&InfoVxlan::CollectMetadata(true))
+                && vxlan.contains(&InfoVxlan::Port(port))
+        })
+    })
+}
+
+/// Removes [`TUNNEL_DEVICE`]; none there is no error.
+pub async fn remove_tunnel_device(handle: &Handle) -> Result<(), NetdevError> {
+    let Some(link) = link_by_name(handle, TUNNEL_DEVICE).await? else {
+        return Ok(());
+    };
+    match handle.link().del(link.index).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+        Err(e) => Err(netlink(format!("remove {TUNNEL_DEVICE}"))(e)),
+    }
 }
 
 /// Lets a bridge port send frames back out the way they came (`hairpin_mode`), as flannel's CNI

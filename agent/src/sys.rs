@@ -3,7 +3,8 @@
 #![expect(
     unsafe_code,
     reason = "getsockopt(SO_NETNS_COOKIE), BPF_OBJ_GET, BPF_LINK_UPDATE, BPF_PROG_TEST_RUN on a \
-              program weft did not load, and a hand-assembled probe program have no safe wrapper"
+              program weft did not load, a hand-assembled probe program and the ethtool ioctls \
+              have no safe wrapper"
 )]
 
 use std::{
@@ -236,8 +237,110 @@ pub fn bpf_prog_test_run(
     })
 }
 
+/// `SIOCETHTOOL` and the ethtool commands used here (`linux/ethtool.h`).
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GDRVINFO: u32 = 0x03;
+const ETHTOOL_GSTRINGS: u32 = 0x1b;
+const ETHTOOL_GSSET_INFO: u32 = 0x37;
+const ETHTOOL_GFEATURES: u32 = 0x3a;
+/// The string set naming the netdev features (`ETH_SS_FEATURES`).
+const ETH_SS_FEATURES: u32 = 4;
+/// Length of one ethtool string (`ETH_GSTRING_LEN`).
+const GSTRING_LEN: usize = 32;
+
+/// Runs the ethtool command in `data` (a buffer starting with its `cmd` word) on `interface`
+/// of the calling thread's network namespace.
+fn ethtool(interface: &str, data: &mut [u8]) -> io::Result<()> {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: u64,
+        _pad: [u8; 16],
+    }
+    let mut name = [0u8; libc::IFNAMSIZ];
+    if interface.len() >= name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name {interface} is too long"),
+        ));
+    }
+    name[..interface.len()].copy_from_slice(interface.as_bytes());
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let mut request = IfReq {
+        name,
+        data: data.as_mut_ptr() as u64,
+        _pad: [0; 16],
+    };
+    // SAFETY: `request` is a valid `struct ifreq` whose data pointer addresses `data`, a
+    // buffer laid out as the command in its first word expects and long enough for its answer.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL, &raw mut request) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn word(data: &[u8], index: usize) -> u32 {
+    u32::from_ne_bytes(data[index * 4..index * 4 + 4].try_into().expect("4 bytes"))
+}
+
+/// The name of the driver behind `interface` (`ethtool -i`: `veth`, `virtio_net`, `mlx5_core`).
+pub fn driver(interface: &str) -> io::Result<String> {
+    // struct ethtool_drvinfo: cmd, then driver[32], version[32], ... (196 bytes).
+    let mut data = [0u8; 196];
+    data[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+    ethtool(interface, &mut data)?;
+    let driver = &data[4..36];
+    let end = driver.iter().position(|b| *b == 0).unwrap_or(driver.len());
+    Ok(String::from_utf8_lossy(&driver[..end]).into_owned())
+}
+
+/// The names of `interface`'s active netdev features (`ethtool -k`: `tx-tcp-segmentation`,
+/// `rx-gro-hw`, ...).
+pub fn active_features(interface: &str) -> io::Result<Vec<String>> {
+    // struct ethtool_sset_info: cmd, reserved, sset_mask (u64), then one u32 per set asked.
+    let mut info = [0u8; 20];
+    info[..4].copy_from_slice(&ETHTOOL_GSSET_INFO.to_ne_bytes());
+    info[8..16].copy_from_slice(&(1u64 << ETH_SS_FEATURES).to_ne_bytes());
+    ethtool(interface, &mut info)?;
+    let count = word(&info, 4) as usize;
+    // struct ethtool_gstrings: cmd, string_set, len, then the strings.
+    let mut names = vec![0u8; 12 + count * GSTRING_LEN];
+    names[..4].copy_from_slice(&ETHTOOL_GSTRINGS.to_ne_bytes());
+    names[4..8].copy_from_slice(&ETH_SS_FEATURES.to_ne_bytes());
+    names[8..12].copy_from_slice(&(count as u32).to_ne_bytes());
+    ethtool(interface, &mut names)?;
+    // struct ethtool_gfeatures: cmd, size (blocks), then per 32 features: available,
+    // requested, active, never_changed.
+    let blocks = count.div_ceil(32);
+    let mut features = vec![0u8; 8 + blocks * 16];
+    features[..4].copy_from_slice(&ETHTOOL_GFEATURES.to_ne_bytes());
+    features[4..8].copy_from_slice(&(blocks as u32).to_ne_bytes());
+    ethtool(interface, &mut features)?;
+    Ok((0..count)
+        .filter(|bit| word(&features, 2 + (bit / 32) * 4 + 2) & (1 << (bit % 32)) != 0)
+        .map(|bit| {
+            let name = &names[12 + bit * GSTRING_LEN..12 + (bit + 1) * GSTRING_LEN];
+            let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+            String::from_utf8_lossy(&name[..end]).into_owned()
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn loopback_is_read_through_ethtool() {
+        // Every namespace has `lo`; its features include checksum offload.
+        let features = super::active_features("lo").expect("ethtool answers for lo");
+        assert!(
+            features.iter().any(|f| f == "tx-checksum-ip-generic"),
+            "{features:?}"
+        );
+        assert!(super::driver("no-such-interface").is_err());
+    }
+
     #[test]
     fn the_cookie_is_stable_within_a_namespace() {
         let first = super::netns_cookie().expect("SO_NETNS_COOKIE works on this kernel");

@@ -37,10 +37,17 @@ pub enum DropReason {
     NoLocalEndpoints = 12,
     /// A new connection to a load-balancer address from outside its `loadBalancerSourceRanges`.
     SourceRangeDenied = 13,
+    /// VXLAN whose outer header carries a congestion mark (CE) the inner packet, not
+    /// ECN-capable, cannot carry (RFC 6040; Linux's VXLAN drops it too).
+    VxlanCongestionNotEct = 14,
+    /// VXLAN with another VNI than the overlay's, which the node's VXLAN device took.
+    VxlanOtherVni = 15,
+    /// Decapsulation failed (a helper refused to remove the outer headers).
+    DecapFailed = 16,
 }
 
 /// Number of drop reasons, the size of the drop counter map.
-pub const DROP_REASON_COUNT: u32 = 14;
+pub const DROP_REASON_COUNT: u32 = 17;
 
 impl DropReason {
     /// Every reason, in counter-index order.
@@ -59,6 +66,9 @@ impl DropReason {
         Self::VxlanMalformed,
         Self::NoLocalEndpoints,
         Self::SourceRangeDenied,
+        Self::VxlanCongestionNotEct,
+        Self::VxlanOtherVni,
+        Self::DecapFailed,
     ];
 
     /// Stable snake_case name, used by `weft inspect drops` and metric labels.
@@ -79,6 +89,9 @@ impl DropReason {
             Self::VxlanMalformed => "vxlan_malformed",
             Self::NoLocalEndpoints => "no_local_endpoints",
             Self::SourceRangeDenied => "source_range_denied",
+            Self::VxlanCongestionNotEct => "vxlan_congestion_not_ect",
+            Self::VxlanOtherVni => "vxlan_other_vni",
+            Self::DecapFailed => "decap_failed",
         }
     }
 }

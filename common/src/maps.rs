@@ -29,7 +29,7 @@ pub const CONNTRACK_MAP: &str = "weft_ct4_v1";
 /// Name of the socket-level NAT map of the host's own sockets: [`SockNatKey`] -> [`SockNatValue`].
 pub const SOCK_NAT_MAP: &str = "weft_socknat_v1";
 /// Name of the per-CPU drop counters, indexed by [`crate::drop_reason::DropReason`].
-pub const DROPS_MAP: &str = "weft_drops_v2";
+pub const DROPS_MAP: &str = "weft_drops_v3";
 /// Name of the one-entry datapath configuration array: `0` -> [`DatapathConfig`].
 pub const CONFIG_MAP: &str = "weft_config_v1";
 
@@ -38,10 +38,13 @@ pub const SUBNETS_MAP: &str = "weft_subnets_v1";
 /// Name of the overlay members: a node's PublicIP (network order) -> [`Vtep`].
 pub const VTEPS_MAP: &str = "weft_vteps_v1";
 /// Name of the one-entry overlay configuration array: `0` -> [`OverlayConfig`].
-pub const OVERLAY_MAP: &str = "weft_overlay_v1";
+pub const OVERLAY_MAP: &str = "weft_overlay_v2";
+/// Name of this node's pods as the datapath learned them from their ports: a pod's IPv4
+/// address (network order) -> [`LocalPod`].
+pub const LOCAL_PODS_MAP: &str = "weft_pods_v1";
 
 /// Every map weft pins, so the agent can check each pin's layout before reusing it.
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 14] = [
     SERVICES_MAP,
     ENDPOINTS_MAP,
     SERVICE_NAMES_MAP,
@@ -55,6 +58,7 @@ pub const PINNED_MAPS: [&str; 13] = [
     SUBNETS_MAP,
     VTEPS_MAP,
     OVERLAY_MAP,
+    LOCAL_PODS_MAP,
 ];
 
 /// Default capacity of [`SERVICES_MAP`] (frontends: one per service IP, port and protocol).
@@ -67,6 +71,8 @@ pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
 pub const DEFAULT_SOCK_NAT_ENTRIES: u32 = 65_536;
 /// Capacity of [`SUBNETS_MAP`] and [`VTEPS_MAP`]: nodes in one cluster.
 pub const MAX_NODES: u32 = 16_384;
+/// Capacity of [`LOCAL_PODS_MAP`]: pods of one node (a /16 subnet's worth).
+pub const MAX_LOCAL_PODS: u32 = 65_536;
 /// Default capacity of [`AFFINITY_MAP`] (clients remembered per service with ClientIP affinity).
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 65_536;
 /// Capacity of [`SOURCE_RANGES_MAP`] (source ranges summed over all load-balancer frontends).
@@ -416,7 +422,8 @@ pub struct OverlayConfig {
     /// The cluster's pod Network (flannel's `Network`), network order.
     pub network_addr: [u8; 4],
     pub network_prefix_len: u8,
-    pub _pad: u8,
+    /// [`overlay_flags`].
+    pub flags: u8,
     /// VXLAN UDP port, host order.
     pub port: u16,
     /// VXLAN network identifier, host order.
@@ -425,6 +432,42 @@ pub struct OverlayConfig {
     pub vtep_mac: [u8; 6],
     /// The uplink's own MAC: decapsulated frames are addressed to it so the node routes them.
     pub uplink_mac: [u8; 6],
+    /// This node's pod subnet (its lease), network order.
+    pub local_subnet_addr: [u8; 4],
+    pub local_subnet_prefix_len: u8,
+    pub _pad: u8,
+    /// The largest inner IPv4 packet the overlay carries unfragmented (the pod routes' MTU),
+    /// host order: bigger ones take the kernel's path, which fragments or answers with ICMP.
+    pub inner_mtu: u16,
+    /// The uplink's ifindex (host order): where packets encapsulated at a pod's port go.
+    pub uplink_ifindex: u32,
+    /// The ifindex (host order) of the node's `external` VXLAN device, the kernel path for what
+    /// the programs hand on; 0 when there is none.
+    pub tunnel_ifindex: u32,
+    /// The pod bridge's MAC: the source of frames delivered straight into a pod, as its
+    /// gateway's would be.
+    pub bridge_mac: [u8; 6],
+    pub _pad2: [u8; 2],
+}
+
+/// Bits of [`OverlayConfig::flags`].
+pub mod overlay_flags {
+    /// Packets between this node's pods and remote pods skip the node's stack: decapsulated
+    /// straight into the pod (`bpf_redirect_peer`), encapsulated at the pod's port and
+    /// redirected to the uplink (`--host-routing=ebpf`). Clear: the stack routes them
+    /// (`--host-routing=kernel`), and netfilter sees them.
+    pub const EBPF_HOST_ROUTING: u8 = 1;
+}
+
+/// A pod of this node, learned from the frames its port receives from it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalPod {
+    /// The ifindex of the pod's port (the host side of its veth), host order.
+    pub ifindex: u32,
+    /// The pod's MAC.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 impl OverlayConfig {
@@ -433,6 +476,28 @@ impl OverlayConfig {
     #[must_use]
     pub fn in_network(&self, addr: [u8; 4]) -> bool {
         prefix_contains(self.network_addr, self.network_prefix_len, addr)
+    }
+
+    /// Whether `addr` is in this node's own pod subnet.
+    #[inline(always)]
+    #[must_use]
+    pub fn in_local_subnet(&self, addr: [u8; 4]) -> bool {
+        self.local_subnet_prefix_len != 0
+            && prefix_contains(self.local_subnet_addr, self.local_subnet_prefix_len, addr)
+    }
+
+    /// Whether `addr` is a pod of another node: in the Network, outside this node's subnet.
+    #[inline(always)]
+    #[must_use]
+    pub fn is_remote_pod(&self, addr: [u8; 4]) -> bool {
+        self.public_ip != [0; 4] && self.in_network(addr) && !self.in_local_subnet(addr)
+    }
+
+    /// Whether pod traffic skips the node's stack ([`overlay_flags::EBPF_HOST_ROUTING`]).
+    #[inline(always)]
+    #[must_use]
+    pub fn ebpf_host_routing(&self) -> bool {
+        self.flags & overlay_flags::EBPF_HOST_ROUTING != 0
     }
 }
 
@@ -468,14 +533,15 @@ const _: () = {
     assert!(size_of::<DatapathConfig>() == 16);
     assert!(size_of::<RemoteNode>() == 12);
     assert!(size_of::<Vtep>() == 8);
-    assert!(size_of::<OverlayConfig>() == 28);
+    assert!(size_of::<OverlayConfig>() == 52);
+    assert!(size_of::<LocalPod>() == 12);
 };
 
 #[cfg(feature = "user")]
 mod pod {
     use super::{
         AffinityKey, AffinityValue, CtKey, CtValue, DatapathConfig, EndpointKey, EndpointMemberKey,
-        EndpointValue, OverlayConfig, RemoteNode, ServiceKey, ServiceName, ServiceValue,
+        EndpointValue, LocalPod, OverlayConfig, RemoteNode, ServiceKey, ServiceName, ServiceValue,
         SockNatKey, SockNatValue, SourceRangeKey, Vtep,
     };
 
@@ -507,6 +573,7 @@ mod pod {
         RemoteNode,
         Vtep,
         OverlayConfig,
+        LocalPod,
     );
 }
 

@@ -78,6 +78,8 @@ pub struct Ipv4Header {
     pub src: [u8; 4],
     pub dst: [u8; 4],
     pub proto: u8,
+    /// The TOS byte (DSCP and ECN).
+    pub tos: u8,
     pub fragment: Fragment,
 }
 
@@ -131,6 +133,7 @@ pub fn parse_ipv4<P: PacketBytes + ?Sized>(packet: &P) -> Frame {
         src: [header[12], header[13], header[14], header[15]],
         dst: [header[16], header[17], header[18], header[19]],
         proto: header[9],
+        tos: header[1],
         fragment,
     })
 }

@@ -1,7 +1,13 @@
 //! VXLAN as Linux and flannel put it on the wire (RFC 7348): outer IPv4 and UDP (checksum 0),
 //! the 8-byte VXLAN header with the I flag and a 24-bit VNI, then the inner Ethernet frame.
 
-use crate::csum;
+use crate::{
+    csum,
+    drop_reason::DropReason,
+    ip_proto,
+    maps::OverlayConfig,
+    packet::{ETH_HLEN, ETH_P_IP, Fragment, Frame, PacketBytes, ipv4_checksum_ok, parse_ipv4},
+};
 
 /// flannel's default VXLAN port (Linux's, before IANA assigned 4789).
 pub const DEFAULT_PORT: u16 = 8472;
@@ -140,6 +146,128 @@ pub fn headers(encap: &Encap) -> [u8; ENCAP_LEN] {
     out
 }
 
+/// What a frame arriving on the uplink is to the overlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Not VXLAN this node takes: anything else, a fragment, an outer header the stack would
+    /// refuse, or VXLAN with another VNI. The stack (or the kernel's VXLAN device) judges it.
+    NotOurs,
+    /// VXLAN for this node that is dropped and counted: cut short, not IPv4 inside, or from an
+    /// address that holds no lease.
+    Drop(DropReason),
+    /// VXLAN for this node from a member.
+    Member(Tunneled),
+}
+
+/// A member's VXLAN packet, as decapsulation needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunneled {
+    /// The bytes between the outer Ethernet header and the inner IPv4 header (50, more with
+    /// outer IPv4 options): what decapsulation removes.
+    pub encap_len: usize,
+    /// The outer IPv4 TOS byte, whose ECN field decapsulation carries inward.
+    pub outer_tos: u8,
+    /// The outer source: the sending node's PublicIP.
+    pub outer_src: [u8; 4],
+    /// The inner Ethernet source: the sending node's VtepMAC.
+    pub inner_src_mac: [u8; 6],
+}
+
+/// Classifies a frame the uplink received, as Linux's VXLAN receive path would take it for
+/// `overlay`: outer IPv4 to this node's PublicIP with a valid header, not a fragment, UDP to
+/// the overlay's port, the I flag and the overlay's VNI. `member` says whether an outer source
+/// holds a lease. What lies past the outer total length is padding, never VXLAN.
+#[inline(always)]
+pub fn classify<P: PacketBytes + ?Sized>(
+    frame: &P,
+    overlay: &OverlayConfig,
+    member: impl FnOnce([u8; 4]) -> bool,
+) -> Received {
+    let Frame::Ipv4(ip) = parse_ipv4(frame) else {
+        return Received::NotOurs;
+    };
+    if ip.proto != ip_proto::UDP || ip.fragment != Fragment::Whole || ip.dst != overlay.public_ip {
+        return Received::NotOurs;
+    }
+    let header_len = ip.l4_offset - ETH_HLEN;
+    if usize::from(ip.total_len) < header_len || !ipv4_checksum_ok(frame, header_len) {
+        return Received::NotOurs;
+    }
+    // The datagram ends at its total length (or at the frame's end, if cut short).
+    let datagram_end = ETH_HLEN + usize::from(ip.total_len);
+    let Some(udp) = frame.read::<8>(ip.l4_offset) else {
+        return Received::NotOurs;
+    };
+    if ip.l4_offset + 8 > datagram_end || u16::from_be_bytes([udp[2], udp[3]]) != overlay.port {
+        return Received::NotOurs;
+    }
+    // UDP to this node's VXLAN port: from here on it is VXLAN or garbage.
+    let inner = ip.l4_offset + 16;
+    let Some(vxlan) = frame.read::<8>(ip.l4_offset + 8) else {
+        return Received::Drop(DropReason::VxlanMalformed);
+    };
+    if inner > datagram_end {
+        return Received::Drop(DropReason::VxlanMalformed);
+    }
+    if vni(&vxlan) != Some(overlay.vni) {
+        return Received::NotOurs;
+    }
+    if !member(ip.src) {
+        return Received::Drop(DropReason::VxlanUnknownSource);
+    }
+    let Some(ethernet) = frame.read::<{ ETH_HLEN }>(inner) else {
+        return Received::Drop(DropReason::VxlanMalformed);
+    };
+    if inner + ETH_HLEN > datagram_end
+        || u16::from_be_bytes([ethernet[12], ethernet[13]]) != ETH_P_IP
+    {
+        return Received::Drop(DropReason::VxlanMalformed);
+    }
+    Received::Member(Tunneled {
+        encap_len: inner,
+        outer_tos: ip.tos,
+        outer_src: ip.src,
+        inner_src_mac: [
+            ethernet[6],
+            ethernet[7],
+            ethernet[8],
+            ethernet[9],
+            ethernet[10],
+            ethernet[11],
+        ],
+    })
+}
+
+/// The ECN field of a TOS byte (RFC 3168): not-ECT, ECT(1), ECT(0), CE.
+const ECN_MASK: u8 = 0b11;
+const ECN_ECT_1: u8 = 0b01;
+const ECN_ECT_0: u8 = 0b10;
+const ECN_CE: u8 = 0b11;
+
+/// The inner TOS byte after decapsulation, as Linux's `INET_ECN_decapsulate` (RFC 6040, normal
+/// mode) leaves it: congestion marked on the outer header is carried inward, as is ECT(1); a
+/// packet marked CE outside whose inner header is not ECN-capable cannot carry the mark and is
+/// dropped (`None`).
+#[inline(always)]
+#[must_use]
+pub const fn decapsulated_tos(outer_tos: u8, inner_tos: u8) -> Option<u8> {
+    let (outer, inner) = (outer_tos & ECN_MASK, inner_tos & ECN_MASK);
+    if inner == 0 {
+        return if outer == ECN_CE {
+            None
+        } else {
+            Some(inner_tos)
+        };
+    }
+    if outer == ECN_CE {
+        Some(inner_tos | ECN_CE)
+    } else if outer == ECN_ECT_1 && inner == ECN_ECT_0 {
+        Some((inner_tos & !ECN_MASK) | ECN_ECT_1)
+    } else {
+        Some(inner_tos)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +333,125 @@ mod tests {
         assert!(
             seen.iter().all(|s| *s),
             "every sixteenth of the range is used: {seen:?}"
+        );
+    }
+
+    #[test]
+    fn ecn_follows_rfc_6040_as_linux_applies_it() {
+        // (outer, inner) -> inner after, for the ECN field alone, DSCP 0x28 kept throughout.
+        for (outer, inner, after) in [
+            (0b00, 0b00, Some(0b00)),
+            (0b10, 0b00, Some(0b00)),
+            (0b01, 0b00, Some(0b00)),
+            (0b11, 0b00, None),
+            (0b00, 0b10, Some(0b10)),
+            (0b11, 0b10, Some(0b11)),
+            (0b11, 0b01, Some(0b11)),
+            (0b01, 0b10, Some(0b01)),
+            (0b01, 0b11, Some(0b11)),
+            (0b10, 0b01, Some(0b01)),
+        ] {
+            assert_eq!(
+                decapsulated_tos(0xa0 | outer, 0x28 << 2 | inner),
+                after.map(|ecn| 0x28 << 2 | ecn),
+                "outer {outer:02b}, inner {inner:02b}"
+            );
+        }
+    }
+
+    fn overlay() -> OverlayConfig {
+        OverlayConfig {
+            public_ip: [192, 168, 50, 1],
+            port: DEFAULT_PORT,
+            vni: DEFAULT_VNI,
+            ..OverlayConfig::default()
+        }
+    }
+
+    /// A VXLAN frame from 192.168.50.2 to this node, carrying `inner` (an Ethernet frame).
+    fn received(inner: &[u8], vni: u32, port: u16) -> [u8; 200] {
+        let mut frame = [0u8; 200];
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        let encap = headers(&Encap {
+            src: [192, 168, 50, 2],
+            dst: [192, 168, 50, 1],
+            src_port: 40000,
+            dst_port: port,
+            vni,
+            inner_src_mac: [2, 0, 0, 0, 0, 2],
+            inner_dst_mac: [2, 0, 0, 0, 0, 1],
+            ip_id: 7,
+            tos: 0x02,
+            inner_len: (inner.len() - 14) as u32,
+        });
+        frame[14..64].copy_from_slice(&encap);
+        frame[64..50 + inner.len()].copy_from_slice(&inner[14..]);
+        frame
+    }
+
+    fn inner() -> [u8; 54] {
+        let mut inner = [0u8; 54];
+        inner[12..14].copy_from_slice(&[0x08, 0x00]);
+        inner[14] = 0x45;
+        inner[17] = 40;
+        inner
+    }
+
+    #[test]
+    fn a_members_vxlan_is_recognised_with_what_decapsulation_needs() {
+        let frame = received(&inner(), DEFAULT_VNI, DEFAULT_PORT);
+        let len = 14 + 50 + 40;
+        assert_eq!(
+            classify(&frame[..len], &overlay(), |src| src == [192, 168, 50, 2]),
+            Received::Member(Tunneled {
+                encap_len: 50,
+                outer_tos: 0x02,
+                outer_src: [192, 168, 50, 2],
+                inner_src_mac: [2, 0, 0, 0, 0, 2],
+            })
+        );
+        assert_eq!(
+            classify(&frame[..len], &overlay(), |_| false),
+            Received::Drop(DropReason::VxlanUnknownSource)
+        );
+    }
+
+    #[test]
+    fn other_vnis_ports_and_addresses_are_not_ours_and_runts_are_dropped() {
+        let member = |_| true;
+        let len = 14 + 50 + 40;
+        let other_vni = received(&inner(), 2, DEFAULT_PORT);
+        assert_eq!(
+            classify(&other_vni[..len], &overlay(), member),
+            Received::NotOurs
+        );
+        let other_port = received(&inner(), DEFAULT_VNI, 4789);
+        assert_eq!(
+            classify(&other_port[..len], &overlay(), member),
+            Received::NotOurs
+        );
+        let mut elsewhere = received(&inner(), DEFAULT_VNI, DEFAULT_PORT);
+        elsewhere[33] = 9;
+        assert_eq!(
+            classify(&elsewhere[..len], &overlay(), member),
+            Received::NotOurs
+        );
+        let frame = received(&inner(), DEFAULT_VNI, DEFAULT_PORT);
+        assert_eq!(
+            classify(&frame[..14 + 20 + 8 + 4], &overlay(), member),
+            Received::Drop(DropReason::VxlanMalformed),
+            "VXLAN header cut off"
+        );
+        assert_eq!(
+            classify(&frame[..14 + 36 + 10], &overlay(), member),
+            Received::Drop(DropReason::VxlanMalformed),
+            "inner Ethernet header cut off"
+        );
+        let mut frame = received(&inner(), DEFAULT_VNI, DEFAULT_PORT);
+        frame[62..64].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(
+            classify(&frame[..len], &overlay(), member),
+            Received::Drop(DropReason::VxlanMalformed)
         );
     }
 

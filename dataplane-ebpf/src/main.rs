@@ -2,12 +2,13 @@
 //!
 //! | hook | program | job |
 //! |---|---|---|
-//! | TC ingress of every pod's bridge port | [`tc_from_pods`] | service DNAT, conntrack, masquerade mark, rejects |
+//! | TC ingress of every pod's bridge port | [`tc_from_pods`] | service DNAT, conntrack, masquerade mark, rejects; VXLAN encapsulation to remote pods, straight to the uplink |
 //! | TC egress of every pod's bridge port | [`tc_to_pod`] | reverse NAT of replies to local pods |
 //! | cgroup `connect4` / `sendmsg4` / `recvmsg4` / `getpeername4` | [`cgroup_sock_addr`] | services for the node's own sockets |
-//! | TC ingress of the uplink | [`tc_from_uplink`] | service DNAT for clients outside the node (NodePort, external IPs) |
+//! | TC ingress of the uplink | [`tc_from_uplink`] | VXLAN decapsulation (into local pods directly), service DNAT for clients outside the node (NodePort, external IPs) |
 //! | TC egress of the uplink | [`tc_to_uplink`] | reverse NAT of replies leaving the node, VXLAN encapsulation to remote pod subnets |
-//! | XDP on the uplink | [`xdp_uplink`] | VXLAN decapsulation of traffic for this node |
+//! | TC ingress of the `external` VXLAN device | [`tc_from_tunnel`] | the overlay's rules on what the kernel decapsulated; service DNAT |
+//! | XDP on the uplink (optional) | [`xdp_uplink`] | early drops of VXLAN from non-members and of malformed VXLAN |
 //! | none (bench only) | [`floor`] | empty TC and XDP programs: the cost of running any program |
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![cfg_attr(
@@ -36,11 +37,15 @@ mod service;
 #[cfg(target_arch = "bpf")]
 mod tc_from_pods;
 #[cfg(target_arch = "bpf")]
+mod tc_from_tunnel;
+#[cfg(target_arch = "bpf")]
 mod tc_from_uplink;
 #[cfg(target_arch = "bpf")]
 mod tc_to_pod;
 #[cfg(target_arch = "bpf")]
 mod tc_to_uplink;
+#[cfg(target_arch = "bpf")]
+mod vxlan;
 #[cfg(target_arch = "bpf")]
 mod xdp_uplink;
 

@@ -11,9 +11,9 @@ use weft_common::{
     maps::{
         AffinityKey, AffinityValue, CtKey, CtValue, DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT_ENTRIES,
         DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES, DEFAULT_SOCK_NAT_ENTRIES, DatapathConfig,
-        EndpointKey, EndpointMemberKey, EndpointValue, MAX_NODES, MAX_SOURCE_RANGES, OverlayConfig,
-        RemoteNode, ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue,
-        SourceRangeKey, Vtep,
+        EndpointKey, EndpointMemberKey, EndpointValue, LocalPod, MAX_LOCAL_PODS, MAX_NODES,
+        MAX_SOURCE_RANGES, OverlayConfig, RemoteNode, ServiceKey, ServiceName, ServiceValue,
+        SockNatKey, SockNatValue, SourceRangeKey, Vtep,
     },
 };
 
@@ -78,7 +78,7 @@ pub(crate) static SOCK_NAT: LruHashMap<
 > = LruHashMap::new();
 
 /// Drop counters, one per `DropReason`, per CPU.
-#[btf_map(name = "weft_drops_v2")]
+#[btf_map(name = "weft_drops_v3")]
 pub(crate) static DROPS: PerCpuArray<u64, { DROP_REASON_COUNT as usize }> = PerCpuArray::new();
 
 /// Node-wide settings, written by the agent before it attaches the programs.
@@ -95,8 +95,16 @@ pub(crate) static SUBNETS: LpmTrie<[u8; 4], RemoteNode, { MAX_NODES as usize }> 
 pub(crate) static VTEPS: HashMap<[u8; 4], Vtep, { MAX_NODES as usize }> = HashMap::new();
 
 /// This node's overlay settings, written by the agent before it attaches the overlay programs.
-#[btf_map(name = "weft_overlay_v1")]
+#[btf_map(name = "weft_overlay_v2")]
 pub(crate) static OVERLAY: Array<OverlayConfig, 1> = Array::new();
+
+/// This node's pods, learned from what their ports receive from them (as a bridge learns its
+/// forwarding table): where a packet from the overlay for one of them is delivered. Written
+/// per packet only when a pod's port or MAC changed; the agent removes the pods of ports that
+/// left. LRU, so a full table forgets the quietest pods, whose packets take the stack.
+#[btf_map(name = "weft_pods_v1")]
+pub(crate) static LOCAL_PODS: LruHashMap<[u8; 4], LocalPod, { MAX_LOCAL_PODS as usize }> =
+    LruHashMap::new();
 
 /// Counts a drop. Per-CPU, so a plain increment is exact.
 #[inline(always)]

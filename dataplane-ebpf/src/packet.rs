@@ -46,20 +46,6 @@ impl PacketBytes for Skb<'_> {
 /// An XDP frame, as [`PacketBytes`].
 pub(crate) struct Xdp<'a>(pub(crate) &'a XdpContext);
 
-impl Xdp<'_> {
-    /// Writes `bytes` at `offset`; `None` when the frame is shorter.
-    #[inline(always)]
-    pub(crate) fn write<const N: usize>(&self, offset: usize, bytes: &[u8; N]) -> Option<()> {
-        let (start, end) = (self.0.data(), self.0.data_end());
-        if start + offset + N > end {
-            return None;
-        }
-        // SAFETY: inside the frame, as just checked.
-        unsafe { core::ptr::write_unaligned((start + offset) as *mut [u8; N], *bytes) };
-        Some(())
-    }
-}
-
 impl PacketBytes for Xdp<'_> {
     #[inline(always)]
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {

@@ -1,5 +1,9 @@
-//! TC ingress of the uplink: every frame the node receives from the network (after `xdp_uplink`
-//! has decapsulated what the overlay carried).
+//! TC ingress of the uplink: every frame the node receives from the network.
+//!
+//! VXLAN from the overlay's members is decapsulated here, and what it carried for a pod of
+//! this node goes straight into the pod (with `--host-routing=ebpf`); the rest of what it
+//! carried goes on to the stack like any frame from outside (see `vxlan`). A GSO aggregate
+//! this kernel cannot decapsulate safely goes on whole, to the node's VXLAN device.
 //!
 //! Clients outside the node reach services here: NodePorts on the node's addresses, external
 //! IPs and load-balancer IPs routed to the node, and ClusterIPs routed to it. The translation is
@@ -7,11 +11,40 @@
 //! when the cluster CIDR holds it. Replies are restored on the way out, by `tc_to_uplink` (or by
 //! `tc_to_pod` when the client is a local pod).
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::classifier,
+    programs::TcContext,
+};
 
-use crate::service::{self, Clients};
+use crate::{
+    maps::{count_drop, overlay},
+    service::{self, Clients},
+    vxlan::{self, Arrival},
+};
 
 #[classifier]
 pub fn tc_from_uplink(ctx: TcContext) -> i32 {
-    service::to_endpoint(&ctx, Clients::Outside)
+    let overlay = overlay();
+    match vxlan::decapsulate(&ctx, &overlay) {
+        Ok(Arrival::NotOurs) => service::to_endpoint(&ctx, Clients::Outside),
+        Ok(Arrival::ToKernel) => TC_ACT_UNSPEC,
+        Ok(Arrival::Decapsulated) => {
+            let verdict = service::to_endpoint(&ctx, Clients::Outside);
+            if verdict != TC_ACT_UNSPEC {
+                return verdict;
+            }
+            match vxlan::into_pod(&ctx, &overlay) {
+                Ok(delivered) => delivered.unwrap_or(TC_ACT_UNSPEC),
+                Err(reason) => {
+                    count_drop(reason);
+                    TC_ACT_SHOT
+                }
+            }
+        }
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT
+        }
+    }
 }

@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use weft::model::NodeLease;
-use weft_common::maps::OverlayConfig;
+use weft_common::maps::{OverlayConfig, overlay_flags};
 
 use crate::{
     harness::Datapath,
@@ -24,6 +24,7 @@ pub const OUR_VTEP: [u8; 6] = [0x0e, 0xfe, 192, 168, 50, 1];
 pub const REMOTE_VTEP: [u8; 6] = [0xb6, 0xc7, 0x0f, 0x7f, 0x66, 0xa7];
 pub const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const BRIDGE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb0];
 
 /// This node's overlay settings (Network 172.30.0.0/16, VNI 1, port 8472).
 #[must_use]
@@ -32,11 +33,19 @@ pub fn overlay() -> OverlayConfig {
         public_ip: OUR_IP.octets(),
         network_addr: [172, 30, 0, 0],
         network_prefix_len: 16,
-        _pad: 0,
+        flags: overlay_flags::EBPF_HOST_ROUTING,
         port: 8472,
         vni: 1,
         vtep_mac: OUR_VTEP,
         uplink_mac: UPLINK_MAC,
+        local_subnet_addr: [172, 30, 20, 0],
+        local_subnet_prefix_len: 24,
+        _pad: 0,
+        inner_mtu: 1450,
+        uplink_ifindex: 0,
+        tunnel_ifindex: 0,
+        bridge_mac: BRIDGE_MAC,
+        _pad2: [0; 2],
     }
 }
 

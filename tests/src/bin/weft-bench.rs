@@ -140,21 +140,31 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut plan = &FULL;
     let mut out = PathBuf::from("docs/benchmarks.md");
+    let mut only: Option<String> = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => plan = &QUICK,
             "--out" => out = args.next().context("--out needs a path")?.into(),
-            other => bail!("unknown argument {other}; use --quick and --out FILE"),
+            "--only" => only = Some(args.next().context("--only needs a part")?),
+            other => bail!("unknown argument {other}; use --quick, --only PART and --out FILE"),
         }
     }
+    let runs = |part: &str| only.as_deref().is_none_or(|only| only == part);
     let started = Instant::now();
     let mut report = Report::default();
-    eprintln!("bench: per-packet cost of each eBPF path (BPF_PROG_TEST_RUN)");
-    packet_costs(plan, &mut report);
-    eprintln!("bench: services on one node: weft, kube-proxy iptables, kube-proxy nftables");
-    let latency = node_figures(plan, &mut report)?;
-    eprintln!("bench: pod-to-pod throughput across two nodes: weft, kernel VXLAN");
-    throughput(plan, &mut report)?;
+    if runs("packet") {
+        eprintln!("bench: per-packet cost of each eBPF path (BPF_PROG_TEST_RUN)");
+        packet_costs(plan, &mut report);
+    }
+    let mut latency = Vec::new();
+    if runs("services") {
+        eprintln!("bench: services on one node: weft, kube-proxy iptables, kube-proxy nftables");
+        latency = node_figures(plan, &mut report)?;
+    }
+    if runs("overlay") {
+        eprintln!("bench: pod-to-pod throughput across two nodes: weft, kernel VXLAN");
+        throughput(plan, &mut report)?;
+    }
     let table = table(&report.rows);
     println!("{table}");
     let svg = plot(
