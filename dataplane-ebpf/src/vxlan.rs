@@ -77,10 +77,13 @@ pub(crate) enum Arrival {
 /// The kernel's VXLAN receive path is followed where it shows: the outer header's ECN is
 /// carried inward (RFC 6040), one level of verified checksum is consumed with the outer UDP
 /// header, and the skb keeps its GSO geometry. What stays behind on kernels without
-/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` is the skb's UDP tunnel GSO state: harmless for a TCP
-/// aggregate delivered to this node's own subnet (TCP segmentation ignores it), but a UDP
-/// aggregate, or one forwarded on, could be segmented wrongly. Those are left to the node's
-/// VXLAN device, which clears that state as it decapsulates.
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` is the skb's UDP tunnel GSO state (`skb->encapsulation`, the
+/// tunnel GSO type, inner header offsets): harmless for a TCP aggregate that [`into_pod`]
+/// hands straight to a pod's TCP, but the stack's forwarding reads it (the MTU check measures
+/// segments by those offsets; UDP segmentation takes the packet for a tunnel's), so any other
+/// GSO aggregate is left whole to the node's VXLAN device, which clears that state as it
+/// decapsulates. Measured: forwarding such aggregates through the stack ran at a third of the
+/// kernel device's rate.
 #[inline(never)]
 pub(crate) fn decapsulate(ctx: &TcContext, overlay: &OverlayConfig) -> Result<Arrival, DropReason> {
     // SAFETY: reading fields of this program's context.
@@ -114,11 +117,12 @@ pub(crate) fn decapsulate(ctx: &TcContext, overlay: &OverlayConfig) -> Result<Ar
         .adjust_room(len, BPF_ADJ_ROOM_MAC, flags | ADJ_ROOM_DECAP_L4_UDP)
         .is_err()
     {
-        let delivered_here = inner.is_some_and(|inner| {
+        let into_pod = inner.is_some_and(|inner| {
             inner[9] == ip_proto::TCP
-                && overlay.in_local_subnet([inner[16], inner[17], inner[18], inner[19]])
+                && overlay.ebpf_host_routing()
+                && local_pod([inner[16], inner[17], inner[18], inner[19]]).is_some()
         });
-        if gso_size != 0 && !delivered_here && overlay.tunnel_ifindex != 0 {
+        if gso_size != 0 && !into_pod && overlay.tunnel_ifindex != 0 {
             return Ok(Arrival::ToKernel);
         }
         if ctx.adjust_room(len, BPF_ADJ_ROOM_MAC, flags).is_err() {

@@ -81,6 +81,47 @@ impl Drop for Capture {
     }
 }
 
+/// The lengths of the frames `interface` of `ns` sends during `window`, as they leave it (a
+/// GSO super-packet counts once, with its whole length; nothing is copied but the length).
+#[must_use]
+pub fn sent_frame_lengths(ns: &Netns, interface: &str, window: Duration) -> Vec<usize> {
+    /// `PACKET_OUTGOING`: a frame the interface sent.
+    const OUTGOING: u8 = 4;
+    ns.run(|| {
+        let index = nix::net::if_::if_nametoindex(interface).expect("the interface exists");
+        let socket = socket(
+            AddressFamily::Packet,
+            SockType::Raw,
+            SockFlag::empty(),
+            SockProtocol::EthAll,
+        )
+        .expect("a packet socket (needs CAP_NET_RAW)");
+        setsockopt(&socket, sockopt::ReceiveTimeout, &TimeVal::new(0, 50_000))
+            .expect("socket timeout");
+        let mut lengths = Vec::new();
+        let mut head = [0u8; 64];
+        let started = std::time::Instant::now();
+        while started.elapsed() < window {
+            let mut iov = [std::io::IoSliceMut::new(&mut head)];
+            let Ok(message) = nix::sys::socket::recvmsg::<nix::sys::socket::LinkAddr>(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                &mut iov,
+                None,
+                nix::sys::socket::MsgFlags::MSG_TRUNC,
+            ) else {
+                continue;
+            };
+            let Some(from) = message.address else {
+                continue;
+            };
+            if from.ifindex() == index as usize && from.pkttype() == OUTGOING {
+                lengths.push(message.bytes);
+            }
+        }
+        lengths
+    })
+}
+
 /// Whether a frame is IPv4/UDP to `port` (a VXLAN candidate).
 #[must_use]
 pub fn is_udp_to(frame: &[u8], port: u16) -> bool {

@@ -19,7 +19,7 @@ use weft::{
 };
 use weft_common::{
     drop_reason::DropReason,
-    maps::{CONNTRACK_MAP, CtKey, CtValue, DROPS_MAP, DatapathConfig},
+    maps::{CONNTRACK_MAP, CtKey, CtValue, DROPS_MAP, DatapathConfig, LOCAL_PODS_MAP, LocalPod},
 };
 
 /// `TC_ACT_UNSPEC`: the packet goes on (to the next program or the stack).
@@ -35,6 +35,16 @@ const SKB_CONTEXT_LEN: usize = 192;
 const SKB_MARK: usize = 8;
 /// Offset of `ifindex` in `struct __sk_buff`: the device the test run's skb is on.
 const SKB_IFINDEX: usize = 40;
+/// Offsets of `gso_segs` and `gso_size` in `struct __sk_buff`.
+const SKB_GSO_SEGS: usize = 164;
+const SKB_GSO_SIZE: usize = 176;
+
+/// The skb fields a test run sets.
+struct Skb {
+    mark: u32,
+    ifindex: u32,
+    gso_size: u32,
+}
 
 /// What one program run did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -254,6 +264,37 @@ impl Datapath {
         ifindex: u32,
         repeat: u32,
     ) -> Result<Run, ProgramError> {
+        self.try_run_skb(
+            name,
+            frame,
+            &Skb {
+                mark,
+                ifindex,
+                gso_size: 0,
+            },
+            repeat,
+        )
+    }
+
+    /// Runs the TC program `name` once on `frame` as a GSO skb of `gso_size`-byte segments on
+    /// device `ifindex`. The test run sets no GSO type, which some helpers refuse.
+    pub fn run_gso_on(&mut self, name: &str, frame: &[u8], ifindex: u32, gso_size: u32) -> Run {
+        let skb = Skb {
+            mark: 0,
+            ifindex,
+            gso_size,
+        };
+        self.try_run_skb(name, frame, &skb, 1)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {frame:02x?}: {e}"))
+    }
+
+    fn try_run_skb(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        skb: &Skb,
+        repeat: u32,
+    ) -> Result<Run, ProgramError> {
         let program: &mut SchedClassifier = self
             .dataplane
             .ebpf_mut()
@@ -262,8 +303,14 @@ impl Datapath {
             .try_into()
             .expect("a TC program");
         let mut context = [0u8; SKB_CONTEXT_LEN];
-        context[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
-        context[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        context[SKB_MARK..SKB_MARK + 4].copy_from_slice(&skb.mark.to_ne_bytes());
+        context[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&skb.ifindex.to_ne_bytes());
+        if skb.gso_size != 0 {
+            let payload = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+            let segments = payload.div_ceil(skb.gso_size);
+            context[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&segments.to_ne_bytes());
+            context[SKB_GSO_SIZE..SKB_GSO_SIZE + 4].copy_from_slice(&skb.gso_size.to_ne_bytes());
+        }
         let mut context_out = [0u8; SKB_CONTEXT_LEN];
         let mut output = vec![0u8; frame.len() + 256];
         let result = program.test_run(TestRunOptions {
@@ -285,6 +332,41 @@ impl Datapath {
             ),
             duration: result.duration,
         })
+    }
+
+    /// This node's pods as the datapath learned them: (address, pod).
+    pub fn local_pods(&mut self) -> Vec<([u8; 4], LocalPod)> {
+        let map = self
+            .dataplane
+            .ebpf_mut()
+            .map(LOCAL_PODS_MAP)
+            .expect("the local pods map");
+        let pods: BpfHashMap<_, [u8; 4], LocalPod> = BpfHashMap::try_from(map).expect("a hash map");
+        pods.iter()
+            .map(|entry| entry.expect("reading a pod"))
+            .collect()
+    }
+
+    /// Makes `pods` the learned pods' whole contents.
+    pub fn set_local_pods(&mut self, pods: &[([u8; 4], LocalPod)]) {
+        let map = self
+            .dataplane
+            .ebpf_mut()
+            .map_mut(LOCAL_PODS_MAP)
+            .expect("the local pods map");
+        let mut map: BpfHashMap<_, [u8; 4], LocalPod> =
+            BpfHashMap::try_from(map).expect("a hash map");
+        let extra: Vec<[u8; 4]> = map
+            .keys()
+            .map(|key| key.expect("reading a pod address"))
+            .filter(|addr| !pods.iter().any(|(kept, _)| kept == addr))
+            .collect();
+        for addr in extra {
+            map.remove(&addr).expect("removing a pod");
+        }
+        for (addr, pod) in pods {
+            map.insert(addr, pod, 0).expect("writing a pod");
+        }
     }
 
     /// Drop counters summed over CPUs, non-zero ones only.

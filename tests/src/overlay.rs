@@ -51,12 +51,18 @@ impl Underlay {
         }
     }
 
+    /// The bridge's port towards the `n`-th node connected (from 1).
+    #[must_use]
+    pub fn port(n: u32) -> String {
+        format!("u{n}")
+    }
+
     /// Plugs `node` into the bridge: its `eth0` gets `address`.
     pub fn connect(&self, node: &Netns, address: Ipv4Addr) {
         let port = {
             let mut ports = self.ports.lock().expect("port counter");
             *ports += 1;
-            format!("u{}", *ports)
+            Self::port(*ports)
         };
         self.ns
             .ip(&[
@@ -582,6 +588,24 @@ pub fn start_nodes(
     count: u8,
     capabilities: Option<&[&str]>,
 ) -> (Vec<crate::cluster::Node>, Vec<crate::cluster::Agent>) {
+    start_nodes_with(underlay, count, &with_capabilities(etcd, capabilities))
+}
+
+/// [`cluster_options`] for `etcd`, with only `capabilities` if given.
+fn with_capabilities(etcd: &Etcd, capabilities: Option<&[&str]>) -> crate::cluster::AgentOptions {
+    crate::cluster::AgentOptions {
+        capabilities: capabilities.map(|caps| caps.iter().map(|c| (*c).to_owned()).collect()),
+        ..cluster_options(etcd)
+    }
+}
+
+/// [`start_nodes`] with every agent started with `options`.
+#[must_use]
+pub fn start_nodes_with(
+    underlay: &Underlay,
+    count: u8,
+    options: &crate::cluster::AgentOptions,
+) -> (Vec<crate::cluster::Node>, Vec<crate::cluster::Agent>) {
     use crate::cluster::{Agent, Node};
     let nodes: Vec<Node> = (1..=count)
         .map(|n| {
@@ -592,14 +616,10 @@ pub fn start_nodes(
             )
         })
         .collect();
-    let options = crate::cluster::AgentOptions {
-        capabilities: capabilities.map(|caps| caps.iter().map(|c| (*c).to_owned()).collect()),
-        ..cluster_options(etcd)
-    };
     let agents = thread::scope(|scope| {
         let started: Vec<_> = nodes
             .iter()
-            .map(|node| scope.spawn(|| Agent::join(node, &[], &options)))
+            .map(|node| scope.spawn(|| Agent::join(node, &[], options)))
             .collect();
         started
             .into_iter()
@@ -625,6 +645,20 @@ pub fn cluster_on(
     pods: u8,
     capabilities: Option<&[&str]>,
 ) -> Cluster {
+    cluster_with(start, nodes, pods, |etcd| {
+        with_capabilities(etcd, capabilities)
+    })
+}
+
+/// [`cluster`] on the etcd `start` starts, every agent started with the options `options`
+/// gives for that etcd.
+#[must_use]
+pub fn cluster_with(
+    start: fn(&Underlay) -> Etcd,
+    nodes: u8,
+    pods: u8,
+    options: impl FnOnce(&Etcd) -> crate::cluster::AgentOptions,
+) -> Cluster {
     use crate::apps::{serve_http, serve_udp};
     crate::netns::require_root();
     let underlay = Underlay::new(&crate::netns::unique("wovl"));
@@ -633,7 +667,7 @@ pub fn cluster_on(
         &format!("{CLUSTER_PREFIX}/config"),
         &network_config(cluster_network()),
     );
-    let (nodes, agents) = start_nodes(&underlay, &etcd, nodes, capabilities);
+    let (nodes, agents) = start_nodes_with(&underlay, nodes, &options(&etcd));
     let mut servers = Vec::new();
     let pods = nodes
         .iter()

@@ -34,9 +34,11 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "etcd-server",
     "etcd-client",
-    // The bench's peers: kube-proxy's iptables rules, and iperf3 for throughput.
+    // The bench's peers: kube-proxy's iptables rules, and iperf3 for throughput; ethtool
+    // turns the underlay's offloads off for its MTU-frame case.
     "iptables",
     "iperf3",
+    "ethtool",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

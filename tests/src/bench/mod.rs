@@ -4,6 +4,8 @@
 //! writes each contender's configuration, [`load`] generates traffic.
 
 pub mod load;
+pub mod machine;
+pub mod overlay;
 pub mod peers;
 
 use std::fmt::Write as _;
@@ -15,6 +17,15 @@ pub enum Contender {
     Iptables,
     Nftables,
     KernelVxlan,
+    /// The kernel's VXLAN device as flannel sets it up, on a node that also runs kube-proxy's
+    /// iptables rules with `br_netfilter` on: what a flannel + kube-proxy node runs.
+    KernelVxlanKubeProxy,
+    /// weft with one part of its overlay path left out, to show what that part contributes.
+    WeftKernelRouting,
+    WeftNoVxlanDevice,
+    WeftNativeXdp,
+    /// Two pods on one node's bridge: no encapsulation at all, the limit.
+    SameNode,
 }
 
 impl Contender {
@@ -25,6 +36,11 @@ impl Contender {
             Self::Iptables => "kube-proxy iptables",
             Self::Nftables => "kube-proxy nftables",
             Self::KernelVxlan => "flannel vxlan (kernel)",
+            Self::KernelVxlanKubeProxy => "flannel vxlan + kube-proxy iptables, br_netfilter",
+            Self::WeftKernelRouting => "weft, --host-routing=kernel",
+            Self::WeftNoVxlanDevice => "weft, --vxlan-device=off",
+            Self::WeftNativeXdp => "weft, --xdp=native",
+            Self::SameNode => "same node, no encapsulation",
         }
     }
 }

@@ -9,7 +9,7 @@ use std::{
     fs,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -30,19 +30,17 @@ use weft_tests::{
     bench::{
         Better, Contender, Row, Samples, Series,
         load::{BenchServer, connect_rate, request_rate},
+        machine,
+        overlay::{self, Case, Testbed},
         peers::{
             self, BenchService, NFT_TABLE, iptables_ruleset, iptables_update, nft_ruleset,
             nft_update,
         },
-        plot, table,
+        plot, quantile, table,
     },
     cluster::{Agent, AgentOptions, Node, Pod},
     harness::Datapath,
-    netns::{Netns, require_root, unique},
-    overlay::{
-        CLUSTER_PREFIX, Etcd, FlannelNode, Underlay, cluster, cluster_network, network_config,
-        node_address,
-    },
+    netns::{require_root, unique},
     overlay_fixture::{self, REMOTE_IP, inner_frame, pod, uplink_namespace, vxlan_frame},
     packet::{ACK, SYN, parse, tcp},
 };
@@ -82,6 +80,8 @@ struct Plan {
     repeats: usize,
     /// Length of one throughput run, seconds.
     throughput_secs: u32,
+    /// How long the underlay's frames are captured for their lengths.
+    capture: Duration,
 }
 
 const FULL: Plan = Plan {
@@ -92,6 +92,7 @@ const FULL: Plan = Plan {
     load: Duration::from_secs(3),
     repeats: 3,
     throughput_secs: 5,
+    capture: Duration::from_secs(1),
 };
 
 const QUICK: Plan = Plan {
@@ -101,7 +102,8 @@ const QUICK: Plan = Plan {
     packet_runs: 300,
     load: Duration::from_millis(700),
     repeats: 2,
-    throughput_secs: 2,
+    throughput_secs: 1,
+    capture: Duration::from_millis(300),
 };
 
 /// The rows of the report, found by figure and case.
@@ -383,7 +385,7 @@ impl ServiceNode {
                 let rules = self.file("rules.nft", &nft_ruleset(services, cidr));
                 timed(|| ns.exec("nft", &["-f", &rules.to_string_lossy()]))?
             }
-            Contender::KernelVxlan => unreachable!("not a service contender"),
+            other => unreachable!("{} is not a service contender", other.label()),
         };
         let target = last_frontend(services);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -461,7 +463,7 @@ impl ServiceNode {
                 ns.exec("nft", &["-f", &back.to_string_lossy()])?;
                 Ok(took)
             }
-            Contender::KernelVxlan => unreachable!("not a service contender"),
+            other => unreachable!("{} is not a service contender", other.label()),
         }
     }
 }
@@ -680,193 +682,81 @@ fn resident_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
-/// Clock ticks per second, the unit of /proc's CPU times.
-fn ticks_per_second() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .map_or(100.0, |ticks| ticks as f64)
-}
-
-/// The process's user + system CPU time, in clock ticks.
-fn process_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at the state, field 3.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("a /proc/PID/stat line")?
-        .1
-        .split_whitespace()
-        .collect();
-    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
-}
-
 fn cpu_percent(pid: u32, window: Duration, during: impl FnOnce()) -> anyhow::Result<f64> {
-    let before = process_ticks(pid)?;
+    let before = machine::process_ticks(pid)?;
     let started = Instant::now();
     during();
-    let ticks = process_ticks(pid)? - before;
+    let ticks = machine::process_ticks(pid)? - before;
     #[expect(clippy::cast_precision_loss, reason = "tick counts are small")]
-    Ok(ticks as f64 / ticks_per_second() / started.elapsed().max(window).as_secs_f64() * 100.0)
+    Ok(
+        ticks as f64 / machine::ticks_per_second() / started.elapsed().max(window).as_secs_f64()
+            * 100.0,
+    )
 }
 
-/// Busy CPU time of the whole machine (all CPUs), in clock ticks, from /proc/stat.
-fn machine_busy_ticks() -> anyhow::Result<u64> {
-    let stat = fs::read_to_string("/proc/stat")?;
-    let cpu = stat.lines().next().context("/proc/stat")?;
-    let values: Vec<u64> = cpu
-        .split_whitespace()
-        .skip(1)
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    // user nice system idle iowait irq softirq steal ...: all but idle and iowait.
-    Ok(values.iter().sum::<u64>() - values[3] - values[4])
-}
-
-/// Figure 4: pod-to-pod TCP throughput across two nodes, weft against the kernel's VXLAN
-/// device as flannel configures it, with iperf3, and the machine's CPU time per GB moved.
+/// Figure 4: pod-to-pod TCP across two nodes (see `weft_tests::bench::overlay`): each case's
+/// contenders in a rotating order, each built just before its run and torn down after it.
 fn throughput(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
-    let weft = cluster(2, 1);
-    let weft_pair = (&weft.pods[0][0], &weft.pods[1][0]);
-    let kernel = KernelPair::new();
-    let pairs = [
-        (Contender::Weft, weft_pair.0, weft_pair.1),
-        (Contender::KernelVxlan, &kernel.client, &kernel.server),
-    ];
-    for round in 0..plan.repeats {
-        for index in rotated(&[0, 1], round) {
-            let (contender, client, server) = pairs[index];
-            let (gbits, cpu_per_gb) = iperf(client, server, plan.throughput_secs)?;
-            report.add(
-                "4 pod-to-pod TCP throughput, two nodes",
-                "one stream",
-                "Gbit/s",
-                Better::Higher,
-                contender,
-                gbits,
-            );
-            report.add(
-                "4 CPU time per GB moved (whole machine)",
-                "one stream",
-                "CPU s/GB",
-                Better::Lower,
-                contender,
-                cpu_per_gb,
-            );
+    for case in Case::ALL {
+        let contenders = case.contenders();
+        for round in 0..plan.repeats {
+            for index in rotated(&(0..contenders.len()).collect::<Vec<_>>(), round) {
+                let contender = contenders[index];
+                let testbed = Testbed::new(contender);
+                if case == Case::MtuFrames {
+                    testbed.cut_to_mtu_frames()?;
+                }
+                let measured = testbed.measure(case.streams(), plan.throughput_secs)?;
+                eprintln!(
+                    "  {}, {}: {:.2} Gbit/s, {:.2} CPU s/GB, {} retransmits",
+                    case.label(),
+                    contender.label(),
+                    measured.gbits,
+                    measured.cpu_seconds_per_gb,
+                    measured.retransmits
+                );
+                for (figure, unit, better, value) in overlay::rows(&measured) {
+                    report.add(figure, case.label(), unit, better, contender, value);
+                }
+                // The frame lengths on the wire, once per contender.
+                if round == 0 && case != Case::EightStreams && contender != Contender::SameNode {
+                    let lengths = testbed.underlay_frames(plan.capture)?;
+                    frame_rows(report, case, contender, &lengths);
+                }
+            }
         }
     }
     Ok(())
 }
 
-/// Two nodes set up exactly as flanneld's vxlan backend sets them up, a pod on each.
-struct KernelPair {
-    client: Pod,
-    server: Pod,
-    _a: FlannelNode,
-    _b: FlannelNode,
-    _etcd: Etcd,
-    _underlay: Underlay,
-}
-
-impl KernelPair {
-    fn new() -> Self {
-        let underlay = Underlay::new(&unique("wbvx"));
-        let etcd = Etcd::start(&underlay);
-        etcd.put(
-            &format!("{CLUSTER_PREFIX}/config"),
-            &network_config(cluster_network()),
+/// The frame length distribution on the underlay: its median and the share of super-packets.
+fn frame_rows(report: &mut Report, case: Case, contender: Contender, lengths: &[usize]) {
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "frame lengths and counts are small"
+    )]
+    let mut values: Vec<f64> = lengths.iter().map(|l| *l as f64).collect();
+    let super_packets = lengths.iter().filter(|l| **l > 1514).count();
+    #[expect(clippy::cast_precision_loss, reason = "frame counts are small")]
+    let share = super_packets as f64 * 100.0 / lengths.len().max(1) as f64;
+    if let Some(median) = quantile(&mut values, 0.5) {
+        report.add(
+            "4 underlay frame length, median (capture on the receiver's underlay port)",
+            case.label(),
+            "bytes",
+            Better::Higher,
+            contender,
+            median,
         );
-        let subnets: [Ipv4Net; 2] = [
-            "172.30.1.0/24".parse().expect("CIDR"),
-            "172.30.2.0/24".parse().expect("CIDR"),
-        ];
-        let name = underlay.ns.name().to_owned();
-        let a = FlannelNode::new(
-            &format!("{name}a"),
-            &underlay,
-            node_address(1),
-            subnets[0],
-            &etcd,
-            CLUSTER_PREFIX,
-        );
-        let mut b = FlannelNode::new(
-            &format!("{name}b"),
-            &underlay,
-            node_address(2),
-            subnets[1],
-            &etcd,
-            CLUSTER_PREFIX,
-        );
-        // Each flannel node has a VtepMAC of its own.
-        b.vtep_mac = "0e:fe:c0:a8:32:02".to_owned();
-        b.node
-            .ns
-            .ip(&["link", "set", "flannel.1", "address", &b.vtep_mac])
-            .expect("VtepMAC");
-        a.add_remote(subnets[1], b.public_ip, &b.vtep_mac);
-        b.add_remote(subnets[0], a.public_ip, &a.vtep_mac);
-        let client = a.node.add_pod(a.node.pod_address(1));
-        let server = b.node.add_pod(b.node.pod_address(1));
-        Self {
-            client,
-            server,
-            _a: a,
-            _b: b,
-            _etcd: etcd,
-            _underlay: underlay,
-        }
     }
-}
-
-/// A process in a namespace, killed when dropped.
-struct Spawned(Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_in(ns: &Netns, program: &str, args: &[&str]) -> anyhow::Result<Spawned> {
-    Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .arg(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(Spawned)
-        .with_context(|| format!("starting {program} (install it: cargo xtask setup)"))
-}
-
-/// One iperf3 run from `client` to `server`: Gbit/s received, and CPU seconds per GB.
-fn iperf(client: &Pod, server: &Pod, secs: u32) -> anyhow::Result<(f64, f64)> {
-    let _server = spawn_in(&server.ns, "iperf3", &["-s", "-1", "-p", "5201"])?;
-    thread::sleep(Duration::from_millis(300));
-    let busy = machine_busy_ticks()?;
-    let output = client.ns.exec(
-        "iperf3",
-        &[
-            "-c",
-            &server.addr.to_string(),
-            "-p",
-            "5201",
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ],
-    )?;
-    let busy = machine_busy_ticks()? - busy;
-    let result: serde_json::Value = serde_json::from_str(&output).context("iperf3's JSON")?;
-    let received = &result["end"]["sum_received"];
-    let bits_per_second = received["bits_per_second"]
-        .as_f64()
-        .context("iperf3 throughput")?;
-    let bytes = received["bytes"].as_f64().context("iperf3 byte count")?;
-    #[expect(clippy::cast_precision_loss, reason = "tick counts are small")]
-    let cpu_seconds = busy as f64 / ticks_per_second();
-    Ok((bits_per_second / 1e9, cpu_seconds / (bytes / 1e9)))
+    report.add(
+        "4 underlay frames longer than an MTU frame (1514 bytes)",
+        case.label(),
+        "% of frames",
+        Better::Higher,
+        contender,
+        share,
+    );
 }
 
 fn command_output(program: &str, args: &[&str]) -> String {
