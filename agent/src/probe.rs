@@ -176,7 +176,7 @@ pub enum Verdict {
     Continues,
     /// TC_ACT_SHOT / XDP_DROP.
     Dropped,
-    /// TC_ACT_REDIRECT / XDP_REDIRECT / XDP_TX: sent out by the program itself.
+    /// TC_ACT_REDIRECT: sent out by the program itself.
     Redirected,
     /// Any other value.
     Unknown,
@@ -190,17 +190,6 @@ impl Verdict {
             -1 | 0 => Self::Continues,
             2 => Self::Dropped,
             7 => Self::Redirected,
-            _ => Self::Unknown,
-        }
-    }
-
-    /// An XDP program's return value.
-    #[must_use]
-    pub const fn of_xdp(value: u32) -> Self {
-        match value {
-            2 => Self::Continues,
-            1 => Self::Dropped,
-            3 | 4 => Self::Redirected,
             _ => Self::Unknown,
         }
     }

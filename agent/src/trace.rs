@@ -7,7 +7,8 @@
 //! capabilities suffice: no lookup by id, which takes CAP_SYS_ADMIN).
 //!
 //! The probe is a real first packet to the live programs, so it creates what a first packet
-//! creates (a conntrack entry, a session-affinity entry); the trace removes those afterwards.
+//! creates (a conntrack entry, a session-affinity entry, the learned port of its source pod);
+//! the trace puts those back as they were afterwards.
 //! The drop counters count it as they count any packet. Run it in the node's network namespace
 //! (the programs look up routes and devices there).
 
@@ -23,7 +24,7 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 use weft::{
     conntrack::{Conntrack, reply_key_of},
-    dataplane::{FROM_PODS, FROM_UPLINK, PROGRAMS_DIR, TO_POD, TO_UPLINK, XDP_UPLINK},
+    dataplane::{FROM_PODS, FROM_UPLINK, PROGRAMS_DIR, TO_POD, TO_UPLINK},
     links::LINKS_DIR,
     maps::{decode_name, is_not_found, open_pinned},
     objects::protocol_name,
@@ -34,9 +35,9 @@ use weft_common::{
     MASQUERADE_MARK,
     drop_reason::DropReason,
     maps::{
-        AFFINITY_MAP, AffinityKey, AffinityValue, CtKey, DROPS_MAP, OVERLAY_MAP, OverlayConfig,
-        RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SUBNETS_MAP, ServiceKey, ServiceName,
-        ServiceValue, ct_direction, service_flags,
+        AFFINITY_MAP, AffinityKey, AffinityValue, CtKey, DROPS_MAP, LOCAL_PODS_MAP, LocalPod,
+        OVERLAY_MAP, OverlayConfig, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SUBNETS_MAP,
+        ServiceKey, ServiceName, ServiceValue, ct_direction, service_flags,
     },
     vxlan::{self, Encap},
 };
@@ -157,12 +158,12 @@ impl Node {
     }
 
     fn uplink(&self) -> anyhow::Result<u32> {
-        self.attached(XDP_UPLINK)
+        self.attached(FROM_UPLINK)
             .into_iter()
             .next()
             .with_context(|| {
                 format!(
-                    "no uplink is attached (no {XDP_UPLINK} link pinned in {})",
+                    "no uplink is attached (no {FROM_UPLINK} link pinned in {})",
                     self.pin_dir.join(LINKS_DIR).display()
                 )
             })
@@ -251,9 +252,25 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
         .filter(|key| matches!(affinity.get(key, 0), Err(MapError::KeyNotFound)))
         .collect();
 
+    // A probe from a pod of this node teaches the datapath its port, as any frame from it does.
+    let mut pods: HashMap<_, [u8; 4], LocalPod> =
+        HashMap::try_from(open_pinned(&args.pin_dir, LOCAL_PODS_MAP)?)?;
+    let source_pod = found(pods.get(&flow.src.ip().octets(), 0))?;
+
     let hops = run_hops(&node, &entry, &flow);
 
     // Take back what the probe created, whatever the runs did.
+    let source = flow.src.ip().octets();
+    match source_pod {
+        Some(pod) => pods.insert(source, pod, 0)?,
+        None => {
+            if let Err(e) = pods.remove(&source)
+                && !is_not_found(&e)
+            {
+                return Err(e.into());
+            }
+        }
+    }
     if let Some(forward) = conntrack.get(&forward_key)? {
         let reply_key = reply_key_of(&forward_key, &forward);
         let ours = conntrack.get(&reply_key)?.is_some_and(|reply| {
@@ -390,7 +407,6 @@ fn run_hops(node: &Node, entry: &Entry, flow: &Flow) -> anyhow::Result<(Vec<Hop>
                     overlay.uplink_mac,
                 );
             }
-            stages.push((XDP_UPLINK, *ifindex));
             stages.push((FROM_UPLINK, *ifindex));
         }
     }
@@ -399,11 +415,7 @@ fn run_hops(node: &Node, entry: &Entry, flow: &Flow) -> anyhow::Result<(Vec<Hop>
         let (program, ifindex) = stages[index];
         let drops_before = node.drops()?;
         let fd = node.program(program)?;
-        let (verdict, output, mark_after) = if program == XDP_UPLINK {
-            let run = bpf_prog_test_run(fd.as_fd(), &packet, None)
-                .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
-            (Verdict::of_xdp(run.return_value), run.data, mark)
-        } else {
+        let (verdict, output, mark_after) = {
             let mut context = [0u8; SKB_CONTEXT_LEN];
             context[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
             context[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
@@ -485,12 +497,12 @@ fn describe_entry(entry: &Entry) -> String {
         Entry::Uplink {
             ifindex,
             from_node: None,
-        } => format!("uplink {}, {XDP_UPLINK} then {FROM_UPLINK}", name(*ifindex)),
+        } => format!("uplink {}, {FROM_UPLINK}", name(*ifindex)),
         Entry::Uplink {
             ifindex,
             from_node: Some(remote),
         } => format!(
-            "uplink {}, as VXLAN from node {}: {XDP_UPLINK} then {FROM_UPLINK}",
+            "uplink {}, as VXLAN from node {}: {FROM_UPLINK}",
             name(*ifindex),
             Ipv4Addr::from(remote.public_ip)
         ),

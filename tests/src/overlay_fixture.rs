@@ -25,6 +25,8 @@ pub const REMOTE_VTEP: [u8; 6] = [0xb6, 0xc7, 0x0f, 0x7f, 0x66, 0xa7];
 pub const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const BRIDGE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb0];
+/// The MAC of the fixture's pods (the source MAC of the test frames).
+pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 /// This node's overlay settings (Network 172.30.0.0/16, VNI 1, port 8472).
 #[must_use]
@@ -49,11 +51,15 @@ pub fn overlay() -> OverlayConfig {
     }
 }
 
-/// A datapath of this node with node .2's lease for 172.30.44.0/24.
+/// A datapath of this node with node .2's lease for 172.30.44.0/24, its uplink the device
+/// with ifindex `uplink` (see [`uplink_namespace`]).
 #[must_use]
-pub fn datapath() -> Datapath {
+pub fn datapath(uplink: u32) -> Datapath {
     let mut datapath = Datapath::new("", None);
-    datapath.set_overlay(&overlay());
+    datapath.set_overlay(&OverlayConfig {
+        uplink_ifindex: uplink,
+        ..overlay()
+    });
     datapath.set_lease(
         "172.30.44.0/24".parse().unwrap(),
         NodeLease {
@@ -65,9 +71,10 @@ pub fn datapath() -> Datapath {
 }
 
 /// A namespace whose uplink `up0` (UPLINK_MAC, OUR_IP) knows the remote node's MAC, so the
-/// encapsulation's FIB lookup has a known answer. Forwarding is on, as the agent sets it (the
-/// kernel's FIB lookup helper refuses to answer for a device that does not forward). Returns
-/// the namespace and the uplink's ifindex.
+/// encapsulation's FIB lookup has a known answer, and whose `up0p` (its peer) stands for a
+/// pod's port. Forwarding is on, as the agent sets it (the kernel's FIB lookup helper refuses
+/// to answer for a device that does not forward). Returns the namespace and the uplink's
+/// ifindex.
 pub fn uplink_namespace() -> (Netns, u32) {
     let ns = Netns::create(&unique("wfix")).expect("fixture namespace");
     ns.exec("sysctl", &["-w", "net.ipv4.ip_forward=1"])
@@ -107,6 +114,13 @@ pub fn uplink_namespace() -> (Netns, u32) {
         .run(|| nix::net::if_::if_nametoindex("up0"))
         .expect("uplink index");
     (ns, index)
+}
+
+/// The ifindex of `up0p` in an [`uplink_namespace`]: a pod's port for the fixtures.
+#[must_use]
+pub fn pod_port(ns: &Netns) -> u32 {
+    ns.run(|| nix::net::if_::if_nametoindex("up0p"))
+        .expect("pod port index")
 }
 
 /// `aa:bb:..` for `ip`.

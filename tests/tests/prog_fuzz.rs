@@ -22,7 +22,7 @@ use weft::{
 use weft_common::{
     conntrack::flags,
     drop_reason::DropReason,
-    maps::{CtKey, CtValue, ct_direction},
+    maps::{CtKey, CtValue, LocalPod, OverlayConfig, ct_direction},
 };
 use weft_tests::{
     harness::{Datapath, VERDICT_DROP, VERDICT_REDIRECT},
@@ -186,6 +186,20 @@ fn seeds(fixture: &Fixture) -> Vec<(String, Vec<u8>)> {
         "VXLAN from the member, a tracked reply inside, UDP checksum".into(),
         vxlan_frame(REMOTE_IP, 8472, 1, &inner_udp, 0x1234),
     ));
+    // Congestion marked on the outer header, with the inner packet ECN-capable or not.
+    for inner_ecn in [0b10, 0b00] {
+        let mut inner = tcp(remote_pod(5, 80), pod(9, 40000), ACK).build();
+        inner[0..6].copy_from_slice(&OUR_VTEP);
+        inner[15] |= inner_ecn;
+        fix_ip_checksum(&mut inner);
+        let mut frame = vxlan_frame(REMOTE_IP, 8472, 1, &inner, 0);
+        frame[15] = 0b11;
+        fix_ip_checksum(&mut frame);
+        seeds.push((
+            format!("VXLAN marked CE, inner ECN field {inner_ecn:02b}"),
+            frame,
+        ));
+    }
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
     arp.extend_from_slice(&[0; 28]);
@@ -617,6 +631,8 @@ struct Fuzzer<'a> {
     datapath: &'a mut Datapath,
     fixture: &'a Fixture,
     baseline: Vec<(CtKey, CtValue)>,
+    /// The learned pods every frame starts from.
+    pods: Vec<([u8; 4], LocalPod)>,
     uplink: u32,
     /// Drop counters as last read.
     counted: BTreeMap<DropReason, u64>,
@@ -680,7 +696,10 @@ impl Fuzzer<'_> {
             && output == expected.output
             && mark_out == expected.mark
             && drop == expected.drop;
-        if expected.conntrack || !same {
+        if expected.pods || !same {
+            self.datapath.set_local_pods(&self.pods);
+        }
+        if expected.conntrack || expected.pods || !same {
             self.datapath.set_conntrack(&self.baseline);
             self.since_restore.clear();
         } else {
@@ -711,9 +730,16 @@ impl Fuzzer<'_> {
         Some((kind, report))
     }
 
-    /// Asserts that conntrack holds exactly the fixture's connections, as it must after runs
-    /// the model says leave it alone.
-    fn assert_conntrack_untouched(&mut self) {
+    /// Asserts that conntrack holds exactly the fixture's connections and the learned pods are
+    /// the fixture's, as they must be after runs the model says leave them alone.
+    fn assert_state_untouched(&mut self) {
+        let mut pods = self.datapath.local_pods();
+        pods.sort_unstable_by_key(|(addr, _)| *addr);
+        assert!(
+            pods == self.pods,
+            "the learned pods changed, by one of these runs:\n{}\nnow: {pods:?}",
+            self.since_restore.join("\n")
+        );
         let mut entries = self.datapath.conntrack();
         entries.sort_by_key(|(key, _)| format!("{key:?}"));
         let mut baseline = self.baseline.clone();
@@ -738,7 +764,12 @@ fn every_program_does_what_the_reference_model_says() {
         node.name = Some(NODE_NAME.into());
         node.node_port_addresses = [OUR_IP].into();
     });
-    datapath.set_overlay(&overlay());
+    // The encapsulation's FIB lookup needs an uplink that knows the remote node's MAC.
+    let (ns, uplink) = uplink_namespace();
+    datapath.set_overlay(&OverlayConfig {
+        uplink_ifindex: uplink,
+        ..overlay()
+    });
     datapath.set_lease(
         "172.30.44.0/24".parse().expect("a subnet"),
         NodeLease {
@@ -746,16 +777,30 @@ fn every_program_does_what_the_reference_model_says() {
             vtep_mac: REMOTE_VTEP,
         },
     );
-    // The encapsulation's FIB lookup needs an uplink that knows the remote node's MAC.
-    let (ns, uplink) = uplink_namespace();
     let started = Instant::now();
     let (tallies, expected_drops, drops) = ns.run(|| {
         let baseline = open_connections(&mut datapath, &fixture);
+        // The fixture's pods, as learned from their frames on the port the fuzzer runs on.
+        let mut pods: Vec<([u8; 4], LocalPod)> = fixture
+            .pods
+            .iter()
+            .map(|(addr, mac)| {
+                let pod = LocalPod {
+                    ifindex: uplink,
+                    mac: *mac,
+                    _pad: [0; 2],
+                };
+                (*addr, pod)
+            })
+            .collect();
+        pods.sort_unstable_by_key(|(addr, _)| *addr);
+        datapath.set_local_pods(&pods);
         let counted = datapath.drops();
         let mut fuzzer = Fuzzer {
             datapath: &mut datapath,
             fixture: &fixture,
             baseline,
+            pods,
             uplink,
             counted,
             expected_drops: BTreeMap::new(),
@@ -766,7 +811,7 @@ fn every_program_does_what_the_reference_model_says() {
         let mut tallies: BTreeMap<&str, Tally> = BTreeMap::new();
         for n in 0..count {
             if n % 64 == 0 {
-                fuzzer.assert_conntrack_untouched();
+                fuzzer.assert_state_untouched();
             }
             let (frame, how) = frame(&mut rng, &fixture, &seeds);
             let mark = if rng.chance(10) { rng.next() as u32 } else { 0 };

@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail, ensure};
 use aya::maps::HashMap as BpfHashMap;
 use ipnet::Ipv4Net;
 use weft::{
-    dataplane::{FROM_PODS, MapLimits, TC_FLOOR, TO_POD, TO_UPLINK, XDP_FLOOR, XDP_UPLINK},
+    dataplane::{FROM_PODS, FROM_UPLINK, MapLimits, TC_FLOOR, TO_POD, TO_UPLINK, XDP_FLOOR},
     maps::open_pinned,
 };
 use weft_common::{
@@ -269,9 +269,9 @@ fn packet_costs(plan: &Plan, report: &mut Report) {
         }
     }
     // The overlay paths and the floors do not depend on the number of services.
-    let mut datapath = overlay_fixture::datapath();
-    datapath.load_floor();
     let (ns, uplink) = uplink_namespace();
+    let mut datapath = overlay_fixture::datapath(uplink);
+    datapath.load_floor();
     let to_remote = tcp(pod(5, 20, 40_000), pod(5, 44, 80), ACK).build();
     let encapsulated = vxlan_frame(REMOTE_IP, 8472, 1, &inner_frame(), 0);
     for _ in 0..plan.repeats {
@@ -287,10 +287,18 @@ fn packet_costs(plan: &Plan, report: &mut Report) {
             "VXLAN encapsulation (TC egress of the uplink)",
             encap,
         );
-        let decap = mean_ns(plan.packet_runs, |_| {
-            datapath.run_xdp_repeated(XDP_UPLINK, &encapsulated, 1).2
+        let decap = ns.run(|| {
+            mean_ns(plan.packet_runs, |_| {
+                datapath
+                    .run_with(FROM_UPLINK, &encapsulated, 0, uplink, 1)
+                    .duration
+            })
         });
-        ns_per(report, "VXLAN decapsulation (XDP on the uplink)", decap);
+        ns_per(
+            report,
+            "VXLAN decapsulation (TC ingress of the uplink)",
+            decap,
+        );
         let tc_floor = mean_ns(plan.packet_runs, |_| {
             datapath.run_with(TC_FLOOR, &to_remote, 0, 0, 1).duration
         });

@@ -5,11 +5,11 @@
 //! incrementally, and the differential fuzzer (`tests/tests/prog_fuzz.rs`) compares the two.
 //!
 //! One module per program family: [`service`] (`tc_from_pods`, `tc_from_uplink`, `tc_to_pod`),
-//! [`tc_to_uplink`], [`xdp_uplink`].
+//! [`tc_to_uplink`], and [`vxlan`] for the overlay's part of them and `xdp_uplink`.
 
 mod service;
 mod tc_to_uplink;
-mod xdp_uplink;
+mod vxlan;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -82,6 +82,8 @@ pub struct Connection {
 pub struct Fixture {
     pub services: Vec<ServicePort>,
     pub connections: Vec<Connection>,
+    /// The pods the node has learned from their ports (address, MAC), all on one port.
+    pub pods: Vec<([u8; 4], [u8; 6])>,
 }
 
 /// What a program does to one frame.
@@ -95,6 +97,9 @@ pub struct Outcome {
     /// Whether the program reads or writes conntrack state for this frame (the fuzzer restores
     /// the fixture's conntrack after such frames).
     pub conntrack: bool,
+    /// Whether the program learns a pod it did not know (the fuzzer restores the learned pods
+    /// after such frames).
+    pub pods: bool,
     /// Output bytes the model cannot know, with why: the fuzzer checks them as stated and takes
     /// them from the datapath's output.
     pub unknown: Vec<(Range<usize>, Unknown)>,
@@ -119,6 +124,7 @@ impl Outcome {
             mark,
             drop: None,
             conntrack: false,
+            pods: false,
             unknown: Vec::new(),
         }
     }
@@ -236,9 +242,15 @@ impl Fixture {
                 true,
             ),
         ];
+        // The client and the endpoint of the tracked connections, seen from their port.
+        let pods = vec![
+            (pod(9).octets(), crate::overlay_fixture::POD_MAC),
+            (pod(6).octets(), crate::overlay_fixture::POD_MAC),
+        ];
         Self {
             services,
             connections,
+            pods,
         }
     }
 

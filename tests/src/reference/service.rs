@@ -21,17 +21,27 @@ enum Side {
 }
 
 impl Fixture {
-    /// `tc_from_pods`: a local pod's frame.
+    /// `tc_from_pods`: a local pod's frame. A packet for a pod of another node then goes
+    /// straight into the overlay (see [`super::vxlan`]).
     #[must_use]
     pub fn tc_from_pods(&self, frame: &[u8], mark: u32) -> Outcome {
-        self.to_endpoint(frame, mark)
+        let translated = self.to_endpoint(frame, mark);
+        let mut outcome = if translated.verdict == VERDICT_PASS {
+            self.send_from_pod(&translated).unwrap_or(translated)
+        } else {
+            translated
+        };
+        outcome.pods = self.learns(frame);
+        outcome
     }
 
-    /// `tc_from_uplink`: a frame from the network. With the cluster CIDR set, a client from
-    /// outside counts as inside the cluster exactly as a pod does: when the CIDR holds it.
+    /// `tc_from_uplink`: a frame from the network, the overlay's decapsulated first (see
+    /// [`super::vxlan`]). With the cluster CIDR set, a client from outside counts as inside the
+    /// cluster exactly as a pod does: when the CIDR holds it.
     #[must_use]
     pub fn tc_from_uplink(&self, frame: &[u8], mark: u32) -> Outcome {
-        self.to_endpoint(frame, mark)
+        self.receive_overlay(frame, mark)
+            .unwrap_or_else(|| self.to_endpoint(frame, mark))
     }
 
     /// `tc_to_pod`: a frame delivered to a local pod.
@@ -40,7 +50,7 @@ impl Fixture {
         self.to_client(frame, mark)
     }
 
-    fn to_endpoint(&self, frame: &[u8], mark: u32) -> Outcome {
+    pub(super) fn to_endpoint(&self, frame: &[u8], mark: u32) -> Outcome {
         let ip = match parse_ip(frame) {
             L3::NotIpv4 => return Outcome::pass(VERDICT_PASS, frame, mark),
             L3::Malformed => {
@@ -99,6 +109,7 @@ impl Fixture {
             mark: if masquerade { mark | MASQUERADE } else { mark },
             drop: None,
             conntrack: true,
+            pods: false,
             unknown,
         }
     }
@@ -135,6 +146,7 @@ impl Fixture {
             mark,
             drop: None,
             conntrack: true,
+            pods: false,
             unknown,
         }
     }
