@@ -40,12 +40,6 @@ pub enum NetdevError {
          set net.ipv4.ip_forward=1 on the node"
     )]
     Forwarding(#[source] io::Error),
-    #[error("cannot write {path}")]
-    Sysctl {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
     #[error("no interface {0}; pass the uplink with --iface")]
     NoSuchLink(String),
     #[error("no default route to pick the uplink from; pass it with --iface")]
@@ -461,11 +455,7 @@ pub async fn ensure_tunnel_device(
     let link = link_by_name(handle, TUNNEL_DEVICE)
         .await?
         .ok_or_else(|| NetdevError::NoSuchLink(TUNNEL_DEVICE.to_owned()))?;
-    let sysctl = format!("/proc/sys/net/ipv4/conf/{TUNNEL_DEVICE}/rp_filter");
-    std::fs::write(&sysctl, "0").map_err(|source| NetdevError::Sysctl {
-        path: sysctl.clone(),
-        source,
-    })?;
+    loosen_reverse_path_filter();
     handle
         .link()
         .set(
@@ -482,6 +472,27 @@ pub async fn ensure_tunnel_device(
              port {port})"
         )))?;
     Ok(link)
+}
+
+/// What the VXLAN device decapsulates arrives on it from pods whose route is the uplink's, so a
+/// strict reverse-path filter would drop it: the device's own setting is turned off where it is
+/// strict (best effort: a container's `/proc/sys` may be read-only). The kernel applies the
+/// stricter of the device's and `all`'s, so a node with `all` strict is told what that costs.
+fn loosen_reverse_path_filter() {
+    let read = |path: &str| std::fs::read_to_string(path).map(|v| v.trim().to_owned());
+    let device = format!("/proc/sys/net/ipv4/conf/{TUNNEL_DEVICE}/rp_filter");
+    if read(&device).is_ok_and(|value| value == "1")
+        && let Err(e) = std::fs::write(&device, "0")
+    {
+        tracing::warn!("cannot turn off the strict reverse-path filter on {TUNNEL_DEVICE} ({e})");
+    }
+    if read("/proc/sys/net/ipv4/conf/all/rp_filter").is_ok_and(|value| value == "1") {
+        tracing::warn!(
+            "net.ipv4.conf.all.rp_filter is 1 (strict): what {TUNNEL_DEVICE} decapsulates for \
+             the kernel (GSO aggregates weft cannot decapsulate itself on kernels before \
+             BPF_F_ADJ_ROOM_DECAP_L4_UDP) is dropped; set it to 2 (loose) or 0"
+        );
+    }
 }
 
 /// Whether a link is a VXLAN device in `external` mode on `port`.

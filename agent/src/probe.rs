@@ -277,39 +277,50 @@ fn tuple(frame: &[u8]) -> Option<Tuple> {
     })
 }
 
-/// The outer source, UDP destination port and VNI of a VXLAN frame whose inner IP packet is
-/// `inner_packet`.
-fn vxlan_around(frame: &[u8], inner_packet: &[u8]) -> Option<(Tuple, u32)> {
-    let inner_at = ETH_HLEN + vxlan::ENCAP_LEN;
-    if frame.get(inner_at..)? != inner_packet {
+/// A VXLAN frame's outer tuple, VNI and inner frame (its Ethernet header as the inner one),
+/// or `None` for a frame that is not VXLAN.
+fn vxlan_parts(frame: &[u8]) -> Option<(Tuple, u32, &[u8])> {
+    let outer = tuple(frame)?;
+    if outer.proto != ip_proto::UDP {
         return None;
     }
-    let outer = tuple(frame)?;
     let header: [u8; 8] = frame.get(ETH_HLEN + 28..ETH_HLEN + 36)?.try_into().ok()?;
-    Some((outer, vxlan::vni(&header)?))
+    let inner = frame.get(ETH_HLEN + 36..)?;
+    if inner.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    Some((outer, vxlan::vni(&header)?, inner))
 }
 
 /// What a program changed between the frame it was given and the one it left, and in the mark.
+/// A packet it encapsulated or decapsulated is compared by its inner packet.
 #[must_use]
 pub fn changes(before: &[u8], after: &[u8], mark_before: u32, mark_after: u32) -> Vec<Change> {
     let mut changes = Vec::new();
+    let (mut before, mut after) = (before, after);
+    match (vxlan_parts(before), vxlan_parts(after)) {
+        (None, Some((outer, vni, inner))) => {
+            changes.push(Change::Encapsulated {
+                outer_src: *outer.src.ip(),
+                outer_dst: *outer.dst.ip(),
+                port: outer.dst.port(),
+                vni,
+            });
+            after = inner;
+        }
+        (Some((outer, vni, inner)), None) => {
+            changes.push(Change::Decapsulated {
+                outer_src: *outer.src.ip(),
+                vni,
+            });
+            before = inner;
+        }
+        _ => {}
+    }
     let (Some(old), Some(new)) = (tuple(before), tuple(after)) else {
         return changes;
     };
-    let packet = |frame: &[u8]| frame.get(ETH_HLEN..).unwrap_or_default().to_vec();
-    if let Some((outer, vni)) = vxlan_around(after, &packet(before)) {
-        changes.push(Change::Encapsulated {
-            outer_src: *outer.src.ip(),
-            outer_dst: *outer.dst.ip(),
-            port: outer.dst.port(),
-            vni,
-        });
-    } else if let Some((outer, vni)) = vxlan_around(before, &packet(after)) {
-        changes.push(Change::Decapsulated {
-            outer_src: *outer.src.ip(),
-            vni,
-        });
-    } else if new.dst.ip() == old.src.ip() && new.src.ip() != old.src.ip() {
+    if new.dst.ip() == old.src.ip() && new.src.ip() != old.src.ip() {
         let answer = match new.proto {
             ip_proto::TCP if new.tcp_flags & TCP_RST != 0 => "a TCP reset",
             ip_proto::ICMP => "an ICMP port unreachable",
@@ -441,22 +452,19 @@ mod tests {
     #[test]
     fn vxlan_is_recognised_both_ways() {
         let inner = frame(&flow(ip_proto::UDP), [2; 6], [4; 6]);
-        let outer = encapsulated(
-            &inner,
-            &Encap {
-                src: [192, 168, 50, 1],
-                dst: [192, 168, 50, 2],
-                src_port: 40000,
-                dst_port: vxlan::DEFAULT_PORT,
-                vni: 1,
-                inner_src_mac: [6; 6],
-                inner_dst_mac: [8; 6],
-                ip_id: 0,
-                tos: 0,
-                inner_len: 0,
-            },
-            [10; 6],
-        );
+        let encap_to_node_2 = Encap {
+            src: [192, 168, 50, 1],
+            dst: [192, 168, 50, 2],
+            src_port: 40000,
+            dst_port: vxlan::DEFAULT_PORT,
+            vni: 1,
+            inner_src_mac: [6; 6],
+            inner_dst_mac: [8; 6],
+            ip_id: 0,
+            tos: 0,
+            inner_len: 0,
+        };
+        let outer = encapsulated(&inner, &encap_to_node_2, [10; 6]);
         assert!(ipv4_checksum_ok(outer.as_slice(), 20));
         let encap = Change::Encapsulated {
             outer_src: Ipv4Addr::new(192, 168, 50, 1),
@@ -464,12 +472,32 @@ mod tests {
             port: 8472,
             vni: 1,
         };
-        assert_eq!(changes(&inner, &outer, 0, 0), [encap]);
+        assert_eq!(changes(&inner, &outer, 0, 0), [encap.clone()]);
         let decap = Change::Decapsulated {
             outer_src: Ipv4Addr::new(192, 168, 50, 1),
             vni: 1,
         };
         assert_eq!(changes(&outer, &inner, 0, 0), [decap]);
+        // Translated and encapsulated by one program (at a pod's port): both are told.
+        let translated = frame(
+            &Flow {
+                dst: "10.244.2.7:8080".parse().unwrap(),
+                ..flow(ip_proto::UDP)
+            },
+            [2; 6],
+            [4; 6],
+        );
+        let sent = encapsulated(&translated, &encap_to_node_2, [10; 6]);
+        assert_eq!(
+            changes(&inner, &sent, 0, 0),
+            [
+                encap,
+                Change::Destination {
+                    from: "10.96.0.10:80".into(),
+                    to: "10.244.2.7:8080".into()
+                }
+            ]
+        );
         assert_eq!(
             destination(&outer),
             Some("192.168.50.2:8472".parse().unwrap())

@@ -589,6 +589,9 @@ fn result(node: &Node, hops: &[Hop], packet: &[u8]) -> String {
         ""
     };
     match probe::destination(packet) {
+        Some(to) if node.is_local_pod(*to.ip()) && last.verdict == Verdict::Redirected => {
+            format!("delivered straight into local pod {to}")
+        }
         Some(to) if node.is_local_pod(*to.ip()) => {
             format!("delivered to local pod {to}{masquerade}")
         }

@@ -76,6 +76,14 @@ fn programs(report: &Value) -> Vec<String> {
 }
 
 /// The changes of the hop run by `program`.
+/// The change of kind `kind` the hop of `program` made.
+fn change<'a>(report: &'a Value, program: &str, kind: &str) -> &'a Value {
+    changes(report, program)
+        .iter()
+        .find(|change| change["change"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} change by {program} in {report:#}"))
+}
+
 fn changes<'a>(report: &'a Value, program: &str) -> &'a Vec<Value> {
     report["hops"]
         .as_array()
@@ -109,15 +117,14 @@ fn a_probe_to_a_cluster_ip_names_the_service_the_backend_and_the_node_it_goes_to
             text(&report, "entry").contains("tc_from_pods"),
             "{report:#}"
         );
-        let dnat = &changes(&report, "tc_from_pods")[0];
-        assert_eq!(dnat["change"], "destination", "{report:#}");
+        let dnat = change(&report, "tc_from_pods", "destination");
         assert_eq!(dnat["from"], format!("{WEB}:80"));
         let backend = text(dnat, "to");
         let result = text(&report, "result");
         if remote.contains(&backend) {
-            assert_eq!(programs(&report), ["tc_from_pods", "tc_to_uplink"]);
-            let encap = &changes(&report, "tc_to_uplink")[0];
-            assert_eq!(encap["change"], "encapsulated", "{report:#}");
+            // Translated and encapsulated at the pod's port, and sent to the uplink from there.
+            assert_eq!(programs(&report), ["tc_from_pods"]);
+            let encap = change(&report, "tc_from_pods", "encapsulated");
             assert_eq!(encap["outer_dst"], node_address(2).to_string());
             assert_eq!(encap["outer_src"], node_address(1).to_string());
             assert_eq!((&encap["port"], &encap["vni"]), (&8472.into(), &1.into()));
@@ -145,7 +152,7 @@ fn a_probe_to_a_cluster_ip_names_the_service_the_backend_and_the_node_it_goes_to
 
     let udp = trace(node1, client, &format!("{WEB}:53/udp"));
     assert!(text(&udp, "service").starts_with("default/dns"), "{udp:#}");
-    assert_eq!(changes(&udp, "tc_from_pods")[0]["change"], "destination");
+    change(&udp, "tc_from_pods", "destination");
 }
 
 #[test]
@@ -184,35 +191,40 @@ fn hairpin_no_endpoints_and_plain_pod_traffic_are_explained() {
         serde_json::json!(["no_endpoints"])
     );
 
-    // Straight to a pod of the other node: no service, no NAT, encapsulated to that node.
+    // Straight to a pod of the other node: no service, no NAT, encapsulated to that node at
+    // the pod's port.
     let target = cluster.pods[1][0].addr;
     let direct = trace(node1, client, &format!("{target}:{POD_HTTP_PORT}/tcp"));
     assert!(direct["service"].is_null(), "{direct:#}");
-    assert!(changes(&direct, "tc_from_pods").is_empty(), "{direct:#}");
+    let kinds: Vec<&Value> = changes(&direct, "tc_from_pods")
+        .iter()
+        .map(|change| &change["change"])
+        .collect();
+    assert_eq!(kinds, ["encapsulated"], "{direct:#}");
     assert_eq!(
         text(&direct, "result"),
         format!("sent to node {} over VXLAN", node_address(2))
     );
 
-    // The same flow seen from the receiving node: VXLAN from node 1 taken apart and delivered.
+    // The same flow seen from the receiving node: VXLAN from node 1 taken apart and delivered
+    // straight into the pod, once the node has learned where the pod is from a frame it sent.
     let node2 = &cluster.agents[1];
+    cluster.pods[1][0].ns.run(|| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a socket");
+        socket
+            .send_to(b"hello", (cluster.nodes[1].gateway(), 9))
+            .expect("a datagram to the gateway");
+    });
     let arriving = trace(node2, client, &format!("{target}:{POD_HTTP_PORT}/tcp"));
     assert!(
         text(&arriving, "entry").contains(&format!("as VXLAN from node {}", node_address(1))),
         "{arriving:#}"
     );
-    assert_eq!(
-        programs(&arriving),
-        ["xdp_uplink", "tc_from_uplink", "tc_to_pod"]
-    );
-    assert_eq!(
-        changes(&arriving, "xdp_uplink")[0]["change"],
-        "decapsulated",
-        "{arriving:#}"
-    );
+    assert_eq!(programs(&arriving), ["tc_from_uplink"]);
+    change(&arriving, "tc_from_uplink", "decapsulated");
     assert_eq!(
         text(&arriving, "result"),
-        format!("delivered to local pod {target}:{POD_HTTP_PORT}")
+        format!("delivered straight into local pod {target}:{POD_HTTP_PORT}")
     );
 }
 
