@@ -333,10 +333,15 @@ pub fn udp_request(target: SocketAddrV4) -> io::Result<(Answer, SocketAddr)> {
 /// One datagram and its answer over a connected socket, from inside the calling thread's
 /// namespace: an ICMP port unreachable in reply fails it with `ConnectionRefused`.
 pub fn udp_exchange(target: SocketAddrV4) -> io::Result<Answer> {
+    udp_exchange_with(target, b"who?")
+}
+
+/// [`udp_exchange`] with `request` as the datagram (the server answers any).
+pub fn udp_exchange_with(target: SocketAddrV4, request: &[u8]) -> io::Result<Answer> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     socket.connect(target)?;
-    socket.send(b"who?")?;
+    socket.send(request)?;
     let mut buf = [0u8; 256];
     let len = socket.recv(&mut buf)?;
     Answer::decode(&String::from_utf8_lossy(&buf[..len]))

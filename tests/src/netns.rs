@@ -45,6 +45,16 @@ pub fn run(program: &str, args: &[&str]) -> io::Result<String> {
     }
 }
 
+/// An interface's counters, as `ip -s link` shows them (a GSO packet counts once).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Dropped on receive and on transmit.
+    pub dropped: u64,
+}
+
 /// A network namespace, deleted on drop.
 #[derive(Debug)]
 pub struct Netns {
@@ -90,6 +100,24 @@ impl Netns {
         let mut full = vec!["netns", "exec", self.name.as_str(), program];
         full.extend_from_slice(args);
         run("ip", &full)
+    }
+
+    /// The `ip -s` counters of `interface` in the namespace.
+    pub fn link_stats(&self, interface: &str) -> io::Result<LinkStats> {
+        let json = self.ip(&["-j", "-s", "link", "show", "dev", interface])?;
+        let links: serde_json::Value = serde_json::from_str(&json).map_err(io::Error::other)?;
+        let stats = &links[0]["stats64"];
+        let field = |dir: &str, name: &str| {
+            stats[dir][name].as_u64().ok_or_else(|| {
+                io::Error::other(format!("no {dir} {name} for {interface} in {json}"))
+            })
+        };
+        Ok(LinkStats {
+            rx_packets: field("rx", "packets")?,
+            tx_packets: field("tx", "packets")?,
+            tx_bytes: field("tx", "bytes")?,
+            dropped: field("rx", "dropped")? + field("tx", "dropped")?,
+        })
     }
 
     /// Moves the calling thread into the namespace. Sockets it creates afterwards belong there.

@@ -90,6 +90,38 @@ impl Underlay {
     }
 }
 
+/// Makes the underlay carry MTU frames from `sender` (node 1) to `receiver` (node 2), as a
+/// physical NIC's wire does: the sender's uplink segments in software, and the receiver's
+/// aggregates what arrives in GRO, as a NIC's driver does.
+pub fn cut_to_mtu_frames(
+    underlay: &Underlay,
+    sender: &Netns,
+    receiver: &Netns,
+) -> std::io::Result<()> {
+    sender.exec(
+        "ethtool",
+        &[
+            "-K",
+            "eth0",
+            "tso",
+            "off",
+            "gso",
+            "off",
+            "tx-udp_tnl-segmentation",
+            "off",
+            "tx-udp_tnl-csum-segmentation",
+            "off",
+        ],
+    )?;
+    // A veth takes the GRO path only for what a peer without TSO sends it (or a socket's
+    // own packets): the underlay's port towards the receiver must not offer TSO either.
+    underlay
+        .ns
+        .exec("ethtool", &["-K", &Underlay::port(2), "tso", "off"])?;
+    receiver.exec("ethtool", &["-K", "eth0", "gro", "on"])?;
+    Ok(())
+}
+
 /// A single-member etcd (Debian's `etcd-server`) listening on the underlay, with a temporary
 /// data directory; stopped on drop.
 pub struct Etcd {

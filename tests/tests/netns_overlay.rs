@@ -10,16 +10,16 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use weft::flannel::Lease;
+use weft::{dataplane::XDP_UPLINK, flannel::Lease};
 use weft_tests::{
     apps::{HttpConnection, http_get, receive_bulk, send_bulk, serve_http, udp_request},
     capture::{Capture, is_udp_to},
-    cluster::Node,
+    cluster::{AgentOptions, Node},
     netns::{require_root, unique},
     overlay::{
-        CLUSTER_PREFIX as PREFIX, Etcd, FlannelNode, POD_HTTP_PORT as HTTP_PORT,
-        POD_UDP_PORT as UDP_PORT, Underlay, cluster, cluster_network as network, node_address,
-        start_nodes,
+        CLUSTER_PREFIX as PREFIX, Cluster, Etcd, FlannelNode, POD_HTTP_PORT as HTTP_PORT,
+        POD_UDP_PORT as UDP_PORT, Underlay, cluster, cluster_network as network, cluster_options,
+        cluster_with, cut_to_mtu_frames, node_address, start_nodes,
     },
     seed::{endpoint_slice, service},
     within,
@@ -86,10 +86,14 @@ fn pods_on_every_node_reach_pods_on_every_other_node_over_tcp_and_udp() {
     }
 }
 
-#[test]
-fn a_large_tcp_transfer_crosses_the_overlay_intact() {
-    let cluster = cluster(2, 1);
+/// 128 MiB from node 1's pod to node 2's, checked byte for byte; returns how many packets the
+/// receiving pod's port sent it (the stack's path) and the mean frame node 2 got on the wire.
+fn transfer_128_mib(cluster: &Cluster) -> (u64, f64) {
     let (sender, receiver) = (&cluster.pods[0][0], &cluster.pods[1][0]);
+    let receiving_node = &cluster.nodes[1].ns;
+    let wire = Underlay::port(2);
+    let port_before = receiving_node.link_stats("veth1").expect("the pod's port");
+    let wire_before = cluster.underlay.ns.link_stats(&wire).expect("the wire");
     const BYTES: u64 = 128 << 20;
     let receiving = receive_bulk(&receiver.ns, 9000);
     let started = Instant::now();
@@ -101,10 +105,81 @@ fn a_large_tcp_transfer_crosses_the_overlay_intact() {
     let elapsed = started.elapsed();
     assert_eq!(received, BYTES);
     assert_eq!(digest, sent, "the bytes arrived unchanged");
+    let port = receiving_node.link_stats("veth1").expect("the pod's port");
+    let wire_after = cluster.underlay.ns.link_stats(&wire).expect("the wire");
+    let frame = (wire_after.tx_bytes - wire_before.tx_bytes) as f64
+        / (wire_after.tx_packets - wire_before.tx_packets) as f64;
     eprintln!(
-        "128 MiB pod to pod across the overlay in {elapsed:?} ({:.2} Gbit/s)",
+        "128 MiB pod to pod across the overlay in {elapsed:?} ({:.2} Gbit/s), {frame:.0} bytes \
+         per frame on the wire",
         BYTES as f64 * 8.0 / elapsed.as_secs_f64() / 1e9
     );
+    for agent in &cluster.agents {
+        let drops = agent.inspect("drops");
+        assert!(drops.lines().skip(1).all(|l| l.ends_with(" 0")), "{drops}");
+    }
+    (port.tx_packets - port_before.tx_packets, frame)
+}
+
+#[test]
+fn a_large_tcp_transfer_crosses_the_overlay_intact_on_every_path() {
+    // Default: decapsulated straight into the pod (its port never sends it a thing but the
+    // odd ARP), GSO super-packets on the wire, no XDP on a veth uplink.
+    let fast = cluster(2, 1);
+    let (through_port, frame) = transfer_128_mib(&fast);
+    assert!(
+        through_port < 50,
+        "{through_port} packets went through the bridge"
+    );
+    assert!(
+        frame > 10_000.0,
+        "super-packets on the wire, not {frame:.0}-byte frames"
+    );
+    assert!(
+        fast.agents.iter().all(|agent| !has_xdp_filter(agent)),
+        "no XDP on a veth uplink"
+    );
+    drop(fast);
+
+    // The stack routes it: through the bridge and the pod's port; GSO aggregates by way of the
+    // VXLAN device (what the kernel decapsulated passed tc_from_tunnel).
+    let kernel = cluster_with_args(&["--host-routing=kernel"]);
+    let (through_port, _) = transfer_128_mib(&kernel);
+    assert!(
+        through_port > 100,
+        "only {through_port} packets through the bridge"
+    );
+    let device = kernel.nodes[1]
+        .ns
+        .link_stats("weft-vxlan")
+        .expect("the VXLAN device");
+    assert!(device.rx_packets > 100, "{device:?}");
+    drop(kernel);
+
+    // No VXLAN device: everything is decapsulated in TC.
+    let bare = cluster_with_args(&["--vxlan-device=off"]);
+    assert!(bare.nodes[1].ns.link_stats("weft-vxlan").is_err());
+    transfer_128_mib(&bare);
+    drop(bare);
+
+    // MTU frames on the wire, aggregated by GRO on the receiving uplink (a physical NIC's
+    // view): the VXLAN device's socket makes GRO take the tunnel's frames apart and join them.
+    let nic = cluster(2, 1);
+    cut_to_mtu_frames(&nic.underlay, &nic.nodes[0].ns, &nic.nodes[1].ns).expect("ethtool");
+    let (_, frame) = transfer_128_mib(&nic);
+    assert!(
+        frame < 1_600.0,
+        "MTU frames on the wire, not {frame:.0} bytes"
+    );
+}
+
+/// A two-node cluster (a pod each) whose agents get `args`.
+fn cluster_with_args(args: &[&str]) -> Cluster {
+    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    cluster_with(Etcd::start, 2, 1, |etcd| AgentOptions {
+        extra_args: args,
+        ..cluster_options(etcd)
+    })
 }
 
 #[test]
@@ -486,4 +561,55 @@ fn connect_from_port(port: u16, target: SocketAddrV4) -> std::io::Result<std::ne
     bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port))?;
     connect(fd.as_raw_fd(), &SockaddrIn::from(target))?;
     Ok(fd.into())
+}
+
+/// Whether `agent` has the XDP filter pinned on some device.
+fn has_xdp_filter(agent: &weft_tests::cluster::Agent) -> bool {
+    agent
+        .pin_dir()
+        .join("links")
+        .read_dir()
+        .expect("link pins")
+        .any(|pin| {
+            pin.expect("a pin")
+                .file_name()
+                .to_string_lossy()
+                .starts_with(XDP_UPLINK)
+        })
+}
+
+#[test]
+fn xdp_on_a_veth_uplink_is_left_off_unless_asked_for_as_it_costs_the_peer_its_offloads() {
+    let segmentation = |cluster: &Cluster| {
+        let features = cluster
+            .underlay
+            .ns
+            .exec("ethtool", &["-k", &Underlay::port(1)])
+            .expect("ethtool");
+        features
+            .lines()
+            .find(|line| line.starts_with("tcp-segmentation-offload:"))
+            .map(str::to_owned)
+            .expect("a TSO line")
+    };
+    let auto = cluster(2, 1);
+    assert!(auto.agents.iter().all(|agent| !has_xdp_filter(agent)));
+    assert_eq!(segmentation(&auto), "tcp-segmentation-offload: on");
+    drop(auto);
+
+    let native = cluster_with_args(&["--xdp=native"]);
+    assert!(native.agents.iter().all(has_xdp_filter));
+    // What `--xdp=auto` spares a veth uplink: its peer cannot segment any more
+    // (`veth_fix_features`), so every super-packet is cut to MTU frames before the node.
+    assert!(
+        segmentation(&native).starts_with("tcp-segmentation-offload: off"),
+        "{}",
+        segmentation(&native)
+    );
+    let (from, to) = (&native.pods[0][0], &native.pods[1][0]);
+    let answer = from
+        .ns
+        .run(|| http_get(SocketAddrV4::new(to.addr, HTTP_PORT)))
+        .expect("across with the XDP filter on");
+    assert_eq!(answer.server, to.addr);
 }

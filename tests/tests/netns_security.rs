@@ -14,7 +14,7 @@ use std::{
 
 use weft::flannel::{Lease, parse_subnet_key};
 use weft_tests::{
-    apps::{http_get, udp_exchange},
+    apps::{http_get, udp_exchange, udp_exchange_with},
     cluster::{Agent, Node},
     overlay::{
         CLUSTER_PREFIX, Etcd, FlannelNode, POD_HTTP_PORT, POD_UDP_PORT, Underlay, cluster,
@@ -219,7 +219,13 @@ fn vxlan_from_a_node_without_a_lease_is_dropped_until_it_holds_one() {
     .expect("flannel's JSON");
     // A node that speaks flannel's VXLAN to this one, but whose lease is under another
     // cluster's prefix: weft never learns it.
-    let stranger_subnet: ipnet::Ipv4Net = "172.30.250.0/24".parse().expect("a subnet");
+    let stranger_subnet: ipnet::Ipv4Net = if subnet.network().octets()[2] == 250 {
+        "172.30.251.0/24"
+    } else {
+        "172.30.250.0/24"
+    }
+    .parse()
+    .expect("a subnet");
     let stranger = FlannelNode::new(
         &format!("{}s", cluster.underlay.ns.name()),
         &cluster.underlay,
@@ -243,6 +249,23 @@ fn vxlan_from_a_node_without_a_lease_is_dropped_until_it_holds_one() {
     let dropped = unknown_source_drops(agent) - before;
     assert!(dropped >= 3, "{dropped} drops counted for 3 datagrams");
 
+    // Fragmented VXLAN (the stranger's uplink narrowed to 1400 bytes under a full 1450-byte
+    // inner packet) passes the uplink's TC hook, which cannot judge fragments; the kernel
+    // reassembles it for the node's VXLAN device, whose hook drops it all the same.
+    stranger
+        .node
+        .ns
+        .ip(&["link", "set", "eth0", "mtu", "1400"])
+        .expect("a narrower uplink on the stranger");
+    let big = [b'x'; 1450 - 28];
+    let before = unknown_source_drops(agent);
+    let answer = pod.ns.run(|| udp_exchange_with(target, &big));
+    assert!(answer.is_err(), "fragmented VXLAN got through: {answer:?}");
+    assert!(
+        unknown_source_drops(agent) > before,
+        "the VXLAN device's hook counted it"
+    );
+
     // The same node, its lease put where weft watches, is a member and is answered.
     let lease = cluster
         .etcd
@@ -259,4 +282,7 @@ fn vxlan_from_a_node_without_a_lease_is_dropped_until_it_holds_one() {
         "the node answers once the stranger holds a lease",
         || pod.ns.run(|| udp_exchange(target).is_ok()),
     );
+    pod.ns
+        .run(|| udp_exchange_with(target, &big))
+        .expect("a member's fragmented VXLAN, reassembled and decapsulated by the kernel");
 }

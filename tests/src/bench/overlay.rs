@@ -164,32 +164,12 @@ impl Testbed {
         }
     }
 
-    /// Makes the underlay carry MTU frames, as a physical NIC's wire does: the sender's uplink
-    /// segments in software, and the receiver's aggregates what arrives in GRO.
+    /// Makes the underlay carry MTU frames with GRO at the receiver (see
+    /// [`crate::overlay::cut_to_mtu_frames`]).
     pub fn cut_to_mtu_frames(&self) -> anyhow::Result<()> {
         let (underlay, sender, receiver) = self.places();
         let underlay = underlay.context("one node: no underlay")?;
-        sender.exec(
-            "ethtool",
-            &[
-                "-K",
-                "eth0",
-                "tso",
-                "off",
-                "gso",
-                "off",
-                "tx-udp_tnl-segmentation",
-                "off",
-                "tx-udp_tnl-csum-segmentation",
-                "off",
-            ],
-        )?;
-        // A veth takes the GRO path only for what a peer without TSO sends it (or a socket's
-        // own packets): the underlay's port towards the receiver must not offer TSO either.
-        underlay
-            .ns
-            .exec("ethtool", &["-K", &Underlay::port(2), "tso", "off"])?;
-        receiver.exec("ethtool", &["-K", "eth0", "gro", "on"])?;
+        crate::overlay::cut_to_mtu_frames(underlay, sender, receiver)?;
         Ok(())
     }
 
@@ -321,34 +301,18 @@ impl Drop for IperfServer {
     }
 }
 
-/// `ip -s` counters of one interface: (tx bytes, tx packets, rx+tx dropped).
-fn counters(ns: &Netns, interface: &str) -> anyhow::Result<(u64, u64, u64)> {
-    let json = ns.ip(&["-j", "-s", "link", "show", "dev", interface])?;
-    let links: serde_json::Value = serde_json::from_str(&json).context("ip -j -s link")?;
-    let stats = &links[0]["stats64"];
-    let field = |dir: &str, name: &str| {
-        stats[dir][name]
-            .as_u64()
-            .with_context(|| format!("{interface}: {dir} {name}"))
-    };
-    Ok((
-        field("tx", "bytes")?,
-        field("tx", "packets")?,
-        field("rx", "dropped")? + field("tx", "dropped")?,
-    ))
-}
-
 /// Bytes and packets the underlay's port towards the receiving node (node 2) has sent.
 fn port_tx(underlay: &Underlay) -> anyhow::Result<(u64, u64)> {
-    let (bytes, packets, _) = counters(&underlay.ns, &Underlay::port(2))?;
-    Ok((bytes, packets))
+    let stats = underlay.ns.link_stats(&Underlay::port(2))?;
+    Ok((stats.tx_bytes, stats.tx_packets))
 }
 
 fn total_drops(interfaces: &[(&Netns, String)]) -> anyhow::Result<u64> {
-    interfaces
-        .iter()
-        .map(|(ns, name)| counters(ns, name).map(|(_, _, drops)| drops))
-        .sum()
+    let mut drops = 0;
+    for (ns, name) in interfaces {
+        drops += ns.link_stats(name)?.dropped;
+    }
+    Ok(drops)
 }
 
 /// Two nodes set up exactly as flanneld's vxlan backend sets them up, a pod on each; with
