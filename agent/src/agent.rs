@@ -32,6 +32,7 @@ use weft::{
     metrics::{self, Metrics},
     model::{HealthCheck, ServicePortName},
     netdev::{self, PortEvent, PortWatch, Uplink},
+    nexthops,
     nft::{self, Masquerade},
     privilege,
     reconcile::{Reconciler, Report},
@@ -636,6 +637,11 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
         tokio::spawn(manifests::follow(watch, Arc::clone(&model)));
     }
     if let (Some(overlay), Some(revision)) = (overlay, lease_revision) {
+        tokio::spawn(nexthops::follow(
+            netlink.clone(),
+            overlay.uplink.index,
+            Arc::clone(&model),
+        ));
         let lost = Arc::new(Notify::new());
         tokio::spawn(subnets::watch(
             overlay.client.clone(),

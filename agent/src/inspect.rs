@@ -121,6 +121,9 @@ struct SubnetRow {
     vtep_mac: String,
     /// Whether VXLAN from the node is accepted.
     member: bool,
+    /// The MAC of the next hop towards the node, as the agent resolved it ("-": looked up per
+    /// packet).
+    next_hop: String,
 }
 
 #[derive(Serialize)]
@@ -287,18 +290,24 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
                     node: Ipv4Addr::from(node.public_ip).to_string(),
                     vtep_mac: Mac(node.vtep_mac).to_string(),
                     member: members.contains(&Ipv4Addr::from(node.public_ip)),
+                    next_hop: if node.next_hop_ifindex == 0 {
+                        "-".to_owned()
+                    } else {
+                        Mac(node.next_hop_mac).to_string()
+                    },
                 })
                 .collect();
             render(
                 json,
                 &rows,
-                &["SUBNET", "NODE", "VTEP MAC", "MEMBER"],
+                &["SUBNET", "NODE", "VTEP MAC", "MEMBER", "NEXT HOP"],
                 |r| {
                     vec![
                         r.subnet.clone(),
                         r.node.clone(),
                         r.vtep_mac.clone(),
                         if r.member { "yes" } else { "no" }.into(),
+                        r.next_hop.clone(),
                     ]
                 },
             )?

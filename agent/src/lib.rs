@@ -2,7 +2,7 @@
 //! the test tiers drive directly (the fixture tests fill maps through [`reconcile`] exactly as
 //! the agent does).
 //!
-//! Data flows one way: sources ([`manifests`], [`kube`], [`subnets`]) update the pure [`model`] through a
+//! Data flows one way: sources ([`manifests`], [`kube`], [`subnets`], [`nexthops`]) update the pure [`model`] through a
 //! [`source::ModelHandle`]; the [`reconcile::Reconciler`] alone writes the service maps
 //! ([`maps`]); [`dataplane`] loads and attaches the eBPF programs.
 #![deny(unsafe_code)]
@@ -22,6 +22,7 @@ pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod netdev;
+pub mod nexthops;
 pub mod nft;
 pub mod objects;
 pub mod privilege;

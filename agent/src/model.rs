@@ -88,6 +88,15 @@ pub struct NodeLease {
     pub vtep_mac: [u8; 6],
 }
 
+/// The next hop towards an overlay member's PublicIP, from the node's routes and neighbours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    /// The device it is reached through.
+    pub ifindex: u32,
+    /// Its MAC.
+    pub mac: [u8; 6],
+}
+
 /// What the model knows of the node it runs on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
@@ -172,6 +181,8 @@ pub struct Model {
     /// The slices of each service, by name.
     slices_of: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
     leases: BTreeMap<Ipv4Net, NodeLease>,
+    /// The next hop towards each member's PublicIP, where the node knows it.
+    next_hops: BTreeMap<Ipv4Addr, NextHop>,
     node: NodeFacts,
     /// Each service's own part; services whose objects changed since are in `stale`.
     computed: BTreeMap<ObjectRef, ServiceOutput>,
@@ -266,6 +277,21 @@ impl Model {
         self.leases = leases;
         self.leases_changed |= changed;
         changed
+    }
+
+    /// Replaces the next hops towards the members' PublicIPs (as the node's routes and
+    /// neighbours give them); returns whether anything changed.
+    pub fn set_next_hops(&mut self, next_hops: BTreeMap<Ipv4Addr, NextHop>) -> bool {
+        let changed = self.next_hops != next_hops;
+        self.next_hops = next_hops;
+        self.leases_changed |= changed;
+        changed
+    }
+
+    /// The PublicIPs of the overlay's members, for the next hops to follow.
+    #[must_use]
+    pub fn members(&self) -> BTreeSet<Ipv4Addr> {
+        self.leases.values().map(|lease| lease.public_ip).collect()
     }
 
     /// Updates what is known of this node; returns whether anything changed.
@@ -413,7 +439,7 @@ impl Model {
         }
         desired.notes = conflicts(&self.frontend_claims, &self.contested, &self.check_claims);
         if std::mem::take(&mut self.leases_changed) {
-            (desired.subnets, desired.vteps) = overlay_of(&self.leases);
+            (desired.subnets, desired.vteps) = overlay_of(&self.leases, &self.next_hops);
         }
         self.changed.extend(ports_changed);
     }
@@ -450,19 +476,23 @@ fn conflicts(
     notes
 }
 
-/// The remote subnets and overlay members the leases call for.
+/// The remote subnets (with the next hop towards their node, where known) and overlay members
+/// the leases call for.
 fn overlay_of(
     leases: &BTreeMap<Ipv4Net, NodeLease>,
+    next_hops: &BTreeMap<Ipv4Addr, NextHop>,
 ) -> (BTreeMap<Ipv4Net, RemoteNode>, BTreeMap<Ipv4Addr, Vtep>) {
     let mut subnets = BTreeMap::new();
     let mut vteps = BTreeMap::new();
     for (subnet, lease) in leases {
+        let next_hop = next_hops.get(&lease.public_ip);
         subnets.insert(
             *subnet,
             RemoteNode {
                 public_ip: lease.public_ip.octets(),
                 vtep_mac: lease.vtep_mac,
-                _pad: [0; 2],
+                next_hop_mac: next_hop.map_or([0; 6], |hop| hop.mac),
+                next_hop_ifindex: next_hop.map_or(0, |hop| hop.ifindex),
             },
         );
         // A node has one lease; should two name one PublicIP (an address that moved), either
@@ -989,6 +1019,39 @@ pub(crate) mod tests {
         );
         assert!(model.replace_leases(BTreeMap::new()));
         assert!(model.desired().subnets.is_empty() && model.desired().vteps.is_empty());
+    }
+
+    #[test]
+    fn a_members_next_hop_rides_with_its_subnets() {
+        let mut model = Model::default();
+        let subnet: Ipv4Net = "172.30.44.0/24".parse().unwrap();
+        let public_ip = Ipv4Addr::new(192, 168, 50, 2);
+        model.set_lease(
+            subnet,
+            NodeLease {
+                public_ip,
+                vtep_mac: [2, 0, 0, 0, 0, 2],
+            },
+        );
+        assert_eq!(model.members(), BTreeSet::from([public_ip]));
+        assert_eq!(
+            model.desired().subnets[&subnet].next_hop_ifindex,
+            0,
+            "unknown: looked up per packet"
+        );
+        let hop = NextHop {
+            ifindex: 7,
+            mac: [2, 0, 0, 0, 0, 0x77],
+        };
+        assert!(model.set_next_hops(BTreeMap::from([(public_ip, hop)])));
+        assert!(!model.set_next_hops(BTreeMap::from([(public_ip, hop)])));
+        let remote = model.desired().subnets[&subnet];
+        assert_eq!(
+            (remote.next_hop_ifindex, remote.next_hop_mac),
+            (7, [2, 0, 0, 0, 0, 0x77])
+        );
+        assert!(model.set_next_hops(BTreeMap::new()));
+        assert_eq!(model.desired().subnets[&subnet].next_hop_ifindex, 0);
     }
 
     #[test]

@@ -472,7 +472,7 @@ mod tests {
             port: 8472,
             vni: 1,
         };
-        assert_eq!(changes(&inner, &outer, 0, 0), [encap.clone()]);
+        assert_eq!(changes(&inner, &outer, 0, 0), std::slice::from_ref(&encap));
         let decap = Change::Decapsulated {
             outer_src: Ipv4Addr::new(192, 168, 50, 1),
             vni: 1,

@@ -1105,7 +1105,7 @@ pub(crate) mod tests {
                 RemoteNode {
                     public_ip: public_ip.octets(),
                     vtep_mac: [2, 0, 0, 0, 0, *last],
-                    _pad: [0; 2],
+                    ..RemoteNode::default()
                 },
             );
             desired.vteps.insert(

@@ -34,7 +34,7 @@ pub const DROPS_MAP: &str = "weft_drops_v3";
 pub const CONFIG_MAP: &str = "weft_config_v1";
 
 /// Name of the remote pod subnets, an LPM trie: IPv4 prefix (network order) -> [`RemoteNode`].
-pub const SUBNETS_MAP: &str = "weft_subnets_v1";
+pub const SUBNETS_MAP: &str = "weft_subnets_v2";
 /// Name of the overlay members: a node's PublicIP (network order) -> [`Vtep`].
 pub const VTEPS_MAP: &str = "weft_vteps_v1";
 /// Name of the one-entry overlay configuration array: `0` -> [`OverlayConfig`].
@@ -392,7 +392,7 @@ impl DatapathConfig {
     }
 }
 
-/// Where a remote pod subnet lives: the node to encapsulate to.
+/// Where a remote pod subnet lives: the node to encapsulate to, and the next hop towards it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RemoteNode {
@@ -400,7 +400,12 @@ pub struct RemoteNode {
     pub public_ip: [u8; 4],
     /// The node's VtepMAC (inner destination MAC), as in its lease.
     pub vtep_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The MAC of the next hop towards the PublicIP (the node itself on one segment, else the
+    /// underlay's router), as the node's neighbour table has it.
+    pub next_hop_mac: [u8; 6],
+    /// The ifindex (host order) that next hop is reached through; 0 while it is not known,
+    /// and the datapath looks the route up (FIB) for each packet instead.
+    pub next_hop_ifindex: u32,
 }
 
 /// An overlay member: a node whose VXLAN the uplink accepts.
@@ -531,7 +536,7 @@ const _: () = {
     assert!(size_of::<SockNatKey>() == 16);
     assert!(size_of::<SockNatValue>() == 8);
     assert!(size_of::<DatapathConfig>() == 16);
-    assert!(size_of::<RemoteNode>() == 12);
+    assert!(size_of::<RemoteNode>() == 20);
     assert!(size_of::<Vtep>() == 8);
     assert!(size_of::<OverlayConfig>() == 52);
     assert!(size_of::<LocalPod>() == 12);

@@ -87,7 +87,7 @@ pub(crate) static CONFIG: Array<DatapathConfig, 1> = Array::new();
 
 /// Remote pod subnets by prefix (from the other nodes' leases). Written by the agent; read per
 /// packet leaving through the uplink to the pod Network.
-#[btf_map(name = "weft_subnets_v1")]
+#[btf_map(name = "weft_subnets_v2")]
 pub(crate) static SUBNETS: LpmTrie<[u8; 4], RemoteNode, { MAX_NODES as usize }> = LpmTrie::new();
 
 /// Overlay members by PublicIP. Written by the agent; read per VXLAN packet for this node.

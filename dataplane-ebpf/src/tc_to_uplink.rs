@@ -48,12 +48,7 @@ fn encapsulate(ctx: &TcContext) -> Result<i32, DropReason> {
     }
     let node = vxlan::remote_node(ip.dst).ok_or(DropReason::NoLeaseForDestination)?;
     match vxlan::encapsulate(ctx, &overlay, &node) {
-        Ok(()) => vxlan::forward(
-            ctx,
-            overlay.public_ip,
-            node.public_ip,
-            overlay.uplink_ifindex,
-        ),
+        Ok(()) => vxlan::forward(ctx, &overlay, &node),
         // Marked as encapsulated already (this node decapsulated it, and a pod sent it on):
         // the VXLAN device encapsulates it as the kernel does.
         Err(Some(EALREADY)) => {

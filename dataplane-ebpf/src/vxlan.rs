@@ -302,13 +302,7 @@ pub(crate) fn from_pod(
         Err(Some(EALREADY)) => return Ok(None),
         Err(_) => return Err(DropReason::EncapFailed),
     }
-    forward(
-        ctx,
-        overlay.public_ip,
-        node.public_ip,
-        overlay.uplink_ifindex,
-    )
-    .map(Some)
+    forward(ctx, overlay, &node).map(Some)
 }
 
 /// Whether the packet fits the overlay: its length, or each segment of a GSO packet, within
@@ -432,24 +426,33 @@ pub(crate) fn to_tunnel_device(
 /// `offsetof(struct bpf_tunnel_key, tunnel_label)`: a key size every kernel takes.
 pub(crate) const TUNNEL_KEY_LEN: u32 = 24;
 
-/// Addresses the outer Ethernet header to the next hop towards `dst` (routed out of `via`)
-/// and sends the packet: on out of the device it is on when that is the one the route names,
-/// else redirected there.
+/// Addresses the outer Ethernet header to the next hop towards `node` and sends the packet out
+/// of the uplink: on, when the program runs there, else redirected to it. The next hop is the
+/// one the agent resolved for the node; only while it has none is the route looked up (FIB),
+/// and a next hop not resolved yet is left to the kernel to resolve.
 #[inline(always)]
 pub(crate) fn forward(
     ctx: &TcContext,
-    src: [u8; 4],
-    dst: [u8; 4],
-    via: u32,
+    overlay: &OverlayConfig,
+    node: &RemoteNode,
 ) -> Result<i32, DropReason> {
-    // SAFETY: `bpf_fib_lookup` is plain data; all-zero is its documented initial state.
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     // SAFETY: reading a field of this program's context.
     let on = unsafe { (*ctx.skb.skb).ifindex };
+    let uplink = overlay.uplink_ifindex;
+    if node.next_hop_ifindex != 0 && node.next_hop_ifindex == uplink {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&node.next_hop_mac);
+        macs[6..].copy_from_slice(&overlay.uplink_mac);
+        ctx.store(0, &macs, 0)
+            .map_err(|_| DropReason::EncapFailed)?;
+        return Ok(send(uplink, on));
+    }
+    // SAFETY: `bpf_fib_lookup` is plain data; all-zero is its documented initial state.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
-    fib.ifindex = via;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    fib.ifindex = uplink;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(overlay.public_ip);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(node.public_ip);
     // SAFETY: `fib` is a valid, initialised lookup structure of the size passed.
     let found = unsafe {
         fib_lookup(
@@ -466,12 +469,7 @@ pub(crate) fn forward(
             macs[6..].copy_from_slice(&fib.smac);
             ctx.store(0, &macs, 0)
                 .map_err(|_| DropReason::EncapFailed)?;
-            if fib.ifindex == on {
-                Ok(TC_ACT_UNSPEC)
-            } else {
-                // SAFETY: a helper taking plain integers.
-                Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as i32)
-            }
+            Ok(send(fib.ifindex, on))
         }
         // The next hop is known but not yet resolved: let the kernel resolve it and send.
         // SAFETY: a helper taking an interface index and no parameters.
@@ -479,5 +477,16 @@ pub(crate) fn forward(
             Ok(unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
         }
         _ => Err(DropReason::NoRouteToNode),
+    }
+}
+
+/// Out of `device`: on, when the program runs there (`on`), else redirected to it.
+#[inline(always)]
+fn send(device: u32, on: u32) -> i32 {
+    if device == on {
+        TC_ACT_UNSPEC
+    } else {
+        // SAFETY: a helper taking plain integers.
+        unsafe { bpf_redirect(device, 0) as i32 }
     }
 }

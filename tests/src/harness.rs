@@ -146,7 +146,31 @@ impl Datapath {
 
     /// Adds (or replaces) another node's lease, as the etcd source would, and reconciles.
     pub fn set_lease(&mut self, subnet: ipnet::Ipv4Net, lease: weft::model::NodeLease) {
-        self.model.set_lease(subnet, lease);
+        self.set_leases([(subnet, lease)]);
+    }
+
+    /// Adds (or replaces) other nodes' leases, as the etcd source would, and reconciles once.
+    pub fn set_leases(
+        &mut self,
+        leases: impl IntoIterator<Item = (ipnet::Ipv4Net, weft::model::NodeLease)>,
+    ) {
+        for (subnet, lease) in leases {
+            self.model.set_lease(subnet, lease);
+        }
+        let report = self.reconciler.reconcile(&self.model.desired());
+        assert!(
+            report.overlay_failed.is_empty(),
+            "{:?}",
+            report.overlay_failed
+        );
+    }
+
+    /// Sets the next hops towards the members, as the next-hop source would, and reconciles.
+    pub fn set_next_hops(
+        &mut self,
+        next_hops: std::collections::BTreeMap<std::net::Ipv4Addr, weft::model::NextHop>,
+    ) {
+        self.model.set_next_hops(next_hops);
         let report = self.reconciler.reconcile(&self.model.desired());
         assert!(
             report.overlay_failed.is_empty(),

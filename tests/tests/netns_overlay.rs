@@ -84,6 +84,35 @@ fn pods_on_every_node_reach_pods_on_every_other_node_over_tcp_and_udp() {
         let drops = agent.inspect("drops");
         assert!(drops.lines().skip(1).all(|l| l.ends_with(" 0")), "{drops}");
     }
+    // The traffic resolved every node's neighbours; each agent picked the next hops up, and
+    // encapsulates to them without a route lookup per packet.
+    let macs: Vec<String> = cluster.nodes.iter().map(uplink_mac).collect();
+    for (n, agent) in cluster.agents.iter().enumerate() {
+        let others: BTreeSet<String> = (0..3)
+            .filter(|m| *m != n)
+            .map(|m| macs[m].clone())
+            .collect();
+        within(
+            Duration::from_secs(5),
+            "every agent knows the next hop to every other node",
+            || {
+                let hops: BTreeSet<String> = agent
+                    .inspect("subnets")
+                    .lines()
+                    .filter(|l| l.starts_with("172.30."))
+                    .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
+                    .collect();
+                hops == others
+            },
+        );
+    }
+}
+
+/// The MAC of a node's uplink, as `inspect` prints MACs.
+fn uplink_mac(node: &Node) -> String {
+    let json = node.ns.ip(&["-j", "link", "show", "eth0"]).expect("eth0");
+    let links: serde_json::Value = serde_json::from_str(&json).expect("ip's JSON");
+    links[0]["address"].as_str().expect("a MAC").to_owned()
 }
 
 /// 128 MiB from node 1's pod to node 2's, checked byte for byte; returns how many packets the

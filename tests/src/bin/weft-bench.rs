@@ -72,6 +72,8 @@ struct Plan {
     packet_scales: &'static [usize],
     /// Service counts for the node figures (the last one also for programming and memory).
     node_scales: &'static [usize],
+    /// Overlay nodes for the per-packet encapsulation costs.
+    overlay_nodes: &'static [usize],
     /// Program runs averaged per per-packet figure.
     packet_runs: u16,
     /// Length of one load run.
@@ -88,6 +90,7 @@ const FULL: Plan = Plan {
     quick: false,
     packet_scales: &[1, 1_000, 10_000, 100_000],
     node_scales: &[1, 1_000, 10_000],
+    overlay_nodes: &[1, 250],
     packet_runs: 2_000,
     load: Duration::from_secs(3),
     repeats: 3,
@@ -99,6 +102,7 @@ const QUICK: Plan = Plan {
     quick: true,
     packet_scales: &[1, 1_000],
     node_scales: &[1, 1_000],
+    overlay_nodes: &[1, 250],
     packet_runs: 300,
     load: Duration::from_millis(700),
     repeats: 2,
@@ -188,6 +192,16 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The PublicIPs of the per-packet overlay's `nodes` remote nodes: node 2, then the others.
+fn others_ips(nodes: usize) -> impl Iterator<Item = Ipv4Addr> {
+    std::iter::once(REMOTE_IP).chain(
+        (1..=255u8)
+            .filter(|third| ![20, 44].contains(third))
+            .take(nodes - 1)
+            .map(|third| Ipv4Addr::new(192, 168, 51, third)),
+    )
+}
+
 /// The mean of `runs` single runs, in nanoseconds: every run gets a fresh frame from `frame`,
 /// since a program that rewrites the packet would see its own output on a repeated run.
 fn mean_ns(runs: u16, mut one: impl FnMut(u16) -> Duration) -> f64 {
@@ -268,26 +282,84 @@ fn packet_costs(plan: &Plan, report: &mut Report) {
             );
         }
     }
-    // The overlay paths and the floors do not depend on the number of services.
+    // The overlay paths do not depend on the number of services; the encapsulations look the
+    // destination's node up among the leases.
     let (ns, uplink) = uplink_namespace();
     let mut datapath = overlay_fixture::datapath(uplink);
     datapath.load_floor();
+    let port = overlay_fixture::pod_port(&ns);
     let to_remote = tcp(pod(5, 20, 40_000), pod(5, 44, 80), ACK).build();
-    let encapsulated = vxlan_frame(REMOTE_IP, 8472, 1, &inner_frame(), 0);
-    for _ in 0..plan.repeats {
-        let encap = ns.run(|| {
-            mean_ns(plan.packet_runs, |_| {
-                datapath
-                    .run_with(TO_UPLINK, &to_remote, 0, uplink, 1)
-                    .duration
+    let to_learned = inner_frame();
+    let encapsulated = vxlan_frame(REMOTE_IP, 8472, 1, &to_learned, 0);
+    let mut for_other_pod = to_learned.clone();
+    for_other_pod[33] = 99;
+    for_other_pod[24..26].fill(0);
+    let sum = weft_tests::packet::checksum(&for_other_pod[14..34]);
+    for_other_pod[24..26].copy_from_slice(&sum.to_be_bytes());
+    let not_learned = vxlan_frame(REMOTE_IP, 8472, 1, &for_other_pod, 0);
+    // The pod the VXLAN frames are for, learned on its port.
+    let hello = tcp(pod(5, 20, 40_000), pod(9, 20, 80), ACK).build();
+    ns.run(|| datapath.run_on(FROM_PODS, &hello, port));
+    for nodes in plan.overlay_nodes {
+        // Node 2 holds 172.30.44.0/24 and this node 172.30.20.0/24; the others take the
+        // rest of the Network.
+        let others = (1..=255u8).filter(|third| ![20, 44].contains(third));
+        datapath.set_leases(others.take(nodes - 1).map(|third| {
+            (
+                Ipv4Net::new(Ipv4Addr::new(172, 30, third, 0), 24).expect("a subnet"),
+                weft::model::NodeLease {
+                    public_ip: Ipv4Addr::new(192, 168, 51, third),
+                    vtep_mac: [0x0e, 0xfe, 0, 0, 0, third],
+                },
+            )
+        }));
+        // Every node's next hop: looked up per packet, then resolved by the agent.
+        let hops: std::collections::BTreeMap<Ipv4Addr, weft::model::NextHop> = others_ips(*nodes)
+            .map(|ip| {
+                let hop = weft::model::NextHop {
+                    ifindex: uplink,
+                    mac: overlay_fixture::NEXT_HOP_MAC,
+                };
+                (ip, hop)
             })
-        });
-        ns_per(
-            report,
-            "VXLAN encapsulation (TC egress of the uplink)",
-            encap,
-        );
-        let decap = ns.run(|| {
+            .collect();
+        for (next_hop, resolved) in [("route looked up", false), ("next hop resolved", true)] {
+            datapath.set_next_hops(if resolved {
+                hops.clone()
+            } else {
+                std::collections::BTreeMap::new()
+            });
+            for _ in 0..plan.repeats {
+                let case = |what: &str| format!("{what}, {nodes} nodes, {next_hop}");
+                let at_port = ns.run(|| {
+                    mean_ns(plan.packet_runs, |_| {
+                        datapath
+                            .run_with(FROM_PODS, &to_remote, 0, port, 1)
+                            .duration
+                    })
+                });
+                ns_per(
+                    report,
+                    &case("VXLAN encapsulation at a pod's port (tc_from_pods, redirected)"),
+                    at_port,
+                );
+                let encap = ns.run(|| {
+                    mean_ns(plan.packet_runs, |_| {
+                        datapath
+                            .run_with(TO_UPLINK, &to_remote, 0, uplink, 1)
+                            .duration
+                    })
+                });
+                ns_per(
+                    report,
+                    &case("VXLAN encapsulation on the uplink's egress (tc_to_uplink)"),
+                    encap,
+                );
+            }
+        }
+    }
+    for _ in 0..plan.repeats {
+        let into_pod = ns.run(|| {
             mean_ns(plan.packet_runs, |_| {
                 datapath
                     .run_with(FROM_UPLINK, &encapsulated, 0, uplink, 1)
@@ -296,7 +368,19 @@ fn packet_costs(plan: &Plan, report: &mut Report) {
         });
         ns_per(
             report,
-            "VXLAN decapsulation (TC ingress of the uplink)",
+            "VXLAN decapsulation straight into a learned pod (tc_from_uplink)",
+            into_pod,
+        );
+        let decap = ns.run(|| {
+            mean_ns(plan.packet_runs, |_| {
+                datapath
+                    .run_with(FROM_UPLINK, &not_learned, 0, uplink, 1)
+                    .duration
+            })
+        });
+        ns_per(
+            report,
+            "VXLAN decapsulation for the stack (tc_from_uplink)",
             decap,
         );
         let tc_floor = mean_ns(plan.packet_runs, |_| {
@@ -837,9 +921,25 @@ fn document(plan: &Plan, table: &str, svg: &Path, took: Duration) -> String {
          incremental update as kube-proxy sends it (`iptables-restore --noflush` of \
          `KUBE-SERVICES` and the changed chains; one nftables transaction), which leaves out \
          kube-proxy's own processing, in weft's favour of the peers.\n\
-         - **4 throughput**: iperf3, one TCP stream, pod to pod across two nodes on a veth \
-         underlay: weft's encapsulation and XDP decapsulation against the kernel's VXLAN device \
-         set up as flanneld sets it up.\n\
+         - **4 pod to pod across two nodes** on a veth underlay (a bridge in its own namespace), \
+         iperf3 TCP with 1 and 8 streams, each contender built just before its run and torn \
+         down after it: **weft** (the release agent, eBPF host routing); **flannel vxlan \
+         (kernel)**, the kernel's VXLAN device set up exactly as flanneld sets it up (`flannel.1`, \
+         VNI 1, port 8472, per-node route, neighbour and FDB entries), bare; and the same on a \
+         node as kubeadm runs flannel with kube-proxy: `br_netfilter` on and kube-proxy's \
+         iptables rules (its `nat` table for 100 services of 10 endpoints, its `filter` chains \
+         with their conntrack matches, flannel's `FLANNEL-FWD`). weft's nodes have \
+         `br_netfilter` on too. Beside them weft with one part of its path left out at a time \
+         (`--host-routing=kernel`: the stack routes pod traffic; `--vxlan-device=off`; \
+         `--xdp=native`: what the old design's XDP on a veth costs), and two pods on one node's \
+         bridge, the no-encapsulation limit. The third case cuts the wire to MTU frames as a \
+         physical NIC's is (TSO off on the sender's uplink and the underlay port, GRO on the \
+         receiver's uplink): it shows GRO at work. Per run: received Gbit/s, TCP retransmits, \
+         the whole machine's CPU time per GB, the mean frame the underlay port carried to the \
+         receiving node (bytes over packets from `ip -s link`: ~64 KiB while super-packets \
+         cross whole, ~1.5 KiB once cut to MTU frames) and the frames dropped on both uplinks \
+         and underlay ports; once per contender, the lengths of the frames on the wire from a \
+         short packet capture on that port (median, and the share longer than an MTU frame).\n\
          - **6 agent footprint**: weft only (kube-proxy's process is not run here); resident \
          memory and CPU of the agent process with the largest service set.\n\n",
     );
