@@ -27,9 +27,9 @@ use weft_common::{
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_SOCK_NAT_ENTRIES, DROPS_MAP, DatapathConfig,
         ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey, EndpointValue,
         LOCAL_PODS_MAP, LocalPod, MAX_LOCAL_PODS, MAX_NODES, MAX_SOURCE_RANGES, OVERLAY_MAP,
-        OverlayConfig, PINNED_MAPS, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SOCK_NAT_MAP,
-        SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey,
-        SockNatValue, SourceRangeKey, VTEPS_MAP, Vtep,
+        OverlayConfig, PEER_PORTS_MAP, PINNED_MAPS, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP,
+        SOCK_NAT_MAP, SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue,
+        SockNatKey, SockNatValue, SourceRangeKey, VTEPS_MAP, Vtep,
     },
 };
 
@@ -329,6 +329,13 @@ fn layouts(limits: MapLimits) -> [Layout; PINNED_MAPS.len()] {
             key_size: size_of::<u32>(),
             value_size: size_of::<OverlayConfig>(),
             max_entries: 1,
+        },
+        Layout {
+            name: PEER_PORTS_MAP,
+            map_type: MapType::Hash,
+            key_size: 4,
+            value_size: 1,
+            max_entries: MAX_LOCAL_PODS,
         },
         Layout {
             name: LOCAL_PODS_MAP,
@@ -644,9 +651,19 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Forgets the pods the datapath learned on ports `keep` rejects (ports that left), so no
-    /// packet is delivered to a port that is gone or now someone else's. Returns how many.
+    /// Forgets the ports `keep` rejects (ports that left) and the pods the datapath learned on
+    /// them, so no packet is delivered to a port that is gone or now someone else's. Returns
+    /// how many pods.
     pub fn forget_pods(&mut self, keep: impl Fn(u32) -> bool) -> Result<usize, DataplaneError> {
+        let mut ports = self.peer_ports()?;
+        let gone: Vec<u32> = ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|port| !keep(*port))
+            .collect();
+        for port in gone {
+            let _ = ports.remove(&port);
+        }
         let map = |source| DataplaneError::Map {
             name: LOCAL_PODS_MAP,
             source,
@@ -677,9 +694,24 @@ impl Dataplane {
     /// `br_netfilter`, so netfilter's conntrack (and the masquerade rule) sees the translated
     /// tuple; and because replies between two pods of one node are switched by the bridge and
     /// never reach the bridge device.
-    pub fn attach_pod_port(&mut self, port: &str, ifindex: u32) -> Result<(), DataplaneError> {
+    ///
+    /// A veth port (`veth`) is also one the overlay delivers into directly: its pods are learned.
+    pub fn attach_pod_port(
+        &mut self,
+        port: &str,
+        ifindex: u32,
+        veth: bool,
+    ) -> Result<(), DataplaneError> {
         if self.has_pod_port(ifindex) {
             return Ok(());
+        }
+        if veth {
+            self.peer_ports()?
+                .insert(ifindex, 1, 0)
+                .map_err(|source| DataplaneError::Map {
+                    name: PEER_PORTS_MAP,
+                    source,
+                })?;
         }
         self.attach_tc(FROM_PODS, port, ifindex, TcAttachType::Ingress)?;
         if let Err(e) = self.attach_tc(TO_POD, port, ifindex, TcAttachType::Egress) {
@@ -689,6 +721,22 @@ impl Dataplane {
         }
         self.ports.insert(ifindex, port.to_owned());
         Ok(())
+    }
+
+    /// The ports the overlay delivers into.
+    fn peer_ports(
+        &mut self,
+    ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, u32, u8>, DataplaneError> {
+        let map = |source| DataplaneError::Map {
+            name: PEER_PORTS_MAP,
+            source,
+        };
+        aya::maps::HashMap::try_from(
+            self.ebpf
+                .map_mut(PEER_PORTS_MAP)
+                .ok_or(map(MapError::ElementNotFound))?,
+        )
+        .map_err(map)
     }
 
     /// Whether the port with `ifindex` has the service programs attached.

@@ -18,7 +18,7 @@ use rtnetlink::{
     packet_route::{
         RouteNetlinkMessage,
         address::AddressAttribute,
-        link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
+        link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
         neighbour::NeighbourState,
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol},
     },
@@ -57,6 +57,8 @@ pub struct Link {
     pub controller: Option<u32>,
     /// Its MAC (all-zero for a link without one).
     pub mac: [u8; 6],
+    /// Whether it is a veth (a pod's port, whose peer is in the pod's namespace).
+    pub veth: bool,
 }
 
 impl Link {
@@ -64,11 +66,15 @@ impl Link {
         let mut name = None;
         let mut controller = None;
         let mut mac = [0u8; 6];
+        let mut veth = false;
         for attribute in &message.attributes {
             match attribute {
                 LinkAttribute::IfName(n) => name = Some(n.clone()),
                 LinkAttribute::Controller(c) => controller = Some(*c),
                 LinkAttribute::Address(bytes) if bytes.len() == 6 => mac.copy_from_slice(bytes),
+                LinkAttribute::LinkInfo(infos) => {
+                    veth = infos.contains(&LinkInfo::Kind(InfoKind::Veth));
+                }
                 _ => {}
             }
         }
@@ -77,6 +83,7 @@ impl Link {
             name: name?,
             controller,
             mac,
+            veth,
         })
     }
 }

@@ -43,8 +43,13 @@ pub const OVERLAY_MAP: &str = "weft_overlay_v2";
 /// address (network order) -> [`LocalPod`].
 pub const LOCAL_PODS_MAP: &str = "weft_pods_v1";
 
+/// Name of the pod ports whose device is a veth (its peer, the pod's end, in the pod's
+/// namespace): ifindex (host order) -> `u8` (1). Only pods behind them are learned, as only a
+/// veth can be delivered into with `bpf_redirect_peer`.
+pub const PEER_PORTS_MAP: &str = "weft_peerports_v1";
+
 /// Every map weft pins, so the agent can check each pin's layout before reusing it.
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 15] = [
     SERVICES_MAP,
     ENDPOINTS_MAP,
     SERVICE_NAMES_MAP,
@@ -59,6 +64,7 @@ pub const PINNED_MAPS: [&str; 14] = [
     VTEPS_MAP,
     OVERLAY_MAP,
     LOCAL_PODS_MAP,
+    PEER_PORTS_MAP,
 ];
 
 /// Default capacity of [`SERVICES_MAP`] (frontends: one per service IP, port and protocol).

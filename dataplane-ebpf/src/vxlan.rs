@@ -36,7 +36,7 @@ use weft_common::{
 };
 
 use crate::{
-    maps::{LOCAL_PODS, SUBNETS, VTEPS},
+    maps::{LOCAL_PODS, PEER_PORTS, SUBNETS, VTEPS},
     packet::Skb,
     service,
 };
@@ -205,7 +205,8 @@ pub(crate) fn into_pod(
 
 /// Records which port a pod of this node sends from, and its MAC, from an IPv4 or ARP frame
 /// its port received: where [`into_pod`] delivers its packets. Only addresses of this node's
-/// subnet are learned, and the map is written only when something changed.
+/// subnet, behind ports that are veths, are learned, and the map is written only when
+/// something changed.
 #[inline(always)]
 pub(crate) fn learn_pod(ctx: &TcContext, overlay: &OverlayConfig) {
     if !overlay.ebpf_host_routing() {
@@ -224,12 +225,13 @@ pub(crate) fn learn_pod(ctx: &TcContext, overlay: &OverlayConfig) {
     let Some(addr) = skb.read::<4>(sender_at) else {
         return;
     };
-    if !overlay.in_local_subnet(addr) {
+    // SAFETY: reading a field of this program's context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if !overlay.in_local_subnet(addr) || PEER_PORTS.get_ptr(ifindex).is_none() {
         return;
     }
     let pod = LocalPod {
-        // SAFETY: reading a field of this program's context.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        ifindex,
         mac: [
             ethernet[6],
             ethernet[7],

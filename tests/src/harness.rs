@@ -19,7 +19,10 @@ use weft::{
 };
 use weft_common::{
     drop_reason::DropReason,
-    maps::{CONNTRACK_MAP, CtKey, CtValue, DROPS_MAP, DatapathConfig, LOCAL_PODS_MAP, LocalPod},
+    maps::{
+        CONNTRACK_MAP, CtKey, CtValue, DROPS_MAP, DatapathConfig, LOCAL_PODS_MAP, LocalPod,
+        PEER_PORTS_MAP,
+    },
 };
 
 /// `TC_ACT_UNSPEC`: the packet goes on (to the next program or the stack).
@@ -356,6 +359,18 @@ impl Datapath {
             ),
             duration: result.duration,
         })
+    }
+
+    /// Registers `ifindex` as a veth pod port, as the agent does when it attaches to one: the
+    /// datapath learns the pods behind it.
+    pub fn add_peer_port(&mut self, ifindex: u32) {
+        let map = self
+            .dataplane
+            .ebpf_mut()
+            .map_mut(PEER_PORTS_MAP)
+            .expect("the peer ports map");
+        let mut ports: BpfHashMap<_, u32, u8> = BpfHashMap::try_from(map).expect("a hash map");
+        ports.insert(ifindex, 1, 0).expect("registering a port");
     }
 
     /// This node's pods as the datapath learned them: (address, pod).

@@ -795,6 +795,8 @@ fn every_program_does_what_the_reference_model_says() {
             .collect();
         pods.sort_unstable_by_key(|(addr, _)| *addr);
         datapath.set_local_pods(&pods);
+        // Frames run on the uplink's ifindex, a veth: the pods behind it are learned.
+        datapath.add_peer_port(uplink);
         let counted = datapath.drops();
         let mut fuzzer = Fuzzer {
             datapath: &mut datapath,

@@ -434,6 +434,7 @@ fn a_gso_aggregate_this_kernel_will_not_shrink_goes_whole_to_the_vxlan_device() 
 
 /// A frame the pod at 172.30.20.5 sends on `port` (so the datapath learns it there).
 fn learn(datapath: &mut Datapath, ns: &Netns, port: u32) {
+    datapath.add_peer_port(port);
     let hello = tcp(pod(5, 20, 40000), pod(6, 20, 80), SYN).build();
     let run = ns.run(|| datapath.run_on(FROM_PODS, &hello, port));
     assert_eq!(run.verdict, VERDICT_PASS);
@@ -441,8 +442,12 @@ fn learn(datapath: &mut Datapath, ns: &Netns, port: u32) {
 
 #[test]
 fn pods_are_learned_from_what_their_ports_receive_from_them() {
-    let (mut datapath, ns, _) = node(|_| {});
+    let (mut datapath, ns, uplink) = node(|_| {});
     let port = pod_port(&ns);
+    // Behind a port that is not registered as a veth: never learned (nothing could be
+    // delivered into it).
+    let elsewhere = tcp(pod(8, 20, 40000), pod(6, 20, 80), SYN).build();
+    ns.run(|| datapath.run_on(FROM_PODS, &elsewhere, uplink));
     learn(&mut datapath, &ns, port);
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 7, 0x08, 0x06]);

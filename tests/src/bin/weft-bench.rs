@@ -298,6 +298,7 @@ fn packet_costs(plan: &Plan, report: &mut Report) {
     for_other_pod[24..26].copy_from_slice(&sum.to_be_bytes());
     let not_learned = vxlan_frame(REMOTE_IP, 8472, 1, &for_other_pod, 0);
     // The pod the VXLAN frames are for, learned on its port.
+    datapath.add_peer_port(port);
     let hello = tcp(pod(5, 20, 40_000), pod(9, 20, 80), ACK).build();
     ns.run(|| datapath.run_on(FROM_PODS, &hello, port));
     for nodes in plan.overlay_nodes {
