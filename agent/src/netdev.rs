@@ -267,14 +267,19 @@ pub async fn node_addresses(
         .collect())
 }
 
-async fn default_route_interface(handle: &Handle) -> Result<u32, NetdevError> {
-    let routes: Vec<RouteMessage> = handle
+/// Every IPv4 route of the namespace, all tables.
+pub async fn routes(handle: &Handle) -> Result<Vec<RouteMessage>, NetdevError> {
+    handle
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute()
         .try_collect()
         .await
-        .map_err(netlink("list routes"))?;
+        .map_err(netlink("list routes"))
+}
+
+async fn default_route_interface(handle: &Handle) -> Result<u32, NetdevError> {
+    let routes = routes(handle).await?;
     routes
         .iter()
         .filter(|route| route.header.destination_prefix_length == 0)

@@ -18,7 +18,7 @@ use std::{
 use futures::{StreamExt as _, TryStreamExt as _};
 use ipnet::Ipv4Net;
 use rtnetlink::{
-    Handle, MulticastGroup, RouteMessageBuilder, new_multicast_connection,
+    Handle, MulticastGroup, new_multicast_connection,
     packet_route::{
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
@@ -26,7 +26,11 @@ use rtnetlink::{
 };
 use tracing::warn;
 
-use crate::{model::NextHop, netdev::NetdevError, source::ModelHandle};
+use crate::{
+    model::NextHop,
+    netdev::{self, NetdevError},
+    source::ModelHandle,
+};
 
 /// A route of the main table, as far as the next hop goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,26 +165,17 @@ async fn resolve(
     if members.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let netlink = |what: &'static str| {
-        move |source| NetdevError::Netlink {
-            what: what.to_owned(),
-            source,
-        }
-    };
-    let routes: Vec<RouteMessage> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(netlink("list routes"))?;
+    let routes = netdev::routes(handle).await?;
     let neighbours: Vec<NeighbourMessage> = handle
         .neighbours()
         .get()
         .execute()
         .try_collect()
         .await
-        .map_err(netlink("list neighbours"))?;
+        .map_err(|source| NetdevError::Netlink {
+            what: "list neighbours".to_owned(),
+            source,
+        })?;
     let routes: Vec<Route> = routes.iter().filter_map(route_of).collect();
     let neighbours: Vec<Neighbour> = neighbours.iter().filter_map(neighbour_of).collect();
     Ok(next_hops(members, &routes, &neighbours, uplink))

@@ -43,6 +43,20 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
+/// The source MAC of an Ethernet header.
+#[inline(always)]
+#[must_use]
+pub const fn source_mac(ethernet: &[u8; ETH_HLEN]) -> [u8; 6] {
+    [
+        ethernet[6],
+        ethernet[7],
+        ethernet[8],
+        ethernet[9],
+        ethernet[10],
+        ethernet[11],
+    ]
+}
+
 /// Read access to a frame's bytes, starting at the Ethernet header.
 pub trait PacketBytes {
     /// The `N` bytes at `offset`, or `None` when the frame is shorter.

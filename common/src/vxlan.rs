@@ -6,7 +6,9 @@ use crate::{
     drop_reason::DropReason,
     ip_proto,
     maps::OverlayConfig,
-    packet::{ETH_HLEN, ETH_P_IP, Fragment, Frame, PacketBytes, ipv4_checksum_ok, parse_ipv4},
+    packet::{
+        ETH_HLEN, ETH_P_IP, Fragment, Frame, PacketBytes, ipv4_checksum_ok, parse_ipv4, source_mac,
+    },
 };
 
 /// flannel's default VXLAN port (Linux's, before IANA assigned 4789).
@@ -227,14 +229,7 @@ pub fn classify<P: PacketBytes + ?Sized>(
         encap_len: inner,
         outer_tos: ip.tos,
         outer_src: ip.src,
-        inner_src_mac: [
-            ethernet[6],
-            ethernet[7],
-            ethernet[8],
-            ethernet[9],
-            ethernet[10],
-            ethernet[11],
-        ],
+        inner_src_mac: source_mac(&ethernet),
     })
 }
 

@@ -31,7 +31,9 @@ use weft_common::{
     drop_reason::DropReason,
     ip_proto,
     maps::{LocalPod, OverlayConfig, RemoteNode},
-    packet::{ETH_HLEN, ETH_P_IP, Frame, Ipv4Header, PacketBytes as _, ipv4, parse_ipv4},
+    packet::{
+        ETH_HLEN, ETH_P_IP, Frame, Ipv4Header, PacketBytes as _, ipv4, parse_ipv4, source_mac,
+    },
     vxlan::{self, Encap, Received, Tunneled},
 };
 
@@ -174,18 +176,10 @@ pub(crate) fn into_pod(
     ctx: &TcContext,
     overlay: &OverlayConfig,
 ) -> Result<Option<i32>, DropReason> {
-    // SAFETY: reading a field of this program's context.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    if !overlay.ebpf_host_routing() || mark & MASQUERADE_MARK != 0 {
-        return Ok(None);
-    }
-    let skb = Skb(ctx);
-    if !skb.pull_headers() {
-        return Ok(None);
-    }
-    let Frame::Ipv4(ip) = parse_ipv4(&skb) else {
+    let Some(ip) = routed_by_ebpf(ctx, overlay) else {
         return Ok(None);
     };
+    let skb = Skb(ctx);
     let Some(pod) = local_pod(ip.dst) else {
         return Ok(None);
     };
@@ -232,14 +226,7 @@ pub(crate) fn learn_pod(ctx: &TcContext, overlay: &OverlayConfig) {
     }
     let pod = LocalPod {
         ifindex,
-        mac: [
-            ethernet[6],
-            ethernet[7],
-            ethernet[8],
-            ethernet[9],
-            ethernet[10],
-            ethernet[11],
-        ],
+        mac: source_mac(&ethernet),
         _pad: [0; 2],
     };
     if local_pod(addr) != Some(pod) {
@@ -270,18 +257,12 @@ pub(crate) fn from_pod(
     ctx: &TcContext,
     overlay: &OverlayConfig,
 ) -> Result<Option<i32>, DropReason> {
-    // SAFETY: reading fields of this program's context.
-    let (mark, gso_size) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).gso_size) };
-    if !overlay.ebpf_host_routing() || mark & MASQUERADE_MARK != 0 {
-        return Ok(None);
-    }
-    let skb = Skb(ctx);
-    if !skb.pull_headers() {
-        return Ok(None);
-    }
-    let Frame::Ipv4(ip) = parse_ipv4(&skb) else {
+    let Some(ip) = routed_by_ebpf(ctx, overlay) else {
         return Ok(None);
     };
+    let skb = Skb(ctx);
+    // SAFETY: reading a field of this program's context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if !overlay.is_remote_pod(ip.dst)
         || !overlay.in_local_subnet(ip.src)
         || !fits(&skb, &ip, ctx.len(), gso_size, overlay.inner_mtu)
@@ -305,6 +286,25 @@ pub(crate) fn from_pod(
         Err(_) => return Err(DropReason::EncapFailed),
     }
     forward(ctx, overlay, &node).map(Some)
+}
+
+/// The packet's IPv4 header when the datapath may route it past the node's stack: eBPF host
+/// routing is on, nothing asks for masquerade (nftables must see that), and it is IPv4.
+#[inline(always)]
+fn routed_by_ebpf(ctx: &TcContext, overlay: &OverlayConfig) -> Option<Ipv4Header> {
+    // SAFETY: reading a field of this program's context.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if !overlay.ebpf_host_routing() || mark & MASQUERADE_MARK != 0 {
+        return None;
+    }
+    let skb = Skb(ctx);
+    if !skb.pull_headers() {
+        return None;
+    }
+    match parse_ipv4(&skb) {
+        Frame::Ipv4(ip) => Some(ip),
+        Frame::NotIpv4 | Frame::MalformedIpv4 => None,
+    }
 }
 
 /// Whether the packet fits the overlay: its length, or each segment of a GSO packet, within

@@ -28,18 +28,7 @@ pub struct Capture {
 impl Capture {
     /// Starts capturing in `ns`, keeping the frames `keep` accepts.
     pub fn start(ns: &Netns, keep: impl Fn(&[u8]) -> bool + Send + 'static) -> Self {
-        let socket: OwnedFd = ns
-            .run(|| {
-                socket(
-                    AddressFamily::Packet,
-                    SockType::Raw,
-                    SockFlag::empty(),
-                    SockProtocol::EthAll,
-                )
-            })
-            .expect("a packet socket (needs CAP_NET_RAW)");
-        setsockopt(&socket, sockopt::ReceiveTimeout, &TimeVal::new(0, 50_000))
-            .expect("socket timeout");
+        let socket = ns.run(packet_socket);
         let stop = Arc::new(AtomicBool::new(false));
         let frames = Arc::new(Mutex::new(Vec::new()));
         let (flag, sink) = (Arc::clone(&stop), Arc::clone(&frames));
@@ -89,15 +78,7 @@ pub fn sent_frame_lengths(ns: &Netns, interface: &str, window: Duration) -> Vec<
     const OUTGOING: u8 = 4;
     ns.run(|| {
         let index = nix::net::if_::if_nametoindex(interface).expect("the interface exists");
-        let socket = socket(
-            AddressFamily::Packet,
-            SockType::Raw,
-            SockFlag::empty(),
-            SockProtocol::EthAll,
-        )
-        .expect("a packet socket (needs CAP_NET_RAW)");
-        setsockopt(&socket, sockopt::ReceiveTimeout, &TimeVal::new(0, 50_000))
-            .expect("socket timeout");
+        let socket = packet_socket();
         let mut lengths = Vec::new();
         let mut head = [0u8; 64];
         let started = std::time::Instant::now();
@@ -120,6 +101,20 @@ pub fn sent_frame_lengths(ns: &Netns, interface: &str, window: Duration) -> Vec<
         }
         lengths
     })
+}
+
+/// A packet socket for every frame of the calling thread's namespace, both directions, whose
+/// reads give up after 50 ms.
+fn packet_socket() -> OwnedFd {
+    let socket = socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::empty(),
+        SockProtocol::EthAll,
+    )
+    .expect("a packet socket (needs CAP_NET_RAW)");
+    setsockopt(&socket, sockopt::ReceiveTimeout, &TimeVal::new(0, 50_000)).expect("socket timeout");
+    socket
 }
 
 /// Whether a frame is IPv4/UDP to `port` (a VXLAN candidate).

@@ -192,6 +192,22 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// [`mean_ns`] of `program` on `frame` as if on device `ifindex` of `ns`.
+fn mean_ns_in(
+    ns: &weft_tests::netns::Netns,
+    datapath: &mut Datapath,
+    runs: u16,
+    program: &str,
+    frame: &[u8],
+    ifindex: u32,
+) -> f64 {
+    ns.run(|| {
+        mean_ns(runs, |_| {
+            datapath.run_with(program, frame, 0, ifindex, 1).duration
+        })
+    })
+}
+
 /// The PublicIPs of the per-packet overlay's `nodes` remote nodes: node 2, then the others.
 fn others_ips(nodes: usize) -> impl Iterator<Item = Ipv4Addr> {
     std::iter::once(REMOTE_IP).chain(
@@ -332,25 +348,27 @@ fn packet_costs(plan: &Plan, report: &mut Report) {
             });
             for _ in 0..plan.repeats {
                 let case = |what: &str| format!("{what}, {nodes} nodes, {next_hop}");
-                let at_port = ns.run(|| {
-                    mean_ns(plan.packet_runs, |_| {
-                        datapath
-                            .run_with(FROM_PODS, &to_remote, 0, port, 1)
-                            .duration
-                    })
-                });
+                let at_port = mean_ns_in(
+                    &ns,
+                    &mut datapath,
+                    plan.packet_runs,
+                    FROM_PODS,
+                    &to_remote,
+                    port,
+                );
                 ns_per(
                     report,
                     &case("VXLAN encapsulation at a pod's port (tc_from_pods, redirected)"),
                     at_port,
                 );
-                let encap = ns.run(|| {
-                    mean_ns(plan.packet_runs, |_| {
-                        datapath
-                            .run_with(TO_UPLINK, &to_remote, 0, uplink, 1)
-                            .duration
-                    })
-                });
+                let encap = mean_ns_in(
+                    &ns,
+                    &mut datapath,
+                    plan.packet_runs,
+                    TO_UPLINK,
+                    &to_remote,
+                    uplink,
+                );
                 ns_per(
                     report,
                     &case("VXLAN encapsulation on the uplink's egress (tc_to_uplink)"),
@@ -360,25 +378,27 @@ fn packet_costs(plan: &Plan, report: &mut Report) {
         }
     }
     for _ in 0..plan.repeats {
-        let into_pod = ns.run(|| {
-            mean_ns(plan.packet_runs, |_| {
-                datapath
-                    .run_with(FROM_UPLINK, &encapsulated, 0, uplink, 1)
-                    .duration
-            })
-        });
+        let into_pod = mean_ns_in(
+            &ns,
+            &mut datapath,
+            plan.packet_runs,
+            FROM_UPLINK,
+            &encapsulated,
+            uplink,
+        );
         ns_per(
             report,
             "VXLAN decapsulation straight into a learned pod (tc_from_uplink)",
             into_pod,
         );
-        let decap = ns.run(|| {
-            mean_ns(plan.packet_runs, |_| {
-                datapath
-                    .run_with(FROM_UPLINK, &not_learned, 0, uplink, 1)
-                    .duration
-            })
-        });
+        let decap = mean_ns_in(
+            &ns,
+            &mut datapath,
+            plan.packet_runs,
+            FROM_UPLINK,
+            &not_learned,
+            uplink,
+        );
         ns_per(
             report,
             "VXLAN decapsulation for the stack (tc_from_uplink)",

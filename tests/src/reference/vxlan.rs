@@ -103,21 +103,15 @@ impl Fixture {
         {
             return None;
         }
-        let restored = self.to_client(packet, translated.mark);
-        if restored.drop.is_some() {
-            return Some(Outcome {
-                conntrack: true,
-                ..restored
-            });
-        }
-        let mut forwarded = restored.output.clone();
-        decrement_ttl(&mut forwarded);
-        let (output, unknown) = encapsulated(&forwarded, &restored.unknown);
+        let forwarded = match self.forwarded(translated) {
+            Ok(forwarded) => forwarded,
+            Err(dropped) => return Some(dropped),
+        };
+        let (output, unknown) = encapsulated(&forwarded.output, &forwarded.unknown);
         Some(Outcome {
             output,
             unknown,
-            conntrack: translated.conntrack || restored.conntrack,
-            ..restored
+            ..forwarded
         })
     }
 
@@ -187,19 +181,31 @@ impl Fixture {
         if packet.get(14 + 8).is_none_or(|ttl| *ttl <= 1) {
             return None;
         }
-        let restored = self.to_client(packet, translated.mark);
+        let mut forwarded = match self.forwarded(translated) {
+            Ok(forwarded) => forwarded,
+            Err(dropped) => return Some(dropped),
+        };
+        forwarded.output[..6].copy_from_slice(&pod_mac);
+        forwarded.output[6..12].copy_from_slice(&BRIDGE_MAC);
+        Some(Outcome {
+            verdict: VERDICT_REDIRECT,
+            ..forwarded
+        })
+    }
+
+    /// A translated packet as the datapath forwards it past the stack: the reverse NAT of a
+    /// tracked reply, then the TTL decremented; `Err` when the reverse NAT drops it.
+    fn forwarded(&self, translated: &Outcome) -> Result<Outcome, Outcome> {
+        let restored = self.to_client(&translated.output, translated.mark);
         if restored.drop.is_some() {
-            return Some(Outcome {
+            return Err(Outcome {
                 conntrack: true,
                 ..restored
             });
         }
         let mut output = restored.output.clone();
         decrement_ttl(&mut output);
-        output[..6].copy_from_slice(&pod_mac);
-        output[6..12].copy_from_slice(&BRIDGE_MAC);
-        Some(Outcome {
-            verdict: VERDICT_REDIRECT,
+        Ok(Outcome {
             output,
             conntrack: translated.conntrack || restored.conntrack,
             ..restored
