@@ -228,6 +228,12 @@ fn a_restarted_agent_keeps_its_subnet_and_the_overlay_keeps_working() {
         .run(|| http_get(SocketAddrV4::new(to.addr, HTTP_PORT)))
         .expect("across after restart");
     assert_eq!(answer.server, to.addr);
+    // The restarted agent kept its VXLAN device; `weft cleanup` takes it away with the rest.
+    let device = |cluster: &Cluster| cluster.nodes[1].ns.link_stats("weft-vxlan").is_ok();
+    assert!(device(&cluster));
+    cluster.agents[1].stop();
+    cluster.agents[1].cleanup().expect("weft cleanup");
+    assert!(!device(&cluster), "cleanup removes weft-vxlan");
 }
 
 #[test]
