@@ -104,7 +104,8 @@ pub(crate) fn decapsulate(ctx: &TcContext, overlay: &OverlayConfig) -> Result<Ar
         Received::Member(tunneled) => tunneled,
     };
     let inner_at = ETH_HLEN + tunneled.encap_len;
-    // The inner header may be cut short; the stack then drops what decapsulation leaves.
+    // Cut short inside, there is no TOS to carry in, and the shrink below refuses to leave
+    // less than an IPv4 header: dropped as `DecapFailed`.
     let inner: Option<[u8; 20]> = ctx.load(inner_at).ok();
     let tos = match inner {
         Some(inner) => Some(
@@ -119,12 +120,12 @@ pub(crate) fn decapsulate(ctx: &TcContext, overlay: &OverlayConfig) -> Result<Ar
         .adjust_room(len, BPF_ADJ_ROOM_MAC, flags | ADJ_ROOM_DECAP_L4_UDP)
         .is_err()
     {
-        let into_pod = inner.is_some_and(|inner| {
+        let for_a_learned_pod = inner.is_some_and(|inner| {
             inner[9] == ip_proto::TCP
                 && overlay.ebpf_host_routing()
                 && local_pod([inner[16], inner[17], inner[18], inner[19]]).is_some()
         });
-        if gso_size != 0 && !into_pod && overlay.tunnel_ifindex != 0 {
+        if gso_size != 0 && !for_a_learned_pod && overlay.tunnel_ifindex != 0 {
             return Ok(Arrival::ToKernel);
         }
         if ctx.adjust_room(len, BPF_ADJ_ROOM_MAC, flags).is_err() {
