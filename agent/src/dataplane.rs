@@ -655,7 +655,7 @@ impl Dataplane {
     /// them, so no packet is delivered to a port that is gone or now someone else's. Returns
     /// how many pods.
     pub fn forget_pods(&mut self, keep: impl Fn(u32) -> bool) -> Result<usize, DataplaneError> {
-        let mut ports = self.peer_ports()?;
+        let mut ports = self.hash_map::<u32, u8>(PEER_PORTS_MAP)?;
         let gone: Vec<u32> = ports
             .keys()
             .filter_map(Result::ok)
@@ -664,16 +664,7 @@ impl Dataplane {
         for port in gone {
             let _ = ports.remove(&port);
         }
-        let map = |source| DataplaneError::Map {
-            name: LOCAL_PODS_MAP,
-            source,
-        };
-        let mut pods: aya::maps::HashMap<_, [u8; 4], LocalPod> = aya::maps::HashMap::try_from(
-            self.ebpf
-                .map_mut(LOCAL_PODS_MAP)
-                .ok_or(map(MapError::ElementNotFound))?,
-        )
-        .map_err(map)?;
+        let mut pods = self.hash_map::<[u8; 4], LocalPod>(LOCAL_PODS_MAP)?;
         let gone: Vec<[u8; 4]> = pods
             .iter()
             .filter_map(Result::ok)
@@ -705,14 +696,6 @@ impl Dataplane {
         if self.has_pod_port(ifindex) {
             return Ok(());
         }
-        if veth {
-            self.peer_ports()?
-                .insert(ifindex, 1, 0)
-                .map_err(|source| DataplaneError::Map {
-                    name: PEER_PORTS_MAP,
-                    source,
-                })?;
-        }
         self.attach_tc(FROM_PODS, port, ifindex, TcAttachType::Ingress)?;
         if let Err(e) = self.attach_tc(TO_POD, port, ifindex, TcAttachType::Egress) {
             // Never leave a port with only one direction translated.
@@ -720,20 +703,28 @@ impl Dataplane {
             return Err(e);
         }
         self.ports.insert(ifindex, port.to_owned());
+        if veth {
+            // Its pods are learned from here on (a packet missed meanwhile takes the stack).
+            self.hash_map::<u32, u8>(PEER_PORTS_MAP)?
+                .insert(ifindex, 1, 0)
+                .map_err(|source| DataplaneError::Map {
+                    name: PEER_PORTS_MAP,
+                    source,
+                })?;
+        }
         Ok(())
     }
 
-    /// The ports the overlay delivers into.
-    fn peer_ports(
+    /// A handle on the hash map `name` (LRU or not), for the agent's own writes to maps the
+    /// datapath fills (learned pods) or reads alone (peer ports).
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
         &mut self,
-    ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, u32, u8>, DataplaneError> {
-        let map = |source| DataplaneError::Map {
-            name: PEER_PORTS_MAP,
-            source,
-        };
+        name: &'static str,
+    ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, K, V>, DataplaneError> {
+        let map = |source| DataplaneError::Map { name, source };
         aya::maps::HashMap::try_from(
             self.ebpf
-                .map_mut(PEER_PORTS_MAP)
+                .map_mut(name)
                 .ok_or(map(MapError::ElementNotFound))?,
         )
         .map_err(map)
