@@ -446,12 +446,9 @@ pub async fn ensure_tunnel_device(
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => None,
         Err(e) => return Err(netlink(format!("look up {TUNNEL_DEVICE}"))(e)),
     };
-    if let Some(message) = &found
-        && !is_external_vxlan(message, port)
-    {
+    if !found.is_some_and(|message| is_external_vxlan(&message, port)) {
+        // Missing, or another kind of device under the name: made anew.
         remove_tunnel_device(handle).await?;
-    }
-    if found.is_none() || !found.as_ref().is_some_and(|m| is_external_vxlan(m, port)) {
         let device = LinkMessageBuilder::<LinkVxlan>::new(TUNNEL_DEVICE)
             .collect_metadata(true)
             .port(port)
