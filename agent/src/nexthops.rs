@@ -114,12 +114,8 @@ pub async fn follow(handle: Handle, uplink: u32, model: Arc<ModelHandle>) {
     tokio::spawn(connection);
     let mut ticks = tokio::time::interval(MEMBERS_EVERY);
     loop {
-        let mut members = BTreeSet::new();
-        model.update(|m| {
-            members = m.members();
-            false
-        });
-        let resolved = match resolve(&handle, uplink, &members).await {
+        let known = members(&model);
+        let resolved = match resolve(&handle, uplink, &known).await {
             Ok(resolved) => resolved,
             Err(e) => {
                 warn!("resolving the overlay's next hops: {e:#}");
@@ -142,18 +138,23 @@ pub async fn follow(handle: Handle, uplink: u32, model: Arc<ModelHandle>) {
                     break;
                 }
                 _ = ticks.tick() => {
-                    let mut now = BTreeSet::new();
-                    model.update(|m| {
-                        now = m.members();
-                        false
-                    });
-                    if now != members {
+                    if members(&model) != known {
                         break;
                     }
                 }
             }
         }
     }
+}
+
+/// The overlay's members as the model has them now.
+fn members(model: &ModelHandle) -> BTreeSet<Ipv4Addr> {
+    let mut members = BTreeSet::new();
+    model.update(|m| {
+        members = m.members();
+        false
+    });
+    members
 }
 
 /// The next hops towards `members` as the node's tables have them now.
