@@ -3,19 +3,17 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Context as _;
-use aya::maps::PerCpuArray;
 use clap::ValueEnum;
 use serde::Serialize;
 use weft::{
     conntrack::{Conntrack, monotonic_now_ns},
     flannel::Mac,
-    maps::{AyaMaps, DatapathMaps as _, decode_name, open_pinned},
+    maps::{AyaMaps, DatapathMaps as _, decode_name, drop_counts},
     objects::protocol_name,
 };
 use weft_common::{
     conntrack::{flags, state_name},
-    drop_reason::DropReason,
-    maps::{DROPS_MAP, ServiceValue, ct_direction, endpoint_scope, service_flags},
+    maps::{ServiceValue, ct_direction, endpoint_scope, service_flags},
 };
 
 #[derive(clap::Args)]
@@ -313,18 +311,14 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             )?
         }
         Table::Drops => {
-            let drops: PerCpuArray<_, u64> =
-                PerCpuArray::try_from(open_pinned(pin_dir, DROPS_MAP).with_context(context)?)?;
-            let rows = DropReason::ALL
-                .iter()
-                .map(|reason| {
-                    let packets = drops.get(&(*reason as u32), 0)?.iter().sum();
-                    Ok(DropRow {
-                        reason: reason.name(),
-                        packets,
-                    })
+            let rows: Vec<DropRow> = drop_counts(pin_dir)
+                .with_context(context)?
+                .into_iter()
+                .map(|(reason, packets)| DropRow {
+                    reason: reason.name(),
+                    packets,
                 })
-                .collect::<Result<Vec<_>, aya::maps::MapError>>()?;
+                .collect();
             render(json, &rows, &["REASON", "PACKETS"], |r| {
                 vec![r.reason.into(), r.packets.to_string()]
             })?

@@ -4,15 +4,18 @@
 use std::{io, net::Ipv4Addr, path::Path};
 
 use aya::maps::{
-    HashMap, Map, MapData, MapError,
+    HashMap, Map, MapData, MapError, PerCpuArray,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::Ipv4Net;
-use weft_common::maps::{
-    ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey, EndpointValue, NAME_LEN,
-    NAMESPACE_LEN, PORT_NAME_LEN, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP,
-    SOURCE_RANGE_FRONTEND_BITS, SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey, ServiceName,
-    ServiceValue, SourceRangeKey, VTEPS_MAP, Vtep,
+use weft_common::{
+    drop_reason::DropReason,
+    maps::{
+        DROPS_MAP, ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey,
+        EndpointValue, NAME_LEN, NAMESPACE_LEN, PORT_NAME_LEN, RemoteNode, SERVICE_NAMES_MAP,
+        SERVICES_MAP, SOURCE_RANGE_FRONTEND_BITS, SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey,
+        ServiceName, ServiceValue, SourceRangeKey, VTEPS_MAP, Vtep,
+    },
 };
 
 use crate::{model::ServicePortName, objects::ObjectRef};
@@ -186,6 +189,16 @@ pub fn remove_pin_dir(dir: &Path) -> io::Result<Vec<String>> {
 /// Opens one pinned map.
 pub fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map, MapError> {
     Map::from_map_data(MapData::from_pin(pin_dir.join(name))?)
+}
+
+/// Every drop reason's count, summed over the CPUs, from the drop counters pinned under
+/// `pin_dir`.
+pub fn drop_counts(pin_dir: &Path) -> Result<Vec<(DropReason, u64)>, MapError> {
+    let map = PerCpuArray::<_, u64>::try_from(open_pinned(pin_dir, DROPS_MAP)?)?;
+    DropReason::ALL
+        .iter()
+        .map(|reason| Ok((*reason, map.get(&(*reason as u32), 0)?.iter().sum())))
+        .collect()
 }
 
 /// The errno of a failed map syscall, if that is what failed.

@@ -10,16 +10,12 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::PerCpuArray;
-use weft_common::{
-    drop_reason::DropReason,
-    maps::{CONNTRACK_MAP, DROPS_MAP, ENDPOINTS_MAP, SERVICES_MAP},
-};
+use weft_common::maps::{CONNTRACK_MAP, ENDPOINTS_MAP, SERVICES_MAP};
 
 use crate::{
     dataplane::MapLimits,
     http::{self, Reply},
-    maps::open_pinned,
+    maps::drop_counts,
     reconcile::Programmed,
 };
 
@@ -180,7 +176,7 @@ impl Metrics {
             "counter",
             "Packets the datapath dropped, by reason (rejected connections count as no_endpoints).",
         );
-        match self.drops() {
+        match drop_counts(&self.pin_dir) {
             Ok(drops) => {
                 for (reason, packets) in drops {
                     let _ = writeln!(
@@ -193,14 +189,6 @@ impl Metrics {
             Err(e) => tracing::warn!("reading the drop counters for /metrics: {e}"),
         }
         out
-    }
-
-    fn drops(&self) -> Result<Vec<(DropReason, u64)>, aya::maps::MapError> {
-        let map = PerCpuArray::<_, u64>::try_from(open_pinned(&self.pin_dir, DROPS_MAP)?)?;
-        DropReason::ALL
-            .iter()
-            .map(|reason| Ok((*reason, map.get(&(*reason as u32), 0)?.iter().sum())))
-            .collect()
     }
 }
 

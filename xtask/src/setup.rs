@@ -35,10 +35,12 @@ const PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     // The bench's peers: kube-proxy's iptables rules, and iperf3 for throughput; ethtool
-    // turns the underlay's offloads off for its MTU-frame case.
+    // turns the underlay's offloads off for its MTU-frame case; conntrack empties netfilter's
+    // table between connection-rate runs.
     "iptables",
     "iperf3",
     "ethtool",
+    "conntrack",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -108,6 +108,8 @@ pub struct Row {
     pub unit: &'static str,
     pub better: Better,
     pub results: Vec<(Contender, Samples)>,
+    /// What went wrong in a contender's runs (errors, timeouts, drops), printed beside its figure.
+    pub notes: Vec<(Contender, String)>,
 }
 
 impl Row {
@@ -119,7 +121,34 @@ impl Row {
             unit,
             better,
             results: Vec::new(),
+            notes: Vec::new(),
         }
+    }
+
+    /// Marks `contender`'s figure with `note` (once per run it applies to).
+    pub fn note(&mut self, contender: Contender, note: String) {
+        self.notes.push((contender, note));
+    }
+
+    /// `contender`'s notes, each once, with how many runs it applies to.
+    fn notes_of(&self, contender: Contender) -> String {
+        let mut counted: Vec<(&str, usize)> = Vec::new();
+        for (_, note) in self.notes.iter().filter(|(c, _)| *c == contender) {
+            match counted.iter_mut().find(|(n, _)| *n == note) {
+                Some((_, count)) => *count += 1,
+                None => counted.push((note, 1)),
+            }
+        }
+        counted
+            .iter()
+            .map(|(note, count)| {
+                if *count == 1 {
+                    format!(" ⚠ {note}")
+                } else {
+                    format!(" ⚠ {note} (×{count})")
+                }
+            })
+            .collect()
     }
 
     /// Adds one sample for `contender`.
@@ -187,11 +216,12 @@ pub fn table(rows: &[Row]) -> String {
                 let median = samples.median()?;
                 let (low, high) = samples.spread()?;
                 Some(format!(
-                    "{}: **{}** ({}–{})",
+                    "{}: **{}** ({}–{}){}",
                     contender.label(),
                     format_value(median),
                     format_value(low),
-                    format_value(high)
+                    format_value(high),
+                    row.notes_of(*contender)
                 ))
             })
             .collect();
@@ -372,7 +402,13 @@ mod tests {
         latency.add(Contender::Weft, 10.0);
         latency.add(Contender::Iptables, 20.0);
         assert_eq!(latency.ratios(), [(Contender::Iptables, 0.5, true)]);
+        rate.note(Contender::Nftables, "1 timeout".into());
+        rate.note(Contender::Nftables, "1 timeout".into());
+        rate.note(Contender::Nftables, "generator-bound".into());
         let text = table(&[rate, latency]);
+        assert!(text.contains(
+            "kube-proxy nftables: **200** (200–200) ⚠ 1 timeout (×2) ⚠ generator-bound |"
+        ));
         assert!(text.contains("0.50× vs kube-proxy nftables (weft loses)"));
         assert!(text.contains("2.00× vs kube-proxy iptables<br>"));
         assert!(text.contains("weft: **100** (100–100)"));

@@ -18,8 +18,9 @@ use anyhow::{Context as _, bail, ensure};
 use aya::maps::HashMap as BpfHashMap;
 use ipnet::Ipv4Net;
 use weft::{
+    conntrack::Conntrack,
     dataplane::{FROM_PODS, FROM_UPLINK, MapLimits, TC_FLOOR, TO_POD, TO_UPLINK, XDP_FLOOR},
-    maps::open_pinned,
+    maps::{drop_counts, open_pinned},
 };
 use weft_common::{
     ip_proto,
@@ -29,8 +30,8 @@ use weft_tests::{
     apiserver::{self, ApiServer},
     bench::{
         Better, Contender, Row, Samples, Series,
-        load::{BenchServer, connect_rate, request_rate},
-        machine,
+        load::{self, ConnectRate},
+        machine::{self, Counters},
         overlay::{self, Case, Testbed},
         peers::{
             self, BenchService, NFT_TABLE, iptables_ruleset, iptables_update, nft_ruleset,
@@ -50,6 +51,9 @@ const ENDPOINTS: usize = 10;
 /// The port the bench servers listen on in every backend pod.
 const TARGET_PORT: u16 = 8080;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 200);
+/// The load generator's client and the backends' servers never share a CPU.
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
 
 fn pod_subnet() -> Ipv4Net {
     "10.244.0.0/24".parse().expect("valid CIDR")
@@ -76,9 +80,20 @@ struct Plan {
     overlay_nodes: &'static [usize],
     /// Program runs averaged per per-packet figure.
     packet_runs: u16,
-    /// Length of one load run.
+    /// Length of one measured connection-rate run.
     load: Duration,
-    /// Repetitions of every figure (contenders in a rotating order).
+    /// The unmeasured connection-rate run before each measured one.
+    warm_up: Duration,
+    /// Connections in flight at once.
+    concurrencies: &'static [u32],
+    /// Rounds of connection-rate runs per contender and scale.
+    connection_repeats: usize,
+    /// Length of one request/response run.
+    requests: Duration,
+    /// Endpoint changes timed for weft, and for each peer.
+    endpoint_changes: usize,
+    peer_endpoint_changes: usize,
+    /// Repetitions of every other figure (contenders in a rotating order).
     repeats: usize,
     /// Length of one throughput run, seconds.
     throughput_secs: u32,
@@ -92,7 +107,13 @@ const FULL: Plan = Plan {
     node_scales: &[1, 1_000, 10_000],
     overlay_nodes: &[1, 250],
     packet_runs: 2_000,
-    load: Duration::from_secs(3),
+    load: Duration::from_secs(8),
+    warm_up: Duration::from_secs(1),
+    concurrencies: &[1, 8, 64],
+    connection_repeats: 5,
+    requests: Duration::from_secs(3),
+    endpoint_changes: 50,
+    peer_endpoint_changes: 10,
     repeats: 3,
     throughput_secs: 5,
     capture: Duration::from_secs(1),
@@ -104,7 +125,13 @@ const QUICK: Plan = Plan {
     node_scales: &[1, 1_000],
     overlay_nodes: &[1, 250],
     packet_runs: 300,
-    load: Duration::from_millis(700),
+    load: Duration::from_millis(500),
+    warm_up: Duration::from_millis(100),
+    concurrencies: &[1, 8, 64],
+    connection_repeats: 2,
+    requests: Duration::from_millis(300),
+    endpoint_changes: 5,
+    peer_endpoint_changes: 2,
     repeats: 2,
     throughput_secs: 1,
     capture: Duration::from_millis(300),
@@ -117,15 +144,8 @@ struct Report {
 }
 
 impl Report {
-    fn add(
-        &mut self,
-        figure: &str,
-        case: &str,
-        unit: &'static str,
-        better: Better,
-        contender: Contender,
-        value: f64,
-    ) {
+    /// The row of `figure` in `case`, made (at the end) if there is none yet.
+    fn row(&mut self, figure: &str, case: &str, unit: &'static str, better: Better) -> &mut Row {
         let index = match self
             .rows
             .iter()
@@ -137,7 +157,37 @@ impl Report {
                 self.rows.len() - 1
             }
         };
-        self.rows[index].add(contender, value);
+        &mut self.rows[index]
+    }
+
+    /// Puts the row in place before any value reaches it, so rows read in a chosen order.
+    fn declare(&mut self, figure: &str, case: &str, unit: &'static str, better: Better) {
+        self.row(figure, case, unit, better);
+    }
+
+    fn add(
+        &mut self,
+        figure: &str,
+        case: &str,
+        unit: &'static str,
+        better: Better,
+        contender: Contender,
+        value: f64,
+    ) {
+        self.row(figure, case, unit, better).add(contender, value);
+    }
+
+    /// Marks `contender`'s figure in an existing row with `notes`.
+    fn note(&mut self, figure: &str, case: &str, contender: Contender, notes: &[String]) {
+        if let Some(row) = self
+            .rows
+            .iter_mut()
+            .find(|r| r.figure == figure && r.case == case)
+        {
+            for note in notes {
+                row.note(contender, note.clone());
+            }
+        }
     }
 }
 
@@ -417,42 +467,44 @@ fn packet_costs(plan: &Plan, report: &mut Report) {
 
 /// One node serving the bench's services through one contender: ten backend pods and a client
 /// pod on the bridge, netfilter on bridged traffic as on any kubeadm node. weft's agent watches
-/// a Kubernetes API (the tests' list/watch server) for them, as in a cluster.
+/// a Kubernetes API (the tests' list/watch server) for them, as in a cluster. Each backend runs
+/// a `weft-load` server pinned to [`SERVER_CPU`]; clients run pinned to [`CLIENT_CPU`]. Built
+/// just before its contender is measured and gone (namespaces, rules, agent) right after.
 struct ServiceNode {
     contender: Contender,
     agent: Option<Agent>,
     api: Option<(ApiServer, PathBuf)>,
     client: Pod,
-    _servers: Vec<BenchServer>,
-    _backends: Vec<Pod>,
+    _servers: Vec<load::Child>,
+    backends: Vec<Pod>,
     node: Node,
     files: tempfile::TempDir,
 }
 
 impl ServiceNode {
-    fn new(contender: Contender) -> Self {
+    fn new(contender: Contender) -> anyhow::Result<Self> {
         let node = Node::new(&unique("wbench"), pod_subnet());
         node.set_bridge_netfilter(true);
         // weft's agent turns forwarding on; the peers' nodes need it too (kubelet's job).
         node.ns
             .exec("sysctl", &["-w", "net.ipv4.ip_forward=1"])
-            .expect("forwarding");
+            .context("turning forwarding on")?;
         let backends: Vec<Pod> = backends().into_iter().map(|ip| node.add_pod(ip)).collect();
         let servers = backends
             .iter()
-            .map(|pod| BenchServer::start(&pod.ns, TARGET_PORT))
-            .collect();
+            .map(|pod| load::Child::server(&pod.ns, SERVER_CPU, TARGET_PORT))
+            .collect::<anyhow::Result<_>>()?;
         let client = node.add_pod(CLIENT);
-        Self {
+        Ok(Self {
             contender,
             agent: None,
             api: None,
             client,
             _servers: servers,
-            _backends: backends,
+            backends,
             node,
-            files: tempfile::tempdir().expect("a directory for rulesets"),
-        }
+            files: tempfile::tempdir().context("a directory for rulesets")?,
+        })
     }
 
     fn file(&self, name: &str, text: &str) -> PathBuf {
@@ -541,19 +593,23 @@ impl ServiceNode {
                     proto: ip_proto::TCP,
                     _pad: 0,
                 };
-                let wanted = u32::try_from(changed[last].endpoints.len())?;
-                let started = Instant::now();
+                let count = |service: &BenchService| u32::try_from(service.endpoints.len());
+                let reaches = |wanted: u32| -> anyhow::Result<Duration> {
+                    let started = Instant::now();
+                    while !frontends.get(&key, 0).is_ok_and(|v| v.count == wanted) {
+                        ensure!(
+                            started.elapsed() < Duration::from_secs(10),
+                            "weft never applied the change"
+                        );
+                        thread::sleep(Duration::from_micros(100));
+                    }
+                    Ok(started.elapsed())
+                };
                 api.apply(api_slice(last, &changed[last]));
-                while !frontends.get(&key, 0).is_ok_and(|v| v.count == wanted) {
-                    ensure!(
-                        started.elapsed() < Duration::from_secs(10),
-                        "weft never applied the change"
-                    );
-                    thread::sleep(Duration::from_micros(200));
-                }
-                let took = started.elapsed();
-                // Back to the full set for whatever runs next.
+                let took = reaches(count(&changed[last])?)?;
+                // Back to the full set, in the dataplane too, before anything else runs.
                 api.apply(api_slice(last, &services[last]));
+                reaches(count(&services[last])?)?;
                 Ok(took)
             }
             Contender::Iptables => {
@@ -578,6 +634,89 @@ impl ServiceNode {
             }
             other => unreachable!("{} is not a service contender", other.label()),
         }
+    }
+
+    /// Empties netfilter's conntrack table in the node and weft's conntrack map: every run
+    /// starts with no connection tracked.
+    fn flush_conntrack(&self) -> anyhow::Result<()> {
+        self.node
+            .ns
+            .exec("conntrack", &["-F"])
+            .context("conntrack -F (the conntrack package)")?;
+        if let Some(agent) = &self.agent {
+            let mut conntrack = Conntrack::open_pinned(agent.pin_dir())?;
+            let keys: Vec<_> = conntrack.entries()?.into_iter().map(|(k, _)| k).collect();
+            conntrack.remove(&keys)?;
+        }
+        Ok(())
+    }
+
+    /// What can show a connection lost or slowed: the TCP counters of the client and backend
+    /// pods (`nstat`), the node's netfilter conntrack statistics (`conntrack -S`), and weft's
+    /// drop counters.
+    fn trouble_counters(&self) -> anyhow::Result<Counters> {
+        let mut counters = Counters::new();
+        for pod in std::iter::once(&self.client).chain(&self.backends) {
+            let tcp = machine::tcp_counters(&pod.ns)?;
+            for name in ["ListenOverflows", "ListenDrops", "TCPSynRetrans"] {
+                *counters.entry(name.to_owned()).or_default() +=
+                    tcp.get(name).copied().unwrap_or(0);
+            }
+        }
+        let conntrack = machine::conntrack_counters(&self.node.ns);
+        for name in ["insert_failed", "drop", "early_drop"] {
+            counters.insert(
+                format!("conntrack {name}"),
+                conntrack.get(name).copied().unwrap_or(0),
+            );
+        }
+        if let Some(agent) = &self.agent {
+            for (reason, packets) in drop_counts(agent.pin_dir())? {
+                counters.insert(format!("weft drop {}", reason.name()), packets);
+            }
+        }
+        Ok(counters)
+    }
+
+    /// One connection-rate run to `target`: conntrack flushed, a warm-up, then the measured run
+    /// with the whole machine's CPU time and what went wrong beside it.
+    fn connection_run(
+        &self,
+        plan: &Plan,
+        target: SocketAddrV4,
+        concurrency: u32,
+    ) -> anyhow::Result<ConnectionRun> {
+        let ns = &self.client.ns;
+        self.flush_conntrack()?;
+        load::Child::connect_rate(ns, CLIENT_CPU, target, concurrency, plan.warm_up)?;
+        let before = self.trouble_counters()?;
+        let busy = machine::busy_ticks()?;
+        let rate = load::Child::connect_rate(ns, CLIENT_CPU, target, concurrency, plan.load)?;
+        #[expect(clippy::cast_precision_loss, reason = "tick counts are small")]
+        let cpu_seconds = (machine::busy_ticks()? - busy) as f64 / machine::ticks_per_second();
+        let mut notes: Vec<String> = rate
+            .errors
+            .iter()
+            .map(|(cause, count)| format!("{count} × {cause}"))
+            .collect();
+        for (name, grown) in machine::increase(&before, &self.trouble_counters()?) {
+            if grown > 0 {
+                notes.push(format!("{grown} {name}"));
+            }
+        }
+        if rate.generator_bound(concurrency) {
+            notes.push(format!(
+                "generator-bound (Little's law gives {:.0}/s)",
+                f64::from(concurrency) / (rate.mean_lifetime_us * 1e-6)
+            ));
+        }
+        #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+        let cpu_us_per_connection = cpu_seconds * 1e6 / rate.connections.max(1) as f64;
+        Ok(ConnectionRun {
+            rate,
+            cpu_us_per_connection,
+            notes,
+        })
     }
 }
 
@@ -621,106 +760,274 @@ fn rotated<T: Copy>(items: &[T], by: usize) -> Vec<T> {
     items
 }
 
-/// Figures 2, 3, 5 and 6 on one node per contender. Returns the connect-latency series for
-/// the plot.
+/// What one connection-rate run gave.
+struct ConnectionRun {
+    rate: ConnectRate,
+    cpu_us_per_connection: f64,
+    /// Errors, timeouts, drops and a failed Little's-law check, as the report prints them.
+    notes: Vec<String>,
+}
+
+/// Where a client connects: the service's ClusterIP, or straight to a backend pod (the limit of
+/// the node's path without a service in it).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    ClusterIp,
+    PodIp,
+}
+
+impl Target {
+    fn address(self, services: &[BenchService]) -> SocketAddrV4 {
+        match self {
+            Self::ClusterIp => last_frontend(services),
+            Self::PodIp => SocketAddrV4::new(backends()[0], TARGET_PORT),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "to the ClusterIP",
+            Self::PodIp => "straight to a pod IP (the limit)",
+        }
+    }
+}
+
+const CONNECTIONS: &str = "2 new TCP connections";
+
+/// The rows of figures 2 and 3 at one scale, declared in reading order before any run.
+fn declare_connection_rows(plan: &Plan, report: &mut Report, case: &str) {
+    for concurrency in plan.concurrencies {
+        let case = format!("{case}, {concurrency} in flight");
+        for target in [Target::ClusterIp, Target::PodIp] {
+            report.declare(
+                &format!("{CONNECTIONS} {}", target.label()),
+                &case,
+                "conn/s",
+                Better::Higher,
+            );
+        }
+        for (figure, unit, better) in [
+            ("2 ClusterIP rate / pod-IP rate", "ratio", Better::Higher),
+            (
+                "2 connect latency p50 to the ClusterIP",
+                "µs",
+                Better::Lower,
+            ),
+            (
+                "2 connect latency p99 to the ClusterIP",
+                "µs",
+                Better::Lower,
+            ),
+            (
+                "2 CPU per connection to the ClusterIP (whole machine)",
+                "CPU µs",
+                Better::Lower,
+            ),
+        ] {
+            report.declare(figure, &case, unit, better);
+        }
+    }
+}
+
+/// Figures 2 and 3 on `node`: `plan.connection_repeats` rounds, each with every (target,
+/// concurrency) pair once in a rotating order. Returns the connect latency p50s to the ClusterIP
+/// with one connection in flight, for the plot.
+fn connection_figures(
+    plan: &Plan,
+    node: &ServiceNode,
+    services: &[BenchService],
+    case: &str,
+    report: &mut Report,
+) -> anyhow::Result<Vec<f64>> {
+    let label = node.contender.label();
+    let runs: Vec<(Target, u32)> = [Target::ClusterIp, Target::PodIp]
+        .into_iter()
+        .flat_map(|t| plan.concurrencies.iter().map(move |c| (t, *c)))
+        .collect();
+    let mut p50s = Vec::new();
+    for round in 0..plan.connection_repeats {
+        let mut rates: Vec<(Target, u32, f64)> = Vec::new();
+        for (target, concurrency) in rotated(&runs, round) {
+            let run = node
+                .connection_run(plan, target.address(services), concurrency)
+                .with_context(|| format!("{label}: connections {}", target.label()))?;
+            let per_second = run.rate.per_second();
+            eprintln!(
+                "  {case}, {label}, {concurrency} in flight {}: {per_second:.0}/s, p50 {:.0} µs{}",
+                target.label(),
+                run.rate.p50_us,
+                if run.notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", run.notes.join("; "))
+                }
+            );
+            let case = format!("{case}, {concurrency} in flight");
+            let figure = format!("{CONNECTIONS} {}", target.label());
+            report.add(
+                &figure,
+                &case,
+                "conn/s",
+                Better::Higher,
+                node.contender,
+                per_second,
+            );
+            report.note(&figure, &case, node.contender, &run.notes);
+            rates.push((target, concurrency, per_second));
+            if target == Target::ClusterIp {
+                for (figure, unit, value) in [
+                    (
+                        "2 connect latency p50 to the ClusterIP",
+                        "µs",
+                        run.rate.p50_us,
+                    ),
+                    (
+                        "2 connect latency p99 to the ClusterIP",
+                        "µs",
+                        run.rate.p99_us,
+                    ),
+                    (
+                        "2 CPU per connection to the ClusterIP (whole machine)",
+                        "CPU µs",
+                        run.cpu_us_per_connection,
+                    ),
+                ] {
+                    report.add(figure, &case, unit, Better::Lower, node.contender, value);
+                }
+                if concurrency == 1 {
+                    p50s.push(run.rate.p50_us);
+                }
+            }
+        }
+        for concurrency in plan.concurrencies {
+            let rate_to = |wanted: Target| {
+                rates
+                    .iter()
+                    .find(|(t, c, _)| *t == wanted && c == concurrency)
+                    .map(|r| r.2)
+            };
+            if let (Some(vip), Some(direct)) = (rate_to(Target::ClusterIp), rate_to(Target::PodIp))
+                && direct > 0.0
+            {
+                report.add(
+                    "2 ClusterIP rate / pod-IP rate",
+                    &format!("{case}, {concurrency} in flight"),
+                    "ratio",
+                    Better::Higher,
+                    node.contender,
+                    vip / direct,
+                );
+            }
+        }
+        for target in [Target::ClusterIp, Target::PodIp] {
+            let requests = load::Child::request_rate(
+                &node.client.ns,
+                CLIENT_CPU,
+                target.address(services),
+                plan.requests,
+            )?;
+            let figure = format!("3 requests on one connection {}", target.label());
+            report.add(
+                &figure,
+                case,
+                "req/s",
+                Better::Higher,
+                node.contender,
+                requests.per_second(),
+            );
+            if let Some(error) = requests.error {
+                report.note(&figure, case, node.contender, &[error]);
+            }
+        }
+    }
+    Ok(p50s)
+}
+
+/// Figures 2, 3, 5 and 6: at each scale, each contender on a node of its own, built just
+/// before it is measured and torn down after (contenders take turns going first). Returns the
+/// connect-latency series for the plot.
 fn node_figures(plan: &Plan, report: &mut Report) -> anyhow::Result<Vec<Series>> {
     let contenders = [Contender::Weft, Contender::Iptables, Contender::Nftables];
-    let mut nodes: Vec<ServiceNode> = contenders.iter().map(|c| ServiceNode::new(*c)).collect();
     let mut latency: Vec<Series> = contenders.iter().map(|c| (*c, Vec::new())).collect();
     let largest = *plan.node_scales.last().expect("a scale");
-    for &scale in plan.node_scales {
+    for (scale_index, &scale) in plan.node_scales.iter().enumerate() {
         let services = peers::services(scale, &backends(), TARGET_PORT);
         let case = format!("{scale} services × {ENDPOINTS} endpoints");
-        for node in &mut nodes {
+        declare_connection_rows(plan, report, &case);
+        for contender in rotated(&contenders, scale_index) {
+            let mut node = ServiceNode::new(contender)?;
             let took = node.program(&services)?;
             report.add(
                 "5 programming from nothing",
                 &case,
                 "ms",
                 Better::Lower,
-                node.contender,
+                contender,
                 took.as_secs_f64() * 1e3,
             );
-            eprintln!(
-                "  {case}: {} programmed in {took:?}",
-                node.contender.label()
-            );
-        }
-        let target = last_frontend(&services);
-        let mut p50s: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
-        for round in 0..plan.repeats {
-            for index in rotated(&[0, 1, 2], round) {
-                let node = &nodes[index];
-                let rate = connect_rate(&node.client.ns, target, plan.load);
-                ensure!(
-                    rate.failures == 0 || rate.per_second > 0.0,
-                    "{}: no connection succeeded",
-                    node.contender.label()
-                );
-                report.add(
-                    "2 new TCP connections",
-                    &case,
-                    "conn/s",
-                    Better::Higher,
-                    node.contender,
-                    rate.per_second,
-                );
-                report.add(
-                    "2 connect latency p50",
-                    &case,
-                    "µs",
-                    Better::Lower,
-                    node.contender,
-                    rate.p50_us,
-                );
-                report.add(
-                    "2 connect latency p99",
-                    &case,
-                    "µs",
-                    Better::Lower,
-                    node.contender,
-                    rate.p99_us,
-                );
-                p50s[index].push(rate.p50_us);
-                let requests = request_rate(&node.client.ns, target, plan.load)
-                    .with_context(|| format!("{}: request/response", node.contender.label()))?;
-                report.add(
-                    "3 requests on one connection",
-                    &case,
-                    "req/s",
-                    Better::Higher,
-                    node.contender,
-                    requests,
-                );
+            eprintln!("  {case}: {} programmed in {took:?}", contender.label());
+            let p50s = connection_figures(plan, &node, &services, &case, report)?;
+            #[expect(clippy::cast_precision_loss, reason = "small service counts")]
+            let x = scale as f64;
+            if let Some(median) = Samples(p50s).median()
+                && let Some((_, points)) = latency.iter_mut().find(|(c, _)| *c == contender)
+            {
+                points.push((x, median));
             }
-        }
-        #[expect(clippy::cast_precision_loss, reason = "small service counts")]
-        let x = scale as f64;
-        for (index, samples) in p50s.into_iter().enumerate() {
-            if let Some(median) = Samples(samples).median() {
-                latency[index].1.push((x, median));
-            }
-        }
-        if scale == largest {
-            let change_case = format!("one endpoint change among {scale} services");
-            for round in 0..plan.repeats {
-                for index in rotated(&[0, 1, 2], round) {
-                    let node = &nodes[index];
-                    let took = node.change_one_endpoint(&services)?;
-                    report.add(
-                        "5 endpoint change to dataplane",
-                        &change_case,
-                        "ms",
-                        Better::Lower,
-                        node.contender,
-                        took.as_secs_f64() * 1e3,
-                    );
+            if scale == largest {
+                endpoint_changes(plan, &node, &services, report)?;
+                if contender == Contender::Weft {
+                    agent_footprint(plan, &node, &services, report)?;
                 }
             }
-            agent_footprint(plan, &nodes[0], &services, report)?;
         }
     }
     Ok(latency)
+}
+
+/// Figure 5's endpoint change: how long one endpoint change takes to reach the dataplane, over
+/// many changes (fewer for the peers, whose changes take far longer).
+fn endpoint_changes(
+    plan: &Plan,
+    node: &ServiceNode,
+    services: &[BenchService],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let changes = if node.contender == Contender::Weft {
+        plan.endpoint_changes
+    } else {
+        plan.peer_endpoint_changes
+    };
+    let case = format!(
+        "one endpoint change among {} services (weft over {} changes, the peers over {})",
+        services.len(),
+        plan.endpoint_changes,
+        plan.peer_endpoint_changes
+    );
+    let mut took = Vec::new();
+    for _ in 0..changes {
+        let change = node.change_one_endpoint(services)?.as_secs_f64() * 1e3;
+        report.add(
+            "5 endpoint change to dataplane",
+            &case,
+            "ms",
+            Better::Lower,
+            node.contender,
+            change,
+        );
+        took.push(change);
+    }
+    if let Some(p99) = quantile(&mut took, 0.99) {
+        report.add(
+            "5 endpoint change to dataplane, p99",
+            &case,
+            "ms",
+            Better::Lower,
+            node.contender,
+            p99,
+        );
+    }
+    Ok(())
 }
 
 /// Figure 6: the agent's resident memory and CPU with the largest service set, idle and while
@@ -910,8 +1217,8 @@ fn document(plan: &Plan, table: &str, svg: &Path, took: Duration) -> String {
         out,
         "- Linux {} ({cores} CPUs: {cpu}; {memory})\n- {}; {}; iperf3 {}\n\
          - A shared, noisy 2-core VM: figures move by 10–30 % between runs. Each is the median \
-         of {} repetitions, with the smallest and largest beside it; contenders take turns \
-         going first.\n",
+         of {} repetitions ({} for figures 2 and 3, each run {:.0} s after a {:.0} s warm-up), \
+         with the smallest and largest beside it; contenders take turns going first.\n",
         command_output("uname", &["-r"]),
         command_output("iptables", &["--version"]),
         command_output("nft", &["--version"]),
@@ -919,7 +1226,10 @@ fn document(plan: &Plan, table: &str, svg: &Path, took: Duration) -> String {
             .lines()
             .next()
             .unwrap_or_default(),
-        plan.repeats
+        plan.repeats,
+        plan.connection_repeats,
+        plan.load.as_secs_f64(),
+        plan.warm_up.as_secs_f64()
     );
     let _ = writeln!(out, "## What ran\n");
     out.push_str(
@@ -927,18 +1237,39 @@ fn document(plan: &Plan, table: &str, svg: &Path, took: Duration) -> String {
          averaged over single runs on fresh frames (a repeated run would see its own rewritten \
          packet); beside them, empty TC and XDP programs: the floor of running any program.\n\
          - **2, 3, 5** on one node per contender (network namespaces: a bridge, ten backend pods, \
-         a client pod, `br_netfilter` on as on kubeadm nodes), all three built side by side: \
-         **weft** (the release agent, watching a Kubernetes API server that speaks the list/watch protocol for the Services and EndpointSlices), **kube-proxy iptables** \
-         (kube-proxy's `nat` table — `KUBE-SERVICES`, `KUBE-SVC-*` with `statistic --mode random \
-         --probability`, `KUBE-SEP-*` with DNAT and the hairpin mark, `KUBE-MARK-MASQ` / \
-         `KUBE-POSTROUTING` with 0x4000 — loaded with `iptables-restore`), **kube-proxy \
-         nftables** (its `service-ips` verdict map and per-service chains with `numgen random mod \
-         N vmap`, loaded with `nft -f`). The client connects to the last service created. \
-         Connections close with an RST so ephemeral ports never run out.\n\
+         a client pod, `br_netfilter` on as on kubeadm nodes). Only the contender under test \
+         exists while it is measured: its node is built just before and torn down after, and the \
+         contenders take turns going first from one scale to the next. **weft** (the release \
+         agent, watching a Kubernetes API server that speaks the list/watch protocol for the \
+         Services and EndpointSlices), **kube-proxy iptables** (kube-proxy's `nat` table — \
+         `KUBE-SERVICES`, `KUBE-SVC-*` with `statistic --mode random --probability`, `KUBE-SEP-*` \
+         with DNAT and the hairpin mark, `KUBE-MARK-MASQ` / `KUBE-POSTROUTING` with 0x4000 — \
+         loaded with `iptables-restore`), **kube-proxy nftables** (its `service-ips` verdict map \
+         and per-service chains with `numgen random mod N vmap`, loaded with `nft -f`).\n\
+         - **2 connections**: the load generator is its own small processes (`weft-load`, epoll, \
+         non-blocking): one accept-and-echo server per backend pod (backlog 4096), all pinned to \
+         CPU 1, and one client in the client pod pinned to CPU 0 that keeps 1, 8 or 64 connects \
+         in flight, closes each connection with an RST as soon as it is established (no \
+         TIME_WAIT, so ephemeral ports never run out) and counts any connect that fails or takes \
+         over 1 s by cause. Every run: netfilter's conntrack (`conntrack -F`) and weft's \
+         conntrack map emptied, an unmeasured warm-up, then the measured run; the pods' \
+         `ListenOverflows`, `ListenDrops` and `TCPSynRetrans` (`nstat`), the node's conntrack \
+         `drop`, `early_drop` and `insert_failed` (`conntrack -S`) and weft's drop counters are \
+         read before and after, and anything that grew is printed beside the figure (⚠). Each \
+         round runs every (target, concurrency) pair once in a rotating order: to the ClusterIP \
+         of the last service created, and straight to a backend pod's IP through the same node \
+         (the limit: what the node's path costs with no service lookup in it). *ClusterIP rate / \
+         pod-IP rate* pairs the two runs of one round. *CPU per connection* is the whole \
+         machine's busy CPU time over the run divided by the connections made. A run fails \
+         Little's law when the rate is more than 15 % off concurrency / mean connection \
+         lifetime (socket() to the RST sent): the client then spent its time between \
+         connections and the run is marked *generator-bound*.\n\
+         - **3 requests**: one connection, 64-byte requests and answers one after another, to \
+         the ClusterIP and straight to a pod IP, from the same pinned client process.\n\
          - **5 programming**: weft from agent start to ready (maps filled, programs attached); the \
          peers' full ruleset load. **Endpoint change**: weft from the EndpointSlice update at the API \
-         server to the new endpoint count in its pinned map (watch event, 10 ms coalescing, \
-         model, reconcile); the peers' \
+         server to the new endpoint count in its pinned map (watch event, coalescing, model, \
+         reconcile), each change undone and seen undone before the next; the peers' \
          incremental update as kube-proxy sends it (`iptables-restore --noflush` of \
          `KUBE-SERVICES` and the changed chains; one nftables transaction), which leaves out \
          kube-proxy's own processing, in weft's favour of the peers.\n\
