@@ -1,19 +1,25 @@
 //! Address and port rewriting with incremental checksum updates.
 //!
-//! The kernel helpers are used rather than open-coded checksum math because they also handle
-//! `CHECKSUM_PARTIAL` skbs (veth traffic with offloads), where only the pseudo-header part of the
-//! transport checksum may change.
+//! The address, the port and the IPv4 header checksum (RFC 1624, computed inline) are written
+//! straight into the packet. The transport checksum is updated by the kernel's helper, once for
+//! the address (a pseudo-header change) and once for the port, because only the kernel knows
+//! the skb's checksum state: for a `CHECKSUM_PARTIAL` skb (veth traffic with offloads) the
+//! field holds the pseudo-header sum, which an address change must update and a port change
+//! must not touch; for a `CHECKSUM_COMPLETE` one `skb->csum` must follow the address change.
+//! One helper call cannot do both, and a wrong guess corrupts every offloaded packet.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
 use weft_common::{
-    crc32c,
+    crc32c, csum,
     drop_reason::DropReason,
     ip_proto,
-    packet::{ETH_HLEN, Ipv4Header, ipv4, l4, l4_checksum_offset},
+    packet::{ETH_HLEN, Ipv4Header, PacketBytes as _, ipv4, l4, l4_checksum_offset},
 };
+
+use crate::packet::Skb;
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -37,18 +43,27 @@ pub(crate) fn rewrite(
         Side::Destination => (ETH_HLEN + ipv4::DST_ADDR, ip.l4_offset + l4::DST_PORT),
     };
     let failed = |_| DropReason::NatRewriteFailed;
+    let skb = Skb(ctx);
+    // Direct stores first: the helpers below end direct access to the packet.
+    if old.0 != new.0 {
+        let checksum = skb
+            .read::<2>(ETH_HLEN + ipv4::CHECKSUM)
+            .ok_or(DropReason::NatRewriteFailed)?;
+        let checksum = csum::replace(u16::from_be_bytes(checksum), &old.0, &new.0);
+        skb.write(ETH_HLEN + ipv4::CHECKSUM, checksum.to_be_bytes())
+            .and_then(|()| skb.write(addr_offset, new.0))
+            .ok_or(DropReason::NatRewriteFailed)?;
+    }
     if ip.proto == ip_proto::SCTP {
-        if old.0 != new.0 {
-            // SCTP's checksum covers no pseudo-header: only the IPv4 header's changes.
-            let (from, to) = (as_word(old.0), as_word(new.0));
-            ctx.l3_csum_replace(ETH_HLEN + ipv4::CHECKSUM, from, to, 4)
-                .map_err(failed)?;
-            ctx.store(addr_offset, &new.0, 0).map_err(failed)?;
-        }
+        // SCTP's checksum covers no pseudo-header: only the port changes it.
         if old.1 != new.1 {
             rewrite_sctp_port(ctx, ip, port_offset, new.1)?;
         }
         return Ok(());
+    }
+    if old.1 != new.1 {
+        skb.write(port_offset, new.1.to_be_bytes())
+            .ok_or(DropReason::NatRewriteFailed)?;
     }
     let (checksum, udp) = l4_checksum_offset(ip.proto).ok_or(DropReason::NatRewriteFailed)?;
     let checksum_offset = ip.l4_offset + checksum;
@@ -66,17 +81,12 @@ pub(crate) fn rewrite(
             u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4,
         )
         .map_err(failed)?;
-        ctx.l3_csum_replace(ETH_HLEN + ipv4::CHECKSUM, from, to, 4)
-            .map_err(failed)?;
-        ctx.store(addr_offset, &new.0, 0).map_err(failed)?;
     }
     if old.1 != new.1 {
-        let to_bytes = new.1.to_be_bytes();
         let from = u64::from(u16::from_ne_bytes(old.1.to_be_bytes()));
-        let to = u64::from(u16::from_ne_bytes(to_bytes));
+        let to = u64::from(u16::from_ne_bytes(new.1.to_be_bytes()));
         ctx.l4_csum_replace(checksum_offset, from, to, mangled_0 | 2)
             .map_err(failed)?;
-        ctx.store(port_offset, &to_bytes, 0).map_err(failed)?;
     }
     Ok(())
 }

@@ -23,6 +23,21 @@ impl Skb<'_> {
         }
         (ctx.data_end() - ctx.data()) as u32 >= want
     }
+
+    /// Writes `bytes` at `offset` of the linear data with a direct store; `None` when they do
+    /// not lie inside it. Stores here must come before any helper that may move the packet
+    /// (checksum and store helpers among them): those invalidate direct access.
+    #[inline(always)]
+    pub(crate) fn write<const N: usize>(&self, offset: usize, bytes: [u8; N]) -> Option<()> {
+        let (start, end) = (self.0.data(), self.0.data_end());
+        if start + offset + N > end {
+            return None;
+        }
+        // SAFETY: `start + offset .. start + offset + N` lies inside the packet data, as just
+        // checked (and as the verifier checks again); TC programs may write their packet.
+        unsafe { core::ptr::write_unaligned((start + offset) as *mut [u8; N], bytes) };
+        Some(())
+    }
 }
 
 /// Reads `N` bytes at `offset` of the packet data `start..end`.

@@ -27,7 +27,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
-    MASQUERADE_MARK,
+    MASQUERADE_MARK, csum,
     drop_reason::DropReason,
     ip_proto,
     maps::{LocalPod, OverlayConfig, RemoteNode},
@@ -163,7 +163,7 @@ fn readdress(
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&overlay.uplink_mac);
     macs[6..].copy_from_slice(&tunneled.inner_src_mac);
-    ctx.store(0, &macs, 0).map_err(|_| DropReason::DecapFailed)
+    Skb(ctx).write(0, macs).ok_or(DropReason::DecapFailed)
 }
 
 /// Delivers a packet the overlay carried to a pod of this node straight into the pod's
@@ -192,8 +192,9 @@ pub(crate) fn into_pod(
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&pod.mac);
     macs[6..].copy_from_slice(&overlay.bridge_mac);
-    ctx.store(0, &macs, 0)
-        .map_err(|_| DropReason::NatRewriteFailed)?;
+    Skb(ctx)
+        .write(0, macs)
+        .ok_or(DropReason::NatRewriteFailed)?;
     // SAFETY: a helper taking plain integers.
     Ok(Some(unsafe { bpf_redirect_peer(pod.ifindex, 0) } as i32))
 }
@@ -338,13 +339,18 @@ fn forwardable_ttl(skb: &Skb<'_>) -> Option<u8> {
 /// Decrements the TTL as forwarding does, updating the header checksum.
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext, ttl: u8) -> Result<(), DropReason> {
+    let skb = Skb(ctx);
     let at = ETH_HLEN + IPV4_TTL;
-    let word: [u8; 2] = ctx.load(at).map_err(|_| DropReason::NatRewriteFailed)?;
-    let from = u16::from_ne_bytes(word);
-    let to = u16::from_ne_bytes([ttl - 1, word[1]]);
-    ctx.l3_csum_replace(ETH_HLEN + ipv4::CHECKSUM, u64::from(from), u64::from(to), 2)
-        .and_then(|()| ctx.store(at, &(ttl - 1), 0))
-        .map_err(|_| DropReason::NatRewriteFailed)
+    let checksum_at = ETH_HLEN + ipv4::CHECKSUM;
+    let word = skb.read::<2>(at).ok_or(DropReason::NatRewriteFailed)?;
+    let checksum = skb
+        .read::<2>(checksum_at)
+        .ok_or(DropReason::NatRewriteFailed)?;
+    let decremented = [ttl - 1, word[1]];
+    let checksum = csum::replace(u16::from_be_bytes(checksum), &word, &decremented);
+    skb.write(at, decremented)
+        .and_then(|()| skb.write(checksum_at, checksum.to_be_bytes()))
+        .ok_or(DropReason::NatRewriteFailed)
 }
 
 /// The node whose lease holds `dst`'s subnet.
