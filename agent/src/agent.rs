@@ -202,8 +202,10 @@ impl AgentArgs {
     }
 }
 
-/// How long the reconciler waits after a change for more to arrive, so bursts cost one pass.
-const COALESCE: Duration = Duration::from_millis(10);
+/// The least time between two reconcile passes (kube-proxy's `--min-sync-period`): a change
+/// after a quiet spell is applied at once; in a burst, what arrives within this time after a
+/// pass waits and goes into the next one, so a burst costs a pass per period, not per change.
+const MIN_PASS_INTERVAL: Duration = Duration::from_millis(10);
 /// How often a pass that failed (a full map) is retried.
 const RETRY: Duration = Duration::from_secs(5);
 /// How often expired connections are collected.
@@ -669,6 +671,7 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
         );
         tokio::spawn(async move {
             let mut notes = Vec::new();
+            let mut last_pass = tokio::time::Instant::now();
             loop {
                 if failed.is_empty() {
                     model.changed().await;
@@ -677,8 +680,9 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
                     let _ = tokio::time::timeout(RETRY, model.changed()).await;
                 }
                 health.queued();
-                tokio::time::sleep(COALESCE).await;
+                tokio::time::sleep_until(last_pass + MIN_PASS_INTERVAL).await;
                 let started = Instant::now();
+                last_pass = started.into();
                 let (desired, changed) = model.take_changes();
                 if desired.notes != notes {
                     for note in &desired.notes {

@@ -28,15 +28,7 @@ use crate::{
 /// The REPLY key of a FORWARD entry.
 #[must_use]
 pub fn reply_key_of(forward_key: &CtKey, forward: &CtValue) -> CtKey {
-    CtKey {
-        src_addr: forward.nat_addr,
-        dst_addr: forward_key.src_addr,
-        src_port: forward.nat_port,
-        dst_port: forward_key.src_port,
-        proto: forward_key.proto,
-        direction: ct_direction::REPLY,
-        _pad: [0; 2],
-    }
+    CtKey::reply_of(forward_key, forward.nat_addr, forward.nat_port)
 }
 
 /// How long a REPLY entry may exist without its FORWARD before it counts as an orphan: the
@@ -272,11 +264,13 @@ fn remove_unchanged<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod + PartialEq>
     Ok(removed)
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock the datapath stamps conntrack with
+/// (`bpf_ktime_get_coarse_ns()`; on kernels without it, `bpf_ktime_get_ns()`, the same clock
+/// at most a tick ahead, which the timeouts of seconds never notice).
 #[must_use]
 pub fn monotonic_now_ns() -> u64 {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available on Linux");
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE is always available on Linux");
     now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 

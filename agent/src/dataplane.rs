@@ -444,6 +444,8 @@ pub struct KernelSupport {
     pub version: KernelVersion,
     /// Whether socket hooks can fail a call with ECONNREFUSED/EHOSTUNREACH (else EPERM).
     pub socket_errors: bool,
+    /// Whether the programs can read the coarse monotonic clock (else the precise one).
+    pub coarse_clock: bool,
 }
 
 impl KernelSupport {
@@ -457,12 +459,15 @@ impl KernelSupport {
         Ok(Self {
             version,
             socket_errors: crate::sys::sock_addr_has_set_retval(),
+            coarse_clock: crate::sys::tc_has_coarse_clock(),
         })
     }
 }
 
 /// The socket hooks' global saying whether `bpf_set_retval` may be called (1) or not (0).
 const HAS_SET_RETVAL: &str = "HAS_SET_RETVAL";
+/// The programs' global saying whether `bpf_ktime_get_coarse_ns` may be called (1) or not (0).
+const HAS_COARSE_CLOCK: &str = "HAS_COARSE_CLOCK";
 
 /// Whether TC programs attach through tcx links (Linux 6.6+) rather than netlink clsact filters.
 fn has_tcx() -> bool {
@@ -493,10 +498,13 @@ impl Dataplane {
     ) -> Result<Self, DataplaneError> {
         // A service without endpoints refuses a local connect with ECONNREFUSED where the kernel
         // lets socket hooks set the error, with EPERM before.
-        let has_set_retval = u8::from(KernelSupport::probe()?.socket_errors);
+        let kernel = KernelSupport::probe()?;
+        let has_set_retval = u8::from(kernel.socket_errors);
+        let has_coarse_clock = u8::from(kernel.coarse_clock);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(HAS_SET_RETVAL, &has_set_retval, true)
+            .override_global(HAS_COARSE_CLOCK, &has_coarse_clock, true)
             .map_max_entries(SERVICES_MAP, limits.max_services)
             .map_max_entries(SERVICE_NAMES_MAP, limits.max_services)
             .map_max_entries(ENDPOINTS_MAP, limits.max_endpoints)

@@ -66,12 +66,29 @@ fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-/// Whether this kernel lets a cgroup `connect4` program call `bpf_set_retval` (Linux 5.18+):
-/// loads a four-instruction program that does, and drops it. Any refusal counts as no.
+/// Whether this kernel lets a cgroup `connect4` program call `bpf_set_retval` (Linux 5.18+).
 pub fn sock_addr_has_set_retval() -> bool {
     const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
     const BPF_CGROUP_INET4_CONNECT: u32 = 10;
     const BPF_FUNC_SET_RETVAL: i32 = 187;
+    program_may_call(
+        BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        BPF_CGROUP_INET4_CONNECT,
+        BPF_FUNC_SET_RETVAL,
+    )
+}
+
+/// Whether this kernel lets TC programs read `CLOCK_MONOTONIC_COARSE`
+/// (`bpf_ktime_get_coarse_ns`, Linux 5.11+).
+pub fn tc_has_coarse_clock() -> bool {
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const BPF_FUNC_KTIME_GET_COARSE_NS: i32 = 160;
+    program_may_call(BPF_PROG_TYPE_SCHED_CLS, 0, BPF_FUNC_KTIME_GET_COARSE_NS)
+}
+
+/// Whether a program of `prog_type` (and `expected_attach_type`) may call `helper`: loads a
+/// four-instruction program that does, and drops it. Any refusal counts as no.
+fn program_may_call(prog_type: u32, expected_attach_type: u32, helper: i32) -> bool {
     #[repr(C)]
     struct ProgLoad {
         prog_type: u32,
@@ -94,16 +111,16 @@ pub fn sock_addr_has_set_retval() -> bool {
     const MOV64_IMM: u8 = 0xb7;
     const CALL: u8 = 0x85;
     const EXIT: u8 = 0x95;
-    // r1 = -ECONNREFUSED; call bpf_set_retval; r0 = 1; exit
+    // r1 = -ECONNREFUSED (an argument for helpers that take one); call; r0 = 1; exit
     let program = [
         insn(MOV64_IMM, 1, -111),
-        insn(CALL, 0, BPF_FUNC_SET_RETVAL),
+        insn(CALL, 0, helper),
         insn(MOV64_IMM, 0, 1),
         insn(EXIT, 0, 0),
     ];
     let license = c"GPL";
     let mut attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        prog_type,
         insn_cnt: program.len() as u32,
         insns: program.as_ptr() as u64,
         license: license.as_ptr() as u64,
@@ -114,7 +131,7 @@ pub fn sock_addr_has_set_retval() -> bool {
         prog_flags: 0,
         prog_name: [0; 16],
         prog_ifindex: 0,
-        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+        expected_attach_type,
     };
     bpf(BPF_PROG_LOAD, &mut attr)
         .ok()
@@ -168,6 +185,8 @@ pub fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Res
 /// What one `BPF_PROG_TEST_RUN` gave back.
 pub struct TestRun {
     pub return_value: u32,
+    /// The kernel's own timing of the run.
+    pub duration: std::time::Duration,
     /// The packet as the program left it.
     pub data: Vec<u8>,
     /// The context as the program left it (empty when none was passed).
@@ -232,6 +251,7 @@ pub fn bpf_prog_test_run(
     context_out.truncate(attr.ctx_size_out as usize);
     Ok(TestRun {
         return_value: attr.retval,
+        duration: std::time::Duration::from_nanos(u64::from(attr.duration)),
         data: data_out,
         context: context_out,
     })

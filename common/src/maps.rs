@@ -258,7 +258,7 @@ pub struct AffinityValue {
     /// Endpoint port, host order.
     pub port: u16,
     pub _pad: u16,
-    /// `bpf_ktime_get_ns()` of the client's last new connection (kube-proxy's `recent --set`:
+    /// CLOCK_MONOTONIC(_COARSE) nanoseconds of the client's last new connection (kube-proxy's `recent --set`:
     /// the timeout runs from the last connection, not the first).
     pub last_used_ns: u64,
 }
@@ -312,16 +312,32 @@ pub struct CtValue {
     pub nat_addr: [u8; 4],
     /// FORWARD: the endpoint port. REPLY: the frontend port. Host order.
     pub nat_port: u16,
-    /// FORWARD: [`crate::conntrack::flags`] bits. REPLY: 0.
+    /// FORWARD: [`crate::conntrack::flags`] bits. REPLY: the FORWARD entry's bits as of the
+    /// last time a reply found it live (0 before any did).
     pub flags: u8,
     pub _pad: u8,
-    /// FORWARD: `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when a packet of the connection (either
+    /// CLOCK_MONOTONIC(_COARSE) nanoseconds. FORWARD: when a packet of the connection (either
     /// way) was last seen, refreshed at most once per [`crate::conntrack::REFRESH_INTERVAL_NS`].
-    /// REPLY: when it was created.
+    /// REPLY: when a reply last found the FORWARD entry live (its creation before any did).
     pub last_seen_ns: u64,
 }
 
 impl CtKey {
+    /// The REPLY key of a connection from `forward_key`'s client that went to `endpoint:port`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn reply_of(forward_key: &Self, endpoint: [u8; 4], port: u16) -> Self {
+        Self {
+            src_addr: endpoint,
+            dst_addr: forward_key.src_addr,
+            src_port: port,
+            dst_port: forward_key.src_port,
+            proto: forward_key.proto,
+            direction: ct_direction::REPLY,
+            _pad: [0; 2],
+        }
+    }
+
     /// The FORWARD key of the connection a REPLY entry (`reply_key`, `reply`) belongs to.
     #[inline(always)]
     #[must_use]

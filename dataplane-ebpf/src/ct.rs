@@ -4,12 +4,14 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use weft_common::{
     conntrack::{REFRESH_INTERVAL_NS, flags, is_expired, next_state, reopens, reply_opens_anew},
     drop_reason::DropReason,
-    maps::{CtKey, CtValue, EndpointValue, ct_direction},
+    ip_proto,
+    maps::{CtKey, CtValue, EndpointValue},
+    packet::tcp_flags,
 };
 
 use crate::maps::CONNTRACK;
@@ -27,11 +29,25 @@ pub(crate) struct Forward {
     pub(crate) masquerade: bool,
 }
 
-/// Monotonic time, the clock the agent compares `last_seen_ns` against.
+/// 1 when the kernel has `bpf_ktime_get_coarse_ns` (Linux 5.11+), set by the agent as it
+/// loads the programs. Read-only, so the verifier knows its value and drops the branch not
+/// taken: older kernels load the programs too.
+#[unsafe(no_mangle)]
+static HAS_COARSE_CLOCK: u8 = 0;
+
+/// Monotonic time, the clock the agent compares `last_seen_ns` against: the coarse one (the
+/// last tick's time, read without touching the clock source) where the kernel has it, since
+/// conntrack's timeouts are seconds and the timestamp is written at most once a second.
 #[inline(always)]
 pub(crate) fn now_ns() -> u64 {
-    // SAFETY: a helper call with no arguments.
-    unsafe { bpf_ktime_get_ns() }
+    // SAFETY: reading a global the loader wrote; helper calls with no arguments.
+    unsafe {
+        if core::ptr::read_volatile(&raw const HAS_COARSE_CLOCK) != 0 {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_ns()
+        }
+    }
 }
 
 /// The translation for a client packet (`key` is its tuple towards a frontend): the
@@ -44,8 +60,8 @@ pub(crate) fn forward(
     now: u64,
     choose: impl FnOnce() -> Result<Choice, DropReason>,
 ) -> Result<Forward, DropReason> {
-    let replacing = match CONNTRACK.get_ptr_mut(key) {
-        None => false,
+    let replaced = match CONNTRACK.get_ptr_mut(key) {
+        None => None,
         Some(entry) => {
             // SAFETY: the pointer comes from a successful lookup of a preallocated LRU slot;
             // fields are read and written individually, and a racing writer on another CPU can
@@ -66,11 +82,11 @@ pub(crate) fn forward(
                 }
                 return Ok(Forward::from_entry(&current));
             }
-            true
+            Some(current)
         }
     };
     let choice = choose()?;
-    track(key, tcp, &choice, now, replacing)
+    track(key, tcp, &choice, now, replaced.as_ref())
 }
 
 impl Forward {
@@ -84,17 +100,20 @@ impl Forward {
     }
 }
 
-/// Records a new connection from `key` to the chosen endpoint, FORWARD then REPLY. A
-/// connection whose first packets reach two CPUs at once is tracked by whichever inserts
-/// first; the other follows its choice, so every packet of the connection goes to one endpoint.
+/// Records a new connection from `key` to the chosen endpoint, FORWARD then REPLY, in place of
+/// the closed or expired connection `replaced` on the same tuple, if any (whose REPLY entry
+/// goes with it: [`reply`] trusts a REPLY entry it checked recently). A connection whose first
+/// packets reach two CPUs at once is tracked by whichever inserts first; the other follows its
+/// choice, so every packet of the connection goes to one endpoint.
 #[inline(always)]
 fn track(
     key: &CtKey,
     tcp: u8,
     choice: &Choice,
     now: u64,
-    replacing: bool,
+    replaced: Option<&CtValue>,
 ) -> Result<Forward, DropReason> {
+    let replacing = replaced.is_some();
     let endpoint = &choice.endpoint;
     // Besides what the service asks for, a hairpin (an endpoint reaching itself) is
     // masqueraded, or its own stack would drop the "martian" packet whose source is its own
@@ -120,15 +139,12 @@ fn track(
         // SAFETY: the pointer comes from a successful lookup; the value is copied out at once.
         return Ok(Forward::from_entry(&unsafe { *winner }));
     }
-    let reply_key = CtKey {
-        src_addr: endpoint.addr,
-        dst_addr: key.src_addr,
-        src_port: endpoint.port,
-        dst_port: key.src_port,
-        proto: key.proto,
-        direction: ct_direction::REPLY,
-        _pad: [0; 2],
-    };
+    let reply_key = CtKey::reply_of(key, endpoint.addr, endpoint.port);
+    if let Some(old) = replaced
+        && (old.nat_addr, old.nat_port) != (endpoint.addr, endpoint.port)
+    {
+        let _ = CONNTRACK.remove(CtKey::reply_of(key, old.nat_addr, old.nat_port));
+    }
     let reply = CtValue {
         nat_addr: key.dst_addr,
         nat_port: key.dst_port,
@@ -162,12 +178,26 @@ pub(crate) fn is_reply(key: &CtKey) -> bool {
 /// connection that still leads to this endpoint. A REPLY entry whose connection is gone,
 /// expired or now leads elsewhere (its client port was reused), or that a SYN-ACK finds closed
 /// (a direct connection reusing the tuple), is stale: it is removed and the packet left alone,
-/// so direct traffic between the same two sockets is never rewritten. The
-/// reply's state (first reply, FIN, RST) and time go to the FORWARD entry.
+/// so direct traffic between the same two sockets is never rewritten. The reply's state (first
+/// reply, FIN, RST) and time go to the FORWARD entry.
+///
+/// One lookup for most replies: the REPLY entry keeps the connection's state as of the last
+/// time a reply found its FORWARD entry live, and when. A reply that carries no SYN, FIN or RST,
+/// within a refresh interval of that check, on an answered connection, is restored from the
+/// REPLY entry alone: nothing it could change is stale. The FORWARD entry was live then and its
+/// time refreshed, so it cannot expire in between (timeouts are seconds); a new connection on
+/// the tuple removes this REPLY entry ([`track`]); the agent removes both entries together.
 #[inline(always)]
 pub(crate) fn reply(key: &CtKey, tcp: u8, now: u64) -> Option<([u8; 4], u16)> {
+    let entry_ptr = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: see `forward`.
-    let entry = unsafe { *CONNTRACK.get_ptr(key)? };
+    let entry = unsafe { *entry_ptr };
+    if entry.flags & flags::SEEN_REPLY != 0
+        && !control_segment(key.proto, tcp)
+        && now.saturating_sub(entry.last_seen_ns) <= REFRESH_INTERVAL_NS
+    {
+        return Some((entry.nat_addr, entry.nat_port));
+    }
     let forward_key = CtKey::forward_of(key, &entry);
     let live = CONNTRACK.get_ptr_mut(forward_key).filter(|forward| {
         // SAFETY: see `forward`.
@@ -189,6 +219,14 @@ pub(crate) fn reply(key: &CtKey, tcp: u8, now: u64) -> Option<([u8; 4], u16)> {
             (*forward).flags = next;
             (*forward).last_seen_ns = now;
         }
+        (*entry_ptr).flags = next;
+        (*entry_ptr).last_seen_ns = now;
     }
     Some((entry.nat_addr, entry.nat_port))
+}
+
+/// Whether a packet may change its connection's state: a TCP segment with SYN, FIN or RST.
+#[inline(always)]
+fn control_segment(proto: u8, tcp: u8) -> bool {
+    proto == ip_proto::TCP && tcp & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0
 }

@@ -267,6 +267,21 @@ impl Datapath {
         Ok((result.return_value, output, result.duration))
     }
 
+    /// The loaded program `name`, for runs from several threads at once
+    /// ([`weft::sys::bpf_prog_test_run`], on the same maps).
+    pub fn program_fd(&mut self, name: &str) -> std::os::fd::OwnedFd {
+        use std::os::fd::AsFd as _;
+        self.dataplane
+            .ebpf_mut()
+            .program(name)
+            .expect("program exists")
+            .fd()
+            .expect("a loaded program")
+            .as_fd()
+            .try_clone_to_owned()
+            .expect("duplicating a program fd")
+    }
+
     /// Runs the TC program `name` `repeat` times on `frame`, with `mark` in the skb, as if on
     /// device `ifindex` (0: none).
     pub fn run_with(

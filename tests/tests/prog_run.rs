@@ -7,8 +7,16 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use weft::dataplane::{FROM_PODS, TO_POD};
-use weft_common::{MASQUERADE_MARK, drop_reason::DropReason, maps::ct_direction};
+use weft::{
+    conntrack::monotonic_now_ns,
+    dataplane::{FROM_PODS, TO_POD},
+};
+use weft_common::{
+    MASQUERADE_MARK,
+    conntrack::flags,
+    drop_reason::DropReason,
+    maps::{CtValue, ct_direction},
+};
 use weft_tests::{
     harness::{Datapath, VERDICT_DROP, VERDICT_PASS, VERDICT_REDIRECT},
     packet::{ACK, FIN, PSH, SYN, assert_rejects, parse, tcp, udp},
@@ -650,6 +658,83 @@ fn a_closed_connection_reopened_with_a_syn_picks_again() {
     }
     // Each reopen picks one of three at random: all 30 keeping theirs has odds of (1/3)^30.
     assert!(moved > 0, "no reopened connection picked another endpoint");
+}
+
+#[test]
+fn a_reply_within_a_second_of_the_last_check_needs_only_its_reply_entry() {
+    const SECOND: u64 = 1_000_000_000;
+    let mut datapath = Datapath::new(&nginx_manifest(&BACKENDS), Some(cluster_cidr()));
+    let vip = seed::frontend();
+    let client = SocketAddrV4::new(*client().ip(), 50200);
+    let endpoint = parse(
+        &datapath
+            .run(FROM_PODS, &tcp(client, vip, SYN).build(), 0)
+            .output,
+    )
+    .dst;
+    datapath.run(TO_POD, &tcp(endpoint, client, SYN | ACK).build(), 0);
+    let entry = |datapath: &Datapath, direction: u8| {
+        datapath
+            .conntrack()
+            .into_iter()
+            .find(|(key, _)| key.direction == direction)
+            .expect("both entries exist")
+    };
+    let (reply_key, reply) = entry(&datapath, ct_direction::REPLY);
+    assert_eq!(
+        reply.flags,
+        flags::SEEN_REPLY,
+        "the reply entry keeps the state its check found"
+    );
+    let now = monotonic_now_ns();
+    let (forward_key, mut forward) = entry(&datapath, ct_direction::FORWARD);
+    // FORWARD last refreshed 5 s ago, REPLY checked just now: a plain reply is restored from
+    // REPLY alone and leaves FORWARD as it was.
+    forward.last_seen_ns = now - 5 * SECOND;
+    let checked = CtValue {
+        last_seen_ns: now,
+        ..reply
+    };
+    datapath.set_conntrack(&[(forward_key, forward), (reply_key, checked)]);
+    let data = tcp(endpoint, client, PSH | ACK).payload(b"x").build();
+    assert_rewritten(
+        "fast reply",
+        &data,
+        &datapath.run(TO_POD, &data, 0).output,
+        vip,
+        client,
+    );
+    assert_eq!(entry(&datapath, ct_direction::FORWARD).1, forward);
+    // Checked 2 s ago: the reply looks FORWARD up, refreshes it and records the check.
+    let stale_check = CtValue {
+        last_seen_ns: now - 2 * SECOND,
+        ..reply
+    };
+    datapath.set_conntrack(&[(forward_key, forward), (reply_key, stale_check)]);
+    assert_rewritten(
+        "checked reply",
+        &data,
+        &datapath.run(TO_POD, &data, 0).output,
+        vip,
+        client,
+    );
+    assert!(entry(&datapath, ct_direction::FORWARD).1.last_seen_ns >= now);
+    assert!(entry(&datapath, ct_direction::REPLY).1.last_seen_ns >= now);
+    // A FIN is never taken on trust: it reaches FORWARD even right after a check.
+    let fin = tcp(endpoint, client, FIN | ACK).build();
+    assert_rewritten(
+        "FIN",
+        &fin,
+        &datapath.run(TO_POD, &fin, 0).output,
+        vip,
+        client,
+    );
+    let closing = entry(&datapath, ct_direction::FORWARD).1.flags;
+    assert_eq!(
+        closing & flags::FIN_REPLY,
+        flags::FIN_REPLY,
+        "{closing:#04x}"
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::{
     fmt::Write as _,
     fs,
     net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     process::Command,
     thread,
@@ -312,14 +313,15 @@ fn packet_costs(plan: &Plan, report: &mut Report) {
         );
         let last = services.last().expect("at least one service");
         let vip = SocketAddrV4::new(last.vip, last.port);
-        for _ in 0..plan.repeats {
+        // A new connection each run, in every repetition: a conntrack miss, a choice, two
+        // entries written.
+        let mut source = 10_000u16;
+        for round in 0..plan.repeats {
             let client = |port: u16| SocketAddrV4::new(CLIENT, port);
             let probe = tcp(client(9_997), vip, ACK).build();
             let floor = mean_ns(plan.packet_runs, |_| {
                 datapath.run_with(TC_FLOOR, &probe, 0, 0, 1).duration
             });
-            // A new connection each run: a conntrack miss, a choice, two entries written.
-            let mut source = 10_000u16;
             let first = mean_ns(plan.packet_runs, |_| {
                 source = source.wrapping_add(1).max(10_000);
                 let frame = tcp(client(source), vip, SYN).build();
@@ -329,6 +331,16 @@ fn packet_costs(plan: &Plan, report: &mut Report) {
                 report,
                 &format!("ClusterIP first packet (conntrack miss), {scale} services"),
                 first,
+                floor,
+            );
+            // The same with both CPUs opening connections at once: conntrack's LRU shared.
+            let both = first_packets_on_every_cpu(&mut datapath, plan.packet_runs, vip, round);
+            above(
+                report,
+                &format!(
+                    "ClusterIP first packet (conntrack miss), both CPUs at once, {scale} services"
+                ),
+                both,
                 floor,
             );
             // One established connection: a conntrack hit.
@@ -494,6 +506,50 @@ fn packet_costs(plan: &Plan, report: &mut Report) {
         });
         ns_per(report, "empty XDP program (floor)", xdp_floor);
     }
+}
+
+/// The mean of `runs` first packets (new connections to `vip`) per CPU, run on every CPU at
+/// once, each thread pinned to its CPU with a client of its own (in each `round` another).
+fn first_packets_on_every_cpu(
+    datapath: &mut Datapath,
+    runs: u16,
+    vip: SocketAddrV4,
+    round: usize,
+) -> f64 {
+    let program = datapath.program_fd(FROM_PODS);
+    let cpus = thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let totals: Vec<Duration> = thread::scope(|scope| {
+        let threads: Vec<_> = (0..cpus)
+            .map(|cpu| {
+                let program = &program;
+                scope.spawn(move || {
+                    let mut set = nix::sched::CpuSet::new();
+                    set.set(cpu).expect("a CPU index within the set");
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                        .expect("pinning a bench thread");
+                    let third = u8::try_from(100 + round * cpus + cpu).expect("few CPUs");
+                    let client = Ipv4Addr::new(10, 244, third, 1);
+                    (0..runs)
+                        .map(|run| {
+                            let source = SocketAddrV4::new(client, 10_000 + run);
+                            let frame = tcp(source, vip, SYN).build();
+                            weft::sys::bpf_prog_test_run(program.as_fd(), &frame, None)
+                                .expect("a test run")
+                                .duration
+                        })
+                        .sum()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a bench thread"))
+            .collect()
+    });
+    let total: Duration = totals.iter().sum();
+    #[expect(clippy::cast_precision_loss, reason = "few CPUs")]
+    let all_runs = (cpus * usize::from(runs)) as f64;
+    total.as_secs_f64() * 1e9 / all_runs
 }
 
 /// One node serving the bench's services through one contender: ten backend pods and a client
