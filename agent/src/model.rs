@@ -111,7 +111,9 @@ pub struct NodeFacts {
 /// The whole desired dataplane state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub ports: BTreeMap<ServicePortName, DesiredPort>,
+    /// Shared with the model's own copy when the port owns every frontend it wants (nearly
+    /// always), so a large cluster's ports are held once.
+    pub ports: BTreeMap<ServicePortName, Arc<DesiredPort>>,
     /// Remote pod subnets and the node to encapsulate to.
     pub subnets: BTreeMap<Ipv4Net, RemoteNode>,
     /// Nodes whose VXLAN this node accepts, by PublicIP.
@@ -149,7 +151,7 @@ impl Desired {
 /// One service's part of the desired state, before frontends are shared out across services.
 #[derive(Clone, Debug, Default)]
 struct ServiceOutput {
-    ports: Vec<(ServicePortName, DesiredPort)>,
+    ports: Vec<(ServicePortName, Arc<DesiredPort>)>,
     health_check: Option<(u16, HealthCheck)>,
 }
 
@@ -412,9 +414,14 @@ impl Model {
                     let owns = |key: &ServiceKey| {
                         self.frontend_claims.get(key).and_then(BTreeSet::first) == Some(port_name)
                     };
-                    let mut kept = port.clone();
-                    kept.frontends.retain(|key, _| owns(key));
-                    kept.source_ranges.retain(|key, _| owns(key));
+                    let kept = if port.frontends.keys().all(owns) {
+                        Arc::clone(port)
+                    } else {
+                        let mut kept = DesiredPort::clone(port);
+                        kept.frontends.retain(|key, _| owns(key));
+                        kept.source_ranges.retain(|key, _| owns(key));
+                        Arc::new(kept)
+                    };
                     desired.ports.insert(port_name.clone(), kept);
                 }
                 None => {
@@ -609,7 +616,7 @@ fn compute(
             };
             desired.sets.insert(scope, endpoints);
         }
-        output.ports.push((name, desired));
+        output.ports.push((name, Arc::new(desired)));
     }
     if let Some(port) = spec.health_check_node_port {
         let local_ready: BTreeSet<Ipv4Addr> = slices

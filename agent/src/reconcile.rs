@@ -323,10 +323,15 @@ impl<M: DatapathMaps> Reconciler<M> {
             }
         }
         let looked_at: Vec<(&ServicePortName, &DesiredPort)> = match &scope {
-            None => desired.ports.iter().collect(),
+            None => desired
+                .ports
+                .iter()
+                .map(|(name, port)| (name, &**port))
+                .collect(),
             Some(scope) => scope
                 .iter()
                 .filter_map(|name| desired.ports.get_key_value(name))
+                .map(|(name, port)| (name, &**port))
                 .collect(),
         };
         for (name, want) in looked_at {
@@ -797,7 +802,7 @@ fn plan_layout(
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::collections::BTreeMap;
+    use std::{collections::BTreeMap, sync::Arc};
 
     use weft_common::maps::ServiceName;
 
@@ -1089,7 +1094,9 @@ pub(crate) mod tests {
         Desired {
             ports: ports
                 .iter()
-                .map(|(name, port, endpoints)| (port_name(name), cluster_port(*port, endpoints)))
+                .map(|(name, port, endpoints)| {
+                    (port_name(name), Arc::new(cluster_port(*port, endpoints)))
+                })
                 .collect(),
             ..Desired::default()
         }
@@ -1135,7 +1142,7 @@ pub(crate) mod tests {
         for (port, number, last) in [(first.0, first.1, 6), (second.0, second.1, 7)] {
             desired
                 .ports
-                .insert(named_port(port), cluster_port(number, &[last]));
+                .insert(named_port(port), Arc::new(cluster_port(number, &[last])));
         }
         desired
     }
@@ -1147,7 +1154,7 @@ pub(crate) mod tests {
         let mut desired = Desired::default();
         desired.ports.insert(
             port_name("nginx"),
-            DesiredPort {
+            Arc::new(DesiredPort {
                 sets: [(CLUSTER, set(cluster)), (LOCAL, set(local))].into(),
                 frontends: [
                     (frontend(4432), FrontendSpec::default()),
@@ -1162,7 +1169,7 @@ pub(crate) mod tests {
                 ]
                 .into(),
                 source_ranges: BTreeMap::new(),
-            },
+            }),
         );
         desired
     }
@@ -1173,7 +1180,7 @@ pub(crate) mod tests {
         let mut first = Desired::default();
         first
             .ports
-            .insert(named_port("web"), cluster_port(80, &[6]));
+            .insert(named_port("web"), Arc::new(cluster_port(80, &[6])));
         reconciler.reconcile(&first);
         // "http" (sorted before "web") takes port 80; "web" moves to 8080.
         let next = two_ports(("http", 80), ("web", 8080));
@@ -1539,7 +1546,7 @@ pub(crate) mod tests {
         reconciler.maps.ops.clear();
         // The policy goes back to Cluster: the NodePort uses the cluster set.
         let mut cluster = desired(&[("nginx", 4432, &[6, 7])]);
-        let port = cluster.ports.get_mut(&port_name("nginx")).unwrap();
+        let port = Arc::make_mut(cluster.ports.get_mut(&port_name("nginx")).unwrap());
         port.frontends.insert(
             frontend(30080),
             FrontendSpec {
@@ -1568,7 +1575,7 @@ pub(crate) mod tests {
         let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
         let range: Ipv4Net = "198.51.100.0/24".parse().unwrap();
         let mut state = desired(&[("nginx", 4432, &[6])]);
-        let port = state.ports.get_mut(&port_name("nginx")).unwrap();
+        let port = Arc::make_mut(state.ports.get_mut(&port_name("nginx")).unwrap());
         port.frontends.insert(
             frontend(443),
             FrontendSpec {

@@ -52,6 +52,8 @@ const ENDPOINTS: usize = 10;
 /// The port the bench servers listen on in every backend pod.
 const TARGET_PORT: u16 = 8080;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 200);
+/// How long before each timed endpoint change nothing changes.
+const QUIET_BEFORE_A_CHANGE: Duration = Duration::from_millis(50);
 /// The load generator's client and the backends' servers never share a CPU.
 const CLIENT_CPU: usize = 0;
 const SERVER_CPU: usize = 1;
@@ -692,6 +694,9 @@ impl ServiceNode {
                     }
                     Ok(started.elapsed())
                 };
+                // The change comes after a quiet spell longer than the agent's least interval
+                // between passes, as changes to one service mostly do.
+                thread::sleep(QUIET_BEFORE_A_CHANGE);
                 api.apply(api_slice(last, &changed[last]));
                 let took = reaches(count(&changed[last])?)?;
                 // Back to the full set, in the dataplane too, before anything else runs.
@@ -1086,8 +1091,10 @@ fn endpoint_changes(
         plan.peer_endpoint_changes
     };
     let case = format!(
-        "one endpoint change among {} services (weft over {} changes, the peers over {})",
+        "one endpoint change among {} services, {} ms after the last (weft over {} changes, \
+         the peers over {})",
         services.len(),
+        QUIET_BEFORE_A_CHANGE.as_millis(),
         plan.endpoint_changes,
         plan.peer_endpoint_changes
     );
