@@ -463,7 +463,11 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
     // a route only because its source was not read yet, and services are in the maps before
     // any program is attached.
     let (mut dataplane, services) = tokio::try_join!(
-        async { loading.await.context("loading the dataplane")? },
+        async {
+            let mut dataplane = loading.await.context("loading the dataplane")??;
+            attach_fresh_ports(&mut dataplane, netlink, &args.bridge).await?;
+            anyhow::Ok(dataplane)
+        },
         start_services(args, api, &node_name, &model, &health),
     )?;
     let host_netns_cookie = sys::netns_cookie().unwrap_or_else(|e| {
@@ -880,6 +884,28 @@ async fn resync_ports(
     let forgotten = dataplane.forget_pods(|port| current.iter().any(|link| link.index == port))?;
     if forgotten > 0 {
         info!(forgotten, "forgot pods of ports that are gone");
+    }
+    Ok(())
+}
+
+/// Attaches the service programs to the bridge's ports that carry no earlier agent's: nothing
+/// is translated on them yet, so they lose nothing by running before the first pass fills the
+/// maps, and each new tcx attachment costs an RCU grace period in the kernel (some 15 ms,
+/// serialized under the RTNL lock: measured, 0.3 s for 11 ports), which is better spent while
+/// the service source is read. Ports an earlier agent attached to are swapped after the first
+/// pass ([`resync_ports`]), so its translations never meet maps that are still filling.
+async fn attach_fresh_ports(
+    dataplane: &mut Dataplane,
+    netlink: &rtnetlink::Handle,
+    bridge: &str,
+) -> anyhow::Result<()> {
+    let Some(bridge_link) = netdev::link_by_name(netlink, bridge).await? else {
+        return Ok(());
+    };
+    for link in netdev::links(netlink).await? {
+        if link.controller == Some(bridge_link.index) && dataplane.is_fresh_port(link.index) {
+            attach_port(dataplane, netlink, &link).await;
+        }
     }
     Ok(())
 }

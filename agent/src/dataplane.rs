@@ -738,6 +738,19 @@ impl Dataplane {
         .map_err(map)
     }
 
+    /// Whether the port with `ifindex` carries no earlier agent's programs: no tcx link of
+    /// weft's is pinned for it. Always `false` with netlink filters, which leave no such trace.
+    #[must_use]
+    pub fn is_fresh_port(&self, ifindex: u32) -> bool {
+        let target = ifindex.to_string();
+        self.tc_attach == TcAttach::Tcx
+            && self.links.as_ref().is_some_and(|links| {
+                [FROM_PODS, TO_POD]
+                    .iter()
+                    .all(|program| !links.is_pinned(&pin_name(program, &target)))
+            })
+    }
+
     /// Whether the port with `ifindex` has the service programs attached.
     #[must_use]
     pub fn has_pod_port(&self, ifindex: u32) -> bool {

@@ -104,6 +104,12 @@ impl LinkPins {
         Ok(())
     }
 
+    /// Whether an attachment is pinned as `name`.
+    #[must_use]
+    pub fn is_pinned(&self, name: &str) -> bool {
+        self.path(name).exists()
+    }
+
     /// Removes the pin `name`, which detaches its program unless something else holds the link.
     pub fn remove(&mut self, name: &str) -> Result<(), LinkPinError> {
         self.placed.remove(name);

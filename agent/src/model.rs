@@ -181,7 +181,7 @@ pub struct Model {
     services: BTreeMap<ObjectRef, ServiceSpec>,
     slices: BTreeMap<ObjectRef, SliceSpec>,
     /// The slices of each service, by name.
-    slices_of: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
+    slices_of: BTreeMap<ObjectRef, SmallSet<ObjectRef>>,
     leases: BTreeMap<Ipv4Net, NodeLease>,
     /// The next hop towards each member's PublicIP, where the node knows it.
     next_hops: BTreeMap<Ipv4Addr, NextHop>,
@@ -190,11 +190,11 @@ pub struct Model {
     computed: BTreeMap<ObjectRef, ServiceOutput>,
     stale: BTreeSet<ObjectRef>,
     /// The service ports that want each frontend; the first owns it, the rest are noted.
-    frontend_claims: BTreeMap<ServiceKey, BTreeSet<ServicePortName>>,
+    frontend_claims: BTreeMap<ServiceKey, SmallSet<ServicePortName>>,
     /// The frontends more than one service port wants.
     contested: BTreeSet<ServiceKey>,
     /// The services that want each health-check NodePort; the first gets it.
-    check_claims: BTreeMap<u16, BTreeSet<ObjectRef>>,
+    check_claims: BTreeMap<u16, SmallSet<ObjectRef>>,
     leases_changed: bool,
     desired: Arc<Desired>,
     changed: Changed,
@@ -386,7 +386,7 @@ impl Model {
         }
         // A frontend whose wanters changed may have a new owner: every wanter is looked at.
         for key in &frontends_touched {
-            let wanters = self.frontend_claims.get(key).map_or(0, BTreeSet::len);
+            let wanters = self.frontend_claims.get(key).map_or(0, SmallSet::len);
             if wanters > 1 {
                 self.contested.insert(*key);
             } else {
@@ -412,7 +412,7 @@ impl Model {
             match port {
                 Some(port) => {
                     let owns = |key: &ServiceKey| {
-                        self.frontend_claims.get(key).and_then(BTreeSet::first) == Some(port_name)
+                        self.frontend_claims.get(key).and_then(SmallSet::first) == Some(port_name)
                     };
                     let kept = if port.frontends.keys().all(owns) {
                         Arc::clone(port)
@@ -430,7 +430,7 @@ impl Model {
             }
         }
         for port in checks_touched {
-            let owner = self.check_claims.get(&port).and_then(BTreeSet::first);
+            let owner = self.check_claims.get(&port).and_then(SmallSet::first);
             let check = owner
                 .and_then(|owner| self.computed.get(owner))
                 .and_then(|output| output.health_check.clone());
@@ -452,11 +452,62 @@ impl Model {
     }
 }
 
+/// A set kept as a sorted `Vec`: nearly every one here holds a single element (a service's one
+/// slice, a frontend's one claimant), where a `BTreeSet` allocates room for eleven (massif:
+/// 13 MB of such leaves at 10,000 services).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SmallSet<T>(Vec<T>);
+
+impl<T> Default for SmallSet<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Ord> SmallSet<T> {
+    fn insert(&mut self, item: T) {
+        if let Err(at) = self.0.binary_search(&item) {
+            self.0.insert(at, item);
+        }
+    }
+
+    fn remove(&mut self, item: &T) {
+        if let Ok(at) = self.0.binary_search(item) {
+            self.0.remove(at);
+        }
+    }
+
+    fn first(&self) -> Option<&T> {
+        self.0.first()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SmallSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// Notes on frontends and health-check NodePorts that several services want: who got them.
 fn conflicts(
-    frontend_claims: &BTreeMap<ServiceKey, BTreeSet<ServicePortName>>,
+    frontend_claims: &BTreeMap<ServiceKey, SmallSet<ServicePortName>>,
     contested: &BTreeSet<ServiceKey>,
-    check_claims: &BTreeMap<u16, BTreeSet<ObjectRef>>,
+    check_claims: &BTreeMap<u16, SmallSet<ObjectRef>>,
 ) -> Vec<String> {
     let mut notes = Vec::new();
     for key in contested {
