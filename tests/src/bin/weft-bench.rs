@@ -1329,7 +1329,11 @@ fn document(plan: &Plan, table: &str, svg: &Path, took: Duration) -> String {
     out.push_str(
         "- **1 per packet**: each eBPF path under `BPF_PROG_TEST_RUN`, the kernel's own timing, \
          averaged over single runs on fresh frames (a repeated run would see its own rewritten \
-         packet); beside them, empty TC and XDP programs: the floor of running any program.\n\
+         packet), given as nanoseconds above an empty program of the same hook run beside it \
+         (the floor: mostly the test run's own timer; shown too). A first packet is a new \
+         connection in every run of every repetition (a conntrack miss, an endpoint chosen, two \
+         entries written), once on one CPU and once on every CPU at the same time (conntrack's \
+         LRU shared between them).\n\
          - **2, 3, 5** on one node per contender (network namespaces: a bridge, ten backend pods, \
          a client pod, `br_netfilter` on as on kubeadm nodes). Only the contender under test \
          exists while it is measured: its node is built just before and torn down after, and the \
@@ -1360,10 +1364,13 @@ fn document(plan: &Plan, table: &str, svg: &Path, took: Duration) -> String {
          connections and the run is marked *generator-bound*.\n\
          - **3 requests**: one connection, 64-byte requests and answers one after another, to \
          the ClusterIP and straight to a pod IP, from the same pinned client process.\n\
-         - **5 programming**: weft from agent start to ready (maps filled, programs attached); the \
-         peers' full ruleset load. **Endpoint change**: weft from the EndpointSlice update at the API \
-         server to the new endpoint count in its pinned map (watch event, coalescing, model, \
-         reconcile), each change undone and seen undone before the next; the peers' \
+         - **5 programming**: weft from agent start to ready (programs verified, the first list \
+         of Services and EndpointSlices read, maps filled, programs attached to the pods' \
+         ports); the peers' full ruleset load. **Endpoint change**: weft from the EndpointSlice \
+         update at the API server to the new endpoint count in its pinned map (watch event, \
+         model, reconcile), each change 50 ms after the last (longer than the agent's 10 ms \
+         least interval between passes, which a burst of changes waits out) and undone and seen \
+         undone before the next; the p99 is over all of them; the peers' \
          incremental update as kube-proxy sends it (`iptables-restore --noflush` of \
          `KUBE-SERVICES` and the changed chains; one nftables transaction), which leaves out \
          kube-proxy's own processing, in weft's favour of the peers.\n\
