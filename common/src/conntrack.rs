@@ -6,7 +6,9 @@
 //!   endpoint, the state bits below and the last time the connection was seen.
 //! - REPLY, keyed by the endpoint's tuple back to the client. It holds the frontend to restore in
 //!   replies, and is used only while its FORWARD entry is live and still leads back to it;
-//!   otherwise it is stale and the datapath removes it.
+//!   otherwise it is stale and the datapath removes it. It also keeps the FORWARD state and the
+//!   time of the last reply that checked this, so replies within [`REFRESH_INTERVAL_NS`] of a
+//!   check need no second lookup.
 //!
 //! Timeouts follow what kube-proxy configures netfilter with: TCP established 24 h, half-closed
 //! (CLOSE_WAIT) 1 h, UDP 30 s before a reply and 120 s after one; SCTP follows netfilter's
