@@ -461,7 +461,8 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
     });
     // Every source is read once before the first pass, so a restart never drops a service or
     // a route only because its source was not read yet, and services are in the maps before
-    // any program is attached.
+    // any port that carried translations gets the new programs (ports that carried none get
+    // them meanwhile: see `attach_fresh_ports`).
     let (mut dataplane, services) = tokio::try_join!(
         async {
             let mut dataplane = loading.await.context("loading the dataplane")??;

@@ -97,7 +97,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
 
 /// An object kind the model holds.
 trait Kind: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static {
-    type Spec: Clone + PartialEq + Send + 'static;
+    type Spec: Send + 'static;
     const KIND: &'static str;
     fn check(&self) -> Result<Checked<Self::Spec>, ObjectError>;
     fn set(model: &mut Model, name: ObjectRef, spec: Self::Spec) -> bool;

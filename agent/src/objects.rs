@@ -443,13 +443,7 @@ pub fn check_endpoint_slice(slice: &EndpointSlice) -> Result<Checked<SliceSpec>,
     let listed = slice.endpoints.as_deref().unwrap_or_default();
     // Exactly as long as the slice: the model keeps every slice for as long as it exists.
     let mut endpoints = Vec::with_capacity(listed.len());
-    for (index, endpoint) in slice
-        .endpoints
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
+    for (index, endpoint) in listed.iter().enumerate() {
         let address = endpoint
             .addresses
             .first()
