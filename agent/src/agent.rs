@@ -254,6 +254,7 @@ async fn join_overlay(uplink: Uplink, args: &AgentArgs) -> anyhow::Result<Overla
         subnet = %own.subnet,
         public_ip = %public_ip,
         vtep_mac = %own.lease.vtep_mac,
+        reservation = own.etcd_lease == 0,
         uplink = uplink.name,
         "holding the subnet lease"
     );
@@ -371,7 +372,7 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
     }
     let node_name = args.node_name()?;
     let uplink = find_uplink(netlink, args).await?;
-    let mut overlay = match (&uplink, args.etcd_endpoints.is_empty()) {
+    let overlay = match (&uplink, args.etcd_endpoints.is_empty()) {
         (Some(uplink), false) => Some(join_overlay(uplink.clone(), args).await?),
         _ => None,
     };
@@ -547,19 +548,21 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
     let maps = AyaMaps::take_from(dataplane.ebpf_mut())?;
     let mut conntrack = Conntrack::take_from(dataplane.ebpf_mut())?;
 
-    let lease_revision = match &mut overlay {
-        Some(overlay) => Some(
-            subnets::load(
-                &mut overlay.client,
-                &overlay.prefix,
-                &overlay.own.subnet,
+    let peers = match &overlay {
+        Some(overlay) => {
+            let mut peers = subnets::Peers::new(
+                overlay.client.clone(),
+                overlay.prefix.clone(),
+                overlay.own.subnet,
                 overlay.config.vni,
-                &model,
-            )
-            .await
-            .context("listing the other nodes' leases")?
-            .revision,
-        ),
+                Arc::clone(&model),
+            );
+            let listed = peers
+                .load()
+                .await
+                .context("listing the other nodes' leases")?;
+            Some((peers, listed.revision))
+        }
         None => None,
     };
     let mut reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
@@ -651,22 +654,14 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
     if let ServiceSource::Manifests(watch) = services {
         tokio::spawn(manifests::follow(watch, Arc::clone(&model)));
     }
-    if let (Some(overlay), Some(revision)) = (overlay, lease_revision) {
+    if let (Some(overlay), Some((peers, revision))) = (overlay, peers) {
         tokio::spawn(nexthops::follow(
             netlink.clone(),
             overlay.uplink.index,
             Arc::clone(&model),
         ));
         let lost = Arc::new(Notify::new());
-        tokio::spawn(subnets::watch(
-            overlay.client.clone(),
-            overlay.prefix.clone(),
-            overlay.own.subnet,
-            overlay.config.vni,
-            revision,
-            Arc::clone(&model),
-            Arc::clone(&lost),
-        ));
+        tokio::spawn(peers.watch(revision, Arc::clone(&lost)));
         tokio::spawn(subnets::keep_lease(
             overlay.client,
             overlay.prefix,

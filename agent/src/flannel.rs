@@ -3,7 +3,10 @@
 //! `/run/flannel/subnet.env`. Pure: no I/O. The reference is flannel's `pkg/subnet/config.go`,
 //! `pkg/lease/lease.go` and `pkg/backend/vxlan`.
 
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
@@ -282,68 +285,113 @@ pub struct Lease {
     pub vtep_mac: Mac,
 }
 
-/// A lease value flannel would not have written, or one for another backend.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why a lease value is not a vxlan node's lease.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LeaseError {
     #[error("not JSON: {0}")]
     NotJson(String),
     #[error("{field} is missing or invalid")]
     Field { field: &'static str },
+    #[error(
+        "no BackendType or BackendData yet: a reservation, which becomes a peer once its node \
+         takes it and writes them"
+    )]
+    NoBackendData,
     #[error("BackendType is {0:?}, not \"vxlan\"")]
     OtherBackend(String),
 }
 
-impl Lease {
-    /// The lease value, byte for byte as flannel marshals it.
-    #[must_use]
-    pub fn to_json(&self) -> String {
-        format!(
-            r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":{},"VtepMAC":"{}"}}}}"#,
-            self.public_ip, self.vni, self.vtep_mac
-        )
-    }
+/// A lease value as flanneld reads one (its `LeaseAttrs`): every entry with a PublicIP, which
+/// is how a node finds its own (a reservation written as `{"PublicIP":"10.0.0.5"}` included),
+/// and the vxlan attributes when the entry has them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseAttrs {
+    pub public_ip: Ipv4Addr,
+    /// The node as a vxlan peer, or why the entry is not one (yet).
+    pub vxlan: Result<Lease, LeaseError>,
+}
 
-    /// Parses a lease value. `VNI` may be missing (older flannel wrote only `VtepMAC`).
+impl LeaseAttrs {
+    /// Parses a lease value as Go's `encoding/json` reads it into flannel's `LeaseAttrs`:
+    /// `PublicIP` an IPv4 address, `PublicIPv6` null or an IPv6 address, `BackendType` a
+    /// string if there, `BackendData` any JSON. What flanneld would fail to read is an error
+    /// naming the field.
     pub fn parse(json: &str) -> Result<Self, LeaseError> {
         let value: Value =
             serde_json::from_str(json).map_err(|e| LeaseError::NotJson(e.to_string()))?;
-        let backend =
-            field(&value, "BackendType")
-                .and_then(Value::as_str)
-                .ok_or(LeaseError::Field {
-                    field: "BackendType",
-                })?;
-        if backend != VXLAN {
-            return Err(LeaseError::OtherBackend(backend.to_owned()));
-        }
         let public_ip = field(&value, "PublicIP")
             .and_then(Value::as_str)
             .and_then(|ip| ip.parse().ok())
             .ok_or(LeaseError::Field { field: "PublicIP" })?;
-        let data = field(&value, "BackendData").ok_or(LeaseError::Field {
-            field: "BackendData",
-        })?;
-        let vtep_mac = field(data, "VtepMAC")
-            .and_then(Value::as_str)
-            .and_then(|mac| mac.parse().ok())
-            .ok_or(LeaseError::Field {
-                field: "BackendData.VtepMAC",
-            })?;
-        let vni = match field(data, "VNI") {
-            None => DEFAULT_VNI,
-            Some(vni) => {
-                vni.as_u64()
-                    .filter(|v| *v <= u64::from(VNI_MAX))
-                    .ok_or(LeaseError::Field {
-                        field: "BackendData.VNI",
-                    })? as u32
+        if let Some(v6) = field(&value, "PublicIPv6")
+            && v6
+                .as_str()
+                .and_then(|ip| ip.parse::<Ipv6Addr>().ok())
+                .is_none()
+        {
+            return Err(LeaseError::Field {
+                field: "PublicIPv6",
+            });
+        }
+        let backend = match field(&value, "BackendType") {
+            None => None,
+            Some(Value::String(backend)) => Some(backend.as_str()),
+            Some(_) => {
+                return Err(LeaseError::Field {
+                    field: "BackendType",
+                });
             }
         };
-        Ok(Self {
-            public_ip,
-            vni,
-            vtep_mac,
-        })
+        let vxlan = match backend {
+            None | Some("") => Err(LeaseError::NoBackendData),
+            Some(VXLAN) => field(&value, "BackendData")
+                .ok_or(LeaseError::NoBackendData)
+                .and_then(|data| vxlan_data(public_ip, data)),
+            Some(other) => Err(LeaseError::OtherBackend(other.to_owned())),
+        };
+        Ok(Self { public_ip, vxlan })
+    }
+}
+
+/// The vxlan `BackendData` of the node at `public_ip`. `VNI` may be missing (older flannel
+/// wrote only `VtepMAC`).
+fn vxlan_data(public_ip: Ipv4Addr, data: &Value) -> Result<Lease, LeaseError> {
+    let vtep_mac = field(data, "VtepMAC")
+        .and_then(Value::as_str)
+        .and_then(|mac| mac.parse().ok())
+        .ok_or(LeaseError::Field {
+            field: "BackendData.VtepMAC",
+        })?;
+    let vni = match field(data, "VNI") {
+        None => DEFAULT_VNI,
+        Some(vni) => vni
+            .as_u64()
+            .filter(|v| *v <= u64::from(VNI_MAX))
+            .ok_or(LeaseError::Field {
+                field: "BackendData.VNI",
+            })? as u32,
+    };
+    Ok(Lease {
+        public_ip,
+        vni,
+        vtep_mac,
+    })
+}
+
+impl Lease {
+    /// The lease value, byte for byte as flannel marshals its `LeaseAttrs` for an IPv4-only
+    /// node (`PublicIPv6` null; older flannel left it out, and reads it either way).
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":{},"VtepMAC":"{}"}}}}"#,
+            self.public_ip, self.vni, self.vtep_mac
+        )
+    }
+
+    /// Parses a vxlan node's lease value: [`LeaseAttrs::parse`] with usable vxlan attributes.
+    pub fn parse(json: &str) -> Result<Self, LeaseError> {
+        LeaseAttrs::parse(json)?.vxlan
     }
 }
 
@@ -550,9 +598,76 @@ mod tests {
         let json = lease.to_json();
         assert_eq!(
             json,
-            r#"{"PublicIP":"10.167.226.38","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"b6:c7:0f:7f:66:a7"}}"#
+            r#"{"PublicIP":"10.167.226.38","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"b6:c7:0f:7f:66:a7"}}"#
         );
         assert_eq!(Lease::parse(&json), Ok(lease));
+    }
+
+    #[test]
+    fn every_entry_flanneld_reads_is_found_by_its_public_ip() {
+        let ip: Ipv4Addr = "10.167.226.38".parse().unwrap();
+        let attrs = |json: &str| LeaseAttrs::parse(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        // Reservations as operators write them, following flannel's documentation.
+        for reservation in [
+            r#"{"PublicIP":"10.167.226.38"}"#,
+            r#"{"PublicIP":"10.167.226.38","PublicIPv6":null}"#,
+            r#"{"publicip":"10.167.226.38","BackendType":null,"BackendData":null}"#,
+            r#"{"PublicIP":"10.167.226.38","BackendType":""}"#,
+            r#"{"PublicIP":"10.167.226.38","BackendType":"vxlan"}"#,
+            r#"{"PublicIP":"10.167.226.38","PublicIPv6":"fc00::5","BackendType":"vxlan","BackendData":null}"#,
+        ] {
+            assert_eq!(
+                attrs(reservation),
+                LeaseAttrs {
+                    public_ip: ip,
+                    vxlan: Err(LeaseError::NoBackendData)
+                },
+                "{reservation}"
+            );
+        }
+        // Another backend's entry, or vxlan data this node cannot use: still the node's own.
+        let host_gw = attrs(r#"{"PublicIP":"10.167.226.38","BackendType":"host-gw"}"#);
+        assert_eq!(host_gw.public_ip, ip);
+        assert_eq!(
+            host_gw.vxlan,
+            Err(LeaseError::OtherBackend("host-gw".into()))
+        );
+        let garbled = attrs(
+            r#"{"PublicIP":"10.167.226.38","BackendType":"vxlan","BackendData":{"VtepMAC":7}}"#,
+        );
+        assert_eq!(
+            garbled.vxlan,
+            Err(LeaseError::Field {
+                field: "BackendData.VtepMAC"
+            })
+        );
+        // A full lease, old form (no PublicIPv6) and new.
+        let full = attrs(
+            r#"{"PublicIP":"10.167.226.38","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"b6:c7:0f:7f:66:a7"},"BackendV6Data":null}"#,
+        );
+        assert_eq!(full.vxlan.map(|l| l.public_ip), Ok(ip));
+        // What flanneld cannot read at all is refused with the field named.
+        for (junk, field) in [
+            (r#"{"PublicIPv6":null}"#, "PublicIP"),
+            (r#"{"PublicIP":null}"#, "PublicIP"),
+            (r#"{"PublicIP":"10.167.226"}"#, "PublicIP"),
+            (
+                r#"{"PublicIP":"10.167.226.38","PublicIPv6":"fc00::x"}"#,
+                "PublicIPv6",
+            ),
+            (
+                r#"{"PublicIP":"10.167.226.38","PublicIPv6":5}"#,
+                "PublicIPv6",
+            ),
+            (
+                r#"{"PublicIP":"10.167.226.38","BackendType":1}"#,
+                "BackendType",
+            ),
+        ] {
+            let error = LeaseAttrs::parse(junk).expect_err(junk);
+            assert_eq!(error, LeaseError::Field { field }, "{junk}");
+            assert!(error.to_string().contains(field), "{error}");
+        }
     }
 
     #[test]
@@ -797,19 +912,33 @@ mod tests {
             })
         }
 
+        fn check_lease_error(error: &LeaseError) {
+            let message = error.to_string();
+            let name = match error {
+                LeaseError::NotJson(_) => "JSON",
+                LeaseError::Field { field } => field,
+                LeaseError::OtherBackend(_) | LeaseError::NoBackendData => "BackendType",
+            };
+            assert!(message.contains(name), "{message:?} does not name {name}");
+        }
+
+        /// Any text is an entry flanneld reads (its vxlan attributes usable or not, for a
+        /// reason named) or one it cannot read (the field named), and the two parsers agree.
         fn check_lease_text(text: &str) {
-            match Lease::parse(text) {
-                Ok(lease) => assert_eq!(Lease::parse(&lease.to_json()), Ok(lease)),
-                Err(error) => {
-                    let message = error.to_string();
-                    let name = match &error {
-                        LeaseError::NotJson(_) => "JSON",
-                        LeaseError::Field { field } => field,
-                        LeaseError::OtherBackend(_) => "BackendType",
-                    };
-                    assert!(message.contains(name), "{message:?} does not name {name}");
-                }
+            match LeaseAttrs::parse(text) {
+                Ok(attrs) => match &attrs.vxlan {
+                    Ok(lease) => {
+                        assert_eq!(lease.public_ip, attrs.public_ip);
+                        assert_eq!(Lease::parse(&lease.to_json()), Ok(*lease));
+                    }
+                    Err(error) => check_lease_error(error),
+                },
+                Err(error) => check_lease_error(&error),
             }
+            assert_eq!(
+                Lease::parse(text),
+                LeaseAttrs::parse(text).and_then(|attrs| attrs.vxlan)
+            );
         }
 
         fn prefix() -> impl Strategy<Value = String> {

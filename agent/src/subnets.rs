@@ -1,10 +1,11 @@
 //! The etcd source: flannel's subnet manager, speaking flannel's etcd v3 schema (see
-//! [`crate::flannel`]). It reads the network config, takes this node's lease (reusing the one
-//! that carries its PublicIP, else claiming a free subnet with a create-if-absent transaction),
-//! keeps the lease alive, and watches every node's lease into the model.
+//! [`crate::flannel`]). It reads the network config, takes this node's lease (the entry that
+//! carries its PublicIP, a reservation included, rewritten with this node's attributes; else a
+//! free subnet claimed with a create-if-absent transaction), keeps the lease alive, and
+//! watches every node's lease into the model.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     hash::{BuildHasher as _, RandomState},
     net::Ipv4Addr,
     sync::Arc,
@@ -20,8 +21,8 @@ use tokio::sync::Notify;
 
 use crate::{
     flannel::{
-        Lease, LeaseError, Mac, NetworkConfig, config_key, parse_config, parse_subnet_key,
-        subnet_key, subnets_prefix, vtep_mac_for,
+        Lease, LeaseAttrs, LeaseError, Mac, NetworkConfig, config_key, parse_config,
+        parse_subnet_key, subnet_key, subnets_prefix, vtep_mac_for,
     },
     model::NodeLease,
     source::ModelHandle,
@@ -117,11 +118,37 @@ pub async fn wait_for_config(client: &mut Client, prefix: &str) -> NetworkConfig
     }
 }
 
-/// Every lease under the prefix (subnet -> parsed lease or why it is unusable), and the
-/// revision they were read at.
-type Listing = (BTreeMap<Ipv4Net, (Result<Lease, LeaseError>, i64)>, i64);
+/// One entry under `<prefix>/subnets/`, as listed.
+#[derive(Clone, Debug)]
+struct Entry {
+    key: String,
+    subnet: Ipv4Net,
+    attrs: Result<LeaseAttrs, LeaseError>,
+    /// The etcd lease the key is bound to; 0 for a reservation (a key without TTL).
+    etcd_lease: i64,
+    /// The key's last write, so a rewrite cannot overwrite a concurrent writer's.
+    mod_revision: i64,
+}
 
-async fn list(client: &mut Client, prefix: &str) -> Result<Listing, SubnetError> {
+impl Entry {
+    /// Whether the entry carries `public_ip`: flanneld's sign that it is that node's.
+    fn is_of(&self, public_ip: Ipv4Addr) -> bool {
+        self.attrs.as_ref().is_ok_and(|a| a.public_ip == public_ip)
+    }
+
+    /// Whether this node may hold it under `config`: a subnet the config hands out, under an
+    /// IPv4-only key (a dual-stack key, `…&fc00::-64`, is for a node with IPv6 enabled).
+    fn fits(&self, prefix: &str, config: &NetworkConfig) -> bool {
+        config.holds(&self.subnet) && self.key == subnet_key(prefix, &self.subnet)
+    }
+
+    fn is_reservation(&self) -> bool {
+        self.etcd_lease == 0
+    }
+}
+
+/// Every entry under the prefix, and the revision they were read at.
+async fn list(client: &mut Client, prefix: &str) -> Result<(Vec<Entry>, i64), SubnetError> {
     let response = client
         .get(
             subnets_prefix(prefix),
@@ -129,21 +156,21 @@ async fn list(client: &mut Client, prefix: &str) -> Result<Listing, SubnetError>
         )
         .await?;
     let revision = response.header().map_or(0, |h| h.revision());
-    let leases = response
+    let entries = response
         .kvs()
         .iter()
         .filter_map(|kv| {
-            let subnet = parse_subnet_key(prefix, std::str::from_utf8(kv.key()).ok()?)?;
-            Some((
-                subnet,
-                (
-                    Lease::parse(&String::from_utf8_lossy(kv.value())),
-                    kv.lease(),
-                ),
-            ))
+            let key = std::str::from_utf8(kv.key()).ok()?;
+            Some(Entry {
+                key: key.to_owned(),
+                subnet: parse_subnet_key(prefix, key)?,
+                attrs: LeaseAttrs::parse(&String::from_utf8_lossy(kv.value())),
+                etcd_lease: kv.lease(),
+                mod_revision: kv.mod_revision(),
+            })
         })
         .collect();
-    Ok((leases, revision))
+    Ok((entries, revision))
 }
 
 /// A random index below `len` (flannel picks a random free subnet, so racing nodes rarely
@@ -152,38 +179,49 @@ fn random_below(len: usize) -> usize {
     (RandomState::new().hash_one(std::process::id()) % len as u64) as usize
 }
 
-/// Takes this node's lease: the one that already carries its PublicIP (a restart keeps its
-/// subnet), else a free subnet claimed with a transaction that only creates an absent key, so
-/// two nodes racing for one subnet cannot both win.
+/// Takes this node's lease as flanneld does: the entry that carries its PublicIP (a restart
+/// keeps its subnet; an operator's reservation, even one with only `PublicIP` in it, is taken
+/// first), rewritten with this node's attributes; else a free subnet claimed with a
+/// transaction that only creates an absent key, so two nodes racing for one subnet cannot
+/// both win. Entries with its PublicIP that the config no longer allows are given up: a
+/// leased one deleted (as flanneld does), a reservation left to its operator.
 pub async fn acquire(
     client: &mut Client,
     settings: &SubnetSettings,
     config: &NetworkConfig,
 ) -> Result<OwnLease, SubnetError> {
+    let prefix = settings.prefix.as_str();
+    let lease = Lease {
+        public_ip: settings.public_ip,
+        vni: config.vni,
+        vtep_mac: vtep_mac_for(settings.public_ip),
+    };
     loop {
-        let (leases, _) = list(client, &settings.prefix).await?;
-        let mine = leases.iter().find(|(subnet, (lease, _))| {
-            config.holds(subnet)
-                && lease
-                    .as_ref()
-                    .is_ok_and(|l| l.public_ip == settings.public_ip)
-        });
-        if let Some((subnet, (Ok(existing), etcd_lease))) = mine {
-            let lease = Lease {
-                vni: config.vni,
-                ..*existing
-            };
-            if lease != *existing {
-                put(client, &settings.prefix, *subnet, &lease, *etcd_lease).await?;
-            }
-            return Ok(OwnLease {
-                subnet: *subnet,
-                lease,
-                etcd_lease: *etcd_lease,
-            });
+        let (entries, _) = list(client, prefix).await?;
+        let (fitting, unfit): (Vec<&Entry>, Vec<&Entry>) = entries
+            .iter()
+            .filter(|entry| entry.is_of(settings.public_ip))
+            .partition(|entry| entry.fits(prefix, config));
+        for entry in unfit {
+            give_up(client, entry, config).await?;
         }
-        let taken: BTreeSet<Ipv4Net> = leases.keys().copied().collect();
-        let free: Vec<Ipv4Net> = config.candidates().filter(|s| !taken.contains(s)).collect();
+        if let Some(entry) = fitting
+            .iter()
+            .min_by_key(|entry| (!entry.is_reservation(), entry.subnet))
+        {
+            match take(client, entry, &lease).await? {
+                Some(etcd_lease) => {
+                    return Ok(OwnLease {
+                        subnet: entry.subnet,
+                        lease,
+                        etcd_lease,
+                    });
+                }
+                // Written by someone else since the listing: look again.
+                None => continue,
+            }
+        }
+        let free = free_subnets(config, entries.iter().map(|entry| entry.subnet));
         if free.is_empty() {
             return Err(SubnetError::Exhausted {
                 network: config.network,
@@ -192,12 +230,7 @@ pub async fn acquire(
             });
         }
         let subnet = free[random_below(free.len())];
-        let lease = Lease {
-            public_ip: settings.public_ip,
-            vni: config.vni,
-            vtep_mac: vtep_mac_for(settings.public_ip),
-        };
-        if let Some(etcd_lease) = claim(client, &settings.prefix, subnet, &lease).await? {
+        if let Some(etcd_lease) = claim(client, prefix, subnet, &lease).await? {
             return Ok(OwnLease {
                 subnet,
                 lease,
@@ -206,6 +239,134 @@ pub async fn acquire(
         }
         // Another node took it between the listing and the transaction: look again.
     }
+}
+
+/// The config's subnets that overlap no entry, as flanneld picks them: an entry of another
+/// length (a /25 reservation, a lease from an older config) keeps the subnets it overlaps
+/// from being claimed.
+fn free_subnets(config: &NetworkConfig, taken: impl Iterator<Item = Ipv4Net>) -> Vec<Ipv4Net> {
+    let len = config.subnet_len;
+    let mut within = HashSet::new();
+    let mut exact_or_wider = HashSet::new();
+    for subnet in taken {
+        if subnet.prefix_len() > len {
+            within.insert(
+                Ipv4Net::new(subnet.network(), len)
+                    .expect("shorter prefix")
+                    .trunc(),
+            );
+        } else {
+            exact_or_wider.insert(subnet);
+        }
+    }
+    config
+        .candidates()
+        .filter(|candidate| {
+            !within.contains(candidate)
+                && !(0..=len).any(|wider| {
+                    let net = Ipv4Net::new(candidate.network(), wider).expect("valid length");
+                    exact_or_wider.contains(&net.trunc())
+                })
+        })
+        .collect()
+}
+
+/// Makes `entry` this node's lease, as flanneld does on reuse: a leased key is bound to a
+/// fresh 24-hour etcd lease, a reservation stays without TTL, and the value becomes `lease`
+/// in flannel's JSON when its attributes differ (another VtepMAC, VNI or backend, or none
+/// yet). The write happens only if the key is as listed. Returns the etcd lease (0 for a
+/// reservation), or `None` when the key changed meanwhile.
+async fn take(
+    client: &mut Client,
+    entry: &Entry,
+    lease: &Lease,
+) -> Result<Option<i64>, SubnetError> {
+    let stored = entry.attrs.as_ref().ok().map(|attrs| &attrs.vxlan);
+    let current = stored == Some(&Ok(*lease));
+    if entry.is_reservation() {
+        if current {
+            tracing::info!(key = entry.key, "taking this node's reservation");
+            return Ok(Some(0));
+        }
+        let written = write_if_unchanged(client, entry, lease, None).await?;
+        if written {
+            tracing::info!(key = entry.key, was = ?stored, "took this node's reservation and wrote its attributes into it");
+        }
+        return Ok(written.then_some(0));
+    }
+    let granted = client
+        .lease_grant(LEASE_TTL.as_secs() as i64, None)
+        .await?
+        .id();
+    if !write_if_unchanged(client, entry, lease, Some(granted)).await? {
+        client.lease_revoke(granted).await?;
+        return Ok(None);
+    }
+    if !current {
+        tracing::info!(key = entry.key, was = ?stored, "rewrote this node's lease with its own attributes");
+    }
+    // The key is bound to the new lease now; the old one would only linger until it expired.
+    if let Err(e) = client.lease_revoke(entry.etcd_lease).await {
+        tracing::debug!(
+            key = entry.key,
+            "revoking the lease's previous etcd lease: {e}"
+        );
+    }
+    Ok(Some(granted))
+}
+
+/// Writes `lease` to `entry`'s key, bound to `etcd_lease` (none: no TTL), if nobody wrote the
+/// key since it was listed.
+async fn write_if_unchanged(
+    client: &mut Client,
+    entry: &Entry,
+    lease: &Lease,
+    etcd_lease: Option<i64>,
+) -> Result<bool, SubnetError> {
+    let options = etcd_lease.map(|id| PutOptions::new().with_lease(id));
+    let put = TxnOp::put(entry.key.as_str(), lease.to_json(), options);
+    Ok(client.txn(if_unchanged(entry, put)).await?.succeeded())
+}
+
+/// A transaction doing `op` only if `entry`'s key was not written since it was listed.
+fn if_unchanged(entry: &Entry, op: TxnOp) -> Txn {
+    Txn::new()
+        .when([Compare::mod_revision(
+            entry.key.as_str(),
+            CompareOp::Equal,
+            entry.mod_revision,
+        )])
+        .and_then([op])
+}
+
+/// An entry with this node's PublicIP that the network config does not allow it (another
+/// subnet length or range, or a dual-stack key): a leased one is deleted, as flanneld does,
+/// unless it changed since the listing; a reservation is the operator's and stays.
+async fn give_up(
+    client: &mut Client,
+    entry: &Entry,
+    config: &NetworkConfig,
+) -> Result<(), SubnetError> {
+    let range = format!(
+        "/{} subnets {}..{} of {}",
+        config.subnet_len, config.subnet_min, config.subnet_max, config.network
+    );
+    if entry.is_reservation() {
+        tracing::warn!(
+            key = entry.key,
+            "this node's reservation is not one of the config's {range} (or names an IPv6 \
+             subnet); left in place, and another subnet taken: correct or delete it"
+        );
+        return Ok(());
+    }
+    let delete = TxnOp::delete(entry.key.as_str(), None);
+    if client.txn(if_unchanged(entry, delete)).await?.succeeded() {
+        tracing::info!(
+            key = entry.key,
+            "deleted this node's old lease: not one of the config's {range}"
+        );
+    }
+    Ok(())
 }
 
 /// Creates `subnet`'s key with a fresh 24-hour etcd lease if it does not exist; returns the
@@ -234,21 +395,6 @@ async fn claim(
         client.lease_revoke(granted).await?;
         Ok(None)
     }
-}
-
-/// Writes `subnet`'s lease value, bound to `etcd_lease` (0: no TTL, a reservation).
-async fn put(
-    client: &mut Client,
-    prefix: &str,
-    subnet: Ipv4Net,
-    lease: &Lease,
-    etcd_lease: i64,
-) -> Result<(), SubnetError> {
-    let options = (etcd_lease != 0).then(|| PutOptions::new().with_lease(etcd_lease));
-    client
-        .put(subnet_key(prefix, &subnet), lease.to_json(), options)
-        .await?;
-    Ok(())
 }
 
 /// Keeps this node's lease alive for as long as the agent runs: renews the etcd lease every
@@ -296,39 +442,92 @@ async fn renew(client: &mut Client, prefix: &str, own: &mut OwnLease) -> Result<
     Ok(())
 }
 
-/// Turns a listing into the model's leases: other nodes' valid vxlan leases with this
-/// network's VNI. Returns the problems, for the log.
-fn usable(
-    listing: BTreeMap<Ipv4Net, (Result<Lease, LeaseError>, i64)>,
-    own: &Ipv4Net,
-    vni: u32,
-) -> (BTreeMap<Ipv4Net, NodeLease>, Vec<String>) {
-    let mut leases = BTreeMap::new();
-    let mut problems = Vec::new();
-    for (subnet, (lease, _)) in listing {
-        if subnet == *own {
-            continue;
-        }
-        match lease {
-            Ok(lease) if lease.vni == vni => {
-                leases.insert(subnet, node_lease(&lease));
-            }
-            Ok(lease) => problems.push(format!(
-                "lease {subnet}: VNI {} is not this network's {vni}; ignored",
-                lease.vni
-            )),
-            Err(e) => problems.push(format!("lease {subnet}: {e}; ignored")),
-        }
-    }
-    (leases, problems)
+/// Why another node's entry is not a peer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum NotPeer {
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("VNI {0} is not this network's {1}")]
+    OtherVni(u32, u32),
 }
 
-fn node_lease(lease: &Lease) -> NodeLease {
+/// The peer an entry describes on the network with `vni`.
+fn peer(attrs: Result<LeaseAttrs, LeaseError>, vni: u32) -> Result<NodeLease, NotPeer> {
+    let lease = attrs.and_then(|attrs| attrs.vxlan)?;
+    if lease.vni != vni {
+        return Err(NotPeer::OtherVni(lease.vni, vni));
+    }
     let Mac(vtep_mac) = lease.vtep_mac;
-    NodeLease {
+    Ok(NodeLease {
         public_ip: lease.public_ip,
         vtep_mac,
+    })
+}
+
+/// Other nodes' entries that are not peers, with why: each is logged when it starts being
+/// skipped (or for another reason), not again at every event and listing.
+#[derive(Debug, Default)]
+struct Skipped(BTreeMap<Ipv4Net, NotPeer>);
+
+impl Skipped {
+    /// Records why `subnet`'s entry is skipped, and logs it unless that was said already;
+    /// returns whether it logged.
+    fn skip(&mut self, subnet: Ipv4Net, why: NotPeer) -> bool {
+        if self.0.get(&subnet) == Some(&why) {
+            return false;
+        }
+        if why == NotPeer::Lease(LeaseError::NoBackendData) {
+            tracing::info!(%subnet, "not a peer yet: {why}");
+        } else {
+            tracing::warn!(%subnet, "lease skipped: {why}");
+        }
+        self.0.insert(subnet, why);
+        true
     }
+
+    /// `subnet`'s entry is a peer now, or gone.
+    fn clear(&mut self, subnet: &Ipv4Net) {
+        self.0.remove(subnet);
+    }
+}
+
+/// A listing's peers (every entry but `own`'s); the rest is skipped.
+fn peers(
+    entries: Vec<Entry>,
+    own: &Ipv4Net,
+    vni: u32,
+    skipped: &mut Skipped,
+) -> BTreeMap<Ipv4Net, NodeLease> {
+    let listed: BTreeSet<Ipv4Net> = entries.iter().map(|entry| entry.subnet).collect();
+    skipped.0.retain(|subnet, _| listed.contains(subnet));
+    let mut leases = BTreeMap::new();
+    for entry in entries {
+        if entry.subnet == *own {
+            continue;
+        }
+        match peer(entry.attrs, vni) {
+            Ok(lease) => {
+                skipped.clear(&entry.subnet);
+                leases.insert(entry.subnet, lease);
+            }
+            Err(why) => {
+                skipped.skip(entry.subnet, why);
+            }
+        }
+    }
+    leases
+}
+
+/// The other nodes' leases, followed into the model: their valid vxlan leases with this
+/// network's VNI are peers, every other entry is skipped (a reservation until its node takes
+/// it, another backend's, junk).
+pub struct Peers {
+    client: Client,
+    prefix: String,
+    own: Ipv4Net,
+    vni: u32,
+    model: Arc<ModelHandle>,
+    skipped: Skipped,
 }
 
 /// What a listing found besides the other nodes' leases.
@@ -340,137 +539,144 @@ pub struct Listed {
     pub own_present: bool,
 }
 
-/// Lists every lease into the model.
-pub async fn load(
-    client: &mut Client,
-    prefix: &str,
-    own: &Ipv4Net,
-    vni: u32,
-    model: &ModelHandle,
-) -> Result<Listed, SubnetError> {
-    let (listing, revision) = list(client, prefix).await?;
-    let own_present = listing.contains_key(own);
-    let (leases, problems) = usable(listing, own, vni);
-    for problem in problems {
-        tracing::warn!("{problem}");
-    }
-    tracing::info!(leases = leases.len(), "read the other nodes' leases");
-    model.update(|m| m.replace_leases(leases));
-    Ok(Listed {
-        revision,
-        own_present,
-    })
-}
-
-/// Watches the leases into the model from `revision` on, re-listing when the watch falls
-/// behind etcd's compaction or breaks, for as long as the agent runs. Wakes `lost` when a
-/// listing lacks this node's own lease.
-pub async fn watch(
-    mut client: Client,
-    prefix: String,
-    own: Ipv4Net,
-    vni: u32,
-    mut revision: i64,
-    model: Arc<ModelHandle>,
-    lost: Arc<Notify>,
-) {
-    loop {
-        match watch_from(&mut client, &prefix, &own, vni, revision, &model).await {
-            Ok(()) => {}
-            Err(e) => tracing::warn!("lease watch interrupted ({e}); re-listing"),
+impl Peers {
+    #[must_use]
+    pub fn new(
+        client: Client,
+        prefix: String,
+        own: Ipv4Net,
+        vni: u32,
+        model: Arc<ModelHandle>,
+    ) -> Self {
+        Self {
+            client,
+            prefix,
+            own,
+            vni,
+            model,
+            skipped: Skipped::default(),
         }
+    }
+
+    /// Lists every lease into the model.
+    pub async fn load(&mut self) -> Result<Listed, SubnetError> {
+        let (entries, revision) = list(&mut self.client, &self.prefix).await?;
+        let own_present = entries.iter().any(|entry| entry.subnet == self.own);
+        let leases = peers(entries, &self.own, self.vni, &mut self.skipped);
+        tracing::info!(leases = leases.len(), "read the other nodes' leases");
+        self.model.update(|m| m.replace_leases(leases));
+        Ok(Listed {
+            revision,
+            own_present,
+        })
+    }
+
+    /// Watches the leases into the model from `revision` on, re-listing when the watch falls
+    /// behind etcd's compaction or breaks, for as long as the agent runs. Wakes `lost` when a
+    /// listing lacks this node's own lease.
+    pub async fn watch(mut self, mut revision: i64, lost: Arc<Notify>) {
         loop {
-            match load(&mut client, &prefix, &own, vni, &model).await {
-                Ok(listed) => {
-                    tracing::info!("lease watch resumed");
-                    if !listed.own_present {
-                        tracing::warn!(subnet = %own, "this node's lease is missing from etcd (deleted, or etcd came back empty); re-creating it");
-                        lost.notify_one();
+            match self.watch_from(revision).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!("lease watch interrupted ({e}); re-listing"),
+            }
+            loop {
+                match self.load().await {
+                    Ok(listed) => {
+                        tracing::info!("lease watch resumed");
+                        if !listed.own_present {
+                            tracing::warn!(subnet = %self.own, "this node's lease is missing from etcd (deleted, or etcd came back empty); re-creating it");
+                            lost.notify_one();
+                        }
+                        revision = listed.revision;
+                        break;
                     }
-                    revision = listed.revision;
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "re-listing leases failed ({e}); the last known leases stay in use"
-                    );
-                    tokio::time::sleep(RETRY_EVERY).await;
+                    Err(e) => {
+                        tracing::warn!(
+                            "re-listing leases failed ({e}); the last known leases stay in use"
+                        );
+                        tokio::time::sleep(RETRY_EVERY).await;
+                    }
                 }
             }
         }
     }
-}
 
-/// One watch stream; returns when it ends (compaction, cancellation, a broken connection).
-async fn watch_from(
-    client: &mut Client,
-    prefix: &str,
-    own: &Ipv4Net,
-    vni: u32,
-    revision: i64,
-    model: &ModelHandle,
-) -> Result<(), SubnetError> {
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(revision + 1);
-    let mut stream = client.watch(subnets_prefix(prefix), Some(options)).await?;
-    while let Some(response) = stream.message().await? {
-        if response.canceled() || response.compact_revision() > 0 {
-            tracing::info!(
-                compacted = response.compact_revision(),
-                "lease watch fell behind compaction"
-            );
-            return Ok(());
-        }
-        for event in response.events() {
-            let Some(kv) = event.kv() else { continue };
-            apply_event(prefix, own, vni, event.event_type(), kv, model);
-        }
-    }
-    Err(SubnetError::WatchEnded {
-        prefix: prefix.to_owned(),
-    })
-}
-
-fn apply_event(
-    prefix: &str,
-    own: &Ipv4Net,
-    vni: u32,
-    kind: EventType,
-    kv: &KeyValue,
-    model: &ModelHandle,
-) {
-    let Some(subnet) = std::str::from_utf8(kv.key())
-        .ok()
-        .and_then(|key| parse_subnet_key(prefix, key))
-    else {
-        return;
-    };
-    if subnet == *own {
-        // Deleted by hand, it stays deleted until the next renewal: other nodes withdraw the
-        // route, as an operator evicting the node means them to.
-        if kind == EventType::Delete {
-            tracing::warn!(%subnet, "this node's lease was deleted from etcd; it is re-created at the next renewal");
-        }
-        return;
-    }
-    match kind {
-        EventType::Delete => {
-            if model.update(|m| m.remove_lease(&subnet)) {
-                tracing::info!(%subnet, "lease gone; route withdrawn");
+    /// One watch stream; returns when it ends (compaction, cancellation, a broken connection).
+    async fn watch_from(&mut self, revision: i64) -> Result<(), SubnetError> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let mut stream = self
+            .client
+            .watch(subnets_prefix(&self.prefix), Some(options))
+            .await?;
+        while let Some(response) = stream.message().await? {
+            if response.canceled() || response.compact_revision() > 0 {
+                tracing::info!(
+                    compacted = response.compact_revision(),
+                    "lease watch fell behind compaction"
+                );
+                return Ok(());
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                self.apply(event.event_type(), kv);
             }
         }
-        EventType::Put => match Lease::parse(&String::from_utf8_lossy(kv.value())) {
-            Ok(lease) if lease.vni == vni => {
-                if model.update(|m| m.set_lease(subnet, node_lease(&lease))) {
+        Err(SubnetError::WatchEnded {
+            prefix: self.prefix.clone(),
+        })
+    }
+
+    fn apply(&mut self, kind: EventType, kv: &KeyValue) {
+        let Some(subnet) = std::str::from_utf8(kv.key())
+            .ok()
+            .and_then(|key| parse_subnet_key(&self.prefix, key))
+        else {
+            return;
+        };
+        if subnet == self.own {
+            // Deleted by hand, it stays deleted until the next renewal: other nodes withdraw
+            // the route, as an operator evicting the node means them to.
+            if kind == EventType::Delete {
+                tracing::warn!(%subnet, "this node's lease was deleted from etcd; it is re-created at the next renewal");
+            }
+            return;
+        }
+        let outcome = match kind {
+            EventType::Delete => {
+                self.skipped.clear(&subnet);
+                None
+            }
+            EventType::Put => {
+                match peer(
+                    LeaseAttrs::parse(&String::from_utf8_lossy(kv.value())),
+                    self.vni,
+                ) {
+                    Ok(lease) => {
+                        self.skipped.clear(&subnet);
+                        Some(lease)
+                    }
+                    Err(why) => {
+                        self.skipped.skip(subnet, why);
+                        None
+                    }
+                }
+            }
+        };
+        match outcome {
+            Some(lease) => {
+                if self.model.update(|m| m.set_lease(subnet, lease)) {
                     tracing::info!(%subnet, node = %lease.public_ip, "lease up");
                 }
             }
-            outcome => {
-                tracing::warn!(%subnet, "unusable lease ({outcome:?}); ignored");
-                model.update(|m| m.remove_lease(&subnet));
+            None => {
+                if self.model.update(|m| m.remove_lease(&subnet)) {
+                    tracing::info!(%subnet, "lease gone; route withdrawn");
+                }
             }
-        },
+        }
     }
 }
 
@@ -486,19 +692,37 @@ mod tests {
         }
     }
 
+    fn entry(subnet: &str, value: &str) -> Entry {
+        let subnet: Ipv4Net = subnet.parse().unwrap();
+        Entry {
+            key: subnet_key("/coreos.com/network", &subnet),
+            subnet,
+            attrs: LeaseAttrs::parse(value),
+            etcd_lease: 0,
+            mod_revision: 1,
+        }
+    }
+
     #[test]
-    fn usable_leases_skip_our_own_foreign_vnis_and_garbage() {
+    fn peers_are_other_nodes_vxlan_leases_and_the_rest_is_said_once() {
         let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
-        let listing = BTreeMap::from([
-            (net("172.30.20.0/24"), (Ok(lease(1, 1)), 7)),
-            (net("172.30.44.0/24"), (Ok(lease(2, 1)), 8)),
-            (net("172.30.83.0/24"), (Ok(lease(3, 2)), 9)),
-            (
-                net("172.30.90.0/24"),
-                (Err(LeaseError::Field { field: "PublicIP" }), 0),
-            ),
-        ]);
-        let (leases, problems) = usable(listing, &net("172.30.20.0/24"), 1);
+        let listing = |reservation: &str| {
+            vec![
+                entry("172.30.20.0/24", &lease(1, 1).to_json()),
+                entry("172.30.44.0/24", &lease(2, 1).to_json()),
+                entry("172.30.83.0/24", &lease(3, 2).to_json()),
+                entry("172.30.90.0/24", r#"{"PublicIP":"192.168.50.4"#),
+                entry("172.30.91.0/24", reservation),
+            ]
+        };
+        let mut skipped = Skipped::default();
+        let reservation = r#"{"PublicIP":"192.168.50.5"}"#;
+        let leases = peers(
+            listing(reservation),
+            &net("172.30.20.0/24"),
+            1,
+            &mut skipped,
+        );
         assert_eq!(
             leases.keys().copied().collect::<Vec<_>>(),
             vec![net("172.30.44.0/24")]
@@ -507,7 +731,72 @@ mod tests {
             leases[&net("172.30.44.0/24")].public_ip,
             Ipv4Addr::new(192, 168, 50, 2)
         );
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(
+            skipped.0.get(&net("172.30.91.0/24")),
+            Some(&NotPeer::Lease(LeaseError::NoBackendData))
+        );
+        assert_eq!(
+            skipped.0.get(&net("172.30.83.0/24")),
+            Some(&NotPeer::OtherVni(2, 1))
+        );
+        assert_eq!(skipped.0.len(), 3, "{skipped:?}");
+        // Listed again, nothing new is said.
+        assert!(!skipped.skip(
+            net("172.30.91.0/24"),
+            NotPeer::Lease(LeaseError::NoBackendData)
+        ));
+        // Once the reserving node fills its entry in, it is a peer; gone entries are forgotten.
+        let mut filled = listing(&lease(5, 1).to_json());
+        filled.retain(|entry| entry.subnet != net("172.30.83.0/24"));
+        let leases = peers(filled, &net("172.30.20.0/24"), 1, &mut skipped);
+        assert!(leases.contains_key(&net("172.30.91.0/24")));
+        assert_eq!(
+            skipped.0.keys().copied().collect::<Vec<_>>(),
+            vec![net("172.30.90.0/24")]
+        );
+    }
+
+    #[test]
+    fn an_entry_is_this_nodes_by_its_public_ip_and_fits_only_the_configs_subnets() {
+        let config = crate::flannel::parse_config(
+            r#"{"Network":"172.30.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let prefix = "/coreos.com/network";
+        let ip = Ipv4Addr::new(192, 168, 50, 5);
+        let reservation = entry("172.30.20.0/24", r#"{"PublicIP":"192.168.50.5"}"#);
+        assert!(reservation.is_of(ip) && reservation.fits(prefix, &config));
+        assert!(!entry("172.30.20.0/24", &lease(6, 1).to_json()).is_of(ip));
+        assert!(!entry("172.30.20.0/24", "junk").is_of(ip));
+        let other_length = entry("172.30.20.0/25", r#"{"PublicIP":"192.168.50.5"}"#);
+        assert!(!other_length.fits(prefix, &config));
+        let dual_stack = Entry {
+            key: format!("{prefix}/subnets/172.30.20.0-24&fc00::-64"),
+            ..reservation.clone()
+        };
+        assert!(!dual_stack.fits(prefix, &config));
+    }
+
+    #[test]
+    fn free_subnets_overlap_no_entry_of_any_length() {
+        let config = crate::flannel::parse_config(
+            r#"{"Network":"10.99.0.0/16","SubnetMin":"10.99.1.0","SubnetMax":"10.99.6.0","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let taken = [
+            "10.99.1.0/24",
+            "10.99.2.128/25",
+            "10.99.4.0/23",
+            "10.98.0.0/24",
+        ]
+        .map(|s| s.parse::<Ipv4Net>().unwrap());
+        let free: Vec<String> = free_subnets(&config, taken.into_iter())
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(free, ["10.99.3.0/24", "10.99.6.0/24"]);
+        let everything = ["10.99.0.0/16".parse().unwrap()];
+        assert!(free_subnets(&config, everything.into_iter()).is_empty());
     }
 
     #[test]

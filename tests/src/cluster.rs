@@ -380,7 +380,8 @@ impl Agent {
         self.start_again();
     }
 
-    fn start_again(&mut self) {
+    /// Starts the stopped agent again with the same command line; waits until ready.
+    pub fn start_again(&mut self) {
         let readies = self.readies();
         self.child = spawn_agent(&self.args, &self.log_file);
         self.wait_ready(readies);

@@ -131,6 +131,15 @@ pub struct Etcd {
     tls: Option<EtcdTls>,
 }
 
+/// The etcd lease a key is bound to, as etcd reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyLease {
+    pub id: i64,
+    /// The TTL it was granted, and what is left of it, in seconds.
+    pub granted: u64,
+    pub remaining: u64,
+}
+
 /// The certificates of an etcd that serves only TLS and requires client certificates
 /// (`--client-cert-auth`), all from one fresh CA.
 pub struct EtcdTls {
@@ -324,6 +333,43 @@ impl Etcd {
         (!value.is_empty()).then(|| value.to_owned())
     }
 
+    /// Grants an etcd lease of `ttl` seconds; returns its ID.
+    #[must_use]
+    pub fn grant(&self, ttl: u32) -> i64 {
+        let out = self
+            .ctl(&["lease", "grant", &ttl.to_string()])
+            .expect("etcdctl lease grant");
+        // "lease 694d854330fc5110 granted with TTL(3600s)"
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|id| i64::from_str_radix(id, 16).ok())
+            .unwrap_or_else(|| panic!("no lease ID in {out:?}"))
+    }
+
+    /// The etcd lease `key` is bound to; `None` for a key without TTL (a reservation) or no
+    /// key.
+    #[must_use]
+    pub fn lease_of(&self, key: &str) -> Option<KeyLease> {
+        let out = self.ctl(&["get", key, "-w", "json"]).expect("etcdctl get");
+        let answer: serde_json::Value = serde_json::from_str(&out).expect("etcdctl's JSON");
+        let id = answer.pointer("/kvs/0/lease")?.as_i64()?;
+        let text = self
+            .ctl(&["lease", "timetolive", &format!("{id:x}")])
+            .expect("etcdctl lease timetolive");
+        // "lease 694d854330fc5110 granted with TTL(86400s), remaining(86399s)"
+        let seconds = |label: &str| -> u64 {
+            let rest = &text[text.find(label).unwrap_or_else(|| panic!("{text}")) + label.len()..];
+            rest[..rest.find('s').expect("seconds")]
+                .parse()
+                .expect("a number")
+        };
+        Some(KeyLease {
+            id,
+            granted: seconds("granted with TTL("),
+            remaining: seconds("remaining("),
+        })
+    }
+
     /// Every key under `prefix`.
     #[must_use]
     pub fn keys(&self, prefix: &str) -> Vec<String> {
@@ -514,7 +560,7 @@ impl FlannelNode {
         ns.exec("sysctl", &["-w", "net.ipv4.ip_forward=1"])
             .expect("ip_forward");
         let lease = format!(
-            r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#
+            r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#
         );
         etcd.put(
             &format!(
@@ -588,6 +634,31 @@ pub fn cluster_network() -> Ipv4Net {
     "172.30.0.0/16".parse().expect("valid CIDR")
 }
 
+/// `count` pods on every node, each serving HTTP on [`POD_HTTP_PORT`] and UDP on
+/// [`POD_UDP_PORT`]: `pods[n]` are node `n`'s.
+#[must_use]
+pub fn add_pods(
+    nodes: &[crate::cluster::Node],
+    count: u8,
+) -> (Vec<Vec<crate::cluster::Pod>>, Vec<crate::apps::Server>) {
+    use crate::apps::{serve_http, serve_udp};
+    let mut servers = Vec::new();
+    let pods = nodes
+        .iter()
+        .map(|node| {
+            (1..=count)
+                .map(|p| {
+                    let pod = node.add_pod(node.pod_address(p));
+                    servers.push(serve_http(&pod.ns, POD_HTTP_PORT));
+                    servers.push(serve_udp(&pod.ns, POD_UDP_PORT));
+                    pod
+                })
+                .collect()
+        })
+        .collect();
+    (pods, servers)
+}
+
 /// An overlay cluster of weft nodes. Fields drop top to bottom: agents stop before namespaces
 /// and etcd go.
 pub struct Cluster {
@@ -631,6 +702,16 @@ fn with_capabilities(etcd: &Etcd, capabilities: Option<&[&str]>) -> crate::clust
     }
 }
 
+/// Node `n` of `underlay` (at [`node_address`]`(n)`), without an agent yet.
+#[must_use]
+pub fn node_on(underlay: &Underlay, n: u8) -> crate::cluster::Node {
+    crate::cluster::Node::on_underlay(
+        &format!("{}n{n}", underlay.ns.name()),
+        underlay,
+        node_address(n),
+    )
+}
+
 /// [`start_nodes`] with every agent started with `options`.
 #[must_use]
 pub fn start_nodes_with(
@@ -639,15 +720,7 @@ pub fn start_nodes_with(
     options: &crate::cluster::AgentOptions,
 ) -> (Vec<crate::cluster::Node>, Vec<crate::cluster::Agent>) {
     use crate::cluster::{Agent, Node};
-    let nodes: Vec<Node> = (1..=count)
-        .map(|n| {
-            Node::on_underlay(
-                &format!("{}n{n}", underlay.ns.name()),
-                underlay,
-                node_address(n),
-            )
-        })
-        .collect();
+    let nodes: Vec<Node> = (1..=count).map(|n| node_on(underlay, n)).collect();
     let agents = thread::scope(|scope| {
         let started: Vec<_> = nodes
             .iter()
@@ -691,7 +764,6 @@ pub fn cluster_with(
     pods: u8,
     options: impl FnOnce(&Etcd) -> crate::cluster::AgentOptions,
 ) -> Cluster {
-    use crate::apps::{serve_http, serve_udp};
     crate::netns::require_root();
     let underlay = Underlay::new(&crate::netns::unique("wovl"));
     let etcd = start(&underlay);
@@ -700,20 +772,7 @@ pub fn cluster_with(
         &network_config(cluster_network()),
     );
     let (nodes, agents) = start_nodes_with(&underlay, nodes, &options(&etcd));
-    let mut servers = Vec::new();
-    let pods = nodes
-        .iter()
-        .map(|node| {
-            (1..=pods)
-                .map(|p| {
-                    let pod = node.add_pod(node.pod_address(p));
-                    servers.push(serve_http(&pod.ns, POD_HTTP_PORT));
-                    servers.push(serve_udp(&pod.ns, POD_UDP_PORT));
-                    pod
-                })
-                .collect()
-        })
-        .collect();
+    let (pods, servers) = add_pods(&nodes, pods);
     Cluster {
         agents,
         servers,

@@ -17,9 +17,9 @@ use weft_tests::{
     apps::{TcpFlow, UdpFlow, http_get},
     cluster::{Agent, AgentOptions, Node},
     overlay::{
-        CLUSTER_PREFIX as PREFIX, Cluster, Etcd, EtcdPartition, POD_HTTP_PORT as HTTP_PORT,
-        POD_UDP_PORT as UDP_PORT, cluster, cluster_network, cluster_on, cluster_options,
-        network_config, node_address,
+        CLUSTER_PREFIX as PREFIX, Cluster, Etcd, EtcdPartition, KeyLease,
+        POD_HTTP_PORT as HTTP_PORT, POD_UDP_PORT as UDP_PORT, cluster, cluster_network, cluster_on,
+        cluster_options, network_config, node_address,
     },
     pki::Ca,
     within,
@@ -40,31 +40,15 @@ fn leases(etcd: &Etcd) -> BTreeMap<String, String> {
 /// out here rather than taken from weft's own serializer.
 fn flannel_lease(n: u8) -> String {
     format!(
-        r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:fe:c0:a8:32:{n:02x}"}}}}"#,
+        r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:fe:c0:a8:32:{n:02x}"}}}}"#,
         node_address(n)
     )
 }
 
-/// The etcd lease `key` is bound to and its granted and remaining TTL, in seconds.
-fn ttl(etcd: &Etcd, key: &str) -> (i64, u64, u64) {
-    let json: serde_json::Value =
-        serde_json::from_str(&etcd.ctl(&["get", key, "-w", "json"]).expect("etcdctl get"))
-            .expect("etcdctl's JSON");
-    let lease = json
-        .pointer("/kvs/0/lease")
-        .and_then(serde_json::Value::as_i64)
-        .unwrap_or_else(|| panic!("{key} is bound to an etcd lease: {json}"));
-    let text = etcd
-        .ctl(&["lease", "timetolive", &format!("{lease:x}")])
-        .expect("etcdctl lease timetolive");
-    // "lease 694d... granted with TTL(86400s), remaining(86391s)"
-    let seconds = |label: &str| -> u64 {
-        let rest = &text[text.find(label).unwrap_or_else(|| panic!("{text}")) + label.len()..];
-        rest[..rest.find('s').expect("seconds")]
-            .parse()
-            .expect("a number")
-    };
-    (lease, seconds("granted with TTL("), seconds("remaining("))
+/// The etcd lease `key` is bound to, which it must have.
+fn bound(etcd: &Etcd, key: &str) -> KeyLease {
+    etcd.lease_of(key)
+        .unwrap_or_else(|| panic!("{key} is bound to an etcd lease"))
 }
 
 /// Every agent's log, for a failure message.
@@ -209,7 +193,7 @@ fn forwarding_continues_while_etcd_is_down_for_a_minute_and_the_agents_resync_af
         UdpFlow::start(&two.ns, SocketAddrV4::new(one.addr, UDP_PORT)),
     ];
     let held = leases(&cluster.etcd);
-    let bindings: Vec<(i64, u64, u64)> = held.keys().map(|key| ttl(&cluster.etcd, key)).collect();
+    let bindings: Vec<KeyLease> = held.keys().map(|key| bound(&cluster.etcd, key)).collect();
     thread::sleep(Duration::from_secs(2));
 
     let resumed_before: Vec<usize> = cluster.agents.iter().map(resumptions).collect();
@@ -276,10 +260,10 @@ fn forwarding_continues_while_etcd_is_down_for_a_minute_and_the_agents_resync_af
         .filter(|(key, _)| *key != newcomer_key)
         .collect();
     assert_eq!(kept, held);
-    for (key, (lease, granted, _)) in held.keys().zip(bindings) {
-        let (now, granted_now, remaining) = ttl(&cluster.etcd, key);
-        assert_eq!((now, granted_now), (lease, granted), "{key}");
-        assert!(remaining > 0, "{key}");
+    for (key, before) in held.keys().zip(bindings) {
+        let now = bound(&cluster.etcd, key);
+        assert_eq!((now.id, now.granted), (before.id, before.granted), "{key}");
+        assert!(now.remaining > 0, "{key}");
     }
 
     let udp: Vec<(usize, Duration)> = flows
@@ -456,9 +440,9 @@ fn an_etcd_back_with_an_empty_data_directory_gets_every_nodes_lease_back() {
     for (n, node) in cluster.nodes.iter().enumerate() {
         let key = subnet_key(PREFIX, &node.subnet());
         assert_eq!(again[&key], flannel_lease(n as u8 + 1));
-        let (_, granted, remaining) = ttl(&cluster.etcd, &key);
-        assert_eq!(granted, 24 * 3600, "{key}");
-        assert!(remaining > 24 * 3600 - 120, "{key}: {remaining}");
+        let lease = bound(&cluster.etcd, &key);
+        assert_eq!(lease.granted, 24 * 3600, "{key}");
+        assert!(lease.remaining > 24 * 3600 - 120, "{key}: {lease:?}");
     }
     // And the overlay works again.
     let (one, two) = pods(&cluster);

@@ -10,16 +10,20 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use weft::{dataplane::XDP_UPLINK, flannel::Lease};
+use weft::{
+    dataplane::XDP_UPLINK,
+    flannel::{Lease, vtep_mac_for},
+};
 use weft_tests::{
     apps::{HttpConnection, http_get, receive_bulk, send_bulk, serve_http, udp_request},
     capture::{Capture, is_udp_to},
-    cluster::{AgentOptions, Node},
+    cluster::{Agent, AgentOptions, BRIDGE, Node},
     netns::{require_root, unique},
     overlay::{
         CLUSTER_PREFIX as PREFIX, Cluster, Etcd, FlannelNode, POD_HTTP_PORT as HTTP_PORT,
-        POD_UDP_PORT as UDP_PORT, Underlay, cluster, cluster_network as network, cluster_options,
-        cluster_with, cut_to_mtu_frames, node_address, start_nodes,
+        POD_UDP_PORT as UDP_PORT, Underlay, add_pods, cluster, cluster_network as network,
+        cluster_options, cluster_with, cut_to_mtu_frames, network_config, node_address, node_on,
+        start_nodes,
     },
     seed::{endpoint_slice, service},
     within,
@@ -39,38 +43,7 @@ fn pods_on_every_node_reach_pods_on_every_other_node_over_tcp_and_udp() {
             .iter()
             .all(|s| network().contains(s) && s.prefix_len() == 24)
     );
-    let mut pairs = 0;
-    for (from_node, from_pods) in cluster.pods.iter().enumerate() {
-        for (to_node, to_pods) in cluster.pods.iter().enumerate() {
-            if from_node == to_node {
-                continue;
-            }
-            for from in from_pods {
-                for to in to_pods {
-                    let (tcp, (udp, udp_from)) = from.ns.run(|| {
-                        let tcp = http_get(SocketAddrV4::new(to.addr, HTTP_PORT));
-                        let udp = udp_request(SocketAddrV4::new(to.addr, UDP_PORT));
-                        (
-                            tcp,
-                            udp.unwrap_or_else(|e| panic!("UDP {} -> {}: {e}", from.addr, to.addr)),
-                        )
-                    });
-                    let tcp =
-                        tcp.unwrap_or_else(|e| panic!("TCP {} -> {}: {e}", from.addr, to.addr));
-                    assert_eq!(tcp.server, to.addr);
-                    assert_eq!(
-                        *tcp.client_seen.ip(),
-                        from.addr,
-                        "pod addresses cross the overlay unchanged"
-                    );
-                    assert_eq!(udp.server, to.addr);
-                    assert_eq!(udp_from.ip(), std::net::IpAddr::V4(to.addr));
-                    pairs += 1;
-                }
-            }
-        }
-    }
-    assert_eq!(pairs, 24);
+    assert_eq!(every_pod_reaches_every_other_nodes_pods(&cluster), 24);
     // Every node knows the other two, and nothing was dropped on the way.
     for agent in &cluster.agents {
         assert_eq!(
@@ -106,6 +79,43 @@ fn pods_on_every_node_reach_pods_on_every_other_node_over_tcp_and_udp() {
             },
         );
     }
+}
+
+/// Checks TCP and UDP from every pod to every pod on the other nodes, addresses unchanged;
+/// returns how many pairs that was.
+fn every_pod_reaches_every_other_nodes_pods(cluster: &Cluster) -> usize {
+    let mut pairs = 0;
+    for (from_node, from_pods) in cluster.pods.iter().enumerate() {
+        for (to_node, to_pods) in cluster.pods.iter().enumerate() {
+            if from_node == to_node {
+                continue;
+            }
+            for from in from_pods {
+                for to in to_pods {
+                    let (tcp, (udp, udp_from)) = from.ns.run(|| {
+                        let tcp = http_get(SocketAddrV4::new(to.addr, HTTP_PORT));
+                        let udp = udp_request(SocketAddrV4::new(to.addr, UDP_PORT));
+                        (
+                            tcp,
+                            udp.unwrap_or_else(|e| panic!("UDP {} -> {}: {e}", from.addr, to.addr)),
+                        )
+                    });
+                    let tcp =
+                        tcp.unwrap_or_else(|e| panic!("TCP {} -> {}: {e}", from.addr, to.addr));
+                    assert_eq!(tcp.server, to.addr);
+                    assert_eq!(
+                        *tcp.client_seen.ip(),
+                        from.addr,
+                        "pod addresses cross the overlay unchanged"
+                    );
+                    assert_eq!(udp.server, to.addr);
+                    assert_eq!(udp_from.ip(), std::net::IpAddr::V4(to.addr));
+                    pairs += 1;
+                }
+            }
+        }
+    }
+    pairs
 }
 
 /// The MAC of a node's uplink, as `inspect` prints MACs.
@@ -270,6 +280,146 @@ fn a_lease_deleted_from_etcd_withdraws_that_nodes_route_within_a_second() {
     from.ns
         .run(|| http_get(SocketAddrV4::new(other.addr, HTTP_PORT)))
         .expect("node 2 still reachable");
+}
+
+/// flannel's reservation practice and a stale lease from elsewhere, on real etcd: node 1 has a
+/// reservation with only its PublicIP (and a `cni0` made for it beforehand), node 3 an old
+/// leased entry carrying a foreign VtepMAC, node 2 entries of the wrong length. Node 2 starts
+/// first and sees node 1's reservation as no peer yet.
+#[test]
+fn a_reservation_and_a_stale_lease_are_taken_and_rewritten_as_flanneld_does() {
+    require_root();
+    let underlay = Underlay::new(&unique("wresv"));
+    let etcd = Etcd::start(&underlay);
+    etcd.put(&format!("{PREFIX}/config"), &network_config(network()));
+    let key = |subnet: &str| format!("{PREFIX}/subnets/{subnet}");
+    let (reserved, stale) = (key("172.30.20.0-24"), key("172.30.83.0-24"));
+    etcd.put(
+        &reserved,
+        &format!(r#"{{"PublicIP":"{}"}}"#, node_address(1)),
+    );
+    let stale_lease = etcd.grant(3_600);
+    etcd.ctl(&[
+        "put",
+        &format!("--lease={stale_lease:x}"),
+        &stale,
+        &format!(
+            r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:00:00"}}}}"#,
+            node_address(3)
+        ),
+    ])
+    .expect("writing the stale lease");
+    // Node 2: entries with its PublicIP that the config does not allow (a /25 in a network of
+    // /24s): the leased one is deleted, as flanneld does; the reservation is left alone.
+    let (unfit_lease, unfit_reservation) = (key("172.30.50.0-25"), key("172.30.60.0-25"));
+    let node_2 = format!(r#"{{"PublicIP":"{}"}}"#, node_address(2));
+    etcd.ctl(&[
+        "put",
+        &format!("--lease={:x}", etcd.grant(3_600)),
+        &unfit_lease,
+        &node_2,
+    ])
+    .expect("writing the unfit lease");
+    etcd.put(&unfit_reservation, &node_2);
+    let nodes: Vec<Node> = (1..=3).map(|n| node_on(&underlay, n)).collect();
+    for args in [
+        &["link", "add", "name", BRIDGE, "type", "bridge"][..],
+        &["addr", "add", "172.30.20.1/24", "dev", BRIDGE],
+    ] {
+        nodes[0].ns.ip(args).expect("the operator's cni0");
+    }
+    let options = cluster_options(&etcd);
+    let own_lease = |n: u8| Lease {
+        public_ip: node_address(n),
+        vni: 1,
+        vtep_mac: vtep_mac_for(node_address(n)),
+    };
+    let not_yet = |agent: &Agent| {
+        agent
+            .messages()
+            .iter()
+            .filter(|m| m.starts_with("not a peer yet"))
+            .count()
+    };
+
+    let second = Agent::join(&nodes[1], &[], &options);
+    assert!(!second.inspect("subnets").contains("172.30.20.0/24"));
+    assert_eq!(etcd.get(&unfit_lease), None);
+    assert_eq!(etcd.get(&unfit_reservation), Some(node_2.clone()));
+    assert_eq!(not_yet(&second), 2, "{:?}", second.messages());
+
+    let first = Agent::join(&nodes[0], &[], &options);
+    assert_eq!(first.leased_subnet().to_string(), "172.30.20.0/24");
+    assert_eq!(
+        etcd.lease_of(&reserved),
+        None,
+        "the reservation keeps no TTL"
+    );
+    let value = etcd.get(&reserved).expect("the reservation is kept");
+    assert_eq!(Lease::parse(&value), Ok(own_lease(1)), "{value}");
+    let device = nodes[0]
+        .ns
+        .ip(&["-j", "link", "show", "weft-vxlan"])
+        .expect("weft-vxlan");
+    assert!(
+        device.contains(&own_lease(1).vtep_mac.to_string()),
+        "{device}"
+    );
+    within(
+        Duration::from_secs(1),
+        "node 2 takes node 1 as a peer once it fills its reservation in",
+        || second.inspect("subnets").contains("172.30.20.0/24"),
+    );
+
+    let third = Agent::join(&nodes[2], &[], &options);
+    assert_eq!(third.leased_subnet().to_string(), "172.30.83.0/24");
+    let value = etcd.get(&stale).expect("the lease is kept");
+    assert_eq!(Lease::parse(&value), Ok(own_lease(3)), "{value}");
+    let lease = etcd.lease_of(&stale).expect("a leased key stays leased");
+    assert_ne!(lease.id, stale_lease, "bound to a fresh etcd lease");
+    assert_eq!(lease.granted, 24 * 3600, "flannel's 24 hours: {lease:?}");
+    assert_eq!(
+        etcd.keys(&format!("{PREFIX}/subnets/")).len(),
+        4,
+        "the reservations kept, node 2's subnet claimed, nothing else"
+    );
+
+    let (pods, servers) = add_pods(&nodes, 1);
+    let mut cluster = Cluster {
+        agents: vec![first, second, third],
+        servers,
+        pods,
+        nodes,
+        etcd,
+        underlay,
+    };
+    assert_eq!(every_pod_reaches_every_other_nodes_pods(&cluster), 6);
+    assert_eq!(not_yet(&cluster.agents[1]), 2, "each said once");
+
+    // Restarted after someone wrote other attributes into its reservation (another VNI and
+    // VtepMAC, still no TTL): it takes it again and writes its own back.
+    assert!(cluster.agents[0].stop().success());
+    cluster.etcd.put(
+        &reserved,
+        &format!(
+            r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":7,"VtepMAC":"02:00:00:00:00:01"}}}}"#,
+            node_address(1)
+        ),
+    );
+    cluster.agents[0].start_again();
+    assert_eq!(
+        cluster.agents[0].leased_subnet().to_string(),
+        "172.30.20.0/24"
+    );
+    assert_eq!(cluster.etcd.lease_of(&reserved), None);
+    assert_eq!(
+        cluster
+            .etcd
+            .get(&reserved)
+            .map(|value| Lease::parse(&value)),
+        Some(Ok(own_lease(1)))
+    );
+    assert_eq!(every_pod_reaches_every_other_nodes_pods(&cluster), 6);
 }
 
 #[test]

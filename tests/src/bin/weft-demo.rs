@@ -127,7 +127,7 @@ fn demo(keep: bool) -> anyhow::Result<()> {
             // it as its own, as flannel does.
             etcd.put(
                 &format!("{PREFIX}/subnets/{}-{}", subnet.network(), subnet.prefix_len()),
-                &format!(r#"{{"PublicIP":"{address}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#),
+                &format!(r#"{{"PublicIP":"{address}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#),
             );
             Node::on_underlay(&format!("{NAME}-{}", node.to_lowercase()), &underlay, address)
         })
