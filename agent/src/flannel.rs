@@ -757,7 +757,7 @@ mod tests {
 
     /// Properties over generated input: no input panics a parser, every error names what is
     /// wrong, and what parses survives a round trip. Inputs tried per run: 4 x 1500 configs,
-    /// 4 x 1500 leases, 3 x 1500 subnet keys (16,500).
+    /// 5 x 1500 leases, 3 x 1500 subnet keys (18,000).
     mod properties {
         use proptest::prelude::*;
         use serde_json::{Value, json};
@@ -1006,6 +1006,35 @@ mod tests {
             #[test]
             fn leases_round_trip(lease in valid_lease()) {
                 prop_assert_eq!(Lease::parse(&lease.to_json()), Ok(lease));
+            }
+
+            /// Reservations in the forms flanneld accepts: `PublicIP` alone or beside null
+            /// `PublicIPv6`/backend fields, keys in any case. Each is its node's entry and no
+            /// peer yet; a full lease is both.
+            #[test]
+            fn reservations_are_their_nodes_entries_and_no_peers_yet(
+                ip in any::<u32>(),
+                nulls in prop::sample::subsequence(
+                    vec!["PublicIPv6", "BackendType", "BackendData", "BackendV6Data"], 0..=4),
+                case in prop::sample::select(vec!["", "lower", "upper"]),
+                lease in valid_lease(),
+            ) {
+                let public_ip = Ipv4Addr::from(ip);
+                let mut reservation = json!({"PublicIP": public_ip.to_string()});
+                for name in nulls {
+                    reservation[name] = Value::Null;
+                }
+                let text = recase(&reservation, case).to_string();
+                prop_assert_eq!(
+                    LeaseAttrs::parse(&text),
+                    Ok(LeaseAttrs { public_ip, vxlan: Err(LeaseError::NoBackendData) }),
+                    "{}", text
+                );
+                let full = recase(&serde_json::from_str(&lease.to_json()).expect("JSON"), case);
+                prop_assert_eq!(
+                    LeaseAttrs::parse(&full.to_string()),
+                    Ok(LeaseAttrs { public_ip: lease.public_ip, vxlan: Ok(lease) })
+                );
             }
 
             #[test]
