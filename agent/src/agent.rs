@@ -236,6 +236,9 @@ async fn join_overlay(uplink: Uplink, args: &AgentArgs) -> anyhow::Result<Overla
         endpoints: args.etcd_endpoints.clone(),
         prefix: args.etcd_prefix.clone(),
         public_ip,
+        previous: fs::read_to_string(&args.subnet_file)
+            .ok()
+            .and_then(|text| flannel::previous_subnet(&text)),
     };
     let own = loop {
         match subnets::acquire(&mut client, &settings, &config).await {

@@ -452,6 +452,17 @@ pub fn subnet_env(config: &NetworkConfig, subnet: &Ipv4Net, mtu: u32, ip_masq: b
     )
 }
 
+/// The subnet a `subnet.env` this node wrote earlier names (`FLANNEL_SUBNET=10.5.52.1/24`), which
+/// flanneld tries again when etcd lost the node's lease, so its pods keep their addresses.
+#[must_use]
+pub fn previous_subnet(subnet_env: &str) -> Option<Ipv4Net> {
+    subnet_env
+        .lines()
+        .find_map(|line| line.strip_prefix("FLANNEL_SUBNET="))
+        .and_then(|subnet| subnet.trim().parse::<Ipv4Net>().ok())
+        .map(|subnet| subnet.trunc())
+}
+
 /// A VtepMAC for a node that has none yet: locally administered, unicast, and derived from the
 /// PublicIP, so a node that lost its lease comes back with the same one.
 #[must_use]
@@ -733,6 +744,16 @@ mod tests {
             subnet_env(&config, &net("172.30.20.0/24"), 1450, false),
             "FLANNEL_NETWORK=172.30.0.0/16\nFLANNEL_SUBNET=172.30.20.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
         );
+    }
+
+    #[test]
+    fn the_previous_subnet_is_read_back_from_subnet_env() {
+        let config =
+            parse_config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let written = subnet_env(&config, &net("10.5.52.0/24"), 1450, false);
+        assert_eq!(previous_subnet(&written), Some(net("10.5.52.0/24")));
+        assert_eq!(previous_subnet("FLANNEL_NETWORK=10.5.0.0/16\n"), None);
+        assert_eq!(previous_subnet("FLANNEL_SUBNET=10.5.52\n"), None);
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub struct SubnetSettings {
     pub endpoints: Vec<String>,
     pub prefix: String,
     pub public_ip: Ipv4Addr,
+    /// The subnet this node's last `subnet.env` names, tried first when no entry carries its
+    /// PublicIP (see [`crate::flannel::previous_subnet`]).
+    pub previous: Option<Ipv4Net>,
 }
 
 /// This node's lease.
@@ -181,8 +184,9 @@ fn random_below(len: usize) -> usize {
 
 /// Takes this node's lease as flanneld does: the entry that carries its PublicIP (a restart
 /// keeps its subnet; an operator's reservation, even one with only `PublicIP` in it, is taken
-/// first), rewritten with this node's attributes; else a free subnet claimed with a
-/// transaction that only creates an absent key, so two nodes racing for one subnet cannot
+/// first), rewritten with this node's attributes; else a free subnet (the one in its last
+/// `subnet.env` if that is free, so a node whose lease expired keeps its pods' addresses)
+/// claimed with a transaction that only creates an absent key, so two nodes racing for one subnet cannot
 /// both win. Entries with its PublicIP that the config no longer allows are given up: a
 /// leased one deleted (as flanneld does), a reservation left to its operator.
 pub async fn acquire(
@@ -196,6 +200,12 @@ pub async fn acquire(
         vni: config.vni,
         vtep_mac: vtep_mac_for(settings.public_ip),
     };
+    if let Some(previous) = settings.previous.filter(|subnet| !config.holds(subnet)) {
+        tracing::warn!(
+            %previous,
+            "the subnet in subnet.env is not one the network config hands out; ignored"
+        );
+    }
     loop {
         let (entries, _) = list(client, prefix).await?;
         let (fitting, unfit): (Vec<&Entry>, Vec<&Entry>) = entries
@@ -229,7 +239,11 @@ pub async fn acquire(
                 max: config.subnet_max,
             });
         }
-        let subnet = free[random_below(free.len())];
+        let previous = settings.previous.filter(|subnet| free.contains(subnet));
+        let subnet = previous.unwrap_or_else(|| free[random_below(free.len())]);
+        if previous.is_some() {
+            tracing::info!(%subnet, "claiming the subnet this node held before (subnet.env)");
+        }
         if let Some(etcd_lease) = claim(client, prefix, subnet, &lease).await? {
             return Ok(OwnLease {
                 subnet,

@@ -246,6 +246,23 @@ fn a_restarted_agent_keeps_its_subnet_and_the_overlay_keeps_working() {
     assert!(!device(&cluster), "cleanup removes weft-vxlan");
 }
 
+/// As flanneld: a node whose lease etcd lost while it was down (it expired) claims the subnet
+/// its `subnet.env` names again, so its bridge and its pods keep their addresses.
+#[test]
+fn a_node_whose_lease_expired_while_it_was_down_takes_its_previous_subnet_again() {
+    let mut cluster = cluster(2, 1);
+    let before = cluster.nodes[1].subnet();
+    assert!(cluster.agents[1].stop().success());
+    cluster.etcd.delete(&format!(
+        "{PREFIX}/subnets/{}-{}",
+        before.network(),
+        before.prefix_len()
+    ));
+    cluster.agents[1].start_again();
+    assert_eq!(cluster.agents[1].leased_subnet(), before);
+    assert_eq!(every_pod_reaches_every_other_nodes_pods(&cluster), 2);
+}
+
 #[test]
 fn a_lease_deleted_from_etcd_withdraws_that_nodes_route_within_a_second() {
     let cluster = cluster(3, 1);
