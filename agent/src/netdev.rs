@@ -46,6 +46,18 @@ pub enum NetdevError {
     NoDefaultRoute,
     #[error("{0} has no IPv4 address to use as this node's PublicIP; pass --public-ip")]
     NoAddress(String),
+    #[error(
+        "bridge {name} has {addresses:?}, not {gateway}, the gateway of this node's pod subnet \
+         {subnet}: it was made for another subnet (an earlier lease, now gone or another \
+         node's). Give the node its old subnet back (a reservation), or delete the bridge \
+         (`ip link delete {name}`) and recreate this node's pods"
+    )]
+    BridgeOfAnotherSubnet {
+        name: String,
+        addresses: Vec<Ipv4Addr>,
+        subnet: Ipv4Net,
+        gateway: Ipv4Addr,
+    },
 }
 
 /// A link in the node's network namespace.
@@ -123,9 +135,9 @@ pub async fn links(handle: &Handle) -> Result<Vec<Link>, NetdevError> {
     Ok(messages.iter().filter_map(Link::from_message).collect())
 }
 
-/// Returns the pod bridge, creating it with the subnet's first address (and `mtu`, when given)
-/// when it is missing (a bridge the CNI plugin already made is left as it is), and brings it
-/// up.
+/// Returns the pod bridge, creating it (with `mtu`, when given) when it is missing, gives it the
+/// subnet's first address when it has none, and brings it up. A bridge the CNI plugin already
+/// made is otherwise left as it is; one addressed for another subnet is an error.
 pub async fn ensure_bridge(
     handle: &Handle,
     name: &str,
@@ -150,8 +162,17 @@ pub async fn ensure_bridge(
     let bridge = link_by_name(handle, name)
         .await?
         .ok_or_else(|| NetdevError::Socket(io::Error::other(format!("bridge {name} vanished"))))?;
-    if created {
-        let gateway = subnet.hosts().next().unwrap_or(subnet.addr());
+    let gateway = subnet.hosts().next().unwrap_or(subnet.addr());
+    let addresses = link_addresses(handle, bridge.index, name).await?;
+    if !addresses.contains(&gateway) {
+        if !addresses.is_empty() {
+            return Err(NetdevError::BridgeOfAnotherSubnet {
+                name: name.to_owned(),
+                addresses,
+                subnet,
+                gateway,
+            });
+        }
         handle
             .address()
             .add(bridge.index, IpAddr::V4(gateway), subnet.prefix_len())
@@ -214,23 +235,10 @@ pub async fn uplink(handle: &Handle, name: Option<&str>) -> Result<Uplink, Netde
             _ => {}
         }
     }
-    let addresses: Vec<_> = handle
-        .address()
-        .get()
-        .set_link_index_filter(link.index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(netlink(format!("list addresses of {}", link.name)))?;
-    let address =
-        addresses
-            .iter()
-            .flat_map(|a| &a.attributes)
-            .find_map(|attribute| match attribute {
-                AddressAttribute::Local(IpAddr::V4(ip))
-                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            });
+    let address = link_addresses(handle, link.index, &link.name)
+        .await?
+        .into_iter()
+        .next();
     Ok(Uplink {
         index: link.index,
         name: link.name,
@@ -238,6 +246,34 @@ pub async fn uplink(handle: &Handle, name: Option<&str>) -> Result<Uplink, Netde
         mtu,
         address,
     })
+}
+
+/// The IPv4 addresses of link `index` (`name`, for errors), link-local ones aside, in the
+/// kernel's order.
+async fn link_addresses(
+    handle: &Handle,
+    index: u32,
+    name: &str,
+) -> Result<Vec<Ipv4Addr>, NetdevError> {
+    let messages: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(netlink(format!("list addresses of {name}")))?;
+    let mut addresses: Vec<Ipv4Addr> = Vec::new();
+    for attribute in messages.iter().flat_map(|message| &message.attributes) {
+        if let AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) =
+            attribute
+            && !ip.is_link_local()
+            && !addresses.contains(ip)
+        {
+            addresses.push(*ip);
+        }
+    }
+    Ok(addresses)
 }
 
 /// The node's IPv4 addresses inside `only` (every address when it is empty), loopback aside:

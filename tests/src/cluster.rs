@@ -383,8 +383,14 @@ impl Agent {
     /// Starts the stopped agent again with the same command line; waits until ready.
     pub fn start_again(&mut self) {
         let readies = self.readies();
-        self.child = spawn_agent(&self.args, &self.log_file);
+        self.launch_again();
         self.wait_ready(readies);
+    }
+
+    /// Starts the stopped agent again without waiting for it to be ready (one that is expected
+    /// not to get there).
+    pub fn launch_again(&mut self) {
+        self.child = spawn_agent(&self.args, &self.log_file);
     }
 
     /// `weft cleanup` in the agent's namespace, against its pins.

@@ -252,15 +252,33 @@ fn a_restarted_agent_keeps_its_subnet_and_the_overlay_keeps_working() {
 fn a_node_whose_lease_expired_while_it_was_down_takes_its_previous_subnet_again() {
     let mut cluster = cluster(2, 1);
     let before = cluster.nodes[1].subnet();
-    assert!(cluster.agents[1].stop().success());
-    cluster.etcd.delete(&format!(
+    let key = format!(
         "{PREFIX}/subnets/{}-{}",
         before.network(),
         before.prefix_len()
-    ));
+    );
+    assert!(cluster.agents[1].stop().success());
+    cluster.etcd.delete(&key);
     cluster.agents[1].start_again();
     assert_eq!(cluster.agents[1].leased_subnet(), before);
     assert_eq!(every_pod_reaches_every_other_nodes_pods(&cluster), 2);
+
+    // Had another node taken the subnet meanwhile, the node gets another one, and its bridge,
+    // still addressed for the old one, is refused by name rather than failing a route later.
+    assert!(cluster.agents[1].stop().success());
+    cluster.etcd.put(
+        &key,
+        r#"{"PublicIP":"192.168.50.99","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:fe:c0:a8:32:63"}}"#,
+    );
+    cluster.agents[1].launch_again();
+    within(Duration::from_secs(10), "the agent stops", || {
+        cluster.agents[1].exited()
+    });
+    let log = cluster.agents[1].log();
+    assert!(
+        log.contains("it was made for another subnet") && log.contains("ip link delete cni0"),
+        "{log}"
+    );
 }
 
 #[test]
