@@ -35,6 +35,17 @@ pub mod l4 {
     pub const SCTP_CHECKSUM: usize = 8;
 }
 
+/// ICMP (RFC 792): the header, and the types of error messages, which quote the header and
+/// the first bytes of the datagram they are about.
+pub mod icmp {
+    pub const HEADER_LEN: usize = 8;
+    pub const CHECKSUM: usize = 2;
+    /// Destination unreachable, fragmentation needed (path MTU discovery) among its codes.
+    pub const DEST_UNREACH: u8 = 3;
+    pub const TIME_EXCEEDED: u8 = 11;
+    pub const PARAMETER_PROBLEM: u8 = 12;
+}
+
 /// TCP header flag bits.
 pub mod tcp_flags {
     pub const FIN: u8 = 0x01;
@@ -230,6 +241,61 @@ pub fn parse_transport<P: PacketBytes + ?Sized>(packet: &P, ip: &Ipv4Header) -> 
     }
 }
 
+/// The datagram an ICMP error is about, as it quotes it: where its IPv4 and transport headers
+/// sit in the frame, its addresses and its ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quoted {
+    pub ip_offset: usize,
+    pub l4_offset: usize,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// The TCP, UDP or SCTP datagram the ICMP error in `ip` quotes; `None` when `ip` is not an
+/// unfragmented ICMP error, or its quote is not an IPv4 header followed by ports (one cut
+/// short, or a later fragment's, which carries no ports to match a connection by).
+#[inline(always)]
+pub fn parse_icmp_error<P: PacketBytes + ?Sized>(packet: &P, ip: &Ipv4Header) -> Option<Quoted> {
+    if ip.proto != ip_proto::ICMP || ip.fragment != Fragment::Whole {
+        return None;
+    }
+    // Type and code: a 2-byte read, whose bounds check the verifier follows where a 1-byte
+    // one compiles to a form it does not.
+    let [kind, _code] = packet.read::<2>(ip.l4_offset)?;
+    if !matches!(
+        kind,
+        icmp::DEST_UNREACH | icmp::TIME_EXCEEDED | icmp::PARAMETER_PROBLEM
+    ) {
+        return None;
+    }
+    let ip_offset = ip.l4_offset + icmp::HEADER_LEN;
+    let header = packet.read::<{ ipv4::MIN_HEADER_LEN }>(ip_offset)?;
+    let header_len = usize::from(header[0] & 0x0f) * 4;
+    let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
+    let proto = header[9];
+    if header[0] >> 4 != 4
+        || header_len < ipv4::MIN_HEADER_LEN
+        || fragment_offset != 0
+        || !matches!(proto, ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP)
+    {
+        return None;
+    }
+    let l4_offset = ip_offset + header_len;
+    let ports = packet.read::<4>(l4_offset)?;
+    Some(Quoted {
+        ip_offset,
+        l4_offset,
+        src: [header[12], header[13], header[14], header[15]],
+        dst: [header[16], header[17], header[18], header[19]],
+        proto,
+        src_port: u16::from_be_bytes([ports[0], ports[1]]),
+        dst_port: u16::from_be_bytes([ports[2], ports[3]]),
+    })
+}
+
 /// Offset of the transport checksum, relative to the transport header, and whether a zero
 /// checksum means "none" (UDP), which rewrites must preserve. SCTP's CRC32c is not an Internet
 /// checksum and is updated by [`crate::crc32c`] instead.
@@ -368,6 +434,66 @@ mod tests {
         assert_eq!(parse_transport(&later[..42], &ip), Transport::Other);
         let dont_fragment = frame(17, 0x4000, 0, &[0; 8]);
         assert_eq!(header(&dont_fragment[..42]).fragment, Fragment::Whole);
+    }
+
+    /// An ICMP error of `kind` quoting `quote` (an IPv4 header and what follows), in a frame.
+    fn icmp_error(kind: u8, quote: &[u8]) -> ([u8; 128], usize) {
+        let mut message = [0u8; 64];
+        message[..8].copy_from_slice(&[kind, 4, 0, 0, 0, 0, 0x05, 0xaa]);
+        message[8..8 + quote.len()].copy_from_slice(quote);
+        let len = 8 + quote.len();
+        (frame(1, 0, 0, &message[..len]), 34 + len)
+    }
+
+    #[test]
+    fn icmp_errors_give_the_datagram_they_quote() {
+        // The quoted datagram: a UDP packet 172.30.20.9:40000 -> 10.254.40.119:4432.
+        let udp = frame(17, 0, 0, &[0x9c, 0x40, 0x11, 0x50, 0, 8, 0, 0]);
+        let quote = &udp[14..42];
+        for kind in [3, 11, 12] {
+            let (f, len) = icmp_error(kind, quote);
+            let f = &f[..len];
+            let quoted = super::parse_icmp_error(f, &header(f)).expect("a quote");
+            assert_eq!(
+                (quoted.ip_offset, quoted.l4_offset, quoted.proto),
+                (42, 62, 17)
+            );
+            assert_eq!(
+                (quoted.src, quoted.dst),
+                ([172, 30, 20, 9], [10, 254, 40, 119])
+            );
+            assert_eq!((quoted.src_port, quoted.dst_port), (40000, 4432));
+        }
+        // With options in the quoted header, the ports follow them.
+        let with_options = frame(17, 0, 1, &[0x9c, 0x40, 0x11, 0x50]);
+        let (f, len) = icmp_error(3, &with_options[14..42]);
+        let f = &f[..len];
+        let quoted = super::parse_icmp_error(f, &header(f)).expect("a quote");
+        assert_eq!((quoted.l4_offset, quoted.dst_port), (66, 4432));
+    }
+
+    #[test]
+    fn what_quotes_no_ports_is_no_icmp_error_to_translate() {
+        let udp = frame(17, 0, 0, &[0x9c, 0x40, 0x11, 0x50, 0, 8, 0, 0]);
+        let quote = &udp[14..42];
+        let none =
+            |(f, len): ([u8; 128], usize)| super::parse_icmp_error(&f[..len], &header(&f[..len]));
+        // An echo request, a quote cut before its ports, a later fragment's quote, a quoted
+        // ICMP packet, a fragmented error.
+        assert_eq!(none(icmp_error(8, quote)), None);
+        assert_eq!(none(icmp_error(3, &quote[..22])), None);
+        let later = frame(17, 0x0010, 0, &[0; 8]);
+        assert_eq!(none(icmp_error(3, &later[14..42])), None);
+        let ping = frame(1, 0, 0, &[8, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(none(icmp_error(3, &ping[14..42])), None);
+        let mut fragmented = icmp_error(3, quote);
+        fragmented.0[20] = 0x20;
+        assert_eq!(none(fragmented), None);
+        let tcp = frame(6, 0, 0, &[0; 20]);
+        assert!(
+            none(icmp_error(11, &tcp[14..42])).is_some(),
+            "a TCP quote of 8 bytes"
+        );
     }
 
     #[test]

@@ -225,6 +225,30 @@ pub(crate) fn reply(key: &CtKey, tcp: u8, now: u64) -> Option<([u8; 4], u16)> {
     Some((entry.nat_addr, entry.nat_port))
 }
 
+/// The frontend of the live connection whose replies have the tuple `key`, for an ICMP error
+/// about one of its packets: the REPLY entry, if its FORWARD entry is live and still leads to
+/// this endpoint (as [`reply`] judges it). An error changes no state.
+#[inline(always)]
+pub(crate) fn related_reply(key: &CtKey, now: u64) -> Option<([u8; 4], u16)> {
+    // SAFETY: the pointers come from successful lookups; the values are copied out at once.
+    let entry = unsafe { *CONNTRACK.get_ptr(key)? };
+    let forward = unsafe { *CONNTRACK.get_ptr(CtKey::forward_of(key, &entry))? };
+    (forward.nat_addr == key.src_addr
+        && forward.nat_port == key.src_port
+        && !is_expired(key.proto, forward.flags, forward.last_seen_ns, now))
+    .then_some((entry.nat_addr, entry.nat_port))
+}
+
+/// The endpoint of the live connection whose client packets have the tuple `key`, for an ICMP
+/// error about one of its replies. An error changes no state.
+#[inline(always)]
+pub(crate) fn related_forward(key: &CtKey, now: u64) -> Option<([u8; 4], u16)> {
+    // SAFETY: the pointer comes from a successful lookup; the value is copied out at once.
+    let forward = unsafe { *CONNTRACK.get_ptr(key)? };
+    (!is_expired(key.proto, forward.flags, forward.last_seen_ns, now))
+        .then_some((forward.nat_addr, forward.nat_port))
+}
+
 /// Whether a packet may change its connection's state: a TCP segment with SYN, FIN or RST.
 #[inline(always)]
 fn control_segment(proto: u8, tcp: u8) -> bool {

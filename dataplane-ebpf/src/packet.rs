@@ -58,6 +58,18 @@ impl PacketBytes for Skb<'_> {
     }
 }
 
+/// A frame's bytes read through the load helper (`bpf_skb_load_bytes`), as [`PacketBytes`]: any
+/// offset of the skb, linear or not, and no packet pointer for the verifier to follow. For rare
+/// packets whose headers sit at offsets too variable for direct access to be proven safe.
+pub(crate) struct Loaded<'a>(pub(crate) &'a TcContext);
+
+impl PacketBytes for Loaded<'_> {
+    #[inline(always)]
+    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.0.load::<[u8; N]>(offset).ok()
+    }
+}
+
 /// An XDP frame, as [`PacketBytes`].
 pub(crate) struct Xdp<'a>(pub(crate) &'a XdpContext);
 

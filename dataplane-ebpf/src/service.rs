@@ -1,5 +1,6 @@
 //! Service translation on TC, shared by the hooks that see clients' packets (a pod's bridge port,
-//! the uplink) and those that see replies (towards a pod, out of the uplink).
+//! the uplink) and those that see replies (towards a pod, out of the uplink); ICMP errors about
+//! the connections follow them (see `icmp`).
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -8,13 +9,14 @@ use aya_ebpf::{
 use weft_common::{
     MASQUERADE_MARK,
     drop_reason::DropReason,
+    ip_proto,
     maps::{CtKey, ct_direction},
     packet::{Fragment, Frame, PacketBytes as _, Transport, parse_ipv4, parse_transport},
 };
 
 use crate::{
     ct::{self, Choice},
-    lb,
+    icmp, lb,
     maps::{config, count_drop},
     nat::{self, Side},
     packet::Skb,
@@ -63,7 +65,12 @@ fn translate(ctx: &TcContext, clients: Clients) -> Result<i32, DropReason> {
     };
     let ports = match parse_transport(&skb, &ip) {
         Transport::Ports(ports) => ports,
-        Transport::Other => return Ok(TC_ACT_UNSPEC),
+        Transport::Other => {
+            if ip.proto == ip_proto::ICMP {
+                icmp::to_endpoint(ctx, &ip)?;
+            }
+            return Ok(TC_ACT_UNSPEC);
+        }
         Transport::Truncated => {
             // Cut short: drop it only when it is for a service; the rest is the stack's to judge.
             let for_service = skb.read::<4>(ip.l4_offset).is_some_and(|ports| {
@@ -144,6 +151,9 @@ pub(crate) fn to_client(ctx: &TcContext) -> Result<(), DropReason> {
     let Frame::Ipv4(ip) = parse_ipv4(&skb) else {
         return Ok(());
     };
+    if ip.proto == ip_proto::ICMP {
+        return icmp::to_client(ctx, &ip);
+    }
     let Transport::Ports(ports) = parse_transport(&skb, &ip) else {
         return Ok(());
     };

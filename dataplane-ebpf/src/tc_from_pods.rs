@@ -14,14 +14,10 @@
 //! every kubeadm node) netfilter's conntrack sees frames at the bridge already, and it must see
 //! the translated tuple, or the masquerade it applies cannot be undone for the replies.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 
 use crate::{
-    maps::{count_drop, overlay},
+    maps::overlay,
     service::{self, Clients},
     vxlan,
 };
@@ -34,11 +30,5 @@ pub fn tc_from_pods(ctx: TcContext) -> i32 {
     if verdict != TC_ACT_UNSPEC {
         return verdict;
     }
-    match vxlan::from_pod(&ctx, &overlay) {
-        Ok(sent) => sent.unwrap_or(TC_ACT_UNSPEC),
-        Err(reason) => {
-            count_drop(reason);
-            TC_ACT_SHOT
-        }
-    }
+    vxlan::from_pod(&ctx, &overlay)
 }

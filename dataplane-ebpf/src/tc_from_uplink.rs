@@ -34,13 +34,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
             if verdict != TC_ACT_UNSPEC {
                 return verdict;
             }
-            match vxlan::into_pod(&ctx, &overlay) {
-                Ok(delivered) => delivered.unwrap_or(TC_ACT_UNSPEC),
-                Err(reason) => {
-                    count_drop(reason);
-                    TC_ACT_SHOT
-                }
-            }
+            vxlan::into_pod(&ctx, &overlay)
         }
         Err(reason) => {
             count_drop(reason);

@@ -16,8 +16,8 @@ use aya_ebpf::{
     bindings::{
         BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_UNSPEC,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_tunnel_key,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT,
+        TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_tunnel_key,
     },
     btf_maps::lpm_trie::Key,
     helpers::{
@@ -38,7 +38,7 @@ use weft_common::{
 };
 
 use crate::{
-    maps::{LOCAL_PODS, PEER_PORTS, SUBNETS, VTEPS},
+    maps::{LOCAL_PODS, PEER_PORTS, SUBNETS, VTEPS, count_drop},
     packet::Skb,
     service,
 };
@@ -170,22 +170,30 @@ fn readdress(
 /// namespace (`bpf_redirect_peer`), past the node's routing, bridge and netfilter, with what
 /// those would have done: the reverse NAT of a reply the pod's port would restore
 /// (`tc_to_pod` is skipped), the forwarding's TTL decrement, the gateway's MAC as the source.
-/// Returns `None`, leaving the packet to the stack, for what the stack must see: a pod not
+/// Returns `TC_ACT_UNSPEC`, leaving the packet to the stack, for what the stack must see: a pod not
 /// learned yet, a packet to masquerade, a TTL that runs out, `--host-routing=kernel`.
+///
+/// Not inlined (its frame is not added to its caller's), and returns a plain verdict, a drop
+/// counted: an enum returned across a BPF call can carry undefined bits the verifier refuses.
 #[inline(never)]
-pub(crate) fn into_pod(
-    ctx: &TcContext,
-    overlay: &OverlayConfig,
-) -> Result<Option<i32>, DropReason> {
+pub(crate) fn into_pod(ctx: &TcContext, overlay: &OverlayConfig) -> i32 {
+    deliver_into_pod(ctx, overlay).unwrap_or_else(|reason| {
+        count_drop(reason);
+        TC_ACT_SHOT
+    })
+}
+
+#[inline(always)]
+fn deliver_into_pod(ctx: &TcContext, overlay: &OverlayConfig) -> Result<i32, DropReason> {
     let Some(ip) = routed_by_ebpf(ctx, overlay) else {
-        return Ok(None);
+        return Ok(TC_ACT_UNSPEC);
     };
     let skb = Skb(ctx);
     let Some(pod) = local_pod(ip.dst) else {
-        return Ok(None);
+        return Ok(TC_ACT_UNSPEC);
     };
     let Some(ttl) = forwardable_ttl(&skb) else {
-        return Ok(None);
+        return Ok(TC_ACT_UNSPEC);
     };
     service::to_client(ctx)?;
     decrement_ttl(ctx, ttl)?;
@@ -196,7 +204,7 @@ pub(crate) fn into_pod(
         .write(0, macs)
         .ok_or(DropReason::NatRewriteFailed)?;
     // SAFETY: a helper taking plain integers.
-    Ok(Some(unsafe { bpf_redirect_peer(pod.ifindex, 0) } as i32))
+    Ok(unsafe { bpf_redirect_peer(pod.ifindex, 0) } as i32)
 }
 
 /// Records which port a pod of this node sends from, and its MAC, from an IPv4 or ARP frame
@@ -250,17 +258,25 @@ const ETH_P_ARP: u16 = 0x0806;
 
 /// Sends a pod's packet for a pod of another node straight from the pod's port into the
 /// overlay: what the stack would do, routing it to the uplink where `tc_to_uplink`
-/// encapsulates it, without the bridge, the routing and netfilter. Returns `None`, leaving the
-/// packet to the stack, for what the stack must see: a packet to masquerade, one larger than
+/// encapsulates it, without the bridge, the routing and netfilter. Returns `TC_ACT_UNSPEC`,
+/// leaving the packet to the stack, for what the stack must see: a packet to masquerade, one larger than
 /// the overlay carries (the stack fragments it or answers with ICMP), a TTL that runs out, a
 /// subnet no node holds (the uplink counts its drop), `--host-routing=kernel`.
+///
+/// Not inlined (its frame is not added to its caller's), and returns a plain verdict, a drop
+/// counted: an enum returned across a BPF call can carry undefined bits the verifier refuses.
 #[inline(never)]
-pub(crate) fn from_pod(
-    ctx: &TcContext,
-    overlay: &OverlayConfig,
-) -> Result<Option<i32>, DropReason> {
+pub(crate) fn from_pod(ctx: &TcContext, overlay: &OverlayConfig) -> i32 {
+    send_from_pod(ctx, overlay).unwrap_or_else(|reason| {
+        count_drop(reason);
+        TC_ACT_SHOT
+    })
+}
+
+#[inline(always)]
+fn send_from_pod(ctx: &TcContext, overlay: &OverlayConfig) -> Result<i32, DropReason> {
     let Some(ip) = routed_by_ebpf(ctx, overlay) else {
-        return Ok(None);
+        return Ok(TC_ACT_UNSPEC);
     };
     let skb = Skb(ctx);
     // SAFETY: reading a field of this program's context.
@@ -269,13 +285,13 @@ pub(crate) fn from_pod(
         || !overlay.in_local_subnet(ip.src)
         || !fits(&skb, &ip, ctx.len(), gso_size, overlay.inner_mtu)
     {
-        return Ok(None);
+        return Ok(TC_ACT_UNSPEC);
     }
     let Some(ttl) = forwardable_ttl(&skb) else {
-        return Ok(None);
+        return Ok(TC_ACT_UNSPEC);
     };
     let Some(node) = remote_node(ip.dst) else {
-        return Ok(None);
+        return Ok(TC_ACT_UNSPEC);
     };
     // A reply to a client of another node whose connection the uplink translated.
     service::to_client(ctx)?;
@@ -284,10 +300,10 @@ pub(crate) fn from_pod(
         Ok(()) => {}
         // Marked as encapsulated already (a packet this node decapsulated, sent back by a
         // pod that forwards): the stack's path sends it through the VXLAN device.
-        Err(Some(EALREADY)) => return Ok(None),
+        Err(Some(EALREADY)) => return Ok(TC_ACT_UNSPEC),
         Err(_) => return Err(DropReason::EncapFailed),
     }
-    forward(ctx, overlay, &node).map(Some)
+    forward(ctx, overlay, &node)
 }
 
 /// The packet's IPv4 header when the datapath may route it past the node's stack: eBPF host

@@ -181,6 +181,103 @@ impl Packet {
     }
 }
 
+/// An ICMP error's type, code and the 4 bytes after its checksum (the next-hop MTU for
+/// "fragmentation needed").
+pub type IcmpError = (u8, u8, [u8; 4]);
+
+/// An ICMP error of the [`IcmpError`] kind from `from` to `to`, quoting the first `quote_len`
+/// bytes of the IPv4 datagram in `about` (a frame), as a router or host sends it: checksums
+/// computed.
+#[must_use]
+pub fn icmp_error(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    (kind, code, rest): IcmpError,
+    about: &[u8],
+    quote_len: usize,
+) -> Vec<u8> {
+    let quote = &about[14..14usize.saturating_add(quote_len).min(about.len())];
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quote);
+    let sum = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0x45, 0xc0];
+    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x56, 0x78, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// "Fragmentation needed" with a next-hop MTU (path MTU discovery), "port unreachable", "host
+/// unreachable" and "TTL exceeded in transit", named, for [`icmp_error`].
+#[must_use]
+pub fn icmp_errors() -> [(&'static str, IcmpError); 4] {
+    [
+        ("fragmentation needed", (3, 4, [0, 0, 0x03, 0xe8])),
+        ("port unreachable", (3, 3, [0; 4])),
+        ("host unreachable", (3, 1, [0; 4])),
+        ("TTL exceeded", (11, 0, [0; 4])),
+    ]
+}
+
+/// An ICMP error frame, with its checksums verified from scratch and the datagram it quotes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedIcmpError {
+    pub from: Ipv4Addr,
+    pub to: Ipv4Addr,
+    pub kind: u8,
+    pub code: u8,
+    pub ip_checksum_ok: bool,
+    pub icmp_checksum_ok: bool,
+    /// The quoted datagram's addresses and ports.
+    pub quoted_src: SocketAddrV4,
+    pub quoted_dst: SocketAddrV4,
+    pub quoted_ip_checksum_ok: bool,
+    /// The quoted transport checksum field, when quoted.
+    pub quoted_l4_checksum: Option<u16>,
+}
+
+/// Parses an ICMP error frame built by [`icmp_error`] (or rewritten by the datapath).
+#[must_use]
+pub fn parse_icmp_error(frame: &[u8]) -> ParsedIcmpError {
+    let ip = &frame[14..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let icmp = &ip[header_len..total_len];
+    let quoted = &icmp[8..];
+    let quoted_len = usize::from(quoted[0] & 0x0f) * 4;
+    let l4 = &quoted[quoted_len..];
+    let port = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
+    let checksum_at = match quoted[9] {
+        TCP => 16,
+        UDP => 6,
+        _ => usize::MAX,
+    };
+    let addr =
+        |at: usize| Ipv4Addr::new(quoted[at], quoted[at + 1], quoted[at + 2], quoted[at + 3]);
+    ParsedIcmpError {
+        from: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        to: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        kind: icmp[0],
+        code: icmp[1],
+        ip_checksum_ok: checksum(&ip[..header_len]) == 0,
+        icmp_checksum_ok: checksum(icmp) == 0,
+        quoted_src: SocketAddrV4::new(addr(12), port(0)),
+        quoted_dst: SocketAddrV4::new(addr(16), port(2)),
+        quoted_ip_checksum_ok: checksum(&quoted[..quoted_len]) == 0,
+        quoted_l4_checksum: l4
+            .get(checksum_at..checksum_at.saturating_add(2))
+            .map(|field| u16::from_be_bytes([field[0], field[1]])),
+    }
+}
+
 /// What a frame carries, with its checksums verified from scratch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {

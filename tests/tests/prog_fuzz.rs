@@ -30,7 +30,7 @@ use weft_tests::{
         OUR_IP, OUR_VTEP, REMOTE_IP, REMOTE_VTEP, XDP_DROP, inner_frame, overlay, uplink_namespace,
         vxlan_frame,
     },
-    packet::{ACK, FIN, PSH, SYN, checksum, sctp, tcp, udp},
+    packet::{ACK, FIN, PSH, SYN, checksum, icmp_error, icmp_errors, sctp, tcp, udp},
     reference::{Connection, Fixture, LOCAL_SUBNET, NODE_NAME, Outcome, SCTP, TCP, UDP, Unknown},
     seed::cluster_cidr,
 };
@@ -134,6 +134,31 @@ fn seeds(fixture: &Fixture) -> Vec<(String, Vec<u8>)> {
         };
         seeds.push((format!("tracked {c:?}: forward"), forward.build()));
         seeds.push((format!("tracked {c:?}: reply"), reply.build()));
+        // ICMP errors about the connection, both ways: about the client's packet as the
+        // endpoint got it (from the endpoint, and from a router, whole or 8 bytes quoted), and
+        // about a reply as the client got it.
+        let mut sent = forward.clone();
+        sent.dst = c.endpoint;
+        let mut answered = reply.clone();
+        answered.src = c.frontend;
+        for (kind, error) in icmp_errors() {
+            for (from, quote_len) in [(*c.endpoint.ip(), usize::MAX), (OUR_IP, 28)] {
+                seeds.push((
+                    format!("tracked {c:?}: {kind} from {from} about a client packet"),
+                    icmp_error(from, *c.client.ip(), error, &sent.build(), quote_len),
+                ));
+            }
+            seeds.push((
+                format!("tracked {c:?}: {kind} from the client about a reply"),
+                icmp_error(
+                    *c.client.ip(),
+                    *c.frontend.ip(),
+                    error,
+                    &answered.build(),
+                    usize::MAX,
+                ),
+            ));
+        }
         seeds.push((
             format!("tracked {c:?}: reply, FIN"),
             tcp(c.endpoint, c.client, FIN | ACK).build(),

@@ -19,7 +19,10 @@ use weft_common::{
 };
 use weft_tests::{
     harness::{Datapath, VERDICT_DROP, VERDICT_PASS, VERDICT_REDIRECT},
-    packet::{ACK, FIN, PSH, SYN, assert_rejects, parse, tcp, udp},
+    packet::{
+        ACK, FIN, IcmpError, PSH, SYN, assert_rejects, icmp_error, icmp_errors, parse,
+        parse_icmp_error, tcp, udp,
+    },
     seed::{
         self, BACKENDS, TARGET_PORT, VIP, cluster_cidr, endpoint_slice, nginx_manifest, service,
     },
@@ -772,4 +775,152 @@ fn a_direct_connection_reusing_a_closed_service_connections_tuple_is_left_alone(
             "a direct reply with flags {flags:#04x} is not rewritten"
         );
     }
+}
+
+/// Asserts that `output` is the ICMP error `input` with its outer source `from`, destination
+/// `to`, and quoted datagram `quoted` (source, destination), every checksum valid, the quoted
+/// transport checksum `l4_checksum` where quoted, and nothing else changed.
+fn assert_icmp_rewritten(
+    name: &str,
+    input: &[u8],
+    output: &[u8],
+    (from, to): (Ipv4Addr, Ipv4Addr),
+    quoted: (SocketAddrV4, SocketAddrV4),
+    l4_checksum: Option<u16>,
+) {
+    let (before, after) = (parse_icmp_error(input), parse_icmp_error(output));
+    assert_eq!(output.len(), input.len(), "{name}: length");
+    assert_eq!(
+        (after.from, after.to),
+        (from, to),
+        "{name}: outer addresses"
+    );
+    assert_eq!(
+        (after.quoted_src, after.quoted_dst),
+        quoted,
+        "{name}: quoted addresses"
+    );
+    assert_eq!(
+        (after.kind, after.code),
+        (before.kind, before.code),
+        "{name}"
+    );
+    assert!(after.ip_checksum_ok, "{name}: IPv4 checksum");
+    assert!(after.icmp_checksum_ok, "{name}: ICMP checksum");
+    assert!(after.quoted_ip_checksum_ok, "{name}: quoted IPv4 checksum");
+    assert_eq!(
+        after.quoted_l4_checksum, l4_checksum,
+        "{name}: quoted checksum"
+    );
+    assert_eq!(output[..14], input[..14], "{name}: Ethernet header");
+}
+
+/// What a router or the endpoint sends back about a client's packet reaches the client quoting
+/// the frontend the client used, so its socket takes it (path MTU discovery among others);
+/// what a client sends back about a reply reaches the endpoint quoting the endpoint.
+#[test]
+fn icmp_errors_about_service_connections_quote_what_each_side_sent() {
+    let mut datapath = Datapath::new(&with_dns(), Some(cluster_cidr()));
+    let vip = seed::frontend();
+    let sent = tcp(client(), vip, ACK | PSH)
+        .payload(b"GET / HTTP/1.1\r\n\r\n")
+        .build();
+    let translated = datapath.run(FROM_PODS, &sent, 0).output;
+    let used = parse(&translated).dst;
+    let router = Ipv4Addr::new(172, 30, 20, 1);
+    for (kind, error) in icmp_errors() {
+        for (sender, from) in [(*used.ip(), *vip.ip()), (router, router)] {
+            // The whole segment quoted, its checksum with it; and only 8 bytes of it.
+            for (quote_len, l4_checksum) in
+                [(usize::MAX, Some(parse(&sent).l4_checksum)), (28, None)]
+            {
+                let name = format!("{kind} from {sender}, quoting {quote_len} bytes");
+                let input = icmp_error(sender, *client().ip(), error, &translated, quote_len);
+                let run = datapath.run(TO_POD, &input, 0);
+                assert_eq!(run.verdict, VERDICT_PASS, "{name}: verdict");
+                assert_icmp_rewritten(
+                    &name,
+                    &input,
+                    &run.output,
+                    (from, *client().ip()),
+                    (client(), vip),
+                    l4_checksum,
+                );
+            }
+        }
+    }
+
+    // The client's port is closed when the answer of a UDP service arrives: the endpoint
+    // learns it, quoting its own address.
+    let dns = SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 10), 53);
+    let query = udp(client(), dns, b"q").build();
+    let endpoint = parse(&datapath.run(FROM_PODS, &query, 0).output).dst;
+    let answer = udp(dns, client(), b"answer").build();
+    let sent_answer = udp(endpoint, client(), b"answer").build();
+    let (_, unreachable) = icmp_errors()[1];
+    let input = icmp_error(*client().ip(), *dns.ip(), unreachable, &answer, usize::MAX);
+    let run = datapath.run(FROM_PODS, &input, 0);
+    assert_eq!(run.verdict, VERDICT_PASS);
+    assert_icmp_rewritten(
+        "port unreachable about an answer",
+        &input,
+        &run.output,
+        (*client().ip(), *endpoint.ip()),
+        (endpoint, client()),
+        Some(parse(&sent_answer).l4_checksum),
+    );
+    assert!(datapath.drops().is_empty(), "{:?}", datapath.drops());
+
+    // Left alone: an error about a connection nobody tracks, one addressed elsewhere than the
+    // frontend, one quoting a later fragment (no ports), an echo request.
+    let stranger = tcp(
+        SocketAddrV4::new(Ipv4Addr::new(172, 30, 20, 8), 40000),
+        used,
+        ACK,
+    )
+    .build();
+    let untouched = [
+        icmp_error(
+            router,
+            Ipv4Addr::new(172, 30, 20, 8),
+            error_of(0),
+            &stranger,
+            usize::MAX,
+        ),
+        icmp_error(
+            *client().ip(),
+            Ipv4Addr::new(10, 254, 0, 99),
+            unreachable,
+            &answer,
+            usize::MAX,
+        ),
+        icmp_error(
+            router,
+            *client().ip(),
+            error_of(0),
+            &tcp(client(), used, ACK).fragment(0x0010).build(),
+            usize::MAX,
+        ),
+        icmp_error(
+            router,
+            *client().ip(),
+            (8, 0, [0; 4]),
+            &translated,
+            usize::MAX,
+        ),
+    ];
+    for input in untouched {
+        for program in [TO_POD, FROM_PODS] {
+            let run = datapath.run(program, &input, 0);
+            assert_eq!(
+                (run.verdict, &run.output),
+                (VERDICT_PASS, &input),
+                "{program}"
+            );
+        }
+    }
+}
+
+fn error_of(index: usize) -> IcmpError {
+    icmp_errors()[index].1
 }

@@ -14,7 +14,7 @@ use weft::dataplane::{FROM_PODS, FROM_UPLINK, TO_POD, TO_UPLINK};
 use weft_common::{MASQUERADE_MARK, drop_reason::DropReason};
 use weft_tests::{
     harness::{Datapath, VERDICT_DROP, VERDICT_PASS},
-    packet::{ACK, SYN, parse, sctp, tcp},
+    packet::{ACK, SYN, icmp_error, icmp_errors, parse, parse_icmp_error, sctp, tcp},
     seed::cluster_cidr,
 };
 
@@ -347,4 +347,52 @@ fn sctp_is_translated_with_its_crc32c_updated() {
     assert_eq!(run.output[14 + 20 + 8..14 + 20 + 12], [0; 4]);
     assert_eq!(parse(&run.output).dst, backend);
     assert!(datapath.drops().is_empty());
+}
+
+/// Path MTU discovery with a client outside: a router's "fragmentation needed" about a reply
+/// reaches the endpoint quoting the endpoint, and the endpoint's errors about the client's
+/// packets leave quoting the NodePort, from the node's address.
+#[test]
+fn icmp_errors_about_a_node_port_connection_are_translated_both_ways() {
+    let mut datapath = node_a(&web("NodePort", "", "", &[(LOCAL_POD, "node-a")]));
+    let client = outside(45000);
+    let sent = tcp(client, node_port(), SYN).build();
+    let translated = datapath.run(FROM_UPLINK, &sent, 0).output;
+    assert_eq!(parse(&translated).dst, endpoint(LOCAL_POD));
+    let (_, too_big) = icmp_errors()[0];
+    let router = Ipv4Addr::new(192, 168, 50, 254);
+
+    let reply = tcp(node_port(), client, SYN | ACK).build();
+    let input = icmp_error(router, NODE_ADDRESS, too_big, &reply, usize::MAX);
+    let run = datapath.run(FROM_UPLINK, &input, 0);
+    assert_eq!(run.verdict, VERDICT_PASS);
+    let error = parse_icmp_error(&run.output);
+    assert_eq!((error.from, error.to), (router, LOCAL_POD));
+    assert_eq!(
+        (error.quoted_src, error.quoted_dst),
+        (endpoint(LOCAL_POD), client)
+    );
+    let sent_reply = tcp(endpoint(LOCAL_POD), client, SYN | ACK).build();
+    assert_eq!(
+        error.quoted_l4_checksum,
+        Some(parse(&sent_reply).l4_checksum)
+    );
+    assert!(error.ip_checksum_ok && error.icmp_checksum_ok && error.quoted_ip_checksum_ok);
+
+    let (_, unreachable) = icmp_errors()[1];
+    let input = icmp_error(
+        LOCAL_POD,
+        *client.ip(),
+        unreachable,
+        &translated,
+        usize::MAX,
+    );
+    let run = datapath.run(TO_UPLINK, &input, 0);
+    assert_eq!(run.verdict, VERDICT_PASS);
+    let error = parse_icmp_error(&run.output);
+    assert_eq!((error.from, error.to), (NODE_ADDRESS, *client.ip()));
+    assert_eq!((error.quoted_src, error.quoted_dst), (client, node_port()));
+    assert_eq!(error.quoted_l4_checksum, Some(parse(&sent).l4_checksum));
+    assert!(error.ip_checksum_ok && error.icmp_checksum_ok && error.quoted_ip_checksum_ok);
+    assert!(datapath.drops().is_empty(), "{:?}", datapath.drops());
 }

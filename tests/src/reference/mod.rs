@@ -474,10 +474,16 @@ fn rechecksum(field: u16, before: u64, after: u64) -> u16 {
     if fold(before + u64::from(field)) == 0xffff {
         checksum(after)
     } else {
-        // The sender's claimed sum, moved by the change in the data.
-        let claimed = u64::from(!field);
-        !fold(claimed + u64::from(fold(after)) + u64::from(!fold(before)))
+        moved(field, before, after)
     }
+}
+
+/// The checksum field `field` moved by the change of data it covers from summing to `before`
+/// to `after`: the sender's claimed sum, updated (RFC 1624); the only update possible when the
+/// covered data is not all there.
+fn moved(field: u16, before: u64, after: u64) -> u16 {
+    let claimed = u64::from(!field);
+    !fold(claimed + u64::from(fold(after)) + u64::from(!fold(before)))
 }
 
 /// CRC32c (Castagnoli), bit by bit, as SCTP computes it.

@@ -8,8 +8,8 @@
 use weft_common::drop_reason::DropReason;
 
 use super::{
-    Fixture, ICMP, Ip, L3, L4, MASQUERADE, Outcome, SCTP, TCP, UDP, Unknown, VERDICT_DROP,
-    VERDICT_PASS, VERDICT_REDIRECT, checksum, crc32c, in_network, l4_header_len, parse_ip,
+    Fixture, ICMP, Ip, L3, L4, MASQUERADE, Outcome, SCTP, TCP, Tuple, UDP, Unknown, VERDICT_DROP,
+    VERDICT_PASS, VERDICT_REDIRECT, checksum, crc32c, in_network, l4_header_len, moved, parse_ip,
     parse_l4, rechecksum, sum,
 };
 
@@ -59,6 +59,7 @@ impl Fixture {
             L3::Ipv4(ip) => ip,
         };
         let tuple = match parse_l4(frame, &ip) {
+            L4::Other if ip.proto == ICMP => return self.error_about_reply(frame, &ip, mark),
             L4::Other => return Outcome::pass(VERDICT_PASS, frame, mark),
             L4::Truncated => {
                 // Dropped only when the ports it has say it is for a frontend.
@@ -119,6 +120,9 @@ impl Fixture {
         let L3::Ipv4(ip) = parse_ip(frame) else {
             return Outcome::pass(VERDICT_PASS, frame, mark);
         };
+        if ip.proto == ICMP {
+            return self.error_about_client_packet(frame, &ip, mark);
+        }
         let L4::Ports(tuple) = parse_l4(frame, &ip) else {
             return Outcome::pass(VERDICT_PASS, frame, mark);
         };
@@ -150,6 +154,198 @@ impl Fixture {
             unknown,
         }
     }
+}
+
+impl Fixture {
+    /// An ICMP error about a client's packet (quoting client -> endpoint), on its way to the
+    /// client: the quote shows the frontend again, and the outer source too when the endpoint
+    /// sent the error.
+    fn error_about_client_packet(&self, frame: &[u8], ip: &Ip, mark: u32) -> Outcome {
+        let Some(quote) = quoted(frame, ip) else {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        };
+        let reply = Tuple {
+            src: quote.tuple.dst,
+            dst: quote.tuple.src,
+            sport: quote.tuple.dport,
+            dport: quote.tuple.sport,
+            proto: quote.tuple.proto,
+        };
+        let Some(connection) = self.reply(&reply) else {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        };
+        let outer = (ip.src == quote.tuple.dst).then_some(Side::Source);
+        rewrite_error(
+            frame,
+            ip,
+            &quote,
+            Side::Destination,
+            connection.frontend,
+            outer,
+            mark,
+        )
+    }
+
+    /// An ICMP error about a reply (quoting frontend -> client), addressed to the frontend: on
+    /// to the endpoint, the quote showing the endpoint.
+    fn error_about_reply(&self, frame: &[u8], ip: &Ip, mark: u32) -> Outcome {
+        let Some(quote) = quoted(frame, ip) else {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        };
+        if ip.dst != quote.tuple.src {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        }
+        let forward = Tuple {
+            src: quote.tuple.dst,
+            dst: quote.tuple.src,
+            sport: quote.tuple.dport,
+            dport: quote.tuple.sport,
+            proto: quote.tuple.proto,
+        };
+        let Some(connection) = self.forward(&forward) else {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        };
+        rewrite_error(
+            frame,
+            ip,
+            &quote,
+            Side::Source,
+            connection.endpoint,
+            Some(Side::Destination),
+            mark,
+        )
+    }
+}
+
+/// The datagram an ICMP error quotes.
+struct Quote {
+    /// Offsets of the quoted IPv4 header and transport header in the frame.
+    ip: usize,
+    l4: usize,
+    header_len: usize,
+    tuple: Tuple,
+}
+
+/// The quote of an ICMP error the datapath translates: an unfragmented error (destination
+/// unreachable, time exceeded, parameter problem) the frame holds whole, quoting an IPv4 header
+/// of a TCP, UDP or SCTP datagram that is no later fragment, and its ports, inside its length.
+fn quoted(frame: &[u8], ip: &Ip) -> Option<Quote> {
+    if ip.more_fragments
+        || ip.fragment_offset != 0
+        || ip.total_len == 0
+        || 14 + ip.total_len > frame.len()
+        || !matches!(frame.get(ip.l4..ip.l4 + 2)?[0], 3 | 11 | 12)
+    {
+        return None;
+    }
+    let at = ip.l4 + 8;
+    let header = frame.get(at..at + 20)?;
+    let header_len = usize::from(header[0] & 0x0f) * 4;
+    let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
+    if header[0] >> 4 != 4
+        || header_len < 20
+        || fragment_offset != 0
+        || !matches!(header[9], TCP | UDP | SCTP)
+    {
+        return None;
+    }
+    let l4 = at + header_len;
+    if l4 + 4 > 14 + ip.total_len {
+        return None;
+    }
+    let ports = frame.get(l4..l4 + 4)?;
+    Some(Quote {
+        ip: at,
+        l4,
+        header_len,
+        tuple: Tuple {
+            src: header[12..16].try_into().expect("4 bytes"),
+            dst: header[16..20].try_into().expect("4 bytes"),
+            sport: u16::from_be_bytes([ports[0], ports[1]]),
+            dport: u16::from_be_bytes([ports[2], ports[3]]),
+            proto: header[9],
+        },
+    })
+}
+
+/// Rewrites the quote's `side` to `to` and the outer `outer` address to `to`'s address, with
+/// the checksums: the quoted and outer IPv4 headers' and the ICMP message's recomputed (or
+/// their errors kept), the quoted TCP or UDP checksum moved by the change of the addresses and
+/// port it covers when quoted in the datagram (a UDP 0 staying 0). A quoted SCTP CRC32c is
+/// not touched: the quote does not hold what it covers.
+fn rewrite_error(
+    frame: &[u8],
+    ip: &Ip,
+    quote: &Quote,
+    side: Side,
+    to: std::net::SocketAddrV4,
+    outer: Option<Side>,
+    mark: u32,
+) -> Outcome {
+    let before = frame.to_vec();
+    let mut output = frame.to_vec();
+    let (addr_at, port_at) = match side {
+        Side::Source => (quote.ip + 12, quote.l4),
+        Side::Destination => (quote.ip + 16, quote.l4 + 2),
+    };
+    output[addr_at..addr_at + 4].copy_from_slice(&to.ip().octets());
+    output[port_at..port_at + 2].copy_from_slice(&to.port().to_be_bytes());
+    let field_at = quote.ip + 10;
+    refresh(
+        &before,
+        &mut output,
+        quote.ip..quote.ip + quote.header_len,
+        field_at,
+    );
+    let checksum_at = match quote.tuple.proto {
+        TCP => Some(quote.l4 + 16),
+        UDP => Some(quote.l4 + 6),
+        _ => None,
+    }
+    .filter(|at| at + 2 <= 14 + ip.total_len);
+    if let Some(at) = checksum_at {
+        let field = u16::from_be_bytes([before[at], before[at + 1]]);
+        if !(quote.tuple.proto == UDP && field == 0) {
+            let covered = |bytes: &[u8]| {
+                sum(&bytes[addr_at..addr_at + 4]) + sum(&bytes[port_at..port_at + 2])
+            };
+            let mut updated = moved(field, covered(&before), covered(&output));
+            if quote.tuple.proto == UDP && updated == 0 {
+                updated = 0xffff;
+            }
+            output[at..at + 2].copy_from_slice(&updated.to_be_bytes());
+        }
+    }
+    let message = ip.l4..14 + ip.total_len;
+    refresh(&before, &mut output, message, ip.l4 + 2);
+    if let Some(outer) = outer {
+        let at = match outer {
+            Side::Source => 14 + 12,
+            Side::Destination => 14 + 16,
+        };
+        output[at..at + 4].copy_from_slice(&to.ip().octets());
+        refresh(&before, &mut output, 14..14 + ip.header_len, 24);
+    }
+    Outcome {
+        verdict: VERDICT_PASS,
+        output,
+        mark,
+        drop: None,
+        conntrack: true,
+        pods: false,
+        unknown: Vec::new(),
+    }
+}
+
+/// Sets the checksum field at `field_at` of the data `covered` for its change from `before` to
+/// `output` ([`rechecksum`]).
+fn refresh(before: &[u8], output: &mut [u8], covered: std::ops::Range<usize>, field_at: usize) {
+    let field = u16::from_be_bytes([before[field_at], before[field_at + 1]]);
+    let without_field = |bytes: &[u8]| sum(&bytes[covered.clone()]) - u64::from(field);
+    let old = without_field(before);
+    output[field_at..field_at + 2].copy_from_slice(&[0, 0]);
+    let new = sum(&output[covered.clone()]);
+    output[field_at..field_at + 2].copy_from_slice(&rechecksum(field, old, new).to_be_bytes());
 }
 
 /// Rewrites `side`'s address and port and sets every checksum the packet carries (IPv4
