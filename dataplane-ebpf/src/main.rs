@@ -3,7 +3,7 @@
 //! | hook | program | job |
 //! |---|---|---|
 //! | TC ingress of every pod's bridge port | [`tc_from_pods`] | service DNAT, conntrack, masquerade mark, rejects; VXLAN encapsulation to remote pods, straight to the uplink |
-//! | TC egress of every pod's bridge port | [`tc_to_pod`] | reverse NAT of replies to local pods |
+//! | TC egress of every pod's bridge port | [`tc_to_pod`] | reverse NAT of replies (and of ICMP errors about connections) to local pods |
 //! | cgroup `connect4` / `sendmsg4` / `recvmsg4` / `getpeername4` | [`cgroup_sock_addr`] | services for the node's own sockets |
 //! | TC ingress of the uplink | [`tc_from_uplink`] | VXLAN decapsulation (into local pods directly), service DNAT for clients outside the node (NodePort, external IPs) |
 //! | TC egress of the uplink | [`tc_to_uplink`] | reverse NAT of replies leaving the node, VXLAN encapsulation to remote pod subnets |

@@ -457,6 +457,44 @@ fn a_reservation_and_a_stale_lease_are_taken_and_rewritten_as_flanneld_does() {
     assert_eq!(every_pod_reaches_every_other_nodes_pods(&cluster), 6);
 }
 
+/// Path MTU discovery through a service: a hop of smaller MTU on the endpoint's node (a route
+/// of MTU 1000 to the endpoint, kernel routing) answers the client's full-size segments with
+/// "fragmentation needed", quoting the endpoint's address. Translated back to the ClusterIP on
+/// the client's node, the error reaches the client's socket, which lowers its segment size: the
+/// transfer completes (untranslated, the socket ignores it and the transfer stalls).
+#[test]
+fn a_pod_learns_the_path_mtu_through_a_service_connection() {
+    const PORT: u16 = 9300;
+    let cluster = cluster_with_args(&["--host-routing=kernel"]);
+    let (client, endpoint) = (&cluster.pods[0][0], &cluster.pods[1][0]);
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 30), PORT);
+    cluster.agents[0].write_manifest(
+        "bulk.yaml",
+        &format!(
+            "{}---\n{}",
+            service("bulk", *vip.ip(), PORT, "TCP", PORT),
+            endpoint_slice("bulk", "TCP", PORT, &[endpoint.addr])
+        ),
+    );
+    within(Duration::from_secs(5), "node 1 serves the service", || {
+        cluster.agents[0].inspect("services").contains("bulk")
+    });
+    let route = format!("{}/32", endpoint.addr);
+    cluster.nodes[1]
+        .ns
+        .ip(&["route", "add", &route, "dev", BRIDGE, "mtu", "1000"])
+        .expect("the smaller hop");
+    let receiver = receive_bulk(&endpoint.ns, PORT);
+    let sent = client
+        .ns
+        .run(|| send_bulk(vip, 8 << 20))
+        .expect("the transfer completes");
+    let (received, digest) = receiver.join().expect("receiver thread").expect("received");
+    assert_eq!((received, digest), (8 << 20, sent));
+    let drops = cluster.agents[0].inspect("drops");
+    assert!(drops.lines().skip(1).all(|l| l.ends_with(" 0")), "{drops}");
+}
+
 #[test]
 fn agents_started_at_the_same_moment_take_different_subnets() {
     require_root();

@@ -2,8 +2,9 @@
 //! frontend (DNAT to its endpoint, the masquerade mark for off-cluster clients and hairpins,
 //! a reset or port unreachable when the service has no endpoints); `tc_to_pod` (and the first
 //! half of `tc_to_uplink`) restores the frontend as the source of a tracked connection's
-//! replies. Frames too damaged to judge are the stack's: they pass, except an invalid IPv4
-//! header on the client side and a cut transport header to a frontend, which are dropped.
+//! replies. ICMP errors about a tracked connection get the same translation in what they quote.
+//! Frames too damaged to judge are the stack's: they pass, except an invalid IPv4 header on the
+//! client side and a cut transport header to a frontend, which are dropped.
 
 use weft_common::drop_reason::DropReason;
 
