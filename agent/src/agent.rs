@@ -225,20 +225,32 @@ struct Overlay {
 
 /// Joins the overlay: reads flannel's config from etcd (waiting while etcd is unreachable or
 /// the config is missing) and takes this node's lease.
-async fn join_overlay(uplink: Uplink, args: &AgentArgs) -> anyhow::Result<Overlay> {
+async fn join_overlay(
+    netlink: &rtnetlink::Handle,
+    uplink: Uplink,
+    args: &AgentArgs,
+) -> anyhow::Result<Overlay> {
     let public_ip = args
         .public_ip
         .or(uplink.address)
         .ok_or_else(|| netdev::NetdevError::NoAddress(uplink.name.clone()))?;
     let mut client = etcd::connect(&args.etcd_endpoints, &args.etcd_tls()).await?;
     let config = subnets::wait_for_config(&mut client, &args.etcd_prefix).await;
+    // The subnet this node held before, as its subnet.env or its bridge remembers it.
+    let bridge = netdev::bridge_addresses(netlink, &args.bridge).await?;
+    let bridge_subnet = bridge
+        .iter()
+        .find(|address| config.network.contains(*address))
+        .and_then(|address| Ipv4Net::new(*address, config.subnet_len).ok())
+        .map(|subnet| subnet.trunc());
     let settings = SubnetSettings {
         endpoints: args.etcd_endpoints.clone(),
         prefix: args.etcd_prefix.clone(),
         public_ip,
         previous: fs::read_to_string(&args.subnet_file)
             .ok()
-            .and_then(|text| flannel::previous_subnet(&text)),
+            .and_then(|text| flannel::previous_subnet(&text))
+            .or(bridge_subnet),
     };
     let own = loop {
         match subnets::acquire(&mut client, &settings, &config).await {
@@ -250,6 +262,8 @@ async fn join_overlay(uplink: Uplink, args: &AgentArgs) -> anyhow::Result<Overla
             Err(e) => return Err(e).context("taking a subnet lease"),
         }
     };
+    // Before subnet.env is rewritten, which would lose the subnet the bridge was made for.
+    netdev::bridge_fits(&args.bridge, &bridge, own.subnet)?;
     let mtu = config
         .mtu
         .unwrap_or(uplink.mtu.saturating_sub(vxlan::OVERHEAD));
@@ -376,7 +390,7 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
     let node_name = args.node_name()?;
     let uplink = find_uplink(netlink, args).await?;
     let overlay = match (&uplink, args.etcd_endpoints.is_empty()) {
-        (Some(uplink), false) => Some(join_overlay(uplink.clone(), args).await?),
+        (Some(uplink), false) => Some(join_overlay(netlink, uplink.clone(), args).await?),
         _ => None,
     };
     let api = api_client(args).await?;
@@ -556,7 +570,7 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
             let mut peers = subnets::Peers::new(
                 overlay.client.clone(),
                 overlay.prefix.clone(),
-                overlay.own.subnet,
+                &overlay.own,
                 overlay.config.vni,
                 Arc::clone(&model),
             );

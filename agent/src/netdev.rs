@@ -47,16 +47,15 @@ pub enum NetdevError {
     #[error("{0} has no IPv4 address to use as this node's PublicIP; pass --public-ip")]
     NoAddress(String),
     #[error(
-        "bridge {name} has {addresses:?}, not {gateway}, the gateway of this node's pod subnet \
-         {subnet}: it was made for another subnet (an earlier lease, now gone or another \
-         node's). Give the node its old subnet back (a reservation), or delete the bridge \
-         (`ip link delete {name}`) and recreate this node's pods"
+        "bridge {name} has {addresses:?}, none in this node's pod subnet {subnet}: it was made \
+         for another subnet (an earlier lease, lost while the node was down and taken by \
+         another node, or another network config). Delete the bridge (`ip link delete {name}`) \
+         and recreate this node's pods; the node keeps {subnet}"
     )]
     BridgeOfAnotherSubnet {
         name: String,
         addresses: Vec<Ipv4Addr>,
         subnet: Ipv4Net,
-        gateway: Ipv4Addr,
     },
 }
 
@@ -136,8 +135,9 @@ pub async fn links(handle: &Handle) -> Result<Vec<Link>, NetdevError> {
 }
 
 /// Returns the pod bridge, creating it (with `mtu`, when given) when it is missing, gives it the
-/// subnet's first address when it has none, and brings it up. A bridge the CNI plugin already
-/// made is otherwise left as it is; one addressed for another subnet is an error.
+/// subnet's first address (the pods' gateway) when it lacks it, and brings it up. A bridge the
+/// CNI plugin already made is otherwise left as it is; one addressed only for another subnet is
+/// an error ([`bridge_fits`]).
 pub async fn ensure_bridge(
     handle: &Handle,
     name: &str,
@@ -164,15 +164,8 @@ pub async fn ensure_bridge(
         .ok_or_else(|| NetdevError::Socket(io::Error::other(format!("bridge {name} vanished"))))?;
     let gateway = subnet.hosts().next().unwrap_or(subnet.addr());
     let addresses = link_addresses(handle, bridge.index, name).await?;
+    bridge_fits(name, &addresses, subnet)?;
     if !addresses.contains(&gateway) {
-        if !addresses.is_empty() {
-            return Err(NetdevError::BridgeOfAnotherSubnet {
-                name: name.to_owned(),
-                addresses,
-                subnet,
-                gateway,
-            });
-        }
         handle
             .address()
             .add(bridge.index, IpAddr::V4(gateway), subnet.prefix_len())
@@ -245,6 +238,28 @@ pub async fn uplink(handle: &Handle, name: Option<&str>) -> Result<Uplink, Netde
         mac,
         mtu,
         address,
+    })
+}
+
+/// The addresses of the bridge `name`, if there is one (link-local ones aside).
+pub async fn bridge_addresses(handle: &Handle, name: &str) -> Result<Vec<Ipv4Addr>, NetdevError> {
+    match link_by_name(handle, name).await? {
+        Some(bridge) => link_addresses(handle, bridge.index, name).await,
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Whether the bridge `name` with `addresses` can serve the pod subnet `subnet`: it can when it
+/// has no address yet or one inside the subnet; one addressed only for other subnets holds pods
+/// of another subnet, which this node cannot route.
+pub fn bridge_fits(name: &str, addresses: &[Ipv4Addr], subnet: Ipv4Net) -> Result<(), NetdevError> {
+    if addresses.is_empty() || addresses.iter().any(|address| subnet.contains(address)) {
+        return Ok(());
+    }
+    Err(NetdevError::BridgeOfAnotherSubnet {
+        name: name.to_owned(),
+        addresses: addresses.to_vec(),
+        subnet,
     })
 }
 

@@ -208,17 +208,33 @@ pub async fn acquire(
     }
     loop {
         let (entries, _) = list(client, prefix).await?;
-        let (fitting, unfit): (Vec<&Entry>, Vec<&Entry>) = entries
+        let ours: Vec<&Entry> = entries
             .iter()
             .filter(|entry| entry.is_of(settings.public_ip))
-            .partition(|entry| entry.fits(prefix, config));
-        for entry in unfit {
-            give_up(client, entry, config).await?;
-        }
-        if let Some(entry) = fitting
+            .collect();
+        // A reservation first: the operator's choice for this node.
+        let chosen = ours
             .iter()
+            .filter(|entry| entry.fits(prefix, config))
             .min_by_key(|entry| (!entry.is_reservation(), entry.subnet))
-        {
+            .copied();
+        let unfit = format!(
+            "not one of the config's /{} subnets {}..{} of {} under an IPv4-only key",
+            config.subnet_len, config.subnet_min, config.subnet_max, config.network
+        );
+        let mut deleted = false;
+        for entry in ours {
+            if chosen.is_some_and(|chosen| chosen.key == entry.key) {
+                continue;
+            }
+            let why = if entry.fits(prefix, config) {
+                "this node holds another entry"
+            } else {
+                unfit.as_str()
+            };
+            deleted |= give_up(client, entry, why).await?;
+        }
+        if let Some(entry) = chosen {
             match take(client, entry, &lease).await? {
                 Some(etcd_lease) => {
                     return Ok(OwnLease {
@@ -230,6 +246,10 @@ pub async fn acquire(
                 // Written by someone else since the listing: look again.
                 None => continue,
             }
+        }
+        if deleted {
+            // What was deleted is free now: look again.
+            continue;
         }
         let free = free_subnets(config, entries.iter().map(|entry| entry.subnet));
         if free.is_empty() {
@@ -319,13 +339,8 @@ async fn take(
     if !current {
         tracing::info!(key = entry.key, was = ?stored, "rewrote this node's lease with its own attributes");
     }
-    // The key is bound to the new lease now; the old one would only linger until it expired.
-    if let Err(e) = client.lease_revoke(entry.etcd_lease).await {
-        tracing::debug!(
-            key = entry.key,
-            "revoking the lease's previous etcd lease: {e}"
-        );
-    }
+    // The previous etcd lease is left to expire, as flanneld leaves it: revoking it would take
+    // any other key bound to it along.
     Ok(Some(granted))
 }
 
@@ -353,34 +368,28 @@ fn if_unchanged(entry: &Entry, op: TxnOp) -> Txn {
         .and_then([op])
 }
 
-/// An entry with this node's PublicIP that the network config does not allow it (another
-/// subnet length or range, or a dual-stack key): a leased one is deleted, as flanneld does,
-/// unless it changed since the listing; a reservation is the operator's and stays.
-async fn give_up(
-    client: &mut Client,
-    entry: &Entry,
-    config: &NetworkConfig,
-) -> Result<(), SubnetError> {
-    let range = format!(
-        "/{} subnets {}..{} of {}",
-        config.subnet_len, config.subnet_min, config.subnet_max, config.network
-    );
+/// An entry with this node's PublicIP that it will not hold: one the network config does not
+/// allow it (another subnet length or range, or a dual-stack key), or a second one besides the
+/// entry it takes, which would route another subnet to this node (`why` says which). A leased one is
+/// deleted, as flanneld deletes an unfit one, unless it changed since the listing; a
+/// reservation is the operator's and stays. Returns whether it deleted it.
+async fn give_up(client: &mut Client, entry: &Entry, why: &str) -> Result<bool, SubnetError> {
     if entry.is_reservation() {
         tracing::warn!(
             key = entry.key,
-            "this node's reservation is not one of the config's {range} (or names an IPv6 \
-             subnet); left in place, and another subnet taken: correct or delete it"
+            "this node's reservation is left in place, unused: {why}; correct or delete it"
         );
-        return Ok(());
+        return Ok(false);
     }
     let delete = TxnOp::delete(entry.key.as_str(), None);
-    if client.txn(if_unchanged(entry, delete)).await?.succeeded() {
+    let deleted = client.txn(if_unchanged(entry, delete)).await?.succeeded();
+    if deleted {
         tracing::info!(
             key = entry.key,
-            "deleted this node's old lease: not one of the config's {range}"
+            "deleted a lease with this node's PublicIP: {why}"
         );
     }
-    Ok(())
+    Ok(deleted)
 }
 
 /// Creates `subnet`'s key with a fresh 24-hour etcd lease if it does not exist; returns the
@@ -463,11 +472,25 @@ enum NotPeer {
     Lease(#[from] LeaseError),
     #[error("VNI {0} is not this network's {1}")]
     OtherVni(u32, u32),
+    #[error("it carries this node's PublicIP, but is not the entry this node holds")]
+    ThisNode,
 }
 
-/// The peer an entry describes on the network with `vni`.
-fn peer(attrs: Result<LeaseAttrs, LeaseError>, vni: u32) -> Result<NodeLease, NotPeer> {
-    let lease = attrs.and_then(|attrs| attrs.vxlan)?;
+/// Who the peers are: this node's address (its other entries are no peer) and the network's VNI.
+#[derive(Clone, Copy, Debug)]
+struct Network {
+    public_ip: Ipv4Addr,
+    vni: u32,
+}
+
+/// The peer an entry describes on `network`.
+fn peer(attrs: Result<LeaseAttrs, LeaseError>, network: Network) -> Result<NodeLease, NotPeer> {
+    let attrs = attrs?;
+    if attrs.public_ip == network.public_ip {
+        return Err(NotPeer::ThisNode);
+    }
+    let lease = attrs.vxlan?;
+    let vni = network.vni;
     if lease.vni != vni {
         return Err(NotPeer::OtherVni(lease.vni, vni));
     }
@@ -509,7 +532,7 @@ impl Skipped {
 fn peers(
     entries: Vec<Entry>,
     own: &Ipv4Net,
-    vni: u32,
+    network: Network,
     skipped: &mut Skipped,
 ) -> BTreeMap<Ipv4Net, NodeLease> {
     let listed: BTreeSet<Ipv4Net> = entries.iter().map(|entry| entry.subnet).collect();
@@ -519,7 +542,7 @@ fn peers(
         if entry.subnet == *own {
             continue;
         }
-        match peer(entry.attrs, vni) {
+        match peer(entry.attrs, network) {
             Ok(lease) => {
                 skipped.clear(&entry.subnet);
                 leases.insert(entry.subnet, lease);
@@ -539,7 +562,7 @@ pub struct Peers {
     client: Client,
     prefix: String,
     own: Ipv4Net,
-    vni: u32,
+    network: Network,
     model: Arc<ModelHandle>,
     skipped: Skipped,
 }
@@ -558,15 +581,18 @@ impl Peers {
     pub fn new(
         client: Client,
         prefix: String,
-        own: Ipv4Net,
+        own: &OwnLease,
         vni: u32,
         model: Arc<ModelHandle>,
     ) -> Self {
         Self {
             client,
             prefix,
-            own,
-            vni,
+            own: own.subnet,
+            network: Network {
+                public_ip: own.lease.public_ip,
+                vni,
+            },
             model,
             skipped: Skipped::default(),
         }
@@ -576,7 +602,7 @@ impl Peers {
     pub async fn load(&mut self) -> Result<Listed, SubnetError> {
         let (entries, revision) = list(&mut self.client, &self.prefix).await?;
         let own_present = entries.iter().any(|entry| entry.subnet == self.own);
-        let leases = peers(entries, &self.own, self.vni, &mut self.skipped);
+        let leases = peers(entries, &self.own, self.network, &mut self.skipped);
         tracing::info!(leases = leases.len(), "read the other nodes' leases");
         self.model.update(|m| m.replace_leases(leases));
         Ok(Listed {
@@ -666,7 +692,7 @@ impl Peers {
             EventType::Put => {
                 match peer(
                     LeaseAttrs::parse(&String::from_utf8_lossy(kv.value())),
-                    self.vni,
+                    self.network,
                 ) {
                     Ok(lease) => {
                         self.skipped.clear(&subnet);
@@ -727,14 +753,20 @@ mod tests {
                 entry("172.30.83.0/24", &lease(3, 2).to_json()),
                 entry("172.30.90.0/24", r#"{"PublicIP":"192.168.50.4"#),
                 entry("172.30.91.0/24", reservation),
+                // A stale lease of this node's own besides the one it holds.
+                entry("172.30.95.0/24", &lease(1, 1).to_json()),
             ]
+        };
+        let network = Network {
+            public_ip: Ipv4Addr::new(192, 168, 50, 1),
+            vni: 1,
         };
         let mut skipped = Skipped::default();
         let reservation = r#"{"PublicIP":"192.168.50.5"}"#;
         let leases = peers(
             listing(reservation),
             &net("172.30.20.0/24"),
-            1,
+            network,
             &mut skipped,
         );
         assert_eq!(
@@ -753,7 +785,11 @@ mod tests {
             skipped.0.get(&net("172.30.83.0/24")),
             Some(&NotPeer::OtherVni(2, 1))
         );
-        assert_eq!(skipped.0.len(), 3, "{skipped:?}");
+        assert_eq!(
+            skipped.0.get(&net("172.30.95.0/24")),
+            Some(&NotPeer::ThisNode)
+        );
+        assert_eq!(skipped.0.len(), 4, "{skipped:?}");
         // Listed again, nothing new is said.
         assert!(!skipped.skip(
             net("172.30.91.0/24"),
@@ -762,11 +798,11 @@ mod tests {
         // Once the reserving node fills its entry in, it is a peer; gone entries are forgotten.
         let mut filled = listing(&lease(5, 1).to_json());
         filled.retain(|entry| entry.subnet != net("172.30.83.0/24"));
-        let leases = peers(filled, &net("172.30.20.0/24"), 1, &mut skipped);
+        let leases = peers(filled, &net("172.30.20.0/24"), network, &mut skipped);
         assert!(leases.contains_key(&net("172.30.91.0/24")));
         assert_eq!(
             skipped.0.keys().copied().collect::<Vec<_>>(),
-            vec![net("172.30.90.0/24")]
+            vec![net("172.30.90.0/24"), net("172.30.95.0/24")]
         );
     }
 

@@ -36,6 +36,10 @@ pub(crate) fn to_client(ctx: &TcContext, ip: &Ipv4Header) -> Result<(), DropReas
     let Some(quote) = quoted(ctx, ip) else {
         return Ok(());
     };
+    // Addressed to the client that sent the quoted packet, as a genuine error is.
+    if ip.dst != quote.src {
+        return Ok(());
+    }
     // The quoted packet went from the client to the endpoint: its reverse is a reply's tuple.
     let key = CtKey {
         src_addr: quote.dst,

@@ -279,6 +279,11 @@ fn a_node_whose_lease_expired_while_it_was_down_takes_its_previous_subnet_again(
         log.contains("it was made for another subnet") && log.contains("ip link delete cni0"),
         "{log}"
     );
+    assert_eq!(
+        cluster.agents[1].leased_subnet(),
+        before,
+        "refused before subnet.env was rewritten, so it still names the subnet the bridge is for"
+    );
 }
 
 #[test]
@@ -333,6 +338,16 @@ fn a_reservation_and_a_stale_lease_are_taken_and_rewritten_as_flanneld_does() {
         &reserved,
         &format!(r#"{{"PublicIP":"{}"}}"#, node_address(1)),
     );
+    // Node 1 also has an old leased entry: once it takes its reservation, that one goes (it
+    // would route a second subnet to the node).
+    let old_lease = key("172.30.21.0-24");
+    etcd.ctl(&[
+        "put",
+        &format!("--lease={:x}", etcd.grant(3_600)),
+        &old_lease,
+        &format!(r#"{{"PublicIP":"{}"}}"#, node_address(1)),
+    ])
+    .expect("writing node 1's old lease");
     let stale_lease = etcd.grant(3_600);
     etcd.ctl(&[
         "put",
@@ -381,10 +396,20 @@ fn a_reservation_and_a_stale_lease_are_taken_and_rewritten_as_flanneld_does() {
     assert!(!second.inspect("subnets").contains("172.30.20.0/24"));
     assert_eq!(etcd.get(&unfit_lease), None);
     assert_eq!(etcd.get(&unfit_reservation), Some(node_2.clone()));
-    assert_eq!(not_yet(&second), 2, "{:?}", second.messages());
+    assert_eq!(
+        not_yet(&second),
+        2,
+        "node 1's two entries: {:?}",
+        second.messages()
+    );
 
     let first = Agent::join(&nodes[0], &[], &options);
     assert_eq!(first.leased_subnet().to_string(), "172.30.20.0/24");
+    assert_eq!(
+        etcd.get(&old_lease),
+        None,
+        "node 1's other lease is deleted"
+    );
     assert_eq!(
         etcd.lease_of(&reserved),
         None,

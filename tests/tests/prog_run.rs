@@ -872,7 +872,7 @@ fn icmp_errors_about_service_connections_quote_what_each_side_sent() {
     assert!(datapath.drops().is_empty(), "{:?}", datapath.drops());
 
     // Left alone: an error about a connection nobody tracks, one addressed elsewhere than the
-    // frontend, one quoting a later fragment (no ports), an echo request.
+    // frontend or the client, one quoting a later fragment (no ports), an echo request.
     let stranger = tcp(
         SocketAddrV4::new(Ipv4Addr::new(172, 30, 20, 8), 40000),
         used,
@@ -892,6 +892,13 @@ fn icmp_errors_about_service_connections_quote_what_each_side_sent() {
             Ipv4Addr::new(10, 254, 0, 99),
             unreachable,
             &answer,
+            usize::MAX,
+        ),
+        icmp_error(
+            router,
+            Ipv4Addr::new(172, 30, 20, 8),
+            error_of(0),
+            &translated,
             usize::MAX,
         ),
         icmp_error(

@@ -158,13 +158,16 @@ impl Fixture {
 }
 
 impl Fixture {
-    /// An ICMP error about a client's packet (quoting client -> endpoint), on its way to the
+    /// An ICMP error about a client's packet (quoting client -> endpoint), addressed to the
     /// client: the quote shows the frontend again, and the outer source too when the endpoint
     /// sent the error.
     fn error_about_client_packet(&self, frame: &[u8], ip: &Ip, mark: u32) -> Outcome {
         let Some(quote) = quoted(frame, ip) else {
             return Outcome::pass(VERDICT_PASS, frame, mark);
         };
+        if ip.dst != quote.tuple.src {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        }
         let reply = Tuple {
             src: quote.tuple.dst,
             dst: quote.tuple.src,
