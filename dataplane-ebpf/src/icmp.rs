@@ -33,22 +33,9 @@ use crate::{ct, nat::Side, packet::Loaded};
 /// An error about a client's packet, on its way to the client: restores the frontend.
 #[inline(always)]
 pub(crate) fn to_client(ctx: &TcContext, ip: &Ipv4Header) -> Result<(), DropReason> {
-    let Some(quote) = quoted(ctx, ip) else {
-        return Ok(());
-    };
-    // Addressed to the client that sent the quoted packet, as a genuine error is.
-    if ip.dst != quote.src {
-        return Ok(());
-    }
     // The quoted packet went from the client to the endpoint: its reverse is a reply's tuple.
-    let key = CtKey {
-        src_addr: quote.dst,
-        dst_addr: quote.src,
-        src_port: quote.dst_port,
-        dst_port: quote.src_port,
-        proto: quote.proto,
-        direction: ct_direction::REPLY,
-        _pad: [0; 2],
+    let Some((quote, key)) = answering(ctx, ip, ct_direction::REPLY) else {
+        return Ok(());
     };
     let Some(frontend) = ct::related_reply(&key, ct::now_ns()) else {
         return Ok(());
@@ -60,21 +47,9 @@ pub(crate) fn to_client(ctx: &TcContext, ip: &Ipv4Header) -> Result<(), DropReas
 /// An error about a reply, on its way to the frontend: sends it on to the endpoint.
 #[inline(always)]
 pub(crate) fn to_endpoint(ctx: &TcContext, ip: &Ipv4Header) -> Result<(), DropReason> {
-    let Some(quote) = quoted(ctx, ip) else {
+    // The quoted reply went from the frontend to the client: its reverse is the client's tuple.
+    let Some((quote, key)) = answering(ctx, ip, ct_direction::FORWARD) else {
         return Ok(());
-    };
-    // Addressed to the reply's sender, the frontend, like the reply's own answers.
-    if ip.dst != quote.src {
-        return Ok(());
-    }
-    let key = CtKey {
-        src_addr: quote.dst,
-        dst_addr: quote.src,
-        src_port: quote.dst_port,
-        dst_port: quote.src_port,
-        proto: quote.proto,
-        direction: ct_direction::FORWARD,
-        _pad: [0; 2],
     };
     let Some(endpoint) = ct::related_forward(&key, ct::now_ns()) else {
         return Ok(());
@@ -87,6 +62,23 @@ pub(crate) fn to_endpoint(ctx: &TcContext, ip: &Ipv4Header) -> Result<(), DropRe
         endpoint,
         Some(Side::Destination),
     )
+}
+
+/// The quote of the error in `ip`, if the error is addressed to the quoted packet's sender (as
+/// a genuine one is), and the conntrack key, in `direction`, of the packets that answer it.
+#[inline(always)]
+fn answering(ctx: &TcContext, ip: &Ipv4Header, direction: u8) -> Option<(Quoted, CtKey)> {
+    let quote = quoted(ctx, ip).filter(|quote| ip.dst == quote.src)?;
+    let key = CtKey {
+        src_addr: quote.dst,
+        dst_addr: quote.src,
+        src_port: quote.dst_port,
+        dst_port: quote.src_port,
+        proto: quote.proto,
+        direction,
+        _pad: [0; 2],
+    };
+    Some((quote, key))
 }
 
 /// The datagram the error in `ip` quotes; `None` for anything else, or an error the frame does

@@ -3,6 +3,7 @@
 //! `--ct-entries`). All maps are pinned by the agent, so their contents survive its restarts.
 
 use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -120,6 +121,15 @@ pub(crate) fn count_drop(reason: DropReason) {
         // while this program runs (programs are not preempted on one CPU).
         unsafe { *counter += 1 };
     }
+}
+
+/// A TC verdict, or `TC_ACT_SHOT` for a drop, counted.
+#[inline(always)]
+pub(crate) fn verdict(outcome: Result<i32, DropReason>) -> i32 {
+    outcome.unwrap_or_else(|reason| {
+        count_drop(reason);
+        TC_ACT_SHOT
+    })
 }
 
 /// The node's settings; all-zero (nothing masqueraded for being off-cluster) before the agent

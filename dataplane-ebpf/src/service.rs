@@ -2,10 +2,7 @@
 //! the uplink) and those that see replies (towards a pod, out of the uplink); ICMP errors about
 //! the connections follow them (see `icmp`).
 
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, programs::TcContext};
 use weft_common::{
     MASQUERADE_MARK,
     drop_reason::DropReason,
@@ -17,7 +14,7 @@ use weft_common::{
 use crate::{
     ct::{self, Choice},
     icmp, lb,
-    maps::{config, count_drop},
+    maps::{config, count_drop, verdict},
     nat::{self, Side},
     packet::Skb,
     reject,
@@ -42,13 +39,7 @@ pub(crate) enum Clients {
 /// are not added up: together they would pass the verifier's 512 bytes.
 #[inline(never)]
 pub(crate) fn to_endpoint(ctx: &TcContext, clients: Clients) -> i32 {
-    match translate(ctx, clients) {
-        Ok(action) => action,
-        Err(reason) => {
-            count_drop(reason);
-            TC_ACT_SHOT
-        }
-    }
+    verdict(translate(ctx, clients))
 }
 
 #[inline(always)]

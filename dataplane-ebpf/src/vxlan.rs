@@ -16,8 +16,8 @@ use aya_ebpf::{
     bindings::{
         BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT,
-        TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_tunnel_key,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_UNSPEC,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_tunnel_key,
     },
     btf_maps::lpm_trie::Key,
     helpers::{
@@ -38,7 +38,7 @@ use weft_common::{
 };
 
 use crate::{
-    maps::{LOCAL_PODS, PEER_PORTS, SUBNETS, VTEPS, count_drop},
+    maps::{LOCAL_PODS, PEER_PORTS, SUBNETS, VTEPS, verdict},
     packet::Skb,
     service,
 };
@@ -177,10 +177,7 @@ fn readdress(
 /// counted: an enum returned across a BPF call can carry undefined bits the verifier refuses.
 #[inline(never)]
 pub(crate) fn into_pod(ctx: &TcContext, overlay: &OverlayConfig) -> i32 {
-    deliver_into_pod(ctx, overlay).unwrap_or_else(|reason| {
-        count_drop(reason);
-        TC_ACT_SHOT
-    })
+    verdict(deliver_into_pod(ctx, overlay))
 }
 
 #[inline(always)]
@@ -267,10 +264,7 @@ const ETH_P_ARP: u16 = 0x0806;
 /// counted: an enum returned across a BPF call can carry undefined bits the verifier refuses.
 #[inline(never)]
 pub(crate) fn from_pod(ctx: &TcContext, overlay: &OverlayConfig) -> i32 {
-    send_from_pod(ctx, overlay).unwrap_or_else(|reason| {
-        count_drop(reason);
-        TC_ACT_SHOT
-    })
+    verdict(send_from_pod(ctx, overlay))
 }
 
 #[inline(always)]

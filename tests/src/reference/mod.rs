@@ -117,6 +117,19 @@ pub enum Unknown {
 }
 
 impl Outcome {
+    /// A service translation: passed on rewritten, conntrack consulted.
+    fn translated(output: Vec<u8>, mark: u32, unknown: Vec<(Range<usize>, Unknown)>) -> Self {
+        Self {
+            verdict: VERDICT_PASS,
+            output,
+            mark,
+            drop: None,
+            conntrack: true,
+            pods: false,
+            unknown,
+        }
+    }
+
     fn pass(verdict: u32, frame: &[u8], mark: u32) -> Self {
         Self {
             verdict,

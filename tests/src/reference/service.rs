@@ -105,15 +105,11 @@ impl Fixture {
             endpoint.ip().octets(),
             endpoint.port(),
         );
-        Outcome {
-            verdict: VERDICT_PASS,
+        Outcome::translated(
             output,
-            mark: if masquerade { mark | MASQUERADE } else { mark },
-            drop: None,
-            conntrack: true,
-            pods: false,
+            if masquerade { mark | MASQUERADE } else { mark },
             unknown,
-        }
+        )
     }
 
     /// Restores the frontend in a reply of a tracked connection; anything else is left alone.
@@ -145,15 +141,7 @@ impl Fixture {
             connection.frontend.ip().octets(),
             connection.frontend.port(),
         );
-        Outcome {
-            verdict: VERDICT_PASS,
-            output,
-            mark,
-            drop: None,
-            conntrack: true,
-            pods: false,
-            unknown,
-        }
+        Outcome::translated(output, mark, unknown)
     }
 }
 
@@ -165,17 +153,7 @@ impl Fixture {
         let Some(quote) = quoted(frame, ip) else {
             return Outcome::pass(VERDICT_PASS, frame, mark);
         };
-        if ip.dst != quote.tuple.src {
-            return Outcome::pass(VERDICT_PASS, frame, mark);
-        }
-        let reply = Tuple {
-            src: quote.tuple.dst,
-            dst: quote.tuple.src,
-            sport: quote.tuple.dport,
-            dport: quote.tuple.sport,
-            proto: quote.tuple.proto,
-        };
-        let Some(connection) = self.reply(&reply) else {
+        let Some(connection) = self.reply(&quote.answer()) else {
             return Outcome::pass(VERDICT_PASS, frame, mark);
         };
         let outer = (ip.src == quote.tuple.dst).then_some(Side::Source);
@@ -196,17 +174,7 @@ impl Fixture {
         let Some(quote) = quoted(frame, ip) else {
             return Outcome::pass(VERDICT_PASS, frame, mark);
         };
-        if ip.dst != quote.tuple.src {
-            return Outcome::pass(VERDICT_PASS, frame, mark);
-        }
-        let forward = Tuple {
-            src: quote.tuple.dst,
-            dst: quote.tuple.src,
-            sport: quote.tuple.dport,
-            dport: quote.tuple.sport,
-            proto: quote.tuple.proto,
-        };
-        let Some(connection) = self.forward(&forward) else {
+        let Some(connection) = self.forward(&quote.answer()) else {
             return Outcome::pass(VERDICT_PASS, frame, mark);
         };
         rewrite_error(
@@ -230,9 +198,23 @@ struct Quote {
     tuple: Tuple,
 }
 
+impl Quote {
+    /// The tuple of the packets that answer the quoted one.
+    fn answer(&self) -> Tuple {
+        Tuple {
+            src: self.tuple.dst,
+            dst: self.tuple.src,
+            sport: self.tuple.dport,
+            dport: self.tuple.sport,
+            proto: self.tuple.proto,
+        }
+    }
+}
+
 /// The quote of an ICMP error the datapath translates: an unfragmented error (destination
-/// unreachable, time exceeded, parameter problem) the frame holds whole, quoting an IPv4 header
-/// of a TCP, UDP or SCTP datagram that is no later fragment, and its ports, inside its length.
+/// unreachable, time exceeded, parameter problem) the frame holds whole, addressed to the
+/// quoted datagram's sender, quoting an IPv4 header of a TCP, UDP or SCTP datagram that is no
+/// later fragment, and its ports, inside its length.
 fn quoted(frame: &[u8], ip: &Ip) -> Option<Quote> {
     if ip.more_fragments
         || ip.fragment_offset != 0
@@ -258,6 +240,9 @@ fn quoted(frame: &[u8], ip: &Ip) -> Option<Quote> {
         return None;
     }
     let ports = frame.get(l4..l4 + 4)?;
+    if ip.dst != header[12..16] {
+        return None;
+    }
     Some(Quote {
         ip: at,
         l4,
@@ -330,15 +315,7 @@ fn rewrite_error(
         output[at..at + 4].copy_from_slice(&to.ip().octets());
         refresh(&before, &mut output, 14..14 + ip.header_len, 24);
     }
-    Outcome {
-        verdict: VERDICT_PASS,
-        output,
-        mark,
-        drop: None,
-        conntrack: true,
-        pods: false,
-        unknown: Vec::new(),
-    }
+    Outcome::translated(output, mark, Vec::new())
 }
 
 /// Sets the checksum field at `field_at` of the data `covered` for its change from `before` to
