@@ -26,10 +26,11 @@ use weft_common::{
         AFFINITY_MAP, AffinityKey, AffinityValue, CONFIG_MAP, CONNTRACK_MAP, CtKey, CtValue,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_SOCK_NAT_ENTRIES, DROPS_MAP, DatapathConfig,
         ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey, EndpointValue,
-        LOCAL_PODS_MAP, LocalPod, MAX_LOCAL_PODS, MAX_NODES, MAX_SOURCE_RANGES, OVERLAY_MAP,
-        OverlayConfig, PEER_PORTS_MAP, PINNED_MAPS, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP,
-        SOCK_NAT_MAP, SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue,
-        SockNatKey, SockNatValue, SourceRangeKey, VTEPS_MAP, Vtep,
+        FRAGMENT_ENTRIES, FRAGMENTS_MAP, FragKey, FragValue, LOCAL_PODS_MAP, LocalPod,
+        MAX_LOCAL_PODS, MAX_NODES, MAX_SOURCE_RANGES, OVERLAY_MAP, OverlayConfig, PEER_PORTS_MAP,
+        PINNED_MAPS, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SOCK_NAT_MAP, SOURCE_RANGES_MAP,
+        SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue,
+        SourceRangeKey, VTEPS_MAP, Vtep,
     },
 };
 
@@ -293,6 +294,13 @@ fn layouts(limits: MapLimits) -> [Layout; PINNED_MAPS.len()] {
             key_size: size_of::<SockNatKey>(),
             value_size: size_of::<SockNatValue>(),
             max_entries: DEFAULT_SOCK_NAT_ENTRIES,
+        },
+        Layout {
+            name: FRAGMENTS_MAP,
+            map_type: MapType::LruHash,
+            key_size: size_of::<FragKey>(),
+            value_size: size_of::<FragValue>(),
+            max_entries: FRAGMENT_ENTRIES,
         },
         Layout {
             name: DROPS_MAP,

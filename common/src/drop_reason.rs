@@ -8,10 +8,11 @@ pub enum DropReason {
     MalformedIpv4 = 0,
     /// A packet for a service frontend whose TCP/UDP header is truncated.
     MalformedL4 = 1,
-    /// The first fragment of a fragmented datagram to a service frontend, or of a reply of a
-    /// translated connection: the fragments that follow carry no ports, so the datagram cannot
-    /// be translated as a whole.
-    FragmentedService = 2,
+    /// A fragment of a datagram to a service frontend, or of a reply of a translated
+    /// connection, that cannot be translated with the rest: the first fragment (which carries
+    /// the ports) of a datagram whose later fragments came before it and went on untranslated,
+    /// or a later fragment whose connection is gone.
+    FragmentUntranslatable = 2,
     /// A new connection to a service port with no usable endpoint anywhere; it is answered
     /// with a TCP reset or an ICMP port unreachable where the packet allows one.
     NoEndpoints = 3,
@@ -54,7 +55,7 @@ impl DropReason {
     pub const ALL: [Self; DROP_REASON_COUNT as usize] = [
         Self::MalformedIpv4,
         Self::MalformedL4,
-        Self::FragmentedService,
+        Self::FragmentUntranslatable,
         Self::NoEndpoints,
         Self::EndpointSlotMissing,
         Self::ConntrackInsertFailed,
@@ -77,7 +78,7 @@ impl DropReason {
         match self {
             Self::MalformedIpv4 => "malformed_ipv4",
             Self::MalformedL4 => "malformed_l4",
-            Self::FragmentedService => "fragmented_service",
+            Self::FragmentUntranslatable => "fragment_untranslatable",
             Self::NoEndpoints => "no_endpoints",
             Self::EndpointSlotMissing => "endpoint_slot_missing",
             Self::ConntrackInsertFailed => "conntrack_insert_failed",

@@ -28,6 +28,9 @@ pub const SOURCE_RANGES_MAP: &str = "weft_srcrange_v1";
 pub const CONNTRACK_MAP: &str = "weft_ct4_v1";
 /// Name of the socket-level NAT map of the host's own sockets: [`SockNatKey`] -> [`SockNatValue`].
 pub const SOCK_NAT_MAP: &str = "weft_socknat_v1";
+/// Name of the fragmented datagrams being translated, an LRU hash: [`FragKey`] -> [`FragValue`].
+/// A datagram's later fragments carry no ports; they follow its first fragment by this entry.
+pub const FRAGMENTS_MAP: &str = "weft_frag4_v1";
 /// Name of the per-CPU drop counters, indexed by [`crate::drop_reason::DropReason`].
 pub const DROPS_MAP: &str = "weft_drops_v3";
 /// Name of the one-entry datapath configuration array: `0` -> [`DatapathConfig`].
@@ -49,7 +52,7 @@ pub const LOCAL_PODS_MAP: &str = "weft_pods_v1";
 pub const PEER_PORTS_MAP: &str = "weft_peerports_v1";
 
 /// Every map weft pins, so the agent can check each pin's layout before reusing it.
-pub const PINNED_MAPS: [&str; 15] = [
+pub const PINNED_MAPS: [&str; 16] = [
     SERVICES_MAP,
     ENDPOINTS_MAP,
     SERVICE_NAMES_MAP,
@@ -58,6 +61,7 @@ pub const PINNED_MAPS: [&str; 15] = [
     SOURCE_RANGES_MAP,
     CONNTRACK_MAP,
     SOCK_NAT_MAP,
+    FRAGMENTS_MAP,
     DROPS_MAP,
     CONFIG_MAP,
     SUBNETS_MAP,
@@ -75,6 +79,12 @@ pub const DEFAULT_MAX_ENDPOINTS: u32 = 262_144;
 pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
 /// Default capacity of [`SOCK_NAT_MAP`].
 pub const DEFAULT_SOCK_NAT_ENTRIES: u32 = 65_536;
+/// Capacity of [`FRAGMENTS_MAP`]: datagrams in flight in fragments at once (Cilium's default).
+pub const FRAGMENT_ENTRIES: u32 = 8_192;
+/// How long a fragmented datagram's entry holds: the kernel's reassembly timeout
+/// (`net.ipv4.ipfrag_time`, 30 s). An older entry belongs to an earlier datagram that reused
+/// the IP identification.
+pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
 /// Capacity of [`SUBNETS_MAP`] and [`VTEPS_MAP`]: nodes in one cluster.
 pub const MAX_NODES: u32 = 16_384;
 /// Capacity of [`LOCAL_PODS_MAP`]: pods of one node (a /16 subnet's worth).
@@ -301,6 +311,49 @@ pub struct CtKey {
     /// [`ct_direction`].
     pub direction: u8,
     pub _pad: [u8; 2],
+}
+
+/// A fragmented IPv4 datagram as one direction of translation sees it: its sender, receiver,
+/// IP identification and protocol, as every one of its fragments carries them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    /// Source IPv4 address, network order.
+    pub src_addr: [u8; 4],
+    /// Destination IPv4 address, network order (the frontend, for a client's datagram).
+    pub dst_addr: [u8; 4],
+    /// The IP identification field, host order.
+    pub id: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    /// [`ct_direction`]: a client's datagram (FORWARD) or a reply (REPLY). Each direction
+    /// judges the order of fragments where it translates them: a hook that passes a datagram
+    /// untranslated says nothing of the order another one sees.
+    pub direction: u8,
+}
+
+/// What the datapath knows of a fragmented datagram: the states of a [`FragValue`].
+pub mod frag_state {
+    /// A later fragment came first, and went on untranslated: the datagram cannot be translated
+    /// whole, so its first fragment is dropped when it comes (counted).
+    pub const LATER_FIRST: u8 = 1;
+    /// The first fragment was translated: the later ones follow it by its ports.
+    pub const TRANSLATED: u8 = 2;
+}
+
+/// The ports of a fragmented datagram, from its first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragValue {
+    /// Source port, host order (0 for [`frag_state::LATER_FIRST`]).
+    pub src_port: u16,
+    /// Destination port, host order (0 for [`frag_state::LATER_FIRST`]).
+    pub dst_port: u16,
+    /// [`frag_state`].
+    pub state: u8,
+    pub _pad: [u8; 3],
+    /// When the entry was written, `CLOCK_MONOTONIC` nanoseconds.
+    pub seen_ns: u64,
 }
 
 /// Conntrack state. A connection is a FORWARD entry (authoritative: endpoint, state, age) plus a
@@ -557,6 +610,8 @@ const _: () = {
     assert!(size_of::<CtValue>() == 16);
     assert!(size_of::<SockNatKey>() == 16);
     assert!(size_of::<SockNatValue>() == 8);
+    assert!(size_of::<FragKey>() == 12);
+    assert!(size_of::<FragValue>() == 16);
     assert!(size_of::<DatapathConfig>() == 16);
     assert!(size_of::<RemoteNode>() == 20);
     assert!(size_of::<Vtep>() == 8);
@@ -568,8 +623,8 @@ const _: () = {
 mod pod {
     use super::{
         AffinityKey, AffinityValue, CtKey, CtValue, DatapathConfig, EndpointKey, EndpointMemberKey,
-        EndpointValue, LocalPod, OverlayConfig, RemoteNode, ServiceKey, ServiceName, ServiceValue,
-        SockNatKey, SockNatValue, SourceRangeKey, Vtep,
+        EndpointValue, FragKey, FragValue, LocalPod, OverlayConfig, RemoteNode, ServiceKey,
+        ServiceName, ServiceValue, SockNatKey, SockNatValue, SourceRangeKey, Vtep,
     };
 
     macro_rules! impl_pod {
@@ -596,6 +651,8 @@ mod pod {
         CtValue,
         SockNatKey,
         SockNatValue,
+        FragKey,
+        FragValue,
         DatapathConfig,
         RemoteNode,
         Vtep,

@@ -14,6 +14,7 @@ const ETH_TYPE_OFFSET: usize = 12;
 
 /// Offsets inside an IPv4 header.
 pub mod ipv4 {
+    pub const IDENTIFICATION: usize = 4;
     pub const CHECKSUM: usize = 10;
     pub const SRC_ADDR: usize = 12;
     pub const DST_ADDR: usize = 16;

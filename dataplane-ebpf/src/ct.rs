@@ -167,13 +167,6 @@ fn track(
     })
 }
 
-/// Whether a packet with tuple `key` is a reply of a tracked connection (without touching its
-/// state).
-#[inline(always)]
-pub(crate) fn is_reply(key: &CtKey) -> bool {
-    CONNTRACK.get_ptr(key).is_some()
-}
-
 /// The frontend to restore in a reply whose tuple is `key`, if it belongs to a live tracked
 /// connection that still leads to this endpoint. A REPLY entry whose connection is gone,
 /// expired or now leads elsewhere (its client port was reused), or that a SYN-ACK finds closed
@@ -226,8 +219,9 @@ pub(crate) fn reply(key: &CtKey, tcp: u8, now: u64) -> Option<([u8; 4], u16)> {
 }
 
 /// The frontend of the live connection whose replies have the tuple `key`, for an ICMP error
-/// about one of its packets: the REPLY entry, if its FORWARD entry is live and still leads to
-/// this endpoint (as [`reply`] judges it). An error changes no state.
+/// about one of its packets or a later fragment of a reply: the REPLY entry, if its FORWARD
+/// entry is live and still leads to this endpoint (as [`reply`] judges it). Neither changes
+/// its state.
 #[inline(always)]
 pub(crate) fn related_reply(key: &CtKey, now: u64) -> Option<([u8; 4], u16)> {
     // SAFETY: the pointers come from successful lookups; the values are copied out at once.
@@ -239,14 +233,15 @@ pub(crate) fn related_reply(key: &CtKey, now: u64) -> Option<([u8; 4], u16)> {
     .then_some((entry.nat_addr, entry.nat_port))
 }
 
-/// The endpoint of the live connection whose client packets have the tuple `key`, for an ICMP
-/// error about one of its replies. An error changes no state.
+/// Where the live connection whose client packets have the tuple `key` goes, for an ICMP error
+/// about one of its replies or a later fragment of a client's datagram (whose first fragment
+/// updated the connection). Neither changes its state.
 #[inline(always)]
-pub(crate) fn related_forward(key: &CtKey, now: u64) -> Option<([u8; 4], u16)> {
+pub(crate) fn related_forward(key: &CtKey, now: u64) -> Option<Forward> {
     // SAFETY: the pointer comes from a successful lookup; the value is copied out at once.
     let forward = unsafe { *CONNTRACK.get_ptr(key)? };
     (!is_expired(key.proto, forward.flags, forward.last_seen_ns, now))
-        .then_some((forward.nat_addr, forward.nat_port))
+        .then(|| Forward::from_entry(&forward))
 }
 
 /// Whether a packet may change its connection's state: a TCP segment with SYN, FIN or RST.

@@ -59,7 +59,7 @@ pub(crate) fn to_endpoint(ctx: &TcContext, ip: &Ipv4Header) -> Result<(), DropRe
         ip,
         &quote,
         Side::Source,
-        endpoint,
+        (endpoint.addr, endpoint.port),
         Some(Side::Destination),
     )
 }

@@ -12,9 +12,9 @@ use weft_common::{
     maps::{
         AffinityKey, AffinityValue, CtKey, CtValue, DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT_ENTRIES,
         DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES, DEFAULT_SOCK_NAT_ENTRIES, DatapathConfig,
-        EndpointKey, EndpointMemberKey, EndpointValue, LocalPod, MAX_LOCAL_PODS, MAX_NODES,
-        MAX_SOURCE_RANGES, OverlayConfig, RemoteNode, ServiceKey, ServiceName, ServiceValue,
-        SockNatKey, SockNatValue, SourceRangeKey, Vtep,
+        EndpointKey, EndpointMemberKey, EndpointValue, FRAGMENT_ENTRIES, FragKey, FragValue,
+        LocalPod, MAX_LOCAL_PODS, MAX_NODES, MAX_SOURCE_RANGES, OverlayConfig, RemoteNode,
+        ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue, SourceRangeKey, Vtep,
     },
 };
 
@@ -77,6 +77,14 @@ pub(crate) static SOCK_NAT: LruHashMap<
     SockNatValue,
     { DEFAULT_SOCK_NAT_ENTRIES as usize },
 > = LruHashMap::new();
+
+/// Fragmented datagrams of translated connections: the ports their later fragments are
+/// translated by (see `frag`). Written per first fragment of such a datagram, and per later
+/// fragment that comes before its first; LRU, and an entry older than the kernel's reassembly
+/// timeout is ignored, so nothing needs removing.
+#[btf_map(name = "weft_frag4_v1")]
+pub(crate) static FRAGMENTS: LruHashMap<FragKey, FragValue, { FRAGMENT_ENTRIES as usize }> =
+    LruHashMap::new();
 
 /// Drop counters, one per `DropReason`, per CPU.
 #[btf_map(name = "weft_drops_v3")]

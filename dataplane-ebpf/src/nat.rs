@@ -38,22 +38,14 @@ pub(crate) fn rewrite(
     old: ([u8; 4], u16),
     new: ([u8; 4], u16),
 ) -> Result<(), DropReason> {
-    let (addr_offset, port_offset) = match side {
-        Side::Source => (ETH_HLEN + ipv4::SRC_ADDR, ip.l4_offset + l4::SRC_PORT),
-        Side::Destination => (ETH_HLEN + ipv4::DST_ADDR, ip.l4_offset + l4::DST_PORT),
+    let port_offset = match side {
+        Side::Source => ip.l4_offset + l4::SRC_PORT,
+        Side::Destination => ip.l4_offset + l4::DST_PORT,
     };
     let failed = |_| DropReason::NatRewriteFailed;
     let skb = Skb(ctx);
     // Direct stores first: the helpers below end direct access to the packet.
-    if old.0 != new.0 {
-        let checksum = skb
-            .read::<2>(ETH_HLEN + ipv4::CHECKSUM)
-            .ok_or(DropReason::NatRewriteFailed)?;
-        let checksum = csum::replace(u16::from_be_bytes(checksum), &old.0, &new.0);
-        skb.write(ETH_HLEN + ipv4::CHECKSUM, checksum.to_be_bytes())
-            .and_then(|()| skb.write(addr_offset, new.0))
-            .ok_or(DropReason::NatRewriteFailed)?;
-    }
+    rewrite_address(&skb, side, old.0, new.0)?;
     if ip.proto == ip_proto::SCTP {
         // SCTP's checksum covers no pseudo-header: only the port changes it.
         if old.1 != new.1 {
@@ -89,6 +81,31 @@ pub(crate) fn rewrite(
             .map_err(failed)?;
     }
     Ok(())
+}
+
+/// Rewrites `side`'s address from `old` to `new` and fixes the IPv4 header checksum: all a
+/// later fragment needs, whose transport checksum (in the first fragment) covers the address.
+#[inline(always)]
+pub(crate) fn rewrite_address(
+    skb: &Skb<'_>,
+    side: Side,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), DropReason> {
+    if old == new {
+        return Ok(());
+    }
+    let addr_offset = match side {
+        Side::Source => ETH_HLEN + ipv4::SRC_ADDR,
+        Side::Destination => ETH_HLEN + ipv4::DST_ADDR,
+    };
+    let checksum = skb
+        .read::<2>(ETH_HLEN + ipv4::CHECKSUM)
+        .ok_or(DropReason::NatRewriteFailed)?;
+    let checksum = csum::replace(u16::from_be_bytes(checksum), &old, &new);
+    skb.write(ETH_HLEN + ipv4::CHECKSUM, checksum.to_be_bytes())
+        .and_then(|()| skb.write(addr_offset, new))
+        .ok_or(DropReason::NatRewriteFailed)
 }
 
 /// An address as the checksum helpers take it: exactly as it sits in the packet.

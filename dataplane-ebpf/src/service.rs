@@ -1,6 +1,7 @@
 //! Service translation on TC, shared by the hooks that see clients' packets (a pod's bridge port,
 //! the uplink) and those that see replies (towards a pod, out of the uplink); ICMP errors about
-//! the connections follow them (see `icmp`).
+//! the connections (see `icmp`) and the later fragments of their datagrams (see `frag`) follow
+//! them.
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, programs::TcContext};
 use weft_common::{
@@ -8,12 +9,14 @@ use weft_common::{
     drop_reason::DropReason,
     ip_proto,
     maps::{CtKey, ct_direction},
-    packet::{Fragment, Frame, PacketBytes as _, Transport, parse_ipv4, parse_transport},
+    packet::{
+        Fragment, Frame, Ipv4Header, PacketBytes as _, Transport, parse_ipv4, parse_transport,
+    },
 };
 
 use crate::{
     ct::{self, Choice},
-    icmp, lb,
+    frag, icmp, lb,
     maps::{config, count_drop, verdict},
     nat::{self, Side},
     packet::Skb,
@@ -57,6 +60,9 @@ fn translate(ctx: &TcContext, clients: Clients) -> Result<i32, DropReason> {
     let ports = match parse_transport(&skb, &ip) {
         Transport::Ports(ports) => ports,
         Transport::Other => {
+            if ip.fragment == Fragment::Later {
+                return later_fragment_to_endpoint(ctx, &skb, &ip);
+            }
             if ip.proto == ip_proto::ICMP {
                 icmp::to_endpoint(ctx, &ip)?;
             }
@@ -80,17 +86,9 @@ fn translate(ctx: &TcContext, clients: Clients) -> Result<i32, DropReason> {
         return Ok(TC_ACT_UNSPEC);
     };
     if ip.fragment == Fragment::First {
-        return Err(DropReason::FragmentedService);
+        frag::first(&skb, &ip, &ports, ct_direction::FORWARD)?;
     }
-    let key = CtKey {
-        src_addr: ip.src,
-        dst_addr: ip.dst,
-        src_port: ports.src_port,
-        dst_port: ports.dst_port,
-        proto: ip.proto,
-        direction: ct_direction::FORWARD,
-        _pad: [0; 2],
-    };
+    let key = tuple(&ip, ports.src_port, ports.dst_port, ct_direction::FORWARD);
     let now = ct::now_ns();
     let forward = ct::forward(&key, ports.tcp_flags, now, || {
         if !lb::source_allowed(&frontend, &service, ip.src) {
@@ -117,9 +115,7 @@ fn translate(ctx: &TcContext, clients: Clients) -> Result<i32, DropReason> {
         Err(reason) => return Err(reason),
     };
     if forward.masquerade {
-        // SAFETY: reading a field of the context the kernel handed this program.
-        let mark = unsafe { (*ctx.skb.skb).mark };
-        ctx.set_mark(mark | MASQUERADE_MARK);
+        mark_for_masquerade(ctx);
     }
     nat::rewrite(
         ctx,
@@ -145,29 +141,73 @@ pub(crate) fn to_client(ctx: &TcContext) -> Result<(), DropReason> {
     if ip.proto == ip_proto::ICMP {
         return icmp::to_client(ctx, &ip);
     }
+    if ip.fragment == Fragment::Later {
+        return later_fragment_to_client(&skb, &ip);
+    }
     let Transport::Ports(ports) = parse_transport(&skb, &ip) else {
         return Ok(());
     };
-    let key = CtKey {
-        src_addr: ip.src,
-        dst_addr: ip.dst,
-        src_port: ports.src_port,
-        dst_port: ports.dst_port,
-        proto: ip.proto,
-        direction: ct_direction::REPLY,
-        _pad: [0; 2],
-    };
-    if ip.fragment == Fragment::First {
-        // The fragments that follow carry no ports and could not be restored with it, so the
-        // datagram could not be reassembled by the client: drop it whole, as the forward path does.
-        return if ct::is_reply(&key) {
-            Err(DropReason::FragmentedService)
-        } else {
-            Ok(())
-        };
-    }
+    let key = tuple(&ip, ports.src_port, ports.dst_port, ct_direction::REPLY);
     let Some(frontend) = ct::reply(&key, ports.tcp_flags, ct::now_ns()) else {
         return Ok(());
     };
+    if ip.fragment == Fragment::First {
+        frag::first(&skb, &ip, &ports, ct_direction::REPLY)?;
+    }
     nat::rewrite(ctx, &ip, Side::Source, (ip.src, ports.src_port), frontend)
+}
+
+/// A later fragment of a client's datagram whose first fragment was translated: to the same
+/// endpoint, with the same mark.
+#[inline(always)]
+fn later_fragment_to_endpoint(
+    ctx: &TcContext,
+    skb: &Skb<'_>,
+    ip: &Ipv4Header,
+) -> Result<i32, DropReason> {
+    let Some((src_port, dst_port)) = frag::later(skb, ip, ct_direction::FORWARD) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let key = tuple(ip, src_port, dst_port, ct_direction::FORWARD);
+    let forward =
+        ct::related_forward(&key, ct::now_ns()).ok_or(DropReason::FragmentUntranslatable)?;
+    if forward.masquerade {
+        mark_for_masquerade(ctx);
+    }
+    nat::rewrite_address(skb, Side::Destination, ip.dst, forward.addr)?;
+    Ok(TC_ACT_UNSPEC)
+}
+
+/// A later fragment of a reply whose first fragment was restored: restored the same way.
+#[inline(always)]
+fn later_fragment_to_client(skb: &Skb<'_>, ip: &Ipv4Header) -> Result<(), DropReason> {
+    let Some((src_port, dst_port)) = frag::later(skb, ip, ct_direction::REPLY) else {
+        return Ok(());
+    };
+    let key = tuple(ip, src_port, dst_port, ct_direction::REPLY);
+    let (frontend, _) =
+        ct::related_reply(&key, ct::now_ns()).ok_or(DropReason::FragmentUntranslatable)?;
+    nat::rewrite_address(skb, Side::Source, ip.src, frontend)
+}
+
+/// The conntrack key of a packet of `ip` with these ports, in `direction`.
+#[inline(always)]
+fn tuple(ip: &Ipv4Header, src_port: u16, dst_port: u16, direction: u8) -> CtKey {
+    CtKey {
+        src_addr: ip.src,
+        dst_addr: ip.dst,
+        src_port,
+        dst_port,
+        proto: ip.proto,
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+/// Adds the masquerade mark to the packet's mark.
+#[inline(always)]
+fn mark_for_masquerade(ctx: &TcContext) {
+    // SAFETY: reading a field of the context the kernel handed this program.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | MASQUERADE_MARK);
 }

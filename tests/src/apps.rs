@@ -163,6 +163,35 @@ fn udp_loop(socket: &UdpSocket, stop: &AtomicBool) {
     }
 }
 
+/// Echoes every UDP datagram on `port` in `ns` back to its sender, whole (up to 64 KiB, so a
+/// datagram the sender's stack sent in fragments comes back in fragments).
+pub fn serve_udp_echo(ns: &Netns, port: u16) -> Server {
+    let socket = ns
+        .run(|| bind_udp(port))
+        .expect("binding the UDP echo server");
+    spawn_server(ns, move |stop| {
+        let mut buf = vec![0u8; 65_536];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..len], from);
+            }
+        }
+    })
+}
+
+/// Sends `request` over a connected UDP socket to `target` and returns the answering datagram
+/// (up to 64 KiB), from inside the calling thread's namespace.
+pub fn udp_echo(target: SocketAddrV4, request: &[u8]) -> io::Result<Vec<u8>> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    socket.connect(target)?;
+    socket.send(request)?;
+    let mut buf = vec![0u8; 65_536];
+    let len = socket.recv(&mut buf)?;
+    buf.truncate(len);
+    Ok(buf)
+}
+
 /// Serves HTTP and UDP in the calling process's namespace until the process ends: the pod
 /// workload as a process of its own (the demo's `--keep` leaves it running).
 pub fn serve_forever(http_port: u16, udp_port: u16) -> io::Result<()> {

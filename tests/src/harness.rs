@@ -20,8 +20,8 @@ use weft::{
 use weft_common::{
     drop_reason::DropReason,
     maps::{
-        CONNTRACK_MAP, CtKey, CtValue, DROPS_MAP, DatapathConfig, LOCAL_PODS_MAP, LocalPod,
-        PEER_PORTS_MAP,
+        CONNTRACK_MAP, CtKey, CtValue, DROPS_MAP, DatapathConfig, FRAGMENTS_MAP, FragKey,
+        FragValue, LOCAL_PODS_MAP, LocalPod, PEER_PORTS_MAP,
     },
 };
 
@@ -408,19 +408,7 @@ impl Datapath {
             .ebpf_mut()
             .map_mut(LOCAL_PODS_MAP)
             .expect("the local pods map");
-        let mut map: BpfHashMap<_, [u8; 4], LocalPod> =
-            BpfHashMap::try_from(map).expect("a hash map");
-        let extra: Vec<[u8; 4]> = map
-            .keys()
-            .map(|key| key.expect("reading a pod address"))
-            .filter(|addr| !pods.iter().any(|(kept, _)| kept == addr))
-            .collect();
-        for addr in extra {
-            map.remove(&addr).expect("removing a pod");
-        }
-        for (addr, pod) in pods {
-            map.insert(addr, pod, 0).expect("writing a pod");
-        }
+        replace_contents(&mut BpfHashMap::try_from(map).expect("a hash map"), pods);
     }
 
     /// Drop counters summed over CPUs, non-zero ones only.
@@ -451,21 +439,51 @@ impl Datapath {
 
     /// Makes `entries` the conntrack map's whole contents.
     pub fn set_conntrack(&mut self, entries: &[(CtKey, CtValue)]) {
-        let extra: Vec<CtKey> = self
-            .conntrack_writer
-            .keys()
-            .map(|key| key.expect("reading a conntrack key"))
-            .filter(|key| !entries.iter().any(|(kept, _)| kept == key))
-            .collect();
-        for key in extra {
-            self.conntrack_writer
-                .remove(&key)
-                .expect("removing a conntrack entry");
-        }
-        for (key, value) in entries {
-            self.conntrack_writer
-                .insert(key, value, 0)
-                .expect("writing a conntrack entry");
-        }
+        replace_contents(&mut self.conntrack_writer, entries);
+    }
+
+    /// The fragmented datagrams the datapath knows of.
+    pub fn fragments(&mut self) -> Vec<(FragKey, FragValue)> {
+        let map = self
+            .dataplane
+            .ebpf_mut()
+            .map(FRAGMENTS_MAP)
+            .expect("the fragments map");
+        let map: BpfHashMap<_, FragKey, FragValue> = BpfHashMap::try_from(map).expect("a hash map");
+        map.iter()
+            .map(|entry| entry.expect("reading a datagram"))
+            .collect()
+    }
+
+    /// Makes `entries` the fragment map's whole contents.
+    pub fn set_fragments(&mut self, entries: &[(FragKey, FragValue)]) {
+        let map = self
+            .dataplane
+            .ebpf_mut()
+            .map_mut(FRAGMENTS_MAP)
+            .expect("the fragments map");
+        replace_contents(&mut BpfHashMap::try_from(map).expect("a hash map"), entries);
+    }
+}
+
+/// Makes `entries` the whole contents of `map`.
+fn replace_contents<T, K, V>(map: &mut BpfHashMap<T, K, V>, entries: &[(K, V)])
+where
+    T: std::borrow::BorrowMut<MapData>,
+    K: aya::Pod + PartialEq + std::fmt::Debug,
+    V: aya::Pod,
+{
+    let extra: Vec<K> = map
+        .keys()
+        .map(|key| key.expect("reading a key"))
+        .filter(|key| !entries.iter().any(|(kept, _)| kept == key))
+        .collect();
+    for key in extra {
+        map.remove(&key)
+            .unwrap_or_else(|e| panic!("removing {key:?}: {e}"));
+    }
+    for (key, value) in entries {
+        map.insert(key, value, 0)
+            .unwrap_or_else(|e| panic!("writing {key:?}: {e}"));
     }
 }

@@ -384,6 +384,63 @@ pub fn assert_rejects(name: &str, asked: &[u8], answer: &[u8]) {
     }
 }
 
+/// `frame`'s IPv4 datagram as the fragments a sender makes of it: identification `id`, the
+/// payload (transport header included) cut every `size` bytes (a multiple of 8), each header's
+/// checksum set.
+#[must_use]
+pub fn fragmented(frame: &[u8], id: u16, size: usize) -> Vec<Vec<u8>> {
+    assert_eq!(size % 8, 0, "fragment offsets count 8-byte units");
+    let header_len = usize::from(frame[14] & 0x0f) * 4;
+    let (headers, payload) = frame.split_at(14 + header_len);
+    let pieces: Vec<&[u8]> = payload.chunks(size).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(n, piece)| {
+            let mut fragment = headers.to_vec();
+            fragment.extend_from_slice(piece);
+            let more = if n + 1 < pieces.len() { 0x2000 } else { 0 };
+            let field = more | (n * size / 8) as u16;
+            fragment[16..18].copy_from_slice(&((header_len + piece.len()) as u16).to_be_bytes());
+            fragment[18..20].copy_from_slice(&id.to_be_bytes());
+            fragment[20..22].copy_from_slice(&field.to_be_bytes());
+            fragment[24..26].fill(0);
+            let sum = checksum(&fragment[14..14 + header_len]);
+            fragment[24..26].copy_from_slice(&sum.to_be_bytes());
+            fragment
+        })
+        .collect()
+}
+
+/// The datagram `fragments` (frames, in any order) make, as the receiver reassembles it: the
+/// first fragment's headers, the payloads placed by offset, the length and checksum set.
+#[must_use]
+pub fn reassembled(fragments: &[Vec<u8>]) -> Vec<u8> {
+    let offset =
+        |frame: &[u8]| usize::from(u16::from_be_bytes([frame[20], frame[21]]) & 0x1fff) * 8;
+    let header_len = |frame: &[u8]| usize::from(frame[14] & 0x0f) * 4;
+    let first = fragments
+        .iter()
+        .find(|frame| offset(frame) == 0)
+        .expect("a first fragment");
+    let mut payload = Vec::new();
+    for frame in fragments {
+        let piece = &frame[14 + header_len(frame)..];
+        let at = offset(frame);
+        payload.resize(payload.len().max(at + piece.len()), 0);
+        payload[at..at + piece.len()].copy_from_slice(piece);
+    }
+    let header_len = header_len(first);
+    let mut datagram = first[..14 + header_len].to_vec();
+    datagram[16..18].copy_from_slice(&((header_len + payload.len()) as u16).to_be_bytes());
+    datagram[20..22].fill(0);
+    datagram[24..26].fill(0);
+    let sum = checksum(&datagram[14..]);
+    datagram[24..26].copy_from_slice(&sum.to_be_bytes());
+    datagram.extend_from_slice(&payload);
+    datagram
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,10 @@ use weft::{
     flannel::{Lease, vtep_mac_for},
 };
 use weft_tests::{
-    apps::{HttpConnection, http_get, receive_bulk, send_bulk, serve_http, udp_request},
+    apps::{
+        HttpConnection, http_get, receive_bulk, send_bulk, serve_http, serve_udp_echo, udp_echo,
+        udp_request,
+    },
     capture::{Capture, is_udp_to},
     cluster::{Agent, AgentOptions, BRIDGE, Node},
     netns::{require_root, unique},
@@ -518,6 +521,44 @@ fn a_pod_learns_the_path_mtu_through_a_service_connection() {
     assert_eq!((received, digest), (8 << 20, sent));
     let drops = cluster.agents[0].inspect("drops");
     assert!(drops.lines().skip(1).all(|l| l.ends_with(" 0")), "{drops}");
+}
+
+/// 8 KiB UDP requests to a ClusterIP whose endpoint is on another node, echoed: both ways the
+/// datagram crosses the overlay in fragments (pod MTU 1450), and it must arrive whole, from
+/// the ClusterIP, with eBPF host routing and with the kernel's.
+#[test]
+fn an_8_kib_udp_request_to_a_cluster_ip_across_the_overlay_is_answered_whole() {
+    const PORT: u16 = 9400;
+    for routing in ["--host-routing=ebpf", "--host-routing=kernel"] {
+        let cluster = cluster_with_args(&[routing]);
+        let (client, endpoint) = (&cluster.pods[0][0], &cluster.pods[1][0]);
+        let vip = SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 40), PORT);
+        cluster.agents[0].write_manifest(
+            "echo.yaml",
+            &format!(
+                "{}---\n{}",
+                service("echo", *vip.ip(), PORT, "UDP", PORT),
+                endpoint_slice("echo", "UDP", PORT, &[endpoint.addr])
+            ),
+        );
+        let _echo = serve_udp_echo(&endpoint.ns, PORT);
+        within(Duration::from_secs(5), "node 1 serves the service", || {
+            client.ns.run(|| udp_echo(vip, b"ping")).is_ok()
+        });
+        for n in 0..50u32 {
+            let request: Vec<u8> = (0..8192u32).map(|i| (i * 31 + n) as u8).collect();
+            let answer = client
+                .ns
+                .run(|| udp_echo(vip, &request))
+                .unwrap_or_else(|e| panic!("{routing}: request {n} unanswered: {e}"));
+            assert!(answer == request, "{routing}: answer {n} differs");
+        }
+        let drops = cluster.agents[0].inspect("drops");
+        assert!(
+            drops.lines().skip(1).all(|l| l.ends_with(" 0")),
+            "{routing}: {drops}"
+        );
+    }
 }
 
 #[test]

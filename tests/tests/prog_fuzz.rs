@@ -22,7 +22,7 @@ use weft::{
 use weft_common::{
     conntrack::flags,
     drop_reason::DropReason,
-    maps::{CtKey, CtValue, LocalPod, OverlayConfig, ct_direction},
+    maps::{CtKey, CtValue, FragKey, FragValue, LocalPod, OverlayConfig, ct_direction},
 };
 use weft_tests::{
     harness::{Datapath, VERDICT_DROP, VERDICT_REDIRECT},
@@ -30,7 +30,7 @@ use weft_tests::{
         OUR_IP, OUR_VTEP, REMOTE_IP, REMOTE_VTEP, XDP_DROP, inner_frame, overlay, uplink_namespace,
         vxlan_frame,
     },
-    packet::{ACK, FIN, PSH, SYN, checksum, icmp_error, icmp_errors, sctp, tcp, udp},
+    packet::{ACK, FIN, PSH, SYN, checksum, fragmented, icmp_error, icmp_errors, sctp, tcp, udp},
     reference::{Connection, Fixture, LOCAL_SUBNET, NODE_NAME, Outcome, SCTP, TCP, UDP, Unknown},
     seed::cluster_cidr,
 };
@@ -164,6 +164,22 @@ fn seeds(fixture: &Fixture) -> Vec<(String, Vec<u8>)> {
             tcp(c.endpoint, c.client, FIN | ACK).build(),
         ));
     }
+    // The fixture's fragmented datagrams: the first, a middle and the last fragment of each.
+    for d in &fixture.datagrams {
+        let (src, dst) = (
+            addr(d.src.octets(), d.src_port),
+            addr(d.dst.octets(), d.dst_port),
+        );
+        let payload = [0x5a; 150];
+        let datagram = match d.proto {
+            TCP => tcp(src, dst, ACK | PSH).payload(&payload),
+            _ => udp(src, dst, &payload),
+        }
+        .build();
+        for (n, fragment) in fragmented(&datagram, d.id, 64).into_iter().enumerate() {
+            seeds.push((format!("{d:?}: fragment {n}"), fragment));
+        }
+    }
     seeds.push((
         "pod to a remote pod".into(),
         tcp(pod(5, 40000), remote_pod(5, 80), SYN)
@@ -287,7 +303,7 @@ fn fix_l4_checksum(frame: &mut [u8]) {
 /// One mutation of `frame`; returns what it did.
 fn mutate(rng: &mut Rng, fixture: &Fixture, frame: &mut Vec<u8>) -> String {
     let l4 = l4_offset(frame).unwrap_or(34);
-    match rng.below(16) {
+    match rng.below(17) {
         0 | 1 => {
             // Cut at or near a header boundary of some layer (VXLAN's inner ones too).
             let boundaries = [
@@ -470,6 +486,18 @@ fn mutate(rng: &mut Rng, fixture: &Fixture, frame: &mut Vec<u8>) -> String {
                 format!("TCP data offset {}", header[0] >> 4)
             }
         }
+        15 => {
+            // A datagram the fragment map knows, as a first, later or whole datagram.
+            if frame.len() < 34 {
+                return "fragment (no room)".into();
+            }
+            let id = rng.pick(&fixture.datagrams).id;
+            let field: u16 = rng.pick(&[0x2000, 0x0008, 0x2010, 0x4000]);
+            frame[18..20].copy_from_slice(&id.to_be_bytes());
+            frame[20..22].copy_from_slice(&field.to_be_bytes());
+            fix_ip_checksum(frame);
+            format!("identification {id:#06x}, fragment field {field:#06x}")
+        }
         14 => {
             let n = 1 + rng.below(64);
             frame.extend((0..n).map(|_| rng.byte()));
@@ -612,6 +640,34 @@ fn open_connections(datapath: &mut Datapath, fixture: &Fixture) -> Vec<(CtKey, C
     entries
 }
 
+/// The fixture's fragmented datagrams as fragment map entries, written in the far future so that
+/// none times out while the fuzzer runs; sorted by key.
+fn datagrams(fixture: &Fixture) -> Vec<(FragKey, FragValue)> {
+    let mut entries: Vec<(FragKey, FragValue)> = fixture
+        .datagrams
+        .iter()
+        .map(|d| {
+            let key = FragKey {
+                src_addr: d.src.octets(),
+                dst_addr: d.dst.octets(),
+                id: d.id,
+                proto: d.proto,
+                direction: d.direction,
+            };
+            let value = FragValue {
+                src_port: d.src_port,
+                dst_port: d.dst_port,
+                state: d.state,
+                _pad: [0; 3],
+                seen_ns: u64::MAX / 2,
+            };
+            (key, value)
+        })
+        .collect();
+    entries.sort_unstable_by_key(|(key, _)| *key);
+    entries
+}
+
 fn model(fixture: &Fixture, program: &str, frame: &[u8], mark: u32) -> Outcome {
     match program {
         FROM_PODS => fixture.tc_from_pods(frame, mark),
@@ -663,6 +719,8 @@ struct Fuzzer<'a> {
     counted: BTreeMap<DropReason, u64>,
     /// Drops the model expects over the whole run.
     expected_drops: BTreeMap<DropReason, u64>,
+    /// The fragment map every frame starts from.
+    fragments: Vec<(FragKey, FragValue)>,
     /// The runs since conntrack was last restored, which the model says leave it alone.
     since_restore: Vec<String>,
 }
@@ -724,6 +782,9 @@ impl Fuzzer<'_> {
         if expected.pods || !same {
             self.datapath.set_local_pods(&self.pods);
         }
+        if expected.fragments || !same {
+            self.datapath.set_fragments(&self.fragments);
+        }
         if expected.conntrack || expected.pods || !same {
             self.datapath.set_conntrack(&self.baseline);
             self.since_restore.clear();
@@ -763,6 +824,13 @@ impl Fuzzer<'_> {
         assert!(
             pods == self.pods,
             "the learned pods changed, by one of these runs:\n{}\nnow: {pods:?}",
+            self.since_restore.join("\n")
+        );
+        let mut fragments = self.datapath.fragments();
+        fragments.sort_unstable_by_key(|(key, _)| *key);
+        assert!(
+            fragments == self.fragments,
+            "the fragment map changed, by one of these runs:\n{}\nnow: {fragments:?}",
             self.since_restore.join("\n")
         );
         let mut entries = self.datapath.conntrack();
@@ -820,6 +888,8 @@ fn every_program_does_what_the_reference_model_says() {
             .collect();
         pods.sort_unstable_by_key(|(addr, _)| *addr);
         datapath.set_local_pods(&pods);
+        let fragments = datagrams(&fixture);
+        datapath.set_fragments(&fragments);
         // Frames run on the uplink's ifindex, a veth: the pods behind it are learned.
         datapath.add_peer_port(uplink);
         let counted = datapath.drops();
@@ -828,6 +898,7 @@ fn every_program_does_what_the_reference_model_says() {
             fixture: &fixture,
             baseline,
             pods,
+            fragments,
             uplink,
             counted,
             expected_drops: BTreeMap::new(),

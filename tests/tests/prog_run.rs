@@ -15,13 +15,13 @@ use weft_common::{
     MASQUERADE_MARK,
     conntrack::flags,
     drop_reason::DropReason,
-    maps::{CtValue, ct_direction},
+    maps::{CtValue, FRAGMENT_TIMEOUT_NS, ct_direction, frag_state},
 };
 use weft_tests::{
     harness::{Datapath, VERDICT_DROP, VERDICT_PASS, VERDICT_REDIRECT},
     packet::{
-        ACK, FIN, IcmpError, PSH, SYN, assert_rejects, icmp_error, icmp_errors, parse,
-        parse_icmp_error, tcp, udp,
+        ACK, FIN, IcmpError, PSH, SYN, assert_rejects, checksum, fragmented, icmp_error,
+        icmp_errors, parse, parse_icmp_error, reassembled, tcp, udp,
     },
     seed::{
         self, BACKENDS, TARGET_PORT, VIP, cluster_cidr, endpoint_slice, nginx_manifest, service,
@@ -277,13 +277,16 @@ fn fixtures() -> Vec<Fixture> {
             },
         ),
         fixture(
-            "the first fragment of a datagram for a service is dropped, counted",
+            "the first fragment of a datagram for a service is DNATed",
             FROM_PODS,
             tcp(client(), vip, SYN).fragment(0x2000).build(),
-            Expect::Drop(DropReason::FragmentedService),
+            Expect::Dnat {
+                to: backend_addrs(),
+                mark: 0,
+            },
         ),
         fixture(
-            "a later fragment has no ports and passes",
+            "a later fragment of a datagram nothing is known of passes",
             FROM_PODS,
             tcp(client(), vip, SYN).fragment(0x0010).build(),
             Expect::Unchanged,
@@ -930,4 +933,134 @@ fn icmp_errors_about_service_connections_quote_what_each_side_sent() {
 
 fn error_of(index: usize) -> IcmpError {
     icmp_errors()[index].1
+}
+
+/// A UDP datagram of `len` bytes, in fragments of at most 1,480 bytes of payload (a 1,500-byte
+/// MTU), as a pod's stack sends it.
+fn udp_fragments(src: SocketAddrV4, dst: SocketAddrV4, len: usize, id: u16) -> Vec<Vec<u8>> {
+    let payload: Vec<u8> = (0..len).map(|n| (n * 7) as u8).collect();
+    fragmented(&udp(src, dst, &payload).build(), id, 1480)
+}
+
+/// Runs `program` on each frame, in order; every one must pass.
+fn run_all(datapath: &mut Datapath, program: &str, frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .map(|frame| {
+            let run = datapath.run(program, frame, 0);
+            assert_eq!(run.verdict, VERDICT_PASS, "a fragment passes");
+            run.output
+        })
+        .collect()
+}
+
+#[test]
+fn a_datagram_in_fragments_is_translated_whole_both_ways() {
+    let mut datapath = Datapath::new(&with_dns(), Some(cluster_cidr()));
+    let dns = SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 10), 53);
+    let query = udp_fragments(client(), dns, 8192, 0x0101);
+    assert_eq!(query.len(), 6, "8 KiB at MTU 1500");
+    let sent = run_all(&mut datapath, FROM_PODS, &query);
+    let endpoint = parse(&sent[0]).dst;
+    assert!(
+        [BACKENDS[0], BACKENDS[1]].contains(endpoint.ip()) && endpoint.port() == 5353,
+        "DNAT to a DNS endpoint, not {endpoint}"
+    );
+    for (n, (before, after)) in query.iter().zip(&sent).enumerate().skip(1) {
+        let mut expected = before.clone();
+        expected[30..34].copy_from_slice(&endpoint.ip().octets());
+        expected[24..26].fill(0);
+        let sum = checksum(&expected[14..34]);
+        expected[24..26].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(
+            *after, expected,
+            "later fragment {n}: the destination address and the header checksum change, nothing else"
+        );
+    }
+    assert_rewritten(
+        "the query as the endpoint reassembles it",
+        &reassembled(&query),
+        &reassembled(&sent),
+        client(),
+        endpoint,
+    );
+
+    let answer = udp_fragments(endpoint, client(), 3000, 0x0202);
+    let restored = run_all(&mut datapath, TO_POD, &answer);
+    assert_rewritten(
+        "the answer as the client reassembles it",
+        &reassembled(&answer),
+        &reassembled(&restored),
+        dns,
+        client(),
+    );
+    assert!(datapath.drops().is_empty(), "{:?}", datapath.drops());
+}
+
+#[test]
+fn fragments_that_cannot_be_translated_whole_are_dropped_counted_and_others_pass() {
+    let mut datapath = Datapath::new(&with_dns(), Some(cluster_cidr()));
+    let dns = SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 10), 53);
+    let dropped = |datapath: &mut Datapath, n| {
+        assert_eq!(
+            datapath.drops(),
+            BTreeMap::from([(DropReason::FragmentUntranslatable, n)])
+        );
+    };
+
+    // Out of order: the last fragment, first, passes as it is; the first fragment is dropped.
+    let late = udp_fragments(client(), dns, 3000, 7);
+    for (n, expect_drop) in [(2, false), (0, true), (1, false)] {
+        let run = datapath.run(FROM_PODS, &late[n], 0);
+        if expect_drop {
+            assert_eq!(
+                run.verdict, VERDICT_DROP,
+                "the first fragment, after a later one"
+            );
+        } else {
+            assert_eq!(
+                (run.verdict, &run.output),
+                (VERDICT_PASS, &late[n]),
+                "fragment {n}, before its first"
+            );
+        }
+    }
+    dropped(&mut datapath, 1);
+
+    // The mark is an earlier datagram's once the kernel's reassembly timeout (30 s) is over: a
+    // datagram that reuses the identification is translated.
+    let marks = datapath.fragments();
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    let (key, mut mark) = marks[0];
+    assert_eq!(mark.state, frag_state::LATER_FIRST);
+    mark.seen_ns = monotonic_now_ns() - FRAGMENT_TIMEOUT_NS - 1_000_000_000;
+    datapath.set_fragments(&[(key, mark)]);
+    let reused = run_all(&mut datapath, FROM_PODS, &late);
+    let endpoint = parse(&reused[0]).dst;
+    assert_rewritten(
+        "a datagram reusing an old identification",
+        &reassembled(&late),
+        &reassembled(&reused),
+        client(),
+        endpoint,
+    );
+
+    // A later fragment whose connection is gone is dropped.
+    let orphan = udp_fragments(client(), dns, 3000, 8);
+    run_all(&mut datapath, FROM_PODS, &orphan[..1]);
+    datapath.set_conntrack(&[]);
+    assert_eq!(datapath.run(FROM_PODS, &orphan[1], 0).verdict, VERDICT_DROP);
+    dropped(&mut datapath, 2);
+
+    // Fragments of a datagram for no service, and of one nobody asked for, pass as they are.
+    let direct = udp_fragments(
+        client(),
+        SocketAddrV4::new(Ipv4Addr::new(172, 30, 44, 2), 53),
+        3000,
+        9,
+    );
+    assert_eq!(run_all(&mut datapath, FROM_PODS, &direct), direct);
+    let unasked = udp_fragments(SocketAddrV4::new(BACKENDS[0], 5353), client(), 3000, 10);
+    assert_eq!(run_all(&mut datapath, TO_POD, &unasked), unasked);
+    dropped(&mut datapath, 2);
 }

@@ -76,12 +76,29 @@ pub struct Connection {
     pub masquerade: bool,
 }
 
+/// A fragmented datagram the fixture's fragment map holds from the start.
+#[derive(Clone, Copy, Debug)]
+pub struct Datagram {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub id: u16,
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// A `weft_common::maps::ct_direction`: whose hooks keep the entry.
+    pub direction: u8,
+    /// A `weft_common::maps::frag_state`.
+    pub state: u8,
+}
+
 /// The map state the model assumes: services, the node's NodePort address, the overlay (this
 /// node 192.168.50.1, Network 172.30.0.0/16, VNI 1, port 8472; node .2 holds 172.30.44.0/24),
-/// the cluster CIDR 172.30.0.0/16, and the connections tracked from the start.
+/// the cluster CIDR 172.30.0.0/16, and the connections and fragmented datagrams tracked from
+/// the start.
 pub struct Fixture {
     pub services: Vec<ServicePort>,
     pub connections: Vec<Connection>,
+    pub datagrams: Vec<Datagram>,
     /// The pods the node has learned from their ports (address, MAC), all on one port.
     pub pods: Vec<([u8; 4], [u8; 6])>,
 }
@@ -97,6 +114,9 @@ pub struct Outcome {
     /// Whether the program reads or writes conntrack state for this frame (the fuzzer restores
     /// the fixture's conntrack after such frames).
     pub conntrack: bool,
+    /// Whether the program may write the fragment map (the fuzzer restores it after such
+    /// frames): for every fragment of TCP, UDP or SCTP.
+    pub fragments: bool,
     /// Whether the program learns a pod it did not know (the fuzzer restores the learned pods
     /// after such frames).
     pub pods: bool,
@@ -125,6 +145,7 @@ impl Outcome {
             mark,
             drop: None,
             conntrack: true,
+            fragments: false,
             pods: false,
             unknown,
         }
@@ -137,6 +158,7 @@ impl Outcome {
             mark,
             drop: None,
             conntrack: false,
+            fragments: false,
             pods: false,
             unknown: Vec::new(),
         }
@@ -260,9 +282,11 @@ impl Fixture {
             (pod(9).octets(), crate::overlay_fixture::POD_MAC),
             (pod(6).octets(), crate::overlay_fixture::POD_MAC),
         ];
+        let datagrams = datagrams(&connections);
         Self {
             services,
             connections,
+            datagrams,
             pods,
         }
     }
@@ -316,12 +340,82 @@ impl Fixture {
         })
     }
 
+    /// What `direction`'s hooks know of the datagram `ip` is a fragment of, if the fixture
+    /// holds it.
+    fn datagram(&self, frame: &[u8], ip: &Ip, direction: u8) -> Option<&Datagram> {
+        let id = u16::from_be_bytes([frame[18], frame[19]]);
+        self.datagrams.iter().find(|d| {
+            d.src.octets() == ip.src
+                && d.dst.octets() == ip.dst
+                && d.id == id
+                && d.proto == ip.proto
+                && d.direction == direction
+        })
+    }
+
     /// The tracked connection a reply with this tuple belongs to.
     fn reply(&self, tuple: &Tuple) -> Option<&Connection> {
         self.connections.iter().find(|c| {
             c.proto == tuple.proto && c.endpoint == tuple.src() && c.client == tuple.dst()
         })
     }
+}
+
+/// For each TCP and UDP connection, a datagram each way whose first fragment was translated
+/// (identifications 0x1000 + n client to frontend, 0x2000 + n endpoint to client) and one each
+/// way whose later fragment came first (0x3000 + n, 0x4000 + n), each known to its direction;
+/// the same marks known to the other direction only (0x6000 + n, 0x7000 + n); and a client's
+/// datagram whose connection is gone (0x5000).
+fn datagrams(connections: &[Connection]) -> Vec<Datagram> {
+    use weft_common::maps::{
+        ct_direction::{FORWARD, REPLY},
+        frag_state::{LATER_FIRST, TRANSLATED},
+    };
+    let mut datagrams = Vec::new();
+    for (n, c) in connections.iter().enumerate() {
+        if c.proto == SCTP {
+            continue;
+        }
+        let n = n as u16;
+        let forward = |id, direction, state| Datagram {
+            src: *c.client.ip(),
+            dst: *c.frontend.ip(),
+            id,
+            proto: c.proto,
+            src_port: c.client.port(),
+            dst_port: c.frontend.port(),
+            direction,
+            state,
+        };
+        let reply = |id, direction, state| Datagram {
+            src: *c.endpoint.ip(),
+            dst: *c.client.ip(),
+            id,
+            proto: c.proto,
+            src_port: c.endpoint.port(),
+            dst_port: c.client.port(),
+            direction,
+            state,
+        };
+        datagrams.push(forward(0x1000 + n, FORWARD, TRANSLATED));
+        datagrams.push(reply(0x2000 + n, REPLY, TRANSLATED));
+        datagrams.push(forward(0x3000 + n, FORWARD, LATER_FIRST));
+        datagrams.push(reply(0x4000 + n, REPLY, LATER_FIRST));
+        datagrams.push(forward(0x6000 + n, REPLY, LATER_FIRST));
+        datagrams.push(reply(0x7000 + n, FORWARD, LATER_FIRST));
+    }
+    let first = connections[0];
+    datagrams.push(Datagram {
+        src: *first.client.ip(),
+        dst: *first.frontend.ip(),
+        id: 0x5000,
+        proto: first.proto,
+        src_port: first.client.port() + 1,
+        dst_port: first.frontend.port(),
+        direction: FORWARD,
+        state: TRANSLATED,
+    });
+    datagrams
 }
 
 impl Default for Fixture {

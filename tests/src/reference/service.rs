@@ -3,10 +3,20 @@
 //! a reset or port unreachable when the service has no endpoints); `tc_to_pod` (and the first
 //! half of `tc_to_uplink`) restores the frontend as the source of a tracked connection's
 //! replies. ICMP errors about a tracked connection get the same translation in what they quote.
+//! A TCP or UDP datagram of a tracked connection in fragments is translated whole: the first
+//! fragment as any packet, the later ones (address only) by the ports the fragment map
+//! holds for the datagram; a first fragment whose later ones came first, an SCTP one and a
+//! later one whose connection is gone are dropped.
 //! Frames too damaged to judge are the stack's: they pass, except an invalid IPv4 header on the
 //! client side and a cut transport header to a frontend, which are dropped.
 
-use weft_common::drop_reason::DropReason;
+use weft_common::{
+    drop_reason::DropReason,
+    maps::{
+        ct_direction::{FORWARD, REPLY},
+        frag_state::{LATER_FIRST, TRANSLATED},
+    },
+};
 
 use super::{
     Fixture, ICMP, Ip, L3, L4, MASQUERADE, Outcome, SCTP, TCP, Tuple, UDP, Unknown, VERDICT_DROP,
@@ -52,6 +62,12 @@ impl Fixture {
     }
 
     pub(super) fn to_endpoint(&self, frame: &[u8], mark: u32) -> Outcome {
+        let mut outcome = self.translate_to_endpoint(frame, mark);
+        outcome.fragments = fragment_with_ports(frame);
+        outcome
+    }
+
+    fn translate_to_endpoint(&self, frame: &[u8], mark: u32) -> Outcome {
         let ip = match parse_ip(frame) {
             L3::NotIpv4 => return Outcome::pass(VERDICT_PASS, frame, mark),
             L3::Malformed => {
@@ -60,6 +76,9 @@ impl Fixture {
             L3::Ipv4(ip) => ip,
         };
         let tuple = match parse_l4(frame, &ip) {
+            L4::Other if ip.later_fragment() => {
+                return self.later_fragment(frame, &ip, mark, FORWARD);
+            }
             L4::Other if ip.proto == ICMP => return self.error_about_reply(frame, &ip, mark),
             L4::Other => return Outcome::pass(VERDICT_PASS, frame, mark),
             L4::Truncated => {
@@ -79,8 +98,13 @@ impl Fixture {
         let Some((service, masquerade_all)) = self.frontend(ip.dst, tuple.dport, ip.proto) else {
             return Outcome::pass(VERDICT_PASS, frame, mark);
         };
-        if ip.first_fragment() {
-            return Outcome::drop(VERDICT_DROP, frame, mark, DropReason::FragmentedService);
+        if ip.first_fragment() && self.untranslatable_first_fragment(frame, &ip, FORWARD) {
+            return Outcome::drop(
+                VERDICT_DROP,
+                frame,
+                mark,
+                DropReason::FragmentUntranslatable,
+            );
         }
         let (endpoint, masquerade) = match self.forward(&tuple) {
             Some(connection) => (connection.endpoint, connection.masquerade),
@@ -114,11 +138,20 @@ impl Fixture {
 
     /// Restores the frontend in a reply of a tracked connection; anything else is left alone.
     pub(super) fn to_client(&self, frame: &[u8], mark: u32) -> Outcome {
+        let mut outcome = self.restore_to_client(frame, mark);
+        outcome.fragments = fragment_with_ports(frame);
+        outcome
+    }
+
+    fn restore_to_client(&self, frame: &[u8], mark: u32) -> Outcome {
         let L3::Ipv4(ip) = parse_ip(frame) else {
             return Outcome::pass(VERDICT_PASS, frame, mark);
         };
         if ip.proto == ICMP {
             return self.error_about_client_packet(frame, &ip, mark);
+        }
+        if ip.later_fragment() {
+            return self.later_fragment(frame, &ip, mark, REPLY);
         }
         let L4::Ports(tuple) = parse_l4(frame, &ip) else {
             return Outcome::pass(VERDICT_PASS, frame, mark);
@@ -126,10 +159,13 @@ impl Fixture {
         let Some(connection) = self.reply(&tuple) else {
             return Outcome::pass(VERDICT_PASS, frame, mark);
         };
-        if ip.first_fragment() {
-            // Its later fragments could not be restored: the client could not reassemble it.
-            let mut outcome =
-                Outcome::drop(VERDICT_DROP, frame, mark, DropReason::FragmentedService);
+        if ip.first_fragment() && self.untranslatable_first_fragment(frame, &ip, REPLY) {
+            let mut outcome = Outcome::drop(
+                VERDICT_DROP,
+                frame,
+                mark,
+                DropReason::FragmentUntranslatable,
+            );
             outcome.conntrack = true;
             return outcome;
         }
@@ -146,6 +182,67 @@ impl Fixture {
 }
 
 impl Fixture {
+    /// Whether the first fragment of a datagram that would be translated cannot be: SCTP (its
+    /// CRC32c covers the whole datagram, which the fragment does not hold), or later fragments
+    /// came first through `direction`'s hooks.
+    fn untranslatable_first_fragment(&self, frame: &[u8], ip: &Ip, direction: u8) -> bool {
+        ip.proto == SCTP
+            || self
+                .datagram(frame, ip, direction)
+                .is_some_and(|d| d.state == LATER_FIRST)
+    }
+
+    /// A later fragment of a TCP or UDP datagram whose first fragment was translated in
+    /// `direction`: the address its connection gives that side (the destination of a
+    /// client's datagram, the source of a reply), and the masquerade mark; dropped when the
+    /// connection is gone. Any other fragment is left alone.
+    fn later_fragment(&self, frame: &[u8], ip: &Ip, mark: u32, direction: u8) -> Outcome {
+        let datagram = self
+            .datagram(frame, ip, direction)
+            .filter(|d| d.state == TRANSLATED && matches!(ip.proto, TCP | UDP));
+        let Some(d) = datagram else {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        };
+        let tuple = Tuple {
+            src: ip.src,
+            dst: ip.dst,
+            sport: d.src_port,
+            dport: d.dst_port,
+            proto: ip.proto,
+        };
+        let translation = if direction == FORWARD {
+            self.forward(&tuple).map(|c| {
+                let mark = if c.masquerade {
+                    mark | MASQUERADE
+                } else {
+                    mark
+                };
+                (Side::Destination, c.endpoint.ip().octets(), mark)
+            })
+        } else {
+            self.reply(&tuple)
+                .map(|c| (Side::Source, c.frontend.ip().octets(), mark))
+        };
+        let Some((side, addr, mark)) = translation else {
+            let mut outcome = Outcome::drop(
+                VERDICT_DROP,
+                frame,
+                mark,
+                DropReason::FragmentUntranslatable,
+            );
+            outcome.conntrack = true;
+            return outcome;
+        };
+        let mut output = frame.to_vec();
+        let at = match side {
+            Side::Source => 14 + 12,
+            Side::Destination => 14 + 16,
+        };
+        output[at..at + 4].copy_from_slice(&addr);
+        refresh(frame, &mut output, 14..14 + ip.header_len, 24);
+        Outcome::translated(output, mark, Vec::new())
+    }
+
     /// An ICMP error about a client's packet (quoting client -> endpoint), addressed to the
     /// client: the quote shows the frontend again, and the outer source too when the endpoint
     /// sent the error.
@@ -369,6 +466,12 @@ fn rewrite(
             let at = ip.l4 + if ip.proto == TCP { 16 } else { 6 };
             let field = u16::from_be_bytes([before[at], before[at + 1]]);
             if !(ip.proto == UDP && field == 0) {
+                // A first fragment's checksum covers the whole datagram: it can only be moved.
+                let rechecksum = if ip.first_fragment() {
+                    moved
+                } else {
+                    rechecksum
+                };
                 let pseudo = |bytes: &[u8]| {
                     sum(&bytes[26..34])
                         + u64::from(ip.proto)
@@ -409,6 +512,13 @@ fn rewrite(
         _ => unreachable!("only transports with ports are translated"),
     }
     unknown
+}
+
+/// Whether `frame` is a fragment of a TCP, UDP or SCTP datagram, which the datapath may note in
+/// its fragment map.
+fn fragment_with_ports(frame: &[u8]) -> bool {
+    matches!(parse_ip(frame), L3::Ipv4(ip)
+        if (ip.first_fragment() || ip.later_fragment()) && matches!(ip.proto, TCP | UDP | SCTP))
 }
 
 /// The answer of a service with no endpoints, sent back where the packet came from: a reset
