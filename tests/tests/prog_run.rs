@@ -5,6 +5,8 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
+    thread,
+    time::Duration,
 };
 
 use weft::{
@@ -388,6 +390,21 @@ fn assert_rewritten(
     assert_eq!(output[..14], input[..14], "{name}: Ethernet header");
 }
 
+const SECOND: u64 = 1_000_000_000;
+
+/// The monotonic time (the clock conntrack and the fragment map use), once it is past `age`:
+/// the clock starts at boot, and a guest booted moments ago has no time `age` back to date
+/// an entry to.
+fn clock_past(age: u64) -> u64 {
+    loop {
+        let now = monotonic_now_ns();
+        if now > age {
+            return now;
+        }
+        thread::sleep(Duration::from_nanos(age - now) + Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn service_fixture_table() {
     for fixture in fixtures() {
@@ -668,7 +685,6 @@ fn a_closed_connection_reopened_with_a_syn_picks_again() {
 
 #[test]
 fn a_reply_within_a_second_of_the_last_check_needs_only_its_reply_entry() {
-    const SECOND: u64 = 1_000_000_000;
     let mut datapath = Datapath::new(&nginx_manifest(&BACKENDS), Some(cluster_cidr()));
     let vip = seed::frontend();
     let client = SocketAddrV4::new(*client().ip(), 50200);
@@ -692,13 +708,14 @@ fn a_reply_within_a_second_of_the_last_check_needs_only_its_reply_entry() {
         flags::SEEN_REPLY,
         "the reply entry keeps the state its check found"
     );
-    let now = monotonic_now_ns();
+    let now = clock_past(5 * SECOND);
     let (forward_key, mut forward) = entry(&datapath, ct_direction::FORWARD);
     // FORWARD last refreshed 5 s ago, REPLY checked just now: a plain reply is restored from
-    // REPLY alone and leaves FORWARD as it was.
+    // REPLY alone and leaves FORWARD as it was. The check is dated ahead of the clock, so a
+    // slow guest (QEMU without KVM) cannot age it past the interval before the program runs.
     forward.last_seen_ns = now - 5 * SECOND;
     let checked = CtValue {
-        last_seen_ns: now,
+        last_seen_ns: now + 10 * SECOND,
         ..reply
     };
     datapath.set_conntrack(&[(forward_key, forward), (reply_key, checked)]);
@@ -1033,7 +1050,7 @@ fn fragments_that_cannot_be_translated_whole_are_dropped_counted_and_others_pass
     assert_eq!(marks.len(), 1, "{marks:?}");
     let (key, mut mark) = marks[0];
     assert_eq!(mark.state, frag_state::LATER_FIRST);
-    mark.seen_ns = monotonic_now_ns() - FRAGMENT_TIMEOUT_NS - 1_000_000_000;
+    mark.seen_ns = clock_past(FRAGMENT_TIMEOUT_NS + SECOND) - FRAGMENT_TIMEOUT_NS - SECOND;
     datapath.set_fragments(&[(key, mark)]);
     let reused = run_all(&mut datapath, FROM_PODS, &late);
     let endpoint = parse(&reused[0]).dst;
