@@ -160,14 +160,7 @@ impl Fixture {
             return Outcome::pass(VERDICT_PASS, frame, mark);
         };
         if ip.first_fragment() && self.untranslatable_first_fragment(frame, &ip, REPLY) {
-            let mut outcome = Outcome::drop(
-                VERDICT_DROP,
-                frame,
-                mark,
-                DropReason::FragmentUntranslatable,
-            );
-            outcome.conntrack = true;
-            return outcome;
+            return untranslatable_fragment_after_lookup(frame, mark);
         }
         let mut output = frame.to_vec();
         let unknown = rewrite(
@@ -224,14 +217,7 @@ impl Fixture {
                 .map(|c| (Side::Source, c.frontend.ip().octets(), mark))
         };
         let Some((side, addr, mark)) = translation else {
-            let mut outcome = Outcome::drop(
-                VERDICT_DROP,
-                frame,
-                mark,
-                DropReason::FragmentUntranslatable,
-            );
-            outcome.conntrack = true;
-            return outcome;
+            return untranslatable_fragment_after_lookup(frame, mark);
         };
         let mut output = frame.to_vec();
         let at = match side {
@@ -586,5 +572,18 @@ fn reject(frame: &[u8], ip: &Ip, mark: u32) -> Outcome {
         verdict: VERDICT_REDIRECT,
         output: answer,
         ..dropped
+    }
+}
+
+/// A fragment dropped (counted) once conntrack was read for it.
+fn untranslatable_fragment_after_lookup(frame: &[u8], mark: u32) -> Outcome {
+    Outcome {
+        conntrack: true,
+        ..Outcome::drop(
+            VERDICT_DROP,
+            frame,
+            mark,
+            DropReason::FragmentUntranslatable,
+        )
     }
 }
