@@ -34,6 +34,7 @@ use weft::{
     netdev::{self, PortEvent, PortWatch, Uplink},
     nexthops,
     nft::{self, Masquerade},
+    pods::PodNamespaces,
     privilege,
     reconcile::{Reconciler, Report},
     source::ModelHandle,
@@ -101,6 +102,14 @@ pub struct AgentArgs {
     /// covering every process of the node).
     #[arg(long, env = "WEFT_CGROUP")]
     cgroup: Option<PathBuf>,
+    /// Which sockets are load-balanced when they connect or send (Cilium's socket LB): `all`,
+    /// the node's and its pods' (their packets then need no NAT, and the kernel picks each
+    /// connection's port knowing its endpoint); `host-only`, the node's only, pods' service
+    /// traffic being translated per packet (service meshes whose sidecars must see the
+    /// ClusterIP need this, as Cilium's socketLB.hostNamespaceOnly). Pods are found by their
+    /// namespace under /run/netns; `all` needs Linux 5.14 to tell them apart from the node.
+    #[arg(long, env = "WEFT_SOCKET_LB", value_enum, default_value_t = SocketLb::All)]
+    socket_lb: SocketLb,
     /// How TC programs attach: tcx links (Linux 6.6+), or netlink clsact filters (priority
     /// 1, handle 0x7766), for older kernels or beside tools that manage clsact filters.
     #[arg(long, env = "WEFT_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
@@ -175,6 +184,13 @@ pub struct AgentArgs {
 pub enum HostRouting {
     Ebpf,
     Kernel,
+}
+
+/// Which sockets the socket hooks translate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketLb {
+    All,
+    HostOnly,
 }
 
 /// On or off.
@@ -489,13 +505,20 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
         },
         start_services(args, api, &node_name, &model, &health),
     )?;
-    let host_netns_cookie = sys::netns_cookie().unwrap_or_else(|e| {
-        warn!(
-            "cannot read this network namespace's cookie ({e}; needs Linux 5.14); \
-             the socket hooks will translate sockets of every namespace"
-        );
-        0
-    });
+    let host_netns_cookie = match (sys::netns_cookie(), args.socket_lb) {
+        (Ok(cookie), _) => cookie,
+        (Err(e), SocketLb::HostOnly) => anyhow::bail!(
+            "--socket-lb=host-only needs this network namespace's cookie, which this kernel does \
+             not give ({e}; Linux 5.14 does): run with --socket-lb=all on this kernel"
+        ),
+        (Err(e), SocketLb::All) => {
+            warn!(
+                "cannot read this network namespace's cookie ({e}; needs Linux 5.14); the \
+                 socket hooks will translate sockets of every namespace, the node as their client"
+            );
+            0
+        }
+    };
     let cluster_cidr = args
         .cluster_cidr
         .or(overlay.as_ref().map(|o| o.config.network));
@@ -581,6 +604,25 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
             Some((peers, listed.revision))
         }
         None => None,
+    };
+    // Pods are known before the first pass, so a restart keeps their sockets translated.
+    let may_enter = privilege::effective().is_ok_and(privilege::can_enter_namespaces);
+    let pod_namespaces = match (args.socket_lb, host_netns_cookie) {
+        (SocketLb::All, 1..) if !may_enter => {
+            warn!(
+                "socket load balancing for pods needs CAP_SYS_ADMIN to enter their network \
+                 namespaces (setns), which this agent lacks: pods' service traffic is translated \
+                 per packet; grant it, or pass --socket-lb=host-only to say so"
+            );
+            None
+        }
+        (SocketLb::All, 1..) => {
+            let mut pods = PodNamespaces::new(netlink.clone(), args.bridge.clone(), pod_subnet);
+            let found = pods.scan().await;
+            model.update(|model| model.set_pod_namespaces(found));
+            Some(pods)
+        }
+        _ => None,
     };
     let mut reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
     let started = Instant::now();
@@ -668,6 +710,9 @@ async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<
         "ready"
     );
 
+    if let Some(pods) = pod_namespaces {
+        tokio::spawn(pods.follow(Arc::clone(&model)));
+    }
     if let ServiceSource::Manifests(watch) = services {
         tokio::spawn(manifests::follow(watch, Arc::clone(&model)));
     }
@@ -947,8 +992,8 @@ fn log_pass(report: &Report, failed_before: &[String]) -> Vec<String> {
             added = report.added.len(),
             updated = report.updated.len(),
             removed = report.removed.len(),
-            overlay = report.overlay_changes,
-            failed = report.failed.len() + report.overlay_failed.len(),
+            overlay = report.node_changes,
+            failed = report.failed.len() + report.node_failed.len(),
             "reconciled the maps"
         );
     }
@@ -956,12 +1001,7 @@ fn log_pass(report: &Report, failed_before: &[String]) -> Vec<String> {
         .failed
         .iter()
         .map(|(name, e): &(ServicePortName, MapWriteError)| (name.to_string(), e))
-        .chain(
-            report
-                .overlay_failed
-                .iter()
-                .map(|(name, e)| (name.clone(), e)),
-        );
+        .chain(report.node_failed.iter().map(|(name, e)| (name.clone(), e)));
     let mut failed = Vec::new();
     for (name, e) in failures {
         if !failed_before.contains(&name) {

@@ -28,9 +28,9 @@ use weft_common::{
         ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey, EndpointValue,
         FRAGMENT_ENTRIES, FRAGMENTS_MAP, FragKey, FragValue, LOCAL_PODS_MAP, LocalPod,
         MAX_LOCAL_PODS, MAX_NODES, MAX_SOURCE_RANGES, OVERLAY_MAP, OverlayConfig, PEER_PORTS_MAP,
-        PINNED_MAPS, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SOCK_NAT_MAP, SOURCE_RANGES_MAP,
-        SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey, SockNatValue,
-        SourceRangeKey, VTEPS_MAP, Vtep,
+        PINNED_MAPS, POD_NAMESPACES_MAP, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SOCK_NAT_MAP,
+        SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey,
+        SockNatValue, SourceRangeKey, VTEPS_MAP, Vtep,
     },
 };
 
@@ -337,6 +337,13 @@ fn layouts(limits: MapLimits) -> [Layout; PINNED_MAPS.len()] {
             key_size: size_of::<u32>(),
             value_size: size_of::<OverlayConfig>(),
             max_entries: 1,
+        },
+        Layout {
+            name: POD_NAMESPACES_MAP,
+            map_type: MapType::Hash,
+            key_size: size_of::<u64>(),
+            value_size: 4,
+            max_entries: MAX_LOCAL_PODS,
         },
         Layout {
             name: PEER_PORTS_MAP,

@@ -2,7 +2,7 @@
 //! the test tiers drive directly (the fixture tests fill maps through [`reconcile`] exactly as
 //! the agent does).
 //!
-//! Data flows one way: sources ([`manifests`], [`kube`], [`subnets`], [`nexthops`]) update the pure [`model`] through a
+//! Data flows one way: sources ([`manifests`], [`kube`], [`subnets`], [`nexthops`], [`pods`]) update the pure [`model`] through a
 //! [`source::ModelHandle`]; the [`reconcile::Reconciler`] alone writes the service maps
 //! ([`maps`]); [`dataplane`] loads and attaches the eBPF programs.
 #![deny(unsafe_code)]
@@ -25,6 +25,7 @@ pub mod netdev;
 pub mod nexthops;
 pub mod nft;
 pub mod objects;
+pub mod pods;
 pub mod privilege;
 pub mod probe;
 pub mod reconcile;

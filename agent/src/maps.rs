@@ -12,9 +12,9 @@ use weft_common::{
     drop_reason::DropReason,
     maps::{
         DROPS_MAP, ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey,
-        EndpointValue, NAME_LEN, NAMESPACE_LEN, PORT_NAME_LEN, RemoteNode, SERVICE_NAMES_MAP,
-        SERVICES_MAP, SOURCE_RANGE_FRONTEND_BITS, SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey,
-        ServiceName, ServiceValue, SourceRangeKey, VTEPS_MAP, Vtep,
+        EndpointValue, NAME_LEN, NAMESPACE_LEN, POD_NAMESPACES_MAP, PORT_NAME_LEN, RemoteNode,
+        SERVICE_NAMES_MAP, SERVICES_MAP, SOURCE_RANGE_FRONTEND_BITS, SOURCE_RANGES_MAP,
+        SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, SourceRangeKey, VTEPS_MAP, Vtep,
     },
 };
 
@@ -56,6 +56,8 @@ pub struct MapsDump {
     pub source_ranges: Vec<(ServiceKey, Ipv4Net)>,
     pub subnets: Vec<(Ipv4Net, RemoteNode)>,
     pub vteps: Vec<(Ipv4Addr, Vtep)>,
+    /// This node's pods by network namespace cookie.
+    pub pod_namespaces: Vec<(u64, Ipv4Addr)>,
 }
 
 /// Writes to the agent-written maps. Each call is one idempotent map operation; deleting an
@@ -84,6 +86,8 @@ pub trait DatapathMaps {
     fn remove_subnet(&mut self, subnet: Ipv4Net) -> Result<(), MapWriteError>;
     fn set_vtep(&mut self, public_ip: Ipv4Addr, vtep: Vtep) -> Result<(), MapWriteError>;
     fn remove_vtep(&mut self, public_ip: Ipv4Addr) -> Result<(), MapWriteError>;
+    fn set_pod_namespace(&mut self, cookie: u64, pod: Ipv4Addr) -> Result<(), MapWriteError>;
+    fn remove_pod_namespace(&mut self, cookie: u64) -> Result<(), MapWriteError>;
     fn dump(&self) -> Result<MapsDump, MapReadError>;
 }
 
@@ -96,6 +100,7 @@ pub struct AyaMaps {
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     subnets: LpmTrie<MapData, [u8; 4], RemoteNode>,
     vteps: HashMap<MapData, [u8; 4], Vtep>,
+    pod_namespaces: HashMap<MapData, u64, [u8; 4]>,
 }
 
 impl AyaMaps {
@@ -122,6 +127,7 @@ impl AyaMaps {
             source_ranges: LpmTrie::try_from(map(SOURCE_RANGES_MAP)?)?,
             subnets: LpmTrie::try_from(map(SUBNETS_MAP)?)?,
             vteps: HashMap::try_from(map(VTEPS_MAP)?)?,
+            pod_namespaces: HashMap::try_from(map(POD_NAMESPACES_MAP)?)?,
         })
     }
 }
@@ -141,6 +147,7 @@ fn source_range_key(frontend: ServiceKey, range: Ipv4Net) -> Key<SourceRangeKey>
 }
 
 const NODES_HINT: &str = "weft serves up to 16384 nodes";
+const PODS_HINT: &str = "weft serves up to 65536 pods per node";
 const RANGES_HINT: &str =
     "weft holds up to 16384 loadBalancerSourceRanges entries over all load balancers";
 
@@ -376,6 +383,24 @@ impl DatapathMaps for AyaMaps {
         )
     }
 
+    fn set_pod_namespace(&mut self, cookie: u64, pod: Ipv4Addr) -> Result<(), MapWriteError> {
+        write_result(
+            self.pod_namespaces.insert(cookie, pod.octets(), 0),
+            POD_NAMESPACES_MAP,
+            "update",
+            PODS_HINT,
+        )
+    }
+
+    fn remove_pod_namespace(&mut self, cookie: u64) -> Result<(), MapWriteError> {
+        write_result(
+            self.pod_namespaces.remove(&cookie),
+            POD_NAMESPACES_MAP,
+            "delete",
+            PODS_HINT,
+        )
+    }
+
     fn dump(&self) -> Result<MapsDump, MapReadError> {
         let subnets = read_all(self.subnets.iter(), SUBNETS_MAP)?
             .into_iter()
@@ -403,6 +428,10 @@ impl DatapathMaps for AyaMaps {
             vteps: read_all(self.vteps.iter(), VTEPS_MAP)?
                 .into_iter()
                 .map(|(ip, vtep)| (Ipv4Addr::from(ip), vtep))
+                .collect(),
+            pod_namespaces: read_all(self.pod_namespaces.iter(), POD_NAMESPACES_MAP)?
+                .into_iter()
+                .map(|(cookie, pod)| (cookie, Ipv4Addr::from(pod)))
                 .collect(),
         })
     }

@@ -120,6 +120,8 @@ pub struct Desired {
     pub vteps: BTreeMap<Ipv4Addr, Vtep>,
     /// Health-check NodePorts to serve, by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// This node's pods by network namespace cookie, for the socket hooks (`--socket-lb=all`).
+    pub pod_namespaces: BTreeMap<u64, Ipv4Addr>,
     /// Problems the model resolved on its own (e.g. two services claiming one frontend), for logs.
     pub notes: Vec<String>,
 }
@@ -306,6 +308,15 @@ impl Model {
             self.stale.extend(self.services.keys().cloned());
         }
         changed
+    }
+
+    /// Replaces this node's pods by network namespace cookie.
+    pub fn set_pod_namespaces(&mut self, pods: BTreeMap<u64, Ipv4Addr>) -> bool {
+        if self.desired.pod_namespaces == pods {
+            return false;
+        }
+        Arc::make_mut(&mut self.desired).pod_namespaces = pods;
+        true
     }
 
     /// What is known of this node.

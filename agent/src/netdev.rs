@@ -70,6 +70,8 @@ pub struct Link {
     pub mac: [u8; 6],
     /// Whether it is a veth (a pod's port, whose peer is in the pod's namespace).
     pub veth: bool,
+    /// The id this namespace gives the namespace of its peer (a veth's), if elsewhere.
+    pub peer_netns: Option<i32>,
 }
 
 impl Link {
@@ -78,8 +80,10 @@ impl Link {
         let mut controller = None;
         let mut mac = [0u8; 6];
         let mut veth = false;
+        let mut peer_netns = None;
         for attribute in &message.attributes {
             match attribute {
+                LinkAttribute::LinkNetNsId(id) => peer_netns = Some(*id),
                 LinkAttribute::IfName(n) => name = Some(n.clone()),
                 LinkAttribute::Controller(c) => controller = Some(*c),
                 LinkAttribute::Address(bytes) if bytes.len() == 6 => mac.copy_from_slice(bytes),
@@ -95,6 +99,7 @@ impl Link {
             controller,
             mac,
             veth,
+            peer_netns,
         })
     }
 }

@@ -32,6 +32,14 @@ pub fn missing(effective: u64) -> Vec<&'static str> {
         .collect()
 }
 
+/// Whether `effective` lets the agent enter pods' network namespaces (`setns` needs
+/// CAP_SYS_ADMIN), to find them for socket load balancing. Without it, weft runs, and pods'
+/// service traffic is translated per packet.
+#[must_use]
+pub fn can_enter_namespaces(effective: u64) -> bool {
+    effective & (1 << CAP_SYS_ADMIN) != 0
+}
+
 /// This process's effective capability set, from `/proc/self/status`.
 pub fn effective() -> io::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;

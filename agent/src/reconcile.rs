@@ -82,10 +82,12 @@ pub struct Report {
     pub removed: Vec<ServicePortName>,
     /// Service ports left as they were (or not programmed at all) because a write failed.
     pub failed: Vec<(ServicePortName, MapWriteError)>,
-    /// Remote subnets and overlay members written or removed.
-    pub overlay_changes: usize,
-    /// Overlay entries (a subnet or a member, by name) whose write failed.
-    pub overlay_failed: Vec<(String, MapWriteError)>,
+    /// The node's own entries (remote subnets, overlay members, pod namespaces) written or
+    /// removed.
+    pub node_changes: usize,
+    /// The node's own entries (a subnet, a member or a pod namespace, by name) whose write
+    /// failed.
+    pub node_failed: Vec<(String, MapWriteError)>,
 }
 
 impl Report {
@@ -96,8 +98,8 @@ impl Report {
             && self.updated.is_empty()
             && self.removed.is_empty()
             && self.failed.is_empty()
-            && self.overlay_changes == 0
-            && self.overlay_failed.is_empty()
+            && self.node_changes == 0
+            && self.node_failed.is_empty()
     }
 }
 
@@ -155,6 +157,7 @@ pub struct Reconciler<M> {
     ids: Ids,
     subnets: BTreeMap<Ipv4Net, RemoteNode>,
     vteps: BTreeMap<Ipv4Addr, Vtep>,
+    pod_namespaces: BTreeMap<u64, Ipv4Addr>,
     /// Service ports whose last write failed: looked at again on every pass.
     retry: BTreeSet<ServicePortName>,
 }
@@ -266,6 +269,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             ids: Ids::from_used(&used),
             subnets: dump.subnets.into_iter().collect(),
             vteps: dump.vteps.into_iter().collect(),
+            pod_namespaces: dump.pod_namespaces.into_iter().collect(),
             retry: BTreeSet::new(),
         })
     }
@@ -349,6 +353,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             }
         }
         self.reconcile_overlay(desired, &mut report);
+        self.reconcile_pod_namespaces(desired, &mut report);
         self.retry = report.failed.iter().map(|(name, _)| name.clone()).collect();
         report
     }
@@ -435,8 +440,8 @@ impl<M: DatapathMaps> Reconciler<M> {
             ..
         } = self;
         let mut record = |name: String, outcome: Result<(), MapWriteError>| match outcome {
-            Ok(()) => report.overlay_changes += 1,
-            Err(error) => report.overlay_failed.push((name, error)),
+            Ok(()) => report.node_changes += 1,
+            Err(error) => report.node_failed.push((name, error)),
         };
         for (ip, vtep) in changed(vteps, &desired.vteps) {
             let outcome = maps.set_vtep(ip, vtep).map(|()| {
@@ -461,6 +466,30 @@ impl<M: DatapathMaps> Reconciler<M> {
                 vteps.remove(&ip);
             });
             record(format!("member {ip}"), outcome);
+        }
+    }
+
+    fn reconcile_pod_namespaces(&mut self, desired: &Desired, report: &mut Report) {
+        let Self {
+            maps,
+            pod_namespaces,
+            ..
+        } = self;
+        let mut record = |name: String, outcome: Result<(), MapWriteError>| match outcome {
+            Ok(()) => report.node_changes += 1,
+            Err(error) => report.node_failed.push((name, error)),
+        };
+        for cookie in gone(pod_namespaces, &desired.pod_namespaces) {
+            let outcome = maps.remove_pod_namespace(cookie).map(|()| {
+                pod_namespaces.remove(&cookie);
+            });
+            record(format!("pod namespace {cookie}"), outcome);
+        }
+        for (cookie, pod) in changed(pod_namespaces, &desired.pod_namespaces) {
+            let outcome = maps.set_pod_namespace(cookie, pod).map(|()| {
+                pod_namespaces.insert(cookie, pod);
+            });
+            record(format!("pod namespace {cookie} ({pod})"), outcome);
         }
     }
 
@@ -828,6 +857,8 @@ pub(crate) mod tests {
         RemoveSubnet(Ipv4Net),
         SetVtep(Ipv4Addr),
         RemoveVtep(Ipv4Addr),
+        SetPodNamespace(u64),
+        RemovePodNamespace(u64),
     }
 
     /// The agent-written maps as plain collections, with a capacity like the real ones.
@@ -840,6 +871,7 @@ pub(crate) mod tests {
         pub(crate) ranges: BTreeSet<(ServiceKey, Ipv4Net)>,
         pub(crate) subnets: BTreeMap<Ipv4Net, RemoteNode>,
         pub(crate) vteps: BTreeMap<Ipv4Addr, Vtep>,
+        pub(crate) pod_namespaces: BTreeMap<u64, Ipv4Addr>,
         pub(crate) max_endpoints: Option<usize>,
         pub(crate) ops: Vec<Op>,
     }
@@ -967,6 +999,18 @@ pub(crate) mod tests {
             Ok(())
         }
 
+        fn set_pod_namespace(&mut self, cookie: u64, pod: Ipv4Addr) -> Result<(), MapWriteError> {
+            self.ops.push(Op::SetPodNamespace(cookie));
+            self.pod_namespaces.insert(cookie, pod);
+            Ok(())
+        }
+
+        fn remove_pod_namespace(&mut self, cookie: u64) -> Result<(), MapWriteError> {
+            self.ops.push(Op::RemovePodNamespace(cookie));
+            self.pod_namespaces.remove(&cookie);
+            Ok(())
+        }
+
         fn dump(&self) -> Result<MapsDump, MapReadError> {
             Ok(MapsDump {
                 frontends: self.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
@@ -976,6 +1020,7 @@ pub(crate) mod tests {
                 source_ranges: self.ranges.iter().copied().collect(),
                 subnets: self.subnets.iter().map(|(k, v)| (*k, *v)).collect(),
                 vteps: self.vteps.iter().map(|(k, v)| (*k, *v)).collect(),
+                pod_namespaces: self.pod_namespaces.iter().map(|(k, v)| (*k, *v)).collect(),
             })
         }
     }
@@ -1266,7 +1311,7 @@ pub(crate) mod tests {
     fn members_come_before_their_subnets_and_go_after_them() {
         let mut reconciler = Reconciler::adopt(FakeMaps::default()).unwrap();
         let report = reconciler.reconcile(&overlay(&[("172.30.44.0/24", 2)]));
-        assert_eq!(report.overlay_changes, 2);
+        assert_eq!(report.node_changes, 2);
         let ip = Ipv4Addr::new(192, 168, 50, 2);
         let subnet: Ipv4Net = "172.30.44.0/24".parse().unwrap();
         assert_eq!(
@@ -1459,6 +1504,36 @@ pub(crate) mod tests {
         let report = reconciler.reconcile(&desired(&[("b", 2, &[3, 4, 5]), ("c", 3, &[6])]));
         assert_eq!(report.added, vec![port_name("b")]);
         assert_eq!(reconciler.maps.endpoints_of(2), [3, 4, 5].into());
+    }
+
+    #[test]
+    fn pod_namespaces_follow_the_desired_state_and_survive_a_restart() {
+        let pod = |last: u8| Ipv4Addr::new(172, 30, 20, last);
+        let mut state = Desired {
+            pod_namespaces: [(11, pod(2)), (12, pod(3))].into(),
+            ..Desired::default()
+        };
+        let mut first = Reconciler::adopt(FakeMaps::default()).unwrap();
+        assert_eq!(first.reconcile(&state).node_changes, 2);
+        assert_eq!(first.maps.pod_namespaces, state.pod_namespaces);
+        // A pod gone, one whose namespace got another address, a new one.
+        state.pod_namespaces = [(12, pod(4)), (13, pod(5))].into();
+        first.maps.ops.clear();
+        first.reconcile(&state);
+        assert_eq!(
+            first.maps.ops,
+            [
+                Op::RemovePodNamespace(11),
+                Op::SetPodNamespace(12),
+                Op::SetPodNamespace(13)
+            ]
+        );
+        assert_eq!(first.maps.pod_namespaces, state.pod_namespaces);
+        let mut maps = first.maps;
+        maps.ops.clear();
+        let mut second = Reconciler::adopt(maps).unwrap();
+        assert!(second.reconcile(&state).is_empty());
+        assert!(second.maps.ops.is_empty());
     }
 
     #[test]

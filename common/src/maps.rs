@@ -46,13 +46,19 @@ pub const OVERLAY_MAP: &str = "weft_overlay_v2";
 /// address (network order) -> [`LocalPod`].
 pub const LOCAL_PODS_MAP: &str = "weft_pods_v1";
 
+/// Name of this node's pods by network namespace, for the socket hooks: `bpf_get_netns_cookie()`
+/// of a pod's namespace (`u64`, host order) -> the pod's IPv4 address (network order). A socket
+/// in one of these namespaces is translated at `connect()`/`sendmsg()`, with the pod's address
+/// as the client (affinity, source ranges), as the per-packet path would see it.
+pub const POD_NAMESPACES_MAP: &str = "weft_podns_v1";
+
 /// Name of the pod ports whose device is a veth (its peer, the pod's end, in the pod's
 /// namespace): ifindex (host order) -> `u8` (1). Only pods behind them are learned, as only a
 /// veth can be delivered into with `bpf_redirect_peer`.
 pub const PEER_PORTS_MAP: &str = "weft_peerports_v1";
 
 /// Every map weft pins, so the agent can check each pin's layout before reusing it.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 17] = [
     SERVICES_MAP,
     ENDPOINTS_MAP,
     SERVICE_NAMES_MAP,
@@ -68,6 +74,7 @@ pub const PINNED_MAPS: [&str; 16] = [
     VTEPS_MAP,
     OVERLAY_MAP,
     LOCAL_PODS_MAP,
+    POD_NAMESPACES_MAP,
     PEER_PORTS_MAP,
 ];
 
@@ -445,7 +452,9 @@ pub struct DatapathConfig {
     pub cluster_cidr_prefix_len: u8,
     pub _pad: [u8; 3],
     /// `bpf_get_netns_cookie()` of the node's network namespace, host order: the socket hooks
-    /// translate only sockets there (pods are served by TC). 0 translates sockets in every netns.
+    /// translate sockets there and in the pods' namespaces of [`POD_NAMESPACES_MAP`] (other
+    /// sockets are left to TC). 0 (a kernel that cannot tell the agent its cookie) translates
+    /// sockets in every namespace, the node being the client.
     pub host_netns_cookie: u64,
 }
 

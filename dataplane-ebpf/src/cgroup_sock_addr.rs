@@ -1,15 +1,25 @@
-//! Services for the node's own sockets: cgroup `connect4`, `sendmsg4`, `recvmsg4` and
-//! `getpeername4` on the cgroup v2 root.
+//! Services for sockets: cgroup `connect4`, `sendmsg4`, `recvmsg4` and `getpeername4` on the
+//! cgroup v2 root (Cilium's socket load balancing).
 //!
-//! A socket of the node's network namespace that connects or sends to a frontend is pointed at an
-//! endpoint before the kernel routes anything, so no packet is ever translated (kube-proxy does
-//! this with its OUTPUT chain). `recvmsg4` and `getpeername4` show the frontend again, so
-//! applications see the address they used. Sockets of other namespaces (pods) are left to TC.
+//! A socket of the node's network namespace, or of one of this node's pods (`--socket-lb=all`),
+//! that connects or sends to a frontend is pointed at an endpoint before the kernel routes
+//! anything, so no packet is translated: the kernel picks a source port that is free towards the
+//! endpoint itself, and a pod's direct connection to that endpoint can never clash with it.
+//! `recvmsg4` and `getpeername4` show the frontend again, so applications see the address they
+//! used. Sockets of other namespaces are left to TC.
 //!
-//! A service port with no endpoints fails the call with `ECONNREFUSED`, what kube-proxy's
-//! `REJECT` gives a local socket; one whose `Local` traffic policy leaves no endpoint for the
-//! node fails it with `EHOSTUNREACH` (kube-proxy drops, and the caller waits for a timeout).
-//! Before Linux 5.18 a hook cannot choose the error, and both fail with `EPERM` (as Cilium's do).
+//! A pod socket is translated only where the result is what TC would do with its packets, and
+//! left to TC otherwise: the pod's address is the client (session affinity, source ranges), a
+//! frontend that masquerades (`--masquerade-all`, a pod outside `--cluster-cidr`) or refuses the
+//! connection is TC's, so is a pod that backs the service (hairpin), and so is a connected UDP
+//! socket (an endpoint that leaves is purged from conntrack and its next datagram balanced
+//! again; a socket would stay connected to it).
+//!
+//! For the node's own sockets, a service port with no endpoints fails the call with
+//! `ECONNREFUSED`, what kube-proxy's `REJECT` gives a local socket; one whose `Local` traffic
+//! policy leaves no endpoint for the node fails it with `EHOSTUNREACH` (kube-proxy drops, and
+//! the caller waits for a timeout). Before Linux 5.18 a hook cannot choose the error, and both
+//! fail with `EPERM` (as Cilium's do).
 
 use aya_ebpf::{
     EbpfContext,
@@ -20,12 +30,13 @@ use aya_ebpf::{
 };
 use weft_common::{
     drop_reason::DropReason,
+    ip_proto,
     maps::{SockNatKey, SockNatValue, ct_direction},
 };
 
 use crate::{
     ct, lb,
-    maps::{SOCK_NAT, config, count_drop},
+    maps::{POD_NAMESPACES, SOCK_NAT, config, count_drop},
 };
 
 /// Return values of cgroup socket address programs.
@@ -68,11 +79,28 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Who is connecting, if this node translates the socket: the node itself, or one of its pods.
+#[derive(Clone, Copy)]
+enum Client {
+    Node,
+    Pod([u8; 4]),
+}
+
 #[inline(always)]
-fn in_node_netns(ctx: &SockAddrContext) -> bool {
+fn client_of(ctx: &SockAddrContext) -> Option<Client> {
     let node = config().host_netns_cookie;
+    if node == 0 {
+        return Some(Client::Node);
+    }
     // SAFETY: a helper call on this program's own context.
-    node == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == node
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns == node {
+        return Some(Client::Node);
+    }
+    // SAFETY: the pointer comes from a successful lookup; the value is copied out at once.
+    POD_NAMESPACES
+        .get_ptr(netns)
+        .map(|addr| Client::Pod(unsafe { *addr }))
 }
 
 /// The socket address in the context: (address, port in host order, protocol).
@@ -101,12 +129,27 @@ fn set_user_addr(ctx: &SockAddrContext, addr: [u8; 4], port: u16) {
 
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
-    if !in_node_netns(ctx) {
+    let Some(client) = client_of(ctx) else {
         return ALLOW;
-    }
+    };
     let (addr, port, proto) = user_addr(ctx);
-    let Some(service) = lb::frontend(&lb::frontend_key(addr, port, proto)) else {
+    let frontend_key = lb::frontend_key(addr, port, proto);
+    let Some(service) = lb::frontend(&frontend_key) else {
         return ALLOW;
+    };
+    let (client_addr, selection) = match client {
+        Client::Node => (NODE_CLIENT, service.select(true)),
+        Client::Pod(pod) => {
+            // As TC judges the pod's packets: a pod outside --cluster-cidr is masqueraded.
+            let selection = service.select(config().in_cluster(pod));
+            if (proto == ip_proto::UDP && !sticky)
+                || selection.masquerade
+                || !lb::source_allowed(&frontend_key, &service, pod)
+            {
+                return ALLOW;
+            }
+            (pod, selection)
+        }
     };
     // SAFETY: a helper call on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -125,8 +168,18 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
     };
     let endpoint = match previous {
         Some(value) => (value.addr, value.port),
-        None => match lb::pick(&service, &service.select(true), NODE_CLIENT, ct::now_ns()) {
+        None => match lb::pick(&service, &selection, client_addr, ct::now_ns()) {
+            // A pod that backs the service is TC's: its hairpin connections are masqueraded
+            // (kube-proxy's semantics), and TC's uniform pick is not skewed by a second one.
+            Ok(endpoint)
+                if matches!(client, Client::Pod(_))
+                    && lb::is_member(selection.set_id, client_addr, endpoint.port) =>
+            {
+                return ALLOW;
+            }
             Ok(endpoint) => (endpoint.addr, endpoint.port),
+            // TC rejects a pod's packets (and counts them) as it would without this hook.
+            Err(_) if matches!(client, Client::Pod(_)) => return ALLOW,
             Err(reason) => {
                 count_drop(reason);
                 return refuse(reason);
@@ -182,9 +235,7 @@ fn refuse(reason: DropReason) -> i32 {
 
 #[inline(always)]
 fn restore(ctx: &SockAddrContext) {
-    if !in_node_netns(ctx) {
-        return;
-    }
+    // Only sockets this node translated have an entry (the socket cookie is unique).
     let (addr, port, proto) = user_addr(ctx);
     // SAFETY: a helper call on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

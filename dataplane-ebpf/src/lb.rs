@@ -53,6 +53,18 @@ pub(crate) fn source_allowed(
     SOURCE_RANGES.get(&key).is_some()
 }
 
+/// Whether `addr:port` is an endpoint of set `set_id`.
+#[inline(always)]
+pub(crate) fn is_member(set_id: u32, addr: [u8; 4], port: u16) -> bool {
+    let member = EndpointMemberKey {
+        set_id,
+        addr,
+        port,
+        _pad: 0,
+    };
+    ENDPOINT_MEMBERS.get_ptr(member).is_some()
+}
+
 /// The endpoint for a new connection from `client` to the set `selection` chose: the one its
 /// ClientIP affinity holds it to, while that is fresh and the endpoint still in the set; else
 /// one at random with equal odds (as kube-proxy's `statistic` rules), remembered for affinity.
@@ -83,13 +95,7 @@ pub(crate) fn pick(
         let held = unsafe { *entry };
         let fresh = now.saturating_sub(held.last_used_ns)
             <= u64::from(service.affinity_timeout_s) * NS_PER_SECOND;
-        let member = EndpointMemberKey {
-            set_id: selection.set_id,
-            addr: held.addr,
-            port: held.port,
-            _pad: 0,
-        };
-        if fresh && ENDPOINT_MEMBERS.get_ptr(member).is_some() {
+        if fresh && is_member(selection.set_id, held.addr, held.port) {
             // SAFETY: as above.
             unsafe { (*entry).last_used_ns = now };
             return Ok(EndpointValue {

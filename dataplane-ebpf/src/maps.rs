@@ -90,6 +90,12 @@ pub(crate) static FRAGMENTS: LruHashMap<FragKey, FragValue, { FRAGMENT_ENTRIES a
 #[btf_map(name = "weft_drops_v3")]
 pub(crate) static DROPS: PerCpuArray<u64, { DROP_REASON_COUNT as usize }> = PerCpuArray::new();
 
+/// This node's pods by network namespace cookie: their addresses, for the socket hooks.
+/// Written by the agent.
+#[btf_map(name = "weft_podns_v1")]
+pub(crate) static POD_NAMESPACES: HashMap<u64, [u8; 4], { MAX_LOCAL_PODS as usize }> =
+    HashMap::new();
+
 /// Node-wide settings, written by the agent before it attaches the programs.
 #[btf_map(name = "weft_config_v1")]
 pub(crate) static CONFIG: Array<DatapathConfig, 1> = Array::new();

@@ -161,11 +161,7 @@ impl Datapath {
             self.model.set_lease(subnet, lease);
         }
         let report = self.reconciler.reconcile(&self.model.desired());
-        assert!(
-            report.overlay_failed.is_empty(),
-            "{:?}",
-            report.overlay_failed
-        );
+        assert!(report.node_failed.is_empty(), "{:?}", report.node_failed);
     }
 
     /// Sets the next hops towards the members, as the next-hop source would, and reconciles.
@@ -175,11 +171,7 @@ impl Datapath {
     ) {
         self.model.set_next_hops(next_hops);
         let report = self.reconciler.reconcile(&self.model.desired());
-        assert!(
-            report.overlay_failed.is_empty(),
-            "{:?}",
-            report.overlay_failed
-        );
+        assert!(report.node_failed.is_empty(), "{:?}", report.node_failed);
     }
 
     /// Writes this node's overlay settings.

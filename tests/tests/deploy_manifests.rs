@@ -199,7 +199,11 @@ fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs(
     assert_eq!(capabilities.drop, Some(vec!["ALL".to_owned()]));
     assert_eq!(
         capabilities.add,
-        Some(["BPF", "NET_ADMIN", "PERFMON"].map(str::to_owned).to_vec())
+        Some(
+            ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]
+                .map(str::to_owned)
+                .to_vec()
+        )
     );
 
     // The node's name from the downward API.
@@ -212,7 +216,8 @@ fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs(
         .map(|field| field.field_path.as_str());
     assert_eq!(node_name, Some("spec.nodeName"));
 
-    // The pins, the host's cgroup root (passed as --cgroup) and flannel's run directory.
+    // The pins, the host's cgroup root (passed as --cgroup), the pods' namespaces and flannel's
+    // run directory.
     let mounts: Vec<(String, String)> = container
         .volume_mounts
         .iter()
@@ -239,6 +244,7 @@ fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs(
     for expected in [
         ("/sys/fs/bpf", "/sys/fs/bpf"),
         ("/sys/fs/cgroup", cgroup.as_str()),
+        ("/run/netns", weft::pods::NETNS_DIR),
         ("/run/flannel", "/run/flannel"),
     ] {
         assert!(

@@ -827,19 +827,47 @@ fn a_flannel_node_and_weft_nodes_exchange_tcp_both_ways_over_plain_linux_vxlan()
     assert_eq!(port_of_flow.len(), 2, "{port_of_flow:?}");
 }
 
-/// A known limitation, kept as a reproduction (run it with `--ignored`). A pod's kernel lets
-/// one local port serve a connection to a ClusterIP and a direct connection to the endpoint
-/// behind it, because their destinations differ. After weft's DNAT both carry the same
-/// addresses and ports: the endpoint answers the direct SYN as part of the service connection,
-/// and the client's node reverse-NATs that answer to the ClusterIP, so the direct connection
-/// never completes. kube-proxy's netfilter NAT moves the second connection to another source
-/// port when the tuples clash; weft keeps no conntrack entry for direct traffic to notice it.
-/// The kernel's own port choice makes it happen about once in some thousands of connections
-/// (the one failed attempt `netns_restart` tolerates).
+/// A pod's kernel may give a connection to a ClusterIP and a direct connection to the endpoint
+/// behind it the same local port, as their destinations differ. Translated per packet, the two
+/// are one tuple on the wire: the endpoint answers the direct SYN as part of the service
+/// connection and the direct connection never completes (kube-proxy's NAT moves such a
+/// connection to another port). Translated at `connect()`, the kernel picks the port knowing
+/// the endpoint. A port range of 64 makes the kernel share ports between the two destinations
+/// all the time; with `--socket-lb=host-only` the same run fails within its first rounds
+/// (`socket_lb_host_only_shows_the_clash`).
 #[test]
-#[ignore = "known limitation: a direct connection clashing with a service connection's tuple"]
-fn a_direct_connection_on_the_local_port_of_a_service_connection_to_the_same_pod_completes() {
+fn service_and_direct_connections_from_one_pod_to_one_endpoint_never_share_a_tuple() {
     let cluster = cluster(2, 1);
+    let failures = interleave_service_and_direct_connections(&cluster, true, 1000);
+    assert!(
+        failures.is_empty(),
+        "{} of 2000 connections failed: {failures:?}",
+        failures.len()
+    );
+}
+
+/// The reproduction that shows the previous test can fail: the same traffic with pods'
+/// connections translated per packet.
+#[test]
+fn socket_lb_host_only_shows_the_clash() {
+    let cluster = cluster_with_args(&["--socket-lb=host-only"]);
+    let failures = interleave_service_and_direct_connections(&cluster, false, 500);
+    assert!(
+        !failures.is_empty(),
+        "per-packet translation was expected to clash at least once in 1000 connections"
+    );
+    eprintln!("per packet: {failures:?}");
+}
+
+/// Opens `rounds` pairs of connections from the first pod of node 1: one to a ClusterIP whose
+/// only endpoint is the first pod of node 2, one straight to that pod; keeps the last 16 open
+/// (closed with a reset, so the narrow port range is not held in TIME_WAIT). Returns the
+/// failures.
+fn interleave_service_and_direct_connections(
+    cluster: &Cluster,
+    socket_lb: bool,
+    rounds: usize,
+) -> Vec<String> {
     let client = &cluster.pods[0][0];
     let backend = SocketAddrV4::new(cluster.pods[1][0].addr, HTTP_PORT);
     let vip = SocketAddrV4::new(Ipv4Addr::new(10, 254, 7, 17), 80);
@@ -852,39 +880,109 @@ fn a_direct_connection_on_the_local_port_of_a_service_connection_to_the_same_pod
     within(Duration::from_secs(5), "node 1 serves the service", || {
         client.ns.run(|| http_get(vip)).is_ok()
     });
-    let (service, direct) = client.ns.run(|| {
-        let service = connect_from_port(0, vip).expect("the service connection");
-        let port = service.local_addr().expect("its local port").port();
-        (service, connect_from_port(port, backend))
-    });
-    direct.expect("the direct connection from the same local port");
-    drop(service);
+    assert_eq!(
+        translated_at_connect(client, vip),
+        socket_lb,
+        "the pod's sockets are translated at connect() exactly when the socket LB covers pods"
+    );
+    client
+        .ns
+        .exec(
+            "sysctl",
+            &["-qw", "net.ipv4.ip_local_port_range=40000 40063"],
+        )
+        .expect("narrowing the pod's port range");
+    client.ns.run(|| {
+        let mut open = std::collections::VecDeque::new();
+        let mut failures = Vec::new();
+        for round in 0..rounds {
+            for target in [vip, backend] {
+                match connect_closing_with_reset(target) {
+                    Ok(stream) => open.push_back(stream),
+                    Err(e) => failures.push(format!("round {round}, {target}: {e}")),
+                }
+                if open.len() > 16 {
+                    open.pop_front();
+                }
+            }
+            // Per packet, one clash is the proof; each costs a 2 s timeout.
+            if !socket_lb && !failures.is_empty() {
+                break;
+            }
+        }
+        failures
+    })
 }
 
-/// A TCP connection to `target` from local `port` (0: the kernel's choice), with SO_REUSEADDR
-/// so two connections may share the port as the kernel's own choice lets them; gives up after
-/// 3 s.
-fn connect_from_port(port: u16, target: SocketAddrV4) -> std::io::Result<std::net::TcpStream> {
-    use nix::sys::{
-        socket::{
-            AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket,
-            sockopt,
+/// A TCP connection to `target` that a close resets (SO_LINGER 0); gives up after 2 s.
+fn connect_closing_with_reset(target: SocketAddrV4) -> std::io::Result<std::net::TcpStream> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let stream = std::net::TcpStream::connect_timeout(&target.into(), Duration::from_secs(2))?;
+    setsockopt(
+        &stream,
+        sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
         },
-        time::TimeVal,
-    };
-    use std::os::fd::AsRawFd as _;
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::empty(),
-        None,
     )?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    // connect() waits as long as the send timeout.
-    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(3, 0))?;
-    bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port))?;
-    connect(fd.as_raw_fd(), &SockaddrIn::from(target))?;
-    Ok(fd.into())
+    Ok(stream)
+}
+
+/// Whether a connection from `pod` to `vip` is connected to an endpoint in the pod's kernel (the
+/// socket hooks translated it), rather than to `vip` (translated per packet, or not at all).
+fn translated_at_connect(pod: &weft_tests::cluster::Pod, vip: SocketAddrV4) -> bool {
+    let (local, sockets) = pod
+        .ns
+        .run(|| {
+            let stream = std::net::TcpStream::connect(vip)?;
+            let local = stream.local_addr()?;
+            let sockets = pod.ns.exec("ss", &["-tnH", "state", "established"])?;
+            Ok::<_, std::io::Error>((local, sockets))
+        })
+        .expect("a connection and the pod's socket table");
+    let line = sockets
+        .lines()
+        .find(|line| line.contains(&format!("{local} ")))
+        .unwrap_or_else(|| panic!("no socket from {local} in the pod: {sockets}"));
+    !line.contains(&format!("{vip}"))
+}
+
+/// ClientIP affinity is keyed by the pod's address whichever path translates: a pod held to an
+/// endpoint by connections translated at `connect()` stays on it when the node switches to
+/// per-packet translation (`--socket-lb=host-only`; the affinity map is pinned across the
+/// restart). Had the socket path used the node as the client, the packet path would find no
+/// affinity for the pod and spread its connections over the three endpoints.
+#[test]
+fn a_pods_session_affinity_is_the_same_on_the_socket_and_the_packet_path() {
+    let mut cluster = cluster(2, 3);
+    let client = &cluster.pods[0][0];
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 254, 7, 18), 80);
+    let endpoints: Vec<Ipv4Addr> = cluster.pods[1].iter().map(|pod| pod.addr).collect();
+    let manifest = format!(
+        "{}  sessionAffinity: ClientIP\n---\n{}",
+        service("sticky", *vip.ip(), vip.port(), "TCP", HTTP_PORT),
+        endpoint_slice("sticky", "TCP", HTTP_PORT, &endpoints)
+    );
+    cluster.agents[0].write_manifest("sticky.yaml", &manifest);
+    let servers = |requests: usize| -> BTreeSet<Ipv4Addr> {
+        client.ns.run(|| {
+            (0..requests)
+                .map(|_| http_get(vip).expect("a request to the service").server)
+                .collect()
+        })
+    };
+    within(
+        Duration::from_secs(5),
+        "the pod's sockets are translated at connect()",
+        || translated_at_connect(client, vip),
+    );
+    let socket_path = servers(20);
+    assert_eq!(socket_path.len(), 1, "{socket_path:?}");
+    let agent = &mut cluster.agents[0];
+    agent.restart_with(&["--socket-lb=host-only"]);
+    let packet_path = servers(20);
+    assert_eq!(packet_path, socket_path);
 }
 
 /// Whether `agent` has the XDP filter pinned on some device.

@@ -158,6 +158,19 @@ fn test() -> anyhow::Result<()> {
         .args(["test", "--workspace", "--locked"])
         .env("WEFT_BIN", root().join("target/debug/weft"))
         .env("WEFT_UPGRADE_OBJECT", upgrade))?;
+    // The sig-network e2e set again with pods' service traffic translated per packet, as nodes
+    // with `--socket-lb=host-only` (service meshes) run it; the agents read the variable.
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "weft-tests",
+            "--test",
+            "netns_e2e",
+            "--locked",
+        ])
+        .env("WEFT_BIN", root().join("target/debug/weft"))
+        .env("WEFT_SOCKET_LB", "host-only"))?;
     // The bench's quick run as a smoke test (debug builds, already built; no figure is judged).
     run_bench("debug", &root().join("target/bench/smoke.md"), true)?;
     vm::vm_test(&series(vm::TEST_KERNELS), &[])

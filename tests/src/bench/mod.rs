@@ -14,6 +14,9 @@ use std::fmt::Write as _;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Contender {
     Weft,
+    /// weft with pods' service connections translated per packet (`--socket-lb=host-only`),
+    /// beside weft's default, where a pod's socket is pointed at the endpoint at `connect()`.
+    WeftPacketNat,
     Iptables,
     Nftables,
     KernelVxlan,
@@ -33,6 +36,7 @@ impl Contender {
     pub fn label(self) -> &'static str {
         match self {
             Self::Weft => "weft",
+            Self::WeftPacketNat => "weft, --socket-lb=host-only (pods per packet)",
             Self::Iptables => "kube-proxy iptables",
             Self::Nftables => "kube-proxy nftables",
             Self::KernelVxlan => "flannel vxlan (kernel)",

@@ -135,7 +135,7 @@ impl Testbed {
             Contender::SameNode => weft(1, 2, &[]),
             Contender::KernelVxlan => Self::Kernel(KernelPair::new(false)),
             Contender::KernelVxlanKubeProxy => Self::Kernel(KernelPair::new(true)),
-            Contender::Iptables | Contender::Nftables => {
+            Contender::Iptables | Contender::Nftables | Contender::WeftPacketNat => {
                 unreachable!("not an overlay contender")
             }
         }

@@ -608,7 +608,7 @@ impl ServiceNode {
         let cidr = cluster_cidr();
         let ns = &self.node.ns;
         let took = match self.contender {
-            Contender::Weft => {
+            Contender::Weft | Contender::WeftPacketNat => {
                 // Dropping the agent also removes its pins: the next one starts from nothing.
                 self.agent = None;
                 let (api, kubeconfig) = self.api.get_or_insert_with(|| {
@@ -624,6 +624,11 @@ impl ServiceNode {
                 let options = AgentOptions {
                     cluster_cidr: Some(cidr),
                     kubeconfig: Some(kubeconfig.clone()),
+                    extra_args: if self.contender == Contender::WeftPacketNat {
+                        vec!["--socket-lb=host-only".into()]
+                    } else {
+                        Vec::new()
+                    },
                     ..AgentOptions::default()
                 };
                 let started = Instant::now();
@@ -669,7 +674,7 @@ impl ServiceNode {
         let cidr = cluster_cidr();
         let ns = &self.node.ns;
         match self.contender {
-            Contender::Weft => {
+            Contender::Weft | Contender::WeftPacketNat => {
                 let agent = self.agent.as_ref().context("the agent runs")?;
                 let (api, _) = self.api.as_ref().context("the API server runs")?;
                 let frontends: BpfHashMap<_, ServiceKey, ServiceValue> = BpfHashMap::try_from(
@@ -1039,7 +1044,12 @@ fn connection_figures(
 /// before it is measured and torn down after (contenders take turns going first). Returns the
 /// connect-latency series for the plot.
 fn node_figures(plan: &Plan, report: &mut Report) -> anyhow::Result<Vec<Series>> {
-    let contenders = [Contender::Weft, Contender::Iptables, Contender::Nftables];
+    let contenders = [
+        Contender::Weft,
+        Contender::WeftPacketNat,
+        Contender::Iptables,
+        Contender::Nftables,
+    ];
     let mut latency: Vec<Series> = contenders.iter().map(|c| (*c, Vec::new())).collect();
     let largest = *plan.node_scales.last().expect("a scale");
     for (scale_index, &scale) in plan.node_scales.iter().enumerate() {
