@@ -25,12 +25,6 @@ use crate::{
     model::UdpEndpoints,
 };
 
-/// The REPLY key of a FORWARD entry.
-#[must_use]
-pub fn reply_key_of(forward_key: &CtKey, forward: &CtValue) -> CtKey {
-    CtKey::reply_of(forward_key, forward.nat_addr, forward.nat_port)
-}
-
 /// How long a REPLY entry may exist without its FORWARD before it counts as an orphan: the
 /// datapath writes the two one after the other, and a sweep may read them on either side.
 pub const ORPHAN_GRACE_NS: u64 = 2_000_000_000;
@@ -56,7 +50,8 @@ pub fn garbage(entries: &[(CtKey, CtValue)], now_ns: u64, sweep_start_ns: u64) -
                 let forward_key = CtKey::forward_of(key, value);
                 value.last_seen_ns < settled
                     && !forwards.get(&forward_key).is_some_and(|forward| {
-                        live(&forward_key, forward) && reply_key_of(&forward_key, forward) == *key
+                        live(&forward_key, forward)
+                            && CtKey::reply_of(&forward_key, forward) == *key
                     })
             }
         })
@@ -98,7 +93,9 @@ fn leads_to_valid(
         .is_some_and(|endpoints| endpoints.contains(&endpoint))
 }
 
-/// UDP connections whose endpoint is no longer one of their frontend's (both entries).
+/// UDP connections whose endpoint is no longer one of their frontend's (both entries). A direct
+/// connection tracked only because its client port was moved (it leads to its own destination)
+/// has no frontend and stays.
 #[must_use]
 pub fn stale_udp_connections(entries: &[(CtKey, CtValue)], valid: &UdpEndpoints) -> Vec<CtKey> {
     entries
@@ -106,6 +103,7 @@ pub fn stale_udp_connections(entries: &[(CtKey, CtValue)], valid: &UdpEndpoints)
         .filter(|(key, value)| {
             key.direction == ct_direction::FORWARD
                 && key.proto == ip_proto::UDP
+                && (value.nat_addr, value.nat_port) != (key.dst_addr, key.dst_port)
                 && !leads_to_valid(
                     valid,
                     key.dst_addr,
@@ -114,7 +112,7 @@ pub fn stale_udp_connections(entries: &[(CtKey, CtValue)], valid: &UdpEndpoints)
                     value.nat_port,
                 )
         })
-        .flat_map(|(key, value)| [*key, reply_key_of(key, value)])
+        .flat_map(|(key, value)| [*key, CtKey::reply_of(key, value)])
         .collect()
 }
 
@@ -276,7 +274,7 @@ pub fn monotonic_now_ns() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use weft_common::conntrack::{TCP_ESTABLISHED_TIMEOUT_NS, UDP_TIMEOUT_NS, flags};
+    use weft_common::conntrack::{TCP_ESTABLISHED_TIMEOUT_NS, UDP_TIMEOUT_NS, flags, moved_port};
 
     use super::*;
 
@@ -302,19 +300,19 @@ mod tests {
             nat_addr: [172, 30, 20, backend],
             nat_port: 80,
             flags: state,
-            _pad: 0,
+            port_move: 0,
             last_seen_ns: last_seen,
         };
         let reply = CtValue {
             nat_addr: forward_key.dst_addr,
             nat_port: forward_key.dst_port,
             flags: flags::SEEN_REPLY,
-            _pad: 0,
+            port_move: 0,
             last_seen_ns: last_seen,
         };
         [
             (forward_key, forward),
-            (reply_key_of(&forward_key, &forward), reply),
+            (CtKey::reply_of(&forward_key, &forward), reply),
         ]
     }
 
@@ -322,7 +320,7 @@ mod tests {
     fn keys_derive_both_ways() {
         let [(fk, fv), (rk, rv)] = connection(40000, 6, ip_proto::TCP, 0, NOW);
         assert_eq!(CtKey::forward_of(&rk, &rv), fk);
-        assert_eq!(reply_key_of(&fk, &fv), rk);
+        assert_eq!(CtKey::reply_of(&fk, &fv), rk);
     }
 
     #[test]
@@ -345,6 +343,52 @@ mod tests {
         expected.sort();
         found.sort();
         assert_eq!(found, expected);
+    }
+
+    /// A connection whose client port was moved, and a direct one moved out of its way.
+    fn moved(mut connection: [(CtKey, CtValue); 2], port_move: u8) -> [(CtKey, CtValue); 2] {
+        let [(forward_key, mut forward), (_, mut reply)] = connection;
+        forward.port_move = port_move;
+        reply.port_move = port_move;
+        connection = [
+            (forward_key, forward),
+            (CtKey::reply_of(&forward_key, &forward), reply),
+        ];
+        connection
+    }
+
+    #[test]
+    fn moved_connections_keep_both_entries_and_their_keys_derive_both_ways() {
+        let [(fk, fv), (rk, rv)] = moved(connection(40000, 6, ip_proto::TCP, 0, NOW), 1);
+        assert_eq!(rk.dst_port, moved_port(40000, 1));
+        assert_eq!(CtKey::forward_of(&rk, &rv), fk);
+        let old = NOW - 3 * ORPHAN_GRACE_NS;
+        let entries = moved(
+            connection(40000, 6, ip_proto::TCP, flags::SEEN_REPLY, old),
+            1,
+        );
+        assert!(garbage(&entries, NOW, NOW).is_empty(), "{fv:?}");
+    }
+
+    #[test]
+    fn a_udp_purge_leaves_direct_connections_that_were_moved() {
+        let [(service_key, service), _] = connection(40000, 6, ip_proto::UDP, 0, NOW);
+        let direct_key = CtKey {
+            dst_addr: service.nat_addr,
+            dst_port: service.nat_port,
+            ..service_key
+        };
+        let direct = CtValue {
+            port_move: 1,
+            ..service
+        };
+        let entries = [(service_key, service), (direct_key, direct)];
+        // No UDP frontend is valid any more: the service's connection goes, the direct one not.
+        let stale = stale_udp_connections(&entries, &UdpEndpoints::new());
+        assert_eq!(
+            stale,
+            [service_key, CtKey::reply_of(&service_key, &service)]
+        );
     }
 
     #[test]

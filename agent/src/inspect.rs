@@ -12,7 +12,7 @@ use weft::{
     objects::protocol_name,
 };
 use weft_common::{
-    conntrack::{flags, state_name},
+    conntrack::{flags, moved_port, state_name},
     maps::{ServiceValue, ct_direction, endpoint_scope, service_flags},
 };
 
@@ -110,6 +110,9 @@ struct ConnectionRow {
     state: &'static str,
     idle_seconds: u64,
     masquerade: bool,
+    /// The client's port as the endpoint sees it, when it was moved to keep this connection's
+    /// tuple apart from another's.
+    moved_port: Option<u16>,
 }
 
 #[derive(Serialize)]
@@ -252,6 +255,8 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
                     state: state_name(key.proto, value.flags),
                     idle_seconds: now.saturating_sub(value.last_seen_ns) / 1_000_000_000,
                     masquerade: value.flags & flags::MASQUERADE != 0,
+                    moved_port: (value.port_move != 0)
+                        .then(|| moved_port(key.src_port, value.port_move)),
                 })
                 .collect();
             rows.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
@@ -259,7 +264,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
                 json,
                 &rows,
                 &[
-                    "PROTO", "CLIENT", "FRONTEND", "ENDPOINT", "STATE", "IDLE", "MASQ",
+                    "PROTO", "CLIENT", "FRONTEND", "ENDPOINT", "STATE", "IDLE", "MASQ", "MOVED",
                 ],
                 |r| {
                     vec![
@@ -270,6 +275,8 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
                         r.state.into(),
                         format!("{}s", r.idle_seconds),
                         if r.masquerade { "yes" } else { "no" }.into(),
+                        r.moved_port
+                            .map_or_else(|| "-".to_owned(), |port| format!("to :{port}")),
                     ]
                 },
             )?

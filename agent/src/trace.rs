@@ -23,7 +23,7 @@ use aya::maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 use weft::{
-    conntrack::{Conntrack, reply_key_of},
+    conntrack::Conntrack,
     dataplane::{FROM_PODS, FROM_UPLINK, PROGRAMS_DIR, TO_POD, TO_UPLINK},
     links::LINKS_DIR,
     maps::{decode_name, is_not_found, open_pinned},
@@ -272,7 +272,7 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(forward) = conntrack.get(&forward_key)? {
-        let reply_key = reply_key_of(&forward_key, &forward);
+        let reply_key = CtKey::reply_of(&forward_key, &forward);
         let ours = conntrack.get(&reply_key)?.is_some_and(|reply| {
             (reply.nat_addr, reply.nat_port) == (forward_key.dst_addr, forward_key.dst_port)
         });

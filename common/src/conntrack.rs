@@ -132,6 +132,45 @@ pub const fn reopens(state: u8, proto: u8, tcp: u8) -> bool {
         && tcp_closed(state)
 }
 
+/// Moves tried, in order, for a connection whose tuple would clash with another's.
+pub const PORT_MOVES: u8 = 8;
+
+/// The client port `port` moved by `port_move` (0 leaves it), as the endpoint sees it: an
+/// exclusive-or, so the same call on the moved port gives the client's back. As netfilter does,
+/// a move keeps a port in its class (below 1024 or not): the bits it flips are the lowest four
+/// below 1024 and bits 10 to 13 above, and a move that would leave the class or give port 0 is
+/// never chosen (see [`keeps_class`]).
+#[inline(always)]
+#[must_use]
+pub const fn moved_port(port: u16, port_move: u8) -> u16 {
+    if port >= 1024 {
+        port ^ ((port_move as u16 & 0xf) << 10)
+    } else {
+        port ^ (port_move as u16 & 0xf)
+    }
+}
+
+/// Whether `port_move` takes `port` to another port of the same class, so that
+/// [`moved_port`] undoes it.
+#[inline(always)]
+#[must_use]
+pub const fn keeps_class(port: u16, port_move: u8) -> bool {
+    let moved = moved_port(port, port_move);
+    moved != port && moved != 0 && (moved >= 1024) == (port >= 1024)
+}
+
+/// Whether a client packet can open a connection on a tuple nothing tracks, so that a clash
+/// with a tracked connection's tuple is judged on it: a bare TCP SYN, any UDP datagram.
+#[inline(always)]
+#[must_use]
+pub const fn opens(proto: u8, tcp: u8) -> bool {
+    match proto {
+        ip_proto::TCP => tcp & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN,
+        ip_proto::UDP => true,
+        _ => false,
+    }
+}
+
 /// The netfilter-style name of a FORWARD state, for `weft inspect conntrack`.
 #[must_use]
 pub const fn state_name(proto: u8, state: u8) -> &'static str {
@@ -231,6 +270,31 @@ mod tests {
         assert!(is_expired(UDP, 0, t, t + UDP_TIMEOUT_NS + 1));
         // A clock read before the entry's own timestamp (another CPU) is not expiry.
         assert!(!is_expired(UDP, 0, t, t - 1));
+    }
+
+    #[test]
+    fn every_chosen_move_is_undone_by_itself_and_keeps_the_class() {
+        for port in [
+            1, 15, 80, 1023, 1024, 1025, 4096, 32768, 40000, 60999, 65535,
+        ] {
+            let mut seen = [port; PORT_MOVES as usize + 1];
+            for port_move in 1..=PORT_MOVES {
+                let moved = moved_port(port, port_move);
+                seen[port_move as usize] = moved;
+                if keeps_class(port, port_move) {
+                    assert_eq!(moved_port(moved, port_move), port, "{port} by {port_move}");
+                    assert_eq!(moved >= 1024, port >= 1024);
+                }
+            }
+            seen.sort_unstable();
+            assert!(
+                seen.windows(2).all(|w| w[0] != w[1]),
+                "moves of {port} differ"
+            );
+        }
+        assert_eq!(moved_port(40000, 0), 40000);
+        assert!(!keeps_class(1, 1), "port 0 is never chosen");
+        assert!(!keeps_class(1024, 1), "1024 would fall below 1024");
     }
 
     #[test]

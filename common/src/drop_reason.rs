@@ -45,10 +45,13 @@ pub enum DropReason {
     VxlanOtherVni = 15,
     /// Decapsulation failed (a helper refused to remove the outer headers).
     DecapFailed = 16,
+    /// A new connection whose tuple, as its endpoint would see it, is a live connection's, and
+    /// so is every move of its client port that was tried (netfilter drops these too).
+    TupleInUse = 17,
 }
 
 /// Number of drop reasons, the size of the drop counter map.
-pub const DROP_REASON_COUNT: u32 = 17;
+pub const DROP_REASON_COUNT: u32 = 18;
 
 impl DropReason {
     /// Every reason, in counter-index order.
@@ -70,6 +73,7 @@ impl DropReason {
         Self::VxlanCongestionNotEct,
         Self::VxlanOtherVni,
         Self::DecapFailed,
+        Self::TupleInUse,
     ];
 
     /// Stable snake_case name, used by `weft inspect drops` and metric labels.
@@ -93,6 +97,7 @@ impl DropReason {
             Self::VxlanCongestionNotEct => "vxlan_congestion_not_ect",
             Self::VxlanOtherVni => "vxlan_other_vni",
             Self::DecapFailed => "decap_failed",
+            Self::TupleInUse => "tuple_in_use",
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - Map names carry a layout version (`_v1`). A change to a key or value layout bumps it, so a
 //!   pinned map from an older weft is never read with the wrong layout.
 
+use crate::conntrack::moved_port;
+
 /// Name of the service frontend map: [`ServiceKey`] -> [`ServiceValue`].
 pub const SERVICES_MAP: &str = "weft_svc_v2";
 /// Name of the endpoint slot map: [`EndpointKey`] -> [`EndpointValue`].
@@ -32,7 +34,7 @@ pub const SOCK_NAT_MAP: &str = "weft_socknat_v1";
 /// A datagram's later fragments carry no ports; they follow its first fragment by this entry.
 pub const FRAGMENTS_MAP: &str = "weft_frag4_v1";
 /// Name of the per-CPU drop counters, indexed by [`crate::drop_reason::DropReason`].
-pub const DROPS_MAP: &str = "weft_drops_v3";
+pub const DROPS_MAP: &str = "weft_drops_v4";
 /// Name of the one-entry datapath configuration array: `0` -> [`DatapathConfig`].
 pub const CONFIG_MAP: &str = "weft_config_v1";
 
@@ -375,7 +377,10 @@ pub struct CtValue {
     /// FORWARD: [`crate::conntrack::flags`] bits. REPLY: the FORWARD entry's bits as of the
     /// last time a reply found it live (0 before any did).
     pub flags: u8,
-    pub _pad: u8,
+    /// How the client's port was moved on the wire to keep the connection's tuple apart from
+    /// another's (netfilter's clash resolution), the same in both entries: 0 when it was not;
+    /// see [`crate::conntrack::moved_port`].
+    pub port_move: u8,
     /// CLOCK_MONOTONIC(_COARSE) nanoseconds. FORWARD: when a packet of the connection (either
     /// way) was last seen, refreshed at most once per [`crate::conntrack::REFRESH_INTERVAL_NS`].
     /// REPLY: when a reply last found the FORWARD entry live (its creation before any did).
@@ -383,15 +388,16 @@ pub struct CtValue {
 }
 
 impl CtKey {
-    /// The REPLY key of a connection from `forward_key`'s client that went to `endpoint:port`.
+    /// The REPLY key of the connection whose FORWARD entry is (`forward_key`, `forward`): from
+    /// its endpoint back to its client's port as the endpoint sees it.
     #[inline(always)]
     #[must_use]
-    pub const fn reply_of(forward_key: &Self, endpoint: [u8; 4], port: u16) -> Self {
+    pub const fn reply_of(forward_key: &Self, forward: &CtValue) -> Self {
         Self {
-            src_addr: endpoint,
+            src_addr: forward.nat_addr,
             dst_addr: forward_key.src_addr,
-            src_port: port,
-            dst_port: forward_key.src_port,
+            src_port: forward.nat_port,
+            dst_port: moved_port(forward_key.src_port, forward.port_move),
             proto: forward_key.proto,
             direction: ct_direction::REPLY,
             _pad: [0; 2],
@@ -405,7 +411,7 @@ impl CtKey {
         Self {
             src_addr: reply_key.dst_addr,
             dst_addr: reply.nat_addr,
-            src_port: reply_key.dst_port,
+            src_port: moved_port(reply_key.dst_port, reply.port_move),
             dst_port: reply.nat_port,
             proto: reply_key.proto,
             direction: ct_direction::FORWARD,

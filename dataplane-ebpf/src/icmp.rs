@@ -14,8 +14,8 @@
 //! The quoted IPv4 checksum, the quoted TCP or UDP checksum (when the quote holds it; a UDP
 //! checksum of 0 stays 0), the ICMP checksum and the outer IPv4 checksum are updated
 //! incrementally. A quoted SCTP CRC32c stays as it is: it covers the whole packet, which the
-//! quote does not hold. An error whose connection is not tracked, one that quotes no ports, a
-//! fragmented one or one cut short is left alone.
+//! quote does not hold. An error whose connection is not tracked or had its client port moved
+//! (see `ct`), one that quotes no ports, a fragmented one or one cut short is left alone.
 
 use aya_ebpf::programs::TcContext;
 use weft_common::{
@@ -37,11 +37,15 @@ pub(crate) fn to_client(ctx: &TcContext, ip: &Ipv4Header) -> Result<(), DropReas
     let Some((quote, key)) = answering(ctx, ip, ct_direction::REPLY) else {
         return Ok(());
     };
-    let Some(frontend) = ct::related_reply(&key, ct::now_ns()) else {
+    let Some(reply) = ct::related_reply(&key, ct::now_ns()).filter(|reply| {
+        // A connection whose client port was moved is left alone: its quote would need both
+        // ends rewritten.
+        reply.client_port == key.dst_port
+    }) else {
         return Ok(());
     };
     let outer = (ip.src == quote.dst).then_some(Side::Source);
-    rewrite(ctx, ip, &quote, Side::Destination, frontend, outer)
+    rewrite(ctx, ip, &quote, Side::Destination, reply.frontend, outer)
 }
 
 /// An error about a reply, on its way to the frontend: sends it on to the endpoint.
@@ -51,7 +55,9 @@ pub(crate) fn to_endpoint(ctx: &TcContext, ip: &Ipv4Header) -> Result<(), DropRe
     let Some((quote, key)) = answering(ctx, ip, ct_direction::FORWARD) else {
         return Ok(());
     };
-    let Some(endpoint) = ct::related_forward(&key, ct::now_ns()) else {
+    let Some(endpoint) = ct::related_forward(&key, ct::now_ns())
+        .filter(|endpoint| endpoint.client_port == key.src_port)
+    else {
         return Ok(());
     };
     rewrite(

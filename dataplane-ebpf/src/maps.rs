@@ -87,7 +87,7 @@ pub(crate) static FRAGMENTS: LruHashMap<FragKey, FragValue, { FRAGMENT_ENTRIES a
     LruHashMap::new();
 
 /// Drop counters, one per `DropReason`, per CPU.
-#[btf_map(name = "weft_drops_v3")]
+#[btf_map(name = "weft_drops_v4")]
 pub(crate) static DROPS: PerCpuArray<u64, { DROP_REASON_COUNT as usize }> = PerCpuArray::new();
 
 /// This node's pods by network namespace cookie: their addresses, for the socket hooks.

@@ -83,6 +83,9 @@ fn translate(ctx: &TcContext, clients: Clients) -> Result<i32, DropReason> {
     };
     let frontend = lb::frontend_key(ip.dst, ports.dst_port, ip.proto);
     let Some(service) = lb::frontend(&frontend) else {
+        if let Clients::Pods = clients {
+            direct_from_pod(ctx, &ip, ports.src_port, ports.dst_port, ports.tcp_flags)?;
+        }
         return Ok(TC_ACT_UNSPEC);
     };
     if ip.fragment == Fragment::First {
@@ -124,7 +127,47 @@ fn translate(ctx: &TcContext, clients: Clients) -> Result<i32, DropReason> {
         (ip.dst, ports.dst_port),
         (forward.addr, forward.port),
     )?;
+    if forward.client_port != ports.src_port {
+        move_port(ctx, &ip, Side::Source, ports.src_port, forward.client_port)?;
+    }
     Ok(TC_ACT_UNSPEC)
+}
+
+/// A pod's packet to no frontend: its client port moved if its connection's tuple clashes with
+/// a tracked connection's (see `ct`). TCP and UDP only: SCTP keeps its port, as its CRC32c
+/// makes every rewrite cost more than a clash is likely.
+#[inline(always)]
+fn direct_from_pod(
+    ctx: &TcContext,
+    ip: &Ipv4Header,
+    src_port: u16,
+    dst_port: u16,
+    tcp: u8,
+) -> Result<(), DropReason> {
+    if ip.proto != ip_proto::TCP && ip.proto != ip_proto::UDP {
+        return Ok(());
+    }
+    let key = tuple(ip, src_port, dst_port, ct_direction::FORWARD);
+    match ct::direct(&key, tcp, ct::now_ns())? {
+        Some(moved) if moved != src_port => move_port(ctx, ip, Side::Source, src_port, moved),
+        _ => Ok(()),
+    }
+}
+
+/// Rewrites `side`'s port alone, with the transport checksum.
+#[inline(always)]
+fn move_port(
+    ctx: &TcContext,
+    ip: &Ipv4Header,
+    side: Side,
+    from: u16,
+    to: u16,
+) -> Result<(), DropReason> {
+    let addr = match side {
+        Side::Source => ip.src,
+        Side::Destination => ip.dst,
+    };
+    nat::rewrite(ctx, ip, side, (addr, from), (addr, to))
 }
 
 /// Restores the frontend as the source of a reply from an endpoint to a client whose
@@ -148,13 +191,26 @@ pub(crate) fn to_client(ctx: &TcContext) -> Result<(), DropReason> {
         return Ok(());
     };
     let key = tuple(&ip, ports.src_port, ports.dst_port, ct_direction::REPLY);
-    let Some(frontend) = ct::reply(&key, ports.tcp_flags, ct::now_ns()) else {
+    let Some(reply) = ct::reply(&key, ports.tcp_flags, ct::now_ns()) else {
         return Ok(());
     };
     if ip.fragment == Fragment::First {
         frag::first(&skb, &ip, &ports, ct_direction::REPLY)?;
     }
-    nat::rewrite(ctx, &ip, Side::Source, (ip.src, ports.src_port), frontend)
+    let endpoint = (ip.src, ports.src_port);
+    if reply.frontend != endpoint {
+        nat::rewrite(ctx, &ip, Side::Source, endpoint, reply.frontend)?;
+    }
+    if reply.client_port != ports.dst_port {
+        move_port(
+            ctx,
+            &ip,
+            Side::Destination,
+            ports.dst_port,
+            reply.client_port,
+        )?;
+    }
+    Ok(())
 }
 
 /// A later fragment of a client's datagram whose first fragment was translated: to the same
@@ -185,9 +241,8 @@ fn later_fragment_to_client(skb: &Skb<'_>, ip: &Ipv4Header) -> Result<(), DropRe
         return Ok(());
     };
     let key = tuple(ip, src_port, dst_port, ct_direction::REPLY);
-    let (frontend, _) =
-        ct::related_reply(&key, ct::now_ns()).ok_or(DropReason::FragmentUntranslatable)?;
-    nat::rewrite_address(skb, Side::Source, ip.src, frontend)
+    let reply = ct::related_reply(&key, ct::now_ns()).ok_or(DropReason::FragmentUntranslatable)?;
+    nat::rewrite_address(skb, Side::Source, ip.src, reply.frontend.0)
 }
 
 /// The conntrack key of a packet of `ip` with these ports, in `direction`.

@@ -134,6 +134,15 @@ fn seeds(fixture: &Fixture) -> Vec<(String, Vec<u8>)> {
         };
         seeds.push((format!("tracked {c:?}: forward"), forward.build()));
         seeds.push((format!("tracked {c:?}: reply"), reply.build()));
+        // A direct connection from the client's port to the endpoint: its tuple clashes.
+        let direct = match c.proto {
+            TCP => Some(tcp(c.client, c.endpoint, SYN)),
+            UDP => Some(udp(c.client, c.endpoint, b"direct")),
+            _ => None,
+        };
+        if let Some(direct) = direct {
+            seeds.push((format!("tracked {c:?}: direct, clashing"), direct.build()));
+        }
         // ICMP errors about the connection, both ways: about the client's packet as the
         // endpoint got it (from the endpoint, and from a router, whole or 8 bytes quoted), and
         // about a reply as the client got it.
@@ -618,6 +627,10 @@ fn open_connections(datapath: &mut Datapath, fixture: &Fixture) -> Vec<(CtKey, C
     let mut entries = datapath.conntrack();
     assert_eq!(entries.len(), 2 * fixture.connections.len(), "{entries:?}");
     for (key, value) in &mut entries {
+        assert_eq!(
+            value.port_move, 0,
+            "no fixture connection clashes with another"
+        );
         value.last_seen_ns = u64::MAX / 2;
         if key.direction == ct_direction::FORWARD {
             value.flags |= flags::SEEN_REPLY;

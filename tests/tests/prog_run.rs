@@ -15,7 +15,7 @@ use weft::{
 };
 use weft_common::{
     MASQUERADE_MARK,
-    conntrack::flags,
+    conntrack::{PORT_MOVES, flags, moved_port},
     drop_reason::DropReason,
     maps::{CtValue, FRAGMENT_TIMEOUT_NS, ct_direction, frag_state},
 };
@@ -1080,4 +1080,166 @@ fn fragments_that_cannot_be_translated_whole_are_dropped_counted_and_others_pass
     let unasked = udp_fragments(SocketAddrV4::new(BACKENDS[0], 5353), client(), 3000, 10);
     assert_eq!(run_all(&mut datapath, TO_POD, &unasked), unasked);
     dropped(&mut datapath, 2);
+}
+
+/// One frame of [`clashing_tuples_are_kept_apart_by_moving_the_client_port`] and what must
+/// come out of it: rewritten to these addresses, or left alone, or dropped for this reason.
+enum Step {
+    To(SocketAddrV4, SocketAddrV4),
+    Unchanged,
+    Dropped(DropReason),
+}
+
+#[test]
+fn clashing_tuples_are_kept_apart_by_moving_the_client_port() {
+    let endpoint_ip = BACKENDS[0];
+    let other_vip = SocketAddrV4::new(Ipv4Addr::new(10, 254, 40, 120), 8080);
+    let dns_vip = SocketAddrV4::new(Ipv4Addr::new(10, 254, 0, 10), 53);
+    let manifests = [
+        nginx_manifest(&[endpoint_ip]),
+        service(
+            "other",
+            *other_vip.ip(),
+            other_vip.port(),
+            "TCP",
+            TARGET_PORT,
+        ),
+        endpoint_slice("other", "TCP", TARGET_PORT, &[endpoint_ip]),
+        service("dns", *dns_vip.ip(), 53, "UDP", 5353),
+        endpoint_slice("dns", "UDP", 5353, &[endpoint_ip]),
+    ]
+    .join("---\n");
+    let mut datapath = Datapath::new(&manifests, Some(cluster_cidr()));
+    let vip = seed::frontend();
+    let endpoint = SocketAddrV4::new(endpoint_ip, TARGET_PORT);
+    let dns = SocketAddrV4::new(endpoint_ip, 5353);
+    let at = |port: u16| SocketAddrV4::new(*client().ip(), port);
+    let moved = |port: u16, by: u8| at(moved_port(port, by));
+    let (c, full) = (at(50100), 50200);
+    let service_syn = |from, to| (FROM_PODS, tcp(from, to, SYN).build());
+    let mut steps = vec![
+        (
+            "a service connection goes to the endpoint from the client's port",
+            service_syn(c, vip),
+            Step::To(c, endpoint),
+        ),
+        (
+            "a direct connection from that port to that endpoint is moved to another port",
+            (FROM_PODS, tcp(c, endpoint, SYN).build()),
+            Step::To(moved(50100, 1), endpoint),
+        ),
+        (
+            "the direct connection's reply gets the client's port back, not the frontend",
+            (TO_POD, tcp(endpoint, moved(50100, 1), SYN | ACK).build()),
+            Step::To(endpoint, c),
+        ),
+        (
+            "the service connection's reply still gets its frontend",
+            (TO_POD, tcp(endpoint, c, SYN | ACK).build()),
+            Step::To(vip, c),
+        ),
+        (
+            "the direct connection's later packets follow its move",
+            (
+                FROM_PODS,
+                tcp(c, endpoint, ACK | PSH).payload(b"direct").build(),
+            ),
+            Step::To(moved(50100, 1), endpoint),
+        ),
+        (
+            "the service connection's later packets keep the client's port",
+            (
+                FROM_PODS,
+                tcp(c, vip, ACK | PSH).payload(b"service").build(),
+            ),
+            Step::To(c, endpoint),
+        ),
+        (
+            "a second service with the same endpoint, from the same port, takes the next move",
+            service_syn(c, other_vip),
+            Step::To(moved(50100, 2), endpoint),
+        ),
+        (
+            "its reply gets its own frontend and the client's port",
+            (TO_POD, tcp(endpoint, moved(50100, 2), SYN | ACK).build()),
+            Step::To(other_vip, c),
+        ),
+        (
+            "a direct connection from a port no service connection uses is left alone",
+            (FROM_PODS, tcp(at(50101), endpoint, SYN).build()),
+            Step::Unchanged,
+        ),
+        (
+            "a direct packet that opens nothing (no SYN) is left alone",
+            (FROM_PODS, tcp(at(50102), endpoint, ACK).build()),
+            Step::Unchanged,
+        ),
+        (
+            "a UDP service datagram goes to the endpoint from the client's port",
+            (FROM_PODS, udp(c, dns_vip, b"query").build()),
+            Step::To(c, dns),
+        ),
+        (
+            "a direct datagram from that port to that endpoint is moved",
+            (FROM_PODS, udp(c, dns, b"direct").build()),
+            Step::To(moved(50100, 1), dns),
+        ),
+        (
+            "the direct datagram's answer gets the client's port back",
+            (TO_POD, udp(dns, moved(50100, 1), b"answer").build()),
+            Step::To(dns, c),
+        ),
+        (
+            "the service datagram's answer gets its frontend",
+            (TO_POD, udp(dns, c, b"answer").build()),
+            Step::To(dns_vip, c),
+        ),
+    ];
+    // Every move of one port taken: by service connections from the moved ports themselves,
+    // then one from the port, then a direct connection that has nowhere to go.
+    for by in 1..=PORT_MOVES {
+        steps.push((
+            "a service connection from a port some move of another would take",
+            service_syn(moved(full, by), other_vip),
+            Step::To(moved(full, by), endpoint),
+        ));
+    }
+    steps.push((
+        "a service connection from the port itself",
+        service_syn(at(full), vip),
+        Step::To(at(full), endpoint),
+    ));
+    steps.push((
+        "a direct connection whose every move is taken is dropped, counted",
+        (FROM_PODS, tcp(at(full), endpoint, SYN).build()),
+        Step::Dropped(DropReason::TupleInUse),
+    ));
+    for (name, (program, input), expect) in steps {
+        let run = datapath.run(program, &input, 0);
+        match expect {
+            Step::To(src, dst) => {
+                assert_eq!(run.verdict, VERDICT_PASS, "{name}: verdict");
+                assert_rewritten(name, &input, &run.output, src, dst);
+                assert!(datapath.drops().is_empty(), "{name}: no drops");
+            }
+            Step::Unchanged => {
+                assert_eq!(run.verdict, VERDICT_PASS, "{name}: verdict");
+                assert_eq!(run.output, input, "{name}: output");
+            }
+            Step::Dropped(reason) => {
+                assert_eq!(run.verdict, VERDICT_DROP, "{name}: verdict");
+                assert_eq!(
+                    datapath.drops(),
+                    BTreeMap::from([(reason, 1)]),
+                    "{name}: drop counters"
+                );
+            }
+        }
+    }
+    // An ICMP error about a moved connection would need both ends of its quote rewritten: it
+    // is left alone, never half translated.
+    let about_moved = tcp(moved(50100, 1), endpoint, ACK).build();
+    let (_, kind) = icmp_errors()[0];
+    let error = icmp_error(endpoint_ip, *client().ip(), kind, &about_moved, 28);
+    assert_eq!(datapath.run(TO_POD, &error, 0).output, error);
 }

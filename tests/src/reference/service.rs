@@ -10,7 +10,10 @@
 //! Frames too damaged to judge are the stack's: they pass, except an invalid IPv4 header on the
 //! client side and a cut transport header to a frontend, which are dropped.
 
+use std::net::SocketAddrV4;
+
 use weft_common::{
+    conntrack::{PORT_MOVES, keeps_class, moved_port, opens},
     drop_reason::DropReason,
     maps::{
         ct_direction::{FORWARD, REPLY},
@@ -36,7 +39,7 @@ impl Fixture {
     /// straight into the overlay (see [`super::vxlan`]).
     #[must_use]
     pub fn tc_from_pods(&self, frame: &[u8], mark: u32) -> Outcome {
-        let translated = self.to_endpoint(frame, mark);
+        let translated = self.to_endpoint(frame, mark, Clients::Pods);
         let mut outcome = if translated.verdict == VERDICT_PASS {
             self.send_from_pod(&translated).unwrap_or(translated)
         } else {
@@ -52,7 +55,7 @@ impl Fixture {
     #[must_use]
     pub fn tc_from_uplink(&self, frame: &[u8], mark: u32) -> Outcome {
         self.receive_overlay(frame, mark)
-            .unwrap_or_else(|| self.to_endpoint(frame, mark))
+            .unwrap_or_else(|| self.to_endpoint(frame, mark, Clients::Outside))
     }
 
     /// `tc_to_pod`: a frame delivered to a local pod.
@@ -61,13 +64,13 @@ impl Fixture {
         self.to_client(frame, mark)
     }
 
-    pub(super) fn to_endpoint(&self, frame: &[u8], mark: u32) -> Outcome {
-        let mut outcome = self.translate_to_endpoint(frame, mark);
+    pub(super) fn to_endpoint(&self, frame: &[u8], mark: u32, clients: Clients) -> Outcome {
+        let mut outcome = self.translate_to_endpoint(frame, mark, clients);
         outcome.fragments = fragment_with_ports(frame);
         outcome
     }
 
-    fn translate_to_endpoint(&self, frame: &[u8], mark: u32) -> Outcome {
+    fn translate_to_endpoint(&self, frame: &[u8], mark: u32, clients: Clients) -> Outcome {
         let ip = match parse_ip(frame) {
             L3::NotIpv4 => return Outcome::pass(VERDICT_PASS, frame, mark),
             L3::Malformed => {
@@ -96,7 +99,10 @@ impl Fixture {
             L4::Ports(tuple) => tuple,
         };
         let Some((service, masquerade_all)) = self.frontend(ip.dst, tuple.dport, ip.proto) else {
-            return Outcome::pass(VERDICT_PASS, frame, mark);
+            return match clients {
+                Clients::Pods => self.direct_from_pod(frame, &ip, &tuple, mark),
+                Clients::Outside => Outcome::pass(VERDICT_PASS, frame, mark),
+            };
         };
         if ip.first_fragment() && self.untranslatable_first_fragment(frame, &ip, FORWARD) {
             return Outcome::drop(
@@ -106,29 +112,36 @@ impl Fixture {
                 DropReason::FragmentUntranslatable,
             );
         }
-        let (endpoint, masquerade) = match self.forward(&tuple) {
-            Some(connection) => (connection.endpoint, connection.masquerade),
+        let (endpoint, masquerade, client_port) = match self.forward(&tuple) {
+            Some(connection) => (connection.endpoint, connection.masquerade, tuple.sport),
             None => {
                 let Some(endpoint) = service.endpoint_addr() else {
                     let mut outcome = reject(frame, &ip, mark);
                     outcome.conntrack = true;
                     return outcome;
                 };
+                let Some(client_port) = self.free_client_port(&tuple, endpoint) else {
+                    return tuple_in_use(frame, mark);
+                };
                 let inside = in_network(ip.src);
                 (
                     endpoint,
                     masquerade_all || !inside || endpoint.ip().octets() == ip.src,
+                    client_port,
                 )
             }
         };
         let mut output = frame.to_vec();
-        let unknown = rewrite(
+        let mut unknown = rewrite(
             &mut output,
             &ip,
             Side::Destination,
             endpoint.ip().octets(),
             endpoint.port(),
         );
+        if client_port != tuple.sport {
+            unknown.extend(rewrite(&mut output, &ip, Side::Source, ip.src, client_port));
+        }
         Outcome::translated(
             output,
             if masquerade { mark | MASQUERADE } else { mark },
@@ -174,7 +187,63 @@ impl Fixture {
     }
 }
 
+/// Whose packets a hook translates to frontends.
+#[derive(Clone, Copy)]
+pub(super) enum Clients {
+    /// A local pod's: its direct connections' client ports are moved when they clash.
+    Pods,
+    /// Anything reaching the node from outside.
+    Outside,
+}
+
 impl Fixture {
+    /// A pod's TCP or UDP packet to no frontend: moved to another client port when it opens a
+    /// connection (a bare SYN, any datagram) on the reply tuple of a tracked connection, as the
+    /// tracked connection's replies would otherwise take its own; otherwise left alone.
+    fn direct_from_pod(&self, frame: &[u8], ip: &Ip, tuple: &Tuple, mark: u32) -> Outcome {
+        let tcp_flags = if ip.proto == TCP {
+            frame[ip.l4 + 13]
+        } else {
+            0
+        };
+        let reply = Tuple {
+            src: tuple.dst,
+            dst: tuple.src,
+            sport: tuple.dport,
+            dport: tuple.sport,
+            proto: tuple.proto,
+        };
+        if !matches!(ip.proto, TCP | UDP)
+            || !opens(ip.proto, tcp_flags)
+            || self.reply(&reply).is_none()
+        {
+            return Outcome::pass(VERDICT_PASS, frame, mark);
+        }
+        let Some(client_port) = self.free_client_port(tuple, tuple.dst()) else {
+            return tuple_in_use(frame, mark);
+        };
+        let mut output = frame.to_vec();
+        let unknown = rewrite(&mut output, ip, Side::Source, ip.src, client_port);
+        Outcome::translated(output, mark, unknown)
+    }
+
+    /// The client port a new connection from `tuple`'s client to `endpoint` has on the wire:
+    /// its own, or the first move of it (see `weft_common::conntrack::moved_port`) that no
+    /// tracked connection to that endpoint has as its client port; `None` when every move is
+    /// taken.
+    fn free_client_port(&self, tuple: &Tuple, endpoint: SocketAddrV4) -> Option<u16> {
+        (0..=PORT_MOVES)
+            .filter(|by| *by == 0 || keeps_class(tuple.sport, *by))
+            .map(|by| moved_port(tuple.sport, by))
+            .find(|port| {
+                let client = SocketAddrV4::new(tuple.src.into(), *port);
+                !self
+                    .connections
+                    .iter()
+                    .any(|c| c.proto == tuple.proto && c.endpoint == endpoint && c.client == client)
+            })
+    }
+
     /// Whether the first fragment of a datagram that would be translated cannot be: SCTP (its
     /// CRC32c covers the whole datagram, which the fragment does not hold), or later fragments
     /// came first through `direction`'s hooks.
@@ -498,6 +567,14 @@ fn rewrite(
         _ => unreachable!("only transports with ports are translated"),
     }
     unknown
+}
+
+/// A new connection dropped because its tuple and every move of its client port are taken.
+fn tuple_in_use(frame: &[u8], mark: u32) -> Outcome {
+    Outcome {
+        conntrack: true,
+        ..Outcome::drop(VERDICT_DROP, frame, mark, DropReason::TupleInUse)
+    }
 }
 
 /// Whether `frame` is a fragment of a TCP, UDP or SCTP datagram, which the datapath may note in

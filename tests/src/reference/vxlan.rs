@@ -160,7 +160,7 @@ impl Fixture {
         if tos != inner_tos {
             set_header_byte(&mut inner, 1, tos);
         }
-        let translated = self.to_endpoint(&inner, mark);
+        let translated = self.to_endpoint(&inner, mark, super::service::Clients::Outside);
         if translated.verdict != super::VERDICT_PASS {
             return Some(translated);
         }
