@@ -978,7 +978,7 @@ async fn attach_port(dataplane: &mut Dataplane, netlink: &rtnetlink::Handle, por
             "a pod on this port cannot reach itself through a service: {e:#}"
         );
     }
-    match dataplane.attach_pod_port(&port.name, port.index, port.veth) {
+    match dataplane.attach_pod_port(&port.name, port.index, port.veth, port.peer_netns) {
         Ok(()) => tracing::debug!(port = port.name, "service translation attached"),
         // The port may already be gone again (a pod that failed to start).
         Err(e) => warn!(port = port.name, "cannot attach service translation: {e:#}"),

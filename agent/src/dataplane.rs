@@ -27,10 +27,10 @@ use weft_common::{
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_SOCK_NAT_ENTRIES, DROPS_MAP, DatapathConfig,
         ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey, EndpointValue,
         FRAGMENT_ENTRIES, FRAGMENTS_MAP, FragKey, FragValue, LOCAL_PODS_MAP, LocalPod,
-        MAX_LOCAL_PODS, MAX_NODES, MAX_SOURCE_RANGES, OVERLAY_MAP, OverlayConfig, PEER_PORTS_MAP,
-        PINNED_MAPS, POD_NAMESPACES_MAP, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SOCK_NAT_MAP,
-        SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, SockNatKey,
-        SockNatValue, SourceRangeKey, VTEPS_MAP, Vtep,
+        MAX_LOCAL_PODS, MAX_NODES, MAX_SOURCE_RANGES, NO_NETNS_ID, OVERLAY_MAP, OverlayConfig,
+        PEER_PORTS_MAP, PINNED_MAPS, POD_NAMESPACES_MAP, RemoteNode, SERVICE_NAMES_MAP,
+        SERVICES_MAP, SOCK_NAT_MAP, SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey, ServiceName,
+        ServiceValue, SockNatKey, SockNatValue, SourceRangeKey, VTEPS_MAP, Vtep,
     },
 };
 
@@ -349,7 +349,7 @@ fn layouts(limits: MapLimits) -> [Layout; PINNED_MAPS.len()] {
             name: PEER_PORTS_MAP,
             map_type: MapType::Hash,
             key_size: 4,
-            value_size: 1,
+            value_size: 4,
             max_entries: MAX_LOCAL_PODS,
         },
         Layout {
@@ -678,7 +678,7 @@ impl Dataplane {
     /// them, so no packet is delivered to a port that is gone or now someone else's. Returns
     /// how many pods.
     pub fn forget_pods(&mut self, keep: impl Fn(u32) -> bool) -> Result<usize, DataplaneError> {
-        let mut ports = self.hash_map::<u32, u8>(PEER_PORTS_MAP)?;
+        let mut ports = self.hash_map::<u32, u32>(PEER_PORTS_MAP)?;
         let gone: Vec<u32> = ports
             .keys()
             .filter_map(Result::ok)
@@ -709,12 +709,15 @@ impl Dataplane {
     /// tuple; and because replies between two pods of one node are switched by the bridge and
     /// never reach the bridge device.
     ///
-    /// A veth port (`veth`) is also one the overlay delivers into directly: its pods are learned.
+    /// A veth port (`veth`) is also one the overlay delivers into directly: its pods are learned,
+    /// and its peer's namespace (`peer_netns`, its id here) is where the pod's sockets are
+    /// looked up.
     pub fn attach_pod_port(
         &mut self,
         port: &str,
         ifindex: u32,
         veth: bool,
+        peer_netns: Option<i32>,
     ) -> Result<(), DataplaneError> {
         if self.has_pod_port(ifindex) {
             return Ok(());
@@ -728,8 +731,11 @@ impl Dataplane {
         self.ports.insert(ifindex, port.to_owned());
         if veth {
             // Its pods are learned from here on (a packet missed meanwhile takes the stack).
-            self.hash_map::<u32, u8>(PEER_PORTS_MAP)?
-                .insert(ifindex, 1, 0)
+            let netns_id = peer_netns
+                .and_then(|id| u32::try_from(id).ok())
+                .unwrap_or(NO_NETNS_ID);
+            self.hash_map::<u32, u32>(PEER_PORTS_MAP)?
+                .insert(ifindex, netns_id, 0)
                 .map_err(|source| DataplaneError::Map {
                     name: PEER_PORTS_MAP,
                     source,

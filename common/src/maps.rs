@@ -55,9 +55,14 @@ pub const LOCAL_PODS_MAP: &str = "weft_pods_v1";
 pub const POD_NAMESPACES_MAP: &str = "weft_podns_v1";
 
 /// Name of the pod ports whose device is a veth (its peer, the pod's end, in the pod's
-/// namespace): ifindex (host order) -> `u8` (1). Only pods behind them are learned, as only a
-/// veth can be delivered into with `bpf_redirect_peer`.
-pub const PEER_PORTS_MAP: &str = "weft_peerports_v1";
+/// namespace): ifindex (host order) -> `u32`, the id this node's namespace gives the pod's
+/// (`link-netnsid`, host order), or [`NO_NETNS_ID`]. Only pods behind them are learned, as only
+/// a veth can be delivered into with `bpf_redirect_peer`; a pod's sockets are looked up in its
+/// namespace by that id, so a new service connection never takes the tuple of a direct one.
+pub const PEER_PORTS_MAP: &str = "weft_peerports_v2";
+
+/// A [`PEER_PORTS_MAP`] value for a port whose peer's namespace has no id here.
+pub const NO_NETNS_ID: u32 = u32::MAX;
 
 /// Every map weft pins, so the agent can check each pin's layout before reusing it.
 pub const PINNED_MAPS: [&str; 17] = [

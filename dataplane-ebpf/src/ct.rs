@@ -71,20 +71,22 @@ pub(crate) fn now_ns() -> u64 {
 
 /// The translation for a client packet (`key` is its tuple towards a frontend): the
 /// connection's endpoint if it is tracked and live, else the one `choose` picks for a new
-/// connection, tracked both ways.
+/// connection, tracked both ways. `held` says whether a socket holds a REPLY tuple that
+/// conntrack does not (a pod's direct connection, see `sock`).
 #[inline(always)]
 pub(crate) fn forward(
     key: &CtKey,
     tcp: u8,
     now: u64,
     choose: impl FnOnce() -> Result<Choice, DropReason>,
+    held: impl Fn(&CtKey) -> bool,
 ) -> Result<Forward, DropReason> {
     let replaced = match follow(key, tcp, now) {
         Ok(forward) => return Ok(forward),
         Err(replaced) => replaced,
     };
     let choice = choose()?;
-    track(key, tcp, &choice, now, replaced.as_ref())
+    track(key, tcp, &choice, now, replaced.as_ref(), held)
 }
 
 /// The translation of the live tracked connection a client packet (`key`) belongs to, its
@@ -117,7 +119,12 @@ fn follow(key: &CtKey, tcp: u8, now: u64) -> Result<Forward, Option<CtValue>> {
 /// connection's, or if this packet opens it on such a tuple; `None` for the rest, which is
 /// left alone (one lookup for most: the connection's FORWARD entry, which is not there).
 #[inline(always)]
-pub(crate) fn direct(key: &CtKey, tcp: u8, now: u64) -> Result<Option<u16>, DropReason> {
+pub(crate) fn direct(
+    key: &CtKey,
+    tcp: u8,
+    now: u64,
+    held: impl Fn(&CtKey) -> bool,
+) -> Result<Option<u16>, DropReason> {
     let replaced = match follow(key, tcp, now) {
         Ok(forward) => return Ok(Some(forward.client_port)),
         Err(replaced) => replaced,
@@ -131,6 +138,12 @@ pub(crate) fn direct(key: &CtKey, tcp: u8, now: u64) -> Result<Option<u16>, Drop
         ..CtValue::default()
     };
     if !reply_taken(&CtKey::reply_of(key, &itself), key, now) {
+        if let Some(old) = replaced {
+            // A new connection on a tuple that clashes no more: the closed or expired one's
+            // move must not catch its later packets.
+            let _ = CONNTRACK.remove(key);
+            let _ = CONNTRACK.remove(CtKey::reply_of(key, &old));
+        }
         return Ok(None);
     }
     let choice = Choice {
@@ -141,7 +154,7 @@ pub(crate) fn direct(key: &CtKey, tcp: u8, now: u64) -> Result<Option<u16>, Drop
         },
         masquerade: false,
     };
-    track(key, tcp, &choice, now, replaced.as_ref()).map(|forward| Some(forward.client_port))
+    track(key, tcp, &choice, now, replaced.as_ref(), held).map(|forward| Some(forward.client_port))
 }
 
 impl Forward {
@@ -157,9 +170,14 @@ impl Forward {
 }
 
 /// The move of `key`'s client port that keeps a new connection to `endpoint` apart from every
-/// live connection at the endpoint: 0 when its own tuple is free.
+/// live connection at the endpoint, tracked or `held`: 0 when its own tuple is free.
 #[inline(always)]
-fn free_port_move(key: &CtKey, endpoint: &EndpointValue, now: u64) -> Result<u8, DropReason> {
+fn free_port_move(
+    key: &CtKey,
+    endpoint: &EndpointValue,
+    now: u64,
+    held: impl Fn(&CtKey) -> bool,
+) -> Result<u8, DropReason> {
     let mut forward = CtValue {
         nat_addr: endpoint.addr,
         nat_port: endpoint.port,
@@ -170,7 +188,8 @@ fn free_port_move(key: &CtKey, endpoint: &EndpointValue, now: u64) -> Result<u8,
             continue;
         }
         forward.port_move = port_move;
-        if !reply_taken(&CtKey::reply_of(key, &forward), key, now) {
+        let reply_key = CtKey::reply_of(key, &forward);
+        if !reply_taken(&reply_key, key, now) && !held(&reply_key) {
             return Ok(port_move);
         }
     }
@@ -210,6 +229,7 @@ fn track(
     choice: &Choice,
     now: u64,
     replaced: Option<&CtValue>,
+    held: impl Fn(&CtKey) -> bool,
 ) -> Result<Forward, DropReason> {
     let replacing = replaced.is_some();
     let endpoint = &choice.endpoint;
@@ -222,7 +242,7 @@ fn track(
         nat_addr: endpoint.addr,
         nat_port: endpoint.port,
         flags: next_state(initial, key.proto, tcp, false),
-        port_move: free_port_move(key, endpoint, now)?,
+        port_move: free_port_move(key, endpoint, now, held)?,
         last_seen_ns: now,
     };
     // An expired or closed entry is replaced; a fresh one must not overwrite a racing CPU's.

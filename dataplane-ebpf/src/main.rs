@@ -39,6 +39,8 @@ mod reject;
 #[cfg(target_arch = "bpf")]
 mod service;
 #[cfg(target_arch = "bpf")]
+mod sock;
+#[cfg(target_arch = "bpf")]
 mod tc_from_pods;
 #[cfg(target_arch = "bpf")]
 mod tc_from_tunnel;

@@ -122,10 +122,11 @@ pub(crate) static LOCAL_PODS: LruHashMap<[u8; 4], LocalPod, { MAX_LOCAL_PODS as 
     LruHashMap::new();
 
 /// The pod ports whose device is a veth, the only kind `bpf_redirect_peer` delivers into (a
-/// packet redirected to another kind is lost): only pods behind them are learned. Written by
-/// the agent as it attaches to ports and detaches from them.
-#[btf_map(name = "weft_peerports_v1")]
-pub(crate) static PEER_PORTS: HashMap<u32, u8, { MAX_LOCAL_PODS as usize }> = HashMap::new();
+/// packet redirected to another kind is lost): only pods behind them are learned. The value is
+/// the id of the pod's namespace, where its sockets are looked up (see `sock`). Written by the
+/// agent as it attaches to ports and detaches from them.
+#[btf_map(name = "weft_peerports_v2")]
+pub(crate) static PEER_PORTS: HashMap<u32, u32, { MAX_LOCAL_PODS as usize }> = HashMap::new();
 
 /// Counts a drop. Per-CPU, so a plain increment is exact.
 #[inline(always)]

@@ -20,7 +20,7 @@ use crate::{
     maps::{config, count_drop, verdict},
     nat::{self, Side},
     packet::Skb,
-    reject,
+    reject, sock,
 };
 
 /// Where a client packet's clients come from, which decides who counts as inside the cluster.
@@ -93,7 +93,7 @@ fn translate(ctx: &TcContext, clients: Clients) -> Result<i32, DropReason> {
     }
     let key = tuple(&ip, ports.src_port, ports.dst_port, ct_direction::FORWARD);
     let now = ct::now_ns();
-    let forward = ct::forward(&key, ports.tcp_flags, now, || {
+    let choose = || {
         if !lb::source_allowed(&frontend, &service, ip.src) {
             return Err(DropReason::SourceRangeDenied);
         }
@@ -108,6 +108,9 @@ fn translate(ctx: &TcContext, clients: Clients) -> Result<i32, DropReason> {
             endpoint,
             masquerade: selection.masquerade,
         })
+    };
+    let forward = ct::forward(&key, ports.tcp_flags, now, choose, |reply: &CtKey| {
+        matches!(clients, Clients::Pods) && sock::pod_holds(ctx, reply)
     });
     let forward = match forward {
         Ok(forward) => forward,
@@ -148,7 +151,9 @@ fn direct_from_pod(
         return Ok(());
     }
     let key = tuple(ip, src_port, dst_port, ct_direction::FORWARD);
-    match ct::direct(&key, tcp, ct::now_ns())? {
+    match ct::direct(&key, tcp, ct::now_ns(), |reply: &CtKey| {
+        sock::pod_holds(ctx, reply)
+    })? {
         Some(moved) if moved != src_port => move_port(ctx, ip, Side::Source, src_port, moved),
         _ => Ok(()),
     }

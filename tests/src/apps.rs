@@ -222,6 +222,40 @@ impl HttpConnection {
         })
     }
 
+    /// Connects from `local`, a port other sockets may share (`SO_REUSEADDR` on each: two
+    /// connections from one port to different peers, as the kernel makes them on its own when
+    /// its port range runs short).
+    pub fn open_from(local: SocketAddrV4, target: SocketAddrV4) -> io::Result<Self> {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket,
+            sockopt,
+        };
+        let socket = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        setsockopt(&socket, sockopt::ReuseAddr, &true)?;
+        // connect() gives up after the send timeout.
+        let timeout = nix::sys::time::TimeVal::new(CLIENT_TIMEOUT.as_secs() as i64, 0);
+        setsockopt(&socket, sockopt::SendTimeout, &timeout)?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            &SockaddrIn::from(local),
+        )?;
+        connect(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            &SockaddrIn::from(target),
+        )?;
+        let stream = TcpStream::from(socket);
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
     /// The peer the kernel's socket is connected to (the service address, for a client of one).
     pub fn peer(&self) -> io::Result<SocketAddr> {
         self.writer.peer_addr()

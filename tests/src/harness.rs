@@ -21,7 +21,7 @@ use weft_common::{
     drop_reason::DropReason,
     maps::{
         CONNTRACK_MAP, CtKey, CtValue, DROPS_MAP, DatapathConfig, FRAGMENTS_MAP, FragKey,
-        FragValue, LOCAL_PODS_MAP, LocalPod, PEER_PORTS_MAP,
+        FragValue, LOCAL_PODS_MAP, LocalPod, NO_NETNS_ID, PEER_PORTS_MAP,
     },
 };
 
@@ -376,8 +376,10 @@ impl Datapath {
             .ebpf_mut()
             .map_mut(PEER_PORTS_MAP)
             .expect("the peer ports map");
-        let mut ports: BpfHashMap<_, u32, u8> = BpfHashMap::try_from(map).expect("a hash map");
-        ports.insert(ifindex, 1, 0).expect("registering a port");
+        let mut ports: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(map).expect("a hash map");
+        ports
+            .insert(ifindex, NO_NETNS_ID, 0)
+            .expect("registering a port");
     }
 
     /// This node's pods as the datapath learned them: (address, pod).

@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 pub const FIN: u8 = 0x01;
+pub const RST: u8 = 0x04;
 pub const PSH: u8 = 0x08;
 
 const TCP: u8 = 6;
@@ -367,12 +368,12 @@ pub fn assert_rejects(name: &str, asked: &[u8], answer: &[u8]) {
             u32::from_be_bytes(tcp[8..12].try_into().unwrap()),
         );
         if asked_flags & ACK != 0 {
-            assert_eq!((tcp[13], seq), (0x04, asked_ack), "{name}: RST at the ack");
+            assert_eq!((tcp[13], seq), (RST, asked_ack), "{name}: RST at the ack");
         } else {
             let len = question.payload.len() as u32
                 + u32::from(asked_flags & SYN != 0)
                 + u32::from(asked_flags & FIN != 0);
-            assert_eq!(tcp[13], 0x04 | ACK, "{name}: RST|ACK");
+            assert_eq!(tcp[13], RST | ACK, "{name}: RST|ACK");
             assert_eq!((seq, ack), (0, asked_seq + len), "{name}: acknowledgement");
         }
     } else {

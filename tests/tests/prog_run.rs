@@ -22,7 +22,7 @@ use weft_common::{
 use weft_tests::{
     harness::{Datapath, VERDICT_DROP, VERDICT_PASS, VERDICT_REDIRECT},
     packet::{
-        ACK, FIN, IcmpError, PSH, SYN, assert_rejects, checksum, fragmented, icmp_error,
+        ACK, FIN, IcmpError, PSH, RST, SYN, assert_rejects, checksum, fragmented, icmp_error,
         icmp_errors, parse, parse_icmp_error, reassembled, tcp, udp,
     },
     seed::{
@@ -1172,6 +1172,31 @@ fn clashing_tuples_are_kept_apart_by_moving_the_client_port() {
         (
             "a direct packet that opens nothing (no SYN) is left alone",
             (FROM_PODS, tcp(at(50102), endpoint, ACK).build()),
+            Step::Unchanged,
+        ),
+        (
+            "the service connection is reset",
+            (FROM_PODS, tcp(c, vip, RST | ACK).build()),
+            Step::To(c, endpoint),
+        ),
+        (
+            "so is the direct one",
+            (FROM_PODS, tcp(c, endpoint, RST | ACK).build()),
+            Step::To(moved(50100, 1), endpoint),
+        ),
+        (
+            "a new direct connection from the port clashes no more: it keeps its port",
+            (FROM_PODS, tcp(c, endpoint, SYN).build()),
+            Step::Unchanged,
+        ),
+        (
+            "and so do its later packets: the old move is gone",
+            (FROM_PODS, tcp(c, endpoint, ACK).build()),
+            Step::Unchanged,
+        ),
+        (
+            "its replies are left alone too",
+            (TO_POD, tcp(endpoint, c, SYN | ACK).build()),
             Step::Unchanged,
         ),
         (
