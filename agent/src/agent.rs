@@ -1,53 +1,24 @@
-//! `weft agent`: wires the sources, the reconciler and the dataplane together on one node.
+//! `weft agent`: the flags, checked into the node's [`Config`], and the node run until a
+//! signal or a fault stops it.
 
 use std::{
     borrow::Cow,
-    collections::BTreeMap,
     fs,
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, Instant},
+    path::PathBuf,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use ipnet::Ipv4Net;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::{Notify, watch},
-};
-use tracing::{error, info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
 use weft::{
-    conntrack::{Conntrack, lost_udp_endpoints},
-    dataplane::{
-        Dataplane, KernelSupport, MapLimits, OBJECT, TcAttach, XdpChoice, XdpPlacement,
-        cgroup2_mount,
-    },
-    etcd::{self, TlsFiles},
-    flannel::{self, NetworkConfig, subnet_env},
-    health::{self, Health, HealthCheckServers},
-    http, kube,
-    manifests::{self, ManifestWatch},
-    maps::{AyaMaps, MapWriteError},
-    metrics::{self, Metrics},
-    model::{HealthCheck, ServicePortName},
-    netdev::{self, PortEvent, PortWatch, Uplink},
-    nexthops,
-    nft::{self, Masquerade},
-    pods::PodNamespaces,
-    privilege,
-    reconcile::{Reconciler, Report},
-    source::ModelHandle,
-    subnets::{self, OwnLease, SubnetSettings},
-    sys,
+    dataplane::{MapLimits, OBJECT, TcAttach, XdpChoice, cgroup2_mount},
+    etcd::TlsFiles,
+    flannel, netdev,
+    node::{self, Config, Etcd, HostRouting, ServiceSource, SocketLb},
 };
-use weft_common::{
-    maps::{
-        DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES, DatapathConfig,
-        OverlayConfig, overlay_flags,
-    },
-    vxlan,
-};
+use weft_common::maps::{DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES};
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
@@ -179,20 +150,6 @@ pub struct AgentArgs {
     xdp: XdpChoice,
 }
 
-/// Where pod traffic to and from other nodes is routed (`--host-routing`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum HostRouting {
-    Ebpf,
-    Kernel,
-}
-
-/// Which sockets the socket hooks translate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SocketLb {
-    All,
-    HostOnly,
-}
-
 /// On or off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Switch {
@@ -201,127 +158,79 @@ pub enum Switch {
 }
 
 impl AgentArgs {
-    fn node_name(&self) -> anyhow::Result<String> {
-        if let Some(name) = &self.hostname_override {
-            return Ok(name.clone());
-        }
-        let host = nix::unistd::gethostname().context("reading the host name")?;
-        // Kubernetes node names are lower case, as kubelet derives them.
-        Ok(host.to_string_lossy().to_lowercase())
-    }
-
-    fn etcd_tls(&self) -> TlsFiles {
-        TlsFiles {
-            ca_file: self.etcd_cafile.clone(),
-            client: self.etcd_certfile.clone().zip(self.etcd_keyfile.clone()),
-        }
-    }
-}
-
-/// The least time between two reconcile passes (kube-proxy's `--min-sync-period`): a change
-/// after a quiet spell is applied at once; in a burst, what arrives within this time after a
-/// pass waits and goes into the next one, so a burst costs a pass per period, not per change.
-const MIN_PASS_INTERVAL: Duration = Duration::from_millis(10);
-/// How often a pass that failed (a full map) is retried.
-const RETRY: Duration = Duration::from_secs(5);
-/// How often expired connections are collected.
-const CONNTRACK_GC: Duration = Duration::from_secs(30);
-
-/// The overlay of an etcd-backed node: its uplink, the network config and its own lease.
-struct Overlay {
-    uplink: Uplink,
-    public_ip: Ipv4Addr,
-    config: NetworkConfig,
-    own: OwnLease,
-    client: etcd_client::Client,
-    prefix: String,
-    /// MTU of pod interfaces: the uplink's, less the VXLAN overhead (or Backend.MTU).
-    mtu: u32,
-}
-
-/// Joins the overlay: reads flannel's config from etcd (waiting while etcd is unreachable or
-/// the config is missing) and takes this node's lease.
-async fn join_overlay(
-    netlink: &rtnetlink::Handle,
-    uplink: Uplink,
-    args: &AgentArgs,
-) -> anyhow::Result<Overlay> {
-    let public_ip = args
-        .public_ip
-        .or(uplink.address)
-        .ok_or_else(|| netdev::NetdevError::NoAddress(uplink.name.clone()))?;
-    let mut client = etcd::connect(&args.etcd_endpoints, &args.etcd_tls()).await?;
-    let config = subnets::wait_for_config(&mut client, &args.etcd_prefix).await;
-    // The subnet this node held before, as its subnet.env or its bridge remembers it.
-    let bridge = netdev::bridge_addresses(netlink, &args.bridge).await?;
-    let bridge_subnet = bridge
-        .iter()
-        .find(|address| config.network.contains(*address))
-        .and_then(|address| Ipv4Net::new(*address, config.subnet_len).ok())
-        .map(|subnet| subnet.trunc());
-    let settings = SubnetSettings {
-        endpoints: args.etcd_endpoints.clone(),
-        prefix: args.etcd_prefix.clone(),
-        public_ip,
-        previous: fs::read_to_string(&args.subnet_file)
-            .ok()
-            .and_then(|text| flannel::previous_subnet(&text))
-            .or(bridge_subnet),
-    };
-    let own = loop {
-        match subnets::acquire(&mut client, &settings, &config).await {
-            Ok(own) => break own,
-            Err(e) if e.is_transient() => {
-                warn!("taking a subnet lease failed ({e}); retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+    /// The node's settings: names resolved, files read, choices made, so that nothing after
+    /// this looks at a flag.
+    fn into_config(self) -> anyhow::Result<Config> {
+        let node_name = match self.hostname_override {
+            Some(name) => name,
+            // Kubernetes node names are lower case, as kubelet derives them.
+            None => nix::unistd::gethostname()
+                .context("reading the host name")?
+                .to_string_lossy()
+                .to_lowercase(),
+        };
+        let object = match &self.bpf_object {
+            Some(path) => {
+                Cow::Owned(fs::read(path).with_context(|| format!("reading {}", path.display()))?)
             }
-            Err(e) => return Err(e).context("taking a subnet lease"),
-        }
-    };
-    // Before subnet.env is rewritten, which would lose the subnet the bridge was made for.
-    netdev::bridge_fits(&args.bridge, &bridge, own.subnet)?;
-    let mtu = config
-        .mtu
-        .unwrap_or(uplink.mtu.saturating_sub(vxlan::OVERHEAD));
-    info!(
-        subnet = %own.subnet,
-        public_ip = %public_ip,
-        vtep_mac = %own.lease.vtep_mac,
-        reservation = own.etcd_lease == 0,
-        uplink = uplink.name,
-        "holding the subnet lease"
-    );
-    Ok(Overlay {
-        uplink,
-        public_ip,
-        config,
-        own,
-        client,
-        prefix: args.etcd_prefix.clone(),
-        mtu,
-    })
-}
-
-/// Writes `subnet.env` atomically, as flannel does, for the CNI plugin.
-fn write_subnet_file(path: &Path, contents: &str) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            None => Cow::Borrowed(OBJECT),
+        };
+        let cgroup = self
+            .cgroup
+            .or_else(cgroup2_mount)
+            .context("no cgroup v2 hierarchy is mounted; mount one or pass --cgroup")?;
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        let etcd = (!self.etcd_endpoints.is_empty()).then(|| Etcd {
+            endpoints: self.etcd_endpoints,
+            prefix: self.etcd_prefix,
+            tls: TlsFiles {
+                ca_file: self.etcd_cafile,
+                client: self.etcd_certfile.zip(self.etcd_keyfile),
+            },
+        });
+        Ok(Config {
+            node_name,
+            pin_dir: self.pin_dir,
+            services: ServiceSource::choose(self.manifests, self.kubeconfig, in_pod),
+            nodeport_addresses: self.nodeport_addresses,
+            healthz_bind_address: self.healthz_bind_address,
+            metrics_bind_address: self.metrics_bind_address,
+            bridge: self.bridge,
+            pod_subnet: self.pod_subnet,
+            cluster_cidr: self.cluster_cidr,
+            cgroup,
+            socket_lb: self.socket_lb,
+            tc_attach: self.tc_attach,
+            object,
+            limits: MapLimits {
+                max_services: self.max_services,
+                max_endpoints: self.max_endpoints,
+                ct_entries: self.ct_entries,
+            },
+            etcd,
+            iface: self.iface,
+            public_ip: self.public_ip,
+            subnet_file: self.subnet_file,
+            ip_masq: self.ip_masq,
+            host_routing: self.host_routing,
+            vxlan_device: self.vxlan_device == Switch::On,
+            xdp: self.xdp,
+        })
     }
-    let staged = path.with_extension("tmp");
-    fs::write(&staged, contents).with_context(|| format!("writing {}", staged.display()))?;
-    fs::rename(&staged, path).with_context(|| format!("writing {}", path.display()))
 }
-
-/// How often the bridge's ports are listed again (netlink notifications can be lost).
-const PORT_RESYNC: Duration = Duration::from_secs(30);
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Signals first: a SIGTERM while starting must still end in a clean exit.
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let config = args.into_config()?;
     let netlink = netdev::connect()?;
+    let serving = async {
+        node::bootstrap(&config, &netlink).await?.run().await?;
+        anyhow::Ok(())
+    };
     let outcome = tokio::select! {
-        outcome = serve(&args, &netlink) => outcome,
+        outcome = serving => outcome,
         _ = terminate.recv() => Ok(()),
         _ = interrupt.recv() => Ok(()),
     };
@@ -334,684 +243,4 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     outcome
-}
-
-/// The uplink: `--iface`, else the default route's interface; `None` when there is neither
-/// (a node without a default route serves only its pods and itself).
-async fn find_uplink(
-    netlink: &rtnetlink::Handle,
-    args: &AgentArgs,
-) -> anyhow::Result<Option<Uplink>> {
-    match netdev::uplink(netlink, args.iface.as_deref()).await {
-        Ok(uplink) => Ok(Some(uplink)),
-        Err(netdev::NetdevError::NoDefaultRoute) if args.etcd_endpoints.is_empty() => {
-            info!(
-                "no default route and no --iface: clients outside the node (NodePorts, external \
-                 IPs) are not served"
-            );
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Where services come from.
-enum ServiceSource {
-    Manifests(ManifestWatch),
-    Kubernetes,
-    None,
-}
-
-/// Reads the service source once into the model (the first pass must not see a partial
-/// cluster) and starts following it.
-async fn start_services(
-    args: &AgentArgs,
-    api: Option<::kube::Client>,
-    node_name: &str,
-    model: &Arc<ModelHandle>,
-    health: &Arc<Health>,
-) -> anyhow::Result<ServiceSource> {
-    if let Some(dir) = &args.manifests {
-        return Ok(ServiceSource::Manifests(ManifestWatch::start(dir, model)?));
-    }
-    let Some(client) = api else {
-        info!("no --manifests or --kubeconfig: serving no services, only the overlay");
-        return Ok(ServiceSource::None);
-    };
-    kube::start(client, node_name, model, health).await;
-    Ok(ServiceSource::Kubernetes)
-}
-
-/// A client for the Kubernetes API when it is the service source: `--kubeconfig`, or the
-/// service account in a pod.
-async fn api_client(args: &AgentArgs) -> anyhow::Result<Option<::kube::Client>> {
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-    if args.manifests.is_some() || (args.kubeconfig.is_none() && !in_cluster) {
-        return Ok(None);
-    }
-    Ok(Some(kube::client(args.kubeconfig.as_deref()).await?))
-}
-
-/// Sets the node up and serves until a task fails (the caller stops it on a signal). What it
-/// puts in the kernel (programs, maps, routes, the nftables table) stays when it returns.
-async fn serve(args: &AgentArgs, netlink: &rtnetlink::Handle) -> anyhow::Result<()> {
-    let missing = privilege::missing(privilege::effective()?);
-    if !missing.is_empty() {
-        bail!(
-            "weft needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN for the first \
-             and last) and lacks {}; grant them as deploy/daemonset.yaml does",
-            missing.join(", ")
-        );
-    }
-    let node_name = args.node_name()?;
-    let uplink = find_uplink(netlink, args).await?;
-    let overlay = match (&uplink, args.etcd_endpoints.is_empty()) {
-        (Some(uplink), false) => Some(join_overlay(netlink, uplink.clone(), args).await?),
-        _ => None,
-    };
-    let api = api_client(args).await?;
-    let pod_subnet = match (&overlay, args.pod_subnet) {
-        (Some(overlay), Some(given)) if given != overlay.own.subnet => {
-            bail!(
-                "--pod-subnet {given} differs from this node's lease {}; drop the flag",
-                overlay.own.subnet
-            )
-        }
-        (Some(overlay), _) => overlay.own.subnet,
-        (None, Some(given)) => given,
-        (None, None) => match &api {
-            Some(client) => kube::pod_subnet(client.clone(), &node_name).await?,
-            None => bail!(
-                "pass --pod-subnet (one node) or --etcd-endpoints (flannel-compatible overlay)"
-            ),
-        },
-    };
-    let gateway = pod_subnet.hosts().next().unwrap_or(pod_subnet.network());
-    if let Some(overlay) = &overlay {
-        write_subnet_file(
-            &args.subnet_file,
-            &subnet_env(&overlay.config, &pod_subnet, overlay.mtu, args.ip_masq),
-        )?;
-    }
-
-    let (bridge_link, created) = netdev::ensure_bridge(
-        netlink,
-        &args.bridge,
-        pod_subnet,
-        overlay.as_ref().map(|o| o.mtu),
-    )
-    .await
-    .with_context(|| format!("preparing the pod bridge {}", args.bridge))?;
-    if created {
-        info!(bridge = args.bridge, %pod_subnet, "created the pod bridge");
-    }
-    netdev::enable_ip_forwarding()?;
-
-    let limits = MapLimits {
-        max_services: args.max_services,
-        max_endpoints: args.max_endpoints,
-        ct_entries: args.ct_entries,
-    };
-    let object = match &args.bpf_object {
-        Some(path) => {
-            Cow::Owned(fs::read(path).with_context(|| format!("reading {}", path.display()))?)
-        }
-        None => Cow::Borrowed(OBJECT),
-    };
-    let kernel = KernelSupport::probe()?;
-    info!(
-        kernel = %kernel.version,
-        tc_attach = ?args.tc_attach.resolve(),
-        local_connect_refusal = if kernel.socket_errors {
-            "ECONNREFUSED/EHOSTUNREACH"
-        } else {
-            "EPERM (no bpf_set_retval for socket hooks before Linux 5.18)"
-        },
-        "kernel features"
-    );
-    // The programs go through the verifier while the service source is read.
-    let loading = {
-        let (pin_dir, tc_attach) = (args.pin_dir.clone(), args.tc_attach);
-        tokio::task::spawn_blocking(move || {
-            Dataplane::load(&object, Some(&pin_dir), limits, tc_attach).with_context(|| {
-                format!(
-                    "loading the dataplane with maps pinned in {}",
-                    pin_dir.display()
-                )
-            })
-        })
-    };
-    let model = Arc::new(ModelHandle::default());
-    let health = Arc::new(Health::default());
-    let metrics = Arc::new(Metrics::new(limits, args.pin_dir.clone()));
-    // Subscribe before reading the addresses, so no change falls in between.
-    let mut ports = PortWatch::subscribe(bridge_link.index)?;
-    let addresses = netdev::node_addresses(netlink, &args.nodeport_addresses).await?;
-    model.update(|m| {
-        m.update_node(|node| {
-            node.name = Some(node_name.clone());
-            node.node_port_addresses = addresses;
-        })
-    });
-    // Every source is read once before the first pass, so a restart never drops a service or
-    // a route only because its source was not read yet, and services are in the maps before
-    // any port that carried translations gets the new programs (ports that carried none get
-    // them meanwhile: see `attach_fresh_ports`).
-    let (mut dataplane, services) = tokio::try_join!(
-        async {
-            let mut dataplane = loading.await.context("loading the dataplane")??;
-            attach_fresh_ports(&mut dataplane, netlink, &args.bridge).await?;
-            anyhow::Ok(dataplane)
-        },
-        start_services(args, api, &node_name, &model, &health),
-    )?;
-    let host_netns_cookie = match (sys::netns_cookie(), args.socket_lb) {
-        (Ok(cookie), _) => cookie,
-        (Err(e), SocketLb::HostOnly) => anyhow::bail!(
-            "--socket-lb=host-only needs this network namespace's cookie, which this kernel does \
-             not give ({e}; Linux 5.14 does): run with --socket-lb=all on this kernel"
-        ),
-        (Err(e), SocketLb::All) => {
-            warn!(
-                "cannot read this network namespace's cookie ({e}; needs Linux 5.14); the \
-                 socket hooks will translate sockets of every namespace, the node as their client"
-            );
-            0
-        }
-    };
-    let cluster_cidr = args
-        .cluster_cidr
-        .or(overlay.as_ref().map(|o| o.config.network));
-    if cluster_cidr.is_none() {
-        warn!(
-            "--cluster-cidr is not set: service traffic from outside the cluster is not masqueraded"
-        );
-    }
-    let cidr = cluster_cidr.unwrap_or_default();
-    dataplane.set_config(&DatapathConfig {
-        cluster_cidr_addr: cidr.network().octets(),
-        cluster_cidr_prefix_len: cidr.prefix_len(),
-        _pad: [0; 3],
-        host_netns_cookie,
-    })?;
-    let tunnel = match (&overlay, args.vxlan_device) {
-        (Some(overlay), Switch::On) => {
-            match netdev::ensure_tunnel_device(
-                netlink,
-                overlay.config.port,
-                overlay.own.lease.vtep_mac.0,
-                overlay.mtu,
-            )
-            .await
-            {
-                Ok(device) => Some(device),
-                Err(e) => {
-                    warn!(
-                        "no {} VXLAN device: {e:#}; without it the kernel does no GRO for the \
-                         overlay and what weft cannot decapsulate itself is dropped",
-                        netdev::TUNNEL_DEVICE
-                    );
-                    netdev::remove_tunnel_device(netlink).await?;
-                    None
-                }
-            }
-        }
-        _ => {
-            netdev::remove_tunnel_device(netlink).await?;
-            None
-        }
-    };
-    let mut overlay_config = overlay.as_ref().map(|overlay| OverlayConfig {
-        public_ip: overlay.public_ip.octets(),
-        network_addr: overlay.config.network.network().octets(),
-        network_prefix_len: overlay.config.network.prefix_len(),
-        flags: match args.host_routing {
-            HostRouting::Ebpf => overlay_flags::EBPF_HOST_ROUTING,
-            HostRouting::Kernel => 0,
-        },
-        port: overlay.config.port,
-        vni: overlay.config.vni,
-        vtep_mac: overlay.own.lease.vtep_mac.0,
-        uplink_mac: overlay.uplink.mac,
-        local_subnet_addr: pod_subnet.network().octets(),
-        local_subnet_prefix_len: pod_subnet.prefix_len(),
-        _pad: 0,
-        inner_mtu: u16::try_from(overlay.mtu).unwrap_or(u16::MAX),
-        uplink_ifindex: overlay.uplink.index,
-        tunnel_ifindex: tunnel.as_ref().map_or(0, |device| device.index),
-        bridge_mac: bridge_link.mac,
-        _pad2: [0; 2],
-    });
-    if let Some(config) = &overlay_config {
-        dataplane.set_overlay(config)?;
-    }
-    let maps = AyaMaps::take_from(dataplane.ebpf_mut())?;
-    let mut conntrack = Conntrack::take_from(dataplane.ebpf_mut())?;
-
-    let peers = match &overlay {
-        Some(overlay) => {
-            let mut peers = subnets::Peers::new(
-                overlay.client.clone(),
-                overlay.prefix.clone(),
-                &overlay.own,
-                overlay.config.vni,
-                Arc::clone(&model),
-            );
-            let listed = peers
-                .load()
-                .await
-                .context("listing the other nodes' leases")?;
-            Some((peers, listed.revision))
-        }
-        None => None,
-    };
-    // Pods are known before the first pass, so a restart keeps their sockets translated.
-    let may_enter = privilege::effective().is_ok_and(privilege::can_enter_namespaces);
-    let pod_namespaces = match (args.socket_lb, host_netns_cookie) {
-        (SocketLb::All, 1..) if !may_enter => {
-            warn!(
-                "socket load balancing for pods needs CAP_SYS_ADMIN to enter their network \
-                 namespaces (setns), which this agent lacks: pods' service traffic is translated \
-                 per packet; grant it, or pass --socket-lb=host-only to say so"
-            );
-            None
-        }
-        (SocketLb::All, 1..) => {
-            let mut pods = PodNamespaces::new(netlink.clone(), args.bridge.clone(), pod_subnet);
-            let found = pods.scan().await;
-            model.update(|model| model.set_pod_namespaces(found));
-            Some(pods)
-        }
-        _ => None,
-    };
-    let mut reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
-    let started = Instant::now();
-    // The first pass looks at everything: the pinned maps may hold what no source has now.
-    let (desired, _) = model.take_changes();
-    for note in &desired.notes {
-        warn!("{note}");
-    }
-    let first = reconciler.reconcile(&desired);
-    let mut failed = log_pass(&first, &[]);
-    metrics.pass(started.elapsed(), reconciler.programmed(), failed.len());
-
-    nft::install(&Masquerade {
-        overlay: overlay.as_ref().map(|o| nft::Overlay {
-            network: o.config.network,
-            gateway,
-        }),
-        ip_masq_subnet: args.ip_masq.then_some(pod_subnet),
-    })?;
-    if let Some(overlay) = &overlay {
-        netdev::route_network(
-            netlink,
-            overlay.config.network,
-            &overlay.uplink,
-            gateway,
-            overlay.own.lease.vtep_mac.0,
-            overlay.mtu,
-        )
-        .await?;
-        if let Some(device) = &tunnel {
-            dataplane.attach_tunnel_device(&device.name, device.index)?;
-        }
-        let xdp = match dataplane.attach_xdp_filter(
-            &overlay.uplink.name,
-            overlay.uplink.index,
-            args.xdp,
-        )? {
-            XdpPlacement::On(mode) => format!("{mode:?}"),
-            XdpPlacement::Off(why) => format!("off ({why})"),
-        };
-        info!(
-            uplink = overlay.uplink.name,
-            host_routing = ?args.host_routing,
-            vxlan_device = tunnel.as_ref().map(|device| device.name.as_str()),
-            xdp,
-            "overlay attached"
-        );
-    }
-    if let Some(uplink) = &uplink {
-        dataplane.attach_uplink(&uplink.name, uplink.index)?;
-    }
-    resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?;
-    follow_bridge_mac(&mut dataplane, netlink, &args.bridge, &mut overlay_config).await;
-    let cgroup = args
-        .cgroup
-        .clone()
-        .or_else(cgroup2_mount)
-        .context("no cgroup v2 hierarchy is mounted; mount one or pass --cgroup")?;
-    dataplane.attach_socket_hooks(&cgroup)?;
-    for stale in dataplane.prune_attachments()? {
-        info!(attachment = stale, "removed an attachment no longer wanted");
-    }
-
-    let healthz = http::bind(args.healthz_bind_address).await?;
-    let metrics_listener = http::bind(args.metrics_bind_address).await?;
-    tokio::spawn(http::serve(healthz, health::handler(Arc::clone(&health))));
-    tokio::spawn(http::serve(
-        metrics_listener,
-        metrics::handler(Arc::clone(&metrics)),
-    ));
-    let mut health_checks = HealthCheckServers::new(Arc::clone(&health));
-    health_checks.sync(&desired.health_checks).await;
-    health.synced(failed.is_empty());
-    health.set_ready();
-    info!(
-        node = node_name,
-        service_ports = reconciler.programmed().service_ports,
-        bridge = args.bridge,
-        %pod_subnet,
-        ports = dataplane.attached_ports(),
-        uplink = uplink.as_ref().map(|u| u.name.as_str()),
-        cgroup = %cgroup.display(),
-        healthz = %args.healthz_bind_address,
-        metrics = %args.metrics_bind_address,
-        "ready"
-    );
-
-    if let Some(pods) = pod_namespaces {
-        tokio::spawn(pods.follow(Arc::clone(&model)));
-    }
-    if let ServiceSource::Manifests(watch) = services {
-        tokio::spawn(manifests::follow(watch, Arc::clone(&model)));
-    }
-    if let (Some(overlay), Some((peers, revision))) = (overlay, peers) {
-        tokio::spawn(nexthops::follow(
-            netlink.clone(),
-            overlay.uplink.index,
-            Arc::clone(&model),
-        ));
-        let lost = Arc::new(Notify::new());
-        tokio::spawn(peers.watch(revision, Arc::clone(&lost)));
-        tokio::spawn(subnets::keep_lease(
-            overlay.client,
-            overlay.prefix,
-            overlay.own,
-            lost,
-        ));
-    }
-    let (udp_endpoints, mut udp_changes) = watch::channel(Arc::new(desired.udp_endpoints()));
-    let (checks_out, mut checks_in) = watch::channel(desired.health_checks.clone());
-    let mut reconciling = {
-        let (model, health, metrics) = (
-            Arc::clone(&model),
-            Arc::clone(&health),
-            Arc::clone(&metrics),
-        );
-        tokio::spawn(async move {
-            let mut notes = Vec::new();
-            let mut last_pass = tokio::time::Instant::now();
-            loop {
-                if failed.is_empty() {
-                    model.changed().await;
-                } else {
-                    // Retry failed entries even when nothing changed: space may have freed up.
-                    let _ = tokio::time::timeout(RETRY, model.changed()).await;
-                }
-                health.queued();
-                tokio::time::sleep_until(last_pass + MIN_PASS_INTERVAL).await;
-                let started = Instant::now();
-                last_pass = started.into();
-                let (desired, changed) = model.take_changes();
-                if desired.notes != notes {
-                    for note in &desired.notes {
-                        warn!("{note}");
-                    }
-                    notes.clone_from(&desired.notes);
-                }
-                failed = log_pass(&reconciler.reconcile_changes(&desired, &changed), &failed);
-                metrics.pass(started.elapsed(), reconciler.programmed(), failed.len());
-                health.synced(failed.is_empty());
-                let udp = desired.udp_endpoints();
-                udp_endpoints.send_if_modified(|current| {
-                    let changed = **current != udp;
-                    if changed {
-                        *current = Arc::new(udp);
-                    }
-                    changed
-                });
-                checks_out.send_if_modified(|current| {
-                    let changed = *current != desired.health_checks;
-                    if changed {
-                        current.clone_from(&desired.health_checks);
-                    }
-                    changed
-                });
-            }
-        })
-    };
-    let mut collecting = {
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(CONNTRACK_GC);
-            let mut known = Arc::clone(&udp_changes.borrow());
-            loop {
-                let purge = tokio::select! {
-                    _ = ticks.tick() => None,
-                    Ok(()) = udp_changes.changed() => {
-                        let next = Arc::clone(&udp_changes.borrow_and_update());
-                        let lost = lost_udp_endpoints(&known, &next);
-                        known = Arc::clone(&next);
-                        lost.then_some(next)
-                    }
-                };
-                // A sweep makes a syscall per entry; it runs beside the async workers, not on one.
-                let metrics = Arc::clone(&metrics);
-                conntrack = tokio::task::spawn_blocking(move || {
-                    match purge {
-                        None => match conntrack.collect_garbage() {
-                            Ok(sweep) => {
-                                metrics.conntrack_entries(sweep.remaining);
-                                if sweep.removed > 0 {
-                                    tracing::debug!(
-                                        removed = sweep.removed,
-                                        "collected expired connections"
-                                    );
-                                }
-                            }
-                            Err(e) => warn!("conntrack collection failed: {e}"),
-                        },
-                        Some(valid) => match conntrack.purge_udp(&valid) {
-                            Ok(removed) => info!(
-                                removed,
-                                "purged UDP flows of endpoints that left their service"
-                            ),
-                            Err(e) => warn!("purging stale UDP flows failed: {e}"),
-                        },
-                    }
-                    conntrack
-                })
-                .await
-                .expect("conntrack work does not panic");
-            }
-        })
-    };
-
-    let mut resync = tokio::time::interval(PORT_RESYNC);
-    resync.tick().await;
-    loop {
-        tokio::select! {
-            event = ports.next() => match event {
-                Some(PortEvent::Joined(link)) => {
-                    attach_port(&mut dataplane, netlink, &link).await;
-                    follow_bridge_mac(&mut dataplane, netlink, &args.bridge, &mut overlay_config)
-                        .await;
-                }
-                Some(PortEvent::Left(index)) => {
-                    dataplane.detach_pod_port(index);
-                    follow_bridge_mac(&mut dataplane, netlink, &args.bridge, &mut overlay_config)
-                        .await;
-                }
-                Some(PortEvent::AddressesChanged) => {
-                    refresh_addresses(netlink, &args.nodeport_addresses, &model).await;
-                }
-                Some(PortEvent::Resync) => {
-                    warn!("link notifications were lost; listing the bridge's ports again");
-                    resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?;
-                    refresh_addresses(netlink, &args.nodeport_addresses, &model).await;
-                }
-                None => bail!("the netlink link notifications stopped"),
-            },
-            _ = resync.tick() => {
-                resync_ports(&mut dataplane, netlink, &args.bridge, &mut ports).await?;
-                refresh_addresses(netlink, &args.nodeport_addresses, &model).await;
-            }
-            Ok(()) = checks_in.changed() => {
-                let wanted: BTreeMap<u16, HealthCheck> = checks_in.borrow_and_update().clone();
-                health_checks.sync(&wanted).await;
-            }
-            // These loops never return; one that does has panicked.
-            ended = &mut reconciling => bail!("the reconciler stopped: {ended:?}"),
-            ended = &mut collecting => bail!("conntrack collection stopped: {ended:?}"),
-        }
-    }
-}
-
-/// Keeps the bridge's MAC in the overlay settings: the source of frames the datapath delivers
-/// straight into pods, as their gateway's. A bridge without a MAC of its own takes its
-/// lowest port's, so it changes as pods come and go.
-async fn follow_bridge_mac(
-    dataplane: &mut Dataplane,
-    netlink: &rtnetlink::Handle,
-    bridge: &str,
-    overlay: &mut Option<OverlayConfig>,
-) {
-    let Some(config) = overlay else {
-        return;
-    };
-    let mac = match netdev::link_by_name(netlink, bridge).await {
-        Ok(Some(link)) => link.mac,
-        Ok(None) => return,
-        Err(e) => {
-            warn!("reading the pod bridge's MAC: {e:#}");
-            return;
-        }
-    };
-    if mac != config.bridge_mac {
-        config.bridge_mac = mac;
-        if let Err(e) = dataplane.set_overlay(config) {
-            warn!("writing the pod bridge's new MAC to the overlay settings: {e:#}");
-        }
-    }
-}
-
-/// Reads the node's addresses again, for NodePorts.
-async fn refresh_addresses(netlink: &rtnetlink::Handle, only: &[Ipv4Net], model: &ModelHandle) {
-    match netdev::node_addresses(netlink, only).await {
-        Ok(addresses) => {
-            model.update(|m| m.update_node(|node| node.node_port_addresses = addresses));
-        }
-        Err(e) => warn!("listing the node's addresses for NodePorts: {e:#}"),
-    }
-}
-
-/// Brings the attached ports in line with the bridge's ports: attaches to the ones missed
-/// (lost notifications, failed attaches) and forgets the ones gone. Follows the bridge if it was
-/// made again.
-async fn resync_ports(
-    dataplane: &mut Dataplane,
-    netlink: &rtnetlink::Handle,
-    bridge: &str,
-    ports: &mut PortWatch,
-) -> anyhow::Result<()> {
-    let Some(bridge_link) = netdev::link_by_name(netlink, bridge).await? else {
-        warn!(
-            bridge,
-            "the pod bridge is gone; pods on it are unreachable until it is back"
-        );
-        return Ok(());
-    };
-    ports.set_bridge(bridge_link.index);
-    let links = netdev::links(netlink).await?;
-    let current: Vec<&netdev::Link> = links
-        .iter()
-        .filter(|link| link.controller == Some(bridge_link.index))
-        .collect();
-    for link in &current {
-        attach_port(dataplane, netlink, link).await;
-    }
-    let gone: Vec<u32> = dataplane
-        .pod_ports()
-        .filter(|index| !current.iter().any(|link| link.index == *index))
-        .collect();
-    for index in gone {
-        dataplane.detach_pod_port(index);
-    }
-    // Pods learned on ports that left while no agent ran, or whose notification was lost.
-    let forgotten = dataplane.forget_pods(|port| current.iter().any(|link| link.index == port))?;
-    if forgotten > 0 {
-        info!(forgotten, "forgot pods of ports that are gone");
-    }
-    Ok(())
-}
-
-/// Attaches the service programs to the bridge's ports that carry no earlier agent's: nothing
-/// is translated on them yet, so they lose nothing by running before the first pass fills the
-/// maps, and each new tcx attachment costs an RCU grace period in the kernel (some 15 ms,
-/// serialized under the RTNL lock: measured, 0.3 s for 11 ports), which is better spent while
-/// the service source is read. Ports an earlier agent attached to are swapped after the first
-/// pass ([`resync_ports`]), so its translations never meet maps that are still filling.
-async fn attach_fresh_ports(
-    dataplane: &mut Dataplane,
-    netlink: &rtnetlink::Handle,
-    bridge: &str,
-) -> anyhow::Result<()> {
-    let Some(bridge_link) = netdev::link_by_name(netlink, bridge).await? else {
-        return Ok(());
-    };
-    for link in netdev::links(netlink).await? {
-        if link.controller == Some(bridge_link.index) && dataplane.is_fresh_port(link.index) {
-            attach_port(dataplane, netlink, &link).await;
-        }
-    }
-    Ok(())
-}
-
-async fn attach_port(dataplane: &mut Dataplane, netlink: &rtnetlink::Handle, port: &netdev::Link) {
-    if dataplane.has_pod_port(port.index) {
-        return;
-    }
-    if let Err(e) = netdev::set_hairpin(netlink, port).await {
-        warn!(
-            port = port.name,
-            "a pod on this port cannot reach itself through a service: {e:#}"
-        );
-    }
-    match dataplane.attach_pod_port(&port.name, port.index, port.veth, port.peer_netns) {
-        Ok(()) => tracing::debug!(port = port.name, "service translation attached"),
-        // The port may already be gone again (a pod that failed to start).
-        Err(e) => warn!(port = port.name, "cannot attach service translation: {e:#}"),
-    }
-}
-
-/// Logs one line per pass that changed something, and each failure once; returns what failed.
-fn log_pass(report: &Report, failed_before: &[String]) -> Vec<String> {
-    if !report.is_empty() {
-        info!(
-            added = report.added.len(),
-            updated = report.updated.len(),
-            removed = report.removed.len(),
-            overlay = report.node_changes,
-            failed = report.failed.len() + report.node_failed.len(),
-            "reconciled the maps"
-        );
-    }
-    let failures = report
-        .failed
-        .iter()
-        .map(|(name, e): &(ServicePortName, MapWriteError)| (name.to_string(), e))
-        .chain(report.node_failed.iter().map(|(name, e)| (name.clone(), e)));
-    let mut failed = Vec::new();
-    for (name, e) in failures {
-        if !failed_before.contains(&name) {
-            let hint = match e {
-                MapWriteError::Full { .. } => "; it is retried when space frees up",
-                MapWriteError::Syscall { .. } => "",
-            };
-            error!(entry = name, "not programmed: {e}{hint}");
-        }
-        failed.push(name);
-    }
-    failed
 }

@@ -129,6 +129,23 @@ pub enum XdpPlacement {
     Off(String),
 }
 
+/// The node-wide datapath settings: the cluster CIDR (none: nothing is masqueraded for being
+/// off-cluster) and the node's network namespace cookie (0: every namespace's sockets are
+/// translated, the node as their client).
+#[must_use]
+pub fn datapath_config(
+    cluster_cidr: Option<ipnet::Ipv4Net>,
+    host_netns_cookie: u64,
+) -> DatapathConfig {
+    let cidr = cluster_cidr.unwrap_or_default();
+    DatapathConfig {
+        cluster_cidr_addr: cidr.network().octets(),
+        cluster_cidr_prefix_len: cidr.prefix_len(),
+        _pad: [0; 3],
+        host_netns_cookie,
+    }
+}
+
 /// Map capacities the operator chooses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapLimits {
@@ -566,7 +583,7 @@ impl Dataplane {
         &mut self.ebpf
     }
 
-    /// Writes the node-wide datapath settings.
+    /// Writes the node-wide datapath settings (see [`datapath_config`]).
     pub fn set_config(&mut self, config: &DatapathConfig) -> Result<(), DataplaneError> {
         self.set_single(CONFIG_MAP, config)
     }

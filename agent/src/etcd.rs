@@ -38,12 +38,11 @@ impl TlsFiles {
 /// Why the etcd client cannot be set up. Each names the flag or file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot read {flag} {}: {source}; check the path and that the agent may read it", path.display())]
+    #[error("cannot read {flag} {}: {problem}; check the path and that the agent may read it", path.display())]
     Read {
         flag: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        problem: std::io::Error,
     },
     #[error("{flag} {}: {problem}; {fix}", path.display())]
     Invalid {
@@ -161,10 +160,10 @@ pub async fn connect(endpoints: &[String], files: &TlsFiles) -> Result<Client, C
 }
 
 fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ClientError> {
-    fs::read(path).map_err(|source| ClientError::Read {
+    fs::read(path).map_err(|problem| ClientError::Read {
         flag,
         path: path.to_owned(),
-        source,
+        problem,
     })
 }
 

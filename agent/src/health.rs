@@ -6,6 +6,7 @@
 
 use std::{
     collections::BTreeMap,
+    convert::Infallible,
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -145,7 +146,7 @@ pub fn check_reply(check: &HealthCheck, proxy_healthy: bool) -> Reply {
 pub struct HealthCheckServers {
     health: Arc<Health>,
     checks: Arc<Mutex<BTreeMap<u16, HealthCheck>>>,
-    servers: BTreeMap<u16, JoinHandle<()>>,
+    servers: BTreeMap<u16, JoinHandle<Infallible>>,
 }
 
 impl HealthCheckServers {

@@ -60,7 +60,7 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Answers every connection on `listener` with `handler`, until dropped.
-pub async fn serve(listener: TcpListener, handler: Handler) {
+pub async fn serve(listener: TcpListener, handler: Handler) -> Infallible {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,

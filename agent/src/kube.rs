@@ -11,6 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    convert::Infallible,
     fmt::Debug,
     path::Path,
     sync::Arc,
@@ -35,6 +36,7 @@ use tracing::{info, warn};
 use crate::{
     health::Health,
     model::Model,
+    node::tasks::Tasks,
     objects::{
         Checked, ObjectError, ObjectRef, ServiceSpec, SliceSpec, check_endpoint_slice,
         check_service, object_ref,
@@ -169,7 +171,7 @@ async fn follow<K: Kind>(
     config: watcher::Config,
     model: Arc<ModelHandle>,
     synced: watch::Sender<bool>,
-) {
+) -> anyhow::Result<Infallible> {
     let mut applied: BTreeSet<ObjectRef> = BTreeSet::new();
     let mut listing: BTreeMap<ObjectRef, K::Spec> = BTreeMap::new();
     let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
@@ -211,6 +213,7 @@ async fn follow<K: Kind>(
             ),
         }
     }
+    anyhow::bail!("the {} watch stream ended", K::KIND)
 }
 
 fn forget<K: Kind>(object: &K, applied: &mut BTreeSet<ObjectRef>, model: &ModelHandle) {
@@ -262,7 +265,12 @@ fn ipv4_pod_cidr(node: &Node) -> Option<Ipv4Net> {
 
 /// Follows this node's Node object: its zone (topology hints) and whether it is about to go
 /// (`/healthz` eligibility).
-async fn follow_node(api: Api<Node>, name: String, model: Arc<ModelHandle>, health: Arc<Health>) {
+async fn follow_node(
+    api: Api<Node>,
+    name: String,
+    model: Arc<ModelHandle>,
+    health: Arc<Health>,
+) -> anyhow::Result<Infallible> {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut seen = false;
     let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
@@ -297,6 +305,7 @@ async fn follow_node(api: Api<Node>, name: String, model: Arc<ModelHandle>, heal
             Err(error) => warn!("watching this node's Node failed ({error}); retrying"),
         }
     }
+    anyhow::bail!("the Node watch stream ended")
 }
 
 /// How often to say that the first list is still awaited.
@@ -309,28 +318,38 @@ pub async fn start(
     node_name: &str,
     model: &Arc<ModelHandle>,
     health: &Arc<Health>,
+    tasks: &mut Tasks,
 ) {
     let (services_synced, mut services) = watch::channel(false);
     let (slices_synced, mut slices) = watch::channel(false);
     let proxied = || watcher::Config::default().labels(PROXIED);
-    tokio::spawn(follow(
-        Api::<Service>::all(client.clone()),
-        proxied(),
-        Arc::clone(model),
-        services_synced,
-    ));
-    tokio::spawn(follow(
-        Api::<EndpointSlice>::all(client.clone()),
-        proxied(),
-        Arc::clone(model),
-        slices_synced,
-    ));
-    tokio::spawn(follow_node(
-        Api::<Node>::all(client),
-        node_name.to_owned(),
-        Arc::clone(model),
-        Arc::clone(health),
-    ));
+    tasks.spawn(
+        "Service watcher",
+        follow(
+            Api::<Service>::all(client.clone()),
+            proxied(),
+            Arc::clone(model),
+            services_synced,
+        ),
+    );
+    tasks.spawn(
+        "EndpointSlice watcher",
+        follow(
+            Api::<EndpointSlice>::all(client.clone()),
+            proxied(),
+            Arc::clone(model),
+            slices_synced,
+        ),
+    );
+    tasks.spawn(
+        "Node watcher",
+        follow_node(
+            Api::<Node>::all(client),
+            node_name.to_owned(),
+            Arc::clone(model),
+            Arc::clone(health),
+        ),
+    );
     let both = future::join(services.wait_for(|s| *s), slices.wait_for(|s| *s));
     let mut both = std::pin::pin!(both);
     loop {

@@ -24,6 +24,7 @@ pub mod model;
 pub mod netdev;
 pub mod nexthops;
 pub mod nft;
+pub mod node;
 pub mod objects;
 pub mod pods;
 pub mod privilege;

@@ -7,6 +7,8 @@ mod cleanup;
 mod inspect;
 mod trace;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
@@ -41,7 +43,7 @@ enum Command {
     Cleanup(cleanup::CleanupArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let Cli {
         log_format,
         command,
@@ -54,14 +56,42 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    match command {
+    let outcome = match command {
         Command::Agent(args) => {
             limit_malloc_arenas();
-            tokio::runtime::Runtime::new()?.block_on(agent::run(*args))
+            tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(agent::run(*args)))
         }
         Command::Inspect(args) => inspect::run(&args),
         Command::Trace(args) => trace::run(&args),
-        Command::Cleanup(args) => tokio::runtime::Runtime::new()?.block_on(cleanup::run(&args)),
+        Command::Cleanup(args) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(cleanup::run(&args))),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints an error and its causes, as `Result`'s `main` would, but with a backtrace only when
+/// one is asked of errors (`RUST_LIB_BACKTRACE=1`): a `RUST_BACKTRACE` set for panics in a
+/// user's environment should not turn every refused command into a page of frames.
+fn report(e: &anyhow::Error) {
+    eprintln!("Error: {e}");
+    let causes: Vec<String> = e.chain().skip(1).map(ToString::to_string).collect();
+    if !causes.is_empty() {
+        eprintln!("\nCaused by:");
+        for (i, cause) in causes.iter().enumerate() {
+            eprintln!("    {i}: {cause}");
+        }
+    }
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_some_and(|value| value != "0") {
+        eprintln!("\nStack backtrace:\n{}", e.backtrace());
     }
 }
 

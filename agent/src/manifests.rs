@@ -11,6 +11,7 @@
 
 use std::{
     collections::BTreeMap,
+    convert::Infallible,
     fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -457,7 +458,7 @@ fn with_causes(error: &ManifestError) -> String {
 /// Follows the directory for as long as the agent runs. When the watch breaks (the directory
 /// vanished, an inotify error), the last known services keep working while it is re-created
 /// and re-read every second.
-pub async fn follow(mut watch: ManifestWatch, model: Arc<ModelHandle>) {
+pub async fn follow(mut watch: ManifestWatch, model: Arc<ModelHandle>) -> Infallible {
     loop {
         if let Err(e) = watch.follow(&model).await {
             tracing::error!(

@@ -10,11 +10,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    convert::Infallible,
     net::Ipv4Addr,
     sync::Arc,
     time::Duration,
 };
 
+use anyhow::Context as _;
 use futures::{StreamExt as _, TryStreamExt as _};
 use ipnet::Ipv4Net;
 use rtnetlink::{
@@ -98,19 +100,17 @@ const SETTLE: Duration = Duration::from_millis(200);
 /// The kernel's main routing table.
 const MAIN_TABLE: u32 = 254;
 
-/// Follows the next hops towards the members forever, writing them into the model.
-pub async fn follow(handle: Handle, uplink: u32, model: Arc<ModelHandle>) {
+/// Follows the next hops towards the members for as long as the agent runs, writing them into
+/// the model. Fails when the kernel's notifications cannot be had or stop: the next hops
+/// would go stale unnoticed.
+pub async fn follow(
+    handle: Handle,
+    uplink: u32,
+    model: Arc<ModelHandle>,
+) -> anyhow::Result<Infallible> {
     let (connection, _, mut messages) =
-        match new_multicast_connection(&[MulticastGroup::Neigh, MulticastGroup::Ipv4Route]) {
-            Ok(subscription) => subscription,
-            Err(e) => {
-                warn!(
-                    "cannot follow routes and neighbours ({e}); encapsulated packets look their \
-                     next hop up one by one"
-                );
-                return;
-            }
-        };
+        new_multicast_connection(&[MulticastGroup::Neigh, MulticastGroup::Ipv4Route])
+            .context("subscribing to route and neighbour notifications")?;
     tokio::spawn(connection);
     let mut ticks = tokio::time::interval(MEMBERS_EVERY);
     loop {
@@ -128,8 +128,7 @@ pub async fn follow(handle: Handle, uplink: u32, model: Arc<ModelHandle>) {
             tokio::select! {
                 message = messages.next() => {
                     if message.is_none() {
-                        warn!("route and neighbour notifications stopped");
-                        return;
+                        anyhow::bail!("route and neighbour notifications stopped");
                     }
                     tokio::time::sleep(SETTLE).await;
                     while let Ok(Some(_)) =

@@ -11,6 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    convert::Infallible,
     fs, io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -122,7 +123,7 @@ impl PodNamespaces {
     }
 
     /// Keeps the model's pod namespaces up to date; runs until the agent stops.
-    pub async fn follow(mut self, model: Arc<ModelHandle>) {
+    pub async fn follow(mut self, model: Arc<ModelHandle>) -> Infallible {
         let mut ticks = tokio::time::interval(RESCAN);
         loop {
             ticks.tick().await;

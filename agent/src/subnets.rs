@@ -6,6 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
+    convert::Infallible,
     hash::{BuildHasher as _, RandomState},
     net::Ipv4Addr,
     sync::Arc,
@@ -32,6 +33,12 @@ use crate::{
 pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How often the lease is renewed: well before it could expire.
 const RENEW_EVERY: Duration = Duration::from_secs(3600);
+impl From<etcd_client::Error> for SubnetError {
+    fn from(error: etcd_client::Error) -> Self {
+        Self::Etcd(error)
+    }
+}
+
 /// How long to wait before trying etcd again after a failure.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// How long to wait before renewing (or re-creating) the lease again after a failure.
@@ -39,18 +46,19 @@ const RENEW_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetError {
+    // The cause is in the message (with advice), so it is not also a `source`: logs print this
+    // with `{}`, and a chain would print it twice.
     #[error("etcd request failed: {}", crate::etcd::describe(.0))]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(etcd_client::Error),
     #[error(
         "{key} is missing: write the network config there, e.g. \
              {{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}"
     )]
     MissingConfig { key: String },
-    #[error("{key}: {source}")]
+    #[error("{key}: {problem}")]
     BadConfig {
         key: String,
-        #[source]
-        source: crate::flannel::ConfigError,
+        problem: crate::flannel::ConfigError,
     },
     #[error("no free subnet in {min}..{max} of {network}; every one is leased")]
     Exhausted {
@@ -99,7 +107,7 @@ pub async fn read_config(client: &mut Client, prefix: &str) -> Result<NetworkCon
         .first()
         .ok_or_else(|| SubnetError::MissingConfig { key: key.clone() })?;
     let text = String::from_utf8_lossy(value.value());
-    parse_config(&text).map_err(|source| SubnetError::BadConfig { key, source })
+    parse_config(&text).map_err(|problem| SubnetError::BadConfig { key, problem })
 }
 
 /// Reads the config, retrying every second while etcd is unreachable or the config is missing
@@ -425,7 +433,12 @@ async fn claim(
 /// once: the watch re-listed the leases without it (an etcd back with an empty data directory,
 /// or one that expired the lease while this node could not reach it).
 /// A failed attempt is retried every few seconds until it succeeds.
-pub async fn keep_lease(mut client: Client, prefix: String, mut own: OwnLease, lost: Arc<Notify>) {
+pub async fn keep_lease(
+    mut client: Client,
+    prefix: String,
+    mut own: OwnLease,
+    lost: Arc<Notify>,
+) -> Infallible {
     loop {
         tokio::select! {
             () = tokio::time::sleep(RENEW_EVERY) => {}
@@ -614,7 +627,7 @@ impl Peers {
     /// Watches the leases into the model from `revision` on, re-listing when the watch falls
     /// behind etcd's compaction or breaks, for as long as the agent runs. Wakes `lost` when a
     /// listing lacks this node's own lease.
-    pub async fn watch(mut self, mut revision: i64, lost: Arc<Notify>) {
+    pub async fn watch(mut self, mut revision: i64, lost: Arc<Notify>) -> Infallible {
         loop {
             match self.watch_from(revision).await {
                 Ok(()) => {}

@@ -11,7 +11,7 @@ use aya::{
 use ipnet::Ipv4Net;
 use weft::{
     conntrack::Conntrack,
-    dataplane::{Dataplane, MapLimits, OBJECT, TcAttach},
+    dataplane::{Dataplane, MapLimits, OBJECT, TcAttach, datapath_config},
     manifests::{Scan, apply, parse_into},
     maps::AyaMaps,
     model::{Model, NodeFacts},
@@ -20,8 +20,8 @@ use weft::{
 use weft_common::{
     drop_reason::DropReason,
     maps::{
-        CONNTRACK_MAP, CtKey, CtValue, DROPS_MAP, DatapathConfig, FRAGMENTS_MAP, FragKey,
-        FragValue, LOCAL_PODS_MAP, LocalPod, NO_NETNS_ID, PEER_PORTS_MAP,
+        CONNTRACK_MAP, CtKey, CtValue, DROPS_MAP, FRAGMENTS_MAP, FragKey, FragValue,
+        LOCAL_PODS_MAP, LocalPod, NO_NETNS_ID, PEER_PORTS_MAP,
     },
 };
 
@@ -90,13 +90,8 @@ impl Datapath {
             TcAttach::Auto,
         )
         .expect("the kernel accepts every program");
-        let cidr = cluster_cidr.unwrap_or_default();
         dataplane
-            .set_config(&DatapathConfig {
-                cluster_cidr_addr: cidr.network().octets(),
-                cluster_cidr_prefix_len: cidr.prefix_len(),
-                ..DatapathConfig::default()
-            })
+            .set_config(&datapath_config(cluster_cidr, 0))
             .expect("writing the datapath config");
         let maps = AyaMaps::take_from(dataplane.ebpf_mut()).expect("service maps");
         let conntrack_id = match dataplane.ebpf_mut().map(CONNTRACK_MAP) {

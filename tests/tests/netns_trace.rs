@@ -244,3 +244,35 @@ fn bad_arguments_get_a_message_that_says_what_is_expected() {
         .expect_err("not tcp or udp");
     assert!(error.to_string().contains("is not tcp or udp"), "{error}");
 }
+
+/// A refused command prints its error and causes, and no stack backtrace even where a user's
+/// environment sets `RUST_BACKTRACE` (for panics); `RUST_LIB_BACKTRACE=1` asks for one.
+#[test]
+fn a_refused_inspect_prints_its_causes_without_a_backtrace_unless_asked() {
+    let missing = tempfile::tempdir().expect("a temp dir");
+    let pin_dir = format!("--pin-dir={}", missing.path().join("none").display());
+    let inspect = |lib_backtrace: Option<&str>| {
+        let mut command = std::process::Command::new(weft_tests::cluster::weft_binary());
+        command
+            .args(["inspect", "services", &pin_dir])
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("RUST_LIB_BACKTRACE");
+        if let Some(value) = lib_backtrace {
+            command.env("RUST_LIB_BACKTRACE", value);
+        }
+        let output = command.output().expect("running weft inspect");
+        assert!(
+            !output.status.success(),
+            "inspect of a missing pin dir fails"
+        );
+        String::from_utf8(output.stderr).expect("UTF-8")
+    };
+    let plain = inspect(None);
+    assert!(
+        plain.starts_with("Error: reading the maps pinned in") && plain.contains("Caused by:"),
+        "{plain}"
+    );
+    assert!(!plain.contains("backtrace"), "{plain}");
+    let asked = inspect(Some("1"));
+    assert!(asked.contains("Stack backtrace:"), "{asked}");
+}

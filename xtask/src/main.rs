@@ -2,7 +2,8 @@
 //! the two commands README starts with do everything.
 //!
 //! - `cargo xtask setup`: install the toolchain and tools (idempotent).
-//! - `cargo xtask test`: formatting, lints (host and eBPF), and every test tier.
+//! - `cargo xtask test [host|prog|netns|vm]...`: formatting, lints (host and eBPF), and every
+//!   test tier (or the tiers named).
 //! - `cargo xtask demo [--keep | --clean]`: the seed's example on a node made of network
 //!   namespaces.
 //! - `cargo xtask bench [--quick]`: weft against kube-proxy and flannel's kernel VXLAN, side by
@@ -38,8 +39,13 @@ enum Task {
         #[arg(long)]
         build_only: bool,
     },
-    /// Check formatting and lints, then run every test (unit, BPF_PROG_TEST_RUN, namespaces).
-    Test,
+    /// Check formatting and lints, then run every test tier (unit, BPF_PROG_TEST_RUN,
+    /// namespaces, kernels under QEMU), or only the tiers named.
+    Test {
+        /// The tiers to run, in their order whatever the order given (default: all, as CI).
+        #[arg(value_enum)]
+        tiers: Vec<Tier>,
+    },
     /// Build a node out of network namespaces and serve the seed's nginx Service on it.
     Demo {
         /// Leave the demo running and print how to clean it up.
@@ -72,6 +78,21 @@ enum Task {
         #[arg(long = "test", value_name = "NAME")]
         tests: Vec<String>,
     },
+}
+
+/// A test tier: what it needs grows from one to the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+enum Tier {
+    /// Formatting, clippy (host and eBPF), and the unit tests: no privilege needed.
+    Host,
+    /// The BPF_PROG_TEST_RUN fixture tables and the differential fuzzer (`tests/tests/prog_*`):
+    /// root and BPF.
+    Prog,
+    /// Network-namespace clusters, the deploy manifests and the bench as a smoke test (every
+    /// other test binary of `tests/tests/`): root, BPF, namespaces, etcd.
+    Netns,
+    /// The fixtures and a namespace test on the oldest and the newest kernel, under QEMU.
+    Vm,
 }
 
 /// The workspace root.
@@ -118,8 +139,28 @@ fn cargo() -> Command {
     command
 }
 
-fn test() -> anyhow::Result<()> {
+fn test(mut tiers: Vec<Tier>) -> anyhow::Result<()> {
     setup::setup(setup::Scope::BuildAndRun)?;
+    if tiers.is_empty() {
+        tiers = vec![Tier::Host, Tier::Prog, Tier::Netns, Tier::Vm];
+    }
+    tiers.sort_unstable();
+    tiers.dedup();
+    for tier in tiers {
+        println!("== cargo xtask test: the {tier:?} tier");
+        match tier {
+            Tier::Host => host_tier()?,
+            Tier::Prog => run(cargo()
+                .args(["test", "--workspace", "--locked"])
+                .args(test_binaries(Tier::Prog)?))?,
+            Tier::Netns => netns_tier()?,
+            Tier::Vm => vm::vm_test(&series(vm::TEST_KERNELS), &[])?,
+        }
+    }
+    Ok(())
+}
+
+fn host_tier() -> anyhow::Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -151,29 +192,62 @@ fn test() -> anyhow::Result<()> {
             "warnings",
         ])
         .env("RUSTC_BOOTSTRAP", "aya_ebpf"))?;
+    // Workspace-wide (the same features as the other tiers, so nothing is built twice), the
+    // privileged crate's integration tests left to their tiers.
+    run(cargo().args(["test", "--workspace", "--lib", "--bins", "--locked"]))?;
+    run(cargo().args(["test", "--workspace", "--doc", "--locked"]))
+}
+
+fn netns_tier() -> anyhow::Result<()> {
     // The namespace tests start the `weft` binary, which `cargo test` alone does not build.
     run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     let upgrade = upgrade_object()?;
     run(cargo()
         .args(["test", "--workspace", "--locked"])
+        .args(test_binaries(Tier::Netns)?)
         .env("WEFT_BIN", root().join("target/debug/weft"))
         .env("WEFT_UPGRADE_OBJECT", upgrade))?;
     // The sig-network e2e set again with pods' service traffic translated per packet, as nodes
     // with `--socket-lb=host-only` (service meshes) run it; the agents read the variable.
     run(cargo()
-        .args([
-            "test",
-            "-p",
-            "weft-tests",
-            "--test",
-            "netns_e2e",
-            "--locked",
-        ])
+        .args(["test", "--workspace", "--test", "netns_e2e", "--locked"])
         .env("WEFT_BIN", root().join("target/debug/weft"))
         .env("WEFT_SOCKET_LB", "host-only"))?;
     // The bench's quick run as a smoke test (debug builds, already built; no figure is judged).
-    run_bench("debug", &root().join("target/bench/smoke.md"), true)?;
-    vm::vm_test(&series(vm::TEST_KERNELS), &[])
+    run_bench("debug", &root().join("target/bench/smoke.md"), true)
+}
+
+/// `--test NAME` for each integration test binary of the privileged crate in `tier`: the
+/// `prog_*` files are the fixture tier, every other one the namespace tier.
+fn test_binaries(tier: Tier) -> anyhow::Result<Vec<String>> {
+    let dir = root().join("tests/tests");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .filter(|_| path.extension().is_some_and(|ext| ext == "rs"))
+        else {
+            continue;
+        };
+        let in_tier = match tier {
+            Tier::Prog => name.starts_with("prog_"),
+            Tier::Netns => !name.starts_with("prog_"),
+            Tier::Host | Tier::Vm => false,
+        };
+        if in_tier {
+            names.push(name.to_owned());
+        }
+    }
+    if names.is_empty() {
+        bail!("no {tier:?} test binaries in {}", dir.display());
+    }
+    names.sort_unstable();
+    Ok(names
+        .into_iter()
+        .flat_map(|name| ["--test".to_owned(), name])
+        .collect())
 }
 
 fn series(kernels: &[&str]) -> Vec<String> {
@@ -271,7 +345,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             setup::Scope::BuildAndRun
         }),
-        Task::Test => test(),
+        Task::Test { tiers } => test(tiers),
         Task::Demo { keep, clean } => demo(keep, clean),
         Task::Bench { quick } => bench(quick),
         Task::VmTest {
