@@ -1,5 +1,5 @@
 //! Builds the eBPF programs (`dataplane-ebpf/`) for `bpfel-unknown-none` and leaves the object in
-//! `OUT_DIR`, where `weft::dataplane::OBJECT` embeds it.
+//! `OUT_DIR`, where `weft::datapath::loader::OBJECT` embeds it.
 //!
 //! The eBPF crate is compiled by a second cargo with the Debian `rustc-web` toolchain at `/usr`
 //! (set `WEFT_EBPF_TOOLCHAIN` to use another), because that toolchain ships a prebuilt `core`

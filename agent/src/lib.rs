@@ -1,35 +1,20 @@
-//! weft's agent, as a library: the building blocks the `weft` binary wires together, and that
-//! the test tiers drive directly (the fixture tests fill maps through [`reconcile`] exactly as
-//! the agent does).
+//! weft's agent, as a library: what the `weft` binary wires together, and what the test tiers
+//! drive directly (the fixture tests fill maps through [`reconcile`] exactly as the agent does).
 //!
-//! Data flows one way: sources ([`manifests`], [`kube`], [`subnets`], [`nexthops`], [`pods`]) update the pure [`model`] through a
-//! [`source::ModelHandle`]; the [`reconcile::Reconciler`] alone writes the service maps
-//! ([`maps`]); [`dataplane`] loads and attaches the eBPF programs.
+//! Data flows one way:
+//! - [`sources`] (manifests, the Kubernetes API, flannel's etcd leases, next hops, pods) update
+//!   the pure [`model`] through a [`sources::ModelHandle`];
+//! - the [`reconcile::Reconciler`] alone writes the maps ([`datapath::maps`]);
+//! - [`datapath`] loads and attaches the eBPF programs and reads what they keep (conntrack);
+//! - [`host`] is the node around them (links, routes, nftables, capabilities, raw syscalls);
+//! - [`serve`] answers HTTP (health, health-check NodePorts, metrics);
+//! - [`node`] is a node's life: its [`node::Config`], its bootstrap, and its supervised tasks.
 #![deny(unsafe_code)]
 
-pub mod conntrack;
-pub mod dataplane;
-pub mod etcd;
-pub mod flannel;
-#[cfg(test)]
-mod fuzz;
-pub mod health;
-pub mod http;
-pub mod kube;
-pub mod links;
-pub mod manifests;
-pub mod maps;
-pub mod metrics;
+pub mod datapath;
+pub mod host;
 pub mod model;
-pub mod netdev;
-pub mod nexthops;
-pub mod nft;
 pub mod node;
-pub mod objects;
-pub mod pods;
-pub mod privilege;
-pub mod probe;
 pub mod reconcile;
-pub mod source;
-pub mod subnets;
-pub mod sys;
+pub mod serve;
+pub mod sources;

@@ -2,10 +2,7 @@
 //! backend. `weft agent` runs it on a node; `weft inspect` shows what it holds; `weft trace`
 //! explains what it does to a flow; `weft cleanup` takes it off the node.
 
-mod agent;
-mod cleanup;
-mod inspect;
-mod trace;
+mod cli;
 
 use std::process::ExitCode;
 
@@ -32,15 +29,15 @@ enum LogFormat {
 enum Command {
     /// Run the dataplane on this node: load and attach the eBPF programs, keep the maps in step
     /// with the services.
-    Agent(Box<agent::AgentArgs>),
+    Agent(Box<cli::agent::AgentArgs>),
     /// Print what the dataplane holds, read from its pinned maps.
-    Inspect(inspect::InspectArgs),
+    Inspect(cli::inspect::InspectArgs),
     /// Build a flow's first packet and run it through this node's loaded programs on their live
     /// maps: the service it matches, the backend chosen, NAT, mark, encapsulation, or the drop.
-    Trace(trace::TraceArgs),
+    Trace(cli::trace::TraceArgs),
     /// Take weft's dataplane off this node: its programs, pinned maps, nftables table and
     /// overlay route (the agent leaves them in place when it stops). Safe to run twice.
-    Cleanup(cleanup::CleanupArgs),
+    Cleanup(cli::cleanup::CleanupArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,13 +58,13 @@ fn main() -> ExitCode {
             limit_malloc_arenas();
             tokio::runtime::Runtime::new()
                 .map_err(anyhow::Error::from)
-                .and_then(|runtime| runtime.block_on(agent::run(*args)))
+                .and_then(|runtime| runtime.block_on(cli::agent::run(*args)))
         }
-        Command::Inspect(args) => inspect::run(&args),
-        Command::Trace(args) => trace::run(&args),
+        Command::Inspect(args) => cli::inspect::run(&args),
+        Command::Trace(args) => cli::trace::run(&args),
         Command::Cleanup(args) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
-            .and_then(|runtime| runtime.block_on(cleanup::run(&args))),
+            .and_then(|runtime| runtime.block_on(cli::cleanup::run(&args))),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

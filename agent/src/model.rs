@@ -21,7 +21,7 @@ use weft_common::{
     maps::{EndpointValue, RemoteNode, ServiceKey, Vtep, endpoint_scope, service_flags},
 };
 
-use crate::objects::{ObjectRef, ServiceSpec, SliceEndpoint, SliceSpec, protocol_name};
+use crate::sources::objects::{ObjectRef, ServiceSpec, SliceEndpoint, SliceSpec, protocol_name};
 
 /// A service port, the unit that owns its endpoint sets (kube-proxy's `ServicePortName`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -821,7 +821,7 @@ pub(crate) mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::objects::{ServicePort, SlicePort};
+    use crate::sources::objects::{ServicePort, SlicePort};
 
     pub(crate) fn object(namespace: &str, name: &str) -> ObjectRef {
         ObjectRef {

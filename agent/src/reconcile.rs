@@ -25,9 +25,9 @@ use weft_common::maps::{
 };
 
 use crate::{
-    maps::{DatapathMaps, MapReadError, MapWriteError, decode_name, encode_name},
+    datapath::maps::{DatapathMaps, MapReadError, MapWriteError, decode_name, encode_name},
     model::{Changed, Desired, DesiredPort, FrontendSpec, ServicePortName},
-    objects::ObjectRef,
+    sources::objects::ObjectRef,
 };
 
 /// What the maps hold for one endpoint set.
@@ -836,7 +836,7 @@ pub(crate) mod tests {
     use weft_common::maps::ServiceName;
 
     use super::*;
-    use crate::maps::MapsDump;
+    use crate::datapath::maps::MapsDump;
 
     /// One map operation, as the fake records it.
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1701,7 +1701,7 @@ pub(crate) mod tests {
     fn passes_over_what_changed_reach_what_full_passes_reach() {
         use crate::{
             model::Model,
-            objects::{ServicePort, ServiceSpec, SliceEndpoint, SlicePort, SliceSpec},
+            sources::objects::{ServicePort, ServiceSpec, SliceEndpoint, SlicePort, SliceSpec},
         };
         let name = |i: u32| ObjectRef {
             namespace: "default".into(),

@@ -10,12 +10,12 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use weft::{
-    conntrack::Conntrack,
-    dataplane::{Dataplane, MapLimits, OBJECT, TcAttach, datapath_config},
-    manifests::{Scan, apply, parse_into},
-    maps::AyaMaps,
+    datapath::conntrack::Conntrack,
+    datapath::loader::{Dataplane, MapLimits, OBJECT, TcAttach, datapath_config},
+    datapath::maps::AyaMaps,
     model::{Model, NodeFacts},
     reconcile::Reconciler,
+    sources::manifests::{Scan, apply, parse_into},
 };
 use weft_common::{
     drop_reason::DropReason,
@@ -192,18 +192,18 @@ impl Datapath {
         self.run_with(name, frame, mark, 0, repeat)
     }
 
-    /// Loads the empty programs the bench measures as its floor ([`weft::dataplane::TC_FLOOR`],
-    /// [`weft::dataplane::XDP_FLOOR`]); the agent's loader leaves them out.
+    /// Loads the empty programs the bench measures as its floor ([`weft::datapath::loader::TC_FLOOR`],
+    /// [`weft::datapath::loader::XDP_FLOOR`]); the agent's loader leaves them out.
     pub fn load_floor(&mut self) {
         let ebpf = self.dataplane.ebpf_mut();
         let tc: &mut SchedClassifier = ebpf
-            .program_mut(weft::dataplane::TC_FLOOR)
+            .program_mut(weft::datapath::loader::TC_FLOOR)
             .expect("the TC floor program")
             .try_into()
             .expect("a TC program");
         tc.load().expect("loading the TC floor");
         let xdp: &mut aya::programs::Xdp = ebpf
-            .program_mut(weft::dataplane::XDP_FLOOR)
+            .program_mut(weft::datapath::loader::XDP_FLOOR)
             .expect("the XDP floor program")
             .try_into()
             .expect("an XDP program");
@@ -255,7 +255,7 @@ impl Datapath {
     }
 
     /// The loaded program `name`, for runs from several threads at once
-    /// ([`weft::sys::bpf_prog_test_run`], on the same maps).
+    /// ([`weft::host::sys::bpf_prog_test_run`], on the same maps).
     pub fn program_fd(&mut self, name: &str) -> std::os::fd::OwnedFd {
         use std::os::fd::AsFd as _;
         self.dataplane

@@ -244,7 +244,7 @@ fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs(
     for expected in [
         ("/sys/fs/bpf", "/sys/fs/bpf"),
         ("/sys/fs/cgroup", cgroup.as_str()),
-        ("/run/netns", weft::pods::NETNS_DIR),
+        ("/run/netns", weft::sources::pods::NETNS_DIR),
         ("/run/flannel", "/run/flannel"),
     ] {
         assert!(

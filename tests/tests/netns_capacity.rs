@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use weft::conntrack::Conntrack;
+use weft::datapath::conntrack::Conntrack;
 use weft_common::maps::{ENDPOINTS_MAP, SERVICES_MAP};
 use weft_tests::{
     apps::{Answer, HttpConnection, http_get},

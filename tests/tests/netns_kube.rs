@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::HashMap as BpfHashMap;
-use weft::maps::open_pinned;
+use weft::datapath::maps::open_pinned;
 use weft_common::{
     ip_proto,
     maps::{SERVICES_MAP, ServiceKey, ServiceValue},

@@ -11,8 +11,8 @@ use std::{
 
 use ipnet::Ipv4Net;
 use weft::{
-    dataplane::XDP_UPLINK,
-    flannel::{Lease, vtep_mac_for},
+    datapath::loader::XDP_UPLINK,
+    sources::etcd::flannel::{Lease, vtep_mac_for},
 };
 use weft_tests::{
     apps::{
@@ -702,7 +702,9 @@ fn parse_vxlan(frame: &[u8]) -> Vxlan {
 }
 
 fn mac(text: &str) -> [u8; 6] {
-    text.parse::<weft::flannel::Mac>().expect("a MAC").0
+    text.parse::<weft::sources::etcd::flannel::Mac>()
+        .expect("a MAC")
+        .0
 }
 
 #[test]
@@ -724,7 +726,8 @@ fn a_flannel_node_and_weft_nodes_exchange_tcp_both_ways_over_plain_linux_vxlan()
     );
     let mut weft_vteps = Vec::new();
     for key in cluster.etcd.keys(&format!("{PREFIX}/subnets/")) {
-        let remote = weft::flannel::parse_subnet_key(PREFIX, &key).expect("a lease key");
+        let remote =
+            weft::sources::etcd::flannel::parse_subnet_key(PREFIX, &key).expect("a lease key");
         if remote == subnet {
             continue;
         }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::programs::links::{FdLink, PinnedLink};
-use weft::links::LINKS_DIR;
+use weft::datapath::links::LINKS_DIR;
 use weft_tests::{
     apps::{HttpConnection, UdpFlow, http_get},
     cluster::{Agent, Pod},

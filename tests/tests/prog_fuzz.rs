@@ -16,7 +16,7 @@ use std::{
 };
 
 use weft::{
-    dataplane::{FROM_PODS, FROM_UPLINK, TO_POD, TO_UPLINK, XDP_UPLINK},
+    datapath::loader::{FROM_PODS, FROM_UPLINK, TO_POD, TO_UPLINK, XDP_UPLINK},
     model::NodeLease,
 };
 use weft_common::{

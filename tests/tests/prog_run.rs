@@ -10,8 +10,8 @@ use std::{
 };
 
 use weft::{
-    conntrack::monotonic_now_ns,
-    dataplane::{FROM_PODS, TO_POD},
+    datapath::conntrack::monotonic_now_ns,
+    datapath::loader::{FROM_PODS, TO_POD},
 };
 use weft_common::{
     MASQUERADE_MARK,

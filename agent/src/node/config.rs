@@ -10,8 +10,8 @@ use std::{
 use ipnet::Ipv4Net;
 
 use crate::{
-    dataplane::{MapLimits, TcAttach, XdpChoice},
-    etcd::TlsFiles,
+    datapath::loader::{MapLimits, TcAttach, XdpChoice},
+    sources::etcd::client::TlsFiles,
 };
 
 /// Where pod traffic to and from other nodes is routed (`--host-routing`).

@@ -32,25 +32,25 @@ use self::{
     tasks::{Tasks, forever},
 };
 use crate::{
-    conntrack::{Conntrack, lost_udp_endpoints},
-    dataplane::{Dataplane, KernelSupport, XdpPlacement, datapath_config},
-    etcd,
-    flannel::{self, NetworkConfig, subnet_env},
-    health::{self, Health, HealthCheckServers},
-    http, kube,
-    manifests::{self, ManifestWatch},
-    maps::{AyaMaps, MapWriteError},
-    metrics::{self, Metrics},
+    datapath::conntrack::{Conntrack, lost_udp_endpoints},
+    datapath::loader::{Dataplane, KernelSupport, XdpPlacement, datapath_config},
+    datapath::maps::{AyaMaps, MapWriteError},
+    host::netdev::{self, PortWatch, Uplink},
+    host::nft::{self, Masquerade},
+    host::privilege,
+    host::sys,
     model::{HealthCheck, ServicePortName, UdpEndpoints},
-    netdev::{self, PortWatch, Uplink},
-    nexthops,
-    nft::{self, Masquerade},
-    pods::PodNamespaces,
-    privilege,
     reconcile::{Reconciler, Report},
-    source::ModelHandle,
-    subnets::{self, OwnLease, SubnetSettings},
-    sys,
+    serve::health::{self, Health, HealthCheckServers},
+    serve::http,
+    serve::metrics::{self, Metrics},
+    sources::ModelHandle,
+    sources::etcd::flannel::{self, NetworkConfig, subnet_env},
+    sources::etcd::{self, OwnLease, SubnetSettings, client},
+    sources::kube,
+    sources::manifests::{self, ManifestWatch},
+    sources::nexthops,
+    sources::pods::PodNamespaces,
 };
 
 /// The least time between two reconcile passes (kube-proxy's `--min-sync-period`): a change
@@ -108,8 +108,8 @@ async fn join_overlay(
         .public_ip
         .or(uplink.address)
         .ok_or_else(|| netdev::NetdevError::NoAddress(uplink.name.clone()))?;
-    let mut client = etcd::connect(&settings.endpoints, &settings.tls).await?;
-    let network = subnets::wait_for_config(&mut client, &settings.prefix).await;
+    let mut client = client::connect(&settings.endpoints, &settings.tls).await?;
+    let network = etcd::wait_for_config(&mut client, &settings.prefix).await;
     // The subnet this node held before, as its subnet.env or its bridge remembers it.
     let bridge = netdev::bridge_addresses(netlink, &config.bridge).await?;
     let bridge_subnet = bridge
@@ -127,7 +127,7 @@ async fn join_overlay(
             .or(bridge_subnet),
     };
     let own = loop {
-        match subnets::acquire(&mut client, &wanted, &network).await {
+        match etcd::acquire(&mut client, &wanted, &network).await {
             Ok(own) => break own,
             Err(e) if e.is_transient() => {
                 warn!("taking a subnet lease failed ({e}); retrying");
@@ -425,7 +425,7 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
 
     let peers = match &overlay {
         Some(overlay) => {
-            let mut peers = subnets::Peers::new(
+            let mut peers = etcd::Peers::new(
                 overlay.client.clone(),
                 overlay.prefix.clone(),
                 &overlay.own,
@@ -575,7 +575,7 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         );
         tasks.spawn(
             "lease keeper",
-            forever(subnets::keep_lease(
+            forever(etcd::keep_lease(
                 overlay.client,
                 overlay.prefix,
                 overlay.own,

@@ -9,9 +9,9 @@ use tracing::{info, warn};
 use weft_common::maps::OverlayConfig;
 
 use crate::{
-    dataplane::Dataplane,
-    netdev::{self, PortEvent, PortWatch},
-    source::ModelHandle,
+    datapath::loader::Dataplane,
+    host::netdev::{self, PortEvent, PortWatch},
+    sources::ModelHandle,
 };
 
 /// How often the bridge's ports are listed again (netlink notifications can be lost).

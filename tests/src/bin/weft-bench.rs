@@ -19,9 +19,9 @@ use anyhow::{Context as _, bail, ensure};
 use aya::maps::HashMap as BpfHashMap;
 use ipnet::Ipv4Net;
 use weft::{
-    conntrack::Conntrack,
-    dataplane::{FROM_PODS, FROM_UPLINK, MapLimits, TC_FLOOR, TO_POD, TO_UPLINK, XDP_FLOOR},
-    maps::{drop_counts, open_pinned},
+    datapath::conntrack::Conntrack,
+    datapath::loader::{FROM_PODS, FROM_UPLINK, MapLimits, TC_FLOOR, TO_POD, TO_UPLINK, XDP_FLOOR},
+    datapath::maps::{drop_counts, open_pinned},
 };
 use weft_common::{
     ip_proto,
@@ -535,7 +535,7 @@ fn first_packets_on_every_cpu(
                         .map(|run| {
                             let source = SocketAddrV4::new(client, 10_000 + run);
                             let frame = tcp(source, vip, SYN).build();
-                            weft::sys::bpf_prog_test_run(program.as_fd(), &frame, None)
+                            weft::host::sys::bpf_prog_test_run(program.as_fd(), &frame, None)
                                 .expect("a test run")
                                 .duration
                         })

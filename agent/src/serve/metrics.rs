@@ -13,10 +13,10 @@ use std::{
 use weft_common::maps::{CONNTRACK_MAP, ENDPOINTS_MAP, SERVICES_MAP};
 
 use crate::{
-    dataplane::MapLimits,
-    http::{self, Reply},
-    maps::drop_counts,
+    datapath::loader::MapLimits,
+    datapath::maps::drop_counts,
     reconcile::Programmed,
+    serve::http::{self, Reply},
 };
 
 /// Histogram bucket bounds in seconds: 1 ms doubling to 16 s, as kube-proxy's.

@@ -23,13 +23,13 @@ use aya::maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 use weft::{
-    conntrack::Conntrack,
-    dataplane::{FROM_PODS, FROM_UPLINK, PROGRAMS_DIR, TO_POD, TO_UPLINK},
-    links::LINKS_DIR,
-    maps::{decode_name, is_not_found, open_pinned},
-    objects::protocol_name,
-    probe::{self, Change, Destination, Flow, Source, Verdict},
-    sys::{bpf_obj_get, bpf_prog_test_run},
+    datapath::conntrack::Conntrack,
+    datapath::links::LINKS_DIR,
+    datapath::loader::{FROM_PODS, FROM_UPLINK, PROGRAMS_DIR, TO_POD, TO_UPLINK},
+    datapath::maps::{decode_name, is_not_found, open_pinned},
+    datapath::probe::{self, Change, Destination, Flow, Source, Verdict},
+    host::sys::{bpf_obj_get, bpf_prog_test_run},
+    sources::objects::protocol_name,
 };
 use weft_common::{
     MASQUERADE_MARK,
@@ -42,7 +42,7 @@ use weft_common::{
     vxlan::{self, Encap},
 };
 
-use crate::inspect::Format;
+use crate::cli::inspect::Format;
 
 /// Size of `struct __sk_buff`, a TC program's test-run context.
 const SKB_CONTEXT_LEN: usize = 192;

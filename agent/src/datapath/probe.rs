@@ -14,7 +14,7 @@ use weft_common::{
     vxlan::{self, Encap},
 };
 
-use crate::objects::protocol_name;
+use crate::sources::objects::protocol_name;
 
 /// TCP's SYN and RST flags.
 const TCP_SYN: u8 = 0x02;

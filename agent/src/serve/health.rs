@@ -15,8 +15,8 @@ use std::{
 use tokio::task::JoinHandle;
 
 use crate::{
-    http::{self, Reply},
     model::HealthCheck,
+    serve::http::{self, Reply},
 };
 
 /// How long a change may wait for the dataplane before the agent reports itself unhealthy
@@ -212,7 +212,7 @@ impl Drop for HealthCheckServers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::objects::ObjectRef;
+    use crate::sources::objects::ObjectRef;
 
     fn check(local_endpoints: usize) -> HealthCheck {
         HealthCheck {

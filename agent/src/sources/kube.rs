@@ -7,7 +7,7 @@
 //! for a moment. Watch events between lists are applied one by one; the reconciler coalesces
 //! them. Services and slices are selected as kube-proxy selects them (no
 //! `service.kubernetes.io/service-proxy-name`, no `service.kubernetes.io/headless` label), and
-//! checked through [`crate::objects`] like every other source's.
+//! checked through [`crate::sources::objects`] like every other source's.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -34,14 +34,14 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    health::Health,
     model::Model,
     node::tasks::Tasks,
-    objects::{
+    serve::health::Health,
+    sources::ModelHandle,
+    sources::objects::{
         Checked, ObjectError, ObjectRef, ServiceSpec, SliceSpec, check_endpoint_slice,
         check_service, object_ref,
     },
-    source::ModelHandle,
 };
 
 /// kube-proxy's selector for the Services and EndpointSlices it serves.

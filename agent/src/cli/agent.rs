@@ -13,10 +13,11 @@ use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 use weft::{
-    dataplane::{MapLimits, OBJECT, TcAttach, XdpChoice, cgroup2_mount},
-    etcd::TlsFiles,
-    flannel, netdev,
+    datapath::loader::{MapLimits, OBJECT, TcAttach, XdpChoice, cgroup2_mount},
+    host::netdev,
     node::{self, Config, Etcd, HostRouting, ServiceSource, SocketLb},
+    sources::etcd::client::TlsFiles,
+    sources::etcd::flannel,
 };
 use weft_common::maps::{DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES};
 

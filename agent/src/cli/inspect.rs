@@ -6,10 +6,10 @@ use anyhow::Context as _;
 use clap::ValueEnum;
 use serde::Serialize;
 use weft::{
-    conntrack::{Conntrack, monotonic_now_ns},
-    flannel::Mac,
-    maps::{AyaMaps, DatapathMaps as _, decode_name, drop_counts},
-    objects::protocol_name,
+    datapath::conntrack::{Conntrack, monotonic_now_ns},
+    datapath::maps::{AyaMaps, DatapathMaps as _, decode_name, drop_counts},
+    sources::etcd::flannel::Mac,
+    sources::objects::protocol_name,
 };
 use weft_common::{
     conntrack::{flags, moved_port, state_name},

@@ -1,8 +1,11 @@
 //! The etcd source: flannel's subnet manager, speaking flannel's etcd v3 schema (see
-//! [`crate::flannel`]). It reads the network config, takes this node's lease (the entry that
+//! [`crate::sources::etcd::flannel`]). It reads the network config, takes this node's lease (the entry that
 //! carries its PublicIP, a reservation included, rewritten with this node's attributes; else a
 //! free subnet claimed with a create-if-absent transaction), keeps the lease alive, and
 //! watches every node's lease into the model.
+
+pub mod client;
+pub mod flannel;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -21,12 +24,12 @@ use ipnet::Ipv4Net;
 use tokio::sync::Notify;
 
 use crate::{
-    flannel::{
+    model::NodeLease,
+    sources::ModelHandle,
+    sources::etcd::flannel::{
         Lease, LeaseAttrs, LeaseError, Mac, NetworkConfig, config_key, parse_config,
         parse_subnet_key, subnet_key, subnets_prefix, vtep_mac_for,
     },
-    model::NodeLease,
-    source::ModelHandle,
 };
 
 /// flannel's lease time to live: 24 hours.
@@ -48,7 +51,7 @@ const RENEW_RETRY: Duration = Duration::from_secs(5);
 pub enum SubnetError {
     // The cause is in the message (with advice), so it is not also a `source`: logs print this
     // with `{}`, and a chain would print it twice.
-    #[error("etcd request failed: {}", crate::etcd::describe(.0))]
+    #[error("etcd request failed: {}", crate::sources::etcd::client::describe(.0))]
     Etcd(etcd_client::Error),
     #[error(
         "{key} is missing: write the network config there, e.g. \
@@ -58,7 +61,7 @@ pub enum SubnetError {
     #[error("{key}: {problem}")]
     BadConfig {
         key: String,
-        problem: crate::flannel::ConfigError,
+        problem: crate::sources::etcd::flannel::ConfigError,
     },
     #[error("no free subnet in {min}..{max} of {network}; every one is leased")]
     Exhausted {
@@ -85,7 +88,7 @@ pub struct SubnetSettings {
     pub prefix: String,
     pub public_ip: Ipv4Addr,
     /// The subnet this node's last `subnet.env` names, tried first when no entry carries its
-    /// PublicIP (see [`crate::flannel::previous_subnet`]).
+    /// PublicIP (see [`crate::sources::etcd::flannel::previous_subnet`]).
     pub previous: Option<Ipv4Net>,
 }
 
@@ -821,7 +824,7 @@ mod tests {
 
     #[test]
     fn an_entry_is_this_nodes_by_its_public_ip_and_fits_only_the_configs_subnets() {
-        let config = crate::flannel::parse_config(
+        let config = crate::sources::etcd::flannel::parse_config(
             r#"{"Network":"172.30.0.0/16","Backend":{"Type":"vxlan"}}"#,
         )
         .unwrap();
@@ -842,7 +845,7 @@ mod tests {
 
     #[test]
     fn free_subnets_overlap_no_entry_of_any_length() {
-        let config = crate::flannel::parse_config(
+        let config = crate::sources::etcd::flannel::parse_config(
             r#"{"Network":"10.99.0.0/16","SubnetMin":"10.99.1.0","SubnetMax":"10.99.6.0","Backend":{"Type":"vxlan"}}"#,
         )
         .unwrap();

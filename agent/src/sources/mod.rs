@@ -1,5 +1,20 @@
-//! What every source shares: the model behind a lock, and the signal that wakes the reconciler.
-//! Sources only update the model; they never touch a map.
+//! The sources: each reads one kind of truth into the model, and only the model; none touches a
+//! map. Services and EndpointSlices come from [`manifests`] or the Kubernetes API ([`kube`]),
+//! both checked through [`objects`]; the overlay's members from flannel's etcd leases
+//! ([`etcd`]); the next hops towards them from the kernel's tables ([`nexthops`]); this node's
+//! pods from their network namespaces ([`pods`]).
+//!
+//! What every source shares is here: the model behind a lock, and the signal that wakes the
+//! reconciler.
+
+pub mod etcd;
+#[cfg(test)]
+mod fuzz;
+pub mod kube;
+pub mod manifests;
+pub mod nexthops;
+pub mod objects;
+pub mod pods;
 
 use std::sync::{Arc, Mutex};
 

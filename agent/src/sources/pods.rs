@@ -23,7 +23,7 @@ use ipnet::Ipv4Net;
 use nix::sched::{CloneFlags, setns};
 use tracing::{debug, info, warn};
 
-use crate::{netdev, source::ModelHandle, sys};
+use crate::{host::netdev, host::sys, sources::ModelHandle};
 
 /// Where container runtimes and `ip netns` name network namespaces.
 pub const NETNS_DIR: &str = "/run/netns";

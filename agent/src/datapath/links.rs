@@ -12,7 +12,7 @@ use std::{
 
 use aya::programs::links::FdLink;
 
-use crate::sys;
+use crate::host::sys;
 
 /// The directory under the pin directory that holds the link pins.
 pub const LINKS_DIR: &str = "links";
@@ -55,7 +55,7 @@ impl LinkPins {
     /// Opens (creating, root-only) `<pin_dir>/links`.
     pub fn open(pin_dir: &Path) -> Result<Self, LinkPinError> {
         let dir = pin_dir.join(LINKS_DIR);
-        crate::maps::create_pin_dir(&dir).map_err(|source| LinkPinError::Dir {
+        crate::datapath::maps::create_pin_dir(&dir).map_err(|source| LinkPinError::Dir {
             path: dir.clone(),
             source,
         })?;
@@ -120,7 +120,7 @@ impl LinkPins {
     /// went away while no agent ran, or that this configuration no longer wants. Returns their
     /// names.
     pub fn prune(&mut self) -> Result<Vec<String>, LinkPinError> {
-        let stale: Vec<String> = crate::maps::pin_names(&self.dir)
+        let stale: Vec<String> = crate::datapath::maps::pin_names(&self.dir)
             .into_iter()
             .filter(|name| !self.placed.contains(name))
             .collect();
@@ -132,7 +132,7 @@ impl LinkPins {
 }
 
 fn remove_pin(path: &Path) -> Result<(), LinkPinError> {
-    crate::maps::remove_pin(path).map_err(|source| LinkPinError::Unpin {
+    crate::datapath::maps::remove_pin(path).map_err(|source| LinkPinError::Unpin {
         path: path.to_owned(),
         source,
     })
@@ -142,5 +142,6 @@ fn remove_pin(path: &Path) -> Result<(), LinkPinError> {
 /// returns the names removed. Nothing there is no error.
 pub fn remove_all(pin_dir: &Path) -> Result<Vec<String>, LinkPinError> {
     let dir = pin_dir.join(LINKS_DIR);
-    crate::maps::remove_pin_dir(&dir).map_err(|source| LinkPinError::Unpin { path: dir, source })
+    crate::datapath::maps::remove_pin_dir(&dir)
+        .map_err(|source| LinkPinError::Unpin { path: dir, source })
 }

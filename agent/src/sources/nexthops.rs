@@ -29,9 +29,9 @@ use rtnetlink::{
 use tracing::warn;
 
 use crate::{
+    host::netdev::{self, NetdevError},
     model::NextHop,
-    netdev::{self, NetdevError},
-    source::ModelHandle,
+    sources::ModelHandle,
 };
 
 /// A route of the main table, as far as the next hop goes.

@@ -21,7 +21,7 @@ use weft_common::{
 };
 
 use crate::{
-    maps::{MapReadError, errno, open_pinned},
+    datapath::maps::{MapReadError, errno, open_pinned},
     model::UdpEndpoints,
 };
 

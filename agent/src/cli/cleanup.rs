@@ -9,10 +9,11 @@ use anyhow::Context as _;
 use aya::programs::TcAttachType;
 use tracing::info;
 use weft::{
-    dataplane::{PROGRAMS_DIR, detach_netlink_filter},
-    links,
-    maps::{remove_pin, remove_pin_dir},
-    netdev, nft,
+    datapath::links,
+    datapath::loader::{PROGRAMS_DIR, detach_netlink_filter},
+    datapath::maps::{remove_pin, remove_pin_dir},
+    host::netdev,
+    host::nft,
 };
 use weft_common::maps::PINNED_MAPS;
 

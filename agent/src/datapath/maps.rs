@@ -18,7 +18,7 @@ use weft_common::{
     },
 };
 
-use crate::{model::ServicePortName, objects::ObjectRef};
+use crate::{model::ServicePortName, sources::objects::ObjectRef};
 
 /// A failed map update or delete.
 #[derive(Debug, thiserror::Error)]

@@ -784,7 +784,7 @@ mod tests {
         use serde_json::{Value, json};
 
         use super::*;
-        use crate::fuzz;
+        use crate::sources::fuzz;
 
         const CASES: u32 = 1_500;
 

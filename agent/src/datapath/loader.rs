@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::links::{LinkPinError, LinkPins, pin_name};
+use crate::datapath::links::{LinkPinError, LinkPins, pin_name};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapError, MapInfo, MapType},
@@ -405,8 +405,8 @@ fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
             path: path.clone(),
             source,
         };
-        crate::maps::create_pin_dir(dir).map_err(failed)?;
-        crate::maps::remove_pin(&path).map_err(failed)?;
+        crate::datapath::maps::create_pin_dir(dir).map_err(failed)?;
+        crate::datapath::maps::remove_pin(&path).map_err(failed)?;
         ebpf.program_mut(name)
             .ok_or(DataplaneError::MissingProgram(name))?
             .pin(&path)
@@ -418,7 +418,7 @@ fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
 /// Creates `pin_dir` (root-only) and removes pins whose layout does not match this build, so
 /// aya reuses only compatible maps and creates the rest afresh.
 fn prepare_pins(pin_dir: &Path, limits: MapLimits) -> Result<(), DataplaneError> {
-    crate::maps::create_pin_dir(pin_dir).map_err(|source| DataplaneError::PinDir {
+    crate::datapath::maps::create_pin_dir(pin_dir).map_err(|source| DataplaneError::PinDir {
         path: pin_dir.to_owned(),
         source,
     })?;
@@ -490,8 +490,8 @@ impl KernelSupport {
         }
         Ok(Self {
             version,
-            socket_errors: crate::sys::sock_addr_has_set_retval(),
-            coarse_clock: crate::sys::tc_has_coarse_clock(),
+            socket_errors: crate::host::sys::sock_addr_has_set_retval(),
+            coarse_clock: crate::host::sys::tc_has_coarse_clock(),
         })
     }
 }
@@ -635,7 +635,7 @@ impl Dataplane {
             XdpChoice::Off => return Ok(XdpPlacement::Off("--xdp=off".to_owned())),
             XdpChoice::Native => XdpMode::Driver,
             XdpChoice::Generic => XdpMode::Skb,
-            XdpChoice::Auto => match crate::sys::driver(uplink) {
+            XdpChoice::Auto => match crate::host::sys::driver(uplink) {
                 Ok(driver) if COSTLY_XDP_DRIVERS.contains(&driver.as_str()) => {
                     return Ok(XdpPlacement::Off(format!(
                         "{driver}: an XDP program there turns offloads off"
@@ -645,7 +645,7 @@ impl Dataplane {
                 Err(e) => return Ok(XdpPlacement::Off(format!("driver unknown: {e}"))),
             },
         };
-        let before = crate::sys::active_features(uplink).unwrap_or_default();
+        let before = crate::host::sys::active_features(uplink).unwrap_or_default();
         let attached = self.place(XDP_UPLINK, &ifindex.to_string(), |ebpf| {
             let filter: &mut Xdp = program(ebpf, XDP_UPLINK)?;
             let failed = |source| DataplaneError::Attach {
@@ -670,7 +670,7 @@ impl Dataplane {
             Err(e) => return Err(e),
         }
         if choice == XdpChoice::Auto {
-            let after = crate::sys::active_features(uplink).unwrap_or_default();
+            let after = crate::host::sys::active_features(uplink).unwrap_or_default();
             let lost: Vec<String> = before.into_iter().filter(|f| !after.contains(f)).collect();
             if !lost.is_empty() {
                 self.detach_xdp_filter(ifindex)?;

@@ -25,10 +25,10 @@ use serde::Deserialize as _;
 
 use crate::{
     model::Model,
-    objects::{
+    sources::ModelHandle,
+    sources::objects::{
         Checked, ObjectRef, ServiceSpec, SliceSpec, check_endpoint_slice, check_service, object_ref,
     },
-    source::ModelHandle,
 };
 
 /// A valid object found in the directory.
@@ -792,8 +792,8 @@ endpoints:
 
         use super::*;
         use crate::{
-            fuzz,
-            objects::{ObjectRef, ServicePort, SliceEndpoint, SlicePort},
+            sources::fuzz,
+            sources::objects::{ObjectRef, ServicePort, SliceEndpoint, SlicePort},
         };
 
         const CASES: u32 = 600;
@@ -880,7 +880,7 @@ endpoints:
                                 .map(|(ip, len)| Ipv4Net::new(Ipv4Addr::from(*ip), *len).expect("len <= 32").trunc())
                                 .collect(),
                             affinity_timeout_s: affinity.map(|timeout| {
-                                timeout.map_or(crate::objects::DEFAULT_AFFINITY_TIMEOUT_S, |s| s as u32)
+                                timeout.map_or(crate::sources::objects::DEFAULT_AFFINITY_TIMEOUT_S, |s| s as u32)
                             }),
                             external_local: local.0,
                             internal_local: local.1,

@@ -1,0 +1,6 @@
+//! The `weft` binary's subcommands.
+
+pub mod agent;
+pub mod cleanup;
+pub mod inspect;
+pub mod trace;
