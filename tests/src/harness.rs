@@ -69,7 +69,14 @@ pub struct Datapath {
     conntrack_writer: BpfHashMap<MapData, CtKey, CtValue>,
     model: Model,
     scan: Scan,
+    /// The bench's empty programs, once [`Datapath::load_floor`] loaded them.
+    floor: Option<aya::Ebpf>,
 }
+
+/// The empty TC program of the floor object.
+pub const TC_FLOOR: &str = "tc_floor";
+/// The empty XDP program of the floor object.
+pub const XDP_FLOOR: &str = "xdp_floor";
 
 impl Datapath {
     /// Loads the object and programs `manifests` (YAML, as in a manifest file).
@@ -110,6 +117,7 @@ impl Datapath {
             conntrack_writer,
             model: Model::default(),
             scan: Scan::default(),
+            floor: None,
         };
         datapath.set_manifests(manifests);
         datapath
@@ -192,22 +200,40 @@ impl Datapath {
         self.run_with(name, frame, mark, 0, repeat)
     }
 
-    /// Loads the empty programs the bench measures as its floor ([`weft::datapath::loader::TC_FLOOR`],
-    /// [`weft::datapath::loader::XDP_FLOOR`]); the agent's loader leaves them out.
+    /// Loads the empty programs the bench measures as its floor ([`TC_FLOOR`], [`XDP_FLOOR`],
+    /// from [`weft::datapath::loader::FLOOR_OBJECT`]); they run by name as the others do.
     pub fn load_floor(&mut self) {
-        let ebpf = self.dataplane.ebpf_mut();
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(weft::datapath::loader::TC_FLOOR)
+        let mut floor =
+            aya::Ebpf::load(weft::datapath::loader::FLOOR_OBJECT).expect("the floor object loads");
+        let tc: &mut SchedClassifier = floor
+            .program_mut(TC_FLOOR)
             .expect("the TC floor program")
             .try_into()
             .expect("a TC program");
         tc.load().expect("loading the TC floor");
-        let xdp: &mut aya::programs::Xdp = ebpf
-            .program_mut(weft::datapath::loader::XDP_FLOOR)
+        let xdp: &mut aya::programs::Xdp = floor
+            .program_mut(XDP_FLOOR)
             .expect("the XDP floor program")
             .try_into()
             .expect("an XDP program");
         xdp.load().expect("loading the XDP floor");
+        self.floor = Some(floor);
+    }
+
+    /// The program `name`: one of the dataplane's, or of the floor once loaded.
+    fn program_mut(&mut self, name: &str) -> &mut aya::programs::Program {
+        let floor = self
+            .floor
+            .as_mut()
+            .and_then(|floor| floor.program_mut(name));
+        match floor {
+            Some(program) => program,
+            None => self
+                .dataplane
+                .ebpf_mut()
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("no program {name}")),
+        }
     }
 
     /// Runs the XDP program `name` once on `frame`: the action and the frame it leaves.
@@ -236,13 +262,8 @@ impl Datapath {
         frame: &[u8],
         repeat: u32,
     ) -> Result<(u32, Vec<u8>, Duration), ProgramError> {
-        let program: &mut aya::programs::Xdp = self
-            .dataplane
-            .ebpf_mut()
-            .program_mut(name)
-            .expect("program exists")
-            .try_into()
-            .expect("an XDP program");
+        let program: &mut aya::programs::Xdp =
+            self.program_mut(name).try_into().expect("an XDP program");
         let mut output = vec![0u8; frame.len() + 256];
         let result = program.test_run(TestRunOptions {
             data_in: Some(frame),
@@ -324,13 +345,8 @@ impl Datapath {
         skb: &Skb,
         repeat: u32,
     ) -> Result<Run, ProgramError> {
-        let program: &mut SchedClassifier = self
-            .dataplane
-            .ebpf_mut()
-            .program_mut(name)
-            .expect("program exists")
-            .try_into()
-            .expect("a TC program");
+        let program: &mut SchedClassifier =
+            self.program_mut(name).try_into().expect("a TC program");
         let mut context = [0u8; SKB_CONTEXT_LEN];
         context[SKB_MARK..SKB_MARK + 4].copy_from_slice(&skb.mark.to_ne_bytes());
         context[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&skb.ifindex.to_ne_bytes());

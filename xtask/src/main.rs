@@ -74,7 +74,8 @@ enum Task {
         /// Every supported kernel: 5.10, 6.1, 6.12 and the newest Debian has.
         #[arg(long, conflicts_with = "kernels")]
         all: bool,
-        /// Run only this test binary in each guest (prog_run, netns_kernel, ...); repeatable.
+        /// Run only this test module in each guest (run, run_overlay, fuzz, kernel, ...);
+        /// repeatable.
         #[arg(long = "test", value_name = "NAME")]
         tests: Vec<String>,
     },
@@ -85,11 +86,11 @@ enum Task {
 enum Tier {
     /// Formatting, clippy (host and eBPF), and the unit tests: no privilege needed.
     Host,
-    /// The BPF_PROG_TEST_RUN fixture tables and the differential fuzzer (`tests/tests/prog_*`):
+    /// The BPF_PROG_TEST_RUN fixture tables and the differential fuzzer (`tests/tests/prog/`):
     /// root and BPF.
     Prog,
-    /// Network-namespace clusters, the deploy manifests and the bench as a smoke test (every
-    /// other test binary of `tests/tests/`): root, BPF, namespaces, etcd.
+    /// Network-namespace clusters, the deploy manifests and the bench as a smoke test
+    /// (`tests/tests/netns/`): root, BPF, namespaces, etcd.
     Netns,
     /// The fixtures and a namespace test on the oldest and the newest kernel, under QEMU.
     Vm,
@@ -150,9 +151,7 @@ fn test(mut tiers: Vec<Tier>) -> anyhow::Result<()> {
         println!("== cargo xtask test: the {tier:?} tier");
         match tier {
             Tier::Host => host_tier()?,
-            Tier::Prog => run(cargo()
-                .args(["test", "--workspace", "--locked"])
-                .args(test_binaries(Tier::Prog)?))?,
+            Tier::Prog => run(cargo().args(["test", "--workspace", "--locked", "--test", "prog"]))?,
             Tier::Netns => netns_tier()?,
             Tier::Vm => vm::vm_test(&series(vm::TEST_KERNELS), &[])?,
         }
@@ -203,51 +202,25 @@ fn netns_tier() -> anyhow::Result<()> {
     run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     let upgrade = upgrade_object()?;
     run(cargo()
-        .args(["test", "--workspace", "--locked"])
-        .args(test_binaries(Tier::Netns)?)
+        .args(["test", "--workspace", "--locked", "--test", "netns"])
         .env("WEFT_BIN", root().join("target/debug/weft"))
         .env("WEFT_UPGRADE_OBJECT", upgrade))?;
     // The sig-network e2e set again with pods' service traffic translated per packet, as nodes
     // with `--socket-lb=host-only` (service meshes) run it; the agents read the variable.
     run(cargo()
-        .args(["test", "--workspace", "--test", "netns_e2e", "--locked"])
+        .args([
+            "test",
+            "--workspace",
+            "--locked",
+            "--test",
+            "netns",
+            "--",
+            "e2e::",
+        ])
         .env("WEFT_BIN", root().join("target/debug/weft"))
         .env("WEFT_SOCKET_LB", "host-only"))?;
     // The bench's quick run as a smoke test (debug builds, already built; no figure is judged).
     run_bench("debug", &root().join("target/bench/smoke.md"), true)
-}
-
-/// `--test NAME` for each integration test binary of the privileged crate in `tier`: the
-/// `prog_*` files are the fixture tier, every other one the namespace tier.
-fn test_binaries(tier: Tier) -> anyhow::Result<Vec<String>> {
-    let dir = root().join("tests/tests");
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry?.path();
-        let Some(name) = path
-            .file_stem()
-            .and_then(|stem| stem.to_str())
-            .filter(|_| path.extension().is_some_and(|ext| ext == "rs"))
-        else {
-            continue;
-        };
-        let in_tier = match tier {
-            Tier::Prog => name.starts_with("prog_"),
-            Tier::Netns => !name.starts_with("prog_"),
-            Tier::Host | Tier::Vm => false,
-        };
-        if in_tier {
-            names.push(name.to_owned());
-        }
-    }
-    if names.is_empty() {
-        bail!("no {tier:?} test binaries in {}", dir.display());
-    }
-    names.sort_unstable();
-    Ok(names
-        .into_iter()
-        .flat_map(|name| ["--test".to_owned(), name])
-        .collect())
 }
 
 fn series(kernels: &[&str]) -> Vec<String> {

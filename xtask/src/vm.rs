@@ -34,14 +34,43 @@ pub const TEST_KERNELS: &[&str] = &["5.10", NEWEST];
 /// The spelling of "the highest version the archive has".
 pub const NEWEST: &str = "newest";
 
-/// The test binaries a guest runs, in order, with the environment each needs. The fuzzer runs a
-/// small share of its frames: a guest without KVM is about 20 times slower.
-const GUEST_TESTS: &[(&str, &[(&str, &str)])] = &[
-    ("prog_run", &[]),
-    ("prog_run_overlay", &[]),
-    ("prog_run_external", &[]),
-    ("prog_fuzz", &[("WEFT_FUZZ_FRAMES", "3000")]),
-    ("netns_kernel", &[]),
+/// A module of one of the privileged crate's test binaries, run on its own in a guest.
+struct GuestSuite {
+    /// The test module, also the name its results and log go by.
+    name: &'static str,
+    /// The integration test binary (`tests/tests/<binary>/`) it is in.
+    binary: &'static str,
+    env: &'static [(&'static str, &'static str)],
+}
+
+/// What a guest runs, in order, with the environment each needs. The fuzzer runs a small share
+/// of its frames: a guest without KVM is about 20 times slower.
+const GUEST_SUITES: &[GuestSuite] = &[
+    GuestSuite {
+        name: "run",
+        binary: "prog",
+        env: &[],
+    },
+    GuestSuite {
+        name: "run_overlay",
+        binary: "prog",
+        env: &[],
+    },
+    GuestSuite {
+        name: "run_external",
+        binary: "prog",
+        env: &[],
+    },
+    GuestSuite {
+        name: "fuzz",
+        binary: "prog",
+        env: &[("WEFT_FUZZ_FRAMES", "3000")],
+    },
+    GuestSuite {
+        name: "kernel",
+        binary: "netns",
+        env: &[],
+    },
 ];
 
 /// How long one guest may run before it is stopped and counted as failed.
@@ -67,16 +96,16 @@ fn vm_dir() -> PathBuf {
 /// Boots each of `kernels` (series such as "5.10", or [`NEWEST`]) and runs the guest tests (those
 /// named in `only`, or all); fails when any kernel fails.
 pub fn vm_test(kernels: &[String], only: &[String]) -> anyhow::Result<()> {
-    let selected: Vec<_> = GUEST_TESTS
+    let selected: Vec<&GuestSuite> = GUEST_SUITES
         .iter()
-        .filter(|(name, _)| only.is_empty() || only.iter().any(|o| o == name))
+        .filter(|suite| only.is_empty() || only.iter().any(|o| o == suite.name))
         .collect();
     ensure!(
         selected.len() >= only.len(),
-        "vm-test runs these tests: {}",
-        GUEST_TESTS
+        "vm-test runs these test modules: {}",
+        GUEST_SUITES
             .iter()
-            .map(|(name, _)| *name)
+            .map(|suite| suite.name)
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -111,10 +140,8 @@ pub fn vm_test(kernels: &[String], only: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the guest's test binaries (debug, as `cargo test` does) and returns (name, path, env).
-fn build_guest_tests(
-    selected: &[&(&'static str, &'static [(&'static str, &'static str)])],
-) -> anyhow::Result<Vec<GuestTest>> {
+/// Builds the test binaries of the `selected` suites (debug, as `cargo test` does).
+fn build_guest_tests(selected: &[&'static GuestSuite]) -> anyhow::Result<Vec<GuestTest>> {
     // Workspace-wide, as `cargo xtask test` builds: the same features, so nothing is rebuilt.
     run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     let mut build = cargo();
@@ -125,15 +152,17 @@ fn build_guest_tests(
         "--locked",
         "--message-format=json",
     ]);
-    for (name, _) in selected {
-        build.args(["--test", name]);
+    let binaries: std::collections::BTreeSet<&str> =
+        selected.iter().map(|suite| suite.binary).collect();
+    for binary in binaries {
+        build.args(["--test", binary]);
     }
     let output = build
         .stderr(Stdio::inherit())
         .output()
         .context("building the guest's tests")?;
     ensure!(output.status.success(), "building the guest's tests failed");
-    let mut tests = Vec::new();
+    let mut executables = std::collections::BTreeMap::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -144,28 +173,25 @@ fn build_guest_tests(
         ) else {
             continue;
         };
-        if let Some((name, env)) = selected.iter().find(|(test, _)| *test == name) {
-            tests.push(GuestTest {
-                name,
-                executable: executable.into(),
-                env,
-            });
-        }
+        executables.insert(name.to_owned(), PathBuf::from(executable));
     }
-    tests.sort_by_key(|t| GUEST_TESTS.iter().position(|(name, _)| *name == t.name));
-    ensure!(
-        tests.len() == selected.len(),
-        "cargo built {} of the {} guest tests",
-        tests.len(),
-        selected.len()
-    );
-    Ok(tests)
+    selected
+        .iter()
+        .map(|&suite| {
+            let executable = executables
+                .get(suite.binary)
+                .with_context(|| format!("cargo did not build the {} test binary", suite.binary))?;
+            Ok(GuestTest {
+                suite,
+                executable: executable.clone(),
+            })
+        })
+        .collect()
 }
 
 struct GuestTest {
-    name: &'static str,
+    suite: &'static GuestSuite,
     executable: PathBuf,
-    env: &'static [(&'static str, &'static str)],
 }
 
 /// How QEMU runs guests here.
@@ -725,14 +751,16 @@ run() {{
     );
     for test in tests {
         let env: String = test
+            .suite
             .env
             .iter()
             .map(|(key, value)| format!("{key}={value} "))
             .collect();
+        // The module's path as the filter: its tests and no other module's.
         script.push_str(&format!(
-            "run {} {env}{}\n",
-            test.name,
-            test.executable.display()
+            "run {name} {env}{} {name}::\n",
+            test.executable.display(),
+            name = test.suite.name,
         ));
     }
     script

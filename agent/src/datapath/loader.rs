@@ -37,6 +37,12 @@ use weft_common::{
 /// weft's eBPF object, built by this crate's build script from `dataplane-ebpf/`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft-dataplane"));
 
+/// The bench's empty programs (`tc_floor`, `xdp_floor`: the cost of running any program), built
+/// beside [`OBJECT`] as an object of their own and embedded only for the bench and the tests.
+#[cfg(feature = "bench-floor")]
+pub static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft-floor"));
+
 /// TC ingress of each pod's bridge port: service DNAT.
 pub const FROM_PODS: &str = "tc_from_pods";
 /// TC egress of each pod's bridge port: reverse NAT.
@@ -63,9 +69,6 @@ pub const PINNED_PROGRAMS: [&str; 6] = [
     FROM_TUNNEL,
     XDP_UPLINK,
 ];
-/// Empty TC and XDP programs the agent never loads: the bench's floor.
-pub const TC_FLOOR: &str = "tc_floor";
-pub const XDP_FLOOR: &str = "xdp_floor";
 /// cgroup socket hooks for the node's own sockets.
 pub const SOCKET_HOOKS: [&str; 4] = [
     "sock_connect4",

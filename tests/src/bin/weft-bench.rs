@@ -20,7 +20,7 @@ use aya::maps::HashMap as BpfHashMap;
 use ipnet::Ipv4Net;
 use weft::{
     datapath::conntrack::Conntrack,
-    datapath::loader::{FROM_PODS, FROM_UPLINK, MapLimits, TC_FLOOR, TO_POD, TO_UPLINK, XDP_FLOOR},
+    datapath::loader::{FROM_PODS, FROM_UPLINK, MapLimits, TO_POD, TO_UPLINK},
     datapath::maps::{drop_counts, open_pinned},
 };
 use weft_common::{
@@ -41,7 +41,7 @@ use weft_tests::{
         plot, quantile, table,
     },
     cluster::{Agent, AgentOptions, Node, Pod},
-    harness::Datapath,
+    harness::{Datapath, TC_FLOOR, XDP_FLOOR},
     netns::{require_root, unique},
     overlay_fixture::{self, REMOTE_IP, inner_frame, pod, uplink_namespace, vxlan_frame},
     packet::{ACK, SYN, parse, tcp},

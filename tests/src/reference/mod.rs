@@ -2,7 +2,7 @@
 //! map state of [`Fixture`], written from the programs' documented behaviour in plain Rust,
 //! independently of the datapath's code (its parser, its checksum updates, its encapsulation).
 //! Checksums here are computed over whole headers and segments; the datapath updates them
-//! incrementally, and the differential fuzzer (`tests/tests/prog_fuzz.rs`) compares the two.
+//! incrementally, and the differential fuzzer (`tests/tests/prog/fuzz.rs`) compares the two.
 //!
 //! One module per program family: [`service`] (`tc_from_pods`, `tc_from_uplink`, `tc_to_pod`),
 //! [`tc_to_uplink`], and [`vxlan`] for the overlay's part of them and `xdp_uplink`.

@@ -2,7 +2,7 @@
 //! reached from outside (the uplink's TC ingress) and their replies restored on the way out
 //! (its TC egress), `externalTrafficPolicy: Local`, `internalTrafficPolicy: Local`,
 //! load-balancer source ranges, ClientIP session affinity and SCTP. Maps are filled by the
-//! agent's own model and reconciler from manifests, as in `prog_run.rs`.
+//! agent's own model and reconciler from manifests, as in `run.rs`.
 
 use std::{
     collections::BTreeSet,

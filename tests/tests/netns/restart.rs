@@ -108,7 +108,7 @@ impl Outcome {
 /// client's node and the first pod of the other node. The client is node 1's first pod; the
 /// other node's second pod, no endpoint, takes the direct traffic. (Direct connections to an
 /// endpoint would now and then take the local port of a service connection to the same
-/// endpoint, a clash weft does not resolve: see `netns_overlay.rs`.)
+/// endpoint, a clash weft does not resolve: see `overlay.rs`.)
 fn service_cluster() -> Cluster {
     let cluster = cluster(2, 2);
     let backends = [cluster.pods[0][1].addr, cluster.pods[1][0].addr];

@@ -863,7 +863,7 @@ impl Fuzzer<'_> {
 fn every_program_does_what_the_reference_model_says() {
     let seed: u64 = env_or("WEFT_FUZZ_SEED", DEFAULT_SEED);
     let count: usize = env_or("WEFT_FUZZ_FRAMES", DEFAULT_FRAMES);
-    println!("prog_fuzz: seed {seed:#x}, {count} frames, each through {PROGRAMS:?}");
+    println!("fuzz: seed {seed:#x}, {count} frames, each through {PROGRAMS:?}");
     let fixture = Fixture::new();
     let mut datapath = Datapath::new(&fixture.manifests(), Some(cluster_cidr()));
     datapath.set_node(|node| {
@@ -943,7 +943,7 @@ fn every_program_does_what_the_reference_model_says() {
     for (program, t) in &tallies {
         total += t.run;
         println!(
-            "prog_fuzz: {program}: {} frames run ({} refused by the kernel): {} unchanged, \
+            "fuzz: {program}: {} frames run ({} refused by the kernel): {} unchanged, \
              {} rewritten, {} answered, {} dropped; {} mismatches",
             t.run, t.refused, t.unchanged, t.rewritten, t.answered, t.dropped, t.mismatches
         );
@@ -951,7 +951,7 @@ fn every_program_does_what_the_reference_model_says() {
             let _ = writeln!(failures, "{report}\n");
         }
     }
-    println!("prog_fuzz: {total} program runs in {elapsed:.1?}; drops counted {drops:?}");
+    println!("fuzz: {total} program runs in {elapsed:.1?}; drops counted {drops:?}");
     assert!(
         failures.is_empty(),
         "the datapath and the model disagree (seed {seed:#x}):\n\n{failures}"
