@@ -18,7 +18,7 @@ use std::{
 use ipnet::Ipv4Net;
 use weft_common::{
     ip_proto,
-    maps::{EndpointValue, RemoteNode, ServiceKey, Vtep, endpoint_scope, service_flags},
+    maps::{EndpointValue, RemoteNode, ServiceKey, Vtep},
 };
 
 use crate::sources::objects::{ObjectRef, ServiceSpec, SliceEndpoint, SliceSpec, protocol_name};
@@ -41,23 +41,46 @@ impl fmt::Display for ServicePortName {
     }
 }
 
+/// Which endpoints of a service port an endpoint set holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Every usable endpoint of the service port (after topology hints).
+    #[default]
+    Cluster,
+    /// Only this node's endpoints (`internalTrafficPolicy` or `externalTrafficPolicy: Local`).
+    NodeLocal,
+}
+
+/// How a frontend treats new connections (the reconciler writes it as `service_flags`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontendPolicy {
+    /// Every new connection is masqueraded: external frontends with
+    /// `externalTrafficPolicy: Cluster` (kube-proxy's `KUBE-EXT-*` chains mark them all).
+    pub masquerade_all: bool,
+    /// `externalTrafficPolicy: Local`: clients from outside reach this node's endpoints with
+    /// their address kept; pods and the node use the cluster-wide set.
+    pub local_external: bool,
+    /// Only clients inside the frontend's `loadBalancerSourceRanges` may connect.
+    pub source_ranges: bool,
+    /// No usable endpoint anywhere: new connections are rejected, not dropped.
+    pub reject: bool,
+}
+
 /// How one frontend uses its service port's endpoint sets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FrontendSpec {
-    /// The set new connections use ([`endpoint_scope`]); with
-    /// [`service_flags::LOCAL_EXTERNAL`], clients inside the cluster use the cluster set instead.
-    pub scope: u8,
-    /// [`service_flags`] bits.
-    pub flags: u16,
+    /// The set new connections use; with [`FrontendPolicy::local_external`], clients inside
+    /// the cluster use the cluster set instead.
+    pub scope: Scope,
+    pub policy: FrontendPolicy,
     /// ClientIP affinity timeout in seconds; 0 for none.
     pub affinity_timeout_s: u32,
 }
 
 impl FrontendSpec {
     /// The scopes of the sets this frontend may lead to.
-    pub fn scopes(&self) -> impl Iterator<Item = u8> {
-        let fallback =
-            (self.flags & service_flags::LOCAL_EXTERNAL != 0).then_some(endpoint_scope::CLUSTER);
+    pub fn scopes(&self) -> impl Iterator<Item = Scope> {
+        let fallback = self.policy.local_external.then_some(Scope::Cluster);
         std::iter::once(self.scope).chain(fallback)
     }
 }
@@ -65,11 +88,11 @@ impl FrontendSpec {
 /// What the dataplane must do for one service port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredPort {
-    /// The endpoint sets its frontends use, by [`endpoint_scope`].
-    pub sets: BTreeMap<u8, BTreeSet<EndpointValue>>,
+    /// The endpoint sets its frontends use.
+    pub sets: BTreeMap<Scope, BTreeSet<EndpointValue>>,
     /// Addresses, ports and protocols clients reach it on.
     pub frontends: BTreeMap<ServiceKey, FrontendSpec>,
-    /// `loadBalancerSourceRanges` of the frontends with [`service_flags::SOURCE_RANGES`].
+    /// `loadBalancerSourceRanges` of the frontends with [`FrontendPolicy::source_ranges`].
     pub source_ranges: BTreeMap<ServiceKey, BTreeSet<Ipv4Net>>,
 }
 
@@ -609,12 +632,12 @@ fn compute(
         let has_any = candidates
             .iter()
             .any(|c| c.ready || (c.serving && c.terminating));
-        let reject = if has_any { 0 } else { service_flags::REJECT };
+        let reject = !has_any;
         let mut desired = DesiredPort::default();
         let cluster_ip_scope = if spec.internal_local {
-            endpoint_scope::NODE_LOCAL
+            Scope::NodeLocal
         } else {
-            endpoint_scope::CLUSTER
+            Scope::Cluster
         };
         let frontend = |addr: Ipv4Addr, number: u16| ServiceKey {
             addr: addr.octets(),
@@ -626,19 +649,26 @@ fn compute(
             frontend(spec.cluster_ip, port.port),
             FrontendSpec {
                 scope: cluster_ip_scope,
-                flags: reject,
+                policy: FrontendPolicy {
+                    reject,
+                    ..FrontendPolicy::default()
+                },
                 affinity_timeout_s,
             },
         );
         if externally_accessible {
-            let (scope, policy) = if spec.external_local {
-                (endpoint_scope::NODE_LOCAL, service_flags::LOCAL_EXTERNAL)
-            } else {
-                (endpoint_scope::CLUSTER, service_flags::MASQUERADE_ALL)
-            };
             let external = FrontendSpec {
-                scope,
-                flags: reject | policy,
+                scope: if spec.external_local {
+                    Scope::NodeLocal
+                } else {
+                    Scope::Cluster
+                },
+                policy: FrontendPolicy {
+                    masquerade_all: !spec.external_local,
+                    local_external: spec.external_local,
+                    source_ranges: false,
+                    reject,
+                },
                 affinity_timeout_s,
             };
             let node_ports = port.node_port.into_iter().flat_map(|node_port| {
@@ -657,7 +687,7 @@ fn compute(
                 }
                 let mut load_balancer = external;
                 if !spec.source_ranges.is_empty() {
-                    load_balancer.flags |= service_flags::SOURCE_RANGES;
+                    load_balancer.policy.source_ranges = true;
                     desired
                         .source_ranges
                         .insert(key, spec.source_ranges.iter().copied().collect());
@@ -665,13 +695,13 @@ fn compute(
                 desired.frontends.insert(key, load_balancer);
             }
         }
-        let scopes: BTreeSet<u8> = desired
+        let scopes: BTreeSet<Scope> = desired
             .frontends
             .values()
             .flat_map(|f| f.scopes())
             .collect();
         for scope in scopes {
-            let endpoints = if scope == endpoint_scope::NODE_LOCAL {
+            let endpoints = if scope == Scope::NodeLocal {
                 local_endpoints(&candidates)
             } else {
                 cluster_endpoints(&candidates, node)
@@ -889,8 +919,28 @@ pub(crate) mod tests {
     }
 
     const VIP: [u8; 4] = [10, 254, 40, 119];
-    const CLUSTER: u8 = endpoint_scope::CLUSTER;
-    const LOCAL: u8 = endpoint_scope::NODE_LOCAL;
+    const CLUSTER: Scope = Scope::Cluster;
+    const LOCAL: Scope = Scope::NodeLocal;
+    const REJECT: FrontendPolicy = FrontendPolicy {
+        reject: true,
+        masquerade_all: false,
+        local_external: false,
+        source_ranges: false,
+    };
+    const EXTERNAL: FrontendPolicy = FrontendPolicy {
+        masquerade_all: true,
+        ..NONE
+    };
+    const LOCAL_EXTERNAL: FrontendPolicy = FrontendPolicy {
+        local_external: true,
+        ..NONE
+    };
+    const NONE: FrontendPolicy = FrontendPolicy {
+        masquerade_all: false,
+        local_external: false,
+        source_ranges: false,
+        reject: false,
+    };
 
     fn nginx_port() -> ServicePortName {
         ServicePortName {
@@ -963,7 +1013,7 @@ pub(crate) mod tests {
         let desired = model.desired();
         let port = &desired.ports[&nginx_port()];
         assert!(port.sets[&CLUSTER].is_empty());
-        assert_eq!(port.frontends[&key(VIP, 4432)].flags, service_flags::REJECT);
+        assert_eq!(port.frontends[&key(VIP, 4432)].policy, REJECT);
     }
 
     #[test]
@@ -984,8 +1034,8 @@ pub(crate) mod tests {
         assert_eq!(chosen(&mut model), vec![7]);
         let desired = model.desired();
         assert_eq!(
-            desired.ports[&nginx_port()].frontends[&key(VIP, 4432)].flags,
-            0,
+            desired.ports[&nginx_port()].frontends[&key(VIP, 4432)].policy,
+            NONE,
             "serving endpoints mean the service is not rejected"
         );
     }
@@ -1154,18 +1204,20 @@ pub(crate) mod tests {
         );
         let desired = model.desired();
         let port = &desired.ports[&nginx_port()];
-        let flags: BTreeMap<ServiceKey, u16> =
-            port.frontends.iter().map(|(k, f)| (*k, f.flags)).collect();
-        let external = service_flags::MASQUERADE_ALL;
+        let policies: BTreeMap<ServiceKey, FrontendPolicy> =
+            port.frontends.iter().map(|(k, f)| (*k, f.policy)).collect();
         assert_eq!(
-            flags,
+            policies,
             BTreeMap::from([
-                (key(VIP, 4432), 0),
-                (key([192, 168, 50, 1], 30080), external),
-                (key([192, 0, 2, 10], 4432), external),
+                (key(VIP, 4432), NONE),
+                (key([192, 168, 50, 1], 30080), EXTERNAL),
+                (key([192, 0, 2, 10], 4432), EXTERNAL),
                 (
                     key([192, 0, 2, 100], 4432),
-                    external | service_flags::SOURCE_RANGES
+                    FrontendPolicy {
+                        source_ranges: true,
+                        ..EXTERNAL
+                    }
                 ),
             ])
         );
@@ -1198,7 +1250,7 @@ pub(crate) mod tests {
         assert_eq!(lasts(&port.sets[&CLUSTER]), vec![6, 7, 8]);
         let node_port = port.frontends[&key([192, 168, 50, 1], 30080)];
         assert_eq!(node_port.scope, LOCAL);
-        assert_eq!(node_port.flags, service_flags::LOCAL_EXTERNAL);
+        assert_eq!(node_port.policy, LOCAL_EXTERNAL);
         assert_eq!(port.frontends[&key(VIP, 4432)].scope, CLUSTER);
         assert_eq!(
             desired.health_checks[&32000],
@@ -1216,8 +1268,8 @@ pub(crate) mod tests {
         let port = &desired.ports[&nginx_port()];
         assert!(port.sets[&LOCAL].is_empty());
         assert_eq!(
-            port.frontends[&key([192, 168, 50, 1], 30080)].flags,
-            service_flags::LOCAL_EXTERNAL
+            port.frontends[&key([192, 168, 50, 1], 30080)].policy,
+            LOCAL_EXTERNAL
         );
         assert_eq!(desired.health_checks[&32000].local_endpoints, 0);
     }

@@ -26,7 +26,7 @@ use weft_common::maps::{
 
 use crate::{
     datapath::maps::{DatapathMaps, MapReadError, MapWriteError, decode_name, encode_name},
-    model::{Changed, Desired, DesiredPort, FrontendSpec, ServicePortName},
+    model::{Changed, Desired, DesiredPort, FrontendPolicy, FrontendSpec, Scope, ServicePortName},
     sources::objects::ObjectRef,
 };
 
@@ -66,8 +66,8 @@ impl AppliedSet {
 /// What the maps hold for one service port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct AppliedPort {
-    /// Its endpoint sets, by [`endpoint_scope`].
-    sets: BTreeMap<u8, AppliedSet>,
+    /// Its endpoint sets.
+    sets: BTreeMap<Scope, AppliedSet>,
     /// Each frontend with the value written in it.
     frontends: BTreeMap<ServiceKey, ServiceValue>,
     /// Source ranges written, per frontend.
@@ -190,10 +190,18 @@ impl<M: DatapathMaps> Reconciler<M> {
         for (id, set) in &mut sets {
             set.id = *id;
         }
-        let mut named: BTreeMap<u32, (ServicePortName, u8)> = dump
+        let mut named: BTreeMap<u32, (ServicePortName, Scope)> = dump
             .names
             .iter()
-            .map(|(id, name)| (*id, decode_name(name)))
+            .map(|(id, name)| {
+                let (port, scope) = decode_name(name);
+                // A scope this build does not know (a newer weft's) makes the set a stray.
+                let named = scope_from_wire(scope).map_or_else(
+                    || (stray_name(*id, "unknown scope"), Scope::Cluster),
+                    |scope| (port, scope),
+                );
+                (*id, named)
+            })
             .collect();
         // Ids referenced without a name: an agent killed mid-write or mid-removal. They get a
         // name no desired port has, so the first pass removes them.
@@ -207,7 +215,7 @@ impl<M: DatapathMaps> Reconciler<M> {
         for id in referenced {
             named
                 .entry(id)
-                .or_insert_with(|| (stray_name(id, "no name"), endpoint_scope::CLUSTER));
+                .or_insert_with(|| (stray_name(id, "no name"), Scope::Cluster));
         }
         let mut applied: BTreeMap<ServicePortName, AppliedPort> = BTreeMap::new();
         let mut port_of_set: BTreeMap<u32, ServicePortName> = BTreeMap::new();
@@ -521,11 +529,11 @@ impl<M: DatapathMaps> Reconciler<M> {
         let port = applied
             .get_mut(name)
             .expect("update_port is called for applied ports");
-        let mut layouts: BTreeMap<u8, Vec<EndpointValue>> = BTreeMap::new();
+        let mut layouts: BTreeMap<Scope, Vec<EndpointValue>> = BTreeMap::new();
         for (scope, endpoints) in &want.sets {
             if !port.sets.contains_key(scope) {
                 let id = ids.take();
-                maps.set_name(id, encode_name(name, *scope))
+                maps.set_name(id, encode_name(name, scope_to_wire(*scope)))
                     .inspect_err(|_| ids.release(id))?;
                 port.sets.insert(
                     *scope,
@@ -538,8 +546,8 @@ impl<M: DatapathMaps> Reconciler<M> {
             let set = port.sets.get_mut(scope).expect("just ensured");
             layouts.insert(*scope, fill_set(maps, set, endpoints)?);
         }
-        let count = |scope: u8| layouts.get(&scope).map_or(0, |layout| layout.len() as u32);
-        let id = |scope: u8| port.sets.get(&scope).map_or(0, |set| set.id);
+        let count = |scope: Scope| layouts.get(&scope).map_or(0, |layout| layout.len() as u32);
+        let id = |scope: Scope| port.sets.get(&scope).map_or(0, |set| set.id);
         let mut taken_over = Vec::new();
         for (key, spec) in &want.frontends {
             let value = frontend_value(spec, id, count);
@@ -576,7 +584,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             let set = port.sets.get_mut(scope).expect("filled above");
             trim_set(maps, set, layout.len())?;
         }
-        let unused: Vec<u8> = port
+        let unused: Vec<Scope> = port
             .sets
             .keys()
             .filter(|scope| !want.sets.contains_key(scope))
@@ -629,20 +637,46 @@ impl<M: DatapathMaps> Reconciler<M> {
 /// The value a frontend's spec calls for, given its port's set ids and slot counts by scope.
 fn frontend_value(
     spec: &FrontendSpec,
-    id: impl Fn(u8) -> u32,
-    count: impl Fn(u8) -> u32,
+    id: impl Fn(Scope) -> u32,
+    count: impl Fn(Scope) -> u32,
 ) -> ServiceValue {
-    let local_external = spec.flags & service_flags::LOCAL_EXTERNAL != 0;
-    let cluster = endpoint_scope::CLUSTER;
+    let local_external = spec.policy.local_external;
+    let cluster = Scope::Cluster;
     ServiceValue {
         id: id(spec.scope),
         count: count(spec.scope),
         cluster_id: if local_external { id(cluster) } else { 0 },
         cluster_count: if local_external { count(cluster) } else { 0 },
         affinity_timeout_s: spec.affinity_timeout_s,
-        flags: spec.flags,
+        flags: policy_flags(spec.policy),
         _pad: 0,
     }
+}
+
+/// A set's scope as its name in the map records it ([`endpoint_scope`]).
+const fn scope_to_wire(scope: Scope) -> u8 {
+    match scope {
+        Scope::Cluster => endpoint_scope::CLUSTER,
+        Scope::NodeLocal => endpoint_scope::NODE_LOCAL,
+    }
+}
+
+/// The scope a set's name in the map records, if this build knows it.
+const fn scope_from_wire(scope: u8) -> Option<Scope> {
+    match scope {
+        endpoint_scope::CLUSTER => Some(Scope::Cluster),
+        endpoint_scope::NODE_LOCAL => Some(Scope::NodeLocal),
+        _ => None,
+    }
+}
+
+/// A frontend's policy as the datapath reads it ([`service_flags`]).
+fn policy_flags(policy: FrontendPolicy) -> u16 {
+    let bit = |on: bool, flag: u16| if on { flag } else { 0 };
+    bit(policy.masquerade_all, service_flags::MASQUERADE_ALL)
+        | bit(policy.local_external, service_flags::LOCAL_EXTERNAL)
+        | bit(policy.source_ranges, service_flags::SOURCE_RANGES)
+        | bit(policy.reject, service_flags::REJECT)
 }
 
 /// Removes a frontend, then the source ranges it had.
@@ -783,8 +817,8 @@ fn matches(have: &AppliedPort, want: &DesiredPort) -> bool {
     if !sets_match {
         return false;
     }
-    let id = |scope: u8| have.sets.get(&scope).map_or(0, |set| set.id);
-    let count = |scope: u8| {
+    let id = |scope: Scope| have.sets.get(&scope).map_or(0, |set| set.id);
+    let count = |scope: Scope| {
         have.sets
             .get(&scope)
             .map_or(0, |set| set.slots.len() as u32)
@@ -1089,8 +1123,8 @@ pub(crate) mod tests {
         }
     }
 
-    const CLUSTER: u8 = endpoint_scope::CLUSTER;
-    const LOCAL: u8 = endpoint_scope::NODE_LOCAL;
+    const CLUSTER: Scope = Scope::Cluster;
+    const LOCAL: Scope = Scope::NodeLocal;
 
     fn endpoint(last: u8) -> EndpointValue {
         EndpointValue {
@@ -1207,7 +1241,10 @@ pub(crate) mod tests {
                         frontend(30080),
                         FrontendSpec {
                             scope: LOCAL,
-                            flags: service_flags::LOCAL_EXTERNAL,
+                            policy: FrontendPolicy {
+                                local_external: true,
+                                ..FrontendPolicy::default()
+                            },
                             affinity_timeout_s: 0,
                         },
                     ),
@@ -1217,6 +1254,59 @@ pub(crate) mod tests {
             }),
         );
         desired
+    }
+
+    #[test]
+    fn the_model_types_become_the_wire_values_the_datapath_reads() {
+        for scope in [Scope::Cluster, Scope::NodeLocal] {
+            assert_eq!(scope_from_wire(scope_to_wire(scope)), Some(scope));
+        }
+        assert_eq!(scope_to_wire(Scope::NodeLocal), endpoint_scope::NODE_LOCAL);
+        assert_eq!(scope_from_wire(7), None);
+        let none = FrontendPolicy::default();
+        assert_eq!(policy_flags(none), 0);
+        for (policy, flag) in [
+            (
+                FrontendPolicy {
+                    masquerade_all: true,
+                    ..none
+                },
+                service_flags::MASQUERADE_ALL,
+            ),
+            (
+                FrontendPolicy {
+                    local_external: true,
+                    ..none
+                },
+                service_flags::LOCAL_EXTERNAL,
+            ),
+            (
+                FrontendPolicy {
+                    source_ranges: true,
+                    ..none
+                },
+                service_flags::SOURCE_RANGES,
+            ),
+            (
+                FrontendPolicy {
+                    reject: true,
+                    ..none
+                },
+                service_flags::REJECT,
+            ),
+        ] {
+            assert_eq!(policy_flags(policy), flag, "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn a_set_named_with_an_unknown_scope_is_adopted_as_a_stray_and_removed() {
+        let mut maps = FakeMaps::default();
+        maps.names.insert(9, encode_name(&port_name("nginx"), 7));
+        let mut reconciler = Reconciler::adopt(maps).unwrap();
+        reconciler.reconcile(&desired(&[("nginx", 4432, &[6])]));
+        reconciler.maps.assert_consistent();
+        assert!(!reconciler.maps.names.contains_key(&9));
     }
 
     #[test]
@@ -1252,7 +1342,7 @@ pub(crate) mod tests {
     fn duplicated_slots_left_by_a_killed_agent_do_not_hide_a_missing_endpoint() {
         let mut maps = FakeMaps::default();
         maps.names
-            .insert(1, encode_name(&port_name("nginx"), CLUSTER));
+            .insert(1, encode_name(&port_name("nginx"), endpoint_scope::CLUSTER));
         for (slot, last) in [(0u32, 6u8), (1, 7), (2, 7)] {
             maps.endpoints.insert(
                 EndpointKey {
@@ -1276,7 +1366,7 @@ pub(crate) mod tests {
             ..FakeMaps::default()
         };
         maps.names
-            .insert(1, encode_name(&port_name("nginx"), CLUSTER));
+            .insert(1, encode_name(&port_name("nginx"), endpoint_scope::CLUSTER));
         // The slot map was recreated empty under a frontend that still says 3.
         maps.frontends.insert(frontend(4432), value(1, 3));
         let mut reconciler = Reconciler::adopt(maps).unwrap();
@@ -1566,7 +1656,8 @@ pub(crate) mod tests {
             endpoint(1),
         );
         // id 2: named, slot 1 missing (killed mid-write).
-        maps.names.insert(2, encode_name(&port_name("a"), CLUSTER));
+        maps.names
+            .insert(2, encode_name(&port_name("a"), endpoint_scope::CLUSTER));
         maps.endpoints.insert(
             EndpointKey {
                 service_id: 2,
@@ -1626,7 +1717,10 @@ pub(crate) mod tests {
             frontend(30080),
             FrontendSpec {
                 scope: CLUSTER,
-                flags: service_flags::MASQUERADE_ALL,
+                policy: FrontendPolicy {
+                    masquerade_all: true,
+                    ..FrontendPolicy::default()
+                },
                 affinity_timeout_s: 0,
             },
         );
@@ -1655,7 +1749,11 @@ pub(crate) mod tests {
             frontend(443),
             FrontendSpec {
                 scope: CLUSTER,
-                flags: service_flags::MASQUERADE_ALL | service_flags::SOURCE_RANGES,
+                policy: FrontendPolicy {
+                    masquerade_all: true,
+                    source_ranges: true,
+                    ..FrontendPolicy::default()
+                },
                 affinity_timeout_s: 30,
             },
         );

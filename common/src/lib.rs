@@ -13,6 +13,7 @@ pub mod csum;
 pub mod drop_reason;
 pub mod maps;
 pub mod packet;
+pub mod programs;
 pub mod reject;
 pub mod vxlan;
 

@@ -12,77 +12,220 @@
 
 use crate::conntrack::moved_port;
 
-/// Name of the service frontend map: [`ServiceKey`] -> [`ServiceValue`].
-pub const SERVICES_MAP: &str = "weft_svc_v2";
-/// Name of the endpoint slot map: [`EndpointKey`] -> [`EndpointValue`].
-pub const ENDPOINTS_MAP: &str = "weft_ep_v1";
-/// Name of the endpoint set name map, read only by `weft inspect` and the agent: `u32` set id ->
+/// What kind of BPF map a map is: the kernel's `bpf_map_type` number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MapKind {
+    Hash = 1,
+    Array = 2,
+    PerCpuArray = 6,
+    LruHash = 9,
+    LpmTrie = 11,
+}
+
+/// Where a map's capacity comes from: this build, or one of the agent's flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capacity {
+    Fixed(u32),
+    /// `--max-services`, [`DEFAULT_MAX_SERVICES`] unless set.
+    Services,
+    /// `--max-endpoints`, [`DEFAULT_MAX_ENDPOINTS`] unless set.
+    Endpoints,
+    /// `--ct-entries`, [`DEFAULT_CT_ENTRIES`] unless set.
+    Conntrack,
+}
+
+impl Capacity {
+    /// The capacity the eBPF object declares, before the agent's flags.
+    #[must_use]
+    pub const fn default_entries(self) -> u32 {
+        match self {
+            Self::Fixed(entries) => entries,
+            Self::Services => DEFAULT_MAX_SERVICES,
+            Self::Endpoints => DEFAULT_MAX_ENDPOINTS,
+            Self::Conntrack => DEFAULT_CT_ENTRIES,
+        }
+    }
+}
+
+/// A map's facts without its types: what a pin must match to be reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// The map's name in the object and its pin's name. It carries a layout version (`_v1`).
+    pub name: &'static str,
+    pub kind: MapKind,
+    /// For an LPM trie, the prefix length (`u32`) and the key after it.
+    pub key_size: usize,
+    pub value_size: usize,
+    pub capacity: Capacity,
+}
+
+/// A map's facts with its key and value types, so whoever opens it opens it with those. For an
+/// LPM trie, `K` is the key after the prefix length.
+pub struct MapDef<K, V> {
+    pub spec: MapSpec,
+    types: core::marker::PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> MapDef<K, V> {
+    const fn new(name: &'static str, kind: MapKind, capacity: Capacity) -> Self {
+        let prefix_len = match kind {
+            MapKind::LpmTrie => size_of::<u32>(),
+            _ => 0,
+        };
+        Self {
+            spec: MapSpec {
+                name,
+                kind,
+                key_size: prefix_len + size_of::<K>(),
+                value_size: size_of::<V>(),
+                capacity,
+            },
+            types: core::marker::PhantomData,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        self.spec.name
+    }
+}
+
+impl<K, V> Clone for MapDef<K, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<K, V> Copy for MapDef<K, V> {}
+
+impl<K, V> core::fmt::Display for MapDef<K, V> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.spec.name)
+    }
+}
+
+impl<K, V> core::fmt::Debug for MapDef<K, V> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.spec.fmt(f)
+    }
+}
+
+/// Service frontends: [`ServiceKey`] -> [`ServiceValue`].
+pub const SERVICES_MAP: MapDef<ServiceKey, ServiceValue> =
+    MapDef::new("weft_svc_v2", MapKind::Hash, Capacity::Services);
+/// Endpoint slots: [`EndpointKey`] -> [`EndpointValue`].
+pub const ENDPOINTS_MAP: MapDef<EndpointKey, EndpointValue> =
+    MapDef::new("weft_ep_v1", MapKind::Hash, Capacity::Endpoints);
+/// Endpoint set names, read only by `weft inspect` and the agent: set id (host order) ->
 /// [`ServiceName`].
-pub const SERVICE_NAMES_MAP: &str = "weft_svcname_v2";
-/// Name of the endpoint membership index: [`EndpointMemberKey`] -> `u32` slot. Session affinity
-/// checks here that a remembered endpoint still belongs to its set.
-pub const ENDPOINT_MEMBERS_MAP: &str = "weft_epmember_v1";
-/// Name of the ClientIP session affinity map: [`AffinityKey`] -> [`AffinityValue`].
-pub const AFFINITY_MAP: &str = "weft_affinity_v1";
-/// Name of the `loadBalancerSourceRanges` map, an LPM trie: [`SourceRangeKey`] -> `u8` (1).
-pub const SOURCE_RANGES_MAP: &str = "weft_srcrange_v1";
-/// Name of the connection tracking map: [`CtKey`] -> [`CtValue`].
-pub const CONNTRACK_MAP: &str = "weft_ct4_v1";
-/// Name of the socket-level NAT map of the host's own sockets: [`SockNatKey`] -> [`SockNatValue`].
-pub const SOCK_NAT_MAP: &str = "weft_socknat_v1";
-/// Name of the fragmented datagrams being translated, an LRU hash: [`FragKey`] -> [`FragValue`].
-/// A datagram's later fragments carry no ports; they follow its first fragment by this entry.
-pub const FRAGMENTS_MAP: &str = "weft_frag4_v1";
-/// Name of the per-CPU drop counters, indexed by [`crate::drop_reason::DropReason`].
-pub const DROPS_MAP: &str = "weft_drops_v4";
-/// Name of the one-entry datapath configuration array: `0` -> [`DatapathConfig`].
-pub const CONFIG_MAP: &str = "weft_config_v1";
+pub const SERVICE_NAMES_MAP: MapDef<u32, ServiceName> =
+    MapDef::new("weft_svcname_v2", MapKind::Hash, Capacity::Services);
+/// The endpoint membership index: [`EndpointMemberKey`] -> slot (host order). Session
+/// affinity checks here that a remembered endpoint still belongs to its set.
+pub const ENDPOINT_MEMBERS_MAP: MapDef<EndpointMemberKey, u32> =
+    MapDef::new("weft_epmember_v1", MapKind::Hash, Capacity::Endpoints);
+/// ClientIP session affinity: [`AffinityKey`] -> [`AffinityValue`].
+pub const AFFINITY_MAP: MapDef<AffinityKey, AffinityValue> = MapDef::new(
+    "weft_affinity_v1",
+    MapKind::LruHash,
+    Capacity::Fixed(DEFAULT_AFFINITY_ENTRIES),
+);
+/// `loadBalancerSourceRanges`, an LPM trie: [`SourceRangeKey`] -> `u8` (1).
+pub const SOURCE_RANGES_MAP: MapDef<SourceRangeKey, u8> = MapDef::new(
+    "weft_srcrange_v1",
+    MapKind::LpmTrie,
+    Capacity::Fixed(MAX_SOURCE_RANGES),
+);
+/// Connection tracking: [`CtKey`] -> [`CtValue`].
+pub const CONNTRACK_MAP: MapDef<CtKey, CtValue> =
+    MapDef::new("weft_ct4_v1", MapKind::LruHash, Capacity::Conntrack);
+/// Socket-level NAT of the host's own sockets: [`SockNatKey`] -> [`SockNatValue`].
+pub const SOCK_NAT_MAP: MapDef<SockNatKey, SockNatValue> = MapDef::new(
+    "weft_socknat_v1",
+    MapKind::LruHash,
+    Capacity::Fixed(DEFAULT_SOCK_NAT_ENTRIES),
+);
+/// Fragmented datagrams being translated: [`FragKey`] -> [`FragValue`]. A datagram's later
+/// fragments carry no ports; they follow its first fragment by this entry.
+pub const FRAGMENTS_MAP: MapDef<FragKey, FragValue> = MapDef::new(
+    "weft_frag4_v1",
+    MapKind::LruHash,
+    Capacity::Fixed(FRAGMENT_ENTRIES),
+);
+/// Per-CPU drop counters, indexed by [`crate::drop_reason::DropReason`].
+pub const DROPS_MAP: MapDef<u32, u64> = MapDef::new(
+    "weft_drops_v4",
+    MapKind::PerCpuArray,
+    Capacity::Fixed(crate::drop_reason::DROP_REASON_COUNT),
+);
+/// The one-entry datapath configuration: `0` -> [`DatapathConfig`].
+pub const CONFIG_MAP: MapDef<u32, DatapathConfig> =
+    MapDef::new("weft_config_v1", MapKind::Array, Capacity::Fixed(1));
 
-/// Name of the remote pod subnets, an LPM trie: IPv4 prefix (network order) -> [`RemoteNode`].
-pub const SUBNETS_MAP: &str = "weft_subnets_v2";
-/// Name of the overlay members: a node's PublicIP (network order) -> [`Vtep`].
-pub const VTEPS_MAP: &str = "weft_vteps_v1";
-/// Name of the one-entry overlay configuration array: `0` -> [`OverlayConfig`].
-pub const OVERLAY_MAP: &str = "weft_overlay_v2";
-/// Name of this node's pods as the datapath learned them from their ports: a pod's IPv4
-/// address (network order) -> [`LocalPod`].
-pub const LOCAL_PODS_MAP: &str = "weft_pods_v1";
+/// Remote pod subnets, an LPM trie: IPv4 prefix (network order) -> [`RemoteNode`].
+pub const SUBNETS_MAP: MapDef<[u8; 4], RemoteNode> = MapDef::new(
+    "weft_subnets_v2",
+    MapKind::LpmTrie,
+    Capacity::Fixed(MAX_NODES),
+);
+/// The overlay's members: a node's PublicIP (network order) -> [`Vtep`].
+pub const VTEPS_MAP: MapDef<[u8; 4], Vtep> =
+    MapDef::new("weft_vteps_v1", MapKind::Hash, Capacity::Fixed(MAX_NODES));
+/// The one-entry overlay configuration: `0` -> [`OverlayConfig`].
+pub const OVERLAY_MAP: MapDef<u32, OverlayConfig> =
+    MapDef::new("weft_overlay_v2", MapKind::Array, Capacity::Fixed(1));
+/// This node's pods as the datapath learned them from their ports: a pod's IPv4 address
+/// (network order) -> [`LocalPod`].
+pub const LOCAL_PODS_MAP: MapDef<[u8; 4], LocalPod> = MapDef::new(
+    "weft_pods_v1",
+    MapKind::LruHash,
+    Capacity::Fixed(MAX_LOCAL_PODS),
+);
 
-/// Name of this node's pods by network namespace, for the socket hooks: `bpf_get_netns_cookie()`
-/// of a pod's namespace (`u64`, host order) -> the pod's IPv4 address (network order). A socket
-/// in one of these namespaces is translated at `connect()`/`sendmsg()`, with the pod's address
-/// as the client (affinity, source ranges), as the per-packet path would see it.
-pub const POD_NAMESPACES_MAP: &str = "weft_podns_v1";
+/// This node's pods by network namespace, for the socket hooks: `bpf_get_netns_cookie()` of a
+/// pod's namespace (`u64`, host order) -> the pod's IPv4 address (network order). A socket in
+/// one of these namespaces is translated at `connect()`/`sendmsg()`, with the pod's address as
+/// the client (affinity, source ranges), as the per-packet path would see it.
+pub const POD_NAMESPACES_MAP: MapDef<u64, [u8; 4]> = MapDef::new(
+    "weft_podns_v1",
+    MapKind::Hash,
+    Capacity::Fixed(MAX_LOCAL_PODS),
+);
 
-/// Name of the pod ports whose device is a veth (its peer, the pod's end, in the pod's
-/// namespace): ifindex (host order) -> `u32`, the id this node's namespace gives the pod's
+/// The pod ports whose device is a veth (its peer, the pod's end, in the pod's namespace):
+/// ifindex (host order) -> `u32`, the id this node's namespace gives the pod's
 /// (`link-netnsid`, host order), or [`NO_NETNS_ID`]. Only pods behind them are learned, as only
 /// a veth can be delivered into with `bpf_redirect_peer`; a pod's sockets are looked up in its
 /// namespace by that id, so a new service connection never takes the tuple of a direct one.
-pub const PEER_PORTS_MAP: &str = "weft_peerports_v2";
+pub const PEER_PORTS_MAP: MapDef<u32, u32> = MapDef::new(
+    "weft_peerports_v2",
+    MapKind::Hash,
+    Capacity::Fixed(MAX_LOCAL_PODS),
+);
 
 /// A [`PEER_PORTS_MAP`] value for a port whose peer's namespace has no id here.
 pub const NO_NETNS_ID: u32 = u32::MAX;
 
-/// Every map weft pins, so the agent can check each pin's layout before reusing it.
-pub const PINNED_MAPS: [&str; 17] = [
-    SERVICES_MAP,
-    ENDPOINTS_MAP,
-    SERVICE_NAMES_MAP,
-    ENDPOINT_MEMBERS_MAP,
-    AFFINITY_MAP,
-    SOURCE_RANGES_MAP,
-    CONNTRACK_MAP,
-    SOCK_NAT_MAP,
-    FRAGMENTS_MAP,
-    DROPS_MAP,
-    CONFIG_MAP,
-    SUBNETS_MAP,
-    VTEPS_MAP,
-    OVERLAY_MAP,
-    LOCAL_PODS_MAP,
-    POD_NAMESPACES_MAP,
-    PEER_PORTS_MAP,
+/// Every map weft pins (all the object has), so the agent can check each pin before reusing it.
+pub const PINNED_MAPS: [MapSpec; 17] = [
+    SERVICES_MAP.spec,
+    ENDPOINTS_MAP.spec,
+    SERVICE_NAMES_MAP.spec,
+    ENDPOINT_MEMBERS_MAP.spec,
+    AFFINITY_MAP.spec,
+    SOURCE_RANGES_MAP.spec,
+    CONNTRACK_MAP.spec,
+    SOCK_NAT_MAP.spec,
+    FRAGMENTS_MAP.spec,
+    DROPS_MAP.spec,
+    CONFIG_MAP.spec,
+    SUBNETS_MAP.spec,
+    VTEPS_MAP.spec,
+    OVERLAY_MAP.spec,
+    LOCAL_PODS_MAP.spec,
+    POD_NAMESPACES_MAP.spec,
+    PEER_PORTS_MAP.spec,
 ];
 
 /// Default capacity of [`SERVICES_MAP`] (frontends: one per service IP, port and protocol).

@@ -1,6 +1,9 @@
-//! Every map the programs use. Layouts and names are defined in `weft_common::maps`; the sizes
-//! here are defaults the agent overrides at load time (`--max-services`, `--max-endpoints`,
-//! `--ct-entries`). All maps are pinned by the agent, so their contents survive its restarts.
+//! Every map the programs use. Names, kinds, key/value types and capacities are defined once in
+//! `weft_common::maps` (`SERVICES_MAP`, ...); `btf_map` needs its name as a literal, so the
+//! agent's unit test `the_object_holds_exactly_the_maps_and_programs_common_defines` checks
+//! each map here against its definition. Capacities here are defaults the agent overrides at
+//! load time (`--max-services`, `--max-endpoints`, `--ct-entries`). All maps are pinned by the
+//! agent, so their contents survive its restarts.
 
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,

@@ -100,8 +100,8 @@ impl Datapath {
         dataplane
             .set_config(&datapath_config(cluster_cidr, 0))
             .expect("writing the datapath config");
-        let maps = AyaMaps::take_from(dataplane.ebpf_mut()).expect("service maps");
-        let conntrack_id = match dataplane.ebpf_mut().map(CONNTRACK_MAP) {
+        let maps = AyaMaps::open(dataplane.ebpf_mut()).expect("service maps");
+        let conntrack_id = match dataplane.ebpf_mut().map(CONNTRACK_MAP.name()) {
             Some(Map::LruHashMap(data)) => data.info().expect("conntrack map info").id(),
             _ => panic!("the conntrack map is an LRU hash map"),
         };
@@ -109,7 +109,7 @@ impl Datapath {
             MapData::from_id(conntrack_id).expect("reopen"),
         ))
         .expect("a conntrack map handle");
-        let conntrack = Conntrack::take_from(dataplane.ebpf_mut()).expect("conntrack map");
+        let conntrack = Conntrack::open(dataplane.ebpf_mut()).expect("conntrack map");
         let mut datapath = Self {
             dataplane,
             reconciler: Reconciler::adopt(maps).expect("empty maps adopt"),
@@ -385,7 +385,7 @@ impl Datapath {
         let map = self
             .dataplane
             .ebpf_mut()
-            .map_mut(PEER_PORTS_MAP)
+            .map_mut(PEER_PORTS_MAP.name())
             .expect("the peer ports map");
         let mut ports: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(map).expect("a hash map");
         ports
@@ -398,7 +398,7 @@ impl Datapath {
         let map = self
             .dataplane
             .ebpf_mut()
-            .map(LOCAL_PODS_MAP)
+            .map(LOCAL_PODS_MAP.name())
             .expect("the local pods map");
         let pods: BpfHashMap<_, [u8; 4], LocalPod> = BpfHashMap::try_from(map).expect("a hash map");
         pods.iter()
@@ -411,7 +411,7 @@ impl Datapath {
         let map = self
             .dataplane
             .ebpf_mut()
-            .map_mut(LOCAL_PODS_MAP)
+            .map_mut(LOCAL_PODS_MAP.name())
             .expect("the local pods map");
         replace_contents(&mut BpfHashMap::try_from(map).expect("a hash map"), pods);
     }
@@ -421,7 +421,7 @@ impl Datapath {
         let map = self
             .dataplane
             .ebpf_mut()
-            .map(DROPS_MAP)
+            .map(DROPS_MAP.name())
             .expect("drop counters");
         let drops: PerCpuArray<_, u64> = PerCpuArray::try_from(map).expect("a per-CPU array");
         DropReason::ALL
@@ -452,7 +452,7 @@ impl Datapath {
         let map = self
             .dataplane
             .ebpf_mut()
-            .map(FRAGMENTS_MAP)
+            .map(FRAGMENTS_MAP.name())
             .expect("the fragments map");
         let map: BpfHashMap<_, FragKey, FragValue> = BpfHashMap::try_from(map).expect("a hash map");
         map.iter()
@@ -465,7 +465,7 @@ impl Datapath {
         let map = self
             .dataplane
             .ebpf_mut()
-            .map_mut(FRAGMENTS_MAP)
+            .map_mut(FRAGMENTS_MAP.name())
             .expect("the fragments map");
         replace_contents(&mut BpfHashMap::try_from(map).expect("a hash map"), entries);
     }

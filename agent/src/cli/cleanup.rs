@@ -42,8 +42,8 @@ pub async fn run(args: &CleanupArgs) -> anyhow::Result<()> {
     netdev::remove_tunnel_device(&netlink).await?;
     let programs = args.pin_dir.join(PROGRAMS_DIR);
     remove_pin_dir(&programs).with_context(|| format!("removing {}", programs.display()))?;
-    for name in PINNED_MAPS {
-        let path = args.pin_dir.join(name);
+    for map in PINNED_MAPS {
+        let path = args.pin_dir.join(map.name);
         remove_pin(&path).with_context(|| format!("removing {}", path.display()))?;
     }
     match fs::remove_dir(&args.pin_dir) {

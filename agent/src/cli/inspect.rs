@@ -2,12 +2,11 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
-use anyhow::Context as _;
 use clap::ValueEnum;
 use serde::Serialize;
 use weft::{
     datapath::conntrack::{Conntrack, monotonic_now_ns},
-    datapath::maps::{AyaMaps, DatapathMaps as _, decode_name, drop_counts},
+    datapath::maps::{AyaMaps, DatapathMaps as _, PinnedMaps, decode_name},
     sources::etcd::flannel::Mac,
     sources::objects::protocol_name,
 };
@@ -139,18 +138,10 @@ fn address(addr: [u8; 4], port: u16) -> String {
 
 pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let pin_dir = &args.pin_dir;
-    let context = || {
-        format!(
-            "reading the maps pinned in {} (is `weft agent` using that --pin-dir?)",
-            pin_dir.display()
-        )
-    };
     let json = args.output == Format::Json;
     let output = match args.table {
         Table::Services | Table::Backends => {
-            let dump = AyaMaps::open_pinned(pin_dir)
-                .with_context(context)?
-                .dump()?;
+            let dump = AyaMaps::open(&mut PinnedMaps::new(pin_dir))?.dump()?;
             let names: BTreeMap<u32, (String, u8)> = dump
                 .names
                 .iter()
@@ -240,9 +231,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             }
         }
         Table::Conntrack => {
-            let entries = Conntrack::open_pinned(pin_dir)
-                .with_context(context)?
-                .entries()?;
+            let entries = Conntrack::open(&mut PinnedMaps::new(pin_dir))?.entries()?;
             let now = monotonic_now_ns();
             let mut rows: Vec<ConnectionRow> = entries
                 .iter()
@@ -282,9 +271,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             )?
         }
         Table::Subnets => {
-            let dump = AyaMaps::open_pinned(pin_dir)
-                .with_context(context)?
-                .dump()?;
+            let dump = AyaMaps::open(&mut PinnedMaps::new(pin_dir))?.dump()?;
             let members: std::collections::BTreeSet<Ipv4Addr> =
                 dump.vteps.iter().map(|(ip, _)| *ip).collect();
             let rows: Vec<SubnetRow> = dump
@@ -318,8 +305,8 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             )?
         }
         Table::Drops => {
-            let rows: Vec<DropRow> = drop_counts(pin_dir)
-                .with_context(context)?
+            let rows: Vec<DropRow> = PinnedMaps::new(pin_dir)
+                .drop_counts()?
                 .into_iter()
                 .map(|(reason, packets)| DropRow {
                     reason: reason.name(),

@@ -19,14 +19,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key};
+use aya::maps::{MapError, lpm_trie::Key};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 use weft::{
     datapath::conntrack::Conntrack,
     datapath::links::LINKS_DIR,
-    datapath::loader::{FROM_PODS, FROM_UPLINK, PROGRAMS_DIR, TO_POD, TO_UPLINK},
-    datapath::maps::{decode_name, is_not_found, open_pinned},
+    datapath::loader::PROGRAMS_DIR,
+    datapath::maps::{MapSource as _, PinnedMaps, decode_name, is_not_found},
     datapath::probe::{self, Change, Destination, Flow, Source, Verdict},
     host::sys::{bpf_obj_get, bpf_prog_test_run},
     sources::objects::protocol_name,
@@ -35,10 +35,11 @@ use weft_common::{
     MASQUERADE_MARK,
     drop_reason::DropReason,
     maps::{
-        AFFINITY_MAP, AffinityKey, AffinityValue, CtKey, DROPS_MAP, LOCAL_PODS_MAP, LocalPod,
-        OVERLAY_MAP, OverlayConfig, RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SUBNETS_MAP,
-        ServiceKey, ServiceName, ServiceValue, ct_direction, service_flags,
+        AFFINITY_MAP, AffinityKey, CtKey, LOCAL_PODS_MAP, OVERLAY_MAP, OverlayConfig, RemoteNode,
+        SERVICE_NAMES_MAP, SERVICES_MAP, SUBNETS_MAP, ServiceKey, ServiceValue, ct_direction,
+        service_flags,
     },
+    programs::{FROM_PODS, FROM_UPLINK, TO_POD, TO_UPLINK},
     vxlan::{self, Encap},
 };
 
@@ -120,17 +121,17 @@ struct Node {
 
 impl Node {
     fn open(pin_dir: &Path, bridge: &str) -> anyhow::Result<Self> {
-        let overlay = open_pinned(pin_dir, OVERLAY_MAP).with_context(|| {
-            format!(
-                "reading the maps pinned in {} (is `weft agent` using that --pin-dir?)",
-                pin_dir.display()
-            )
-        })?;
+        let overlay = PinnedMaps::new(pin_dir).array(OVERLAY_MAP)?;
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
-            overlay: Array::<_, OverlayConfig>::try_from(overlay)?.get(&0, 0)?,
+            overlay: overlay.get(&0, 0)?,
             pod_subnet: bridge_subnet(bridge)?,
         })
+    }
+
+    /// The maps the node's agent pinned.
+    fn maps(&self) -> PinnedMaps {
+        PinnedMaps::new(&self.pin_dir)
     }
 
     /// The running build's program `name`, by its pin.
@@ -174,19 +175,14 @@ impl Node {
     }
 
     fn remote_node(&self, addr: Ipv4Addr) -> anyhow::Result<Option<RemoteNode>> {
-        let subnets: LpmTrie<_, [u8; 4], RemoteNode> =
-            LpmTrie::try_from(open_pinned(&self.pin_dir, SUBNETS_MAP)?)?;
+        let subnets = self.maps().lpm_trie(SUBNETS_MAP)?;
         found(subnets.get(&Key::new(32, addr.octets()), 0))
     }
 
     /// Sum over CPUs of each drop counter.
     fn drops(&self) -> anyhow::Result<Vec<u64>> {
-        let drops: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(open_pinned(&self.pin_dir, DROPS_MAP)?)?;
-        DropReason::ALL
-            .iter()
-            .map(|reason| Ok(drops.get(&(*reason as u32), 0)?.iter().sum()))
-            .collect()
+        let counts = self.maps().drop_counts()?;
+        Ok(counts.into_iter().map(|(_, packets)| packets).collect())
     }
 }
 
@@ -220,7 +216,8 @@ fn found<V>(lookup: Result<V, MapError>) -> anyhow::Result<Option<V>> {
 pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
     let node = Node::open(&args.pin_dir, &args.bridge)?;
     let entry = entry(&node, args)?;
-    let mut conntrack = Conntrack::open_pinned(&args.pin_dir)?;
+    let mut maps = node.maps();
+    let mut conntrack = Conntrack::open(&mut maps)?;
     let flow = flow(args, &conntrack)?;
     let forward_key = forward_key(&flow);
     if let Some(tracked) = conntrack.get(&forward_key)? {
@@ -236,11 +233,9 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
         proto: flow.proto,
         _pad: 0,
     };
-    let services: HashMap<_, ServiceKey, ServiceValue> =
-        HashMap::try_from(open_pinned(&args.pin_dir, SERVICES_MAP)?)?;
+    let services = maps.hash(SERVICES_MAP)?;
     let service = found(services.get(&frontend, 0))?;
-    let mut affinity: HashMap<_, AffinityKey, AffinityValue> =
-        HashMap::try_from(open_pinned(&args.pin_dir, AFFINITY_MAP)?)?;
+    let mut affinity = maps.hash(AFFINITY_MAP)?;
     let affinity_keys: Vec<AffinityKey> = service
         .iter()
         .flat_map(|service| [service.id, service.cluster_id])
@@ -253,8 +248,7 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
         .collect();
 
     // A probe from a pod of this node teaches the datapath its port, as any frame from it does.
-    let mut pods: HashMap<_, [u8; 4], LocalPod> =
-        HashMap::try_from(open_pinned(&args.pin_dir, LOCAL_PODS_MAP)?)?;
+    let mut pods = maps.hash(LOCAL_PODS_MAP)?;
     let source_pod = found(pods.get(&flow.src.ip().octets(), 0))?;
 
     let hops = run_hops(&node, &entry, &flow);
@@ -514,8 +508,7 @@ fn describe_service(
     frontend: &ServiceKey,
     service: &ServiceValue,
 ) -> anyhow::Result<String> {
-    let names: HashMap<_, u32, ServiceName> =
-        HashMap::try_from(open_pinned(pin_dir, SERVICE_NAMES_MAP)?)?;
+    let names = PinnedMaps::new(pin_dir).hash(SERVICE_NAMES_MAP)?;
     let name = found(names.get(&service.id, 0))?.map_or_else(
         || format!("<set {}>", service.id),
         |n| decode_name(&n).0.to_string(),

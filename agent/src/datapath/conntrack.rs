@@ -8,7 +8,7 @@
 //! re-reads its entry first and leaves it when it changed since the read, and REPLY entries
 //! created after the sweep began are never taken for orphans.
 
-use std::{collections::HashMap, path::Path};
+use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use weft_common::{
@@ -21,7 +21,7 @@ use weft_common::{
 };
 
 use crate::{
-    datapath::maps::{MapReadError, errno, open_pinned},
+    datapath::maps::{MapOpenError, MapReadError, MapSource, errno},
     model::UdpEndpoints,
 };
 
@@ -149,30 +149,17 @@ pub struct Conntrack {
 }
 
 impl Conntrack {
-    /// Takes the maps out of a loaded object.
-    pub fn take_from(ebpf: &mut aya::Ebpf) -> Result<Self, MapError> {
-        let mut take = |name: &str| {
-            ebpf.take_map(name).ok_or_else(|| MapError::InvalidName {
-                name: name.to_owned(),
-            })
-        };
+    /// Takes the maps out of a loaded object, or opens an agent's pins.
+    pub fn open(source: &mut impl MapSource) -> Result<Self, MapOpenError> {
         Ok(Self {
-            map: BpfHashMap::try_from(take(CONNTRACK_MAP)?)?,
-            sockets: BpfHashMap::try_from(take(SOCK_NAT_MAP)?)?,
-        })
-    }
-
-    /// Opens the maps an agent pinned under `pin_dir`.
-    pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapError> {
-        Ok(Self {
-            map: BpfHashMap::try_from(open_pinned(pin_dir, CONNTRACK_MAP)?)?,
-            sockets: BpfHashMap::try_from(open_pinned(pin_dir, SOCK_NAT_MAP)?)?,
+            map: source.hash(CONNTRACK_MAP)?,
+            sockets: source.hash(SOCK_NAT_MAP)?,
         })
     }
 
     /// Every conntrack entry. Entries that vanish while being read are skipped.
     pub fn entries(&self) -> Result<Vec<(CtKey, CtValue)>, MapReadError> {
-        read_tolerantly(&self.map, CONNTRACK_MAP)
+        read_tolerantly(&self.map, CONNTRACK_MAP.name())
     }
 
     /// The entry under `key`, if there is one.
@@ -200,7 +187,7 @@ impl Conntrack {
         let sweep_start = monotonic_now_ns();
         let entries = self.entries()?;
         let garbage = garbage(&entries, monotonic_now_ns(), sweep_start);
-        let removed = remove_unchanged(&mut self.map, &entries, &garbage, CONNTRACK_MAP)?;
+        let removed = remove_unchanged(&mut self.map, &entries, &garbage, CONNTRACK_MAP.name())?;
         Ok(Sweep {
             removed,
             remaining: entries.len() - removed,
@@ -212,10 +199,10 @@ impl Conntrack {
     pub fn purge_udp(&mut self, valid: &UdpEndpoints) -> Result<usize, MapReadError> {
         let entries = self.entries()?;
         let stale = stale_udp_connections(&entries, valid);
-        let mut removed = remove_unchanged(&mut self.map, &entries, &stale, CONNTRACK_MAP)?;
-        let sockets = read_tolerantly(&self.sockets, SOCK_NAT_MAP)?;
+        let mut removed = remove_unchanged(&mut self.map, &entries, &stale, CONNTRACK_MAP.name())?;
+        let sockets = read_tolerantly(&self.sockets, SOCK_NAT_MAP.name())?;
         let stale = stale_udp_sockets(&sockets, valid);
-        removed += remove_unchanged(&mut self.sockets, &sockets, &stale, SOCK_NAT_MAP)?;
+        removed += remove_unchanged(&mut self.sockets, &sockets, &stale, SOCK_NAT_MAP.name())?;
         Ok(removed)
     }
 }

@@ -11,7 +11,7 @@ use std::{
 use crate::datapath::links::{LinkPinError, LinkPins, pin_name};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapError, MapInfo, MapType},
+    maps::{Array, MapError, MapInfo},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::FdLink,
@@ -21,16 +21,14 @@ use aya::{
     util::KernelVersion,
 };
 use weft_common::{
-    drop_reason::DROP_REASON_COUNT,
     maps::{
-        AFFINITY_MAP, AffinityKey, AffinityValue, CONFIG_MAP, CONNTRACK_MAP, CtKey, CtValue,
-        DEFAULT_AFFINITY_ENTRIES, DEFAULT_SOCK_NAT_ENTRIES, DROPS_MAP, DatapathConfig,
-        ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey, EndpointValue,
-        FRAGMENT_ENTRIES, FRAGMENTS_MAP, FragKey, FragValue, LOCAL_PODS_MAP, LocalPod,
-        MAX_LOCAL_PODS, MAX_NODES, MAX_SOURCE_RANGES, NO_NETNS_ID, OVERLAY_MAP, OverlayConfig,
-        PEER_PORTS_MAP, PINNED_MAPS, POD_NAMESPACES_MAP, RemoteNode, SERVICE_NAMES_MAP,
-        SERVICES_MAP, SOCK_NAT_MAP, SOURCE_RANGES_MAP, SUBNETS_MAP, ServiceKey, ServiceName,
-        ServiceValue, SockNatKey, SockNatValue, SourceRangeKey, VTEPS_MAP, Vtep,
+        CONFIG_MAP, Capacity, DatapathConfig, ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, LOCAL_PODS_MAP,
+        MapDef, MapSpec, NO_NETNS_ID, OVERLAY_MAP, OverlayConfig, PEER_PORTS_MAP, PINNED_MAPS,
+        SERVICE_NAMES_MAP, SERVICES_MAP, SOURCE_RANGES_MAP,
+    },
+    programs::{
+        FROM_PODS, FROM_TUNNEL, FROM_UPLINK, PACKET_PROGRAMS, SOCKET_HOOKS, TO_POD, TO_UPLINK,
+        XDP_UPLINK,
     },
 };
 
@@ -43,39 +41,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft-floor"));
 
-/// TC ingress of each pod's bridge port: service DNAT.
-pub const FROM_PODS: &str = "tc_from_pods";
-/// TC egress of each pod's bridge port: reverse NAT.
-pub const TO_POD: &str = "tc_to_pod";
-/// TC egress of the uplink: reverse NAT of replies leaving the node, VXLAN encapsulation.
-pub const TO_UPLINK: &str = "tc_to_uplink";
-/// TC ingress of the uplink: service DNAT for clients outside the node.
-pub const FROM_UPLINK: &str = "tc_from_uplink";
-/// TC ingress of the node's `external` VXLAN device: the overlay's rules on what the kernel
-/// decapsulated.
-pub const FROM_TUNNEL: &str = "tc_from_tunnel";
-/// XDP on the uplink (optional): early drops of VXLAN from non-members and malformed VXLAN.
-pub const XDP_UPLINK: &str = "xdp_uplink";
 /// Under the pin directory: the packet programs of the build that runs, for tools that run
 /// them (`weft trace`) with the agent's capabilities, which open pins but cannot look programs
 /// up by id (that takes CAP_SYS_ADMIN).
 pub const PROGRAMS_DIR: &str = "programs";
-/// The programs pinned under [`PROGRAMS_DIR`].
-pub const PINNED_PROGRAMS: [&str; 6] = [
-    FROM_PODS,
-    TO_POD,
-    TO_UPLINK,
-    FROM_UPLINK,
-    FROM_TUNNEL,
-    XDP_UPLINK,
-];
-/// cgroup socket hooks for the node's own sockets.
-pub const SOCKET_HOOKS: [&str; 4] = [
-    "sock_connect4",
-    "sock_sendmsg4",
-    "sock_recvmsg4",
-    "sock_getpeername4",
-];
 
 /// The priority and handle of weft's netlink TC filters: fixed, so a restarted agent replaces
 /// its own filters in place and `weft cleanup` finds them.
@@ -157,13 +126,25 @@ pub struct MapLimits {
     pub ct_entries: u32,
 }
 
+impl MapLimits {
+    /// The entries a map of `capacity` gets with these limits.
+    #[must_use]
+    pub const fn entries(&self, capacity: Capacity) -> u32 {
+        match capacity {
+            Capacity::Fixed(entries) => entries,
+            Capacity::Services => self.max_services,
+            Capacity::Endpoints => self.max_endpoints,
+            Capacity::Conntrack => self.ct_entries,
+        }
+    }
+}
+
 impl Default for MapLimits {
     fn default() -> Self {
-        use weft_common::maps::{DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES};
         Self {
-            max_services: DEFAULT_MAX_SERVICES,
-            max_endpoints: DEFAULT_MAX_ENDPOINTS,
-            ct_entries: DEFAULT_CT_ENTRIES,
+            max_services: Capacity::Services.default_entries(),
+            max_endpoints: Capacity::Endpoints.default_entries(),
+            ct_entries: Capacity::Conntrack.default_entries(),
         }
     }
 }
@@ -241,152 +222,23 @@ pub enum DataplaneError {
 /// The maps that are recreated together when any of them is stale: they describe the services
 /// together (frontends index sets, names own sets, members and ranges mirror both).
 const SERVICE_UNIT: [&str; 5] = [
-    SERVICES_MAP,
-    ENDPOINTS_MAP,
-    SERVICE_NAMES_MAP,
-    ENDPOINT_MEMBERS_MAP,
-    SOURCE_RANGES_MAP,
+    SERVICES_MAP.name(),
+    ENDPOINTS_MAP.name(),
+    SERVICE_NAMES_MAP.name(),
+    ENDPOINT_MEMBERS_MAP.name(),
+    SOURCE_RANGES_MAP.name(),
 ];
 
-/// What a map must look like for this build; a pin that differs is from another weft version.
-struct Layout {
-    name: &'static str,
-    map_type: MapType,
-    key_size: usize,
-    value_size: usize,
-    max_entries: u32,
-}
-
-fn layouts(limits: MapLimits) -> [Layout; PINNED_MAPS.len()] {
-    [
-        Layout {
-            name: SERVICES_MAP,
-            map_type: MapType::Hash,
-            key_size: size_of::<ServiceKey>(),
-            value_size: size_of::<ServiceValue>(),
-            max_entries: limits.max_services,
-        },
-        Layout {
-            name: ENDPOINTS_MAP,
-            map_type: MapType::Hash,
-            key_size: size_of::<EndpointKey>(),
-            value_size: size_of::<EndpointValue>(),
-            max_entries: limits.max_endpoints,
-        },
-        Layout {
-            name: SERVICE_NAMES_MAP,
-            map_type: MapType::Hash,
-            key_size: size_of::<u32>(),
-            value_size: size_of::<ServiceName>(),
-            max_entries: limits.max_services,
-        },
-        Layout {
-            name: ENDPOINT_MEMBERS_MAP,
-            map_type: MapType::Hash,
-            key_size: size_of::<EndpointMemberKey>(),
-            value_size: size_of::<u32>(),
-            max_entries: limits.max_endpoints,
-        },
-        Layout {
-            name: AFFINITY_MAP,
-            map_type: MapType::LruHash,
-            key_size: size_of::<AffinityKey>(),
-            value_size: size_of::<AffinityValue>(),
-            max_entries: DEFAULT_AFFINITY_ENTRIES,
-        },
-        Layout {
-            name: SOURCE_RANGES_MAP,
-            map_type: MapType::LpmTrie,
-            key_size: size_of::<u32>() + size_of::<SourceRangeKey>(),
-            value_size: size_of::<u8>(),
-            max_entries: MAX_SOURCE_RANGES,
-        },
-        Layout {
-            name: CONNTRACK_MAP,
-            map_type: MapType::LruHash,
-            key_size: size_of::<CtKey>(),
-            value_size: size_of::<CtValue>(),
-            max_entries: limits.ct_entries,
-        },
-        Layout {
-            name: SOCK_NAT_MAP,
-            map_type: MapType::LruHash,
-            key_size: size_of::<SockNatKey>(),
-            value_size: size_of::<SockNatValue>(),
-            max_entries: DEFAULT_SOCK_NAT_ENTRIES,
-        },
-        Layout {
-            name: FRAGMENTS_MAP,
-            map_type: MapType::LruHash,
-            key_size: size_of::<FragKey>(),
-            value_size: size_of::<FragValue>(),
-            max_entries: FRAGMENT_ENTRIES,
-        },
-        Layout {
-            name: DROPS_MAP,
-            map_type: MapType::PerCpuArray,
-            key_size: size_of::<u32>(),
-            value_size: size_of::<u64>(),
-            max_entries: DROP_REASON_COUNT,
-        },
-        Layout {
-            name: CONFIG_MAP,
-            map_type: MapType::Array,
-            key_size: size_of::<u32>(),
-            value_size: size_of::<DatapathConfig>(),
-            max_entries: 1,
-        },
-        Layout {
-            name: SUBNETS_MAP,
-            map_type: MapType::LpmTrie,
-            // The trie's key is the prefix length (u32) followed by the address.
-            key_size: size_of::<u32>() + 4,
-            value_size: size_of::<RemoteNode>(),
-            max_entries: MAX_NODES,
-        },
-        Layout {
-            name: VTEPS_MAP,
-            map_type: MapType::Hash,
-            key_size: 4,
-            value_size: size_of::<Vtep>(),
-            max_entries: MAX_NODES,
-        },
-        Layout {
-            name: OVERLAY_MAP,
-            map_type: MapType::Array,
-            key_size: size_of::<u32>(),
-            value_size: size_of::<OverlayConfig>(),
-            max_entries: 1,
-        },
-        Layout {
-            name: POD_NAMESPACES_MAP,
-            map_type: MapType::Hash,
-            key_size: size_of::<u64>(),
-            value_size: 4,
-            max_entries: MAX_LOCAL_PODS,
-        },
-        Layout {
-            name: PEER_PORTS_MAP,
-            map_type: MapType::Hash,
-            key_size: 4,
-            value_size: 4,
-            max_entries: MAX_LOCAL_PODS,
-        },
-        Layout {
-            name: LOCAL_PODS_MAP,
-            map_type: MapType::LruHash,
-            key_size: 4,
-            value_size: size_of::<LocalPod>(),
-            max_entries: MAX_LOCAL_PODS,
-        },
-    ]
-}
-
-/// Why a pinned map cannot be reused, or `None` when it matches.
-fn pin_mismatch(info: &MapInfo, want: &Layout) -> Option<String> {
-    let map_type = info.map_type().ok();
-    if map_type != Some(want.map_type) {
-        return Some(format!("type {map_type:?}, want {:?}", want.map_type));
+/// Why a pinned map cannot be reused with these `limits`, or `None` when it matches; a pin that
+/// differs is from another weft version, or was made with other limits.
+fn pin_mismatch(info: &MapInfo, want: &MapSpec, limits: MapLimits) -> Option<String> {
+    let map_type = info.map_type().ok().map(|kind| kind as u32);
+    if map_type != Some(want.kind as u32) {
+        return Some(format!(
+            "type {:?}, want {:?}",
+            info.map_type().ok(),
+            want.kind
+        ));
     }
     let (key, value) = (info.key_size() as usize, info.value_size() as usize);
     if key != want.key_size || value != want.value_size {
@@ -395,13 +247,14 @@ fn pin_mismatch(info: &MapInfo, want: &Layout) -> Option<String> {
             want.key_size, want.value_size
         ));
     }
-    (info.max_entries() != want.max_entries)
-        .then(|| format!("{} entries, want {}", info.max_entries(), want.max_entries))
+    let entries = limits.entries(want.capacity);
+    (info.max_entries() != entries)
+        .then(|| format!("{} entries, want {entries}", info.max_entries()))
 }
 
 /// Pins the packet programs in `dir`, in place of the last agent's.
 fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
-    for name in PINNED_PROGRAMS {
+    for name in PACKET_PROGRAMS {
         let path = dir.join(name);
         let failed = |source| DataplaneError::ProgramPin {
             name,
@@ -432,11 +285,11 @@ fn prepare_pins(pin_dir: &Path, limits: MapLimits) -> Result<(), DataplaneError>
             path: pin_dir.to_owned(),
         });
     }
-    let stale: Vec<(&'static str, String)> = layouts(limits)
+    let stale: Vec<(&'static str, String)> = PINNED_MAPS
         .iter()
-        .filter_map(|layout| {
-            let info = MapInfo::from_pin(pin_dir.join(layout.name)).ok()?;
-            pin_mismatch(&info, layout).map(|why| (layout.name, why))
+        .filter_map(|spec| {
+            let info = MapInfo::from_pin(pin_dir.join(spec.name)).ok()?;
+            pin_mismatch(&info, spec, limits).map(|why| (spec.name, why))
         })
         .collect();
     // The service maps describe one thing together (frontend counts index the slot map): if
@@ -539,16 +392,16 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .override_global(HAS_SET_RETVAL, &has_set_retval, true)
-            .override_global(HAS_COARSE_CLOCK, &has_coarse_clock, true)
-            .map_max_entries(SERVICES_MAP, limits.max_services)
-            .map_max_entries(SERVICE_NAMES_MAP, limits.max_services)
-            .map_max_entries(ENDPOINTS_MAP, limits.max_endpoints)
-            .map_max_entries(ENDPOINT_MEMBERS_MAP, limits.max_endpoints)
-            .map_max_entries(CONNTRACK_MAP, limits.ct_entries);
+            .override_global(HAS_COARSE_CLOCK, &has_coarse_clock, true);
+        for spec in PINNED_MAPS {
+            if !matches!(spec.capacity, Capacity::Fixed(_)) {
+                loader.map_max_entries(spec.name, limits.entries(spec.capacity));
+            }
+        }
         if let Some(dir) = pin_dir {
             prepare_pins(dir, limits)?;
-            for name in PINNED_MAPS {
-                loader.map_pin_path(name, dir.join(name));
+            for spec in PINNED_MAPS {
+                loader.map_pin_path(spec.name, dir.join(spec.name));
             }
         }
         let mut ebpf = loader.load(object).map_err(DataplaneError::Load)?;
@@ -598,9 +451,10 @@ impl Dataplane {
 
     fn set_single<T: aya::Pod>(
         &mut self,
-        name: &'static str,
+        def: MapDef<u32, T>,
         value: &T,
     ) -> Result<(), DataplaneError> {
+        let name = def.name();
         let map = |source| DataplaneError::Map { name, source };
         let mut array: Array<_, T> = Array::try_from(
             self.ebpf
@@ -698,7 +552,7 @@ impl Dataplane {
     /// them, so no packet is delivered to a port that is gone or now someone else's. Returns
     /// how many pods.
     pub fn forget_pods(&mut self, keep: impl Fn(u32) -> bool) -> Result<usize, DataplaneError> {
-        let mut ports = self.hash_map::<u32, u32>(PEER_PORTS_MAP)?;
+        let mut ports = self.hash_map(PEER_PORTS_MAP)?;
         let gone: Vec<u32> = ports
             .keys()
             .filter_map(Result::ok)
@@ -707,7 +561,7 @@ impl Dataplane {
         for port in gone {
             let _ = ports.remove(&port);
         }
-        let mut pods = self.hash_map::<[u8; 4], LocalPod>(LOCAL_PODS_MAP)?;
+        let mut pods = self.hash_map(LOCAL_PODS_MAP)?;
         let gone: Vec<[u8; 4]> = pods
             .iter()
             .filter_map(Result::ok)
@@ -754,10 +608,10 @@ impl Dataplane {
             let netns_id = peer_netns
                 .and_then(|id| u32::try_from(id).ok())
                 .unwrap_or(NO_NETNS_ID);
-            self.hash_map::<u32, u32>(PEER_PORTS_MAP)?
+            self.hash_map(PEER_PORTS_MAP)?
                 .insert(ifindex, netns_id, 0)
                 .map_err(|source| DataplaneError::Map {
-                    name: PEER_PORTS_MAP,
+                    name: PEER_PORTS_MAP.name(),
                     source,
                 })?;
         }
@@ -768,8 +622,9 @@ impl Dataplane {
     /// datapath fills (learned pods) or reads alone (peer ports).
     fn hash_map<K: aya::Pod, V: aya::Pod>(
         &mut self,
-        name: &'static str,
+        def: MapDef<K, V>,
     ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, K, V>, DataplaneError> {
+        let name = def.name();
         let map = |source| DataplaneError::Map { name, source };
         aya::maps::HashMap::try_from(
             self.ebpf
@@ -1014,46 +869,64 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use aya::maps::MapType;
+    use weft_common::maps::MapKind;
+
     use super::*;
 
+    /// The object's maps and programs are exactly the ones `weft_common` defines (so none is
+    /// missing, and nothing else ships in it, such as the bench's empty programs), each map
+    /// with the kind, key and value sizes and default capacity defined there.
     #[test]
-    fn the_object_has_every_pinned_map_with_btf() {
+    fn the_object_holds_exactly_the_maps_and_programs_common_defines() {
         let object = aya_obj::Object::parse(OBJECT).expect("the embedded object parses");
-        for name in PINNED_MAPS {
-            assert!(
-                object.maps.contains_key(name),
-                "map {name} is in the object"
+        let maps: BTreeSet<&str> = object.maps.keys().map(String::as_str).collect();
+        let defined: BTreeSet<&str> = PINNED_MAPS.iter().map(|spec| spec.name).collect();
+        // Besides weft's maps, aya's own: the object's globals (`.bss`, `.data`, `.rodata`).
+        let others: Vec<&str> = maps
+            .difference(&defined)
+            .copied()
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        assert!(others.is_empty(), "maps not in weft_common: {others:?}");
+        for spec in PINNED_MAPS {
+            let map = object
+                .maps
+                .get(spec.name)
+                .unwrap_or_else(|| panic!("map {} is not in the object", spec.name));
+            assert_eq!(map.map_type(), spec.kind as u32, "{}", spec.name);
+            assert_eq!(map.key_size() as usize, spec.key_size, "{}", spec.name);
+            assert_eq!(map.value_size() as usize, spec.value_size, "{}", spec.name);
+            assert_eq!(
+                map.max_entries(),
+                spec.capacity.default_entries(),
+                "{}",
+                spec.name
             );
         }
+        let programs: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
+        let defined: BTreeSet<&str> = PACKET_PROGRAMS.into_iter().chain(SOCKET_HOOKS).collect();
+        assert_eq!(programs, defined);
         assert!(
             object.btf.is_some(),
             "the object carries BTF, so bpftool prints field names"
         );
-        for name in [FROM_PODS, TO_POD, TO_UPLINK, FROM_UPLINK, XDP_UPLINK]
-            .into_iter()
-            .chain(SOCKET_HOOKS)
-        {
-            assert!(
-                object.programs.contains_key(name),
-                "program {name} is in the object"
-            );
-        }
     }
 
     #[test]
-    fn layouts_match_the_object_defaults() {
-        let object = aya_obj::Object::parse(OBJECT).unwrap();
-        for layout in layouts(MapLimits::default()) {
-            let map = &object.maps[layout.name];
-            assert_eq!(map.key_size() as usize, layout.key_size, "{}", layout.name);
+    fn default_limits_are_the_object_defaults() {
+        for spec in PINNED_MAPS {
             assert_eq!(
-                map.value_size() as usize,
-                layout.value_size,
-                "{}",
-                layout.name
+                MapLimits::default().entries(spec.capacity),
+                spec.capacity.default_entries()
             );
-            assert_eq!(map.map_type(), layout.map_type as u32, "{}", layout.name);
-            assert_eq!(map.max_entries(), layout.max_entries, "{}", layout.name);
         }
+        assert_eq!(MapKind::LpmTrie as u32, MapType::LpmTrie as u32);
+        assert_eq!(MapKind::LruHash as u32, MapType::LruHash as u32);
+        assert_eq!(MapKind::PerCpuArray as u32, MapType::PerCpuArray as u32);
+        assert_eq!(MapKind::Array as u32, MapType::Array as u32);
+        assert_eq!(MapKind::Hash as u32, MapType::Hash as u32);
     }
 }

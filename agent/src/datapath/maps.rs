@@ -1,10 +1,16 @@
-//! The agent's side of the maps it writes (services and overlay): one trait the reconciler
-//! writes through, implemented over aya's maps (here) and over plain collections in tests.
+//! The agent's side of the maps: typed handles on them, taken from a loaded object or opened
+//! from an agent's pins ([`MapSource`], by the definitions in `weft_common::maps`), and the
+//! maps it writes (services and overlay) behind one trait the reconciler writes through,
+//! implemented over aya's maps (here) and over plain collections in tests.
 
-use std::{io, net::Ipv4Addr, path::Path};
+use std::{
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{
-    HashMap, Map, MapData, MapError, PerCpuArray,
+    Array, HashMap, Map, MapData, MapError, PerCpuArray,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::Ipv4Net;
@@ -12,13 +18,129 @@ use weft_common::{
     drop_reason::DropReason,
     maps::{
         DROPS_MAP, ENDPOINT_MEMBERS_MAP, ENDPOINTS_MAP, EndpointKey, EndpointMemberKey,
-        EndpointValue, NAME_LEN, NAMESPACE_LEN, POD_NAMESPACES_MAP, PORT_NAME_LEN, RemoteNode,
-        SERVICE_NAMES_MAP, SERVICES_MAP, SOURCE_RANGE_FRONTEND_BITS, SOURCE_RANGES_MAP,
+        EndpointValue, MapDef, NAME_LEN, NAMESPACE_LEN, POD_NAMESPACES_MAP, PORT_NAME_LEN,
+        RemoteNode, SERVICE_NAMES_MAP, SERVICES_MAP, SOURCE_RANGE_FRONTEND_BITS, SOURCE_RANGES_MAP,
         SUBNETS_MAP, ServiceKey, ServiceName, ServiceValue, SourceRangeKey, VTEPS_MAP, Vtep,
     },
 };
 
 use crate::{model::ServicePortName, sources::objects::ObjectRef};
+
+/// A map that could not be had with its definition's types.
+#[derive(Debug, thiserror::Error)]
+pub enum MapOpenError {
+    #[error("reading the map {name} pinned in {} (is `weft agent` using that --pin-dir?)", dir.display())]
+    Pinned {
+        name: &'static str,
+        dir: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("the eBPF object has no map {name} (or it was taken already)")]
+    NotInObject { name: &'static str },
+    #[error("map {name} does not have this build's layout")]
+    Layout {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Where maps are had from: a loaded object (each taken once) or a running agent's pins. The
+/// typed handles come from the definitions in `weft_common::maps`, so a map is always opened
+/// with its own key and value types (aya checks their sizes against the kernel's).
+pub trait MapSource {
+    /// The map called `name`, untyped.
+    fn open(&mut self, name: &'static str) -> Result<Map, MapOpenError>;
+
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        def: MapDef<K, V>,
+    ) -> Result<HashMap<MapData, K, V>, MapOpenError> {
+        typed(self.open(def.name())?, def.name())
+    }
+
+    fn lpm_trie<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        def: MapDef<K, V>,
+    ) -> Result<LpmTrie<MapData, K, V>, MapOpenError> {
+        typed(self.open(def.name())?, def.name())
+    }
+
+    fn array<V: aya::Pod>(
+        &mut self,
+        def: MapDef<u32, V>,
+    ) -> Result<Array<MapData, V>, MapOpenError> {
+        typed(self.open(def.name())?, def.name())
+    }
+
+    fn per_cpu_array<V: aya::Pod>(
+        &mut self,
+        def: MapDef<u32, V>,
+    ) -> Result<PerCpuArray<MapData, V>, MapOpenError> {
+        typed(self.open(def.name())?, def.name())
+    }
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    map: Map,
+    name: &'static str,
+) -> Result<T, MapOpenError> {
+    T::try_from(map).map_err(|source| MapOpenError::Layout { name, source })
+}
+
+impl MapSource for aya::Ebpf {
+    fn open(&mut self, name: &'static str) -> Result<Map, MapOpenError> {
+        self.take_map(name)
+            .ok_or(MapOpenError::NotInObject { name })
+    }
+}
+
+/// The maps a running agent pinned in its pin directory: what `weft inspect`, `weft trace`,
+/// `/metrics` and the tests read.
+#[derive(Clone, Debug)]
+pub struct PinnedMaps {
+    dir: PathBuf,
+}
+
+impl PinnedMaps {
+    #[must_use]
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every drop reason's count, summed over the CPUs.
+    pub fn drop_counts(&mut self) -> Result<Vec<(DropReason, u64)>, MapOpenError> {
+        let map = self.per_cpu_array(DROPS_MAP)?;
+        DropReason::ALL
+            .iter()
+            .map(|reason| Ok((*reason, map.get(&(*reason as u32), 0)?.iter().sum())))
+            .collect::<Result<_, MapError>>()
+            .map_err(|source| MapOpenError::Pinned {
+                name: DROPS_MAP.name(),
+                dir: self.dir.clone(),
+                source,
+            })
+    }
+}
+
+impl MapSource for PinnedMaps {
+    fn open(&mut self, name: &'static str) -> Result<Map, MapOpenError> {
+        let opened = MapData::from_pin(self.dir.join(name)).and_then(Map::from_map_data);
+        opened.map_err(|source| MapOpenError::Pinned {
+            name,
+            dir: self.dir.clone(),
+            source,
+        })
+    }
+}
 
 /// A failed map update or delete.
 #[derive(Debug, thiserror::Error)]
@@ -104,30 +226,17 @@ pub struct AyaMaps {
 }
 
 impl AyaMaps {
-    /// Takes the maps out of a loaded object.
-    pub fn take_from(ebpf: &mut aya::Ebpf) -> Result<Self, MapError> {
-        Self::from_source(|name| {
-            ebpf.take_map(name).ok_or_else(|| MapError::InvalidName {
-                name: name.to_owned(),
-            })
-        })
-    }
-
-    /// Opens the maps an agent pinned under `pin_dir`.
-    pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapError> {
-        Self::from_source(|name| open_pinned(pin_dir, name))
-    }
-
-    fn from_source(mut map: impl FnMut(&str) -> Result<Map, MapError>) -> Result<Self, MapError> {
+    /// Takes the maps out of a loaded object, or opens an agent's pins.
+    pub fn open(source: &mut impl MapSource) -> Result<Self, MapOpenError> {
         Ok(Self {
-            frontends: HashMap::try_from(map(SERVICES_MAP)?)?,
-            endpoints: HashMap::try_from(map(ENDPOINTS_MAP)?)?,
-            names: HashMap::try_from(map(SERVICE_NAMES_MAP)?)?,
-            members: HashMap::try_from(map(ENDPOINT_MEMBERS_MAP)?)?,
-            source_ranges: LpmTrie::try_from(map(SOURCE_RANGES_MAP)?)?,
-            subnets: LpmTrie::try_from(map(SUBNETS_MAP)?)?,
-            vteps: HashMap::try_from(map(VTEPS_MAP)?)?,
-            pod_namespaces: HashMap::try_from(map(POD_NAMESPACES_MAP)?)?,
+            frontends: source.hash(SERVICES_MAP)?,
+            endpoints: source.hash(ENDPOINTS_MAP)?,
+            names: source.hash(SERVICE_NAMES_MAP)?,
+            members: source.hash(ENDPOINT_MEMBERS_MAP)?,
+            source_ranges: source.lpm_trie(SOURCE_RANGES_MAP)?,
+            subnets: source.lpm_trie(SUBNETS_MAP)?,
+            vteps: source.hash(VTEPS_MAP)?,
+            pod_namespaces: source.hash(POD_NAMESPACES_MAP)?,
         })
     }
 }
@@ -193,21 +302,6 @@ pub fn remove_pin_dir(dir: &Path) -> io::Result<Vec<String>> {
     }
 }
 
-/// Opens one pinned map.
-pub fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map, MapError> {
-    Map::from_map_data(MapData::from_pin(pin_dir.join(name))?)
-}
-
-/// Every drop reason's count, summed over the CPUs, from the drop counters pinned under
-/// `pin_dir`.
-pub fn drop_counts(pin_dir: &Path) -> Result<Vec<(DropReason, u64)>, MapError> {
-    let map = PerCpuArray::<_, u64>::try_from(open_pinned(pin_dir, DROPS_MAP)?)?;
-    DropReason::ALL
-        .iter()
-        .map(|reason| Ok((*reason, map.get(&(*reason as u32), 0)?.iter().sum())))
-        .collect()
-}
-
 /// The errno of a failed map syscall, if that is what failed.
 pub(crate) fn errno(error: &MapError) -> Option<i32> {
     match error {
@@ -250,7 +344,7 @@ impl DatapathMaps for AyaMaps {
     ) -> Result<(), MapWriteError> {
         write_result(
             self.endpoints.insert(key, value, 0),
-            ENDPOINTS_MAP,
+            ENDPOINTS_MAP.name(),
             "update",
             "raise --max-endpoints",
         )
@@ -259,7 +353,7 @@ impl DatapathMaps for AyaMaps {
     fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), MapWriteError> {
         write_result(
             self.endpoints.remove(&key),
-            ENDPOINTS_MAP,
+            ENDPOINTS_MAP.name(),
             "delete",
             "raise --max-endpoints",
         )
@@ -268,7 +362,7 @@ impl DatapathMaps for AyaMaps {
     fn set_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapWriteError> {
         write_result(
             self.frontends.insert(key, value, 0),
-            SERVICES_MAP,
+            SERVICES_MAP.name(),
             "update",
             "raise --max-services",
         )
@@ -277,7 +371,7 @@ impl DatapathMaps for AyaMaps {
     fn remove_frontend(&mut self, key: ServiceKey) -> Result<(), MapWriteError> {
         write_result(
             self.frontends.remove(&key),
-            SERVICES_MAP,
+            SERVICES_MAP.name(),
             "delete",
             "raise --max-services",
         )
@@ -286,7 +380,7 @@ impl DatapathMaps for AyaMaps {
     fn set_name(&mut self, id: u32, name: ServiceName) -> Result<(), MapWriteError> {
         write_result(
             self.names.insert(id, name, 0),
-            SERVICE_NAMES_MAP,
+            SERVICE_NAMES_MAP.name(),
             "update",
             "raise --max-services",
         )
@@ -295,7 +389,7 @@ impl DatapathMaps for AyaMaps {
     fn remove_name(&mut self, id: u32) -> Result<(), MapWriteError> {
         write_result(
             self.names.remove(&id),
-            SERVICE_NAMES_MAP,
+            SERVICE_NAMES_MAP.name(),
             "delete",
             "raise --max-services",
         )
@@ -304,7 +398,7 @@ impl DatapathMaps for AyaMaps {
     fn set_member(&mut self, key: EndpointMemberKey, slot: u32) -> Result<(), MapWriteError> {
         write_result(
             self.members.insert(key, slot, 0),
-            ENDPOINT_MEMBERS_MAP,
+            ENDPOINT_MEMBERS_MAP.name(),
             "update",
             "raise --max-endpoints",
         )
@@ -313,7 +407,7 @@ impl DatapathMaps for AyaMaps {
     fn remove_member(&mut self, key: EndpointMemberKey) -> Result<(), MapWriteError> {
         write_result(
             self.members.remove(&key),
-            ENDPOINT_MEMBERS_MAP,
+            ENDPOINT_MEMBERS_MAP.name(),
             "delete",
             "raise --max-endpoints",
         )
@@ -327,7 +421,7 @@ impl DatapathMaps for AyaMaps {
         write_result(
             self.source_ranges
                 .insert(&source_range_key(frontend, range), 1, 0),
-            SOURCE_RANGES_MAP,
+            SOURCE_RANGES_MAP.name(),
             "update",
             RANGES_HINT,
         )
@@ -341,7 +435,7 @@ impl DatapathMaps for AyaMaps {
         write_result(
             self.source_ranges
                 .remove(&source_range_key(frontend, range)),
-            SOURCE_RANGES_MAP,
+            SOURCE_RANGES_MAP.name(),
             "delete",
             RANGES_HINT,
         )
@@ -350,7 +444,7 @@ impl DatapathMaps for AyaMaps {
     fn set_subnet(&mut self, subnet: Ipv4Net, node: RemoteNode) -> Result<(), MapWriteError> {
         write_result(
             self.subnets.insert(&subnet_key(subnet), node, 0),
-            SUBNETS_MAP,
+            SUBNETS_MAP.name(),
             "update",
             NODES_HINT,
         )
@@ -359,7 +453,7 @@ impl DatapathMaps for AyaMaps {
     fn remove_subnet(&mut self, subnet: Ipv4Net) -> Result<(), MapWriteError> {
         write_result(
             self.subnets.remove(&subnet_key(subnet)),
-            SUBNETS_MAP,
+            SUBNETS_MAP.name(),
             "delete",
             NODES_HINT,
         )
@@ -368,7 +462,7 @@ impl DatapathMaps for AyaMaps {
     fn set_vtep(&mut self, public_ip: Ipv4Addr, vtep: Vtep) -> Result<(), MapWriteError> {
         write_result(
             self.vteps.insert(public_ip.octets(), vtep, 0),
-            VTEPS_MAP,
+            VTEPS_MAP.name(),
             "update",
             NODES_HINT,
         )
@@ -377,7 +471,7 @@ impl DatapathMaps for AyaMaps {
     fn remove_vtep(&mut self, public_ip: Ipv4Addr) -> Result<(), MapWriteError> {
         write_result(
             self.vteps.remove(&public_ip.octets()),
-            VTEPS_MAP,
+            VTEPS_MAP.name(),
             "delete",
             NODES_HINT,
         )
@@ -386,7 +480,7 @@ impl DatapathMaps for AyaMaps {
     fn set_pod_namespace(&mut self, cookie: u64, pod: Ipv4Addr) -> Result<(), MapWriteError> {
         write_result(
             self.pod_namespaces.insert(cookie, pod.octets(), 0),
-            POD_NAMESPACES_MAP,
+            POD_NAMESPACES_MAP.name(),
             "update",
             PODS_HINT,
         )
@@ -395,21 +489,21 @@ impl DatapathMaps for AyaMaps {
     fn remove_pod_namespace(&mut self, cookie: u64) -> Result<(), MapWriteError> {
         write_result(
             self.pod_namespaces.remove(&cookie),
-            POD_NAMESPACES_MAP,
+            POD_NAMESPACES_MAP.name(),
             "delete",
             PODS_HINT,
         )
     }
 
     fn dump(&self) -> Result<MapsDump, MapReadError> {
-        let subnets = read_all(self.subnets.iter(), SUBNETS_MAP)?
+        let subnets = read_all(self.subnets.iter(), SUBNETS_MAP.name())?
             .into_iter()
             .filter_map(|(key, node)| {
                 let len = u8::try_from(key.prefix_len()).ok()?;
                 Some((Ipv4Net::new(Ipv4Addr::from(key.data()), len).ok()?, node))
             })
             .collect();
-        let source_ranges = read_all(self.source_ranges.iter(), SOURCE_RANGES_MAP)?
+        let source_ranges = read_all(self.source_ranges.iter(), SOURCE_RANGES_MAP.name())?
             .into_iter()
             .filter_map(|(key, _)| {
                 let len = key.prefix_len().checked_sub(SOURCE_RANGE_FRONTEND_BITS)?;
@@ -419,17 +513,17 @@ impl DatapathMaps for AyaMaps {
             })
             .collect();
         Ok(MapsDump {
-            frontends: read_all(self.frontends.iter(), SERVICES_MAP)?,
-            endpoints: read_all(self.endpoints.iter(), ENDPOINTS_MAP)?,
-            names: read_all(self.names.iter(), SERVICE_NAMES_MAP)?,
-            members: read_all(self.members.iter(), ENDPOINT_MEMBERS_MAP)?,
+            frontends: read_all(self.frontends.iter(), SERVICES_MAP.name())?,
+            endpoints: read_all(self.endpoints.iter(), ENDPOINTS_MAP.name())?,
+            names: read_all(self.names.iter(), SERVICE_NAMES_MAP.name())?,
+            members: read_all(self.members.iter(), ENDPOINT_MEMBERS_MAP.name())?,
             source_ranges,
             subnets,
-            vteps: read_all(self.vteps.iter(), VTEPS_MAP)?
+            vteps: read_all(self.vteps.iter(), VTEPS_MAP.name())?
                 .into_iter()
                 .map(|(ip, vtep)| (Ipv4Addr::from(ip), vtep))
                 .collect(),
-            pod_namespaces: read_all(self.pod_namespaces.iter(), POD_NAMESPACES_MAP)?
+            pod_namespaces: read_all(self.pod_namespaces.iter(), POD_NAMESPACES_MAP.name())?
                 .into_iter()
                 .map(|(cookie, pod)| (cookie, Ipv4Addr::from(pod)))
                 .collect(),

@@ -420,8 +420,8 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
     if let Some(overlay_config) = &overlay_config {
         dataplane.set_overlay(overlay_config)?;
     }
-    let maps = AyaMaps::take_from(dataplane.ebpf_mut())?;
-    let conntrack = Conntrack::take_from(dataplane.ebpf_mut())?;
+    let maps = AyaMaps::open(dataplane.ebpf_mut())?;
+    let conntrack = Conntrack::open(dataplane.ebpf_mut())?;
 
     let peers = match &overlay {
         Some(overlay) => {

@@ -14,7 +14,7 @@ use weft_common::maps::{CONNTRACK_MAP, ENDPOINTS_MAP, SERVICES_MAP};
 
 use crate::{
     datapath::loader::MapLimits,
-    datapath::maps::drop_counts,
+    datapath::maps::PinnedMaps,
     reconcile::Programmed,
     serve::http::{self, Reply},
 };
@@ -143,22 +143,15 @@ impl Metrics {
             "Entries in a map (conntrack: as of the last sweep).",
         );
         let mut pressure = vec![
-            (
-                SERVICES_MAP,
-                values.programmed.frontends,
-                self.limits.max_services,
-            ),
-            (
-                ENDPOINTS_MAP,
-                values.programmed.endpoint_slots,
-                self.limits.max_endpoints,
-            ),
+            (SERVICES_MAP.spec, values.programmed.frontends),
+            (ENDPOINTS_MAP.spec, values.programmed.endpoint_slots),
         ];
         if let Some(entries) = values.conntrack_entries {
-            pressure.push((CONNTRACK_MAP, entries, self.limits.ct_entries));
+            pressure.push((CONNTRACK_MAP.spec, entries));
         }
-        for (map, entries, _) in &pressure {
-            let _ = writeln!(out, "weft_map_entries{{map=\"{map}\"}} {entries}");
+        for (map, entries) in &pressure {
+            let name = map.name;
+            let _ = writeln!(out, "weft_map_entries{{map=\"{name}\"}} {entries}");
         }
         header(
             &mut out,
@@ -166,8 +159,9 @@ impl Metrics {
             "gauge",
             "How many entries a map holds at most.",
         );
-        for (map, _, capacity) in &pressure {
-            let _ = writeln!(out, "weft_map_capacity{{map=\"{map}\"}} {capacity}");
+        for (map, _) in &pressure {
+            let (name, capacity) = (map.name, self.limits.entries(map.capacity));
+            let _ = writeln!(out, "weft_map_capacity{{map=\"{name}\"}} {capacity}");
         }
         drop(values);
         header(
@@ -176,7 +170,7 @@ impl Metrics {
             "counter",
             "Packets the datapath dropped, by reason (rejected connections count as no_endpoints).",
         );
-        match drop_counts(&self.pin_dir) {
+        match PinnedMaps::new(&self.pin_dir).drop_counts() {
             Ok(drops) => {
                 for (reason, packets) in drops {
                     let _ = writeln!(

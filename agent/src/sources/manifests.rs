@@ -524,8 +524,7 @@ endpoints:
         let mut model = Model::default();
         assert!(apply(&mut model, &Scan::default(), &scan));
         assert_eq!(
-            model.desired().ports.values().next().unwrap().sets
-                [&weft_common::maps::endpoint_scope::CLUSTER]
+            model.desired().ports.values().next().unwrap().sets[&crate::model::Scope::Cluster]
                 .len(),
             3
         );

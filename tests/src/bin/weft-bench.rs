@@ -16,16 +16,16 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use aya::maps::HashMap as BpfHashMap;
 use ipnet::Ipv4Net;
 use weft::{
     datapath::conntrack::Conntrack,
-    datapath::loader::{FROM_PODS, FROM_UPLINK, MapLimits, TO_POD, TO_UPLINK},
-    datapath::maps::{drop_counts, open_pinned},
+    datapath::loader::MapLimits,
+    datapath::maps::{MapSource as _, PinnedMaps},
 };
 use weft_common::{
     ip_proto,
-    maps::{SERVICES_MAP, ServiceKey, ServiceValue},
+    maps::{SERVICES_MAP, ServiceKey},
+    programs::{FROM_PODS, FROM_UPLINK, TO_POD, TO_UPLINK},
 };
 use weft_tests::{
     apiserver::{self, ApiServer},
@@ -677,9 +677,7 @@ impl ServiceNode {
             Contender::Weft | Contender::WeftPacketNat => {
                 let agent = self.agent.as_ref().context("the agent runs")?;
                 let (api, _) = self.api.as_ref().context("the API server runs")?;
-                let frontends: BpfHashMap<_, ServiceKey, ServiceValue> = BpfHashMap::try_from(
-                    open_pinned(agent.pin_dir(), SERVICES_MAP).context("the pinned frontends")?,
-                )?;
+                let frontends = PinnedMaps::new(agent.pin_dir()).hash(SERVICES_MAP)?;
                 let target = last_frontend(&changed);
                 let key = ServiceKey {
                     addr: target.ip().octets(),
@@ -741,7 +739,7 @@ impl ServiceNode {
             .exec("conntrack", &["-F"])
             .context("conntrack -F (the conntrack package)")?;
         if let Some(agent) = &self.agent {
-            let mut conntrack = Conntrack::open_pinned(agent.pin_dir())?;
+            let mut conntrack = Conntrack::open(&mut PinnedMaps::new(agent.pin_dir()))?;
             let keys: Vec<_> = conntrack.entries()?.into_iter().map(|(k, _)| k).collect();
             conntrack.remove(&keys)?;
         }
@@ -768,7 +766,7 @@ impl ServiceNode {
             );
         }
         if let Some(agent) = &self.agent {
-            for (reason, packets) in drop_counts(agent.pin_dir())? {
+            for (reason, packets) in PinnedMaps::new(agent.pin_dir()).drop_counts()? {
                 counters.insert(format!("weft drop {}", reason.name()), packets);
             }
         }

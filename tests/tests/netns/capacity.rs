@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use weft::datapath::conntrack::Conntrack;
+use weft::datapath::{conntrack::Conntrack, maps::PinnedMaps};
 use weft_common::maps::{ENDPOINTS_MAP, SERVICES_MAP};
 use weft_tests::{
     apps::{Answer, HttpConnection, http_get},
@@ -210,7 +210,7 @@ fn a_live_connection_survives_a_conntrack_table_churned_many_times_over() {
         "the live connection kept one endpoint: {live:?}"
     );
     assert!(failed.is_empty(), "{failed:?}");
-    let entries = Conntrack::open_pinned(node.agent.pin_dir())
+    let entries = Conntrack::open(&mut PinnedMaps::new(node.agent.pin_dir()))
         .expect("the pinned conntrack map")
         .entries()
         .expect("its entries");

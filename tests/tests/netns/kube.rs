@@ -7,11 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::HashMap as BpfHashMap;
-use weft::datapath::maps::open_pinned;
+use weft::datapath::maps::{MapSource as _, PinnedMaps};
 use weft_common::{
     ip_proto,
-    maps::{SERVICES_MAP, ServiceKey, ServiceValue},
+    maps::{SERVICES_MAP, ServiceKey},
 };
 use weft_tests::{
     apiserver::{ApiServer, Kind, endpoint_slice, service},
@@ -154,9 +153,9 @@ fn ten_thousand_services_are_listed_in_pages_and_one_change_reaches_the_maps() {
     let node = KubeNode::start(&api);
     // kube-runtime lists 500 objects a page.
     assert!(api.requests(Kind::Service, "list") >= (SERVICES / 500) as usize);
-    let frontends: BpfHashMap<_, ServiceKey, ServiceValue> =
-        BpfHashMap::try_from(open_pinned(node.agent.pin_dir(), SERVICES_MAP).expect("pinned"))
-            .expect("the frontend map");
+    let frontends = PinnedMaps::new(node.agent.pin_dir())
+        .hash(SERVICES_MAP)
+        .expect("the pinned frontend map");
     assert_eq!(frontends.keys().count(), SERVICES as usize);
     let last = SERVICES - 1;
     let key = ServiceKey {

@@ -10,10 +10,8 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use weft::{
-    datapath::loader::XDP_UPLINK,
-    sources::etcd::flannel::{Lease, vtep_mac_for},
-};
+use weft::sources::etcd::flannel::{Lease, vtep_mac_for};
+use weft_common::programs::XDP_UPLINK;
 use weft_tests::{
     apps::{
         HttpConnection, http_get, receive_bulk, send_bulk, serve_http, serve_udp_echo, udp_echo,

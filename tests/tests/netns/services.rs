@@ -317,7 +317,7 @@ fn a_pinned_map_of_another_layout_is_recreated_with_a_log_line() {
     let seed = seed_node_with(&[], true, |node| {
         let pin_dir = Agent::pin_dir_for(node);
         std::fs::create_dir_all(&pin_dir).expect("the pin directory");
-        let pin = pin_dir.join(weft_common::maps::SERVICES_MAP);
+        let pin = pin_dir.join(weft_common::maps::SERVICES_MAP.name());
         weft_tests::netns::run(
             "bpftool",
             &[

@@ -269,7 +269,8 @@ fn a_refused_inspect_prints_its_causes_without_a_backtrace_unless_asked() {
     };
     let plain = inspect(None);
     assert!(
-        plain.starts_with("Error: reading the maps pinned in") && plain.contains("Caused by:"),
+        plain.starts_with("Error: reading the map weft_svc_v2 pinned in")
+            && plain.contains("Caused by:"),
         "{plain}"
     );
     assert!(!plain.contains("backtrace"), "{plain}");

@@ -15,14 +15,12 @@ use std::{
     time::Instant,
 };
 
-use weft::{
-    datapath::loader::{FROM_PODS, FROM_UPLINK, TO_POD, TO_UPLINK, XDP_UPLINK},
-    model::NodeLease,
-};
+use weft::model::NodeLease;
 use weft_common::{
     conntrack::flags,
     drop_reason::DropReason,
     maps::{CtKey, CtValue, FragKey, FragValue, LocalPod, OverlayConfig, ct_direction},
+    programs::{FROM_PODS, FROM_UPLINK, TO_POD, TO_UPLINK, XDP_UPLINK},
 };
 use weft_tests::{
     harness::{Datapath, VERDICT_DROP, VERDICT_REDIRECT},

@@ -9,15 +9,13 @@ use std::{
     time::Duration,
 };
 
-use weft::{
-    datapath::conntrack::monotonic_now_ns,
-    datapath::loader::{FROM_PODS, TO_POD},
-};
+use weft::datapath::conntrack::monotonic_now_ns;
 use weft_common::{
     MASQUERADE_MARK,
     conntrack::{PORT_MOVES, flags, moved_port},
     drop_reason::DropReason,
     maps::{CtValue, FRAGMENT_TIMEOUT_NS, ct_direction, frag_state},
+    programs::{FROM_PODS, TO_POD},
 };
 use weft_tests::{
     harness::{Datapath, VERDICT_DROP, VERDICT_PASS, VERDICT_REDIRECT},

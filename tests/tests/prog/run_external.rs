@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use weft::datapath::loader::{FROM_PODS, FROM_UPLINK, TO_POD, TO_UPLINK};
+use weft_common::programs::{FROM_PODS, FROM_UPLINK, TO_POD, TO_UPLINK};
 use weft_common::{MASQUERADE_MARK, drop_reason::DropReason};
 use weft_tests::{
     harness::{Datapath, VERDICT_DROP, VERDICT_PASS},

@@ -8,8 +8,8 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use weft::datapath::loader::{FROM_PODS, FROM_TUNNEL, FROM_UPLINK, TO_UPLINK, XDP_UPLINK};
 use weft::model::NextHop;
+use weft_common::programs::{FROM_PODS, FROM_TUNNEL, FROM_UPLINK, TO_UPLINK, XDP_UPLINK};
 use weft_common::{
     drop_reason::DropReason,
     maps::{LocalPod, OverlayConfig},
