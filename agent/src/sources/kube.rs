@@ -34,14 +34,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    model::Model,
     node::tasks::Tasks,
     serve::health::Health,
-    sources::ModelHandle,
-    sources::objects::{
-        Checked, ObjectError, ObjectRef, ServiceSpec, SliceSpec, check_endpoint_slice,
-        check_service, object_ref,
-    },
+    sources::objects::{Kind, ObjectRef, Triage, object_ref, triage},
+    sources::{ModelHandle, reset},
 };
 
 /// kube-proxy's selector for the Services and EndpointSlices it serves.
@@ -97,67 +93,32 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
     Client::try_from(config).map_err(KubeError::Client)
 }
 
-/// An object kind the model holds.
-trait Kind: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static {
-    type Spec: Send + 'static;
-    const KIND: &'static str;
-    fn check(&self) -> Result<Checked<Self::Spec>, ObjectError>;
-    fn set(model: &mut Model, name: ObjectRef, spec: Self::Spec) -> bool;
-    fn remove(model: &mut Model, name: &ObjectRef) -> bool;
+/// What the watchers need of a kind, beyond what the model takes from it.
+trait Watched:
+    Kind + Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static
+{
 }
 
-impl Kind for Service {
-    type Spec = ServiceSpec;
-    const KIND: &'static str = "Service";
-
-    fn check(&self) -> Result<Checked<ServiceSpec>, ObjectError> {
-        check_service(self)
-    }
-
-    fn set(model: &mut Model, name: ObjectRef, spec: ServiceSpec) -> bool {
-        model.set_service(name, spec)
-    }
-
-    fn remove(model: &mut Model, name: &ObjectRef) -> bool {
-        model.remove_service(name)
-    }
-}
-
-impl Kind for EndpointSlice {
-    type Spec = SliceSpec;
-    const KIND: &'static str = "EndpointSlice";
-
-    fn check(&self) -> Result<Checked<SliceSpec>, ObjectError> {
-        check_endpoint_slice(self)
-    }
-
-    fn set(model: &mut Model, name: ObjectRef, spec: SliceSpec) -> bool {
-        model.set_slice(name, spec)
-    }
-
-    fn remove(model: &mut Model, name: &ObjectRef) -> bool {
-        model.remove_slice(name)
-    }
+impl<K> Watched for K where
+    K: Kind + Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static
+{
 }
 
 /// The object's name and what the model takes from it, or `None` for an object the dataplane
 /// does not serve (ignored as kube-proxy ignores it, or invalid: logged).
 fn accept<K: Kind>(object: &K) -> Option<(ObjectRef, K::Spec)> {
-    let name = match object_ref(object.meta()) {
-        Ok(name) => name,
-        Err(e) => {
-            warn!(kind = K::KIND, "skipping an object: {e}");
-            return None;
-        }
-    };
-    match object.check() {
-        Ok(Checked::Serve(spec)) => Some((name, spec)),
-        Ok(Checked::Ignore(why)) => {
+    match triage(object) {
+        Triage::Serve(name, spec) => Some((name, spec)),
+        Triage::Ignore(name, why) => {
             tracing::debug!(kind = K::KIND, object = %name, "ignored: {why}");
             None
         }
-        Err(e) => {
+        Triage::Reject(Some(name), e) => {
             warn!(kind = K::KIND, object = %name, "invalid, not served: {e}");
+            None
+        }
+        Triage::Reject(None, e) => {
+            warn!(kind = K::KIND, "skipping an object: {e}");
             None
         }
     }
@@ -166,7 +127,7 @@ fn accept<K: Kind>(object: &K) -> Option<(ObjectRef, K::Spec)> {
 /// Follows one kind, keeping the model in step; `synced` turns true after each complete list.
 /// The model holds what this source put in it (and says whether an update changed anything);
 /// the source keeps only the names, to know what a new list no longer has.
-async fn follow<K: Kind>(
+async fn follow<K: Watched>(
     api: Api<K>,
     config: watcher::Config,
     model: Arc<ModelHandle>,
@@ -187,7 +148,7 @@ async fn follow<K: Kind>(
                 let next = std::mem::take(&mut listing);
                 let objects = next.len();
                 let names: BTreeSet<ObjectRef> = next.keys().cloned().collect();
-                let changes = model.update(|m| replace::<K>(m, &applied, next));
+                let changes = model.update(|m| reset::<K>(m, &applied, next));
                 if changes {
                     info!(
                         kind = K::KIND,
@@ -199,7 +160,7 @@ async fn follow<K: Kind>(
             }
             Ok(watcher::Event::Apply(object)) => match accept(&object) {
                 Some((name, spec)) => {
-                    model.update(|m| K::set(m, name.clone(), spec));
+                    model.update(|m| K::apply(m, name.clone(), spec));
                     applied.insert(name);
                 }
                 // Now ignored or invalid: it stops being served, as if deleted.
@@ -220,24 +181,8 @@ fn forget<K: Kind>(object: &K, applied: &mut BTreeSet<ObjectRef>, model: &ModelH
     if let Ok(name) = object_ref(object.meta())
         && applied.remove(&name)
     {
-        model.update(|m| K::remove(m, &name));
+        model.update(|m| K::delete(m, &name));
     }
-}
-
-/// Brings the model from `before` (what this source had applied) to `after` (a full list).
-fn replace<K: Kind>(
-    model: &mut Model,
-    before: &BTreeSet<ObjectRef>,
-    after: BTreeMap<ObjectRef, K::Spec>,
-) -> bool {
-    let mut changed = false;
-    for name in before.iter().filter(|name| !after.contains_key(*name)) {
-        changed |= K::remove(model, name);
-    }
-    for (name, spec) in after {
-        changed |= K::set(model, name, spec);
-    }
-    changed
 }
 
 /// This node's pod subnet, as the controller manager allocated it (`spec.podCIDR(s)`): what a

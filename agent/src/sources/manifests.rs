@@ -25,10 +25,8 @@ use serde::Deserialize as _;
 
 use crate::{
     model::Model,
-    sources::ModelHandle,
-    sources::objects::{
-        Checked, ObjectRef, ServiceSpec, SliceSpec, check_endpoint_slice, check_service, object_ref,
-    },
+    sources::objects::{Kind, ObjectRef, ServiceSpec, SliceSpec, Triage, triage},
+    sources::{ModelHandle, reset},
 };
 
 /// A valid object found in the directory.
@@ -249,18 +247,26 @@ fn add_document(value: serde_json::Value, file: &str, scan: &mut Scan) {
         }
         // The path names the field a type error is in (`spec.ports[0].port: invalid type`).
         ("v1", "Service") => match serde_path_to_error::deserialize::<_, Service>(value) {
-            Ok(service) => add_service(&service, file, &described, scan),
+            Ok(service) => add(&service, wrap_service, file, &described, scan),
             Err(e) => scan.problems.push(format!("{described}: {e}")),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match serde_path_to_error::deserialize::<_, EndpointSlice>(value) {
-                Ok(slice) => add_slice(&slice, file, &described, scan),
+                Ok(slice) => add(&slice, wrap_slice, file, &described, scan),
                 Err(e) => scan.problems.push(format!("{described}: {e}")),
             }
         }
         // Deployments and the like may share a file with the objects weft reads.
         _ => {}
     }
+}
+
+fn wrap_service(name: ObjectRef, spec: ServiceSpec) -> (ObjectKey, Object) {
+    (ObjectKey::Service(name), Object::Service(spec))
+}
+
+fn wrap_slice(name: ObjectRef, spec: SliceSpec) -> (ObjectKey, Object) {
+    (ObjectKey::EndpointSlice(name), Object::EndpointSlice(spec))
 }
 
 fn insert(scan: &mut Scan, key: ObjectKey, object: Object, file: &str, described: &str) {
@@ -272,70 +278,56 @@ fn insert(scan: &mut Scan, key: ObjectKey, object: Object, file: &str, described
     }
 }
 
-fn add_service(service: &Service, file: &str, described: &str, scan: &mut Scan) {
-    let checked =
-        object_ref(&service.metadata).and_then(|name| Ok((name, check_service(service)?)));
-    match checked {
-        Ok((name, Checked::Serve(spec))) => {
-            insert(
-                scan,
-                ObjectKey::Service(name),
-                Object::Service(spec),
-                file,
-                described,
-            );
+/// Triages one object into the scan: served objects (`wrap`ped into the scan's form), notes for
+/// ignored ones, problems for invalid ones.
+fn add<K: Kind>(
+    object: &K,
+    wrap: fn(ObjectRef, K::Spec) -> (ObjectKey, Object),
+    file: &str,
+    described: &str,
+    scan: &mut Scan,
+) {
+    match triage(object) {
+        Triage::Serve(name, spec) => {
+            let (key, object) = wrap(name, spec);
+            insert(scan, key, object, file, described);
         }
-        Ok((_, Checked::Ignore(why))) => scan.notes.push(format!("{described}: ignored: {why}")),
-        Err(e) => scan.problems.push(format!("{described}: {e}")),
+        Triage::Ignore(_, why) => scan.notes.push(format!("{described}: ignored: {why}")),
+        Triage::Reject(_, e) => scan.problems.push(format!("{described}: {e}")),
     }
 }
 
-fn add_slice(slice: &EndpointSlice, file: &str, described: &str, scan: &mut Scan) {
-    let checked =
-        object_ref(&slice.metadata).and_then(|name| Ok((name, check_endpoint_slice(slice)?)));
-    match checked {
-        Ok((name, Checked::Serve(spec))) => {
-            insert(
-                scan,
-                ObjectKey::EndpointSlice(name),
-                Object::EndpointSlice(spec),
-                file,
-                described,
-            );
-        }
-        Ok((_, Checked::Ignore(why))) => scan.notes.push(format!("{described}: ignored: {why}")),
-        Err(e) => scan.problems.push(format!("{described}: {e}")),
+impl Scan {
+    fn services(&self) -> BTreeMap<ObjectRef, ServiceSpec> {
+        self.objects
+            .iter()
+            .filter_map(|(key, object)| match (key, object) {
+                (ObjectKey::Service(name), Object::Service(spec)) => {
+                    Some((name.clone(), spec.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn slices(&self) -> BTreeMap<ObjectRef, SliceSpec> {
+        self.objects
+            .iter()
+            .filter_map(|(key, object)| match (key, object) {
+                (ObjectKey::EndpointSlice(name), Object::EndpointSlice(spec)) => {
+                    Some((name.clone(), spec.clone()))
+                }
+                _ => None,
+            })
+            .collect()
     }
 }
 
-/// Applies the difference between two scans to the model; returns whether it changed.
+/// Brings the model from one scan to the next; returns whether it changed.
 pub fn apply(model: &mut Model, previous: &Scan, next: &Scan) -> bool {
-    let mut changed = false;
-    for key in previous
-        .objects
-        .keys()
-        .filter(|k| !next.objects.contains_key(*k))
-    {
-        changed |= match key {
-            ObjectKey::Service(name) => model.remove_service(name),
-            ObjectKey::EndpointSlice(name) => model.remove_slice(name),
-        };
-    }
-    for (key, object) in &next.objects {
-        if previous.objects.get(key) == Some(object) {
-            continue;
-        }
-        changed |= match (key, object) {
-            (ObjectKey::Service(name), Object::Service(spec)) => {
-                model.set_service(name.clone(), spec.clone())
-            }
-            (ObjectKey::EndpointSlice(name), Object::EndpointSlice(spec)) => {
-                model.set_slice(name.clone(), spec.clone())
-            }
-            _ => unreachable!("scans pair each key with an object of its kind"),
-        };
-    }
-    changed
+    let services = reset::<Service>(model, previous.services().keys(), next.services());
+    let slices = reset::<EndpointSlice>(model, previous.slices().keys(), next.slices());
+    services | slices
 }
 
 /// Logs what a scan found wrong, unless the previous scan found exactly the same.
@@ -792,7 +784,10 @@ endpoints:
         use super::*;
         use crate::{
             sources::fuzz,
-            sources::objects::{ObjectRef, ServicePort, SliceEndpoint, SlicePort},
+            sources::objects::{
+                ObjectRef, ServicePort, SliceEndpoint, SlicePort, check_endpoint_slice,
+                check_service,
+            },
         };
 
         const CASES: u32 = 600;

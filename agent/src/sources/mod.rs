@@ -4,8 +4,14 @@
 //! ([`etcd`]); the next hops towards them from the kernel's tables ([`nexthops`]); this node's
 //! pods from their network namespaces ([`pods`]).
 //!
-//! What every source shares is here: the model behind a lock, and the signal that wakes the
-//! reconciler.
+//! Every source has the same shape: a first complete read (a list, a scan, the leases) before
+//! the agent programs anything, then a supervised task that follows updates. A service source
+//! feeds the model through the same calls: [`objects::triage`] decides whether an object is
+//! served, ignored or rejected, [`objects::Kind::apply`] and [`objects::Kind::delete`] change one
+//! object, and [`reset`] brings the model to a complete snapshot (a relist, a rescan).
+//!
+//! What every source shares is here: the model behind a lock, the signal that wakes the
+//! reconciler, and the snapshot diff.
 
 pub mod etcd;
 #[cfg(test)]
@@ -16,11 +22,39 @@ pub mod nexthops;
 pub mod objects;
 pub mod pods;
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+};
 
 use tokio::sync::Notify;
 
-use crate::model::{Changed, Desired, Model};
+use crate::{
+    model::{Changed, Desired, Model},
+    sources::objects::{Kind, ObjectRef},
+};
+
+/// Brings the model's objects of kind `K` from what this source had put in it (`before`) to
+/// its complete snapshot `after`: what `after` lacks is deleted, the rest applied (the model
+/// tells unchanged objects apart). Returns whether anything changed.
+pub fn reset<'a, K: Kind>(
+    model: &mut Model,
+    before: impl IntoIterator<Item = &'a ObjectRef>,
+    after: BTreeMap<ObjectRef, K::Spec>,
+) -> bool {
+    let gone: BTreeSet<&ObjectRef> = before
+        .into_iter()
+        .filter(|name| !after.contains_key(*name))
+        .collect();
+    let mut changed = false;
+    for name in gone {
+        changed |= K::delete(model, name);
+    }
+    for (name, spec) in after {
+        changed |= K::apply(model, name, spec);
+    }
+    changed
+}
 
 /// The model, shared by the sources (writers) and the reconciler (reader).
 #[derive(Default)]
@@ -59,5 +93,49 @@ impl ModelHandle {
     /// Waits until the model changes (returns at once if it changed since the last wait).
     pub async fn changed(&self) {
         self.changed.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Service;
+
+    use super::*;
+    use crate::model::tests::{nginx_service, object};
+
+    #[test]
+    fn a_snapshot_deletes_what_it_lacks_and_applies_the_rest_once() {
+        let mut model = Model::default();
+        let (kept, gone, new) = (
+            object("default", "kept"),
+            object("default", "gone"),
+            object("default", "new"),
+        );
+        for name in [&kept, &gone] {
+            model.set_service(name.clone(), nginx_service());
+        }
+        let mut moved = nginx_service();
+        moved.ports[0].port = 8443;
+        let snapshot = BTreeMap::from([(kept.clone(), moved), (new.clone(), nginx_service())]);
+        assert!(reset::<Service>(
+            &mut model,
+            [&kept, &gone],
+            snapshot.clone()
+        ));
+        let desired = model.desired();
+        let served: BTreeSet<(&ObjectRef, u16)> = desired
+            .ports
+            .iter()
+            .flat_map(|(name, port)| {
+                port.frontends
+                    .keys()
+                    .map(move |key| (&name.service, key.port))
+            })
+            .collect();
+        assert_eq!(served, BTreeSet::from([(&kept, 8443), (&new, 4432)]));
+        assert!(
+            !reset::<Service>(&mut model, snapshot.keys(), snapshot.clone()),
+            "the same snapshot again changes nothing"
+        );
     }
 }

@@ -14,6 +14,8 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use weft_common::ip_proto;
 
+use crate::model::Model;
+
 /// Namespace and name of an object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
@@ -212,6 +214,79 @@ pub fn protocol_name(protocol: u8) -> &'static str {
         ip_proto::UDP => "UDP",
         ip_proto::SCTP => "SCTP",
         _ => "?",
+    }
+}
+
+/// A kind of object the service sources read: how it is checked, and how the model takes it.
+/// Both sources (manifests, the Kubernetes API) go through it, so an object is served, ignored
+/// or rejected the same way whichever source it comes from.
+pub trait Kind: kube::Resource {
+    /// What the model keeps of it.
+    type Spec: Clone;
+    const KIND: &'static str;
+    fn check(&self) -> Result<Checked<Self::Spec>, ObjectError>;
+    /// Puts `spec` in the model under `name`; returns whether anything changed.
+    fn apply(model: &mut Model, name: ObjectRef, spec: Self::Spec) -> bool;
+    /// Takes `name` out of the model; returns whether it was there.
+    fn delete(model: &mut Model, name: &ObjectRef) -> bool;
+}
+
+impl Kind for Service {
+    type Spec = ServiceSpec;
+    const KIND: &'static str = "Service";
+
+    fn check(&self) -> Result<Checked<ServiceSpec>, ObjectError> {
+        check_service(self)
+    }
+
+    fn apply(model: &mut Model, name: ObjectRef, spec: ServiceSpec) -> bool {
+        model.set_service(name, spec)
+    }
+
+    fn delete(model: &mut Model, name: &ObjectRef) -> bool {
+        model.remove_service(name)
+    }
+}
+
+impl Kind for EndpointSlice {
+    type Spec = SliceSpec;
+    const KIND: &'static str = "EndpointSlice";
+
+    fn check(&self) -> Result<Checked<SliceSpec>, ObjectError> {
+        check_endpoint_slice(self)
+    }
+
+    fn apply(model: &mut Model, name: ObjectRef, spec: SliceSpec) -> bool {
+        model.set_slice(name, spec)
+    }
+
+    fn delete(model: &mut Model, name: &ObjectRef) -> bool {
+        model.remove_slice(name)
+    }
+}
+
+/// What a source makes of one object.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Triage<S> {
+    /// The dataplane serves it.
+    Serve(ObjectRef, S),
+    /// Valid, but not the dataplane's business (as kube-proxy ignores it); why, for logs.
+    Ignore(ObjectRef, &'static str),
+    /// Invalid: not served, and the source reports why (and its name, unless that is what is
+    /// wrong).
+    Reject(Option<ObjectRef>, ObjectError),
+}
+
+/// Names and checks `object`: the one accept/ignore/reject decision every source takes.
+pub fn triage<K: Kind>(object: &K) -> Triage<K::Spec> {
+    let name = match object_ref(object.meta()) {
+        Ok(name) => name,
+        Err(error) => return Triage::Reject(None, error),
+    };
+    match object.check() {
+        Ok(Checked::Serve(spec)) => Triage::Serve(name, spec),
+        Ok(Checked::Ignore(why)) => Triage::Ignore(name, why),
+        Err(error) => Triage::Reject(Some(name), error),
     }
 }
 
