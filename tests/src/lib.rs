@@ -1,15 +1,14 @@
 //! Shared pieces of weft's privileged test tiers and of the demo: network namespaces
 //! ([`netns`]), namespace clusters with real agents ([`cluster`]), pod workloads ([`apps`]), test
 //! frames ([`packet`]), a reference model of the packet programs ([`reference`]), test
-//! certificates ([`pki`]), the `BPF_PROG_TEST_RUN` harness ([`harness`]), a test Kubernetes API
-//! server ([`apiserver`]) and the bench's pieces ([`bench`]).
+//! certificates ([`pki`]), the `BPF_PROG_TEST_RUN` harness ([`harness`]), and a test Kubernetes API
+//! server ([`apiserver`]). The bench (`tests/bench/`) builds on them.
 //!
 //! Everything here needs root; tests call [`netns::require_root`] and fail with instructions
 //! otherwise.
 
 pub mod apiserver;
 pub mod apps;
-pub mod bench;
 pub mod capture;
 pub mod cluster;
 pub mod harness;

@@ -271,14 +271,23 @@ fn bench(quick: bool) -> anyhow::Result<()> {
     run_bench("release", &out, quick)
 }
 
-/// Builds the agent and the tests crate's programs (demo, bench), in release or debug.
+/// Builds the agent, the demo and the bench (with its load generator), in release or debug.
 fn build_agent_and_tools(release: bool) -> anyhow::Result<()> {
     let mut build = cargo();
     build.arg("build");
     if release {
         build.arg("--release");
     }
-    run(build.args(["-p", "weft", "-p", "weft-tests", "--bins", "--locked"]))
+    run(build.args([
+        "-p",
+        "weft",
+        "-p",
+        "weft-tests",
+        "-p",
+        "weft-bench",
+        "--bins",
+        "--locked",
+    ]))
 }
 
 /// Runs the bench binary of `profile` (already built) into `out`.

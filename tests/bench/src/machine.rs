@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fs};
 
 use anyhow::Context as _;
 
-use crate::netns::Netns;
+use weft_tests::netns::Netns;
 
 /// Clock ticks per second, the unit of /proc's CPU times.
 #[must_use]

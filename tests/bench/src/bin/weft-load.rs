@@ -1,4 +1,4 @@
-//! `weft-load`: the bench's load generator as its own process (see `weft_tests::bench::load`),
+//! `weft-load`: the bench's load generator as its own process (see `weft_bench::load`),
 //! so the bench can pin it to a CPU inside a pod's namespace.
 //!
 //! - `weft-load serve PORT`: accept and echo on PORT until killed; prints `listening` once bound.
@@ -9,7 +9,7 @@
 use std::{io::Write as _, time::Duration};
 
 use anyhow::{Context as _, bail};
-use weft_tests::bench::load;
+use weft_bench::load;
 
 fn seconds(arg: Option<&String>, what: &str) -> anyhow::Result<Duration> {
     let value: f64 = arg

@@ -28,7 +28,9 @@ use nix::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{bench::quantile, netns::Netns};
+use weft_tests::netns::Netns;
+
+use crate::quantile;
 
 /// How long one connect or one answer may take before it counts as failed.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(1);

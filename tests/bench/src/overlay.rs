@@ -20,8 +20,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 
-use super::{Better, Contender, machine, peers};
-use crate::{
+use weft_tests::{
     capture,
     cluster::{AgentOptions, Pod},
     netns::Netns,
@@ -30,6 +29,8 @@ use crate::{
         cluster_with, network_config, node_address,
     },
 };
+
+use crate::{Better, Contender, machine, peers};
 
 /// What one run measured.
 #[derive(Clone, Copy, Debug)]
@@ -165,11 +166,11 @@ impl Testbed {
     }
 
     /// Makes the underlay carry MTU frames with GRO at the receiver (see
-    /// [`crate::overlay::cut_to_mtu_frames`]).
+    /// [`weft_tests::overlay::cut_to_mtu_frames`]).
     pub fn cut_to_mtu_frames(&self) -> anyhow::Result<()> {
         let (underlay, sender, receiver) = self.places();
         let underlay = underlay.context("one node: no underlay")?;
-        crate::overlay::cut_to_mtu_frames(underlay, sender, receiver)?;
+        weft_tests::overlay::cut_to_mtu_frames(underlay, sender, receiver)?;
         Ok(())
     }
 
@@ -331,7 +332,7 @@ pub struct KernelPair {
 impl KernelPair {
     #[must_use]
     pub fn new(kube_proxy: bool) -> Self {
-        let underlay = Underlay::new(&crate::netns::unique("wbvx"));
+        let underlay = Underlay::new(&weft_tests::netns::unique("wbvx"));
         let etcd = Etcd::start(&underlay);
         etcd.put(
             &format!("{CLUSTER_PREFIX}/config"),

@@ -22,6 +22,16 @@ use weft::{
     datapath::loader::MapLimits,
     datapath::maps::{MapSource as _, PinnedMaps},
 };
+use weft_bench::{
+    Better, Contender, Row, Samples, Series,
+    load::{self, ConnectRate},
+    machine::{self, Counters},
+    overlay::{self, Case, Testbed},
+    peers::{
+        self, BenchService, NFT_TABLE, iptables_ruleset, iptables_update, nft_ruleset, nft_update,
+    },
+    plot, quantile, table,
+};
 use weft_common::{
     ip_proto,
     maps::{SERVICES_MAP, ServiceKey},
@@ -29,17 +39,6 @@ use weft_common::{
 };
 use weft_tests::{
     apiserver::{self, ApiServer},
-    bench::{
-        Better, Contender, Row, Samples, Series,
-        load::{self, ConnectRate},
-        machine::{self, Counters},
-        overlay::{self, Case, Testbed},
-        peers::{
-            self, BenchService, NFT_TABLE, iptables_ruleset, iptables_update, nft_ruleset,
-            nft_update,
-        },
-        plot, quantile, table,
-    },
     cluster::{Agent, AgentOptions, Node, Pod},
     harness::{Datapath, TC_FLOOR, XDP_FLOOR},
     netns::{require_root, unique},
@@ -1216,7 +1215,7 @@ fn cpu_percent(pid: u32, window: Duration, during: impl FnOnce()) -> anyhow::Res
     )
 }
 
-/// Figure 4: pod-to-pod TCP across two nodes (see `weft_tests::bench::overlay`): each case's
+/// Figure 4: pod-to-pod TCP across two nodes (see `weft_bench::overlay`): each case's
 /// contenders in a rotating order, each built just before its run and torn down after it.
 fn throughput(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     for case in Case::ALL {
