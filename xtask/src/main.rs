@@ -201,22 +201,21 @@ fn netns_tier() -> anyhow::Result<()> {
     // The namespace tests start the `weft` binary, which `cargo test` alone does not build.
     run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     let upgrade = upgrade_object()?;
+    // One test at a time: each runs real agents (debug builds), etcd and traffic, and some bound
+    // how soon something must happen (a watch resumed 15 s after etcd is back); beside a 128 MiB
+    // transfer on two cores, such a bound would measure the neighbour.
+    let one_at_a_time = ["--", "--test-threads=1"];
     run(cargo()
         .args(["test", "--workspace", "--locked", "--test", "netns"])
+        .args(one_at_a_time)
         .env("WEFT_BIN", root().join("target/debug/weft"))
         .env("WEFT_UPGRADE_OBJECT", upgrade))?;
     // The sig-network e2e set again with pods' service traffic translated per packet, as nodes
     // with `--socket-lb=host-only` (service meshes) run it; the agents read the variable.
     run(cargo()
-        .args([
-            "test",
-            "--workspace",
-            "--locked",
-            "--test",
-            "netns",
-            "--",
-            "e2e::",
-        ])
+        .args(["test", "--workspace", "--locked", "--test", "netns"])
+        .args(one_at_a_time)
+        .arg("e2e::")
         .env("WEFT_BIN", root().join("target/debug/weft"))
         .env("WEFT_SOCKET_LB", "host-only"))?;
     // The bench's quick run as a smoke test (debug builds, already built; no figure is judged).

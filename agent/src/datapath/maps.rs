@@ -26,6 +26,9 @@ use weft_common::{
 
 use crate::{model::ServicePortName, sources::objects::ObjectRef};
 
+#[cfg(test)]
+pub(crate) mod fake;
+
 /// A map that could not be had with its definition's types.
 #[derive(Debug, thiserror::Error)]
 pub enum MapOpenError {
