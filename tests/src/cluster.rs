@@ -633,6 +633,18 @@ impl KubeNode {
     /// Starts the node against `api` (which gets the node's Node object; the agent takes its
     /// pod subnet from it) and waits until the agent is ready.
     pub fn start(api: &ApiServer) -> Self {
+        let mut node = Self::launch(api);
+        node.wait_ready();
+        node
+    }
+
+    /// Waits until the agent reports ready.
+    pub fn wait_ready(&mut self) {
+        self.agent.wait_ready(0);
+    }
+
+    /// Starts the node as [`KubeNode::start`] does, without waiting for the agent.
+    pub fn launch(api: &ApiServer) -> Self {
         crate::netns::require_root();
         let node = Node::new(&unique("wkub"), pod_subnet());
         api.apply(apiserver::node(node.ns.name(), pod_subnet()));
@@ -643,7 +655,7 @@ impl KubeNode {
             .collect();
         let dir = tempfile::tempdir().expect("a directory for the kubeconfig");
         let kubeconfig = api.listen_in(&node.ns, dir.path());
-        let agent = Agent::start(
+        let agent = Agent::launch(
             &node,
             &[],
             &AgentOptions {

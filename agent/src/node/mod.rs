@@ -238,7 +238,7 @@ async fn pod_subnet(
         (Some(overlay), _) => overlay.own.subnet,
         (None, Some(given)) => given,
         (None, None) => match api {
-            Some(client) => kube::pod_subnet(client.clone(), &config.node_name).await?,
+            Some(client) => kube::pod_subnet(client.clone(), &config.node_name).await,
             None => bail!(
                 "pass --pod-subnet (one node) or --etcd-endpoints (flannel-compatible overlay)"
             ),
@@ -307,6 +307,15 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         );
     }
     let mut tasks = Tasks::default();
+    // Served from the start, healthy while starting (as kube-proxy's), so a liveness probe
+    // does not restart a node whose etcd or API server is not answering yet; `/readyz` waits
+    // for the first sync.
+    let health = Arc::new(Health::default());
+    let healthz = http::bind(config.healthz_bind_address).await?;
+    tasks.spawn(
+        "healthz server",
+        forever(http::serve(healthz, health::handler(Arc::clone(&health)))),
+    );
     let uplink = find_uplink(netlink, config).await?;
     let overlay = match (&uplink, &config.etcd) {
         (Some(uplink), Some(etcd)) => {
@@ -362,7 +371,6 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         })
     };
     let model = Arc::new(ModelHandle::default());
-    let health = Arc::new(Health::default());
     let metrics = Arc::new(Metrics::new(config.limits, config.pin_dir.clone()));
     // Subscribe before reading the addresses, so no change falls in between.
     let port_watch = PortWatch::subscribe(bridge_link.index)?;
@@ -524,12 +532,7 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         info!(attachment = stale, "removed an attachment no longer wanted");
     }
 
-    let healthz = http::bind(config.healthz_bind_address).await?;
     let metrics_listener = http::bind(config.metrics_bind_address).await?;
-    tasks.spawn(
-        "healthz server",
-        forever(http::serve(healthz, health::handler(Arc::clone(&health)))),
-    );
     tasks.spawn(
         "metrics server",
         forever(http::serve(

@@ -1,5 +1,7 @@
 //! Health, as kube-proxy reports it: `/healthz` and `/livez` on `--healthz-bind-address`
-//! (`{"lastUpdated","currentTime","nodeEligible"}`, 200 or 503), and one health-check NodePort
+//! (`{"lastUpdated","currentTime","nodeEligible"}`, 200 or 503), served from the agent's first
+//! moments and healthy while it starts, as kube-proxy's are; `/readyz` beside them for "the
+//! dataplane serves" (the first sync is done); and one health-check NodePort
 //! per service with `externalTrafficPolicy: Local` that tells load balancers whether this node
 //! has endpoints of it (`{"service":{"namespace","name"},"localEndpoints":N,
 //! "serviceProxyHealthy":bool}`, 200 or 503).
@@ -84,24 +86,36 @@ impl Health {
         self.state().node_eligible = eligible;
     }
 
-    /// Whether the dataplane is keeping up: ready, and no change waiting too long.
+    /// Whether the dataplane is keeping up: no change waiting too long. An agent still
+    /// starting is healthy, as kube-proxy is, so that a liveness probe does not restart every
+    /// node whose API server or etcd is not answering yet at boot; [`Health::is_ready`] waits
+    /// for the first sync.
     #[must_use]
     pub fn is_healthy(&self) -> bool {
-        let state = self.state();
-        state.ready
-            && state
-                .queued_since
-                .is_none_or(|t| t.elapsed() < HEALTH_TIMEOUT)
+        self.state()
+            .queued_since
+            .is_none_or(|t| t.elapsed() < HEALTH_TIMEOUT)
     }
 
-    /// The `/healthz` (`with_node`) or `/livez` reply.
+    /// Whether the dataplane serves: its first sync is done and it is keeping up.
     #[must_use]
-    pub fn reply(&self, with_node: bool) -> Reply {
-        let healthy = self.is_healthy();
+    pub fn is_ready(&self) -> bool {
+        let ready = self.state().ready;
+        ready && self.is_healthy()
+    }
+
+    /// The reply to `probe`.
+    #[must_use]
+    pub fn reply(&self, probe: Probe) -> Reply {
+        let state_ok = match probe {
+            Probe::Healthz | Probe::Livez => self.is_healthy(),
+            Probe::Readyz => self.is_ready(),
+        };
+        let with_node = probe == Probe::Healthz;
         let state = self.state();
         let eligible = state.node_eligible;
         let now = jiff::Timestamp::now();
-        let ok = healthy && (eligible || !with_node);
+        let ok = state_ok && (eligible || !with_node);
         // As kube-proxy: a healthy agent reports itself updated now.
         let last_updated = if ok { now } else { state.last_updated };
         let body = if with_node {
@@ -115,12 +129,24 @@ impl Health {
     }
 }
 
-/// The `/healthz` and `/livez` handler.
+/// What is asked of the agent's health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// `/healthz`: keeping up, and the Node is not being deleted (what load balancers ask).
+    Healthz,
+    /// `/livez`: keeping up (what the liveness probe asks).
+    Livez,
+    /// `/readyz`: the first sync is done, and keeping up (what the readiness probe asks).
+    Readyz,
+}
+
+/// The `/healthz`, `/livez` and `/readyz` handler.
 #[must_use]
 pub fn handler(health: Arc<Health>) -> http::Handler {
     Arc::new(move |path| match path {
-        "/healthz" => health.reply(true),
-        "/livez" => health.reply(false),
+        "/healthz" => health.reply(Probe::Healthz),
+        "/livez" => health.reply(Probe::Livez),
+        "/readyz" => health.reply(Probe::Readyz),
         _ => Reply::not_found(),
     })
 }
@@ -246,18 +272,47 @@ mod tests {
     #[test]
     fn healthz_follows_readiness_queued_changes_and_node_eligibility() {
         let health = Health::default();
-        assert_eq!(health.reply(true).status, 503, "not ready yet");
+        assert_eq!(
+            health.reply(Probe::Livez).status,
+            200,
+            "healthy while starting"
+        );
+        assert_eq!(
+            health.reply(Probe::Healthz).status,
+            200,
+            "healthy while starting"
+        );
+        assert_eq!(health.reply(Probe::Readyz).status, 503, "not ready yet");
         health.set_ready();
+        assert_eq!(health.reply(Probe::Readyz).status, 200);
         health.queued();
-        assert_eq!(health.reply(true).status, 200, "a fresh change is fine");
+        assert_eq!(
+            health.reply(Probe::Healthz).status,
+            200,
+            "a fresh change is fine"
+        );
         health.synced(true);
-        let body: serde_json::Value = serde_json::from_str(&health.reply(true).body).unwrap();
+        let body: serde_json::Value =
+            serde_json::from_str(&health.reply(Probe::Healthz).body).unwrap();
         assert_eq!(body["nodeEligible"], true);
         assert!(body["lastUpdated"].as_str().unwrap().ends_with('Z'));
         health.set_node_eligible(false);
-        assert_eq!(health.reply(true).status, 503);
-        assert_eq!(health.reply(false).status, 200, "/livez ignores the node");
+        assert_eq!(health.reply(Probe::Healthz).status, 503);
+        assert_eq!(
+            health.reply(Probe::Livez).status,
+            200,
+            "/livez ignores the node"
+        );
         health.state().queued_since = Some(Instant::now() - HEALTH_TIMEOUT);
-        assert_eq!(health.reply(false).status, 503, "a change stuck too long");
+        assert_eq!(
+            health.reply(Probe::Livez).status,
+            503,
+            "a change stuck too long"
+        );
+        assert_eq!(
+            health.reply(Probe::Readyz).status,
+            503,
+            "a change stuck too long"
+        );
     }
 }

@@ -37,7 +37,7 @@ use crate::{
     node::tasks::Tasks,
     serve::health::Health,
     sources::objects::{Kind, ObjectRef, Triage, object_ref, triage},
-    sources::{ModelHandle, reset},
+    sources::{ModelHandle, reset, with_causes},
 };
 
 /// kube-proxy's selector for the Services and EndpointSlices it serves.
@@ -186,16 +186,31 @@ fn forget<K: Kind>(object: &K, applied: &mut BTreeSet<ObjectRef>, model: &ModelH
 }
 
 /// This node's pod subnet, as the controller manager allocated it (`spec.podCIDR(s)`): what a
-/// node without a flannel lease serves its pods from.
-pub async fn pod_subnet(client: Client, node_name: &str) -> Result<Ipv4Net, KubeError> {
-    let node = Api::<Node>::all(client)
-        .get(node_name)
-        .await
-        .map_err(|source| KubeError::NodeUnreadable {
-            name: node_name.to_owned(),
-            source,
-        })?;
-    ipv4_pod_cidr(&node).ok_or_else(|| KubeError::NoPodCidr(node_name.to_owned()))
+/// node without a flannel lease serves its pods from. While the API server does not answer, or
+/// the Node has no IPv4 pod CIDR yet (the controller manager allocates it after the node
+/// registers), it waits and says why every 10 s, as flannel's kube-subnet-mgr waits: a node
+/// that boots before its control plane comes up when the control plane does, not in a crash
+/// loop.
+pub async fn pod_subnet(client: Client, node_name: &str) -> Ipv4Net {
+    let nodes = Api::<Node>::all(client);
+    let mut last_notice: Option<std::time::Instant> = None;
+    loop {
+        let waiting = match nodes.get(node_name).await {
+            Ok(node) => match ipv4_pod_cidr(&node) {
+                Some(subnet) => return subnet,
+                None => KubeError::NoPodCidr(node_name.to_owned()),
+            },
+            Err(source) => KubeError::NodeUnreadable {
+                name: node_name.to_owned(),
+                source,
+            },
+        };
+        if last_notice.is_none_or(|at| at.elapsed() >= WAITING_NOTICE) {
+            warn!("{}; waiting for it", with_causes(&waiting));
+            last_notice = Some(std::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// The IPv4 one of a Node's pod CIDRs (a dual-stack node lists one per family).

@@ -26,7 +26,7 @@ use serde::Deserialize as _;
 use crate::{
     model::Model,
     sources::objects::{Kind, ObjectRef, ServiceSpec, SliceSpec, Triage, triage},
-    sources::{ModelHandle, reset},
+    sources::{ModelHandle, reset, with_causes},
 };
 
 /// A valid object found in the directory.
@@ -437,14 +437,6 @@ impl ManifestWatch {
             self.applied = next;
         }
     }
-}
-
-/// An error and its causes, as one line.
-fn with_causes(error: &ManifestError) -> String {
-    std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
 }
 
 /// Follows the directory for as long as the agent runs. When the watch breaks (the directory

@@ -34,6 +34,14 @@ use crate::{
     sources::objects::{Kind, ObjectRef},
 };
 
+/// An error and its causes, as one line (for a source's log lines while it retries).
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+    std::iter::successors(Some(error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 /// Brings the model's objects of kind `K` from what this source had put in it (`before`) to
 /// its complete snapshot `after`: what `after` lacks is deleted, the rest applied (the model
 /// tells unchanged objects apart). Returns whether anything changed.

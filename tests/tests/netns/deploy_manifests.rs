@@ -255,19 +255,23 @@ fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs(
         );
     }
 
-    // Liveness on the port the agent serves health on.
+    // Liveness and readiness on the port the agent serves health on.
     let data = config.data.expect("ConfigMap data");
     let healthz_port: i32 = data["WEFT_HEALTHZ_BIND_ADDRESS"]
         .rsplit_once(':')
         .and_then(|(_, port)| port.parse().ok())
         .expect("WEFT_HEALTHZ_BIND_ADDRESS is host:port");
-    let probe = container
-        .liveness_probe
-        .as_ref()
-        .and_then(|p| p.http_get.as_ref())
-        .expect("an HTTP liveness probe");
-    assert_eq!(probe.port, IntOrString::Int(healthz_port));
-    assert_eq!(probe.path.as_deref(), Some("/livez"));
+    for (probe, path) in [
+        (&container.liveness_probe, "/livez"),
+        (&container.readiness_probe, "/readyz"),
+    ] {
+        let probe = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("an HTTP probe of {path}"));
+        assert_eq!(probe.port, IntOrString::Int(healthz_port));
+        assert_eq!(probe.path.as_deref(), Some(path));
+    }
 
     // The flags come from the ConfigMap, and every variable there or in the pod is the agent's
     // (or the API address the in-cluster configuration reads).

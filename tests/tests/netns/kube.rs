@@ -14,7 +14,7 @@ use weft_common::{
 };
 use weft_tests::{
     apiserver::{ApiServer, Kind, endpoint_slice, service},
-    apps::http_get,
+    apps::{http_get, http_status},
     cluster::KubeNode,
     seed::{BACKENDS, TARGET_PORT},
     within,
@@ -22,6 +22,64 @@ use weft_tests::{
 
 fn nginx() -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(10, 254, 40, 119), 4432)
+}
+
+/// The status the agent's health server answers `path` with, asked from inside its node.
+fn probe(node: &KubeNode, path: &str) -> Option<u16> {
+    let health = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256);
+    node.node
+        .ns
+        .run(|| http_status(health, path))
+        .ok()
+        .map(|(status, _)| status)
+}
+
+/// kube-proxy's contract at boot: an agent whose API server does not answer yet is live (its
+/// liveness probe does not restart it) and not ready, says what it waits for, and serves once
+/// the API server answers.
+#[test]
+fn an_agent_booting_while_the_api_server_is_down_stays_live_and_serves_once_it_answers() {
+    let api = ApiServer::new();
+    api.apply(service(
+        "default",
+        "nginx",
+        *nginx().ip(),
+        nginx().port(),
+        TARGET_PORT,
+    ));
+    api.apply(endpoint_slice("default", "nginx", TARGET_PORT, &BACKENDS));
+    api.go_down();
+    let mut node = KubeNode::launch(&api);
+    within(
+        Duration::from_secs(10),
+        "/livez answers 200 while the agent waits for the API server",
+        || probe(&node, "/livez") == Some(200),
+    );
+    within(
+        Duration::from_secs(10),
+        "the agent says what it waits for",
+        || {
+            node.agent
+                .messages()
+                .iter()
+                .any(|m| m.starts_with("cannot read the Node") && m.ends_with("waiting for it"))
+        },
+    );
+    assert_eq!(probe(&node, "/healthz"), Some(200));
+    assert_eq!(
+        probe(&node, "/readyz"),
+        Some(503),
+        "not ready before its first sync"
+    );
+    assert!(!node.agent.exited(), "{}", node.agent.log());
+    api.come_back();
+    node.wait_ready();
+    assert_eq!(probe(&node, "/readyz"), Some(200));
+    within(
+        Duration::from_secs(10),
+        "the client pod reaches nginx",
+        || node.client.ns.run(|| http_get(nginx()).is_ok()),
+    );
 }
 
 #[test]
