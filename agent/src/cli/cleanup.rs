@@ -2,6 +2,9 @@
 //! leaves everything in place when it stops, so the node keeps forwarding; this removes the
 //! program attachments, the pinned maps, the nftables table, the overlay route and VXLAN device. Running it
 //! again finds nothing and succeeds. The node's lease in etcd is left to expire, as flannel's.
+//!
+//! `weft cleanup --kube-proxy` instead removes what kube-proxy left (its iptables chains, its
+//! nftables tables), as `kube-proxy --cleanup` would, once weft serves the node's Services.
 
 use std::{fs, io, path::PathBuf};
 
@@ -12,8 +15,7 @@ use weft::{
     datapath::links,
     datapath::loader::{PROGRAMS_DIR, detach_netlink_filter},
     datapath::maps::{remove_pin, remove_pin_dir},
-    host::netdev,
-    host::nft,
+    host::{kube_proxy, netdev, nft},
 };
 use weft_common::maps::PINNED_MAPS;
 
@@ -22,9 +24,23 @@ pub struct CleanupArgs {
     /// The agent's pin directory.
     #[arg(long, env = "WEFT_PIN_DIR", default_value = "/sys/fs/bpf/weft")]
     pin_dir: PathBuf,
+    /// Remove kube-proxy's rules instead of weft's dataplane: its iptables chains (nat, filter,
+    /// mangle; IPv4 and IPv6) and its nftables tables, as `kube-proxy --cleanup` does, for a
+    /// node whose Services weft now serves. Kubelet's and other components' rules stay.
+    #[arg(long)]
+    kube_proxy: bool,
 }
 
 pub async fn run(args: &CleanupArgs) -> anyhow::Result<()> {
+    if args.kube_proxy {
+        let removed = kube_proxy::remove().context("removing kube-proxy's rules")?;
+        info!(
+            removed = removed.len(),
+            what = removed.join(", "),
+            "kube-proxy's rules are removed from this node"
+        );
+        return Ok(());
+    }
     let detached = links::remove_all(&args.pin_dir)?;
     info!(attachments = detached.len(), "detached the pinned programs");
     let netlink = netdev::connect()?;

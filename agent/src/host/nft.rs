@@ -115,6 +115,24 @@ pub fn remove() -> Result<(), NftError> {
     nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))
 }
 
+/// Removes the table `family name` (someone else's, such as kube-proxy's); returns whether it
+/// was there.
+pub fn remove_table(family: &str, name: &str) -> Result<bool, NftError> {
+    let listed = Command::new("nft")
+        .args(["list", "tables"])
+        .stderr(Stdio::null())
+        .output()
+        .map_err(NftError::Spawn)?;
+    let wanted = format!("table {family} {name}");
+    let there = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .any(|line| line.trim() == wanted);
+    if there {
+        nft(&format!("delete {wanted}\n"))?;
+    }
+    Ok(there)
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Masquerade, Overlay, ruleset};

@@ -9,6 +9,7 @@ mod e2e;
 mod etcd;
 mod kernel;
 mod kube;
+mod kube_proxy;
 mod outage;
 mod overlay;
 mod restart;
