@@ -190,6 +190,13 @@ fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs(
         pod.priority_class_name.as_deref(),
         Some("system-node-critical")
     );
+    assert_eq!(
+        pod.node_selector
+            .as_ref()
+            .and_then(|selector| selector.get("kubernetes.io/os"))
+            .map(String::as_str),
+        Some("linux")
+    );
     let [container] = pod.containers.as_slice() else {
         panic!("one container");
     };
