@@ -149,6 +149,33 @@ pub struct Desired {
     pub notes: Vec<String>,
 }
 
+impl Desired {
+    /// Service ports with a `Local` traffic policy and no endpoint on this node (kube-proxy's
+    /// `sync_proxy_rules_no_local_endpoints_total`): those by `internalTrafficPolicy` (their
+    /// cluster IP leads only to this node's endpoints), and those by `externalTrafficPolicy`.
+    #[must_use]
+    pub fn no_local_endpoints(&self) -> (usize, usize) {
+        let (mut internal, mut external) = (0, 0);
+        for port in self.ports.values() {
+            let empty = port
+                .sets
+                .get(&Scope::NodeLocal)
+                .is_none_or(BTreeSet::is_empty);
+            if !empty {
+                continue;
+            }
+            let frontends = || port.frontends.values();
+            if frontends().any(|f| f.scope == Scope::NodeLocal && !f.policy.local_external) {
+                internal += 1;
+            }
+            if frontends().any(|f| f.policy.local_external) {
+                external += 1;
+            }
+        }
+        (internal, external)
+    }
+}
+
 /// The endpoints each UDP frontend may lead to.
 pub type UdpEndpoints = BTreeMap<ServiceKey, BTreeSet<EndpointValue>>;
 
@@ -223,6 +250,30 @@ pub struct Model {
     leases_changed: bool,
     desired: Arc<Desired>,
     changed: Changed,
+    counts: ChangeCounts,
+}
+
+/// How many Service and EndpointSlice changes the model took: in all, and since the reconciler
+/// last took its changes (kube-proxy's `sync_proxy_rules_{service,endpoint}_changes_total` and
+/// `_pending`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChangeCounts {
+    pub services: u64,
+    pub endpoints: u64,
+    pub services_pending: u64,
+    pub endpoints_pending: u64,
+}
+
+impl ChangeCounts {
+    fn service(&mut self) {
+        self.services += 1;
+        self.services_pending += 1;
+    }
+
+    fn endpoints(&mut self) {
+        self.endpoints += 1;
+        self.endpoints_pending += 1;
+    }
 }
 
 impl Model {
@@ -230,6 +281,7 @@ impl Model {
     pub fn set_service(&mut self, name: ObjectRef, spec: ServiceSpec) -> bool {
         let changed = self.services.get(&name) != Some(&spec);
         if changed {
+            self.counts.service();
             self.stale.insert(name.clone());
             self.services.insert(name, spec);
         }
@@ -240,15 +292,23 @@ impl Model {
     pub fn remove_service(&mut self, name: &ObjectRef) -> bool {
         let known = self.services.remove(name).is_some();
         if known {
+            self.counts.service();
             self.stale.insert(name.clone());
         }
         known
+    }
+
+    /// The Service and EndpointSlice changes taken so far.
+    #[must_use]
+    pub fn change_counts(&self) -> ChangeCounts {
+        self.counts
     }
 
     /// Records an EndpointSlice (by its own name); returns whether anything changed.
     pub fn set_slice(&mut self, name: ObjectRef, spec: SliceSpec) -> bool {
         let changed = self.slices.get(&name) != Some(&spec);
         if changed {
+            self.counts.endpoints();
             self.stale.insert(spec.service.clone());
             self.slices_of
                 .entry(spec.service.clone())
@@ -267,6 +327,7 @@ impl Model {
     pub fn remove_slice(&mut self, name: &ObjectRef) -> bool {
         match self.slices.remove(name) {
             Some(old) => {
+                self.counts.endpoints();
                 self.forget_slice_of(&old.service, name);
                 true
             }
@@ -357,6 +418,8 @@ impl Model {
     /// The desired state, and which service ports changed since the last call (everything, on
     /// the first).
     pub fn take_changes(&mut self) -> (Arc<Desired>, Changed) {
+        self.counts.services_pending = 0;
+        self.counts.endpoints_pending = 0;
         let desired = self.desired();
         let changed = std::mem::replace(&mut self.changed, Changed::Ports(BTreeSet::new()));
         (desired, changed)

@@ -371,7 +371,11 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         })
     };
     let model = Arc::new(ModelHandle::default());
-    let metrics = Arc::new(Metrics::new(config.limits, config.pin_dir.clone()));
+    let metrics = Arc::new(Metrics::new(
+        config.limits,
+        config.pin_dir.clone(),
+        Arc::clone(&model),
+    ));
     // Subscribe before reading the addresses, so no change falls in between.
     let port_watch = PortWatch::subscribe(bridge_link.index)?;
     let addresses = netdev::node_addresses(netlink, &config.nodeport_addresses).await?;
@@ -476,7 +480,12 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
     }
     let first = reconciler.reconcile(&desired);
     let failed = log_pass(&first, &[]);
-    metrics.pass(started.elapsed(), reconciler.programmed(), failed.len());
+    metrics.pass(
+        started.elapsed(),
+        &desired,
+        reconciler.programmed(),
+        failed.len(),
+    );
 
     nft::install(&Masquerade {
         overlay: overlay.as_ref().map(|o| nft::Overlay {
@@ -652,6 +661,7 @@ impl Reconciling {
             self.failed = log_pass(&report, &self.failed);
             self.metrics.pass(
                 started.elapsed(),
+                &desired,
                 self.reconciler.programmed(),
                 self.failed.len(),
             );

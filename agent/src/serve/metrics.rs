@@ -1,214 +1,421 @@
-//! Prometheus metrics on `--metrics-bind-address` (`/metrics`), in the text exposition format:
-//! the reconcile pass duration (kube-proxy's `sync_proxy_rules_duration_seconds`), what is
+//! Prometheus metrics on `--metrics-bind-address` (`/metrics`), encoded by `prometheus-client`.
+//! kube-proxy's names first, as its users' dashboards and alerts read them (kubernetes-mixin's
+//! "Kubernetes / Proxy"): `kubeproxy_sync_proxy_rules_duration_seconds` (a reconcile pass),
+//! `_last_timestamp_seconds`, `_service_changes_total`, `_endpoint_changes_total` and their
+//! `_pending`, `_no_local_endpoints_total`, and `process_*`. weft's own beside them: what is
 //! programmed, map pressure, entries that did not fit, and the datapath's drop counters by
 //! reason (read from the pinned per-CPU map at scrape time).
 
 use std::{
-    fmt::Write as _,
+    fmt,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, atomic::AtomicU64},
     time::Duration,
 };
 
-use weft_common::maps::{CONNTRACK_MAP, ENDPOINTS_MAP, SERVICES_MAP};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        counter::ConstCounter,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use weft_common::maps::{CONNTRACK_MAP, ENDPOINTS_MAP, MapSpec, SERVICES_MAP};
 
 use crate::{
     datapath::loader::MapLimits,
     datapath::maps::PinnedMaps,
+    model::Desired,
     reconcile::Programmed,
     serve::http::{self, Reply},
+    sources::ModelHandle,
 };
 
-/// Histogram bucket bounds in seconds: 1 ms doubling to 16 s, as kube-proxy's.
-const BUCKETS: [f64; 15] = [
-    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096,
-    8.192, 16.384,
-];
+/// One label, as every labelled family here has.
+type Label = [(&'static str, &'static str); 1];
 
-#[derive(Debug, Default)]
-struct Values {
-    /// Cumulative counts per bucket, then the sum and count of all observations.
-    pass_buckets: [u64; BUCKETS.len()],
-    pass_sum: f64,
-    pass_count: u64,
-    last_pass_unix: f64,
-    programmed: Programmed,
-    not_programmed: usize,
-    conntrack_entries: Option<usize>,
-}
-
-/// The agent's metrics, updated by the reconciler and the conntrack collector.
+/// The agent's metrics, updated by the reconciler and the conntrack collector; the rest is
+/// read at scrape time.
 #[derive(Debug)]
 pub struct Metrics {
-    values: Mutex<Values>,
-    limits: MapLimits,
-    pin_dir: PathBuf,
+    registry: Registry,
+    sync_duration: Histogram,
+    last_sync: Gauge<f64, AtomicU64>,
+    no_local_endpoints: Family<Label, Gauge>,
+    service_ports: Gauge,
+    frontends: Gauge,
+    endpoint_slots: Gauge,
+    not_programmed: Gauge,
+    map_entries: Family<Label, Gauge>,
 }
 
 impl Metrics {
+    /// The metrics of an agent whose maps have `limits` and are pinned in `pin_dir`, with
+    /// `model` for the changes it took.
     #[must_use]
-    pub fn new(limits: MapLimits, pin_dir: PathBuf) -> Self {
+    pub fn new(limits: MapLimits, pin_dir: PathBuf, model: Arc<ModelHandle>) -> Self {
+        let mut registry = Registry::default();
+        // 1 ms doubling to 16 s, as kube-proxy's.
+        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "How long one reconcile pass took to bring the maps to the desired state.",
+            sync_duration.clone(),
+        );
+        let last_sync = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "When the last reconcile pass ended (Unix time).",
+            last_sync.clone(),
+        );
+        let no_local_endpoints = Family::<Label, Gauge>::default();
+        registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Service ports with a Local traffic policy and no endpoint on this node.",
+            no_local_endpoints.clone(),
+        );
+        registry.register_collector(Box::new(ModelChanges(model)));
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let gauge = Gauge::default();
+            registry.register(name, help, gauge.clone());
+            gauge
+        };
+        let service_ports = gauge(
+            &mut registry,
+            "weft_programmed_service_ports",
+            "Service ports in the maps.",
+        );
+        let frontends = gauge(
+            &mut registry,
+            "weft_programmed_frontends",
+            "Frontends (ClusterIP, NodePort, external and load-balancer address, port, protocol) in the maps.",
+        );
+        let endpoint_slots = gauge(
+            &mut registry,
+            "weft_programmed_endpoints",
+            "Endpoint slots in the maps, over every endpoint set.",
+        );
+        let not_programmed = gauge(
+            &mut registry,
+            "weft_not_programmed_entries",
+            "Service ports and overlay entries the maps refused (full); retried.",
+        );
+        let map_entries = Family::<Label, Gauge>::default();
+        registry.register(
+            "weft_map_entries",
+            "Entries in a map (conntrack: as of the last sweep).",
+            map_entries.clone(),
+        );
+        let map_capacity = Family::<Label, Gauge>::default();
+        registry.register(
+            "weft_map_capacity",
+            "How many entries a map holds at most.",
+            map_capacity.clone(),
+        );
+        for map in [SERVICES_MAP.spec, ENDPOINTS_MAP.spec, CONNTRACK_MAP.spec] {
+            map_capacity
+                .get_or_create(&[("map", map.name)])
+                .set(gauge_value(limits.entries(map.capacity)));
+        }
+        registry.register_collector(Box::new(Drops(pin_dir)));
+        registry.register_collector(Box::new(Process));
         Self {
-            values: Mutex::default(),
-            limits,
-            pin_dir,
+            registry,
+            sync_duration,
+            last_sync,
+            no_local_endpoints,
+            service_ports,
+            frontends,
+            endpoint_slots,
+            not_programmed,
+            map_entries,
         }
     }
 
-    fn values(&self) -> std::sync::MutexGuard<'_, Values> {
-        self.values.lock().expect("metrics lock is never poisoned")
-    }
-
-    /// Records one reconcile pass.
-    pub fn pass(&self, took: Duration, programmed: Programmed, not_programmed: usize) {
-        let seconds = took.as_secs_f64();
-        let mut values = self.values();
-        for (count, bound) in values.pass_buckets.iter_mut().zip(BUCKETS) {
-            if seconds <= bound {
-                *count += 1;
-            }
+    /// Records one reconcile pass towards `desired`.
+    pub fn pass(
+        &self,
+        took: Duration,
+        desired: &Desired,
+        programmed: Programmed,
+        not_programmed: usize,
+    ) {
+        self.sync_duration.observe(took.as_secs_f64());
+        self.last_sync
+            .set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
+        let (internal, external) = desired.no_local_endpoints();
+        for (policy, count) in [("internal", internal), ("external", external)] {
+            self.no_local_endpoints
+                .get_or_create(&[("traffic_policy", policy)])
+                .set(gauge_value(count));
         }
-        values.pass_sum += seconds;
-        values.pass_count += 1;
-        values.last_pass_unix = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
-        values.programmed = programmed;
-        values.not_programmed = not_programmed;
+        self.service_ports
+            .set(gauge_value(programmed.service_ports));
+        self.frontends.set(gauge_value(programmed.frontends));
+        self.endpoint_slots
+            .set(gauge_value(programmed.endpoint_slots));
+        self.not_programmed.set(gauge_value(not_programmed));
+        self.set_entries(SERVICES_MAP.spec, programmed.frontends);
+        self.set_entries(ENDPOINTS_MAP.spec, programmed.endpoint_slots);
     }
 
     /// Records the conntrack table's size, as the last sweep counted it.
     pub fn conntrack_entries(&self, entries: usize) {
-        self.values().conntrack_entries = Some(entries);
+        self.set_entries(CONNTRACK_MAP.spec, entries);
     }
 
-    /// The exposition text.
+    fn set_entries(&self, map: MapSpec, entries: usize) {
+        self.map_entries
+            .get_or_create(&[("map", map.name)])
+            .set(gauge_value(entries));
+    }
+
+    /// The exposition text (OpenMetrics).
     #[must_use]
     pub fn render(&self) -> String {
-        let values = self.values();
         let mut out = String::new();
-        header(
-            &mut out,
-            "weft_sync_proxy_rules_duration_seconds",
-            "histogram",
-            "How long one reconcile pass took to bring the maps to the desired state.",
-        );
-        for (count, bound) in values.pass_buckets.iter().zip(BUCKETS) {
-            let _ = writeln!(
-                out,
-                "weft_sync_proxy_rules_duration_seconds_bucket{{le=\"{bound}\"}} {count}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "weft_sync_proxy_rules_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n\
-             weft_sync_proxy_rules_duration_seconds_sum {sum}\n\
-             weft_sync_proxy_rules_duration_seconds_count {count}",
-            count = values.pass_count,
-            sum = values.pass_sum
-        );
-        let gauges = [
-            (
-                "weft_sync_proxy_rules_last_timestamp_seconds",
-                "When the last reconcile pass ended (Unix time).",
-                values.last_pass_unix,
-            ),
-            (
-                "weft_programmed_service_ports",
-                "Service ports in the maps.",
-                values.programmed.service_ports as f64,
-            ),
-            (
-                "weft_programmed_frontends",
-                "Frontends (ClusterIP, NodePort, external and load-balancer address, port, protocol) in the maps.",
-                values.programmed.frontends as f64,
-            ),
-            (
-                "weft_programmed_endpoints",
-                "Endpoint slots in the maps, over every endpoint set.",
-                values.programmed.endpoint_slots as f64,
-            ),
-            (
-                "weft_not_programmed_entries",
-                "Service ports and overlay entries the maps refused (full); retried.",
-                values.not_programmed as f64,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            header(&mut out, name, "gauge", help);
-            let _ = writeln!(out, "{name} {value}");
-        }
-        header(
-            &mut out,
-            "weft_map_entries",
-            "gauge",
-            "Entries in a map (conntrack: as of the last sweep).",
-        );
-        let mut pressure = vec![
-            (SERVICES_MAP.spec, values.programmed.frontends),
-            (ENDPOINTS_MAP.spec, values.programmed.endpoint_slots),
-        ];
-        if let Some(entries) = values.conntrack_entries {
-            pressure.push((CONNTRACK_MAP.spec, entries));
-        }
-        for (map, entries) in &pressure {
-            let name = map.name;
-            let _ = writeln!(out, "weft_map_entries{{map=\"{name}\"}} {entries}");
-        }
-        header(
-            &mut out,
-            "weft_map_capacity",
-            "gauge",
-            "How many entries a map holds at most.",
-        );
-        for (map, _) in &pressure {
-            let (name, capacity) = (map.name, self.limits.entries(map.capacity));
-            let _ = writeln!(out, "weft_map_capacity{{map=\"{name}\"}} {capacity}");
-        }
-        drop(values);
-        header(
-            &mut out,
-            "weft_drops_total",
-            "counter",
-            "Packets the datapath dropped, by reason (rejected connections count as no_endpoints).",
-        );
-        match PinnedMaps::new(&self.pin_dir).drop_counts() {
-            Ok(drops) => {
-                for (reason, packets) in drops {
-                    let _ = writeln!(
-                        out,
-                        "weft_drops_total{{reason=\"{}\"}} {packets}",
-                        reason.name()
-                    );
-                }
-            }
-            Err(e) => tracing::warn!("reading the drop counters for /metrics: {e}"),
-        }
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String does not fail");
         out
     }
 }
 
-/// A metric's `HELP` and `TYPE` lines.
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// A count as a gauge's value (gauges are `i64`; no count here comes near its limit).
+fn gauge_value(count: impl TryInto<i64>) -> i64 {
+    count.try_into().unwrap_or(i64::MAX)
+}
+
+/// The Service and EndpointSlice changes the model took, read at scrape time.
+struct ModelChanges(Arc<ModelHandle>);
+
+impl fmt::Debug for ModelChanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ModelChanges")
+    }
+}
+
+impl Collector for ModelChanges {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let counts = self.0.change_counts();
+        for (kind, total, pending) in [
+            ("service", counts.services, counts.services_pending),
+            ("endpoint", counts.endpoints, counts.endpoints_pending),
+        ] {
+            let counter = ConstCounter::new(total);
+            counter.encode(encoder.encode_descriptor(
+                &format!("kubeproxy_sync_proxy_rules_{kind}_changes"),
+                &format!("{kind} changes (Services or EndpointSlices) the agent took in."),
+                None,
+                counter.metric_type(),
+            )?)?;
+            let gauge = ConstGauge::new(gauge_value(pending));
+            gauge.encode(encoder.encode_descriptor(
+                &format!("kubeproxy_sync_proxy_rules_{kind}_changes_pending"),
+                &format!("{kind} changes not yet in a reconcile pass."),
+                None,
+                gauge.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The datapath's drop counters, summed over CPUs, read from the pinned map at scrape time.
+#[derive(Debug)]
+struct Drops(PathBuf);
+
+impl Collector for Drops {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let drops = match PinnedMaps::new(&self.0).drop_counts() {
+            Ok(drops) => drops,
+            Err(e) => {
+                tracing::warn!("reading the drop counters for /metrics: {e}");
+                return Ok(());
+            }
+        };
+        let mut family = encoder.encode_descriptor(
+            "weft_drops",
+            "Packets the datapath dropped, by reason (rejected connections count as no_endpoints).",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, packets) in drops {
+            ConstCounter::new(packets)
+                .encode(family.encode_family(&[("reason", reason.name())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The agent process's own figures, as every Prometheus client exports them (`process_*`),
+/// from `/proc/self`.
+#[derive(Debug)]
+struct Process;
+
+impl Collector for Process {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let Some(figures) = ProcessFigures::read() else {
+            return Ok(());
+        };
+        let cpu = ConstCounter::new(figures.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        for (name, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                figures.resident_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                figures.virtual_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors.",
+                figures.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                figures.max_fds,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch in seconds.",
+                figures.start_time_seconds,
+            ),
+        ] {
+            let gauge = ConstGauge::new(gauge_value(value));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct ProcessFigures {
+    cpu_seconds: f64,
+    resident_bytes: u64,
+    virtual_bytes: u64,
+    open_fds: u64,
+    max_fds: u64,
+    start_time_seconds: u64,
+}
+
+impl ProcessFigures {
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+        // proc(5): utime, stime (14, 15), starttime (22), vsize (23), rss (24), counting the
+        // pid as field 1; `fields` starts at field 3 (the state).
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        let ticks =
+            u64::try_from(nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??).ok()?;
+        let page =
+            u64::try_from(nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??).ok()?;
+        let boot_time = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|line| line.strip_prefix("btime ")?.trim().parse::<u64>().ok())?;
+        let (max_fds, _) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+        Some(Self {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / ticks as f64,
+            resident_bytes: field(24)? * page,
+            virtual_bytes: field(23)?,
+            open_fds: std::fs::read_dir("/proc/self/fd").ok()?.count() as u64,
+            max_fds,
+            start_time_seconds: boot_time + field(22)? / ticks,
+        })
+    }
 }
 
 /// The `/metrics` handler.
 #[must_use]
 pub fn handler(metrics: Arc<Metrics>) -> http::Handler {
     Arc::new(move |path| match path {
-        "/metrics" => Reply::text(200, "text/plain; version=0.0.4", metrics.render()),
+        "/metrics" => Reply::text(
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
         _ => Reply::not_found(),
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+    use crate::model::{DesiredPort, FrontendPolicy, FrontendSpec, Scope};
+
+    fn metrics() -> (Metrics, Arc<ModelHandle>) {
+        let model = Arc::new(ModelHandle::default());
+        let metrics = Metrics::new(
+            MapLimits::default(),
+            PathBuf::from("/nonexistent"),
+            Arc::clone(&model),
+        );
+        (metrics, model)
+    }
+
+    /// A service port with an empty node-local set behind a frontend of `policy`.
+    fn local_port(scope: Scope, policy: FrontendPolicy) -> Arc<DesiredPort> {
+        Arc::new(DesiredPort {
+            sets: [(Scope::NodeLocal, BTreeSet::new())].into(),
+            frontends: [(
+                weft_common::maps::ServiceKey::default(),
+                FrontendSpec {
+                    scope,
+                    policy,
+                    affinity_timeout_s: 0,
+                },
+            )]
+            .into(),
+            source_ranges: std::collections::BTreeMap::new(),
+        })
+    }
 
     #[test]
-    fn a_pass_lands_in_its_bucket_and_every_larger_one() {
-        let metrics = Metrics::new(MapLimits::default(), PathBuf::from("/nonexistent"));
+    fn a_pass_is_exposed_under_kube_proxys_names_and_weft_s_own() {
+        let (metrics, _) = metrics();
+        let mut desired = Desired::default();
+        let name = |port: &str| crate::model::ServicePortName {
+            service: crate::sources::objects::ObjectRef {
+                namespace: "default".into(),
+                name: "web".into(),
+            },
+            port: port.into(),
+        };
+        desired.ports.insert(
+            name("internal"),
+            local_port(Scope::NodeLocal, FrontendPolicy::default()),
+        );
+        desired.ports.insert(
+            name("external"),
+            local_port(
+                Scope::NodeLocal,
+                FrontendPolicy {
+                    local_external: true,
+                    ..FrontendPolicy::default()
+                },
+            ),
+        );
         metrics.pass(
             Duration::from_millis(3),
+            &desired,
             Programmed {
                 service_ports: 2,
                 frontends: 3,
@@ -217,18 +424,65 @@ mod tests {
             1,
         );
         let text = metrics.render();
-        assert!(text.contains("weft_sync_proxy_rules_duration_seconds_bucket{le=\"0.002\"} 0"));
-        assert!(text.contains("weft_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1"));
-        assert!(text.contains("weft_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"} 1"));
-        assert!(text.contains("weft_sync_proxy_rules_duration_seconds_count 1"));
-        assert!(text.contains("weft_programmed_endpoints 6"));
-        assert!(text.contains("weft_not_programmed_entries 1"));
-        assert!(text.contains("weft_map_entries{map=\"weft_svc_v2\"} 3"));
-        assert!(text.contains("weft_map_capacity{map=\"weft_svc_v2\"} 65536"));
+        for sample in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.002\"} 0",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"} 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 1",
+            "kubeproxy_sync_proxy_rules_service_changes_total 0",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0",
+            "weft_programmed_endpoints 6",
+            "weft_not_programmed_entries 1",
+            "weft_map_entries{map=\"weft_svc_v2\"} 3",
+            "weft_map_capacity{map=\"weft_svc_v2\"} 65536",
+            "weft_map_capacity{map=\"weft_ct4_v1\"} 524288",
+        ] {
+            assert!(
+                text.lines().any(|line| line == sample),
+                "{sample} in:\n{text}"
+            );
+        }
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with("process_resident_memory_bytes ")),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
         // Every sample line is "name{labels} value".
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').expect("a value");
             value.parse::<f64>().expect("a number");
         }
+    }
+
+    #[test]
+    fn changes_are_counted_in_all_and_pending_until_a_pass_takes_them() {
+        let (metrics, model) = metrics();
+        let service = crate::model::tests::nginx_service();
+        let name = crate::model::tests::object("default", "nginx");
+        model.update(|m| m.set_service(name.clone(), service.clone()));
+        model.update(|m| m.set_service(name.clone(), service.clone()));
+        model.update(|m| m.remove_service(&name));
+        let text = metrics.render();
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_service_changes_total 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_service_changes_pending 2\n"),
+            "{text}"
+        );
+        let _ = model.take_changes();
+        let text = metrics.render();
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_service_changes_total 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_service_changes_pending 0\n"),
+            "{text}"
+        );
     }
 }

@@ -30,7 +30,7 @@ use std::{
 use tokio::sync::Notify;
 
 use crate::{
-    model::{Changed, Desired, Model},
+    model::{ChangeCounts, Changed, Desired, Model},
     sources::objects::{Kind, ObjectRef},
 };
 
@@ -96,6 +96,14 @@ impl ModelHandle {
             .lock()
             .expect("model lock is never poisoned")
             .take_changes()
+    }
+
+    /// The Service and EndpointSlice changes the model took so far.
+    pub fn change_counts(&self) -> ChangeCounts {
+        self.model
+            .lock()
+            .expect("model lock is never poisoned")
+            .change_counts()
     }
 
     /// Waits until the model changes (returns at once if it changed since the last wait).

@@ -105,6 +105,13 @@ fn services_beyond_max_services_are_named_counted_and_programmed_once_space_free
         gauge(&format!("weft_map_capacity{{map=\"{SERVICES_MAP}\"}}")),
         LIMIT as f64
     );
+    // kube-proxy's names, as its dashboards read them: every Service counted as a change, a
+    // pass timed and stamped, the process's own figures.
+    assert!(gauge("kubeproxy_sync_proxy_rules_service_changes_total") >= SERVICES as f64);
+    assert!(gauge("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1.0);
+    assert!(gauge("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.7e9);
+    assert!(gauge("process_resident_memory_bytes") > 1e6);
+    assert!(gauge("process_start_time_seconds") > 1.7e9);
 
     // One service goes: one left out takes its place on the next retry (every 5 s).
     node.agent.remove_manifest(&format!("s{}.yaml", fitted[0]));
