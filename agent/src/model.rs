@@ -251,6 +251,20 @@ pub struct Model {
     desired: Arc<Desired>,
     changed: Changed,
     counts: ChangeCounts,
+    /// The trigger times of the slice changes not yet taken.
+    trigger_times: Vec<jiff::Timestamp>,
+}
+
+/// What the reconciler takes from the model for a pass.
+#[derive(Debug)]
+pub struct Changes {
+    pub desired: Arc<Desired>,
+    /// Which service ports changed since the last take.
+    pub changed: Changed,
+    /// When the EndpointSlice changes in this pass happened (their
+    /// `last-change-trigger-time`): kube-proxy's network programming latency runs from each to
+    /// the end of the pass that programs it.
+    pub trigger_times: Vec<jiff::Timestamp>,
 }
 
 /// How many Service and EndpointSlice changes the model took: in all, and since the reconciler
@@ -309,6 +323,7 @@ impl Model {
         let changed = self.slices.get(&name) != Some(&spec);
         if changed {
             self.counts.endpoints();
+            self.trigger_times.extend(spec.trigger_time);
             self.stale.insert(spec.service.clone());
             self.slices_of
                 .entry(spec.service.clone())
@@ -417,12 +432,16 @@ impl Model {
 
     /// The desired state, and which service ports changed since the last call (everything, on
     /// the first).
-    pub fn take_changes(&mut self) -> (Arc<Desired>, Changed) {
+    pub fn take_changes(&mut self) -> Changes {
         self.counts.services_pending = 0;
         self.counts.endpoints_pending = 0;
         let desired = self.desired();
         let changed = std::mem::replace(&mut self.changed, Changed::Ports(BTreeSet::new()));
-        (desired, changed)
+        Changes {
+            desired,
+            changed,
+            trigger_times: std::mem::take(&mut self.trigger_times),
+        }
     }
 
     /// Recomputes the services whose objects changed and brings the desired state up to date.

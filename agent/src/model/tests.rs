@@ -48,6 +48,7 @@ pub(crate) fn nginx_slice(endpoints: Vec<SliceEndpoint>) -> SliceSpec {
             protocol: ip_proto::TCP,
         }],
         endpoints,
+        trigger_time: None,
     }
 }
 
@@ -227,6 +228,7 @@ fn slices_merge_and_match_ports_by_name_and_protocol() {
             },
         ],
         endpoints: vec![endpoint(last, true)],
+        trigger_time: None,
     };
     model.set_slice(object("kube-system", "dns-a"), slice(2));
     model.set_slice(object("kube-system", "dns-b"), slice(3));

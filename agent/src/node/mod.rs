@@ -39,7 +39,7 @@ use crate::{
     host::nft::{self, Masquerade},
     host::privilege,
     host::sys,
-    model::{HealthCheck, ServicePortName, UdpEndpoints},
+    model::{Changes, HealthCheck, ServicePortName, UdpEndpoints},
     reconcile::{Reconciler, Report},
     serve::health::{self, Health, HealthCheckServers},
     serve::http,
@@ -474,7 +474,11 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
     let mut reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
     let started = Instant::now();
     // The first pass looks at everything: the pinned maps may hold what no source has now.
-    let (desired, _) = model.take_changes();
+    let Changes {
+        desired,
+        trigger_times,
+        ..
+    } = model.take_changes();
     for note in &desired.notes {
         warn!("{note}");
     }
@@ -486,6 +490,7 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         reconciler.programmed(),
         failed.len(),
     );
+    metrics.network_programmed(&trigger_times);
 
     nft::install(&Masquerade {
         overlay: overlay.as_ref().map(|o| nft::Overlay {
@@ -650,7 +655,11 @@ impl Reconciling {
             tokio::time::sleep_until(last_pass + MIN_PASS_INTERVAL).await;
             let started = Instant::now();
             last_pass = started.into();
-            let (desired, changed) = self.model.take_changes();
+            let Changes {
+                desired,
+                changed,
+                trigger_times,
+            } = self.model.take_changes();
             if desired.notes != notes {
                 for note in &desired.notes {
                     warn!("{note}");
@@ -665,6 +674,7 @@ impl Reconciling {
                 self.reconciler.programmed(),
                 self.failed.len(),
             );
+            self.metrics.network_programmed(&trigger_times);
             self.health.synced(self.failed.is_empty());
             let udp = desired.udp_endpoints();
             self.udp_endpoints.send_if_modified(|current| {

@@ -738,6 +738,7 @@ fn passes_over_what_changed_reach_what_full_passes_reach() {
                             protocol: 6,
                         }],
                         endpoints,
+                        trigger_time: None,
                     },
                 );
             }
@@ -749,7 +750,9 @@ fn passes_over_what_changed_reach_what_full_passes_reach() {
                 });
             }
         }
-        let (desired, changed) = model.take_changes();
+        let crate::model::Changes {
+            desired, changed, ..
+        } = model.take_changes();
         incremental.reconcile_changes(&desired, &changed);
         full.reconcile(&desired);
         incremental.maps.assert_consistent();

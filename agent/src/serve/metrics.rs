@@ -44,6 +44,7 @@ type Label = [(&'static str, &'static str); 1];
 pub struct Metrics {
     registry: Registry,
     sync_duration: Histogram,
+    network_programming: Histogram,
     last_sync: Gauge<f64, AtomicU64>,
     no_local_endpoints: Family<Label, Gauge>,
     service_ports: Gauge,
@@ -65,6 +66,19 @@ impl Metrics {
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "How long one reconcile pass took to bring the maps to the desired state.",
             sync_duration.clone(),
+        );
+        // kube-proxy's buckets: quarter seconds to 1 s, seconds to a minute, then coarser to 5 min.
+        let network_programming = Histogram::new(
+            [0.25, 0.5]
+                .into_iter()
+                .chain((1..60).map(f64::from))
+                .chain((0..12).map(|i| 60.0 + 5.0 * f64::from(i)))
+                .chain((0..7).map(|i| 120.0 + 30.0 * f64::from(i))),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From an EndpointSlice change (its last-change-trigger-time) to the end of the pass that programmed it.",
+            network_programming.clone(),
         );
         let last_sync = Gauge::<f64, AtomicU64>::default();
         registry.register(
@@ -126,6 +140,7 @@ impl Metrics {
         Self {
             registry,
             sync_duration,
+            network_programming,
             last_sync,
             no_local_endpoints,
             service_ports,
@@ -161,6 +176,15 @@ impl Metrics {
         self.not_programmed.set(gauge_value(not_programmed));
         self.set_entries(SERVICES_MAP.spec, programmed.frontends);
         self.set_entries(ENDPOINTS_MAP.spec, programmed.endpoint_slots);
+    }
+
+    /// Records that the EndpointSlice changes of `trigger_times` are programmed now.
+    pub fn network_programmed(&self, trigger_times: &[jiff::Timestamp]) {
+        let now = jiff::Timestamp::now();
+        for time in trigger_times {
+            let took = now.duration_since(*time).as_secs_f64().max(0.0);
+            self.network_programming.observe(took);
+        }
     }
 
     /// Records the conntrack table's size, as the last sweep counted it.
@@ -455,6 +479,37 @@ mod tests {
             let (_, value) = line.rsplit_once(' ').expect("a value");
             value.parse::<f64>().expect("a number");
         }
+    }
+
+    #[test]
+    fn a_slice_change_is_timed_from_its_trigger_to_the_pass_that_programs_it() {
+        let (metrics, model) = metrics();
+        let mut slice = crate::model::tests::nginx_slice(Vec::new());
+        slice.trigger_time = jiff::Timestamp::now()
+            .checked_sub(jiff::SignedDuration::from_secs(2))
+            .ok();
+        model.update(|m| m.set_slice(crate::model::tests::object("default", "nginx-1"), slice));
+        let changes = model.take_changes();
+        assert_eq!(changes.trigger_times.len(), 1);
+        metrics.network_programmed(&changes.trigger_times);
+        assert!(model.take_changes().trigger_times.is_empty(), "taken once");
+        let text = metrics.render();
+        let sample = |name: &str| {
+            text.lines()
+                .find_map(|line| {
+                    line.strip_prefix(name)?
+                        .strip_prefix(' ')?
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap_or_else(|| panic!("{name} in:\n{text}"))
+        };
+        assert_eq!(
+            sample("kubeproxy_network_programming_duration_seconds_count"),
+            1.0
+        );
+        let took = sample("kubeproxy_network_programming_duration_seconds_sum");
+        assert!((2.0..3.0).contains(&took), "{took}");
     }
 
     #[test]

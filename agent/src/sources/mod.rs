@@ -30,7 +30,7 @@ use std::{
 use tokio::sync::Notify;
 
 use crate::{
-    model::{ChangeCounts, Changed, Desired, Model},
+    model::{ChangeCounts, Changes, Desired, Model},
     sources::objects::{Kind, ObjectRef},
 };
 
@@ -90,8 +90,8 @@ impl ModelHandle {
             .desired()
     }
 
-    /// The state the model calls for, and which service ports changed since the last call.
-    pub fn take_changes(&self) -> (Arc<Desired>, Changed) {
+    /// The state the model calls for, and what changed since the last call.
+    pub fn take_changes(&self) -> Changes {
         self.model
             .lock()
             .expect("model lock is never poisoned")

@@ -140,7 +140,14 @@ pub struct SliceSpec {
     pub service: ObjectRef,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<SliceEndpoint>,
+    /// When the change it carries happened ([`TRIGGER_TIME_ANNOTATION`]), for kube-proxy's
+    /// network programming latency; none when unset or unreadable.
+    pub trigger_time: Option<jiff::Timestamp>,
 }
+
+/// The annotation the endpoints controller stamps a slice with: when the change it carries
+/// happened (a pod turning ready, a Service edited).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// The outcome of checking an object that is valid.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -549,10 +556,17 @@ pub fn check_endpoint_slice(slice: &EndpointSlice) -> Result<Checked<SliceSpec>,
                 .collect(),
         });
     }
+    let trigger_time = slice
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(TRIGGER_TIME_ANNOTATION))
+        .and_then(|time| time.parse().ok());
     Ok(Checked::Serve(SliceSpec {
         service,
         ports,
         endpoints,
+        trigger_time,
     }))
 }
 

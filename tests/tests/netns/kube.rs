@@ -15,7 +15,7 @@ use weft_common::{
 use weft_tests::{
     apiserver::{ApiServer, Kind, endpoint_slice, service},
     apps::{http_get, http_status},
-    cluster::KubeNode,
+    cluster::{KubeNode, metric, scrape_metrics},
     seed::{BACKENDS, TARGET_PORT},
     within,
 };
@@ -127,16 +127,22 @@ fn the_agent_follows_a_list_its_watch_bookmarks_and_a_410_gone_into_its_maps() {
     assert_eq!(api.requests(Kind::Service, "list"), 1);
     assert_eq!(api.requests(Kind::Node, "get"), 1);
 
-    // A watch event: .8 leaves nginx's slice.
-    api.apply(endpoint_slice(
-        "default",
-        "nginx",
-        TARGET_PORT,
-        &BACKENDS[..2],
-    ));
+    // A watch event: .8 leaves nginx's slice, stamped by the endpoints controller with when.
+    let mut slice = endpoint_slice("default", "nginx", TARGET_PORT, &BACKENDS[..2]);
+    slice["metadata"]["annotations"] = serde_json::json!({
+        "endpoints.kubernetes.io/last-change-trigger-time": "2026-01-01T00:00:00Z"
+    });
+    api.apply(slice);
     within(Duration::from_secs(1), "the watch takes .8 out", || {
         !node.servers_of(nginx(), 20).contains(&BACKENDS[2])
     });
+    // kube-proxy's network programming latency counts it, from that time on.
+    let scrape = scrape_metrics(&node.node);
+    let programmed = metric(
+        &scrape,
+        "kubeproxy_network_programming_duration_seconds_count",
+    );
+    assert_eq!(programmed, Some(1.0), "{scrape}");
     // Bookmarks move the resourceVersion and change nothing.
     api.bookmark();
     assert_eq!(

@@ -465,6 +465,7 @@ mod properties {
                             node_hints: Vec::new(),
                         })
                         .collect(),
+                    trigger_time: None,
                 };
                 let name = ObjectRef { namespace: "web".into(), name };
                 (doc, ObjectKey::EndpointSlice(name), Object::EndpointSlice(spec))
