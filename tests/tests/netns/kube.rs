@@ -24,6 +24,18 @@ fn nginx() -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(10, 254, 40, 119), 4432)
 }
 
+/// The seed's nginx Service and its slice of all three backends.
+fn apply_nginx(api: &ApiServer) {
+    api.apply(service(
+        "default",
+        "nginx",
+        *nginx().ip(),
+        nginx().port(),
+        TARGET_PORT,
+    ));
+    api.apply(endpoint_slice("default", "nginx", TARGET_PORT, &BACKENDS));
+}
+
 /// The status the agent's health server answers `path` with, asked from inside its node.
 fn probe(node: &KubeNode, path: &str) -> Option<u16> {
     let health = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256);
@@ -40,14 +52,7 @@ fn probe(node: &KubeNode, path: &str) -> Option<u16> {
 #[test]
 fn an_agent_booting_while_the_api_server_is_down_stays_live_and_serves_once_it_answers() {
     let api = ApiServer::new();
-    api.apply(service(
-        "default",
-        "nginx",
-        *nginx().ip(),
-        nginx().port(),
-        TARGET_PORT,
-    ));
-    api.apply(endpoint_slice("default", "nginx", TARGET_PORT, &BACKENDS));
+    apply_nginx(&api);
     api.go_down();
     let mut node = KubeNode::launch(&api);
     within(
@@ -87,14 +92,7 @@ fn the_agent_follows_a_list_its_watch_bookmarks_and_a_410_gone_into_its_maps() {
     let api = ApiServer::new();
     let other = SocketAddrV4::new(Ipv4Addr::new(10, 254, 50, 1), 8080);
     let third = SocketAddrV4::new(Ipv4Addr::new(10, 254, 60, 1), 9090);
-    api.apply(service(
-        "default",
-        "nginx",
-        *nginx().ip(),
-        nginx().port(),
-        TARGET_PORT,
-    ));
-    api.apply(endpoint_slice("default", "nginx", TARGET_PORT, &BACKENDS));
+    apply_nginx(&api);
     api.apply(service(
         "default",
         "other",
