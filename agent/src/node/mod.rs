@@ -484,12 +484,7 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
     }
     let first = reconciler.reconcile(&desired);
     let failed = log_pass(&first, &[]);
-    metrics.pass(
-        started.elapsed(),
-        &desired,
-        reconciler.programmed(),
-        failed.len(),
-    );
+    metrics.pass(started.elapsed(), reconciler.programmed(), failed.len());
     metrics.network_programmed(&trigger_times);
 
     nft::install(&Masquerade {
@@ -670,7 +665,6 @@ impl Reconciling {
             self.failed = log_pass(&report, &self.failed);
             self.metrics.pass(
                 started.elapsed(),
-                &desired,
                 self.reconciler.programmed(),
                 self.failed.len(),
             );

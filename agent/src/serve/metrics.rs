@@ -29,7 +29,6 @@ use weft_common::maps::{CONNTRACK_MAP, ENDPOINTS_MAP, MapSpec, SERVICES_MAP};
 use crate::{
     datapath::loader::MapLimits,
     datapath::maps::PinnedMaps,
-    model::Desired,
     reconcile::Programmed,
     serve::http::{self, Reply},
     sources::ModelHandle,
@@ -46,7 +45,6 @@ pub struct Metrics {
     sync_duration: Histogram,
     network_programming: Histogram,
     last_sync: Gauge<f64, AtomicU64>,
-    no_local_endpoints: Family<Label, Gauge>,
     service_ports: Gauge,
     frontends: Gauge,
     endpoint_slots: Gauge,
@@ -86,13 +84,7 @@ impl Metrics {
             "When the last reconcile pass ended (Unix time).",
             last_sync.clone(),
         );
-        let no_local_endpoints = Family::<Label, Gauge>::default();
-        registry.register(
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
-            "Service ports with a Local traffic policy and no endpoint on this node.",
-            no_local_endpoints.clone(),
-        );
-        registry.register_collector(Box::new(ModelChanges(model)));
+        registry.register_collector(Box::new(ModelState(model)));
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let gauge = Gauge::default();
             registry.register(name, help, gauge.clone());
@@ -142,7 +134,6 @@ impl Metrics {
             sync_duration,
             network_programming,
             last_sync,
-            no_local_endpoints,
             service_ports,
             frontends,
             endpoint_slots,
@@ -151,23 +142,11 @@ impl Metrics {
         }
     }
 
-    /// Records one reconcile pass towards `desired`.
-    pub fn pass(
-        &self,
-        took: Duration,
-        desired: &Desired,
-        programmed: Programmed,
-        not_programmed: usize,
-    ) {
+    /// Records one reconcile pass.
+    pub fn pass(&self, took: Duration, programmed: Programmed, not_programmed: usize) {
         self.sync_duration.observe(took.as_secs_f64());
         self.last_sync
             .set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
-        let (internal, external) = desired.no_local_endpoints();
-        for (policy, count) in [("internal", internal), ("external", external)] {
-            self.no_local_endpoints
-                .get_or_create(&[("traffic_policy", policy)])
-                .set(gauge_value(count));
-        }
         self.service_ports
             .set(gauge_value(programmed.service_ports));
         self.frontends.set(gauge_value(programmed.frontends));
@@ -213,17 +192,29 @@ fn gauge_value(count: impl TryInto<i64>) -> i64 {
     count.try_into().unwrap_or(i64::MAX)
 }
 
-/// The Service and EndpointSlice changes the model took, read at scrape time.
-struct ModelChanges(Arc<ModelHandle>);
+/// What the model holds, read at scrape time (not per pass, which a large cluster's ports
+/// would slow): the changes it took, and the service ports without local endpoints.
+struct ModelState(Arc<ModelHandle>);
 
-impl fmt::Debug for ModelChanges {
+impl fmt::Debug for ModelState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ModelChanges")
+        f.write_str("ModelState")
     }
 }
 
-impl Collector for ModelChanges {
+impl Collector for ModelState {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let (internal, external) = self.0.desired().no_local_endpoints();
+        let mut family = encoder.encode_descriptor(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Service ports with a Local traffic policy and no endpoint on this node.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (policy, count) in [("internal", internal), ("external", external)] {
+            ConstGauge::new(gauge_value(count))
+                .encode(family.encode_family(&[("traffic_policy", policy)])?)?;
+        }
         let counts = self.0.change_counts();
         for (kind, total, pending) in [
             ("service", counts.services, counts.services_pending),
@@ -380,10 +371,11 @@ pub fn handler(metrics: Arc<Metrics>) -> http::Handler {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use super::*;
-    use crate::model::{DesiredPort, FrontendPolicy, FrontendSpec, Scope};
+    use crate::{
+        model::tests::{nginx_service, object},
+        sources::objects::ServiceSpec,
+    };
 
     fn metrics() -> (Metrics, Arc<ModelHandle>) {
         let model = Arc::new(ModelHandle::default());
@@ -395,51 +387,23 @@ mod tests {
         (metrics, model)
     }
 
-    /// A service port with an empty node-local set behind a frontend of `policy`.
-    fn local_port(scope: Scope, policy: FrontendPolicy) -> Arc<DesiredPort> {
-        Arc::new(DesiredPort {
-            sets: [(Scope::NodeLocal, BTreeSet::new())].into(),
-            frontends: [(
-                weft_common::maps::ServiceKey::default(),
-                FrontendSpec {
-                    scope,
-                    policy,
-                    affinity_timeout_s: 0,
-                },
-            )]
-            .into(),
-            source_ranges: std::collections::BTreeMap::new(),
-        })
-    }
-
     #[test]
     fn a_pass_is_exposed_under_kube_proxys_names_and_weft_s_own() {
-        let (metrics, _) = metrics();
-        let mut desired = Desired::default();
-        let name = |port: &str| crate::model::ServicePortName {
-            service: crate::sources::objects::ObjectRef {
-                namespace: "default".into(),
-                name: "web".into(),
-            },
-            port: port.into(),
+        let (metrics, model) = metrics();
+        // One service port confined to this node by each policy, with no endpoint here.
+        let local = |name: &str, change: fn(&mut ServiceSpec)| {
+            let mut spec = nginx_service();
+            change(&mut spec);
+            model.update(|m| m.set_service(object("default", name), spec));
         };
-        desired.ports.insert(
-            name("internal"),
-            local_port(Scope::NodeLocal, FrontendPolicy::default()),
-        );
-        desired.ports.insert(
-            name("external"),
-            local_port(
-                Scope::NodeLocal,
-                FrontendPolicy {
-                    local_external: true,
-                    ..FrontendPolicy::default()
-                },
-            ),
-        );
+        local("internal", |spec| spec.internal_local = true);
+        local("external", |spec| {
+            spec.cluster_ip = std::net::Ipv4Addr::new(10, 254, 40, 120);
+            spec.external_local = true;
+            spec.external_ips = vec![std::net::Ipv4Addr::new(192, 0, 2, 10)];
+        });
         metrics.pass(
             Duration::from_millis(3),
-            &desired,
             Programmed {
                 service_ports: 2,
                 frontends: 3,
@@ -455,7 +419,7 @@ mod tests {
             "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 1",
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 1",
-            "kubeproxy_sync_proxy_rules_service_changes_total 0",
+            "kubeproxy_sync_proxy_rules_service_changes_total 2",
             "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0",
             "weft_programmed_endpoints 6",
             "weft_not_programmed_entries 1",
