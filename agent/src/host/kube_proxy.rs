@@ -5,25 +5,14 @@
 //! tables. Everything else stays: other components' chains, and kubelet's own (`KUBE-FIREWALL`,
 //! `KUBE-KUBELET-CANARY`, `KUBE-MARK-DROP`).
 
-use std::{
-    collections::BTreeSet,
-    io::{self, Write as _},
-    process::{Command, Stdio},
-};
+use std::{collections::BTreeSet, io};
+
+use crate::host::command::{self, CommandError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeProxyCleanupError {
-    #[error("cannot run `{program}`")]
-    Spawn {
-        program: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    #[error("`{program}` failed: {stderr}")]
-    Failed {
-        program: &'static str,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Command(#[from] CommandError),
     #[error("no iptables-nft-save or iptables-legacy-save here; install the iptables package")]
     NoIptables,
     #[error(transparent)]
@@ -130,41 +119,6 @@ pub fn removal_script(saved: &str) -> (String, Vec<String>) {
     (script, removed)
 }
 
-fn run(
-    program: &'static str,
-    args: &[&str],
-    input: Option<&str>,
-) -> Result<String, KubeProxyCleanupError> {
-    let spawn = |source| KubeProxyCleanupError::Spawn { program, source };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn)?;
-    if let Some(input) = input {
-        child
-            .stdin
-            .take()
-            .expect("stdin is piped")
-            .write_all(input.as_bytes())
-            .map_err(spawn)?;
-    }
-    let output = child.wait_with_output().map_err(spawn)?;
-    if !output.status.success() {
-        return Err(KubeProxyCleanupError::Failed {
-            program,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 /// The `iptables-save`/`iptables-restore` pairs of both backends and both families: kube-proxy
 /// writes through whichever backend the node's iptables uses (its image's wrapper picks the one
 /// holding rules), so both are looked at.
@@ -182,19 +136,17 @@ pub fn remove() -> Result<Vec<String>, KubeProxyCleanupError> {
     let mut removed = Vec::new();
     let mut found = 0;
     for (save, restore) in IPTABLES {
-        let saved = match run(save, &[], None) {
+        let saved = match command::run(save, &[], None) {
             Ok(saved) => saved,
-            Err(KubeProxyCleanupError::Spawn { source, .. })
-                if source.kind() == io::ErrorKind::NotFound =>
-            {
+            Err(CommandError::Spawn { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         found += 1;
         let (script, chains) = removal_script(&saved);
         if !chains.is_empty() {
-            run(restore, &["--noflush"], Some(&script))?;
+            command::run(restore, &["--noflush"], Some(&script))?;
             let backend = save.trim_end_matches("-save");
             removed.extend(chains.into_iter().map(|chain| format!("{backend} {chain}")));
         }

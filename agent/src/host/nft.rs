@@ -4,13 +4,15 @@
 //! network. The table is weft's own; nothing else in the ruleset is touched.
 
 use std::{
-    io::{self, Write as _},
+    io,
     net::Ipv4Addr,
     process::{Command, Stdio},
 };
 
 use ipnet::Ipv4Net;
 use weft_common::MASQUERADE_MARK;
+
+use crate::host::command::{self, CommandError};
 
 /// The nftables table weft owns in the node's network namespace.
 pub const TABLE: &str = "weft";
@@ -81,26 +83,10 @@ pub fn ruleset(masquerade: &Masquerade) -> String {
 }
 
 fn nft(script: &str) -> Result<(), NftError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(NftError::Spawn)?;
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(script.as_bytes())
-        .map_err(NftError::Spawn)?;
-    let output = child.wait_with_output().map_err(NftError::Spawn)?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(NftError::Refused {
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        })
+    match command::run("nft", &["-f", "-"], Some(script)) {
+        Ok(_) => Ok(()),
+        Err(CommandError::Spawn { source, .. }) => Err(NftError::Spawn(source)),
+        Err(CommandError::Failed { stderr, .. }) => Err(NftError::Refused { stderr }),
     }
 }
 
