@@ -232,13 +232,9 @@ const SERVICE_UNIT: [&str; 5] = [
 /// Why a pinned map cannot be reused with these `limits`, or `None` when it matches; a pin that
 /// differs is from another weft version, or was made with other limits.
 fn pin_mismatch(info: &MapInfo, want: &MapSpec, limits: MapLimits) -> Option<String> {
-    let map_type = info.map_type().ok().map(|kind| kind as u32);
-    if map_type != Some(want.kind as u32) {
-        return Some(format!(
-            "type {:?}, want {:?}",
-            info.map_type().ok(),
-            want.kind
-        ));
+    let map_type = info.map_type().ok();
+    if map_type.map(|kind| kind as u32) != Some(want.kind as u32) {
+        return Some(format!("type {map_type:?}, want {:?}", want.kind));
     }
     let (key, value) = (info.key_size() as usize, info.value_size() as usize);
     if key != want.key_size || value != want.value_size {

@@ -114,11 +114,6 @@ impl PinnedMaps {
         }
     }
 
-    #[must_use]
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Every drop reason's count, summed over the CPUs.
     pub fn drop_counts(&mut self) -> Result<Vec<(DropReason, u64)>, MapOpenError> {
         let map = self.per_cpu_array(DROPS_MAP)?;

@@ -93,17 +93,6 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
     Client::try_from(config).map_err(KubeError::Client)
 }
 
-/// What the watchers need of a kind, beyond what the model takes from it.
-trait Watched:
-    Kind + Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static
-{
-}
-
-impl<K> Watched for K where
-    K: Kind + Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static
-{
-}
-
 /// The object's name and what the model takes from it, or `None` for an object the dataplane
 /// does not serve (ignored as kube-proxy ignores it, or invalid: logged).
 fn accept<K: Kind>(object: &K) -> Option<(ObjectRef, K::Spec)> {
@@ -127,12 +116,15 @@ fn accept<K: Kind>(object: &K) -> Option<(ObjectRef, K::Spec)> {
 /// Follows one kind, keeping the model in step; `synced` turns true after each complete list.
 /// The model holds what this source put in it (and says whether an update changed anything);
 /// the source keeps only the names, to know what a new list no longer has.
-async fn follow<K: Watched>(
+async fn follow<K>(
     api: Api<K>,
     config: watcher::Config,
     model: Arc<ModelHandle>,
     synced: watch::Sender<bool>,
-) -> anyhow::Result<Infallible> {
+) -> anyhow::Result<Infallible>
+where
+    K: Kind + Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static,
+{
     let mut applied: BTreeSet<ObjectRef> = BTreeSet::new();
     let mut listing: BTreeMap<ObjectRef, K::Spec> = BTreeMap::new();
     let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
