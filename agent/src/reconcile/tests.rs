@@ -180,7 +180,7 @@ fn the_model_types_become_the_wire_values_the_datapath_reads() {
 }
 
 #[test]
-fn a_set_named_with_an_unknown_scope_is_adopted_as_a_stray_and_removed() {
+fn a_set_named_with_an_unknown_scope_is_removed() {
     let mut maps = FakeMaps::default();
     maps.names.insert(9, encode_name(&port_name("nginx"), 7));
     let mut reconciler = Reconciler::adopt(maps).unwrap();

@@ -161,11 +161,17 @@ fn cleanup_kube_proxy_removes_its_chains_and_tables_and_nothing_else() {
 
     // Nothing left of kube-proxy's: a second run succeeds and changes nothing.
     cleanup().expect("a second weft cleanup --kube-proxy");
-    assert_eq!(
-        saved(&ns, "iptables-save")
+    let rules_only = |saved: &str| -> Vec<String> {
+        saved
             .lines()
-            .filter(|l| !l.starts_with('#'))
-            .count(),
-        rules.lines().filter(|l| !l.starts_with('#')).count()
+            .filter(|line| !line.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(rules_only(&saved(&ns, "iptables-save")), rules_only(&rules));
+    assert_eq!(
+        ns.exec("nft", &["list", "tables"])
+            .expect("nft list tables"),
+        tables
     );
 }
