@@ -5,19 +5,19 @@ use std::{
     borrow::Cow,
     fs,
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 use weft::{
     datapath::loader::{MapLimits, OBJECT, TcAttach, XdpChoice, cgroup2_mount},
     host::netdev,
-    node::{self, Config, Etcd, HostRouting, ServiceSource, SocketLb},
+    node::{self, Config, Etcd, HostRouting, KubeSubnets, ServiceSource, SocketLb, SubnetManager},
     sources::etcd::client::TlsFiles,
-    sources::etcd::flannel,
+    sources::flannel::{self, annotations::Annotations},
 };
 use weft_common::maps::{DEFAULT_CT_ENTRIES, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SERVICES};
 
@@ -116,6 +116,32 @@ pub struct AgentArgs {
     /// PEM private key of --etcd-certfile's certificate.
     #[arg(long, env = "WEFT_ETCD_KEYFILE", requires = "etcd_certfile")]
     etcd_keyfile: Option<PathBuf>,
+    /// Keep the overlay's leases as flannel's kube subnet manager does (kube-flannel.yml, k3s
+    /// and RKE2 run flannel so): this node's subnet is its Node's podCIDR, every node's lease
+    /// is in its Node's annotations, and the network config is --net-config-path. Needs the
+    /// Kubernetes API; turns on the overlay.
+    #[arg(long, env = "WEFT_KUBE_SUBNET_MGR", conflicts_with_all = ["etcd_endpoints", "manifests"])]
+    kube_subnet_mgr: bool,
+    /// flannel's network config with --kube-subnet-mgr: kube-flannel's ConfigMap key
+    /// net-conf.json, mounted here.
+    #[arg(
+        long,
+        env = "WEFT_NET_CONFIG_PATH",
+        default_value = "/etc/kube-flannel/net-conf.json"
+    )]
+    net_config_path: PathBuf,
+    /// The prefix of the lease annotations with --kube-subnet-mgr (flannel's own flag).
+    #[arg(long, env = "WEFT_KUBE_ANNOTATION_PREFIX", default_value = flannel::annotations::DEFAULT_PREFIX)]
+    kube_annotation_prefix: String,
+    /// With --kube-subnet-mgr, set the Node's NetworkUnavailable condition to False once the
+    /// lease is published, as flannel does (`--set-node-network-unavailable=false` leaves it).
+    #[arg(
+        long,
+        env = "WEFT_SET_NODE_NETWORK_UNAVAILABLE",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    set_node_network_unavailable: bool,
     /// The uplink: where the overlay runs and clients outside the node arrive (default: the
     /// interface of the default route).
     #[arg(long, env = "WEFT_IFACE")]
@@ -181,18 +207,34 @@ impl AgentArgs {
             .or_else(cgroup2_mount)
             .context("no cgroup v2 hierarchy is mounted; mount one or pass --cgroup")?;
         let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-        let etcd = (!self.etcd_endpoints.is_empty()).then(|| Etcd {
-            endpoints: self.etcd_endpoints,
-            prefix: self.etcd_prefix,
-            tls: TlsFiles {
-                ca_file: self.etcd_cafile,
-                client: self.etcd_certfile.zip(self.etcd_keyfile),
-            },
-        });
+        let services = ServiceSource::choose(self.manifests, self.kubeconfig, in_pod);
+        let subnets = if self.kube_subnet_mgr {
+            if !matches!(services, ServiceSource::Kubernetes { .. }) {
+                bail!(
+                    "--kube-subnet-mgr keeps the leases in Node objects: it needs the Kubernetes                      API (--kubeconfig, or running in a pod with a service account)"
+                );
+            }
+            Some(SubnetManager::Kube(KubeSubnets {
+                network: read_net_conf(&self.net_config_path)?,
+                annotations: Annotations::new(&self.kube_annotation_prefix)?,
+                set_network_unavailable: self.set_node_network_unavailable,
+            }))
+        } else if self.etcd_endpoints.is_empty() {
+            None
+        } else {
+            Some(SubnetManager::Etcd(Etcd {
+                endpoints: self.etcd_endpoints,
+                prefix: self.etcd_prefix,
+                tls: TlsFiles {
+                    ca_file: self.etcd_cafile,
+                    client: self.etcd_certfile.zip(self.etcd_keyfile),
+                },
+            }))
+        };
         Ok(Config {
             node_name,
             pin_dir: self.pin_dir,
-            services: ServiceSource::choose(self.manifests, self.kubeconfig, in_pod),
+            services,
             nodeport_addresses: self.nodeport_addresses,
             healthz_bind_address: self.healthz_bind_address,
             metrics_bind_address: self.metrics_bind_address,
@@ -208,7 +250,7 @@ impl AgentArgs {
                 max_endpoints: self.max_endpoints,
                 ct_entries: self.ct_entries,
             },
-            etcd,
+            subnets,
             iface: self.iface,
             public_ip: self.public_ip,
             subnet_file: self.subnet_file,
@@ -218,6 +260,19 @@ impl AgentArgs {
             xdp: self.xdp,
         })
     }
+}
+
+/// flannel's network config from `net-conf.json`, checked as the etcd one is.
+fn read_net_conf(path: &Path) -> anyhow::Result<flannel::NetworkConfig> {
+    let text = fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading flannel's network config {} (--net-config-path; kube-flannel mounts its \
+             ConfigMap's net-conf.json at /etc/kube-flannel/)",
+            path.display()
+        )
+    })?;
+    flannel::parse_config(&text)
+        .with_context(|| format!("{} is not a config weft can serve", path.display()))
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@ use serde::Serialize;
 use weft::{
     datapath::conntrack::{Conntrack, monotonic_now_ns},
     datapath::maps::{AyaMaps, DatapathMaps as _, PinnedMaps, decode_name},
-    sources::etcd::flannel::Mac,
+    sources::flannel::Mac,
     sources::objects::protocol_name,
 };
 use weft_common::{

@@ -12,6 +12,7 @@ use ipnet::Ipv4Net;
 use crate::{
     datapath::loader::{MapLimits, TcAttach, XdpChoice},
     sources::etcd::client::TlsFiles,
+    sources::flannel::{NetworkConfig, annotations::Annotations},
 };
 
 /// Where pod traffic to and from other nodes is routed (`--host-routing`).
@@ -63,6 +64,23 @@ pub struct Etcd {
     pub tls: TlsFiles,
 }
 
+/// flannel's kube subnet manager: the network config from `net-conf.json`, the leases in
+/// Node annotations.
+#[derive(Clone, Debug)]
+pub struct KubeSubnets {
+    pub network: NetworkConfig,
+    pub annotations: Annotations,
+    /// Set the Node's `NetworkUnavailable` condition to False once the lease is published.
+    pub set_network_unavailable: bool,
+}
+
+/// Where the overlay's leases are kept: flannel's two subnet managers.
+#[derive(Clone, Debug)]
+pub enum SubnetManager {
+    Etcd(Etcd),
+    Kube(KubeSubnets),
+}
+
 /// Everything the agent needs to know about its node, checked before anything is touched.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -88,8 +106,8 @@ pub struct Config {
     /// The eBPF object: the one built into weft, or another build read from a file.
     pub object: Cow<'static, [u8]>,
     pub limits: MapLimits,
-    /// flannel's etcd backend, which turns the overlay on.
-    pub etcd: Option<Etcd>,
+    /// flannel's subnet manager, etcd or the Kubernetes API, which turns the overlay on.
+    pub subnets: Option<SubnetManager>,
     /// The uplink given by hand (default: the default route's interface).
     pub iface: Option<String>,
     /// This node's underlay address given by hand (default: the uplink's first).

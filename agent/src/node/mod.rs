@@ -26,7 +26,9 @@ use weft_common::{
     vxlan,
 };
 
-pub use self::config::{Config, Etcd, HostRouting, ServiceSource, SocketLb};
+pub use self::config::{
+    Config, Etcd, HostRouting, KubeSubnets, ServiceSource, SocketLb, SubnetManager,
+};
 use self::{
     ports::{Ports, attach_fresh_ports},
     tasks::{Tasks, forever},
@@ -45,9 +47,10 @@ use crate::{
     serve::http,
     serve::metrics::{self, Metrics},
     sources::ModelHandle,
-    sources::etcd::flannel::{self, NetworkConfig, subnet_env},
     sources::etcd::{self, OwnLease, SubnetSettings, client},
+    sources::flannel::{self, Lease, NetworkConfig, subnet_env},
     sources::kube,
+    sources::kube_subnets::{self, OwnNodeLease},
     sources::manifests::{self, ManifestWatch},
     sources::nexthops,
     sources::pods::PodNamespaces,
@@ -84,34 +87,113 @@ impl Node {
     }
 }
 
-/// The overlay of an etcd-backed node: its uplink, the network config and its own lease.
+/// The overlay of a node: its uplink, the network config and its own lease.
 struct Overlay {
     uplink: Uplink,
-    public_ip: Ipv4Addr,
+    /// This node's address on the underlay: the source of what it encapsulates.
+    local_ip: Ipv4Addr,
     config: NetworkConfig,
-    own: OwnLease,
-    client: etcd_client::Client,
-    prefix: String,
+    subnet: Ipv4Net,
+    /// What this node publishes (its PublicIP is `local_ip` unless an operator overrode it).
+    lease: Lease,
+    store: LeaseStore,
     /// MTU of pod interfaces: the uplink's, less the VXLAN overhead (or Backend.MTU).
     mtu: u32,
 }
 
-/// Joins the overlay: reads flannel's config from etcd (waiting while etcd is unreachable or
-/// the config is missing) and takes this node's lease.
+/// Where the leases are, and this node's.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per agent, made once: boxing the etcd client would buy nothing"
+)]
+enum LeaseStore {
+    Etcd {
+        client: etcd_client::Client,
+        prefix: String,
+        own: OwnLease,
+    },
+    Kube {
+        client: ::kube::Client,
+        settings: KubeSubnets,
+        own: OwnNodeLease,
+    },
+}
+
+/// Joins the overlay: takes this node's lease from flannel's subnet manager (waiting while
+/// etcd or the API server is unreachable, or the config or podCIDR is missing).
 async fn join_overlay(
     netlink: &rtnetlink::Handle,
     uplink: Uplink,
-    settings: &Etcd,
+    subnets: &SubnetManager,
     config: &Config,
+    api: Option<&::kube::Client>,
 ) -> anyhow::Result<Overlay> {
-    let public_ip = config
+    let local_ip = config
         .public_ip
         .or(uplink.address)
         .ok_or_else(|| netdev::NetdevError::NoAddress(uplink.name.clone()))?;
+    let bridge = netdev::bridge_addresses(netlink, &config.bridge).await?;
+    let (network, store) = match subnets {
+        SubnetManager::Etcd(settings) => {
+            take_etcd_lease(settings, config, local_ip, &bridge).await?
+        }
+        SubnetManager::Kube(settings) => {
+            let client = api
+                .context("--kube-subnet-mgr needs the Kubernetes API (--kubeconfig, or a pod)")?
+                .clone();
+            let own = kube_subnets::acquire(
+                client.clone(),
+                &config.node_name,
+                &settings.annotations,
+                &settings.network,
+                local_ip,
+            )
+            .await?;
+            let store = LeaseStore::Kube {
+                client,
+                settings: settings.clone(),
+                own,
+            };
+            (settings.network.clone(), store)
+        }
+    };
+    let (subnet, lease) = match &store {
+        LeaseStore::Etcd { own, .. } => (own.subnet, own.lease),
+        LeaseStore::Kube { own, .. } => (own.subnet, own.lease),
+    };
+    // Before subnet.env is rewritten, which would lose the subnet the bridge was made for.
+    netdev::bridge_fits(&config.bridge, &bridge, subnet)?;
+    let mtu = network
+        .mtu
+        .unwrap_or(uplink.mtu.saturating_sub(vxlan::OVERHEAD));
+    info!(
+        %subnet,
+        public_ip = %lease.public_ip,
+        vtep_mac = %lease.vtep_mac,
+        uplink = uplink.name,
+        "holding the subnet lease"
+    );
+    Ok(Overlay {
+        uplink,
+        local_ip,
+        config: network,
+        subnet,
+        lease,
+        store,
+        mtu,
+    })
+}
+
+/// Reads flannel's config from etcd and takes this node's lease there.
+async fn take_etcd_lease(
+    settings: &Etcd,
+    config: &Config,
+    public_ip: Ipv4Addr,
+    bridge: &[Ipv4Addr],
+) -> anyhow::Result<(NetworkConfig, LeaseStore)> {
     let mut client = client::connect(&settings.endpoints, &settings.tls).await?;
     let network = etcd::wait_for_config(&mut client, &settings.prefix).await;
     // The subnet this node held before, as its subnet.env or its bridge remembers it.
-    let bridge = netdev::bridge_addresses(netlink, &config.bridge).await?;
     let bridge_subnet = bridge
         .iter()
         .find(|address| network.network.contains(*address))
@@ -136,28 +218,15 @@ async fn join_overlay(
             Err(e) => return Err(e).context("taking a subnet lease"),
         }
     };
-    // Before subnet.env is rewritten, which would lose the subnet the bridge was made for.
-    netdev::bridge_fits(&config.bridge, &bridge, own.subnet)?;
-    let mtu = network
-        .mtu
-        .unwrap_or(uplink.mtu.saturating_sub(vxlan::OVERHEAD));
-    info!(
-        subnet = %own.subnet,
-        public_ip = %public_ip,
-        vtep_mac = %own.lease.vtep_mac,
-        reservation = own.etcd_lease == 0,
-        uplink = uplink.name,
-        "holding the subnet lease"
-    );
-    Ok(Overlay {
-        uplink,
-        public_ip,
-        config: network,
-        own,
+    if own.etcd_lease == 0 {
+        info!(subnet = %own.subnet, "the lease is an operator's reservation");
+    }
+    let store = LeaseStore::Etcd {
         client,
         prefix: settings.prefix.clone(),
-        mtu,
-    })
+        own,
+    };
+    Ok((network, store))
 }
 
 /// Writes `subnet.env` atomically, as flannel does, for the CNI plugin.
@@ -178,7 +247,7 @@ async fn find_uplink(
 ) -> anyhow::Result<Option<Uplink>> {
     match netdev::uplink(netlink, config.iface.as_deref()).await {
         Ok(uplink) => Ok(Some(uplink)),
-        Err(netdev::NetdevError::NoDefaultRoute) if config.etcd.is_none() => {
+        Err(netdev::NetdevError::NoDefaultRoute) if config.subnets.is_none() => {
             info!(
                 "no default route and no --iface: clients outside the node (NodePorts, external \
                  IPs) are not served"
@@ -229,16 +298,16 @@ async fn pod_subnet(
     api: Option<&::kube::Client>,
 ) -> anyhow::Result<Ipv4Net> {
     Ok(match (overlay, config.pod_subnet) {
-        (Some(overlay), Some(given)) if given != overlay.own.subnet => {
+        (Some(overlay), Some(given)) if given != overlay.subnet => {
             bail!(
                 "--pod-subnet {given} differs from this node's lease {}; drop the flag",
-                overlay.own.subnet
+                overlay.subnet
             )
         }
-        (Some(overlay), _) => overlay.own.subnet,
+        (Some(overlay), _) => overlay.subnet,
         (None, Some(given)) => given,
         (None, None) => match api {
-            Some(client) => kube::pod_subnet(client.clone(), &config.node_name).await,
+            Some(client) => kube::pod_subnet(client.clone(), &config.node_name).await.1,
             None => bail!(
                 "pass --pod-subnet (one node) or --etcd-endpoints (flannel-compatible overlay)"
             ),
@@ -256,7 +325,7 @@ async fn tunnel_device(
         match netdev::ensure_tunnel_device(
             netlink,
             overlay.config.port,
-            overlay.own.lease.vtep_mac.0,
+            overlay.lease.vtep_mac.0,
             overlay.mtu,
         )
         .await
@@ -317,13 +386,13 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         forever(http::serve(healthz, health::handler(Arc::clone(&health)))),
     );
     let uplink = find_uplink(netlink, config).await?;
-    let overlay = match (&uplink, &config.etcd) {
-        (Some(uplink), Some(etcd)) => {
-            Some(join_overlay(netlink, uplink.clone(), etcd, config).await?)
+    let api = api_client(config).await?;
+    let overlay = match (&uplink, &config.subnets) {
+        (Some(uplink), Some(subnets)) => {
+            Some(join_overlay(netlink, uplink.clone(), subnets, config, api.as_ref()).await?)
         }
         _ => None,
     };
-    let api = api_client(config).await?;
     let pod_subnet = pod_subnet(config, overlay.as_ref(), api.as_ref()).await?;
     let gateway = pod_subnet.hosts().next().unwrap_or(pod_subnet.network());
     if let Some(overlay) = &overlay {
@@ -409,7 +478,7 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
     dataplane.set_config(&datapath_config(cluster_cidr, host_netns_cookie))?;
     let tunnel = tunnel_device(netlink, overlay.as_ref(), config).await?;
     let overlay_config = overlay.as_ref().map(|overlay| OverlayConfig {
-        public_ip: overlay.public_ip.octets(),
+        public_ip: overlay.local_ip.octets(),
         network_addr: overlay.config.network.network().octets(),
         network_prefix_len: overlay.config.network.prefix_len(),
         flags: match config.host_routing {
@@ -418,7 +487,7 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         },
         port: overlay.config.port,
         vni: overlay.config.vni,
-        vtep_mac: overlay.own.lease.vtep_mac.0,
+        vtep_mac: overlay.lease.vtep_mac.0,
         uplink_mac: overlay.uplink.mac,
         local_subnet_addr: pod_subnet.network().octets(),
         local_subnet_prefix_len: pod_subnet.prefix_len(),
@@ -435,12 +504,20 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
     let maps = AyaMaps::open(dataplane.ebpf_mut())?;
     let conntrack = Conntrack::open(dataplane.ebpf_mut())?;
 
-    let peers = match &overlay {
-        Some(overlay) => {
+    // The other nodes' leases are read before the first pass, as the services are.
+    let peers = match overlay.as_ref().map(|overlay| (overlay, &overlay.store)) {
+        Some((
+            overlay,
+            LeaseStore::Etcd {
+                client,
+                prefix,
+                own,
+            },
+        )) => {
             let mut peers = etcd::Peers::new(
-                overlay.client.clone(),
-                overlay.prefix.clone(),
-                &overlay.own,
+                client.clone(),
+                prefix.clone(),
+                own,
                 overlay.config.vni,
                 Arc::clone(&model),
             );
@@ -449,6 +526,24 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
                 .await
                 .context("listing the other nodes' leases")?;
             Some((peers, listed.revision))
+        }
+        Some((
+            overlay,
+            LeaseStore::Kube {
+                client,
+                settings,
+                own,
+            },
+        )) => {
+            let settings = kube_subnets::Settings {
+                own_name: config.node_name.clone(),
+                own: own.clone(),
+                annotations: settings.annotations.clone(),
+                network: overlay.config.clone(),
+                set_network_unavailable: settings.set_network_unavailable,
+            };
+            kube_subnets::start(client.clone(), settings, &model, &mut tasks).await;
+            None
         }
         None => None,
     };
@@ -500,7 +595,7 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
             overlay.config.network,
             &overlay.uplink,
             gateway,
-            overlay.own.lease.vtep_mac.0,
+            overlay.lease.vtep_mac.0,
             overlay.mtu,
         )
         .await?;
@@ -575,25 +670,30 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
             forever(manifests::follow(watch, Arc::clone(&model))),
         );
     }
-    if let (Some(overlay), Some((peers, revision))) = (overlay, peers) {
+    if let Some(overlay) = overlay {
         tasks.spawn(
             "next hops",
             nexthops::follow(netlink.clone(), overlay.uplink.index, Arc::clone(&model)),
         );
-        let lost = Arc::new(Notify::new());
-        tasks.spawn(
-            "lease watcher",
-            forever(peers.watch(revision, Arc::clone(&lost))),
-        );
-        tasks.spawn(
-            "lease keeper",
-            forever(etcd::keep_lease(
-                overlay.client,
-                overlay.prefix,
-                overlay.own,
-                lost,
-            )),
-        );
+        if let (
+            LeaseStore::Etcd {
+                client,
+                prefix,
+                own,
+            },
+            Some((peers, revision)),
+        ) = (overlay.store, peers)
+        {
+            let lost = Arc::new(Notify::new());
+            tasks.spawn(
+                "lease watcher",
+                forever(peers.watch(revision, Arc::clone(&lost))),
+            );
+            tasks.spawn(
+                "lease keeper",
+                forever(etcd::keep_lease(client, prefix, own, lost)),
+            );
+        }
     }
     let (udp_endpoints, udp_changes) = watch::channel(Arc::new(desired.udp_endpoints()));
     let (checks_out, checks_in) = watch::channel(desired.health_checks.clone());

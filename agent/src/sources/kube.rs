@@ -69,8 +69,8 @@ pub enum KubeError {
         source: kube::Error,
     },
     #[error(
-        "the Node {0} has no IPv4 spec.podCIDR (the controller manager allocates them with \
-         --allocate-node-cidrs); pass --pod-subnet or --etcd-endpoints"
+        "the Node {0} has no IPv4 spec.podCIDR yet (the controller manager allocates them with \
+         --allocate-node-cidrs and --cluster-cidr)"
     )]
     NoPodCidr(String),
 }
@@ -177,19 +177,19 @@ fn forget<K: Kind>(object: &K, applied: &mut BTreeSet<ObjectRef>, model: &ModelH
     }
 }
 
-/// This node's pod subnet, as the controller manager allocated it (`spec.podCIDR(s)`): what a
-/// node without a flannel lease serves its pods from. While the API server does not answer, or
-/// the Node has no IPv4 pod CIDR yet (the controller manager allocates it after the node
-/// registers), it waits and says why every 10 s, as flannel's kube-subnet-mgr waits: a node
-/// that boots before its control plane comes up when the control plane does, not in a crash
-/// loop.
-pub async fn pod_subnet(client: Client, node_name: &str) -> Ipv4Net {
+/// This node's Node and its pod subnet, as the controller manager allocated it
+/// (`spec.podCIDR(s)`): what a node without an etcd lease serves its pods from. While the API
+/// server does not answer, or the Node has no IPv4 pod CIDR yet (the controller manager
+/// allocates it after the node registers), it waits and says why every 10 s, as flannel's
+/// kube-subnet-mgr waits: a node that boots before its control plane comes up when the control
+/// plane does, not in a crash loop.
+pub async fn pod_subnet(client: Client, node_name: &str) -> (Node, Ipv4Net) {
     let nodes = Api::<Node>::all(client);
     let mut last_notice: Option<std::time::Instant> = None;
     loop {
         let waiting = match nodes.get(node_name).await {
             Ok(node) => match ipv4_pod_cidr(&node) {
-                Some(subnet) => return subnet,
+                Some(subnet) => return (node, subnet),
                 None => KubeError::NoPodCidr(node_name.to_owned()),
             },
             Err(source) => KubeError::NodeUnreadable {
@@ -206,7 +206,7 @@ pub async fn pod_subnet(client: Client, node_name: &str) -> Ipv4Net {
 }
 
 /// The IPv4 one of a Node's pod CIDRs (a dual-stack node lists one per family).
-fn ipv4_pod_cidr(node: &Node) -> Option<Ipv4Net> {
+pub(crate) fn ipv4_pod_cidr(node: &Node) -> Option<Ipv4Net> {
     let spec = node.spec.as_ref()?;
     spec.pod_cidrs
         .iter()
@@ -260,8 +260,8 @@ async fn follow_node(
     anyhow::bail!("the Node watch stream ended")
 }
 
-/// How often to say that the first list is still awaited.
-const WAITING_NOTICE: Duration = Duration::from_secs(10);
+/// How often to say that the first list (or the Node) is still awaited.
+pub(crate) const WAITING_NOTICE: Duration = Duration::from_secs(10);
 
 /// Starts the watchers and waits until the first complete list of Services and EndpointSlices
 /// is in the model (the agent's first pass must not see a partial cluster).

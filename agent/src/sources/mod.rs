@@ -1,7 +1,7 @@
 //! The sources: each reads one kind of truth into the model, and only the model; none touches a
 //! map. Services and EndpointSlices come from [`manifests`] or the Kubernetes API ([`kube`]),
-//! both checked through [`objects`]; the overlay's members from flannel's etcd leases
-//! ([`etcd`]); the next hops towards them from the kernel's tables ([`nexthops`]); this node's
+//! both checked through [`objects`]; the overlay's members from flannel's leases, in etcd
+//! ([`etcd`]) or in Node annotations ([`kube_subnets`]), both in [`flannel`]'s schema; the next hops towards them from the kernel's tables ([`nexthops`]); this node's
 //! pods from their network namespaces ([`pods`]).
 //!
 //! Every source has the same shape: a first complete read (a list, a scan, the leases) before
@@ -14,9 +14,11 @@
 //! reconciler, and the snapshot diff.
 
 pub mod etcd;
+pub mod flannel;
 #[cfg(test)]
 mod fuzz;
 pub mod kube;
+pub mod kube_subnets;
 pub mod manifests;
 pub mod nexthops;
 pub mod objects;

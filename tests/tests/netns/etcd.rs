@@ -12,7 +12,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use rcgen::ExtendedKeyUsagePurpose;
-use weft::sources::etcd::flannel::subnet_key;
+use weft::sources::flannel::subnet_key;
 use weft_tests::{
     apps::{TcpFlow, UdpFlow, http_get},
     cluster::{Agent, AgentOptions, Node},

@@ -10,7 +10,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use weft::sources::etcd::flannel::{Lease, vtep_mac_for};
+use weft::sources::flannel::{Lease, vtep_mac_for};
 use weft_common::programs::XDP_UPLINK;
 use weft_tests::{
     apps::{
@@ -700,7 +700,7 @@ fn parse_vxlan(frame: &[u8]) -> Vxlan {
 }
 
 fn mac(text: &str) -> [u8; 6] {
-    text.parse::<weft::sources::etcd::flannel::Mac>()
+    text.parse::<weft::sources::flannel::Mac>()
         .expect("a MAC")
         .0
 }
@@ -724,8 +724,7 @@ fn a_flannel_node_and_weft_nodes_exchange_tcp_both_ways_over_plain_linux_vxlan()
     );
     let mut weft_vteps = Vec::new();
     for key in cluster.etcd.keys(&format!("{PREFIX}/subnets/")) {
-        let remote =
-            weft::sources::etcd::flannel::parse_subnet_key(PREFIX, &key).expect("a lease key");
+        let remote = weft::sources::flannel::parse_subnet_key(PREFIX, &key).expect("a lease key");
         if remote == subnet {
             continue;
         }

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weft::sources::etcd::flannel::{Lease, parse_subnet_key};
+use weft::sources::flannel::{Lease, parse_subnet_key};
 use weft_tests::{
     apps::{http_get, udp_exchange, udp_exchange_with},
     cluster::{Agent, Node},

@@ -1,11 +1,10 @@
 //! The etcd source: flannel's subnet manager, speaking flannel's etcd v3 schema (see
-//! [`crate::sources::etcd::flannel`]). It reads the network config, takes this node's lease (the entry that
+//! [`crate::sources::flannel`]). It reads the network config, takes this node's lease (the entry that
 //! carries its PublicIP, a reservation included, rewritten with this node's attributes; else a
 //! free subnet claimed with a create-if-absent transaction), keeps the lease alive, and
 //! watches every node's lease into the model.
 
 pub mod client;
-pub mod flannel;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -26,8 +25,8 @@ use tokio::sync::Notify;
 use crate::{
     model::NodeLease,
     sources::ModelHandle,
-    sources::etcd::flannel::{
-        Lease, LeaseAttrs, LeaseError, Mac, NetworkConfig, config_key, parse_config,
+    sources::flannel::{
+        Lease, LeaseAttrs, LeaseError, NetworkConfig, NotPeer, Skipped, config_key, parse_config,
         parse_subnet_key, subnet_key, subnets_prefix, vtep_mac_for,
     },
 };
@@ -61,7 +60,7 @@ pub enum SubnetError {
     #[error("{key}: {problem}")]
     BadConfig {
         key: String,
-        problem: crate::sources::etcd::flannel::ConfigError,
+        problem: crate::sources::flannel::ConfigError,
     },
     #[error("no free subnet in {min}..{max} of {network}; every one is leased")]
     Exhausted {
@@ -88,7 +87,7 @@ pub struct SubnetSettings {
     pub prefix: String,
     pub public_ip: Ipv4Addr,
     /// The subnet this node's last `subnet.env` names, tried first when no entry carries its
-    /// PublicIP (see [`crate::sources::etcd::flannel::previous_subnet`]).
+    /// PublicIP (see [`crate::sources::flannel::previous_subnet`]).
     pub previous: Option<Ipv4Net>,
 }
 
@@ -481,17 +480,6 @@ async fn renew(client: &mut Client, prefix: &str, own: &mut OwnLease) -> Result<
     Ok(())
 }
 
-/// Why another node's entry is not a peer.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-enum NotPeer {
-    #[error(transparent)]
-    Lease(#[from] LeaseError),
-    #[error("VNI {0} is not this network's {1}")]
-    OtherVni(u32, u32),
-    #[error("it carries this node's PublicIP, but is not the entry this node holds")]
-    ThisNode,
-}
-
 /// Who the peers are: this node's address (its other entries are no peer) and the network's VNI.
 #[derive(Clone, Copy, Debug)]
 struct Network {
@@ -505,43 +493,7 @@ fn peer(attrs: Result<LeaseAttrs, LeaseError>, network: Network) -> Result<NodeL
     if attrs.public_ip == network.public_ip {
         return Err(NotPeer::ThisNode);
     }
-    let lease = attrs.vxlan?;
-    let vni = network.vni;
-    if lease.vni != vni {
-        return Err(NotPeer::OtherVni(lease.vni, vni));
-    }
-    let Mac(vtep_mac) = lease.vtep_mac;
-    Ok(NodeLease {
-        public_ip: lease.public_ip,
-        vtep_mac,
-    })
-}
-
-/// Other nodes' entries that are not peers, with why: each is logged when it starts being
-/// skipped (or for another reason), not again at every event and listing.
-#[derive(Debug, Default)]
-struct Skipped(BTreeMap<Ipv4Net, NotPeer>);
-
-impl Skipped {
-    /// Records why `subnet`'s entry is skipped, and logs it unless that was said already;
-    /// returns whether it logged.
-    fn skip(&mut self, subnet: Ipv4Net, why: NotPeer) -> bool {
-        if self.0.get(&subnet) == Some(&why) {
-            return false;
-        }
-        if why == NotPeer::Lease(LeaseError::NoBackendData) {
-            tracing::info!(%subnet, "not a peer yet: {why}");
-        } else {
-            tracing::warn!(%subnet, "lease skipped: {why}");
-        }
-        self.0.insert(subnet, why);
-        true
-    }
-
-    /// `subnet`'s entry is a peer now, or gone.
-    fn clear(&mut self, subnet: &Ipv4Net) {
-        self.0.remove(subnet);
-    }
+    attrs.vxlan?.peer_on(network.vni)
 }
 
 /// A listing's peers (every entry but `own`'s); the rest is skipped.
@@ -549,10 +501,10 @@ fn peers(
     entries: Vec<Entry>,
     own: &Ipv4Net,
     network: Network,
-    skipped: &mut Skipped,
+    skipped: &mut Skipped<Ipv4Net>,
 ) -> BTreeMap<Ipv4Net, NodeLease> {
     let listed: BTreeSet<Ipv4Net> = entries.iter().map(|entry| entry.subnet).collect();
-    skipped.0.retain(|subnet, _| listed.contains(subnet));
+    skipped.retain_listed(|subnet| listed.contains(subnet));
     let mut leases = BTreeMap::new();
     for entry in entries {
         if entry.subnet == *own {
@@ -564,7 +516,7 @@ fn peers(
                 leases.insert(entry.subnet, lease);
             }
             Err(why) => {
-                skipped.skip(entry.subnet, why);
+                skipped.skip(&entry.subnet, why);
             }
         }
     }
@@ -580,7 +532,7 @@ pub struct Peers {
     own: Ipv4Net,
     network: Network,
     model: Arc<ModelHandle>,
-    skipped: Skipped,
+    skipped: Skipped<Ipv4Net>,
 }
 
 /// What a listing found besides the other nodes' leases.
@@ -715,7 +667,7 @@ impl Peers {
                         Some(lease)
                     }
                     Err(why) => {
-                        self.skipped.skip(subnet, why);
+                        self.skipped.skip(&subnet, why);
                         None
                     }
                 }
@@ -808,7 +760,7 @@ mod tests {
         assert_eq!(skipped.0.len(), 4, "{skipped:?}");
         // Listed again, nothing new is said.
         assert!(!skipped.skip(
-            net("172.30.91.0/24"),
+            &net("172.30.91.0/24"),
             NotPeer::Lease(LeaseError::NoBackendData)
         ));
         // Once the reserving node fills its entry in, it is a peer; gone entries are forgotten.
@@ -824,7 +776,7 @@ mod tests {
 
     #[test]
     fn an_entry_is_this_nodes_by_its_public_ip_and_fits_only_the_configs_subnets() {
-        let config = crate::sources::etcd::flannel::parse_config(
+        let config = crate::sources::flannel::parse_config(
             r#"{"Network":"172.30.0.0/16","Backend":{"Type":"vxlan"}}"#,
         )
         .unwrap();
@@ -845,7 +797,7 @@ mod tests {
 
     #[test]
     fn free_subnets_overlap_no_entry_of_any_length() {
-        let config = crate::sources::etcd::flannel::parse_config(
+        let config = crate::sources::flannel::parse_config(
             r#"{"Network":"10.99.0.0/16","SubnetMin":"10.99.1.0","SubnetMax":"10.99.6.0","Backend":{"Type":"vxlan"}}"#,
         )
         .unwrap();

@@ -1,16 +1,24 @@
-//! flannel's etcd schema, exactly: the network config (`<prefix>/config`), subnet leases
-//! (`<prefix>/subnets/<a.b.c.d>-<len>`, flannel's `LeaseAttrs` JSON), subnet arithmetic, and
-//! `/run/flannel/subnet.env`. Pure: no I/O. The reference is flannel's `pkg/subnet/config.go`,
-//! `pkg/lease/lease.go` and `pkg/backend/vxlan`.
+//! flannel's schema, exactly: the network config (etcd's `<prefix>/config`, or the
+//! `net-conf.json` of flannel's kube subnet manager), subnet leases (etcd's
+//! `<prefix>/subnets/<a.b.c.d>-<len>` holding flannel's `LeaseAttrs` JSON, or a Node's
+//! [`annotations`]), subnet arithmetic, and `/run/flannel/subnet.env`. Pure: no I/O. The
+//! reference is flannel's `pkg/subnet/config.go`, `pkg/lease/lease.go`, `pkg/subnet/kube` and
+//! `pkg/backend/vxlan`.
+
+pub mod annotations;
 
 use std::{
     fmt,
     net::{Ipv4Addr, Ipv6Addr},
 };
 
+use std::collections::BTreeMap;
+
 use ipnet::Ipv4Net;
 use serde_json::Value;
 use weft_common::vxlan::{DEFAULT_PORT, DEFAULT_VNI, VNI_MAX};
+
+use crate::model::NodeLease;
 
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -384,9 +392,27 @@ impl Lease {
     #[must_use]
     pub fn to_json(&self) -> String {
         format!(
-            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":{},"VtepMAC":"{}"}}}}"#,
-            self.public_ip, self.vni, self.vtep_mac
+            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{}}}"#,
+            self.public_ip,
+            self.backend_data()
         )
+    }
+
+    /// The vxlan `BackendData`, as flannel marshals its `vxlanLeaseAttrs`.
+    #[must_use]
+    pub fn backend_data(&self) -> String {
+        format!(r#"{{"VNI":{},"VtepMAC":"{}"}}"#, self.vni, self.vtep_mac)
+    }
+
+    /// This lease as a peer of a network with `vni`.
+    pub fn peer_on(self, vni: u32) -> Result<NodeLease, NotPeer> {
+        if self.vni != vni {
+            return Err(NotPeer::OtherVni(self.vni, vni));
+        }
+        Ok(NodeLease {
+            public_ip: self.public_ip,
+            vtep_mac: self.vtep_mac.0,
+        })
     }
 
     /// Parses a vxlan node's lease value: [`LeaseAttrs::parse`] with usable vxlan attributes.
@@ -469,6 +495,73 @@ pub fn previous_subnet(subnet_env: &str) -> Option<Ipv4Net> {
 pub fn vtep_mac_for(public_ip: Ipv4Addr) -> Mac {
     let [a, b, c, d] = public_ip.octets();
     Mac([0x0e, 0xfe, a, b, c, d])
+}
+
+/// Why another node's lease is not a peer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotPeer {
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Node(#[from] annotations::NodeLeaseError),
+    #[error("VNI {0} is not this network's {1}")]
+    OtherVni(u32, u32),
+    #[error("it carries this node's PublicIP, but is not the entry this node holds")]
+    ThisNode,
+}
+
+/// Other nodes' leases that are not peers, with why, keyed by what names them (a subnet in
+/// etcd, a Node's name): each is logged when it starts being skipped (or for another reason),
+/// not again at every event and listing.
+#[derive(Debug)]
+pub struct Skipped<K>(pub BTreeMap<K, NotPeer>);
+
+impl<K> Default for Skipped<K> {
+    fn default() -> Self {
+        Self(BTreeMap::new())
+    }
+}
+
+impl<K: Ord + Clone + fmt::Display> Skipped<K> {
+    /// Records why `key`'s lease is skipped, and logs it unless that was said already;
+    /// returns whether it logged.
+    pub fn skip(&mut self, key: &K, why: NotPeer) -> bool {
+        if self.0.get(key) == Some(&why) {
+            return false;
+        }
+        if why.is_not_yet() {
+            tracing::info!(lease = %key, "not a peer yet: {why}");
+        } else {
+            tracing::warn!(lease = %key, "lease skipped: {why}");
+        }
+        self.0.insert(key.clone(), why);
+        true
+    }
+
+    /// `key`'s lease is a peer now, or gone.
+    pub fn clear(&mut self, key: &K) {
+        self.0.remove(key);
+    }
+
+    /// Forgets what a listing no longer has.
+    pub fn retain_listed(&mut self, listed: impl Fn(&K) -> bool) {
+        self.0.retain(|key, _| listed(key));
+    }
+}
+
+impl NotPeer {
+    /// Whether the node is on its way to being a peer (it has not published its lease yet),
+    /// rather than wrong.
+    fn is_not_yet(&self) -> bool {
+        matches!(
+            self,
+            Self::Lease(LeaseError::NoBackendData)
+                | Self::Node(
+                    annotations::NodeLeaseError::NotManaged(_)
+                        | annotations::NodeLeaseError::NoPodCidr
+                )
+        )
+    }
 }
 
 #[cfg(test)]
