@@ -4,6 +4,11 @@
 //! streamed as newline-delimited events from a resourceVersion, bookmarks, and `410 Gone` (an
 //! `ERROR` event mid-stream, and for watches from a compacted resourceVersion).
 //!
+//! Nodes also take `PATCH` on their status subresource (strategic merge or JSON merge patches,
+//! `status.conditions` merged by `type` as the API server merges them), which is how flannel's
+//! kube subnet manager writes its lease annotations; a patch of the Node itself is refused, as
+//! weft's RBAC (`patch` on `nodes/status` only) refuses it.
+//!
 //! It listens inside the namespaces tests give it (on their loopback), so agents in node
 //! namespaces reach it at `127.0.0.1`, and it counts requests, so tests can tell a re-list from
 //! a watch.
@@ -252,11 +257,20 @@ impl ApiServer {
                 };
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
-                    let service = service_fn(move |request| {
+                    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                         let state = Arc::clone(&state);
-                        // No answer closes the connection: what a client sees of a server
-                        // that went away mid-request.
-                        async move { handle(&state, &request).ok_or("the API server is down") }
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(http_body_util::Collected::to_bytes)
+                                .unwrap_or_default();
+                            // No answer closes the connection: what a client sees of a server
+                            // that went away mid-request.
+                            handle(&state, &Request::from_parts(parts, body))
+                                .ok_or("the API server is down")
+                        }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -338,8 +352,17 @@ impl ApiServer {
         self.state().down = false;
     }
 
-    /// How many lists (`"list"`) or watches (`"watch"`) of `kind` were requested (also
-    /// while down).
+    /// The object `kind`/`namespace`/`name` as the server holds it now.
+    #[must_use]
+    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        self.state()
+            .objects
+            .get(&(kind, namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// How many lists (`"list"`), watches (`"watch"`), gets (`"get"`) or patches (`"patch"`)
+    /// of `kind` were requested (also while down).
     #[must_use]
     pub fn requests(&self, kind: Kind, verb: &'static str) -> usize {
         self.state()
@@ -401,24 +424,121 @@ fn reply(status: StatusCode, body: &Value) -> Response<Body> {
 }
 
 fn not_found() -> Response<Body> {
+    status(StatusCode::NOT_FOUND, "NotFound", "not found")
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     reply(
-        StatusCode::NOT_FOUND,
+        code,
         &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "reason": "NotFound", "code": 404}),
+                "reason": reason, "message": message, "code": code.as_u16()}),
     )
 }
 
+/// Applies `patch` to `target`: a JSON merge patch (RFC 7386), or a strategic merge patch as
+/// the API server applies one to a Node (the same, but for lists with a merge key: conditions
+/// merge by `type`).
+fn merge_patch(target: &mut Value, patch: &Value, strategic: bool, field: Option<&str>) {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let object = target.as_object_mut().expect("an object");
+            for (key, value) in fields {
+                if value.is_null() {
+                    object.remove(key);
+                } else {
+                    merge_patch(
+                        object.entry(key.clone()).or_insert(Value::Null),
+                        value,
+                        strategic,
+                        Some(key),
+                    );
+                }
+            }
+        }
+        Value::Array(items) if strategic && field == Some("conditions") => {
+            if !target.is_array() {
+                *target = json!([]);
+            }
+            let list = target.as_array_mut().expect("an array");
+            for item in items {
+                match list.iter_mut().find(|old| old["type"] == item["type"]) {
+                    Some(old) => merge_patch(old, item, strategic, None),
+                    None => list.push(item.clone()),
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// A `PATCH` of Node `name`: its status subresource (`path` `status`) takes metadata and
+/// status, and keeps the spec, as the API server's node status strategy does.
+fn patch_node(
+    state: &mut State,
+    name: &str,
+    subresource: Option<&str>,
+    request: &Request<Bytes>,
+) -> Response<Body> {
+    if subresource != Some("status") {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!("nodes \"{name}\" is forbidden: cannot patch resource \"nodes\""),
+        );
+    }
+    let content_type = request
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    let strategic = match content_type {
+        "application/strategic-merge-patch+json" => true,
+        "application/merge-patch+json" => false,
+        other => {
+            return status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                &format!("the server does not take {other:?} patches here"),
+            );
+        }
+    };
+    let Ok(patch) = serde_json::from_slice::<Value>(request.body()) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "the patch is not JSON");
+    };
+    let key = (Kind::Node, String::new(), name.to_owned());
+    let Some(before) = state.objects.get(&key).cloned() else {
+        return not_found();
+    };
+    let mut after = before.clone();
+    merge_patch(&mut after, &patch, strategic, None);
+    after["spec"] = before["spec"].clone();
+    let change = object_change(state, Some(after), None);
+    record(state, change, true);
+    reply(StatusCode::OK, &state.objects[&key])
+}
+
 /// The answer to `request`; `None` while the server is down.
-fn handle(
-    state: &Mutex<State>,
-    request: &Request<hyper::body::Incoming>,
-) -> Option<Response<Body>> {
-    // One Node by name (the agent reads its own once, for its podCIDR).
-    if let Some(name) = request.uri().path().strip_prefix("/api/v1/nodes/") {
+fn handle(state: &Mutex<State>, request: &Request<Bytes>) -> Option<Response<Body>> {
+    // One Node by name (the agent reads its own for its podCIDR), or a patch of one.
+    if let Some(path) = request.uri().path().strip_prefix("/api/v1/nodes/") {
+        let (name, subresource) = match path.split_once('/') {
+            Some((name, subresource)) => (name, Some(subresource)),
+            None => (path, None),
+        };
         let mut state = state.lock().expect("API server state");
-        *state.requests.entry((Kind::Node, "get")).or_default() += 1;
+        let patch = request.method() == hyper::Method::PATCH;
+        *state
+            .requests
+            .entry((Kind::Node, if patch { "patch" } else { "get" }))
+            .or_default() += 1;
         if state.down {
             return None;
+        }
+        if patch {
+            return Some(patch_node(&mut state, name, subresource, request));
         }
         return Some(
             match state
@@ -583,6 +703,28 @@ pub fn endpoint_slice(namespace: &str, name: &str, port: u16, endpoints: &[Ipv4A
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patches_merge_as_the_api_server_merges_them_into_a_node() {
+        let mut node = json!({"metadata": {"name": "n1", "annotations": {"a": "1", "b": "2"}},
+            "status": {"conditions": [
+                {"type": "Ready", "status": "True"},
+                {"type": "NetworkUnavailable", "status": "True", "reason": "NoRouteCreated"}]}});
+        let patch = json!({"metadata": {"annotations": {"b": null, "c": "3"}},
+            "status": {"conditions": [
+                {"type": "NetworkUnavailable", "status": "False", "reason": "WeftIsUp"}]}});
+        let mut strategic = node.clone();
+        merge_patch(&mut strategic, &patch, true, None);
+        assert_eq!(strategic["metadata"]["annotations"], json!({"a": "1", "c": "3"}));
+        assert_eq!(
+            strategic["status"]["conditions"],
+            json!([{"type": "Ready", "status": "True"},
+                   {"type": "NetworkUnavailable", "status": "False", "reason": "WeftIsUp"}])
+        );
+        // A JSON merge patch replaces lists whole.
+        merge_patch(&mut node, &patch, false, None);
+        assert_eq!(node["status"]["conditions"], patch["status"]["conditions"]);
+    }
 
     #[test]
     fn selectors_match_as_the_api_server_does() {

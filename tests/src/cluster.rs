@@ -183,6 +183,9 @@ pub struct AgentOptions {
     pub etcd: Option<(String, String)>,
     /// Watch the Kubernetes API through this kubeconfig instead of the manifest directory.
     pub kubeconfig: Option<PathBuf>,
+    /// flannel's `net-conf.json`: the agent joins the overlay (uplink `eth0`) as flannel's
+    /// kube subnet manager, its subnet the Node's podCIDR (needs `kubeconfig`).
+    pub net_conf: Option<PathBuf>,
     /// Extra command-line arguments.
     pub extra_args: Vec<String>,
     /// Run the agent with only these capabilities in its bounding set (`setpriv` names:
@@ -292,16 +295,23 @@ impl Agent {
             Some(kubeconfig) => format!("--kubeconfig={}", kubeconfig.display()),
             None => format!("--manifests={}", manifest_dir.display()),
         });
-        match &options.etcd {
-            // With the API, the subnet comes from the Node's spec.podCIDR.
-            None if options.kubeconfig.is_some() => {}
-            None => args.push(format!("--pod-subnet={}", node.subnet())),
-            Some((endpoint, prefix)) => args.extend([
+        let subnet_file = format!("--subnet-file={}", state_dir.join("subnet.env").display());
+        match (&options.etcd, &options.net_conf) {
+            (Some((endpoint, prefix)), _) => args.extend([
                 format!("--etcd-endpoints={endpoint}"),
                 format!("--etcd-prefix={prefix}"),
                 "--iface=eth0".into(),
-                format!("--subnet-file={}", state_dir.join("subnet.env").display()),
+                subnet_file,
             ]),
+            (None, Some(net_conf)) => args.extend([
+                "--kube-subnet-mgr".into(),
+                format!("--net-config-path={}", net_conf.display()),
+                "--iface=eth0".into(),
+                subnet_file,
+            ]),
+            // With the API, the subnet comes from the Node's spec.podCIDR.
+            (None, None) if options.kubeconfig.is_some() => {}
+            (None, None) => args.push(format!("--pod-subnet={}", node.subnet())),
         }
         if let Some(cidr) = options.cluster_cidr {
             args.push(format!("--cluster-cidr={cidr}"));
@@ -341,7 +351,10 @@ impl Agent {
 
     /// Starts an overlay agent on `node` and sets the node's subnet from the lease it took.
     pub fn join(node: &Node, manifests: &[(&str, &str)], options: &AgentOptions) -> Self {
-        assert!(options.etcd.is_some(), "joining needs etcd");
+        assert!(
+            options.etcd.is_some() || options.net_conf.is_some(),
+            "joining needs etcd or net-conf.json"
+        );
         let agent = Self::start(node, manifests, options);
         node.set_subnet(agent.leased_subnet());
         agent

@@ -505,6 +505,29 @@ impl FlannelNode {
         etcd: &Etcd,
         prefix: &str,
     ) -> Self {
+        let flannel = Self::set_up(name, underlay, public_ip, subnet);
+        etcd.put(
+            &format!(
+                "{prefix}/subnets/{}-{}",
+                subnet.network(),
+                subnet.prefix_len()
+            ),
+            &format!(
+                r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{}}}"#,
+                flannel.backend_data()
+            ),
+        );
+        flannel
+    }
+
+    /// The vxlan `BackendData` flanneld publishes for this node.
+    #[must_use]
+    pub fn backend_data(&self) -> String {
+        format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, self.vtep_mac)
+    }
+
+    /// Sets the node up with `subnet`, publishing nothing.
+    pub fn set_up(name: &str, underlay: &Underlay, public_ip: Ipv4Addr, subnet: Ipv4Net) -> Self {
         let node = crate::cluster::Node::on_underlay(name, underlay, public_ip);
         node.set_subnet(subnet);
         let vtep_mac = "b6:c7:0f:7f:66:a7".to_owned();
@@ -559,17 +582,6 @@ impl FlannelNode {
             .expect("cni0 up");
         ns.exec("sysctl", &["-w", "net.ipv4.ip_forward=1"])
             .expect("ip_forward");
-        let lease = format!(
-            r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#
-        );
-        etcd.put(
-            &format!(
-                "{prefix}/subnets/{}-{}",
-                subnet.network(),
-                subnet.prefix_len()
-            ),
-            &lease,
-        );
         Self {
             node,
             public_ip,

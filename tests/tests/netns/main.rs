@@ -10,6 +10,7 @@ mod etcd;
 mod kernel;
 mod kube;
 mod kube_proxy;
+mod kube_subnets;
 mod outage;
 mod overlay;
 mod restart;
