@@ -1,7 +1,7 @@
 //! The manifests in `deploy/` parse strictly into the Kubernetes API types (a misspelled or
 //! misplaced field fails, as `kubectl apply --validate=strict` would), and they agree with each
 //! other and with the agent: the binding grants the role to the DaemonSet's account, the role
-//! only reads, every flag variable (also those config.yaml suggests in comments) is one the
+//! only reads but for the one write flannel's kube subnet manager needs, every flag variable (also those config.yaml suggests in comments) is one the
 //! agent declares, the liveness probe hits the health port the agent binds.
 
 use std::{collections::BTreeSet, fs, path::Path, process::Command};
@@ -131,7 +131,7 @@ fn every_manifest_parses_strictly_into_its_kubernetes_type() {
 }
 
 #[test]
-fn the_role_only_reads_what_the_agent_watches_and_is_bound_to_the_agents_account() {
+fn the_role_reads_what_the_agent_watches_patches_only_node_status_and_is_bound_to_the_agent() {
     let Deployment {
         account,
         role,
@@ -141,23 +141,22 @@ fn the_role_only_reads_what_the_agent_watches_and_is_bound_to_the_agents_account
     } = deployment();
     let mut granted = BTreeSet::new();
     for rule in role.rules.expect("rules") {
-        assert_eq!(
-            rule.verbs,
-            ["get", "list", "watch"],
-            "the agent writes nothing to the API"
-        );
         for group in rule.api_groups.expect("apiGroups") {
             for resource in rule.resources.clone().expect("resources") {
-                granted.insert(format!("{group}/{resource}"));
+                for verb in &rule.verbs {
+                    granted.insert(format!("{verb} {group}/{resource}"));
+                }
             }
         }
     }
-    assert_eq!(
-        granted,
-        ["/nodes", "/services", "discovery.k8s.io/endpointslices"]
-            .map(str::to_owned)
-            .into()
-    );
+    // What kube-proxy reads, and the one write flannel's kube subnet manager makes (its lease
+    // annotations and NetworkUnavailable condition, through the status subresource).
+    let expected: BTreeSet<String> = ["/nodes", "/services", "discovery.k8s.io/endpointslices"]
+        .into_iter()
+        .flat_map(|resource| ["get", "list", "watch"].map(|verb| format!("{verb} {resource}")))
+        .chain(["patch /nodes/status".to_owned()])
+        .collect();
+    assert_eq!(granted, expected);
     assert_eq!(binding.role_ref.kind, "ClusterRole");
     assert_eq!(Some(binding.role_ref.name), role.metadata.name);
     let subjects = binding.subjects.expect("subjects");
