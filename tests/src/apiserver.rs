@@ -506,7 +506,11 @@ fn patch_node(
         }
     };
     let Ok(patch) = serde_json::from_slice::<Value>(request.body()) else {
-        return status(StatusCode::BAD_REQUEST, "BadRequest", "the patch is not JSON");
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the patch is not JSON",
+        );
     };
     let key = (Kind::Node, String::new(), name.to_owned());
     let Some(before) = state.objects.get(&key).cloned() else {
@@ -715,7 +719,10 @@ mod tests {
                 {"type": "NetworkUnavailable", "status": "False", "reason": "WeftIsUp"}]}});
         let mut strategic = node.clone();
         merge_patch(&mut strategic, &patch, true, None);
-        assert_eq!(strategic["metadata"]["annotations"], json!({"a": "1", "c": "3"}));
+        assert_eq!(
+            strategic["metadata"]["annotations"],
+            json!({"a": "1", "c": "3"})
+        );
         assert_eq!(
             strategic["status"]["conditions"],
             json!([{"type": "Ready", "status": "True"},

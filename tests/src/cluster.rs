@@ -63,6 +63,20 @@ impl Node {
         }
     }
 
+    /// A node whose CNI routes to each pod's veth, as the ptp plugin (or Calico) does: no
+    /// bridge; pods come from [`Node::add_routed_pod`].
+    pub fn routed(name: &str, subnet: Ipv4Net) -> Self {
+        let ns = Netns::create(name).expect("creating the node namespace");
+        ns.exec("sysctl", &["-w", "net.ipv4.ip_forward=1"])
+            .expect("ip_forward");
+        Self {
+            ns,
+            subnet: Mutex::new(Some(subnet)),
+            pod_mtu: 1500,
+            pods: Mutex::new(0),
+        }
+    }
+
     /// A node on `underlay` with uplink `eth0` at `address`; no bridge yet (the agent makes it
     /// once it holds a lease; see [`Node::set_subnet`]).
     pub fn on_underlay(name: &str, underlay: &crate::overlay::Underlay, address: Ipv4Addr) -> Self {
@@ -119,6 +133,58 @@ impl Node {
 
     /// A pod with address `addr`, on a veth pair whose node side joins the bridge.
     pub fn add_pod(&self, addr: Ipv4Addr) -> Pod {
+        let (ns, host_side) = self.pod_namespace();
+        let mtu = self.pod_mtu.to_string();
+        self.ns
+            .ip(&[
+                "link", "set", &host_side, "mtu", &mtu, "master", BRIDGE, "up",
+            ])
+            .expect("enslaving the veth");
+        let cidr = format!("{addr}/{}", self.subnet().prefix_len());
+        ns.ip(&["addr", "add", &cidr, "dev", "eth0"])
+            .expect("addressing the pod");
+        ns.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])
+            .expect("bringing up the pod's eth0");
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.gateway().to_string(),
+        ])
+        .expect("routing the pod");
+        Pod { ns, addr }
+    }
+
+    /// A pod with address `addr` as the ptp CNI plugin makes one: a /32 on its `eth0`, the
+    /// node's gateway address on the node side of the veth (on no bridge), a host route to the
+    /// pod through it, and the pod's default route through the gateway.
+    pub fn add_routed_pod(&self, addr: Ipv4Addr) -> Pod {
+        let (ns, host_side) = self.pod_namespace();
+        let gateway = self.gateway().to_string();
+        self.ns
+            .ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_side])
+            .expect("addressing the node side");
+        self.ns
+            .ip(&["link", "set", &host_side, "up"])
+            .expect("bringing up the node side");
+        self.ns
+            .ip(&["route", "add", &format!("{addr}/32"), "dev", &host_side])
+            .expect("routing to the pod");
+        ns.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"])
+            .expect("addressing the pod");
+        ns.ip(&["link", "set", "eth0", "up"])
+            .expect("bringing up the pod's eth0");
+        ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])
+            .expect("the pod's route to its gateway");
+        ns.ip(&["route", "add", "default", "via", &gateway])
+            .expect("routing the pod");
+        Pod { ns, addr }
+    }
+
+    /// A new pod's namespace, with a veth pair whose `eth0` is in it; returns the node side's
+    /// name.
+    fn pod_namespace(&self) -> (Netns, String) {
         let index = {
             let mut pods = self.pods.lock().expect("pod counter");
             *pods += 1;
@@ -142,26 +208,7 @@ impl Node {
                 ns.name(),
             ])
             .expect("creating the pod's veth pair");
-        let mtu = self.pod_mtu.to_string();
-        self.ns
-            .ip(&[
-                "link", "set", &host_side, "mtu", &mtu, "master", BRIDGE, "up",
-            ])
-            .expect("enslaving the veth");
-        let cidr = format!("{addr}/{}", self.subnet().prefix_len());
-        ns.ip(&["addr", "add", &cidr, "dev", "eth0"])
-            .expect("addressing the pod");
-        ns.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])
-            .expect("bringing up the pod's eth0");
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &self.gateway().to_string(),
-        ])
-        .expect("routing the pod");
-        Pod { ns, addr }
+        (ns, host_side)
     }
 }
 
@@ -169,6 +216,29 @@ impl Node {
 pub struct Pod {
     pub ns: Netns,
     pub addr: Ipv4Addr,
+}
+
+impl Pod {
+    /// Whether a connection from this pod to `vip` is connected to an endpoint in the pod's
+    /// kernel (the socket hooks translated it), rather than to `vip` (translated per packet, or
+    /// not at all).
+    #[must_use]
+    pub fn translated_at_connect(&self, vip: std::net::SocketAddrV4) -> bool {
+        let (local, sockets) = self
+            .ns
+            .run(|| {
+                let stream = std::net::TcpStream::connect(vip)?;
+                let local = stream.local_addr()?;
+                let sockets = self.ns.exec("ss", &["-tnH", "state", "established"])?;
+                Ok::<_, std::io::Error>((local, sockets))
+            })
+            .expect("a connection and the pod's socket table");
+        let line = sockets
+            .lines()
+            .find(|line| line.contains(&format!("{local} ")))
+            .unwrap_or_else(|| panic!("no socket from {local} in the pod: {sockets}"));
+        !line.contains(&format!("{vip}"))
+    }
 }
 
 /// Options for one agent.

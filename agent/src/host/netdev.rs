@@ -623,10 +623,14 @@ pub enum PortEvent {
     AddressesChanged,
     /// Notifications were lost (the socket overran): list the ports and addresses again.
     Resync,
+    /// The bridge was made (a CNI plugin makes it with the node's first pod): list its ports.
+    BridgeMade,
 }
 
 /// Link and address notifications, turned into port events for one bridge.
 pub struct PortWatch {
+    bridge_name: String,
+    /// The bridge's index; 0 while there is none.
     bridge: u32,
     messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
 }
@@ -634,12 +638,16 @@ pub struct PortWatch {
 impl PortWatch {
     /// Subscribes to link and address notifications. Subscribe before listing the current
     /// ports and addresses, so no change can happen unseen in between.
-    pub fn subscribe(bridge: u32) -> Result<Self, NetdevError> {
+    pub fn subscribe(bridge_name: &str, bridge: Option<u32>) -> Result<Self, NetdevError> {
         let (connection, _, messages) =
             new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
                 .map_err(NetdevError::Socket)?;
         tokio::spawn(connection);
-        Ok(Self { bridge, messages })
+        Ok(Self {
+            bridge_name: bridge_name.to_owned(),
+            bridge: bridge.unwrap_or(0),
+            messages,
+        })
     }
 
     /// Follows another bridge (the old one was deleted and made again).
@@ -661,6 +669,10 @@ impl PortWatch {
                     let Some(link) = Link::from_message(&link) else {
                         continue;
                     };
+                    if link.name == self.bridge_name && link.index != self.bridge {
+                        self.bridge = link.index;
+                        return Some(PortEvent::BridgeMade);
+                    }
                     // A link that left the bridge is reported as a NewLink without it.
                     return Some(if link.controller == Some(self.bridge) {
                         PortEvent::Joined(link)

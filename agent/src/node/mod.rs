@@ -402,17 +402,33 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         )?;
     }
 
-    let (bridge_link, created) = netdev::ensure_bridge(
-        netlink,
-        &config.bridge,
-        pod_subnet,
-        overlay.as_ref().map(|o| o.mtu),
-    )
-    .await
-    .with_context(|| format!("preparing the pod bridge {}", config.bridge))?;
-    if created {
-        info!(bridge = config.bridge, %pod_subnet, "created the pod bridge");
-    }
+    // The overlay's pods are on the bridge, as flannel's CNI puts them; without the overlay the
+    // CNI in place decides, and one that routes to each pod's veth (ptp, Calico) has none.
+    let bridge_link = if overlay.is_some()
+        || netdev::link_by_name(netlink, &config.bridge)
+            .await?
+            .is_some()
+    {
+        let (link, created) = netdev::ensure_bridge(
+            netlink,
+            &config.bridge,
+            pod_subnet,
+            overlay.as_ref().map(|o| o.mtu),
+        )
+        .await
+        .with_context(|| format!("preparing the pod bridge {}", config.bridge))?;
+        if created {
+            info!(bridge = config.bridge, %pod_subnet, "created the pod bridge");
+        }
+        Some(link)
+    } else {
+        info!(
+            bridge = config.bridge,
+            "no pod bridge: pods behind routed veths (ptp, Calico) get services at connect() \
+             (--socket-lb=all); a bridge made later is found"
+        );
+        None
+    };
     netdev::enable_ip_forwarding()?;
 
     let kernel = KernelSupport::probe()?;
@@ -446,7 +462,8 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         Arc::clone(&model),
     ));
     // Subscribe before reading the addresses, so no change falls in between.
-    let port_watch = PortWatch::subscribe(bridge_link.index)?;
+    let port_watch =
+        PortWatch::subscribe(&config.bridge, bridge_link.as_ref().map(|link| link.index))?;
     let addresses = netdev::node_addresses(netlink, &config.nodeport_addresses).await?;
     model.update(|m| {
         m.update_node(|node| {
@@ -495,7 +512,8 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         inner_mtu: u16::try_from(overlay.mtu).unwrap_or(u16::MAX),
         uplink_ifindex: overlay.uplink.index,
         tunnel_ifindex: tunnel.as_ref().map_or(0, |device| device.index),
-        bridge_mac: bridge_link.mac,
+        // The overlay always has its bridge.
+        bridge_mac: bridge_link.as_ref().map_or([0; 6], |link| link.mac),
         _pad2: [0; 2],
     });
     if let Some(overlay_config) = &overlay_config {
@@ -559,7 +577,12 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
             None
         }
         (SocketLb::All, 1..) => {
-            let mut pods = PodNamespaces::new(netlink.clone(), config.bridge.clone(), pod_subnet);
+            let mut pods = PodNamespaces::new(
+                netlink.clone(),
+                config.bridge.clone(),
+                uplink.as_ref().map(|uplink| uplink.index),
+                cluster_cidr.unwrap_or(pod_subnet),
+            );
             let found = pods.scan().await;
             model.update(|model| model.set_pod_namespaces(found));
             Some(pods)

@@ -50,6 +50,10 @@ impl Ports {
                         self.resync().await?;
                         self.refresh_addresses(model).await;
                     }
+                    Some(PortEvent::BridgeMade) => {
+                        info!(bridge = self.bridge, "the pod bridge appeared; translating on its ports");
+                        self.resync().await?;
+                    }
                     None => bail!("the netlink link notifications stopped"),
                 },
                 _ = resync.tick() => {
@@ -98,10 +102,12 @@ impl Ports {
     /// was made again.
     pub async fn resync(&mut self) -> anyhow::Result<()> {
         let Some(bridge_link) = netdev::link_by_name(&self.netlink, &self.bridge).await? else {
-            warn!(
-                bridge = self.bridge,
-                "the pod bridge is gone; pods on it are unreachable until it is back"
-            );
+            if self.overlay.is_some() {
+                warn!(
+                    bridge = self.bridge,
+                    "the pod bridge is gone; pods on it are unreachable until it is back"
+                );
+            }
             return Ok(());
         };
         self.watch.set_bridge(bridge_link.index);

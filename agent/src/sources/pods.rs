@@ -3,11 +3,13 @@
 //!
 //! The socket hooks run for every socket of the machine, and translate a pod's socket only when
 //! its namespace is known here, with the pod's address as the client (what the per-packet path
-//! sees). A pod is found by its port: the veth on the bridge has its peer in a namespace this
-//! node's namespace numbers (`link-netnsid`); the container runtime names that namespace under
+//! sees). A pod is found by its port: a veth on the bridge, or a veth on no bridge at all (CNIs
+//! that route to each pod's veth: ptp, Calico), has its peer in a namespace this node's
+//! namespace numbers (`link-netnsid`); the container runtime names that namespace under
 //! `/run/netns` (containerd, CRI-O and `ip netns` do), and `RTM_GETNSID` says which name has
-//! that number. Inside the namespace, its cookie and the pod's address in the node's pod subnet
-//! are read. A namespace found nowhere is left to the per-packet path, which serves it as before.
+//! that number. Inside the namespace, its cookie and the pod's address in the pod network are
+//! read. A namespace found nowhere is left to the per-packet path, which serves the bridge's
+//! pods as before; a routed veth's pod it leaves without service translation.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -45,7 +47,10 @@ pub struct PodNamespace {
 pub struct PodNamespaces {
     netlink: rtnetlink::Handle,
     bridge: String,
-    pod_subnet: Ipv4Net,
+    /// The uplink, a veth on test nodes, is no pod's.
+    uplink: Option<u32>,
+    /// Where pods have their addresses: the cluster's pod network, or this node's subnet.
+    pod_network: Ipv4Net,
     known: BTreeMap<u32, PodNamespace>,
     unresolved: BTreeSet<u32>,
     /// Ports whose namespace could not be read, so each is reported once.
@@ -54,23 +59,29 @@ pub struct PodNamespaces {
 
 impl PodNamespaces {
     #[must_use]
-    pub fn new(netlink: rtnetlink::Handle, bridge: String, pod_subnet: Ipv4Net) -> Self {
+    pub fn new(
+        netlink: rtnetlink::Handle,
+        bridge: String,
+        uplink: Option<u32>,
+        pod_network: Ipv4Net,
+    ) -> Self {
         Self {
             netlink,
             bridge,
-            pod_subnet,
+            uplink,
+            pod_network,
             known: BTreeMap::new(),
             unresolved: BTreeSet::new(),
             failed: BTreeSet::new(),
         }
     }
 
-    /// Looks at the bridge's ports, finds the namespaces of new ones and forgets the ones gone;
+    /// Looks at the pods' ports, finds the namespaces of new ones and forgets the ones gone;
     /// returns the pods by namespace cookie.
     pub async fn scan(&mut self) -> BTreeMap<u64, Ipv4Addr> {
-        match bridge_ports(&self.netlink, &self.bridge).await {
+        match pod_ports(&self.netlink, &self.bridge, self.uplink).await {
             Ok(ports) => self.resolve(&ports).await,
-            Err(e) => warn!("listing the pod bridge's ports for socket load balancing: {e:#}"),
+            Err(e) => warn!("listing the pods' ports for socket load balancing: {e:#}"),
         }
         self.known
             .values()
@@ -89,15 +100,15 @@ impl PodNamespaces {
         if !wanted.is_empty() {
             for (port, path) in find_namespaces(&self.netlink, Path::new(NETNS_DIR), &wanted).await
             {
-                match read_namespace(path.clone(), self.pod_subnet).await {
+                match read_namespace(path.clone(), self.pod_network).await {
                     Ok(Some(pod)) => {
                         debug!(port, path = %path.display(), addr = %pod.addr, "pod namespace found");
                         self.known.insert(port, pod);
                     }
                     Ok(None) => debug!(
                         path = %path.display(),
-                        pod_subnet = %self.pod_subnet,
-                        "a namespace behind the bridge has no address in the pod subnet"
+                        pod_network = %self.pod_network,
+                        "a namespace behind a pod port has no address in the pod network"
                     ),
                     Err(e) => {
                         if self.failed.insert(port) {
@@ -133,18 +144,24 @@ impl PodNamespaces {
     }
 }
 
-/// The bridge's veth ports whose peer is in another namespace: ifindex -> that namespace's id.
-async fn bridge_ports(
+/// The veths pods are behind, the bridge's and those on no bridge (but the uplink), whose peer
+/// is in another namespace: ifindex -> that namespace's id.
+async fn pod_ports(
     netlink: &rtnetlink::Handle,
     bridge: &str,
+    uplink: Option<u32>,
 ) -> Result<BTreeMap<u32, i32>, netdev::NetdevError> {
-    let Some(bridge) = netdev::link_by_name(netlink, bridge).await? else {
-        return Ok(BTreeMap::new());
-    };
+    let bridge = netdev::link_by_name(netlink, bridge)
+        .await?
+        .map(|bridge| bridge.index);
     Ok(netdev::links(netlink)
         .await?
         .into_iter()
-        .filter(|link| link.controller == Some(bridge.index) && link.veth)
+        .filter(|link| {
+            link.veth
+                && Some(link.index) != uplink
+                && (link.controller.is_none() || link.controller == bridge)
+        })
         .filter_map(|link| Some((link.index, link.peer_netns.filter(|id| *id >= 0)?)))
         .collect())
 }
@@ -177,9 +194,9 @@ async fn find_namespaces(
     found
 }
 
-/// The cookie of the namespace at `path` and its address in `pod_subnet`, read from a thread
+/// The cookie of the namespace at `path` and its address in `pod_network`, read from a thread
 /// that enters it (and ends with it).
-async fn read_namespace(path: PathBuf, pod_subnet: Ipv4Net) -> io::Result<Option<PodNamespace>> {
+async fn read_namespace(path: PathBuf, pod_network: Ipv4Net) -> io::Result<Option<PodNamespace>> {
     tokio::task::spawn_blocking(move || {
         std::thread::spawn(move || {
             let netns = fs::File::open(&path)?;
@@ -188,7 +205,7 @@ async fn read_namespace(path: PathBuf, pod_subnet: Ipv4Net) -> io::Result<Option
             let addr = nix::ifaddrs::getifaddrs()
                 .map_err(io::Error::from)?
                 .filter_map(|interface| Some(interface.address?.as_sockaddr_in()?.ip()))
-                .find(|addr| pod_subnet.contains(addr));
+                .find(|addr| pod_network.contains(addr));
             Ok(addr.map(|addr| PodNamespace { cookie, addr }))
         })
         .join()

@@ -109,10 +109,7 @@ fn weft_nodes_and_a_flannel_node_share_the_overlay_through_node_annotations_alon
     for (n, node) in (1u8..).zip(&nodes) {
         node.set_subnet(pod_cidr(n));
         // kubelet's own annotation, which must survive weft's patches.
-        let kubelet = BTreeMap::from([(
-            "node.alpha.kubernetes.io/ttl".to_owned(),
-            "0".to_owned(),
-        )]);
+        let kubelet = BTreeMap::from([("node.alpha.kubernetes.io/ttl".to_owned(), "0".to_owned())]);
         api.apply(registered_node(node.ns.name(), pod_cidr(n), &kubelet));
         let state = tempfile::tempdir().expect("agent state");
         let options = AgentOptions {

@@ -4,6 +4,7 @@
 //! parallel.
 
 mod capacity;
+mod cni;
 mod deploy_manifests;
 mod e2e;
 mod etcd;

@@ -943,7 +943,7 @@ fn interleave_service_and_direct_connections(
         client.ns.run(|| http_get(vip)).is_ok()
     });
     assert_eq!(
-        translated_at_connect(client, vip),
+        client.translated_at_connect(vip),
         socket_lb,
         "the pod's sockets are translated at connect() exactly when the socket LB covers pods"
     );
@@ -1000,25 +1000,6 @@ fn connect_closing_with_reset(target: SocketAddrV4) -> std::io::Result<std::net:
     Ok(stream)
 }
 
-/// Whether a connection from `pod` to `vip` is connected to an endpoint in the pod's kernel (the
-/// socket hooks translated it), rather than to `vip` (translated per packet, or not at all).
-fn translated_at_connect(pod: &weft_tests::cluster::Pod, vip: SocketAddrV4) -> bool {
-    let (local, sockets) = pod
-        .ns
-        .run(|| {
-            let stream = std::net::TcpStream::connect(vip)?;
-            let local = stream.local_addr()?;
-            let sockets = pod.ns.exec("ss", &["-tnH", "state", "established"])?;
-            Ok::<_, std::io::Error>((local, sockets))
-        })
-        .expect("a connection and the pod's socket table");
-    let line = sockets
-        .lines()
-        .find(|line| line.contains(&format!("{local} ")))
-        .unwrap_or_else(|| panic!("no socket from {local} in the pod: {sockets}"));
-    !line.contains(&format!("{vip}"))
-}
-
 /// ClientIP affinity is keyed by the pod's address whichever path translates: a pod held to an
 /// endpoint by connections translated at `connect()` stays on it when the node switches to
 /// per-packet translation (`--socket-lb=host-only`; the affinity map is pinned across the
@@ -1046,7 +1027,7 @@ fn a_pods_session_affinity_is_the_same_on_the_socket_and_the_packet_path() {
     within(
         Duration::from_secs(5),
         "the pod's sockets are translated at connect()",
-        || translated_at_connect(client, vip),
+        || client.translated_at_connect(vip),
     );
     let socket_path = servers(20);
     assert_eq!(socket_path.len(), 1, "{socket_path:?}");
