@@ -554,6 +554,9 @@ fn handle(state: &Mutex<State>, request: &Request<Bytes>) -> Option<Response<Bod
             },
         );
     }
+    if let Some(document) = discovery(request.uri().path()) {
+        return Some(reply(StatusCode::OK, &document));
+    }
     let Some(kind) = Kind::from_path(request.uri().path()) else {
         return Some(not_found());
     };
@@ -605,7 +608,14 @@ fn handle(state: &Mutex<State>, request: &Request<Bytes>) -> Option<Response<Bod
                 events,
             });
         }
+        // The API server ends a watch after `timeoutSeconds` (client-go's reflectors ask for
+        // a few minutes), with no event: the client watches again from where it was.
+        let timeout = params
+            .get("timeoutSeconds")
+            .and_then(|seconds| seconds.parse().ok())
+            .map_or(std::time::Duration::MAX, std::time::Duration::from_secs);
         let stream = tokio_stream_of(received)
+            .take_until(tokio::time::sleep(timeout))
             .map(|event| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{event}\n")))));
         return Some(
             Response::builder()
@@ -615,23 +625,30 @@ fn handle(state: &Mutex<State>, request: &Request<Bytes>) -> Option<Response<Bod
                 .expect("a valid response"),
         );
     }
-    let matching: Vec<&Value> = state
-        .objects
-        .iter()
-        .filter(|((k, _, _), object)| *k == kind && query.matches(object))
-        .map(|(_, object)| object)
-        .collect();
-    let limit = params
-        .get("limit")
-        .and_then(|l| l.parse().ok())
-        .filter(|l: &usize| *l > 0)
-        .unwrap_or(usize::MAX);
-    // A continue token is "<resourceVersion of the first page>:<offset>".
+    // A continue token is "<resourceVersion of the first page>:<offset>": every page is of the
+    // first page's snapshot, as the API server serves them from etcd at that revision.
     let (list_rv, offset) = params
         .get("continue")
         .and_then(|token| token.split_once(':'))
         .and_then(|(rv, offset)| Some((rv.parse().ok()?, offset.parse().ok()?)))
         .unwrap_or((state.rv, 0usize));
+    let Some(snapshot) = objects_at(&state, list_rv) else {
+        return Some(status(
+            StatusCode::GONE,
+            "Expired",
+            "the provided continue parameter is too old; list again without it",
+        ));
+    };
+    let limit = params
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l: &usize| *l > 0)
+        .unwrap_or(usize::MAX);
+    let matching: Vec<&Value> = snapshot
+        .iter()
+        .filter(|((k, _, _), object)| *k == kind && query.matches(object))
+        .map(|(_, object)| object)
+        .collect();
     let page: Vec<&Value> = matching.iter().skip(offset).take(limit).copied().collect();
     let next = offset + page.len();
     let continue_token = if next < matching.len() {
@@ -646,6 +663,58 @@ fn handle(state: &Mutex<State>, request: &Request<Bytes>) -> Option<Response<Bod
                 "metadata": {"resourceVersion": list_rv.to_string(), "continue": continue_token},
                 "items": page}),
     ))
+}
+
+/// The objects as they were at resourceVersion `rv`: now's, with every later change undone;
+/// `None` once the history of that time is compacted.
+fn objects_at(state: &State, rv: u64) -> Option<BTreeMap<Key, Value>> {
+    if rv < state.compacted {
+        return None;
+    }
+    let mut objects = state.objects.clone();
+    for change in state
+        .history
+        .iter()
+        .rev()
+        .take_while(|change| change.rv > rv)
+    {
+        let key = change
+            .after
+            .as_ref()
+            .or(change.before.as_ref())
+            .map(key_of)
+            .expect("a change has an object");
+        match &change.before {
+            Some(before) => objects.insert(key, before.clone()),
+            None => objects.remove(&key),
+        };
+    }
+    Some(objects)
+}
+
+/// The legacy discovery documents for what the server serves, so that clients which map kinds
+/// to paths through discovery (kubectl) find them: `/api`, `/apis` and the two group versions.
+fn discovery(path: &str) -> Option<Value> {
+    let resource = |name: &str, kind: &str, namespaced: bool| {
+        json!({"name": name, "singularName": "", "namespaced": namespaced, "kind": kind,
+               "verbs": ["get", "list", "watch"]})
+    };
+    Some(match path {
+        "/api" => json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]}),
+        "/apis" => json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
+            "name": "discovery.k8s.io",
+            "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
+            "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"}}]}),
+        "/api/v1" => json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1",
+            "resources": [resource("services", "Service", true), resource("nodes", "Node", false),
+                {"name": "nodes/status", "singularName": "", "namespaced": false, "kind": "Node",
+                 "verbs": ["get", "patch"]}]}),
+        "/apis/discovery.k8s.io/v1" => json!({"kind": "APIResourceList", "apiVersion": "v1",
+            "groupVersion": "discovery.k8s.io/v1",
+            "resources": [resource("endpointslices", "EndpointSlice", true)]}),
+        _ => return None,
+    })
 }
 
 fn tokio_stream_of(

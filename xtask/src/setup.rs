@@ -120,6 +120,25 @@ fn install_bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// kubectl, which the namespace tier drives the test API server with: any that is on PATH (a
+/// cloud SDK's, kubernetes.io's), else Debian's.
+fn install_kubectl() -> anyhow::Result<()> {
+    if capture("sh", &["-c", "command -v kubectl"]).is_ok() {
+        return Ok(());
+    }
+    println!("setup: installing kubernetes-client (kubectl)");
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "kubernetes-client",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 fn mount_bpffs() -> anyhow::Result<()> {
     if capture("mountpoint", &["-q", "/sys/fs/bpf"]).is_ok() {
         return Ok(());
@@ -163,6 +182,7 @@ pub fn setup(scope: Scope) -> anyhow::Result<()> {
     check_debian_rustc()?;
     install_bpf_linker()?;
     if scope == Scope::BuildAndRun {
+        install_kubectl()?;
         mount_bpffs()?;
     }
     Ok(())

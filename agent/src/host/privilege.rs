@@ -9,7 +9,7 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// What the agent needs (and `deploy/daemonset.yaml` grants): BPF to load programs and maps,
+/// What the agent needs (and `deploy/base/daemonset.yaml` grants): BPF to load programs and maps,
 /// NET_ADMIN to attach them and change links, routes and nftables, PERFMON for the verifier to
 /// accept packet-pointer arithmetic. Kernels before 5.8 have neither BPF nor PERFMON; SYS_ADMIN
 /// stands in for both there.

@@ -371,7 +371,7 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
     if !missing.is_empty() {
         bail!(
             "weft needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN for the first \
-             and last) and lacks {}; grant them as deploy/daemonset.yaml does",
+             and last) and lacks {}; grant them as deploy/base/daemonset.yaml does",
             missing.join(", ")
         );
     }

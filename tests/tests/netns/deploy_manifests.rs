@@ -1,4 +1,4 @@
-//! The manifests in `deploy/` parse strictly into the Kubernetes API types (a misspelled or
+//! The manifests in `deploy/base` parse strictly into the Kubernetes API types (a misspelled or
 //! misplaced field fails, as `kubectl apply --validate=strict` would), and they agree with each
 //! other and with the agent: the binding grants the role to the DaemonSet's account, the role
 //! only reads but for the one write flannel's kube subnet manager needs, every flag variable (also those config.yaml suggests in comments) is one the
@@ -22,25 +22,58 @@ fn deploy_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"))
 }
 
-/// Every YAML document in `deploy/`, with the file it came from.
+/// The kustomization files, which are no Kubernetes objects.
+const KUSTOMIZATION: &str = "kustomization.yaml";
+
+/// Every YAML document in `deploy/base`, with the file it came from.
 fn documents() -> Vec<(String, Value)> {
-    let mut files: Vec<_> = fs::read_dir(deploy_dir())
-        .expect("reading deploy/")
-        .map(|entry| entry.expect("a deploy/ entry").path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+    let mut files: Vec<_> = fs::read_dir(deploy_dir().join("base"))
+        .expect("reading deploy/base")
+        .map(|entry| entry.expect("a deploy/base entry").path())
+        .filter(|path| {
+            path.extension().is_some_and(|ext| ext == "yaml")
+                && path.file_name().is_some_and(|name| name != KUSTOMIZATION)
+        })
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no manifests in deploy/");
     let mut documents = Vec::new();
     for path in files {
         let text = fs::read_to_string(&path).expect("reading a manifest");
-        for document in serde_yaml_ng::Deserializer::from_str(&text) {
-            let value = Value::deserialize(document)
-                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
-            documents.push((path.display().to_string(), value));
-        }
+        documents.extend(parse_yaml(&path.display().to_string(), &text));
     }
     documents
+}
+
+/// The YAML documents in `text`, named after `source`.
+fn parse_yaml(source: &str, text: &str) -> Vec<(String, Value)> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|document| {
+            let value =
+                Value::deserialize(document).unwrap_or_else(|e| panic!("{source}: not YAML: {e}"));
+            (source.to_owned(), value)
+        })
+        .collect()
+}
+
+/// What `kubectl kustomize deploy/<dir>` renders.
+fn rendered(dir: &str) -> Vec<(String, Value)> {
+    let path = deploy_dir().join(dir);
+    let output = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&path)
+        .output()
+        .expect("running kubectl kustomize");
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_yaml(
+        &format!("kustomize {dir}"),
+        &String::from_utf8_lossy(&output.stdout),
+    )
 }
 
 /// `document` as a `T`, failing on anything `T` does not hold: the typed object, written back,
@@ -67,13 +100,17 @@ struct Deployment {
 }
 
 fn deployment() -> Deployment {
+    deployment_of(documents())
+}
+
+fn deployment_of(documents: Vec<(String, Value)>) -> Deployment {
     let (mut account, mut role, mut binding, mut config, mut daemon_set) =
         (None, None, None, None, None);
     fn once<T>(slot: &mut Option<T>, file: &str, object: T) {
         assert!(slot.is_none(), "{file}: a second object of its kind");
         *slot = Some(object);
     }
-    for (file, document) in documents() {
+    for (file, document) in documents {
         match (document["apiVersion"].as_str(), document["kind"].as_str()) {
             (Some("v1"), Some("ServiceAccount")) => {
                 once(&mut account, &file, strict(&file, &document));
@@ -298,7 +335,7 @@ fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs(
         );
     }
     // So are the optional ones config.yaml suggests in comments (the overlay, etcd's TLS).
-    let text = fs::read_to_string(deploy_dir().join("config.yaml")).expect("config.yaml");
+    let text = fs::read_to_string(deploy_dir().join("base/config.yaml")).expect("config.yaml");
     let suggested: Vec<&str> = text
         .lines()
         .filter_map(|line| line.trim_start().strip_prefix('#'))
@@ -313,4 +350,63 @@ fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs(
             "config.yaml suggests {name}, which `weft agent` does not read ({known:?})"
         );
     }
+}
+
+/// `(kind, name)` of a document, to put renderings in one order.
+fn sorted(mut documents: Vec<(String, Value)>) -> Vec<Value> {
+    documents.sort_by_key(|(_, d)| (d["kind"].to_string(), d["metadata"]["name"].to_string()));
+    documents
+        .into_iter()
+        .map(|(_, document)| document)
+        .collect()
+}
+
+#[test]
+fn the_kustomize_base_is_the_manifests_and_its_kube_flannel_overlay_replaces_flannel_too() {
+    // The base renders the manifests, every one and nothing else, unchanged.
+    assert_eq!(sorted(rendered("base")), sorted(documents()));
+
+    // The overlay is still a strictly valid deployment, with flannel's kube subnet manager on,
+    // the cluster CIDR left to net-conf.json's Network, and kube-flannel's ConfigMap mounted
+    // where the agent reads net-conf.json by default.
+    let Deployment {
+        config, daemon_set, ..
+    } = deployment_of(rendered("kube-flannel"));
+    let data = config.data.expect("ConfigMap data");
+    assert_eq!(data["WEFT_KUBE_SUBNET_MGR"], "true");
+    assert_eq!(data["WEFT_IP_MASQ"], "true");
+    assert!(!data.contains_key("WEFT_CLUSTER_CIDR"), "{data:?}");
+    let known = agent_variables();
+    for name in data.keys() {
+        assert!(
+            known.contains(name) || name.starts_with("KUBERNETES_SERVICE_"),
+            "{name} is not a variable `weft agent` reads"
+        );
+    }
+    let pod = daemon_set.spec.template.spec.expect("pod spec");
+    let mount = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|mount| mount.name == "flannel-cfg")
+        .expect("the flannel-cfg mount");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|volume| volume.name == "flannel-cfg")
+        .expect("the flannel-cfg volume");
+    assert_eq!(
+        volume.config_map.as_ref().map(|c| c.name.as_str()),
+        Some("kube-flannel-cfg")
+    );
+    let help = Command::new(weft_binary())
+        .args(["agent", "--help"])
+        .output()
+        .expect("running weft agent --help");
+    let default = format!("[default: {}/net-conf.json]", mount.mount_path);
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains(&default),
+        "the agent reads net-conf.json from the mount by default ({default})"
+    );
 }

@@ -12,6 +12,7 @@ mod kernel;
 mod kube;
 mod kube_proxy;
 mod kube_subnets;
+mod kubectl;
 mod outage;
 mod overlay;
 mod restart;

@@ -24,7 +24,7 @@ use weft_tests::{
     within,
 };
 
-/// What the DaemonSet adds after dropping ALL (`deploy/daemonset.yaml`).
+/// What the DaemonSet adds after dropping ALL (`deploy/base/daemonset.yaml`).
 const NEEDED: [&str; 3] = ["bpf", "net_admin", "perfmon"];
 /// Their bits in `/proc/<pid>/status` (`linux/capability.h`).
 const NEEDED_BITS: u64 = 1 << 12 | 1 << 38 | 1 << 39;
