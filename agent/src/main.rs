@@ -38,6 +38,9 @@ enum Command {
     /// Take weft's dataplane off this node: its programs, pinned maps, nftables table and
     /// overlay route (the agent leaves them in place when it stops). Safe to run twice.
     Cleanup(cli::cleanup::CleanupArgs),
+    /// Mount a BPF filesystem and a cgroup v2 hierarchy where the agent expects them, where the
+    /// host has not (the DaemonSet's init container). Safe to run twice.
+    Mount(cli::mount::MountArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +65,9 @@ fn main() -> ExitCode {
         }
         Command::Inspect(args) => cli::inspect::run(&args),
         Command::Trace(args) => cli::trace::run(&args),
+        // Before any thread starts: a process with several threads cannot enter a mount
+        // namespace.
+        Command::Mount(args) => cli::mount::run(&args),
         Command::Cleanup(args) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| runtime.block_on(cli::cleanup::run(&args))),

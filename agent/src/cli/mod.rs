@@ -3,4 +3,5 @@
 pub mod agent;
 pub mod cleanup;
 pub mod inspect;
+pub mod mount;
 pub mod trace;

@@ -22,6 +22,10 @@ fn deploy_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"))
 }
 
+/// Where the init container's `weft mount` puts the BPF filesystem and the cgroup v2
+/// hierarchy, on the host.
+const MOUNT_DEFAULTS: (&str, &str) = ("/sys/fs/bpf", "/run/weft/cgroupv2");
+
 /// The kustomization files, which are no Kubernetes objects.
 const KUSTOMIZATION: &str = "kustomization.yaml";
 
@@ -285,8 +289,8 @@ fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs(
         .and_then(|v| v.value.clone())
         .expect("WEFT_CGROUP");
     for expected in [
-        ("/sys/fs/bpf", "/sys/fs/bpf"),
-        ("/sys/fs/cgroup", cgroup.as_str()),
+        (MOUNT_DEFAULTS.0, "/sys/fs/bpf"),
+        (MOUNT_DEFAULTS.1, cgroup.as_str()),
         ("/run/netns", weft::sources::pods::NETNS_DIR),
         ("/run/flannel", "/run/flannel"),
     ] {
@@ -295,6 +299,47 @@ fn the_daemon_set_runs_on_the_hosts_network_with_only_the_capabilities_it_needs(
                 .iter()
                 .any(|(host, path)| (host.as_str(), path.as_str()) == expected),
             "missing mount {expected:?} in {mounts:?}"
+        );
+    }
+
+    // The init container mounts them on the host first, where `weft mount` puts them by
+    // default, in the host's namespaces; it alone is privileged, and it runs the agent's image.
+    let [init] = pod.init_containers.as_deref().unwrap_or_default() else {
+        panic!("one init container");
+    };
+    assert_eq!(init.image, container.image);
+    assert_eq!(
+        init.args.as_deref(),
+        Some(
+            [
+                "mount".to_owned(),
+                "--host-namespaces=/hostproc/1/ns".to_owned()
+            ]
+            .as_slice()
+        )
+    );
+    assert_eq!(
+        init.security_context.as_ref().and_then(|s| s.privileged),
+        Some(true)
+    );
+    let hostproc = init
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|mount| mount.mount_path == "/hostproc")
+        .and_then(|mount| pod.volumes.iter().flatten().find(|v| v.name == mount.name))
+        .and_then(|volume| volume.host_path.as_ref())
+        .map(|host| host.path.as_str());
+    assert_eq!(hostproc, Some("/proc"));
+    let help = Command::new(weft_binary())
+        .args(["mount", "--help"])
+        .output()
+        .expect("running weft mount --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for default in [MOUNT_DEFAULTS.0, MOUNT_DEFAULTS.1] {
+        assert!(
+            help.contains(&format!("[default: {default}]")),
+            "weft mount's defaults are {MOUNT_DEFAULTS:?}: {help}"
         );
     }
 

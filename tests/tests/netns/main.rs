@@ -13,6 +13,7 @@ mod kube;
 mod kube_proxy;
 mod kube_subnets;
 mod kubectl;
+mod mount;
 mod outage;
 mod overlay;
 mod restart;
