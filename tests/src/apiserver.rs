@@ -162,6 +162,17 @@ struct Change {
     after: Option<Value>,
 }
 
+impl Change {
+    /// The key of the object changed.
+    fn key(&self) -> Key {
+        self.after
+            .as_ref()
+            .or(self.before.as_ref())
+            .map(key_of)
+            .expect("a change has an object")
+    }
+}
+
 /// A live watch.
 struct Watch {
     kind: Kind,
@@ -388,12 +399,7 @@ fn object_change(state: &State, object: Option<Value>, deleted: Option<Key>) -> 
 
 fn record(state: &mut State, mut change: Change, notify: bool) {
     state.rv = change.rv;
-    let key = change
-        .after
-        .as_ref()
-        .or(change.before.as_ref())
-        .map(key_of)
-        .expect("a change has an object");
+    let key = change.key();
     match &mut change.after {
         Some(object) => {
             object["metadata"]["resourceVersion"] = change.rv.to_string().into();
@@ -678,12 +684,7 @@ fn objects_at(state: &State, rv: u64) -> Option<BTreeMap<Key, Value>> {
         .rev()
         .take_while(|change| change.rv > rv)
     {
-        let key = change
-            .after
-            .as_ref()
-            .or(change.before.as_ref())
-            .map(key_of)
-            .expect("a change has an object");
+        let key = change.key();
         match &change.before {
             Some(before) => objects.insert(key, before.clone()),
             None => objects.remove(&key),

@@ -194,19 +194,7 @@ impl Node {
             .expect("creating the pod namespace");
         let host_side = format!("veth{index}");
         self.ns
-            .ip(&[
-                "link",
-                "add",
-                "name",
-                &host_side,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ])
+            .add_veth(&host_side, &ns, "eth0")
             .expect("creating the pod's veth pair");
         (ns, host_side)
     }

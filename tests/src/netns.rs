@@ -95,6 +95,23 @@ impl Netns {
         run("ip", &full)
     }
 
+    /// Creates a veth pair: `name` here, `peer_name` in `peer`.
+    pub fn add_veth(&self, name: &str, peer: &Self, peer_name: &str) -> io::Result<String> {
+        self.ip(&[
+            "link",
+            "add",
+            "name",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_name,
+            "netns",
+            peer.name(),
+        ])
+    }
+
     /// Runs any command inside the namespace.
     pub fn exec(&self, program: &str, args: &[&str]) -> io::Result<String> {
         let mut full = vec!["netns", "exec", self.name.as_str(), program];

@@ -65,19 +65,7 @@ impl Underlay {
             Self::port(*ports)
         };
         self.ns
-            .ip(&[
-                "link",
-                "add",
-                "name",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                node.name(),
-            ])
+            .add_veth(&port, node, "eth0")
             .expect("underlay veth pair");
         self.ns
             .ip(&["link", "set", &port, "master", "br0", "up"])

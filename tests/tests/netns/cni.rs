@@ -29,18 +29,7 @@ fn a_ptp_cni_node_serves_its_pods_cluster_ips_at_connect_without_a_bridge() {
     // A client outside the node, on its uplink.
     let outside = Netns::create(&unique("wptpo")).expect("the outside namespace");
     node.ns
-        .ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            outside.name(),
-        ])
+        .add_veth("eth0", &outside, "eth0")
         .expect("the uplink");
     for (ns, address) in [(&node.ns, "192.0.2.1/24"), (&outside, "192.0.2.2/24")] {
         ns.ip(&["addr", "add", address, "dev", "eth0"])
