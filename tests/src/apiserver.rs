@@ -524,7 +524,16 @@ fn patch_node(
     };
     let mut after = before.clone();
     merge_patch(&mut after, &patch, strategic, None);
-    after["spec"] = before["spec"].clone();
+    if let Some(object) = after.as_object_mut() {
+        match before.get("spec") {
+            Some(spec) => object.insert("spec".to_owned(), spec.clone()),
+            None => object.remove("spec"),
+        };
+    }
+    // A patch that changes nothing is no change: no new resourceVersion, no MODIFIED event.
+    if after == before {
+        return reply(StatusCode::OK, &before);
+    }
     let change = object_change(state, Some(after), None);
     record(state, change, true);
     reply(StatusCode::OK, &state.objects[&key])

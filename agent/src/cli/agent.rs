@@ -211,7 +211,8 @@ impl AgentArgs {
         let subnets = if self.kube_subnet_mgr {
             if !matches!(services, ServiceSource::Kubernetes { .. }) {
                 bail!(
-                    "--kube-subnet-mgr keeps the leases in Node objects: it needs the Kubernetes                      API (--kubeconfig, or running in a pod with a service account)"
+                    "--kube-subnet-mgr keeps the leases in Node objects: it needs the Kubernetes \
+                     API (--kubeconfig, or running in a pod with a service account)"
                 );
             }
             Some(SubnetManager::Kube(KubeSubnets {

@@ -638,19 +638,19 @@ pub struct PortWatch {
 impl PortWatch {
     /// Subscribes to link and address notifications. Subscribe before listing the current
     /// ports and addresses, so no change can happen unseen in between.
-    pub fn subscribe(bridge_name: &str, bridge: Option<u32>) -> Result<Self, NetdevError> {
+    pub fn subscribe(bridge_name: &str) -> Result<Self, NetdevError> {
         let (connection, _, messages) =
             new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
                 .map_err(NetdevError::Socket)?;
         tokio::spawn(connection);
         Ok(Self {
             bridge_name: bridge_name.to_owned(),
-            bridge: bridge.unwrap_or(0),
+            bridge: 0,
             messages,
         })
     }
 
-    /// Follows another bridge (the old one was deleted and made again).
+    /// Follows the bridge with this index (found, made, or deleted and made again).
     pub fn set_bridge(&mut self, bridge: u32) {
         self.bridge = bridge;
     }

@@ -402,6 +402,9 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         )?;
     }
 
+    // Subscribed before anything is read (the bridge, the addresses), so no change falls in
+    // between.
+    let mut port_watch = PortWatch::subscribe(&config.bridge)?;
     // The overlay's pods are on the bridge, as flannel's CNI puts them; without the overlay the
     // CNI in place decides, and one that routes to each pod's veth (ptp, Calico) has none.
     let bridge_link = if overlay.is_some()
@@ -420,6 +423,7 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         if created {
             info!(bridge = config.bridge, %pod_subnet, "created the pod bridge");
         }
+        port_watch.set_bridge(link.index);
         Some(link)
     } else {
         info!(
@@ -461,9 +465,6 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
         config.pin_dir.clone(),
         Arc::clone(&model),
     ));
-    // Subscribe before reading the addresses, so no change falls in between.
-    let port_watch =
-        PortWatch::subscribe(&config.bridge, bridge_link.as_ref().map(|link| link.index))?;
     let addresses = netdev::node_addresses(netlink, &config.nodeport_addresses).await?;
     model.update(|m| {
         m.update_node(|node| {
@@ -587,7 +588,17 @@ pub async fn bootstrap(config: &Config, netlink: &rtnetlink::Handle) -> anyhow::
             model.update(|model| model.set_pod_namespaces(found));
             Some(pods)
         }
-        _ => None,
+        _ => {
+            if bridge_link.is_none() {
+                warn!(
+                    bridge = config.bridge,
+                    "no pod bridge and no socket load balancing for pods: pods behind routed \
+                     veths get no service translation until the bridge appears; run with \
+                     --socket-lb=all on a CNI without a bridge"
+                );
+            }
+            None
+        }
     };
     let mut reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
     let started = Instant::now();

@@ -53,6 +53,7 @@ impl Ports {
                     Some(PortEvent::BridgeMade) => {
                         info!(bridge = self.bridge, "the pod bridge appeared; translating on its ports");
                         self.resync().await?;
+                        self.follow_bridge_mac().await;
                     }
                     None => bail!("the netlink link notifications stopped"),
                 },

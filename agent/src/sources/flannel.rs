@@ -508,6 +508,8 @@ pub enum NotPeer {
     OtherVni(u32, u32),
     #[error("it carries this node's PublicIP, but is not the entry this node holds")]
     ThisNode,
+    #[error("its subnet {0} is this node's: two Nodes hold one podCIDR")]
+    OwnSubnet(Ipv4Net),
 }
 
 /// Other nodes' leases that are not peers, with why, keyed by what names them (a subnet in

@@ -6,7 +6,13 @@
 //! False (flannel's `--set-node-network-unavailable`), and annotations someone removes or
 //! changes are written again.
 
-use std::{collections::BTreeMap, convert::Infallible, net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    convert::Infallible,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::StreamExt as _;
 use ipnet::Ipv4Net;
@@ -17,7 +23,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use tracing::{info, warn};
 
 use crate::{
@@ -93,16 +99,19 @@ pub async fn acquire(
     };
     let nodes = Api::<Node>::all(client);
     if annotations.differ(node.annotations(), &own.lease) {
-        let mut last_notice: Option<std::time::Instant> = None;
+        let mut last_notice: Option<Instant> = None;
+        let mut pause = Duration::from_secs(1);
         while let Err(e) = publish(&nodes, node_name, annotations, &own.lease).await {
             if last_notice.is_none_or(|at| at.elapsed() >= WAITING_NOTICE) {
                 warn!(
-                    "publishing this node's lease failed: {}; retrying",
-                    with_causes(&e)
+                    "publishing this node's lease failed: {}; retrying{}",
+                    with_causes(&e),
+                    forbidden_hint(&e)
                 );
-                last_notice = Some(std::time::Instant::now());
+                last_notice = Some(Instant::now());
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY);
         }
         info!(
             node = node_name,
@@ -110,6 +119,16 @@ pub async fn acquire(
         );
     }
     Ok(own)
+}
+
+/// What to do about a write the API server refused for want of permission.
+fn forbidden_hint(error: &kube::Error) -> &'static str {
+    match error {
+        kube::Error::Api(status) if status.is_forbidden() => {
+            " (weft's ClusterRole must grant patch on nodes/status, as deploy/base/rbac.yaml does)"
+        }
+        _ => "",
+    }
 }
 
 /// Writes the lease's annotations through the Node's status subresource, as flanneld does
@@ -215,16 +234,21 @@ impl NodeLeases {
             annotations: false,
             condition: self.set_network_unavailable,
         };
+        // Writes go out no sooner than RETRY after the last: a failed write is retried then,
+        // and someone who keeps removing the annotations does not get a write per change.
+        let mut next_write = Instant::now();
         let mut listing: BTreeMap<String, (Ipv4Net, NodeLease)> = BTreeMap::new();
+        let mut listed_names: BTreeSet<String> = BTreeSet::new();
         let mut stream = std::pin::pin!(
             watcher(self.nodes.clone(), watcher::Config::default()).default_backoff()
         );
         loop {
-            let pending = owed.annotations || owed.condition;
+            let due = (owed.annotations || owed.condition) && *synced.borrow();
             let event = tokio::select! {
                 event = stream.next() => event,
-                () = tokio::time::sleep(RETRY), if pending => {
+                () = tokio::time::sleep_until(next_write), if due => {
                     owed = self.pay(owed).await;
+                    next_write = Instant::now() + RETRY;
                     continue;
                 }
             };
@@ -232,17 +256,23 @@ impl NodeLeases {
                 anyhow::bail!("the Node watch stream ended");
             };
             match event {
-                Ok(watcher::Event::Init) => listing.clear(),
+                Ok(watcher::Event::Init) => {
+                    listing.clear();
+                    listed_names.clear();
+                }
                 Ok(watcher::Event::InitApply(node)) => {
-                    if node.name_any() == self.own_name {
-                        owed.annotations |= self.drifted(&node);
+                    let name = node.name_any();
+                    if name == self.own_name {
+                        owed.annotations |= self.own_node_changed(&node)?;
                     } else if let Some(member) = self.member(&node) {
-                        listing.insert(node.name_any(), member);
+                        listing.insert(name.clone(), member);
                     }
+                    listed_names.insert(name);
                 }
                 Ok(watcher::Event::InitDone) => {
                     let listed = std::mem::take(&mut listing);
-                    self.skipped.retain_listed(|name| listed.contains_key(name));
+                    self.skipped
+                        .retain_listed(|name| listed_names.contains(name));
                     self.members = listed
                         .iter()
                         .map(|(name, (subnet, _))| (name.clone(), *subnet))
@@ -256,17 +286,15 @@ impl NodeLeases {
                         );
                     }
                     synced.send_replace(true);
-                    owed = self.pay(owed).await;
                 }
                 Ok(watcher::Event::Apply(node)) => {
                     if node.name_any() == self.own_name {
-                        if self.drifted(&node) {
+                        if self.own_node_changed(&node)? {
                             warn!(
                                 "this node's lease annotations were changed or removed; \
                                  writing them again"
                             );
                             owed.annotations = true;
-                            owed = self.pay(owed).await;
                         }
                     } else {
                         let member = self.member(&node);
@@ -285,9 +313,20 @@ impl NodeLeases {
         }
     }
 
-    /// Whether this node's Node lacks the annotations of its lease.
-    fn drifted(&self, node: &Node) -> bool {
-        self.annotations.differ(node.annotations(), &self.own.lease)
+    /// Whether this node's Node lacks the annotations of its lease. A Node whose podCIDR is
+    /// no longer this node's subnet (deleted and made again, given another) ends the task:
+    /// the agent restarts and takes the new subnet, as flanneld does.
+    fn own_node_changed(&self, node: &Node) -> anyhow::Result<bool> {
+        if let Some(pod_cidr) = ipv4_pod_cidr(node)
+            && pod_cidr != self.own.subnet
+        {
+            anyhow::bail!(
+                "this node's podCIDR is now {pod_cidr}, not the {} its pods are in (was its \
+                 Node deleted and made again?): restarting to take the new subnet",
+                self.own.subnet
+            );
+        }
+        Ok(self.annotations.differ(node.annotations(), &self.own.lease))
     }
 
     /// Writes what is owed; returns what still is.
@@ -303,8 +342,9 @@ impl NodeLeases {
             {
                 Ok(()) => owed.annotations = false,
                 Err(e) => warn!(
-                    "writing this node's lease annotations failed ({}); retrying in {RETRY:?}",
-                    with_causes(&e)
+                    "writing this node's lease annotations failed ({}{}); retrying in {RETRY:?}",
+                    with_causes(&e),
+                    forbidden_hint(&e)
                 ),
             }
         }
@@ -312,9 +352,10 @@ impl NodeLeases {
             match mark_network_available(&self.nodes, &self.own_name).await {
                 Ok(()) => owed.condition = false,
                 Err(e) => warn!(
-                    "setting this node's NetworkUnavailable condition to False failed ({}); \
+                    "setting this node's NetworkUnavailable condition to False failed ({}{}); \
                      retrying in {RETRY:?}",
-                    with_causes(&e)
+                    with_causes(&e),
+                    forbidden_hint(&e)
                 ),
             }
         }
@@ -328,7 +369,15 @@ impl NodeLeases {
             .annotations
             .node_lease(node.annotations(), ipv4_pod_cidr(node), self.network)
             .map_err(NotPeer::from)
-            .and_then(|(subnet, lease)| Ok((subnet, lease.peer_on(self.vni)?)));
+            .and_then(|(subnet, lease)| {
+                if lease.public_ip == self.own.lease.public_ip {
+                    return Err(NotPeer::ThisNode);
+                }
+                if subnet == self.own.subnet {
+                    return Err(NotPeer::OwnSubnet(subnet));
+                }
+                Ok((subnet, lease.peer_on(self.vni)?))
+            });
         match peer {
             Ok(member) => {
                 self.skipped.clear(&name);

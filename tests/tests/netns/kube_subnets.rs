@@ -197,6 +197,15 @@ fn weft_nodes_and_a_flannel_node_share_the_overlay_through_node_annotations_alon
         }
     }
 
+    // Settled agents write nothing more: their own patches do not look like drift to them.
+    let settled = api.requests(Kind::Node, "patch");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        api.requests(Kind::Node, "patch"),
+        settled,
+        "no patches once the leases are published"
+    );
+
     // Annotations someone strips from a weft node's Node are written again.
     let first = nodes[0].ns.name();
     let mut stripped = api.get(Kind::Node, "", first).expect("the Node");
