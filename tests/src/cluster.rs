@@ -607,6 +607,16 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
+        // A failing test shows what the agent said, which its temporary directory takes away.
+        if thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- the last lines the agent of {} logged ---\n{}",
+                self.pin_dir.display(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
         if let Err(e) = self.cleanup() {
             eprintln!("weft cleanup for {}: {e}", self.pin_dir.display());
         }
