@@ -750,16 +750,21 @@ pub fn cluster_on(
     pods: u8,
     capabilities: Option<&[&str]>,
 ) -> Cluster {
-    cluster_with(start, nodes, pods, |etcd| {
-        with_capabilities(etcd, capabilities)
-    })
+    cluster_with(
+        start,
+        &network_config(cluster_network()),
+        nodes,
+        pods,
+        |etcd| with_capabilities(etcd, capabilities),
+    )
 }
 
-/// [`cluster`] on the etcd `start` starts, every agent started with the options `options`
-/// gives for that etcd.
+/// [`cluster`] on the etcd `start` starts, with the network config `config` (JSON, over
+/// [`cluster_network`]), every agent started with the options `options` gives for that etcd.
 #[must_use]
 pub fn cluster_with(
     start: fn(&Underlay) -> Etcd,
+    config: &str,
     nodes: u8,
     pods: u8,
     options: impl FnOnce(&Etcd) -> crate::cluster::AgentOptions,
@@ -767,10 +772,7 @@ pub fn cluster_with(
     crate::netns::require_root();
     let underlay = Underlay::new(&crate::netns::unique("wovl"));
     let etcd = start(&underlay);
-    etcd.put(
-        &format!("{CLUSTER_PREFIX}/config"),
-        &network_config(cluster_network()),
-    );
+    etcd.put(&format!("{CLUSTER_PREFIX}/config"), config);
     let (nodes, agents) = start_nodes_with(&underlay, nodes, &options(&etcd));
     let (pods, servers) = add_pods(&nodes, pods);
     Cluster {

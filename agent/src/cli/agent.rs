@@ -215,8 +215,21 @@ impl AgentArgs {
                      API (--kubeconfig, or running in a pod with a service account)"
                 );
             }
+            let network = read_net_conf(&self.net_config_path)?;
+            if let Some(ipv6) = network.ipv6 {
+                // flanneld with EnableIPv6 reads a Node only with its public-ipv6 annotation.
+                bail!(
+                    "{} enables IPv6 (IPv6Network {}), which weft does not serve yet: flannel \
+                     nodes of a dual-stack network cannot read a Node without IPv6 annotations, \
+                     so they would lose this node on both families. Keep flanneld on \
+                     dual-stack clusters; where no flanneld is left, point --net-config-path \
+                     at a config without EnableIPv6",
+                    self.net_config_path.display(),
+                    ipv6.network
+                );
+            }
             Some(SubnetManager::Kube(KubeSubnets {
-                network: read_net_conf(&self.net_config_path)?,
+                network,
                 annotations: Annotations::new(&self.kube_annotation_prefix)?,
                 set_network_unavailable: self.set_node_network_unavailable,
             }))

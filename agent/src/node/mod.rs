@@ -193,6 +193,16 @@ async fn take_etcd_lease(
 ) -> anyhow::Result<(NetworkConfig, LeaseStore)> {
     let mut client = client::connect(&settings.endpoints, &settings.tls).await?;
     let network = etcd::wait_for_config(&mut client, &settings.prefix).await;
+    if let Some(ipv6) = network.ipv6 {
+        // flanneld reads an IPv4-only key as a node without IPv6, and keeps both families
+        // for the others: only this node's IPv6 is missing.
+        warn!(
+            "the network config enables IPv6 (IPv6Network {}, /{} per node), which weft does \
+             not serve yet: this node takes an IPv4-only lease, so its pods get no IPv6 \
+             addresses and other nodes reach it over IPv4 only",
+            ipv6.network, ipv6.subnet_len
+        );
+    }
     // The subnet this node held before, as its subnet.env or its bridge remembers it.
     let bridge_subnet = bridge
         .iter()

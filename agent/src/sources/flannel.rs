@@ -9,12 +9,12 @@ pub mod annotations;
 
 use std::{
     fmt,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use std::collections::BTreeMap;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::Value;
 use weft_common::vxlan::{DEFAULT_PORT, DEFAULT_VNI, VNI_MAX};
 
@@ -39,6 +39,15 @@ pub struct NetworkConfig {
     pub port: u16,
     /// `Backend.MTU`, when set: overrides the uplink MTU minus the encapsulation overhead.
     pub mtu: Option<u32>,
+    /// The IPv6 half, when `EnableIPv6` is set: checked as flannel checks it, not served yet.
+    pub ipv6: Option<Ipv6Half>,
+}
+
+/// `IPv6Network` and `IPv6SubnetLen` (flannel's default filled in) of a dual-stack network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Half {
+    pub network: Ipv6Net,
+    pub subnet_len: u8,
 }
 
 /// A config flannel would reject, or one weft cannot serve. Each names the key at fault.
@@ -54,24 +63,43 @@ pub enum ConfigError {
         value: String,
         what: &'static str,
     },
-    #[error("Network {0} is too small: the smallest usable Network is a /28")]
-    NetworkTooSmall(Ipv4Net),
-    #[error("SubnetLen {0} must be 30 or less")]
-    SubnetTooSmall(u8),
-    #[error("SubnetLen {subnet_len} leaves fewer than four subnets in Network {network}")]
-    TooFewSubnets { network: Ipv4Net, subnet_len: u8 },
-    #[error("{key} {value} is outside Network {network}")]
+    #[error("{key} {network} is too small: the smallest usable {key} is a /{smallest}")]
+    NetworkTooSmall {
+        key: &'static str,
+        network: IpNet,
+        smallest: u8,
+    },
+    #[error("{key} {len} must be {largest} or less")]
+    SubnetTooSmall {
+        key: &'static str,
+        len: u8,
+        largest: u8,
+    },
+    #[error("{key} {subnet_len} leaves fewer than four subnets in {network}")]
+    TooFewSubnets {
+        key: &'static str,
+        network: IpNet,
+        subnet_len: u8,
+    },
+    #[error("{key} {value} is outside {network}")]
     OutsideNetwork {
         key: &'static str,
-        value: Ipv4Addr,
-        network: Ipv4Net,
+        value: IpAddr,
+        network: IpNet,
     },
     #[error("{key} {value} is not on a /{subnet_len} boundary")]
     Unaligned {
         key: &'static str,
-        value: Ipv4Addr,
+        value: IpAddr,
         subnet_len: u8,
     },
+    #[error("EnableIPv6 is set but IPv6Network is missing; set it, e.g. \"fc00::/48\"")]
+    MissingIpv6Network,
+    #[error(
+        "EnableIPv4 is false: an IPv6-only network, which weft does not serve yet; keep \
+         flanneld on these nodes"
+    )]
+    Ipv6Only,
     #[error("SubnetMin {min} is above SubnetMax {max}")]
     EmptyRange { min: Ipv4Addr, max: Ipv4Addr },
     #[error(
@@ -121,13 +149,30 @@ fn number_field(object: &Value, key: &'static str, max: u64) -> Result<Option<u6
     }
 }
 
-fn address_field(object: &Value, key: &'static str) -> Result<Option<Ipv4Addr>, ConfigError> {
+fn bool_field(object: &Value, key: &'static str) -> Result<Option<bool>, ConfigError> {
+    match field(object, key) {
+        None => Ok(None),
+        Some(Value::Bool(value)) => Ok(Some(*value)),
+        Some(other) => Err(ConfigError::Invalid {
+            key,
+            value: other.to_string(),
+            what: "true or false",
+        }),
+    }
+}
+
+/// A string field read as `what` (an address or CIDR of the network's family).
+fn parsed_field<T: std::str::FromStr>(
+    object: &Value,
+    key: &'static str,
+    what: &'static str,
+) -> Result<Option<T>, ConfigError> {
     text_field(object, key)?
         .map(|text| {
             text.parse().map_err(|_| ConfigError::Invalid {
                 key,
                 value: text,
-                what: "an IPv4 address",
+                what,
             })
         })
         .transpose()
@@ -137,46 +182,97 @@ fn u32_of(addr: Ipv4Addr) -> u32 {
     u32::from(addr)
 }
 
-/// Parses `<prefix>/config` and fills in flannel's defaults.
-pub fn parse_config(json: &str) -> Result<NetworkConfig, ConfigError> {
-    let object: Value =
-        serde_json::from_str(json).map_err(|e| ConfigError::NotJson(e.to_string()))?;
-    if !object.is_object() {
-        return Err(ConfigError::NotJson("expected an object".into()));
+/// An address as a number, both families alike, so one piece of arithmetic serves both.
+fn number_of(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(v4) => u128::from(u32_of(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
     }
-    let network_text = text_field(&object, "Network")?.ok_or(ConfigError::MissingNetwork)?;
-    let network: Ipv4Net = network_text.parse().map_err(|_| ConfigError::Invalid {
-        key: "Network",
-        value: network_text.clone(),
-        what: "an IPv4 CIDR",
-    })?;
-    let network = network.trunc();
+}
+
+/// The keys of one family's half of the config.
+struct HalfKeys {
+    network: &'static str,
+    subnet_len: &'static str,
+    subnet_min: &'static str,
+    subnet_max: &'static str,
+    /// The subnet length given where the network holds four of them: /24 or /64.
+    default_len: u8,
+}
+
+const IPV4_KEYS: HalfKeys = HalfKeys {
+    network: "Network",
+    subnet_len: "SubnetLen",
+    subnet_min: "SubnetMin",
+    subnet_max: "SubnetMax",
+    default_len: 24,
+};
+
+const IPV6_KEYS: HalfKeys = HalfKeys {
+    network: "IPv6Network",
+    subnet_len: "IPv6SubnetLen",
+    subnet_min: "IPv6SubnetMin",
+    subnet_max: "IPv6SubnetMax",
+    default_len: 64,
+};
+
+/// One family's subnet length and bounds, checked as flannel's `CheckNetworkConfig` checks
+/// them, flannel's defaults filled in: a subnet needs four addresses and the network four
+/// subnets, and the first subnet is skipped (its network address would be the network's).
+fn subnet_range(
+    object: &Value,
+    keys: &HalfKeys,
+    network: IpNet,
+) -> Result<(u8, u128, u128), ConfigError> {
+    let bits = network.max_prefix_len();
     let prefix = network.prefix_len();
-    let subnet_len = match number_field(&object, "SubnetLen", 32)? {
+    let subnet_len = match number_field(object, keys.subnet_len, u64::from(bits))? {
         Some(len) if len > 0 => {
             let len = len as u8;
-            if len > 30 {
-                return Err(ConfigError::SubnetTooSmall(len));
+            if len > bits - 2 {
+                return Err(ConfigError::SubnetTooSmall {
+                    key: keys.subnet_len,
+                    len,
+                    largest: bits - 2,
+                });
             }
             if len < prefix + 2 {
                 return Err(ConfigError::TooFewSubnets {
+                    key: keys.subnet_len,
                     network,
                     subnet_len: len,
                 });
             }
             len
         }
-        _ if prefix > 28 => return Err(ConfigError::NetworkTooSmall(network)),
-        _ if prefix <= 22 => 24,
+        _ if prefix > bits - 4 => {
+            return Err(ConfigError::NetworkTooSmall {
+                key: keys.network,
+                network,
+                smallest: bits - 4,
+            });
+        }
+        _ if prefix <= keys.default_len - 2 => keys.default_len,
         _ => prefix + 2,
     };
-    let size = 1u32 << (32 - subnet_len);
-    let first = u32_of(network.network());
-    let last_subnet = u32_of(network.broadcast()) - size + 1;
-    let bound = |key: &'static str, default: u32| -> Result<Ipv4Addr, ConfigError> {
-        let Some(value) = address_field(&object, key)? else {
-            return Ok(Ipv4Addr::from(default));
+    let size = 1u128 << (bits - subnet_len);
+    let first = number_of(network.network());
+    let last_subnet = number_of(network.broadcast()) - size + 1;
+    let what = match network {
+        IpNet::V4(_) => "an IPv4 address",
+        IpNet::V6(_) => "an IPv6 address",
+    };
+    let bound = |key: &'static str, default: u128| -> Result<u128, ConfigError> {
+        let Some(value) = parsed_field::<IpAddr>(object, key, what)? else {
+            return Ok(default);
         };
+        if value.is_ipv4() != network.network().is_ipv4() {
+            return Err(ConfigError::Invalid {
+                key,
+                value: value.to_string(),
+                what,
+            });
+        }
         if !network.contains(&value) {
             return Err(ConfigError::OutsideNetwork {
                 key,
@@ -184,24 +280,61 @@ pub fn parse_config(json: &str) -> Result<NetworkConfig, ConfigError> {
                 network,
             });
         }
-        if !u32_of(value).is_multiple_of(size) {
+        if !number_of(value).is_multiple_of(size) {
             return Err(ConfigError::Unaligned {
                 key,
                 value,
                 subnet_len,
             });
         }
-        Ok(value)
+        Ok(number_of(value))
     };
-    // flannel skips the first subnet: its network address would be the Network's.
-    let subnet_min = bound("SubnetMin", first + size)?;
-    let subnet_max = bound("SubnetMax", last_subnet)?;
+    let min = bound(keys.subnet_min, first + size)?;
+    let max = bound(keys.subnet_max, last_subnet)?;
+    Ok((subnet_len, min, max))
+}
+
+/// The IPv6 half of a config with `EnableIPv6`.
+fn ipv6_half(object: &Value) -> Result<Ipv6Half, ConfigError> {
+    let network: Ipv6Net = parsed_field(object, IPV6_KEYS.network, "an IPv6 CIDR")?
+        .ok_or(ConfigError::MissingIpv6Network)?;
+    let network = network.trunc();
+    let (subnet_len, ..) = subnet_range(object, &IPV6_KEYS, network.into())?;
+    Ok(Ipv6Half {
+        network,
+        subnet_len,
+    })
+}
+
+/// Parses `<prefix>/config` and fills in flannel's defaults.
+pub fn parse_config(json: &str) -> Result<NetworkConfig, ConfigError> {
+    let object: Value =
+        serde_json::from_str(json).map_err(|e| ConfigError::NotJson(e.to_string()))?;
+    if !object.is_object() {
+        return Err(ConfigError::NotJson("expected an object".into()));
+    }
+    // flannel's defaults: IPv4 on, IPv6 off.
+    if !bool_field(&object, "EnableIPv4")?.unwrap_or(true) {
+        return Err(ConfigError::Ipv6Only);
+    }
+    let network: Ipv4Net = parsed_field(&object, IPV4_KEYS.network, "an IPv4 CIDR")?
+        .ok_or(ConfigError::MissingNetwork)?;
+    let network = network.trunc();
+    let (subnet_len, min, max) = subnet_range(&object, &IPV4_KEYS, network.into())?;
+    let [subnet_min, subnet_max] = [min, max].map(|bound| {
+        Ipv4Addr::from(u32::try_from(bound).expect("an address inside an IPv4 network"))
+    });
     if subnet_min > subnet_max {
         return Err(ConfigError::EmptyRange {
             min: subnet_min,
             max: subnet_max,
         });
     }
+    let ipv6 = if bool_field(&object, "EnableIPv6")?.unwrap_or(false) {
+        Some(ipv6_half(&object)?)
+    } else {
+        None
+    };
     let backend = field(&object, "Backend").cloned().unwrap_or(Value::Null);
     if !backend.is_object() && !backend.is_null() {
         return Err(ConfigError::Invalid {
@@ -235,6 +368,7 @@ pub fn parse_config(json: &str) -> Result<NetworkConfig, ConfigError> {
         vni,
         port,
         mtu,
+        ipv6,
     })
 }
 

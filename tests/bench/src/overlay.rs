@@ -118,7 +118,8 @@ impl Testbed {
     pub fn new(contender: Contender) -> Self {
         let weft = |nodes, pods, extra: &[&str]| {
             let extra: Vec<String> = extra.iter().map(|arg| (*arg).to_owned()).collect();
-            let cluster = cluster_with(Etcd::start, nodes, pods, |etcd| AgentOptions {
+            let config = network_config(cluster_network());
+            let cluster = cluster_with(Etcd::start, &config, nodes, pods, |etcd| AgentOptions {
                 extra_args: extra,
                 ..cluster_options(etcd)
             });

@@ -228,3 +228,36 @@ fn weft_nodes_and_a_flannel_node_share_the_overlay_through_node_annotations_alon
     }
     drop(servers);
 }
+
+/// kube-flannel's dual-stack `net-conf.json` is refused at start, saying why: flanneld with
+/// `EnableIPv6` cannot read a Node without IPv6 annotations, which weft does not publish yet,
+/// so serving the IPv4 half alone would cut this node off from flannel nodes altogether.
+#[test]
+fn a_dual_stack_net_conf_is_refused_at_start_saying_why() {
+    let dir = tempfile::tempdir().expect("a directory for net-conf.json");
+    let net_conf = dir.path().join("net-conf.json");
+    std::fs::write(
+        &net_conf,
+        format!(
+            r#"{{"Network":"{}","EnableIPv6":true,"IPv6Network":"fc00:30::/48","Backend":{{"Type":"vxlan"}}}}"#,
+            cluster_network()
+        ),
+    )
+    .expect("writing net-conf.json");
+    let output = std::process::Command::new(weft_tests::cluster::weft_binary())
+        .args(["agent", "--kube-subnet-mgr", "--hostname-override=n1"])
+        .arg(format!("--net-config-path={}", net_conf.display()))
+        .arg(format!(
+            "--kubeconfig={}",
+            dir.path().join("kubeconfig").display()
+        ))
+        .output()
+        .expect("running weft agent");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("enables IPv6 (IPv6Network fc00:30::/48), which weft does not serve yet")
+            && stderr.contains("Keep flanneld on dual-stack clusters"),
+        "{stderr}"
+    );
+}

@@ -216,9 +216,11 @@ fn a_large_tcp_transfer_crosses_the_overlay_intact_on_every_path() {
 /// A two-node cluster (a pod each) whose agents get `args`.
 fn cluster_with_args(args: &[&str]) -> Cluster {
     let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
-    cluster_with(Etcd::start, 2, 1, |etcd| AgentOptions {
-        extra_args: args,
-        ..cluster_options(etcd)
+    cluster_with(Etcd::start, &network_config(network()), 2, 1, |etcd| {
+        AgentOptions {
+            extra_args: args,
+            ..cluster_options(etcd)
+        }
     })
 }
 
@@ -705,22 +707,36 @@ fn mac(text: &str) -> [u8; 6] {
         .0
 }
 
+/// flannel's dual-stack network (`EnableIPv6`), of which weft serves the IPv4 half: the
+/// flannel node's lease is flannel's dual-stack key and JSON; weft's stay IPv4-only, which
+/// flanneld reads as nodes without IPv6, and weft says so. TCP crosses both ways, weft's VXLAN
+/// shaped as Linux's.
 #[test]
-fn a_flannel_node_and_weft_nodes_exchange_tcp_both_ways_over_plain_linux_vxlan() {
-    let cluster = cluster(3, 1);
+fn a_dual_stack_flannel_node_and_weft_nodes_exchange_tcp_both_ways_over_plain_linux_vxlan() {
+    let config = format!(
+        r#"{{"EnableIPv6":true,"Network":"{}","IPv6Network":"fc00:30::/48","SubnetLen":24,"Backend":{{"Type":"vxlan"}}}}"#,
+        network()
+    );
+    let cluster = cluster_with(Etcd::start, &config, 3, 1, cluster_options);
     let used: BTreeSet<Ipv4Net> = cluster.nodes.iter().map(Node::subnet).collect();
-    let subnet = (200..=255u8)
-        .map(|third| Ipv4Net::new(Ipv4Addr::new(172, 30, third, 0), 24).unwrap())
-        .find(|candidate| !used.contains(candidate))
+    let third = (200..=255u8)
+        .find(|third| !used.contains(&Ipv4Net::new(Ipv4Addr::new(172, 30, *third, 0), 24).unwrap()))
         .expect("a free subnet");
+    let subnet = Ipv4Net::new(Ipv4Addr::new(172, 30, third, 0), 24).unwrap();
     // The fourth node joins as flannel would: its own lease, then routes for everyone else's.
-    let flannel = FlannelNode::new(
+    let flannel = FlannelNode::set_up(
         &format!("{}f", cluster.underlay.ns.name()),
         &cluster.underlay,
         node_address(4),
         subnet,
-        &cluster.etcd,
-        PREFIX,
+    );
+    cluster.etcd.put(
+        &format!("{PREFIX}/subnets/172.30.{third}.0-24&fc00:30:0:{third:x}::-64"),
+        &format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":"fd00:1::4","BackendType":"vxlan","BackendData":{},"BackendV6Data":{{"VNI":1,"VtepMAC":"a2:1b:5e:00:00:04"}}}}"#,
+            node_address(4),
+            flannel.backend_data()
+        ),
     );
     let mut weft_vteps = Vec::new();
     for key in cluster.etcd.keys(&format!("{PREFIX}/subnets/")) {
@@ -728,11 +744,21 @@ fn a_flannel_node_and_weft_nodes_exchange_tcp_both_ways_over_plain_linux_vxlan()
         if remote == subnet {
             continue;
         }
-        let lease =
-            Lease::parse(&cluster.etcd.get(&key).expect("lease value")).expect("flannel's JSON");
+        let value = cluster.etcd.get(&key).expect("lease value");
+        assert!(
+            !key.contains('&') && value.contains(r#""PublicIPv6":null"#),
+            "weft's lease is IPv4-only: {key} {value}"
+        );
+        let lease = Lease::parse(&value).expect("flannel's JSON");
         flannel.add_remote(remote, lease.public_ip, &lease.vtep_mac.to_string());
         weft_vteps.push((lease.public_ip, lease.vtep_mac.0));
     }
+    assert!(
+        cluster.agents[0]
+            .log()
+            .contains("enables IPv6 (IPv6Network fc00:30::/48, /64 per node)"),
+        "the agent says it serves the IPv4 half only"
+    );
     let flannel_pod = flannel.node.add_pod(flannel.node.pod_address(1));
     let _flannel_server = serve_http(&flannel_pod.ns, HTTP_PORT);
     let weft_pod = &cluster.pods[0][0];

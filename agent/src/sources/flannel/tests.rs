@@ -19,6 +19,7 @@ fn the_seeds_config_gets_flannels_defaults() {
             vni: 1,
             port: 8472,
             mtu: None,
+            ipv6: None,
         }
     );
     assert_eq!(config.candidates().count(), 255);
@@ -38,8 +39,126 @@ fn subnet_len_defaults_follow_the_network_size() {
     assert_eq!(len("10.0.0.0/28"), Ok(30));
     assert_eq!(
         len("10.0.0.0/29"),
-        Err(ConfigError::NetworkTooSmall(net("10.0.0.0/29")))
+        Err(ConfigError::NetworkTooSmall {
+            key: "Network",
+            network: net("10.0.0.0/29").into(),
+            smallest: 28
+        })
     );
+}
+
+/// flannel's dual-stack config (its `Documentation/configuration.md`): the IPv6 half is read
+/// and checked as flanneld checks it, the same rules at 128 bits.
+#[test]
+fn the_ipv6_half_is_checked_as_flannel_checks_it() {
+    let with = |extra: &str| {
+        parse_config(&format!(
+            r#"{{"EnableIPv6":true,"Network":"10.42.0.0/16","Backend":{{"Type":"vxlan"}}{extra}}}"#
+        ))
+    };
+    let half = |network: &str, subnet_len| {
+        Some(Ipv6Half {
+            network: network.parse().unwrap(),
+            subnet_len,
+        })
+    };
+    let v6_len = |network: &str| {
+        with(&format!(r#","IPv6Network":"{network}""#))
+            .map(|config| config.ipv6.unwrap().subnet_len)
+    };
+    let config = with(r#","IPv6Network":"2001:cafe:42::/56""#).unwrap();
+    assert_eq!(config.ipv6, half("2001:cafe:42::/56", 64));
+    assert_eq!(config.subnet_len, 24, "the IPv4 half is as without IPv6");
+    assert_eq!(v6_len("fc00::/62"), Ok(64));
+    assert_eq!(v6_len("fc00::/63"), Ok(65));
+    assert_eq!(v6_len("fc00::/124"), Ok(126));
+    assert_eq!(
+        v6_len("fc00::/125"),
+        Err(ConfigError::NetworkTooSmall {
+            key: "IPv6Network",
+            network: "fc00::/125".parse().unwrap(),
+            smallest: 124
+        })
+    );
+    assert_eq!(
+        with(r#","IPv6Network":"fc00::5/48""#).unwrap().ipv6,
+        half("fc00::/48", 64),
+        "a host address names its network, as for IPv4"
+    );
+    let explicit = with(
+        r#","IPv6Network":"fc00::/48","IPv6SubnetLen":80,"IPv6SubnetMin":"fc00:0:0:1::","IPv6SubnetMax":"fc00:0:0:2::""#,
+    )
+    .unwrap();
+    assert_eq!(explicit.ipv6, half("fc00::/48", 80));
+    let error = |extra: &str| with(&format!(r#","IPv6Network":"fc00::/48"{extra}"#)).unwrap_err();
+    assert_eq!(
+        error(r#","IPv6SubnetLen":127"#),
+        ConfigError::SubnetTooSmall {
+            key: "IPv6SubnetLen",
+            len: 127,
+            largest: 126
+        }
+    );
+    assert!(matches!(
+        error(r#","IPv6SubnetLen":49"#),
+        ConfigError::TooFewSubnets {
+            key: "IPv6SubnetLen",
+            ..
+        }
+    ));
+    assert!(matches!(
+        error(r#","IPv6SubnetMin":"fc01::""#),
+        ConfigError::OutsideNetwork {
+            key: "IPv6SubnetMin",
+            ..
+        }
+    ));
+    assert!(matches!(
+        error(r#","IPv6SubnetMax":"fc00:0:0:2::1""#),
+        ConfigError::Unaligned {
+            key: "IPv6SubnetMax",
+            subnet_len: 64,
+            ..
+        }
+    ));
+    assert!(matches!(
+        error(r#","IPv6SubnetMin":"10.42.1.0""#),
+        ConfigError::Invalid {
+            key: "IPv6SubnetMin",
+            ..
+        }
+    ));
+    assert_eq!(with(""), Err(ConfigError::MissingIpv6Network));
+    assert!(matches!(
+        with(r#","IPv6Network":"10.43.0.0/16""#),
+        Err(ConfigError::Invalid {
+            key: "IPv6Network",
+            ..
+        })
+    ));
+    // Without EnableIPv6 flannel reads none of it, and neither does weft.
+    let ignored = parse_config(
+        r#"{"Network":"10.42.0.0/16","IPv6Network":"junk","Backend":{"Type":"vxlan"}}"#,
+    )
+    .unwrap();
+    assert_eq!(ignored.ipv6, None);
+    assert!(matches!(
+        parse_config(r#"{"EnableIPv6":"yes","Network":"10.42.0.0/16","Backend":{"Type":"vxlan"}}"#),
+        Err(ConfigError::Invalid {
+            key: "EnableIPv6",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn an_ipv6_only_network_is_refused_saying_so() {
+    let error = parse_config(
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48","Backend":{"Type":"vxlan"}}"#,
+    )
+    .unwrap_err();
+    assert_eq!(error, ConfigError::Ipv6Only);
+    assert!(error.to_string().contains("EnableIPv4 is false"), "{error}");
 }
 
 #[test]
@@ -77,13 +196,20 @@ fn explicit_bounds_are_checked() {
         with(r#","SubnetMin":"10.5.30.0","SubnetMax":"10.5.20.0""#),
         Err(ConfigError::EmptyRange { .. })
     ));
-    assert!(matches!(
+    assert_eq!(
         with(r#","SubnetLen":31"#),
-        Err(ConfigError::SubnetTooSmall(31))
-    ));
+        Err(ConfigError::SubnetTooSmall {
+            key: "SubnetLen",
+            len: 31,
+            largest: 30
+        })
+    );
     assert!(matches!(
         with(r#","SubnetLen":17"#),
-        Err(ConfigError::TooFewSubnets { .. })
+        Err(ConfigError::TooFewSubnets {
+            key: "SubnetLen",
+            ..
+        })
     ));
 }
 
@@ -312,14 +438,24 @@ mod properties {
             0u8..=28,
             any::<u8>(),
             any::<Option<(u16, u16)>>(),
+            any::<Option<(u128, u8, Option<u8>)>>(),
         )
-            .prop_flat_map(|(addr, prefix, len_pick, bounds)| {
+            .prop_flat_map(|(addr, prefix, len_pick, bounds, ipv6)| {
                 let network = Ipv4Net::new(Ipv4Addr::from(addr), prefix)
                     .expect("prefix <= 32")
                     .trunc();
                 let subnet_len = (prefix + 2 + len_pick % (31 - prefix - 2)).min(30);
+                // The IPv6 half: a network of /0../124, its subnet length explicit or not.
+                let ipv6 = ipv6.map(|(addr, prefix, len_pick)| {
+                    let prefix = prefix % 125;
+                    let network = Ipv6Net::new(Ipv6Addr::from(addr), prefix)
+                        .expect("prefix <= 128")
+                        .trunc();
+                    let subnet_len = len_pick.map(|pick| prefix + 2 + pick % (127 - prefix - 2));
+                    (network, subnet_len)
+                });
                 (
-                    Just((network, subnet_len, bounds)),
+                    Just((network, subnet_len, bounds, ipv6)),
                     any::<bool>(),
                     prop::option::of(0..=VNI_MAX),
                     prop::option::of(any::<u16>()),
@@ -329,7 +465,7 @@ mod properties {
                 )
             })
             .prop_map(
-                |((network, subnet_len, bounds), explicit_len, vni, port, mtu, gbp, case)| {
+                |((network, subnet_len, bounds, ipv6), explicit_len, vni, port, mtu, gbp, case)| {
                     let size = 1u32 << (32 - subnet_len);
                     let count = (u32_of(network.broadcast()) - u32_of(network.network())) / size;
                     let mut config =
@@ -344,6 +480,13 @@ mod properties {
                         let (lo, hi) = (at(a).min(at(b)), at(a).max(at(b)));
                         config["SubnetMin"] = json!(Ipv4Addr::from(lo).to_string());
                         config["SubnetMax"] = json!(Ipv4Addr::from(hi).to_string());
+                    }
+                    if let Some((network, subnet_len)) = ipv6 {
+                        config["EnableIPv6"] = json!(true);
+                        config["IPv6Network"] = json!(network.to_string());
+                        if let Some(len) = subnet_len {
+                            config["IPv6SubnetLen"] = json!(len);
+                        }
                     }
                     let backend = &mut config["Backend"];
                     if let Some(vni) = vni {
@@ -394,6 +537,11 @@ mod properties {
         if let Some(mtu) = config.mtu {
             json["Backend"]["MTU"] = json!(mtu);
         }
+        if let Some(ipv6) = config.ipv6 {
+            json["EnableIPv6"] = json!(true);
+            json["IPv6Network"] = json!(ipv6.network.to_string());
+            json["IPv6SubnetLen"] = json!(ipv6.subnet_len);
+        }
         json.to_string()
     }
 
@@ -410,6 +558,10 @@ mod properties {
         let first = config.candidates().next().expect("at least one subnet");
         assert!(config.holds(&first) && network.contains(&first));
         assert!(config.vni <= VNI_MAX && config.port != 0);
+        if let Some(ipv6) = config.ipv6 {
+            assert_eq!(ipv6.network, ipv6.network.trunc());
+            assert!((ipv6.network.prefix_len() + 2..=126).contains(&ipv6.subnet_len));
+        }
         assert_eq!(parse_config(&explicit(config)).as_ref(), Ok(config));
     }
 
@@ -418,11 +570,15 @@ mod properties {
         let message = error.to_string();
         let names: &[&str] = match error {
             ConfigError::NotJson(_) => &["JSON"],
-            ConfigError::MissingNetwork | ConfigError::NetworkTooSmall(_) => &["Network"],
+            ConfigError::MissingNetwork => &["Network"],
+            ConfigError::MissingIpv6Network => &["EnableIPv6", "IPv6Network"],
+            ConfigError::Ipv6Only => &["EnableIPv4"],
             ConfigError::Invalid { key, .. }
             | ConfigError::OutsideNetwork { key, .. }
-            | ConfigError::Unaligned { key, .. } => &[key],
-            ConfigError::SubnetTooSmall(_) | ConfigError::TooFewSubnets { .. } => &["SubnetLen"],
+            | ConfigError::Unaligned { key, .. }
+            | ConfigError::NetworkTooSmall { key, .. }
+            | ConfigError::SubnetTooSmall { key, .. }
+            | ConfigError::TooFewSubnets { key, .. } => &[key],
             ConfigError::EmptyRange { .. } => &["SubnetMin", "SubnetMax"],
             ConfigError::UnsupportedBackend(_) => &["Backend.Type"],
             ConfigError::UnsupportedGbp => &["Backend.GBP"],
@@ -521,7 +677,8 @@ mod properties {
         fn configs_with_flannels_fields_garbled_are_refused_by_name(
             config in valid_config(),
             key in prop::sample::select(vec![
-                "Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend",
+                "Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend", "EnableIPv4",
+                "EnableIPv6", "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax",
             ]),
             value in fuzz::odd_value(),
         ) {
