@@ -96,7 +96,7 @@ pub enum ConfigError {
     #[error("EnableIPv6 is set but IPv6Network is missing; set it, e.g. \"fc00::/48\"")]
     MissingIpv6Network,
     #[error(
-        "EnableIPv4 is false: an IPv6-only network, which weft does not serve yet; keep \
+        "EnableIPv4 is false, and weft serves only IPv4 networks so far (IPv6 not yet); keep \
          flanneld on these nodes"
     )]
     Ipv6Only,
@@ -196,7 +196,7 @@ struct HalfKeys {
     subnet_len: &'static str,
     subnet_min: &'static str,
     subnet_max: &'static str,
-    /// The subnet length given where the network holds four of them: /24 or /64.
+    /// The subnet length given where the network holds at least four of them: /24 or /64.
     default_len: u8,
 }
 
@@ -273,6 +273,10 @@ fn subnet_range(
                 what,
             });
         }
+        // flannel reads the zero address as unset.
+        if value.is_unspecified() {
+            return Ok(default);
+        }
         if !network.contains(&value) {
             return Err(ConfigError::OutsideNetwork {
                 key,
@@ -294,11 +298,35 @@ fn subnet_range(
     Ok((subnet_len, min, max))
 }
 
+/// `network` truncated to its network address, unless it is a /0, which flannel reads as unset.
+fn set_network<N: Into<IpNet> + Copy>(key: &'static str, network: N) -> Result<N, ConfigError> {
+    let whole: IpNet = network.into();
+    if whole.prefix_len() == 0 {
+        return Err(ConfigError::Invalid {
+            key,
+            value: whole.to_string(),
+            what: "a pod network (flannel reads a /0 as unset)",
+        });
+    }
+    Ok(network)
+}
+
+/// flanneld decodes the IPv6 fields whether `EnableIPv6` is set or not, and fails to start on
+/// one it cannot read (its decoder takes either family); so does weft.
+fn decode_ipv6_fields(object: &Value) -> Result<(), ConfigError> {
+    parsed_field::<IpNet>(object, IPV6_KEYS.network, "a CIDR")?;
+    number_field(object, IPV6_KEYS.subnet_len, u64::MAX)?;
+    for key in [IPV6_KEYS.subnet_min, IPV6_KEYS.subnet_max] {
+        parsed_field::<IpAddr>(object, key, "an IP address")?;
+    }
+    Ok(())
+}
+
 /// The IPv6 half of a config with `EnableIPv6`.
 fn ipv6_half(object: &Value) -> Result<Ipv6Half, ConfigError> {
     let network: Ipv6Net = parsed_field(object, IPV6_KEYS.network, "an IPv6 CIDR")?
         .ok_or(ConfigError::MissingIpv6Network)?;
-    let network = network.trunc();
+    let network = set_network(IPV6_KEYS.network, network.trunc())?;
     let (subnet_len, ..) = subnet_range(object, &IPV6_KEYS, network.into())?;
     Ok(Ipv6Half {
         network,
@@ -319,7 +347,7 @@ pub fn parse_config(json: &str) -> Result<NetworkConfig, ConfigError> {
     }
     let network: Ipv4Net = parsed_field(&object, IPV4_KEYS.network, "an IPv4 CIDR")?
         .ok_or(ConfigError::MissingNetwork)?;
-    let network = network.trunc();
+    let network = set_network(IPV4_KEYS.network, network.trunc())?;
     let (subnet_len, min, max) = subnet_range(&object, &IPV4_KEYS, network.into())?;
     let [subnet_min, subnet_max] = [min, max].map(|bound| {
         Ipv4Addr::from(u32::try_from(bound).expect("an address inside an IPv4 network"))
@@ -330,6 +358,7 @@ pub fn parse_config(json: &str) -> Result<NetworkConfig, ConfigError> {
             max: subnet_max,
         });
     }
+    decode_ipv6_fields(&object)?;
     let ipv6 = if bool_field(&object, "EnableIPv6")?.unwrap_or(false) {
         Some(ipv6_half(&object)?)
     } else {

@@ -225,9 +225,10 @@ fn forwarding_continues_while_etcd_is_down_for_a_minute_and_the_agents_resync_af
     let back = Instant::now();
     // Typically within milliseconds (a re-list in flight while etcd starts is answered once it
     // serves). The bound is what the client guarantees: a connection that answers nothing is
-    // given up after its keep-alive (10 s + 5 s), then one retry (1 s) and one request (5 s).
+    // given up after its keep-alive (10 s + 5 s), then one retry (1 s), a connection (3 s) and
+    // a request (5 s): 24 s.
     within(
-        Duration::from_secs(25),
+        Duration::from_secs(30),
         "both agents' lease watches resume",
         || {
             cluster

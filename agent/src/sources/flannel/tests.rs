@@ -37,6 +37,10 @@ fn subnet_len_defaults_follow_the_network_size() {
     assert_eq!(len("10.0.0.0/22"), Ok(24));
     assert_eq!(len("10.0.0.0/23"), Ok(25));
     assert_eq!(len("10.0.0.0/28"), Ok(30));
+    assert!(matches!(
+        len("10.0.0.0/0"),
+        Err(ConfigError::Invalid { key: "Network", .. })
+    ));
     assert_eq!(
         len("10.0.0.0/29"),
         Err(ConfigError::NetworkTooSmall {
@@ -136,12 +140,41 @@ fn the_ipv6_half_is_checked_as_flannel_checks_it() {
             ..
         })
     ));
-    // Without EnableIPv6 flannel reads none of it, and neither does weft.
-    let ignored = parse_config(
-        r#"{"Network":"10.42.0.0/16","IPv6Network":"junk","Backend":{"Type":"vxlan"}}"#,
-    )
-    .unwrap();
-    assert_eq!(ignored.ipv6, None);
+    // Without EnableIPv6 flannel checks none of it, but still decodes it, and fails on what it
+    // cannot decode (its decoder takes either family).
+    let without = |extra: &str| {
+        parse_config(&format!(
+            r#"{{"Network":"10.42.0.0/16","Backend":{{"Type":"vxlan"}}{extra}}}"#
+        ))
+    };
+    assert_eq!(
+        without(r#","IPv6Network":"10.43.0.0/16","IPv6SubnetLen":200"#)
+            .unwrap()
+            .ipv6,
+        None
+    );
+    for (junk, key) in [
+        (r#","IPv6Network":"junk""#, "IPv6Network"),
+        (r#","IPv6SubnetLen":-1"#, "IPv6SubnetLen"),
+        (r#","IPv6SubnetMax":"fc00::/64""#, "IPv6SubnetMax"),
+    ] {
+        assert!(
+            matches!(without(junk), Err(ConfigError::Invalid { key: k, .. }) if k == key),
+            "{junk}"
+        );
+    }
+    // flannel reads a /0 network as unset, and the zero address as an unset bound.
+    assert!(matches!(
+        with(r#","IPv6Network":"::/0""#),
+        Err(ConfigError::Invalid {
+            key: "IPv6Network",
+            ..
+        })
+    ));
+    assert_eq!(
+        with(r#","IPv6Network":"fc00::/48","IPv6SubnetMin":"::""#).map(|c| c.ipv6),
+        Ok(half("fc00::/48", 64))
+    );
     assert!(matches!(
         parse_config(r#"{"EnableIPv6":"yes","Network":"10.42.0.0/16","Backend":{"Type":"vxlan"}}"#),
         Err(ConfigError::Invalid {
@@ -159,6 +192,11 @@ fn an_ipv6_only_network_is_refused_saying_so() {
     .unwrap_err();
     assert_eq!(error, ConfigError::Ipv6Only);
     assert!(error.to_string().contains("EnableIPv4 is false"), "{error}");
+    assert_eq!(
+        parse_config(r#"{"EnableIPv4":false,"Backend":{"Type":"vxlan"}}"#),
+        Err(ConfigError::Ipv6Only),
+        "neither family"
+    );
 }
 
 #[test]
@@ -178,6 +216,8 @@ fn explicit_bounds_are_checked() {
     };
     let ok = with(r#","SubnetMin":"10.5.10.0","SubnetMax":"10.5.20.0""#).unwrap();
     assert_eq!(ok.candidates().count(), 11);
+    let unset = with(r#","SubnetMin":"0.0.0.0""#).unwrap();
+    assert_eq!(unset.subnet_min, "10.5.1.0".parse::<Ipv4Addr>().unwrap());
     assert!(matches!(
         with(r#","SubnetMin":"10.6.0.0""#),
         Err(ConfigError::OutsideNetwork {
@@ -435,7 +475,7 @@ mod properties {
     fn valid_config() -> impl Strategy<Value = Value> {
         (
             any::<u32>(),
-            0u8..=28,
+            1u8..=28,
             any::<u8>(),
             any::<Option<(u16, u16)>>(),
             any::<Option<(u128, u8, Option<u8>)>>(),
@@ -445,9 +485,9 @@ mod properties {
                     .expect("prefix <= 32")
                     .trunc();
                 let subnet_len = (prefix + 2 + len_pick % (31 - prefix - 2)).min(30);
-                // The IPv6 half: a network of /0../124, its subnet length explicit or not.
+                // The IPv6 half: a network of /1../124, its subnet length explicit or not.
                 let ipv6 = ipv6.map(|(addr, prefix, len_pick)| {
-                    let prefix = prefix % 125;
+                    let prefix = prefix % 124 + 1;
                     let network = Ipv6Net::new(Ipv6Addr::from(addr), prefix)
                         .expect("prefix <= 128")
                         .trunc();
@@ -549,6 +589,7 @@ mod properties {
     fn check_config(config: &NetworkConfig) {
         let network = config.network;
         assert_eq!(network, network.trunc());
+        assert!(network.prefix_len() > 0);
         assert!((network.prefix_len() + 2..=30).contains(&config.subnet_len));
         assert!(config.subnet_min <= config.subnet_max);
         let size = 1u32 << (32 - config.subnet_len);
@@ -560,6 +601,7 @@ mod properties {
         assert!(config.vni <= VNI_MAX && config.port != 0);
         if let Some(ipv6) = config.ipv6 {
             assert_eq!(ipv6.network, ipv6.network.trunc());
+            assert!(ipv6.network.prefix_len() > 0);
             assert!((ipv6.network.prefix_len() + 2..=126).contains(&ipv6.subnet_len));
         }
         assert_eq!(parse_config(&explicit(config)).as_ref(), Ok(config));
