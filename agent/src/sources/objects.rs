@@ -6,12 +6,16 @@
 //! labelled `service.kubernetes.io/service-proxy-name` or `service.kubernetes.io/headless`, and
 //! EndpointSlices that are not IPv4 or belong to no service. Fields are read as kube-proxy reads
 //! them (`pkg/proxy/service.go`): NodePorts and load-balancer addresses only for the types that
-//! have them, IPv6 addresses skipped, unparsable source ranges skipped with a warning.
+//! have them, IPv6 addresses skipped (a dual-stack Service is served on its IPv4 ClusterIP,
+//! whichever family is first), unparsable source ranges skipped with a warning.
 
 use std::{fmt, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Service, ServiceSpec as ServiceSpecApi},
+    discovery::v1::EndpointSlice,
+};
 use weft_common::ip_proto;
 
 use crate::model::Model;
@@ -165,8 +169,12 @@ pub enum ObjectError {
     MissingName,
     #[error("spec is missing")]
     MissingSpec,
-    #[error("spec.clusterIP {0:?} is not an IP address")]
-    InvalidClusterIp(String),
+    #[error("{field} {ip:?} is not {what}")]
+    InvalidClusterIp {
+        field: String,
+        ip: String,
+        what: &'static str,
+    },
     #[error("spec.ports[{index}].port {port} is not in 1-65535")]
     InvalidPort { index: usize, port: i32 },
     #[error("spec.ports[{index}].protocol {protocol:?} is not TCP, UDP or SCTP")]
@@ -335,12 +343,9 @@ pub fn check_service(service: &Service) -> Result<Checked<ServiceSpec>, ObjectEr
     let cluster_ip = match spec.cluster_ip.as_deref() {
         None | Some("") => return Ok(Checked::Ignore("no ClusterIP allocated")),
         Some("None") => return Ok(Checked::Ignore("headless")),
-        Some(ip) => match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => ip,
-            Ok(std::net::IpAddr::V6(_)) => {
-                return Ok(Checked::Ignore("IPv6 ClusterIP (weft serves IPv4)"));
-            }
-            Err(_) => return Err(ObjectError::InvalidClusterIp(ip.to_owned())),
+        Some(_) => match ipv4_cluster_ip(spec)? {
+            Ok(ip) => ip,
+            Err(why) => return Ok(Checked::Ignore(why)),
         },
     };
     let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
@@ -474,6 +479,49 @@ pub fn check_service(service: &Service) -> Result<Checked<ServiceSpec>, ObjectEr
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         health_check_node_port,
     }))
+}
+
+/// The Service's IPv4 ClusterIP, chosen as kube-proxy's IPv4 proxier chooses it
+/// (`GetClusterIPByFamily`): the `clusterIPs` entry at the index of `IPv4` in `ipFamilies`,
+/// which on a dual-stack Service with IPv6 first is the second; without `ipFamilies` (an API
+/// server from before dual-stack), `clusterIP` if it is IPv4. Beyond kube-proxy, which serves
+/// nothing without `clusterIPs`, a hand-written manifest without them gets the API server's
+/// defaulting (`[clusterIP]`). `Ok(Err(why))`: nothing for IPv4 to serve.
+fn ipv4_cluster_ip(spec: &ServiceSpecApi) -> Result<Result<Ipv4Addr, &'static str>, ObjectError> {
+    const IPV6_ONLY: &str = "IPv6 only (weft serves IPv4)";
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    if families.is_empty() {
+        let text = spec.cluster_ip.clone().unwrap_or_default();
+        return match text.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => Ok(Ok(ip)),
+            Ok(std::net::IpAddr::V6(_)) => Ok(Err(IPV6_ONLY)),
+            Err(_) => Err(ObjectError::InvalidClusterIp {
+                field: "spec.clusterIP".to_owned(),
+                ip: text,
+                what: "an IP address",
+            }),
+        };
+    }
+    let Some(index) = families.iter().position(|family| family == "IPv4") else {
+        return Ok(Err(IPV6_ONLY));
+    };
+    let (field, listed) = match spec.cluster_ips.as_deref() {
+        None | Some([]) => ("spec.clusterIP".to_owned(), spec.cluster_ip.as_slice()),
+        Some(listed) => (format!("spec.clusterIPs[{index}]"), listed),
+    };
+    let Some(text) = listed.get(index) else {
+        return Ok(Err(
+            "no IPv4 ClusterIP allocated yet (spec.clusterIPs has no entry for IPv4)",
+        ));
+    };
+    match text.parse() {
+        Ok(ip) => Ok(Ok(ip)),
+        Err(_) => Err(ObjectError::InvalidClusterIp {
+            field,
+            ip: text.clone(),
+            what: "an IPv4 address",
+        }),
+    }
 }
 
 /// Checks an EndpointSlice.

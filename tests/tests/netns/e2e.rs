@@ -212,6 +212,38 @@ fn should_serve_a_basic_endpoint_from_pods() {
     });
 }
 
+/// A dual-stack Service on a cluster whose first family is IPv6 (`clusterIP` IPv6, its IPv4
+/// address second in `clusterIPs`) is served on its IPv4 ClusterIP from its IPv4 EndpointSlice,
+/// as kube-proxy's IPv4 proxier serves it; the IPv6 slice beside it is left alone.
+#[test]
+fn a_dual_stack_service_with_ipv6_first_is_served_on_its_ipv4_cluster_ip() {
+    let site = site(2, HTTP_80, "");
+    let dual_stack = manifest(
+        "web",
+        "ClusterIP",
+        &format!(
+            "  clusterIP: \"fd00:10:96::7\"\n  clusterIPs: [\"fd00:10:96::7\", \"{VIP}\"]\n  \
+             ipFamilies: [IPv6, IPv4]\n  ipFamilyPolicy: PreferDualStack\n  \
+             ports: [{{port: 80, targetPort: 80}}]\n"
+        ),
+        &format!("ports: [{{port: 80}}]\n{}", endpoints(2, &site.node_name())),
+    );
+    let ipv6_slice = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: \
+                      {name: web-6, namespace: e2e, labels: {kubernetes.io/service-name: web}}\n\
+                      addressType: IPv6\nports: [{port: 80}]\n\
+                      endpoints: [{addresses: [\"fd00:10:244::5\"]}]\n";
+    site.apply(&format!("{dual_stack}{ipv6_slice}"));
+    served(
+        &site.client.ns,
+        frontend(),
+        "the dual-stack service on its IPv4 ClusterIP",
+    );
+    assert_eq!(
+        distinct(&servers(&site.client.ns, frontend(), 20)),
+        [backend(0), backend(1)].into()
+    );
+}
+
 #[test]
 fn should_serve_multiport_endpoints_from_pods() {
     let site = site(

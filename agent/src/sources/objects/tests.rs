@@ -143,6 +143,82 @@ fn services_kube_proxy_ignores_are_ignored() {
     }
 }
 
+/// kube-proxy's IPv4 proxier takes a Service's IPv4 ClusterIP by family (`GetClusterIPByFamily`):
+/// on a cluster whose first family is IPv6, a dual-stack Service's IPv4 address is its second.
+#[test]
+fn a_dual_stack_service_is_served_on_its_ipv4_cluster_ip_whichever_family_is_first() {
+    let with = |families: &[&str], ips: &[&str]| {
+        let mut json = nginx();
+        json["spec"]["clusterIP"] = ips.first().copied().unwrap_or("").into();
+        json["spec"]["clusterIPs"] = serde_json::json!(ips);
+        json["spec"]["ipFamilies"] = serde_json::json!(families);
+        json["spec"]["ipFamilyPolicy"] = "PreferDualStack".into();
+        check_service(&service(json))
+    };
+    let cluster_ip = |checked: Result<Checked<ServiceSpec>, ObjectError>| match checked {
+        Ok(Checked::Serve(spec)) => spec.cluster_ip,
+        other => panic!("not served: {other:?}"),
+    };
+    let v4 = Ipv4Addr::new(10, 254, 40, 119);
+    assert_eq!(
+        cluster_ip(with(&["IPv6", "IPv4"], &["fd00:10:96::7", "10.254.40.119"])),
+        v4
+    );
+    assert_eq!(
+        cluster_ip(with(&["IPv4", "IPv6"], &["10.254.40.119", "fd00:10:96::7"])),
+        v4
+    );
+    assert_eq!(cluster_ip(with(&["IPv4"], &["10.254.40.119"])), v4);
+    let mut without_list = nginx();
+    without_list["spec"]["ipFamilies"] = serde_json::json!(["IPv4"]);
+    assert_eq!(
+        cluster_ip(check_service(&service(without_list.clone()))),
+        v4,
+        "clusterIPs defaults to [clusterIP], as the API server defaults it"
+    );
+    without_list["spec"]["clusterIP"] = "fd00:10:96::7".into();
+    assert_eq!(
+        check_service(&service(without_list))
+            .unwrap_err()
+            .to_string(),
+        "spec.clusterIP \"fd00:10:96::7\" is not an IPv4 address",
+        "the error names the field the manifest has"
+    );
+    assert_eq!(
+        cluster_ip(with(
+            &["IPv4"],
+            &["10.254.40.119", "10.254.40.120", "fd00:10:96::7"]
+        )),
+        v4,
+        "entries beyond the families are not read"
+    );
+    // IPv6 only: nothing for an IPv4 dataplane, as for kube-proxy's IPv4 proxier.
+    let ipv6_only = Ok(Checked::Ignore("IPv6 only (weft serves IPv4)"));
+    assert_eq!(with(&["IPv6"], &["fd00:10:96::7"]), ipv6_only);
+    let mut old_api = nginx();
+    old_api["spec"]["clusterIP"] = "fd00:10:96::7".into();
+    assert_eq!(check_service(&service(old_api)), ipv6_only);
+    // Headless and unallocated are told before any family.
+    assert_eq!(with(&["IPv4"], &["None"]), Ok(Checked::Ignore("headless")));
+    assert_eq!(
+        with(&["IPv4"], &[]),
+        Ok(Checked::Ignore("no ClusterIP allocated"))
+    );
+    // A family that names an address of the other is refused, naming the entry.
+    assert_eq!(
+        with(&["IPv6", "IPv4"], &["fd00:10:96::7", "fd00:10:96::8"])
+            .unwrap_err()
+            .to_string(),
+        "spec.clusterIPs[1] \"fd00:10:96::8\" is not an IPv4 address"
+    );
+    assert_eq!(
+        with(&["IPv6", "IPv4"], &["fd00:10:96::7"]),
+        Ok(Checked::Ignore(
+            "no IPv4 ClusterIP allocated yet (spec.clusterIPs has no entry for IPv4)"
+        ))
+    );
+}
+
 #[test]
 fn invalid_services_name_the_field() {
     let mut bad_ip = nginx();
