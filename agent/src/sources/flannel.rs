@@ -298,7 +298,7 @@ fn subnet_range(
     Ok((subnet_len, min, max))
 }
 
-/// `network` truncated to its network address, unless it is a /0, which flannel reads as unset.
+/// `network` (truncated by the caller), refused if it is a /0, which flannel reads as unset.
 fn set_network<N: Into<IpNet> + Copy>(key: &'static str, network: N) -> Result<N, ConfigError> {
     let whole: IpNet = network.into();
     if whole.prefix_len() == 0 {
