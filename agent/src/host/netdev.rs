@@ -116,6 +116,26 @@ fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetdevEr
     move |source| NetdevError::Netlink { what, source }
 }
 
+/// Collects a dump, asking again while the kernel answers EBUSY: it runs one dump per socket
+/// at a time, and the agent's tasks share one socket, so listings made at once meet it.
+async fn dump<S>(request: impl Fn() -> S) -> Result<Vec<S::Ok>, rtnetlink::Error>
+where
+    S: futures::TryStream<Error = rtnetlink::Error>,
+{
+    let mut busy = 0;
+    loop {
+        match request().try_collect().await {
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == -libc::EBUSY && busy < 100 =>
+            {
+                busy += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// The link called `name`, if there is one.
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<Link>, NetdevError> {
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
@@ -129,11 +149,7 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<Link>, N
 
 /// Every link of the namespace.
 pub async fn links(handle: &Handle) -> Result<Vec<Link>, NetdevError> {
-    let messages: Vec<LinkMessage> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
+    let messages: Vec<LinkMessage> = dump(|| handle.link().get().execute())
         .await
         .map_err(netlink("list links"))?;
     Ok(messages.iter().filter_map(Link::from_message).collect())
@@ -275,14 +291,15 @@ async fn link_addresses(
     index: u32,
     name: &str,
 ) -> Result<Vec<Ipv4Addr>, NetdevError> {
-    let messages: Vec<_> = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(netlink(format!("list addresses of {name}")))?;
+    let messages = dump(|| {
+        handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+    })
+    .await
+    .map_err(netlink(format!("list addresses of {name}")))?;
     let mut addresses: Vec<Ipv4Addr> = Vec::new();
     for attribute in messages.iter().flat_map(|message| &message.attributes) {
         if let AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) =
@@ -302,11 +319,7 @@ pub async fn node_addresses(
     handle: &Handle,
     only: &[Ipv4Net],
 ) -> Result<BTreeSet<Ipv4Addr>, NetdevError> {
-    let messages: Vec<_> = handle
-        .address()
-        .get()
-        .execute()
-        .try_collect()
+    let messages = dump(|| handle.address().get().execute())
         .await
         .map_err(netlink("list addresses"))?;
     Ok(messages
@@ -325,13 +338,23 @@ pub async fn node_addresses(
 
 /// Every IPv4 route of the namespace, all tables.
 pub async fn routes(handle: &Handle) -> Result<Vec<RouteMessage>, NetdevError> {
-    handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
+    dump(|| {
+        handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+    })
+    .await
+    .map_err(netlink("list routes"))
+}
+
+/// Every neighbour entry of the namespace.
+pub async fn neighbours(
+    handle: &Handle,
+) -> Result<Vec<rtnetlink::packet_route::neighbour::NeighbourMessage>, NetdevError> {
+    dump(|| handle.neighbours().get().execute())
         .await
-        .map_err(netlink("list routes"))
+        .map_err(netlink("list neighbours"))
 }
 
 async fn default_route_interface(handle: &Handle) -> Result<u32, NetdevError> {
@@ -404,12 +427,8 @@ pub async fn route_network(
 
 /// The routes [`route_network`] added in this namespace: (network, uplink ifindex).
 pub async fn weft_routes(handle: &Handle) -> Result<Vec<(Ipv4Net, u32)>, NetdevError> {
-    let mut routes = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
     let mut ours = Vec::new();
-    while let Some(route) = routes.try_next().await.map_err(netlink("list routes"))? {
+    for route in routes(handle).await? {
         if route.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
             continue;
         }
@@ -451,12 +470,7 @@ pub async fn unroute_network(
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
         Err(e) => return Err(netlink(format!("remove the route to {network}"))(e)),
     }
-    let mut neighbours = handle.neighbours().get().execute();
-    while let Some(neighbour) = neighbours
-        .try_next()
-        .await
-        .map_err(netlink("list neighbours"))?
-    {
+    for neighbour in neighbours(handle).await? {
         let next_hop = neighbour.attributes.iter().any(|attribute| {
             matches!(attribute, rtnetlink::packet_route::neighbour::NeighbourAttribute::Destination(
                 rtnetlink::packet_route::neighbour::NeighbourAddress::Inet(ip)) if *ip == network.network())
@@ -688,6 +702,33 @@ impl PortWatch {
                 }
                 _ => {}
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent's tasks share one netlink socket, on which the kernel runs one dump at a
+    /// time: listings made at once must all come back, not fail with EBUSY.
+    #[tokio::test]
+    async fn listings_at_once_on_one_socket_all_succeed() {
+        let handle = connect().expect("a netlink socket");
+        let listings = (0..16).map(|n| {
+            let handle = handle.clone();
+            async move {
+                if n % 2 == 0 {
+                    links(&handle).await.map(|links| links.len())
+                } else {
+                    node_addresses(&handle, &[])
+                        .await
+                        .map(|addresses| addresses.len())
+                }
+            }
+        });
+        for outcome in futures::future::join_all(listings).await {
+            outcome.expect("a listing");
         }
     }
 }

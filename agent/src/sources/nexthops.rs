@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 use ipnet::Ipv4Net;
 use rtnetlink::{
     Handle, MulticastGroup, new_multicast_connection,
@@ -166,16 +166,7 @@ async fn resolve(
         return Ok(BTreeMap::new());
     }
     let routes = netdev::routes(handle).await?;
-    let neighbours: Vec<NeighbourMessage> = handle
-        .neighbours()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|source| NetdevError::Netlink {
-            what: "list neighbours".to_owned(),
-            source,
-        })?;
+    let neighbours = netdev::neighbours(handle).await?;
     let routes: Vec<Route> = routes.iter().filter_map(route_of).collect();
     let neighbours: Vec<Neighbour> = neighbours.iter().filter_map(neighbour_of).collect();
     Ok(next_hops(members, &routes, &neighbours, uplink))
